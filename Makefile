@@ -1,0 +1,37 @@
+# cvgraph — the two commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export CVGRAPH_HOME ?= $(CURDIR)/.cvgraph
+export DAGSTER_HOME ?= $(CVGRAPH_HOME)/dagster
+export DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH ?= 256
+
+.PHONY: install demo test ui bench lint clean
+
+install: $(STAMP)
+
+# torch first, pinned: any other torch requirement would pull several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/cvgraph demo
+
+test: install
+	$(BIN)/pytest -q
+
+ui: install
+	mkdir -p $(DAGSTER_HOME)
+	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(CVGRAPH_HOME)

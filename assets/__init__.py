@@ -1,0 +1,1 @@
+"""One module per stage; asset checks live beside their assets."""

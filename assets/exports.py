@@ -1,0 +1,95 @@
+"""exported_models: TorchScript, ONNX and ONNX int8 of a trained model, parity-checked."""
+
+
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.compute as pc
+
+from assets.models import trained_models
+from assets.subsets import subset_keys
+from partitions import models
+from resources.storage import LakeResource
+from resources.training import model_keys
+from workloads.export import FILES, export_all
+from workloads.lake import read_parquet
+from workloads.train import load_images
+from workloads.versions import sha256_hex
+
+PARITY_SAMPLES = 256
+MAX_FLOAT_ERROR = 1e-3  # TorchScript / ONNX float32 vs PyTorch logits
+MIN_INT8_AGREEMENT = 0.95  # top-1 agreement of the int8 model
+
+
+def export_keys(key: str) -> dict[str, str]:
+    return {**{f: f"exports/{key}/{p}" for f, p in FILES.items()}, "record": f"exports/{key}/exports.json"}
+
+
+def _samples(store, model_record: dict, tmp: Path):
+    """Up to PARITY_SAMPLES held-out images of the model's subset, as the model sees them."""
+    manifest = read_parquet(store, subset_keys(model_record["subset"])["manifest"])
+    test = manifest.filter(pc.equal(manifest["split"], "test")).slice(0, PARITY_SAMPLES).to_pylist()
+    variant = model_record["spec"]["variant"]
+    col = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}[variant]
+    for r in test:
+        p = tmp / r[col]
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(store.get(r[col]))
+    return load_images(test, tmp, variant, model_record["spec"]["input_size"])
+
+
+@dg.asset(
+    partitions_def=models,
+    deps=[trained_models],
+    code_version="1",
+    group_name="models",
+    kinds={"onnx", "pytorch"},
+    description="TorchScript, ONNX and ONNX int8 exports, each checked against the trained model on held-out images.",
+    check_specs=[dg.AssetCheckSpec("parity", asset="exported_models", description=f"float exports within {MAX_FLOAT_ERROR} of PyTorch logits; int8 top-1 agreement ≥ {MIN_INT8_AGREEMENT}")],
+)
+def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
+    key = context.partition_key
+    store = lake.lake()
+    keys = export_keys(key)
+    mkeys = model_keys(key)
+    if not store.exists(mkeys["record"]):
+        raise dg.Failure(description=f"model {key} has not been trained")
+    model_record = json.loads(store.get(mkeys["record"]))
+    prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None
+    if prior and prior["model_sha256"] == model_record["model_sha256"] and all(store.exists(keys[f]) for f in FILES):
+        record = prior
+        context.log.info(f"exports of {key} are current for model {record['model_sha256'][:12]}")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "model.pt").write_bytes(store.get(mkeys["model"]))
+            samples = _samples(store, model_record, tmp / "samples")
+            report = export_all(tmp / "model.pt", tmp / "out", samples)
+            for fmt in FILES:
+                store.put_file(keys[fmt], tmp / "out" / FILES[fmt])
+                report[fmt]["key"] = keys[fmt]
+                report[fmt]["sha256"] = sha256_hex((tmp / "out" / FILES[fmt]).read_bytes())
+        record = {"key": key, "model_sha256": model_record["model_sha256"], "formats": report}
+        store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
+    formats = record["formats"]
+    version = "".join(formats[f]["sha256"][:8] for f in sorted(formats))
+    yield dg.MaterializeResult(
+        metadata={
+            **{f"{f}_max_abs_error": formats[f]["max_abs_error"] for f in formats},
+            **{f"{f}_top1_agreement": formats[f]["top1_agreement"] for f in formats},
+            **{f"{f}_bytes": formats[f]["bytes"] for f in formats},
+            "files": dg.MetadataValue.json({f: formats[f]["key"] for f in formats}),
+            "model_sha256": record["model_sha256"],
+        },
+        data_version=dg.DataVersion(version),
+    )
+    float_ok = all(formats[f]["max_abs_error"] <= MAX_FLOAT_ERROR for f in ("torchscript", "onnx"))
+    int8_ok = formats["onnx_int8"]["top1_agreement"] >= MIN_INT8_AGREEMENT
+    yield dg.AssetCheckResult(
+        check_name="parity",
+        passed=float_ok and int8_ok,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={f: {"max_abs_error": formats[f]["max_abs_error"], "top1_agreement": formats[f]["top1_agreement"]} for f in formats} | {"samples": formats["onnx"]["samples"]},
+    )

@@ -1,0 +1,121 @@
+"""trained_models: one training run of a model spec on a frozen subset (+ an MLflow run)."""
+
+
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+
+from assets.subsets import frozen_subsets, subset_keys, verify_subset
+from partitions import models
+from resources.storage import LakeResource
+from resources.tracking import MLflowTracking
+from resources.training import Trainer, model_keys
+from workloads.versions import canonical_json, sha256_hex
+
+
+class TrainConfig(dg.Config):
+    subset: str = ""  # empty: keep the spec this model was first trained with
+    epochs: int = 8
+    lr: float = 0.003
+    batch_size: int = 64
+    input_size: int = 32
+    variant: str = "resized"
+    seed: int = 0
+
+
+def _plot_curves(history: list[dict], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+    a.plot(epochs, [h["train_loss"] for h in history], label="train")
+    a.plot(epochs, [h["val_loss"] for h in history], label="val")
+    a.set_title("loss")
+    a.set_xlabel("epoch")
+    a.legend()
+    b.plot(epochs, [h["val_accuracy"] for h in history], color="green")
+    b.set_title("val accuracy")
+    b.set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _metadata(record: dict) -> dict:
+    return {
+        "subset": record["subset"],
+        "subset_manifest_sha256": record["subset_manifest_sha256"],
+        "test_accuracy": record["test_accuracy"],
+        "classes": len(record["classes"]),
+        "epochs": record["spec"]["epochs"],
+        "model_sha256": record["model_sha256"],
+        "mlflow_run_id": record["mlflow_run_id"],
+        "curves_png": record["curves"],
+    }
+
+
+@dg.asset(
+    partitions_def=models,
+    deps=[dg.AssetDep(frozen_subsets, partition_mapping=dg.AllPartitionMapping())],
+    code_version="1",
+    group_name="models",
+    kinds={"pytorch", "sagemaker", "mlflow"},
+    description="A small CNN trained on a frozen subset: models/<key>/model.pt, model.json, curves.png.",
+)
+def trained_models(context: dg.AssetExecutionContext, config: TrainConfig, lake: LakeResource, trainer: Trainer, tracking: MLflowTracking) -> dg.MaterializeResult:
+    key = context.partition_key
+    store = lake.lake()
+    keys = model_keys(key)
+    prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None
+    subset = config.subset or (prior or {}).get("subset")
+    if not subset:
+        raise dg.Failure(description=f"model {key}: give the frozen subset to train on as config `subset`")
+    spec = {k: v for k, v in config.model_dump().items() if k != "subset"}
+    if prior and not config.subset:
+        spec = prior["spec"]
+    try:
+        subset_record = verify_subset(store, subset)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise dg.Failure(description=f"model {key}: subset {subset!r} is not usable: {e}") from None
+    if prior and prior["spec"] == spec and prior["subset"] == subset and prior["subset_manifest_sha256"] == subset_record["manifest_sha256"] and store.exists(keys["model"]):
+        context.log.info(f"model {key} already trained on this subset and spec; nothing to do")
+        return dg.MaterializeResult(metadata=_metadata(prior), data_version=dg.DataVersion(prior["model_sha256"][:24]))
+
+    job_name = f"cvgraph-{key}-{sha256_hex(canonical_json([spec, subset_record['manifest_sha256']]))[:8]}"
+    metrics = trainer.train(context, store, job_name, subset_keys(subset)["manifest"], key, spec)
+    store.put(keys["curves"], _plot_curves(metrics["history"], f"{key} on {subset}"))
+    model_sha = sha256_hex(store.get(keys["model"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name in ("model", "metrics", "curves"):
+            p = Path(tmp) / Path(keys[name]).name
+            p.write_bytes(store.get(keys[name]))
+            paths.append(str(p))
+        run_id = tracking.log_training(key, subset_record["manifest_sha256"], {**spec, "subset": subset}, metrics, paths)
+    record = {
+        "key": key,
+        "spec": spec,
+        "subset": subset,
+        "subset_manifest_sha256": subset_record["manifest_sha256"],
+        "subset_input_merkle_root": subset_record["input_merkle_root"],
+        "classes": metrics["classes"],
+        "test_accuracy": metrics["test_accuracy"],
+        "counts": metrics["counts"],
+        "model_sha256": model_sha,
+        "mlflow_run_id": run_id,
+        "curves": keys["curves"],
+        "training_job": job_name,
+        "dagster_run_id": context.run.run_id,
+    }
+    store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
+    context.log.info(f"model {key}: test accuracy {metrics['test_accuracy']:.4f} on {metrics['counts']['test']} held-out images")
+    return dg.MaterializeResult(metadata=_metadata(record), data_version=dg.DataVersion(model_sha[:24]))

@@ -1,0 +1,68 @@
+"""raw_packs: one zip from ``incoming/`` unpacked into content-addressed originals."""
+
+
+import dagster as dg
+
+from partitions import packs
+from resources.compute import ImageCompute
+from resources.storage import LakeResource
+from workloads.ingest import pack_keys
+from workloads.lake import read_parquet
+
+PACK_KEY_TAG = "cvgraph/pack_key"
+
+
+def incoming_key(context: dg.AssetExecutionContext, pack_id: str) -> str:
+    return context.run.tags.get(PACK_KEY_TAG, f"incoming/{pack_id}.zip")
+
+
+def _md_table(rows: list[dict], cols: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+@dg.asset(
+    partitions_def=packs,
+    code_version="1",
+    group_name="ingest",
+    kinds={"python", "s3"},
+    description="A pack unpacked: originals at raw/<pp>/<sha256>.<ext>, packs/<id>/manifest.parquet and rejects.parquet.",
+    check_specs=[dg.AssetCheckSpec("manifest_matches_record", asset="raw_packs", description="manifest rows = accepted + duplicates")],
+)
+def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute):
+    pack_id = context.partition_key
+    key = incoming_key(context, pack_id)
+    store = lake.lake()
+    if not store.exists(key):
+        raise dg.Failure(description=f"pack {pack_id}: {key} is not in the lake", metadata={"key": key})
+    result = image_compute.run_ingest(context, lake.url, pack_id, key)
+    if "error" in result:
+        raise dg.Failure(description=result["error"], metadata={"pack": pack_id, "key": key, "reason": result["error"]})
+    rejects = result["rejected"]
+    for r in rejects:
+        context.log.warning(f"pack {pack_id}: rejected {r['member']!r}: {r['reason']}")
+    manifest = read_parquet(store, pack_keys(pack_id)["manifest"])
+    yield dg.MaterializeResult(
+        metadata={
+            "key": key,
+            "zip_sha256": result["zip_sha256"],
+            "accepted": result["accepted"],
+            "duplicates": result["duplicates"],
+            "rejected": len(rejects),
+            "skipped_os_junk": result["skipped"],
+            "bytes_stored": result["bytes_stored"],
+            "rejects": dg.MetadataValue.md(_md_table(rejects[:50], ["member", "reason"])),
+            "labels": dg.MetadataValue.md(_md_table([{"label": k, "images": v} for k, v in result["labels"].items()], ["label", "images"])),
+            "manifest": pack_keys(pack_id)["manifest"],
+        },
+        data_version=dg.DataVersion(result["zip_sha256"][:24]),
+    )
+    expected = result["accepted"] + result["duplicates"]
+    yield dg.AssetCheckResult(
+        check_name="manifest_matches_record",
+        passed=manifest.num_rows == expected,
+        metadata={"manifest_rows": manifest.num_rows, "accepted_plus_duplicates": expected},
+    )

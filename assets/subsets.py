@@ -1,0 +1,154 @@
+"""frozen_subsets: an immutable manifest made by one read-only SQL query over the tables.
+
+Zero-copy: the manifest lists lake keys of originals and variants; nothing is copied.
+Immutable: once frozen, a key always returns the same manifest (re-materialising verifies
+it); a different query under the same key is refused.
+"""
+
+
+import json
+from collections import Counter
+
+import dagster as dg
+
+from assets.tables import image_tables
+from assets.versioning import lake_merkle_root, read_prefix_versions
+from partitions import subsets
+from resources.catalog import Catalog, ensure_select
+from resources.settings import ImageSettings
+from resources.storage import LakeResource
+from workloads.lake import read_parquet, write_parquet
+from workloads.versions import table_hash
+
+REQUIRED = ("sha256", "prefix", "pack_id", "label", "split", "original_key", "resized_key", "edges_key")
+PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
+
+
+class FreezeConfig(dg.Config):
+    sql: str = ""  # empty: re-verify an existing subset
+
+
+def subset_keys(key: str) -> dict[str, str]:
+    return {"manifest": f"subsets/{key}/manifest.parquet", "record": f"subsets/{key}/subset.json"}
+
+
+def _normal(sql: str) -> str:
+    return " ".join(sql.split()).rstrip(";")
+
+
+def query_manifest(catalog: Catalog, sql: str):
+    """Run the freeze query; add the key columns it did not select; sort by sha256."""
+    sql = ensure_select(sql)
+    cols = catalog.query(f"SELECT * FROM ({sql}) AS q LIMIT 0").schema.names
+    if "sha256" not in cols:
+        raise dg.Failure(description="a freeze query must return a `sha256` column (e.g. SELECT * FROM images WHERE ...)")
+    missing = [c for c in REQUIRED if c not in cols]
+    extra = "".join(f", i.{c}" for c in missing)
+    join = " JOIN images AS i ON q.sha256 = i.sha256" if missing else ""
+    table = catalog.query(f"SELECT q.*{extra} FROM ({sql}) AS q{join} ORDER BY q.sha256")
+    return table
+
+
+def _packs_of(manifest) -> list[str]:
+    """Every pack that contributed an image of the subset (an image may come from several)."""
+    if "packs" in manifest.schema.names:
+        return sorted({p for ps in manifest["packs"].to_pylist() for p in (ps or [])})
+    return sorted(set(manifest["pack_id"].to_pylist()))
+
+
+def verify_subset(lake, key: str) -> dict:
+    """The subset record, after checking the manifest still hashes to what was frozen."""
+    keys = subset_keys(key)
+    record = json.loads(lake.get(keys["record"]))
+    actual = table_hash(read_parquet(lake, keys["manifest"]))
+    if actual != record["manifest_sha256"]:
+        raise ValueError(f"subset {key}: manifest was changed after freezing (hash {actual[:12]} != frozen {record['manifest_sha256'][:12]})")
+    return record
+
+
+def _metadata(record: dict) -> dict:
+    labels = record["labels"]
+    return {
+        "rows": record["rows"],
+        "manifest_sha256": record["manifest_sha256"],
+        "sql": dg.MetadataValue.md(f"```sql\n{record['sql']}\n```"),
+        "input_merkle_root": record["input_merkle_root"],
+        "prefixes": len(record["prefix_versions"]),
+        "splits": dg.MetadataValue.json(record["splits"]),
+        "labels": dg.MetadataValue.md("| label | rows |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in labels.items())),
+        "label_balance_png": record.get("label_plot", ""),
+    }
+
+
+def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(labels)), 3))
+    ax.bar(list(labels), list(labels.values()), color="#4f6bed")
+    ax.set_title(f"label balance: {key}")
+    ax.set_ylabel("images")
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    out = f"subsets/{key}/labels.png"
+    lake.put(out, buf.getvalue())
+    return out
+
+
+@dg.asset(
+    partitions_def=subsets,
+    deps=[dg.AssetDep(image_tables, partition_mapping=dg.AllPartitionMapping())],
+    code_version="1",
+    group_name="datasets",
+    kinds={"sql", "parquet"},
+    description="An immutable, zero-copy manifest made by one read-only SQL query over `images`/`objects`.",
+    check_specs=[dg.AssetCheckSpec("manifest_intact", asset="frozen_subsets", description="the manifest hashes to the frozen hash and every listed variant exists")],
+)
+def frozen_subsets(context: dg.AssetExecutionContext, config: FreezeConfig, lake: LakeResource, catalog: Catalog, image_settings: ImageSettings):
+    key = context.partition_key
+    store = lake.lake()
+    keys = subset_keys(key)
+    if store.exists(keys["record"]):
+        record = json.loads(store.get(keys["record"]))
+        if config.sql and _normal(config.sql) != _normal(record["sql"]):
+            raise dg.Failure(description=f"subset {key} is frozen with a different query; freeze under a new key.\nfrozen: {record['sql']}\nasked:  {config.sql}")
+        record = verify_subset(store, key)
+        context.log.info(f"subset {key} already frozen ({record['rows']} rows); verified")
+    else:
+        if not config.sql:
+            raise dg.Failure(description=f"subset {key} does not exist yet: give the freeze query as config `sql`")
+        manifest = query_manifest(catalog, config.sql)
+        root, _ = lake_merkle_root(store, "image_tables")
+        versions = {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}
+        rows = manifest.select(["prefix", "label", "split"]).to_pylist()
+        prefixes = sorted({r["prefix"] for r in rows})
+        labels = dict(sorted(Counter(str(r["label"]) for r in rows).items()))
+        write_parquet(store, keys["manifest"], manifest)
+        params = image_settings.params()
+        record = {
+            "key": key,
+            "sql": _normal(config.sql),
+            "rows": manifest.num_rows,
+            "manifest_sha256": table_hash(manifest),
+            "labels": labels,
+            "splits": dict(sorted(Counter(r["split"] for r in rows).items())),
+            "input_merkle_root": root,
+            "prefix_versions": {p: {a: versions[a].get(p, "missing") for a in PREFIX_ASSETS} for p in prefixes},
+            "packs": _packs_of(manifest),
+            "params": {"resize": params.resize_id, "edges": params.edges_id},
+            "dagster_run_id": context.run.run_id,
+        }
+        record["label_plot"] = _plot_labels(store, key, labels)
+        store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())  # commit marker
+        context.log.info(f"froze {key}: {record['rows']} rows over {len(prefixes)} prefixes")
+    yield dg.MaterializeResult(metadata=_metadata(record), data_version=dg.DataVersion(record["manifest_sha256"][:24]))
+    manifest = read_parquet(store, keys["manifest"]).select(["resized_key", "edges_key"]).to_pylist()
+    missing = [k for r in manifest for k in (r["resized_key"], r["edges_key"]) if not k or not store.exists(k)]
+    yield dg.AssetCheckResult(check_name="manifest_intact", passed=not missing, metadata={"missing_files": len(missing), "first_missing": str(missing[:5])})

@@ -1,0 +1,103 @@
+"""Demo packs built from images that installed packages ship (nothing is downloaded).
+
+* ``digits.zip``: scikit-learn's 1,797 handwritten digits, upscaled to 96 px PNG, one
+  folder per class (the folder is the label).
+* ``photos.zip``: the sample photos of scikit-learn and scikit-image (JPEG, PNG, gray,
+  RGBA, GIF) with COCO-style boxes, plus what real packs carry: OS junk, a text file, a
+  duplicate photo.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# (file, package, category, box as x, y, w, h) — hand-drawn boxes around the main subject.
+PHOTOS = [
+    ("china.jpg", "sklearn", "building", (140, 40, 360, 300)),
+    ("flower.jpg", "sklearn", "flower", (60, 20, 460, 400)),
+    ("rocket.jpg", "skimage", "rocket", (290, 40, 70, 380)),
+    ("hubble_deep_field.jpg", "skimage", "galaxy", (380, 320, 220, 200)),
+    ("retina.jpg", "skimage", "retina", (80, 80, 1250, 1250)),
+    ("astronaut.png", "skimage", "person", (120, 0, 330, 512)),
+    ("chelsea.png", "skimage", "cat", (60, 10, 300, 290)),
+    ("coffee.png", "skimage", "cup", (80, 20, 460, 360)),
+    ("motorcycle_left.png", "skimage", "motorcycle", (60, 60, 640, 430)),
+    ("horse.png", "skimage", "horse", (20, 20, 360, 300)),
+    ("logo.png", "skimage", "logo", (20, 20, 460, 460)),
+    ("camera.png", "skimage", "person", (140, 40, 240, 420)),
+    ("coins.png", "skimage", "coin", (10, 10, 360, 280)),
+    ("no_time_for_that_tiny.gif", "skimage", "animation", (0, 0, 14, 25)),
+]
+
+
+def _add(zf: zipfile.ZipFile, name: str, data: bytes | str) -> None:
+    """Add a member with a fixed timestamp, so the same inputs make the same zip bytes."""
+    info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+    info.compress_type = zf.compression
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def _package_file(package: str, name: str) -> Path:
+    if package == "sklearn":
+        import sklearn.datasets
+
+        return Path(sklearn.datasets.__file__).parent / "images" / name
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent / name
+
+
+def build_digits_pack(path: Path, size: int = 96) -> int:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+            big = cv2.resize((img * (255.0 / 16.0)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
+            ok, png = cv2.imencode(".png", 255 - big)  # dark ink on white, like scanned digits
+            assert ok
+            _add(zf, f"{label}/digit_{i:04d}.png", png.tobytes())
+    return len(digits.images)
+
+
+def build_photos_pack(path: Path) -> int:
+    coco = {"images": [], "annotations": [], "categories": []}
+    cats: dict[str, int] = {}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, (name, package, category, box) in enumerate(PHOTOS, start=1):
+            data = _package_file(package, name).read_bytes()
+            member = f"{package}/{name}"
+            _add(zf, member, data)
+            cid = cats.setdefault(category, len(cats) + 1)
+            coco["images"].append({"id": i, "file_name": member})
+            coco["annotations"].append({"id": i, "image_id": i, "category_id": cid, "bbox": list(box)})
+        coco["categories"] = [{"id": v, "name": k} for k, v in cats.items()]
+        _add(zf, "annotations.json", json.dumps(coco, indent=1))
+        _add(zf, "copies/china (1).jpg", _package_file("sklearn", "china.jpg").read_bytes())
+        _add(zf, "__MACOSX/sklearn/._china.jpg", b"\x00\x05\x16\x07")
+        _add(zf, "notes.txt", "photos from the scikit-learn and scikit-image sample data\n")
+    return len(PHOTOS)
+
+
+def build_demo_packs(out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    packs = {"digits": out_dir / "digits.zip", "photos": out_dir / "photos.zip"}
+    build_digits_pack(packs["digits"])
+    build_photos_pack(packs["photos"])
+    return packs
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip of ``members`` in memory (tests and examples)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            _add(zf, name, data)
+    return buf.getvalue()

@@ -1,0 +1,59 @@
+"""A PyTorch ``Dataset`` over a frozen subset: reads the lake in place, verifies what it reads."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import Dataset
+
+from workloads.versions import sha256_hex
+
+VARIANTS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
+
+
+class SubsetIntegrityError(ValueError):
+    """The subset's manifest or an image's bytes are not what was frozen."""
+
+
+class FrozenSubsetDataset(Dataset):
+    """Items are ``(image, label_index)``; ``image`` is ``transform(HxWx3 uint8 RGB array)``
+    or, with no transform, a float tensor (3, H, W) in [0, 1]. ``classes`` lists the labels."""
+
+    def __init__(self, key: str, variant: str = "resized", split: str | None = "train", transform=None, home: str | None = None):
+        from assets.subsets import subset_keys, verify_subset
+        from cvgraph.sdk import Datasets
+        from workloads.lake import read_parquet
+
+        if variant not in VARIANTS:
+            raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANTS)}")
+        self.lake = Datasets(home).lake
+        try:
+            self.record = verify_subset(self.lake, key)
+        except ValueError as e:
+            raise SubsetIntegrityError(str(e)) from None
+        manifest = read_parquet(self.lake, subset_keys(key)["manifest"])
+        self.classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
+        if split is not None:
+            manifest = manifest.filter(pc.equal(manifest["split"], split))
+        self.rows = manifest.select(["sha256", "label", VARIANTS[variant]]).to_pylist()
+        self.key, self.variant, self.split, self.transform = key, variant, split, transform
+        self._col = VARIANTS[variant]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        data = self.lake.get(row[self._col])
+        if self.variant == "original" and sha256_hex(data) != row["sha256"]:
+            raise SubsetIntegrityError(f"subset {self.key}: bytes of {row[self._col]} do not hash to {row['sha256']}")
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise SubsetIntegrityError(f"subset {self.key}: {row[self._col]} is not decodable")
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        label = self.classes.index(str(row["label"])) if row["label"] is not None else -1
+        if self.transform is not None:
+            return self.transform(img), label
+        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), label

@@ -1,0 +1,152 @@
+"""Runs on the Dagster instance from the SDK and CLI: what the daemon does, on demand.
+
+Runs execute in this process against the same instance ``make ui`` shows, so every
+materialisation the SDK or CLI makes is in the asset lineage. ``tick_incoming`` evaluates
+the real sensor; ``sync`` evaluates the real automation conditions and launches what they
+request, grouped into ranged single runs as the automation daemon does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import dagster as dg
+from dagster._serdes import deserialize_value, serialize_value
+
+from assets.packs import raw_packs
+from orchestration.definitions import ASSETS, defs
+from orchestration.profiles import dagster_home
+from orchestration.sensors import incoming_packs_sensor
+from partitions import hash_prefixes, packs
+from workloads.versions import HASH_PREFIXES
+
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+SENSOR_CURSOR = "cvgraph/incoming_packs/cursor"
+AUTOMATION_CURSOR = "cvgraph/automation/cursor"
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+class RunFailed(Exception):
+    def __init__(self, message: str, result: dg.ExecuteInProcessResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+def instance() -> dg.DagsterInstance:
+    os.environ["DAGSTER_HOME"] = str(dagster_home())
+    # 256 prefixes: let automation fetch per-partition update times exactly (default cap 100).
+    os.environ.setdefault("DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH", "256")
+    return dg.DagsterInstance.get()
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    msgs = []
+    for ev in result.all_events:
+        if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error:
+            err = ev.step_failure_data.error
+            while err.cause is not None and err.cls_name in ("DagsterExecutionStepExecutionError",):
+                err = err.cause
+            msgs.append(f"{ev.step_key}: {err.message.strip()}")
+    return "\n".join(msgs) or "run failed"
+
+
+def materialize(inst: dg.DagsterInstance, keys: Sequence[dg.AssetKey], *, partition_key: str | None = None,
+                partition_range: tuple[str, str] | None = None, run_config: dict | None = None,
+                tags: dict | None = None, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    tags = dict(tags or {})
+    if partition_range:
+        tags[RANGE_START], tags[RANGE_END] = partition_range
+    config = {**QUIET, **(run_config or {})}
+    result = dg.materialize(ASSETS, instance=inst, resources=defs.resources, selection=list(keys), partition_key=partition_key,
+                            run_config=config, tags=tags, raise_on_error=False)
+    if raise_on_error and not result.success:
+        raise RunFailed(failure_message(result), result)
+    return result
+
+
+def _kv_get(inst: dg.DagsterInstance, key: str) -> str | None:
+    return inst.run_storage.get_cursor_values({key}).get(key)
+
+
+def _kv_set(inst: dg.DagsterInstance, key: str, value: str) -> None:
+    inst.run_storage.set_cursor_values({key: value})
+
+
+def _automation_baseline(inst: dg.DagsterInstance) -> None:
+    """Declarative automation ignores everything before its first evaluation; the daemon
+    evaluates continuously, so make sure the on-demand path has evaluated once before
+    packs land."""
+    if _kv_get(inst, AUTOMATION_CURSOR) is None:
+        result = dg.evaluate_automation_conditions(defs=defs, instance=inst)
+        _kv_set(inst, AUTOMATION_CURSOR, serialize_value(result.cursor))
+
+
+def tick_incoming(inst: dg.DagsterInstance, on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None) -> list[str]:
+    """Evaluate the ``incoming_packs`` sensor once and run what it requests; returns pack ids."""
+    _automation_baseline(inst)
+    ctx = dg.build_sensor_context(instance=inst, cursor=_kv_get(inst, SENSOR_CURSOR), resources={"lake": defs.resources["lake"]})
+    result = incoming_packs_sensor(ctx)
+    for req in result.dynamic_partitions_requests or []:
+        inst.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    pack_ids = []
+    for rr in result.run_requests or []:
+        run = materialize(inst, [raw_packs.key], partition_key=rr.partition_key, tags=dict(rr.tags), raise_on_error=False)
+        pack_ids.append(rr.partition_key)
+        if on_run:
+            on_run(rr.partition_key, run)
+    if result.cursor is not None:
+        _kv_set(inst, SENSOR_CURSOR, result.cursor)
+    return pack_ids
+
+
+def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
+    """Sorted runs of consecutive hash prefixes: one single-run backfill range each."""
+    ranges, start, prev = [], None, None
+    for i, p in enumerate(HASH_PREFIXES):
+        if p in keys:
+            start = p if start is None else start
+            prev = p
+        elif start is not None:
+            ranges.append((start, prev))
+            start = None
+    if start is not None:
+        ranges.append((start, prev))
+    return ranges
+
+
+def sync(inst: dg.DagsterInstance, on_run: Callable[[list[str], tuple[str, str], dg.ExecuteInProcessResult], None] | None = None, max_rounds: int = 6) -> list[dict]:
+    """Evaluate the automation conditions and run what they request until nothing is requested."""
+    raw = _kv_get(inst, AUTOMATION_CURSOR)
+    cursor = deserialize_value(raw) if raw else None
+    launched = []
+    prefix_keys = [k for k in defs.resolve_asset_graph().get_all_asset_keys() if defs.resolve_assets_def(k).partitions_def == hash_prefixes]
+    for _ in range(max_rounds):
+        result = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=cursor)
+        cursor = result.cursor
+        _kv_set(inst, AUTOMATION_CURSOR, serialize_value(cursor))
+        requested = {k: set(result.get_requested_partitions(k)) for k in prefix_keys if result.get_num_requested(k)}
+        if any(inst.get_materialized_partitions(raw_packs.key)):
+            # Never-materialised prefixes too: automation only reacts to changes it has seen.
+            for k in prefix_keys:
+                missing = set(HASH_PREFIXES) - set(inst.get_materialized_partitions(k))
+                if missing:
+                    requested.setdefault(k, set()).update(missing)
+        if not requested:
+            break
+        union = set().union(*requested.values())
+        keys = sorted(requested, key=lambda k: k.to_user_string())
+        for rng in contiguous_ranges(union):
+            run = materialize(inst, keys, partition_range=rng)
+            launched.append({"assets": [k.to_user_string() for k in keys], "range": rng, "run_id": run.run_id})
+            if on_run:
+                on_run([k.to_user_string() for k in keys], rng, run)
+    return launched
+
+
+def ensure_partition(inst: dg.DagsterInstance, partitions_def: dg.DynamicPartitionsDefinition, key: str) -> None:
+    if not inst.has_dynamic_partition(partitions_def.name, key):
+        inst.add_dynamic_partitions(partitions_def.name, [key])
+
+
+__all__ = ["instance", "materialize", "tick_incoming", "sync", "ensure_partition", "packs"]

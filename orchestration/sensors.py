@@ -1,0 +1,64 @@
+"""Sensors: new zips under ``incoming/`` become ``packs`` partitions and ingest runs."""
+
+
+import re
+
+import dagster as dg
+
+from assets.packs import PACK_KEY_TAG, raw_packs
+from partitions import packs
+from resources.storage import LakeResource
+
+INCOMING = "incoming/"
+
+
+def pack_id_for(key: str) -> str:
+    """``incoming/team/cats v2.zip`` → ``team__cats_v2``: a partition key safe everywhere."""
+    stem = key[len(INCOMING) :] if key.startswith(INCOMING) else key
+    stem = stem[: -len(".zip")] if stem.lower().endswith(".zip") else stem
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "__"))
+
+
+def new_packs(lake, instance: dg.DagsterInstance, cursor: str | None) -> tuple[list[tuple[str, str]], str | None]:
+    """(pack id, key) of zips listed after ``cursor`` whose partition does not exist yet, and the new cursor."""
+    found: list[tuple[str, str]] = []
+    last = cursor
+    for obj in lake.list(INCOMING, start_after=cursor or None):
+        last = obj.key
+        if obj.key.endswith("/") or not obj.key.lower().endswith(".zip"):
+            continue
+        pack_id = pack_id_for(obj.key)
+        if not instance.has_dynamic_partition(packs.name, pack_id):
+            found.append((pack_id, obj.key))
+    return found, last
+
+
+def pack_run_request(pack_id: str, key: str) -> dg.RunRequest:
+    return dg.RunRequest(run_key=key, partition_key=pack_id, asset_selection=[raw_packs.key], tags={PACK_KEY_TAG: key})
+
+
+@dg.sensor(
+    name="incoming_packs",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[raw_packs],
+    description="Lists incoming/ after the last key seen; each new .zip becomes a packs partition and an ingest run.",
+)
+def incoming_packs_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult:
+    found, cursor = new_packs(lake.lake(), context.instance, context.cursor)
+    if found:
+        context.log.info(f"new packs: {[p for p, _ in found]}")
+    return dg.SensorResult(
+        run_requests=[pack_run_request(p, k) for p, k in found],
+        dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])] if found else [],
+        cursor=cursor,
+    )
+
+
+image_automation = dg.AutomationConditionSensorDefinition(
+    "image_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=10,
+    description="Carries new packs through raw_images → resized_images/edge_maps → image_tables, as ranged runs.",
+)

@@ -1,0 +1,18 @@
+"""Image parameter set: one resource so every stage agrees on the ``params_id``."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from workloads.images import ImageParams
+from workloads.kernels import EdgeParams, ResizeParams
+
+
+class ImageSettings(dg.ConfigurableResource):
+    size: int = ResizeParams.size
+    jpeg_quality: int = ResizeParams.jpeg_quality
+    edge_low: int = EdgeParams.low
+    edge_high: int = EdgeParams.high
+
+    def params(self) -> ImageParams:
+        return ImageParams(ResizeParams(self.size, self.jpeg_quality), EdgeParams(self.edge_low, self.edge_high))

@@ -1,0 +1,81 @@
+"""Export a trained model to TorchScript, ONNX and ONNX int8, each checked for parity.
+
+Parity = max |logit difference| against the trained PyTorch model on real samples, and
+top-1 agreement (the int8 model is judged by agreement; its logits move by design).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workloads.model import load_checkpoint
+
+FORMATS = ("torchscript", "onnx", "onnx_int8")
+FILES = {"torchscript": "torchscript/model.pt", "onnx": "onnx/model.onnx", "onnx_int8": "onnx_int8/model.onnx"}
+
+
+def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, dict]:
+    """Write every format under ``out_dir``; returns ``{format: {file, bytes, max_abs_error, top1_agreement}}``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model, record = load_checkpoint(model_pt)
+    x = torch.from_numpy(samples.astype(np.float32))
+    with torch.no_grad():
+        reference = model(x).numpy()
+    paths = {f: out_dir / FILES[f] for f in FORMATS}
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+
+    scripted = torch.jit.trace(model, x[:1])
+    scripted.save(str(paths["torchscript"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x[:1],), str(paths["onnx"]), input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        )
+
+    class Calibration(CalibrationDataReader):
+        """Static int8 calibration on the same held-out samples (activation ranges only)."""
+
+        def __init__(self) -> None:
+            self.batches = iter([{"image": samples[i : i + 32].astype(np.float32)} for i in range(0, len(samples), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    # onnxruntime's recommended pre-processing: shape inference + graph optimisation.
+    prepared = out_dir / "onnx_int8" / "prepared.onnx"
+    quant_pre_process(str(paths["onnx"]), str(prepared))
+    quantize_static(
+        str(prepared), str(paths["onnx_int8"]), Calibration(), quant_format=QuantFormat.QDQ,
+        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+    )
+    prepared.unlink()
+
+    with torch.no_grad():
+        outputs = {"torchscript": torch.jit.load(str(paths["torchscript"])).eval()(x).numpy()}
+    outputs["onnx"] = _onnx_logits(paths["onnx"], samples.astype(np.float32))
+    outputs["onnx_int8"] = _onnx_logits(paths["onnx_int8"], samples.astype(np.float32))
+    report = {}
+    for fmt, logits in outputs.items():
+        report[fmt] = {
+            "file": FILES[fmt],
+            "bytes": paths[fmt].stat().st_size,
+            "max_abs_error": float(np.max(np.abs(logits - reference))) if len(reference) else 0.0,
+            "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))) if len(reference) else 1.0,
+            "samples": int(len(reference)),
+        }
+    return report

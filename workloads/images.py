@@ -1,0 +1,180 @@
+"""Image stages over hash-prefix partitions: ``resize`` and ``edges``, fused when both run.
+
+    python -m workloads.images --lake URL --run-id R --stages resize,edges --prefixes 00,01
+
+In an AWS Batch array child, ``AWS_BATCH_JOB_ARRAY_INDEX`` picks one prefix of the list.
+Each prefix is incremental (skips images whose output for this params id exists) and ends
+by writing ``_results/<run_id>/<stage>/<pp>.json``, the commit marker of that prefix task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from workloads.kernels import EdgeParams, ResizeParams, edges_png, resize_bytes
+from workloads.lake import open_lake, read_parquet
+from workloads.versions import params_id, prefix_version
+
+STAGES = ("resize", "edges")
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    resize: ResizeParams = ResizeParams()
+    edges: EdgeParams = EdgeParams()
+
+    @property
+    def resize_id(self) -> str:
+        return params_id({"stage": "resize", **dataclasses.asdict(self.resize)})
+
+    @property
+    def edges_id(self) -> str:
+        return params_id({"stage": "edges", "resize": self.resize_id, **dataclasses.asdict(self.edges)})
+
+    def stage_id(self, stage: str) -> str:
+        return self.resize_id if stage == "resize" else self.edges_id
+
+    def cli_args(self) -> list[str]:
+        r, e = self.resize, self.edges
+        return ["--size", str(r.size), "--jpeg-quality", str(r.jpeg_quality), "--edge-low", str(e.low), "--edge-high", str(e.high)]
+
+
+def raw_index_key(prefix: str) -> str:
+    return f"index/raw/{prefix}.parquet"
+
+
+def output_dir(stage: str, params: ImageParams, prefix: str) -> str:
+    if stage == "resize":
+        return f"resized/{params.resize_id}/{prefix}/"
+    return f"edges/{params.edges_id}/{prefix}/"
+
+
+def output_key(stage: str, params: ImageParams, prefix: str, sha: str) -> str:
+    return output_dir(stage, params, prefix) + sha + (".jpg" if stage == "resize" else ".png")
+
+
+def result_key(run_id: str, stage: str, prefix: str) -> str:
+    return f"_results/{run_id}/{stage}/{prefix}.json"
+
+
+def read_raw_index(lake, prefix: str) -> list[dict]:
+    key = raw_index_key(prefix)
+    if not lake.exists(key):
+        return []
+    cols = ["sha256", "ext", "format", "width", "height"]
+    return read_parquet(lake, key).select(cols).to_pylist()
+
+
+def _existing(lake, stage: str, params: ImageParams, prefix: str) -> set[str]:
+    base = output_dir(stage, params, prefix)
+    return {o.key[len(base) :].split(".")[0] for o in lake.list(base)}
+
+
+def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str, threads: int = 4, fast: bool = True) -> dict[str, dict]:
+    """Run the selected stages for one prefix; returns ``{stage: result record}``."""
+    t0 = time.perf_counter()
+    images = read_raw_index(lake, prefix)
+    done = {s: _existing(lake, s, params, prefix) for s in stages}
+    todo = [im for im in images if any(im["sha256"] not in done[s] for s in stages)]
+    stats = {s: {"processed": 0, "bytes_written": 0, "failed": []} for s in stages}
+
+    def work(im: dict) -> list[tuple[str, str, int | str]]:
+        sha = im["sha256"]
+        out: list[tuple[str, str, int | str]] = []
+        try:
+            resized_key = output_key("resize", params, prefix, sha)
+            need_resize = "resize" in stages and sha not in done["resize"]
+            need_edges = "edges" in stages and sha not in done["edges"]
+            if need_resize or (need_edges and not lake.exists(resized_key)):
+                raw = lake.get(f"raw/{prefix}/{sha}.{im['ext']}")
+                resized = resize_bytes(raw, im["format"], im["width"], im["height"], params.resize, fast=fast)
+                if need_resize:
+                    lake.put(resized_key, resized)
+                    out.append(("resize", sha, len(resized)))
+            else:
+                resized = lake.get(resized_key) if need_edges else b""
+            if need_edges:
+                edges = edges_png(resized, params.edges)
+                lake.put(output_key("edges", params, prefix, sha), edges)
+                out.append(("edges", sha, len(edges)))
+        except Exception as e:  # recorded per image with its reason; the prefix goes on
+            reason = f"{type(e).__name__}: {e}"
+            out.extend((s, sha, reason) for s in stages if sha not in done[s])
+        return out
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for outcome in pool.map(work, todo):
+            for stage, sha, value in outcome:
+                if isinstance(value, str):
+                    stats[stage]["failed"].append({"sha256": sha, "reason": value})
+                else:
+                    stats[stage]["processed"] += 1
+                    stats[stage]["bytes_written"] += value
+    seconds = round(time.perf_counter() - t0, 3)
+    records = {}
+    for stage in stages:
+        failed = {f["sha256"] for f in stats[stage]["failed"]}
+        present = [im["sha256"] for im in images if im["sha256"] not in failed]
+        pid = params.stage_id(stage)
+        records[stage] = {
+            "prefix": prefix,
+            "stage": stage,
+            "params_id": pid,
+            "images": len(present),
+            "processed": stats[stage]["processed"],
+            "skipped": len(images) - len(todo),
+            "failed": sorted(stats[stage]["failed"], key=lambda f: f["sha256"]),
+            "bytes_written": stats[stage]["bytes_written"],
+            "seconds": seconds,
+            "data_version": prefix_version(present, pid),
+        }
+        # Written last: the commit marker of this prefix task.
+        lake.put(result_key(run_id, stage, prefix), json.dumps(records[stage], sort_keys=True).encode())
+    return records
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="resize / edges over hash prefixes")
+    ap.add_argument("--lake", required=True)
+    ap.add_argument("--run-id", required=True)
+    ap.add_argument("--stages", default="resize,edges")
+    ap.add_argument("--prefixes", required=True, help="comma-separated; an array child takes one by index")
+    ap.add_argument("--size", type=int, default=ResizeParams.size)
+    ap.add_argument("--jpeg-quality", type=int, default=ResizeParams.jpeg_quality)
+    ap.add_argument("--edge-low", type=int, default=EdgeParams.low)
+    ap.add_argument("--edge-high", type=int, default=EdgeParams.high)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("CVGRAPH_IMAGE_THREADS", "4")))
+    ap.add_argument("--full-decode", action="store_true", help="baseline path: no DCT-scaled decode")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    if bad := [s for s in stages if s not in STAGES]:
+        print(f"unknown stage(s) {bad}; expected {STAGES}", file=sys.stderr)
+        return 2
+    prefixes = [p for p in args.prefixes.split(",") if p]
+    index = os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX")
+    if index is not None:
+        prefixes = [prefixes[int(index)]]
+    params = ImageParams(ResizeParams(args.size, args.jpeg_quality), EdgeParams(args.edge_low, args.edge_high))
+    lake = open_lake(args.lake, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    failed = 0
+    for prefix in prefixes:
+        records = process_prefix(lake, prefix, stages, params, args.run_id, threads=args.threads, fast=not args.full_decode)
+        for rec in records.values():
+            failed += len(rec["failed"])
+            print(json.dumps({k: rec[k] for k in ("stage", "prefix", "images", "processed", "skipped", "seconds")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

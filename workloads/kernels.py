@@ -1,0 +1,123 @@
+"""Image kernels: decode (DCT-scaled for JPEG), normalise, resize + centre crop, edges.
+
+OpenCV releases the GIL in decode/resize/encode, so callers overlap I/O with threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# IMREAD_REDUCED_COLOR_k decodes a JPEG at 1/k scale straight from the DCT coefficients.
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+@dataclass(frozen=True)
+class ResizeParams:
+    size: int = 64  # short side, then centre-cropped to size x size
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class EdgeParams:
+    low: int = 50
+    high: int = 150
+
+
+def reduction_factor(width: int, height: int, target: int) -> int:
+    """The largest DCT scale factor whose decoded short side still covers ``target``."""
+    short = min(width, height)
+    for k, _ in _REDUCED:
+        if short // k >= target:
+            return k
+    return 1
+
+
+def _to_bgr8(img: np.ndarray) -> np.ndarray:
+    """Any decoded array (gray, alpha, 16-bit) → 8-bit BGR; alpha composited on white."""
+    if img.dtype == np.uint16:
+        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.shape[2] == 4:
+        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
+        rgb = img[:, :, :3].astype(np.float32)
+        return (rgb * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    return img
+
+
+def _decode_with_pillow(buf: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(buf)) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = np.asarray(im.convert("RGBA"))
+            return _to_bgr8(cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+        return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
+
+
+def decode(buf: bytes, fmt: str, width: int, height: int, target: int, fast: bool = True) -> np.ndarray:
+    """Decode to 8-bit BGR, as displayed (EXIF orientation applied).
+
+    JPEG takes the DCT-scaled path when ``fast``; PNG has no scaled decode, and formats with
+    alpha, 16-bit or palettes need the unchanged decode to be normalised correctly.
+    """
+    arr = np.frombuffer(buf, np.uint8)
+    if fmt == "JPEG":
+        flag = cv2.IMREAD_COLOR
+        if fast:
+            k = reduction_factor(width, height, target)
+            flag = dict(_REDUCED).get(k, cv2.IMREAD_COLOR)
+        img = cv2.imdecode(arr, flag)  # applies EXIF orientation; handles gray and CMYK
+        if img is not None:
+            return img
+    elif fmt in ("PNG", "BMP", "TIFF", "WEBP"):
+        img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
+        if img is not None and fmt != "TIFF":
+            return _to_bgr8(img)
+    return _decode_with_pillow(buf)  # GIF, palette TIFF, anything OpenCV refuses
+
+
+def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    scale = size / min(h, w)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(img, (nw, nh), interpolation=interp)
+    y0, x0 = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(resized[y0 : y0 + size, x0 : x0 + size])
+
+
+def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
+    ok, out = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encode failed")
+    return out.tobytes()
+
+
+def edges_png(resized_jpeg: bytes, params: EdgeParams) -> bytes:
+    """Canny edges of the *stored* resized image, so fused and separate runs agree byte for byte."""
+    gray = cv2.imdecode(np.frombuffer(resized_jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        raise ValueError("resized image is not decodable")
+    edges = cv2.Canny(gray, params.low, params.high)
+    ok, out = cv2.imencode(".png", edges, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise ValueError("PNG encode failed")
+    return out.tobytes()
+
+
+def resize_bytes(buf: bytes, fmt: str, width: int, height: int, params: ResizeParams, fast: bool = True) -> bytes:
+    img = decode(buf, fmt, width, height, params.size, fast=fast)
+    if img is None:
+        raise ValueError("undecodable image")
+    return encode_jpeg(resize_center_crop(img, params.size), params.jpeg_quality)

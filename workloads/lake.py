@@ -1,0 +1,161 @@
+"""The lake: a key/value object store addressed by keys like ``raw/ab/<sha256>.jpg``.
+
+``open_lake(url)`` returns a ``LocalLake`` for a directory (the embedded profile's bucket).
+Writes are atomic: a reader sees a whole object or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class LocalLake:
+    """A directory used as a bucket. Keys are POSIX relative paths under ``root``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        self.url = str(self.root)
+
+    # -- paths -----------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        """The file behind ``key``; refuses keys that would leave the lake."""
+        if not key or key.startswith("/") or "\\" in key:
+            raise ValueError(f"invalid lake key {key!r}")
+        p = (self.root / key).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise ValueError(f"lake key {key!r} escapes the lake root")
+        return p
+
+    def uri(self, key: str) -> str:
+        return str(self.path(key))
+
+    # -- reads -----------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[BinaryIO]:
+        with open(self.path(key), "rb") as f:
+            yield f
+
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, in key order (like S3 ListObjectsV2)."""
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-")]
+            for name in filenames:
+                if name.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix) and (start_after is None or key > start_after):
+                    keys.append((key, full))
+        for key, full in sorted(keys):
+            try:
+                yield ObjectInfo(key, full.stat().st_size)
+            except FileNotFoundError:  # deleted while listing
+                continue
+
+    # -- writes ----------------------------------------------------------------
+    def _tmp(self, key: str) -> tuple[Path, Path]:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        os.close(fd)
+        return dest, Path(tmp)
+
+    def put(self, key: str, data: bytes) -> None:
+        dest, tmp = self._tmp(key)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, src: str | os.PathLike) -> None:
+        dest, tmp = self._tmp(key)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put_file_if_absent(self, key: str, src: str | os.PathLike) -> bool:
+        """Store ``src`` at ``key`` unless an object is already there; True if stored.
+
+        Content-addressed keys make "already there" mean "same bytes" (the S3 store does
+        this with a conditional put).
+        """
+        dest, tmp = self._tmp(key)
+        try:
+            shutil.copyfile(src, tmp)
+            os.link(tmp, dest)  # atomic, fails if dest exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    # -- tables ----------------------------------------------------------------
+    def arrow_filesystem(self):
+        """(pyarrow filesystem, base path) for reading Parquet datasets in place."""
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem(), str(self.root)
+
+
+def open_lake(url: str, endpoint_url: str | None = None):
+    """The lake behind ``url``: a directory path (or ``file://``) or ``s3://bucket/prefix``."""
+    if url.startswith("s3://"):
+        from workloads.s3lake import S3Lake  # noqa: PLC0415 - only the AWS profile needs boto3
+
+        return S3Lake(url, endpoint_url=endpoint_url)
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    return LocalLake(url)
+
+
+def read_parquet(lake, key: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(lake.get(key)))
+
+
+def write_parquet(lake, key: str, table) -> None:
+    """Write ``table`` as one Parquet object; deterministic bytes for the same rows."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=True)
+    lake.put(key, buf.getvalue())

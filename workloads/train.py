@@ -1,0 +1,148 @@
+"""Training entry with SageMaker's file and environment layout.
+
+SageMaker (and the local trainer, which mimics it) provides:
+  SM_INPUT_CONFIG_DIR/hyperparameters.json   values are strings, as SageMaker writes them
+  SM_CHANNEL_MANIFEST/manifest.parquet        the frozen subset's manifest
+  SM_CHANNEL_IMAGES/<lake key>                the subset's images at their lake keys
+  SM_MODEL_DIR, SM_OUTPUT_DATA_DIR            outputs; SageMaker uploads them
+Checkpoints go to ``checkpoint_dir`` (SageMaker syncs /opt/ml/checkpoints with S3), and a
+restarted job (spot reclaim) resumes from the last epoch saved there.
+
+    python -m workloads.train
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from workloads.model import build_model
+
+DEFAULTS = {"epochs": 8, "lr": 0.003, "batch_size": 64, "input_size": 32, "variant": "resized", "seed": 0, "width": 16, "checkpoint_dir": "/opt/ml/checkpoints"}
+VARIANT_COLUMNS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
+
+
+def hyperparameters() -> dict:
+    path = Path(os.environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
+    given = json.loads(path.read_text()) if path.exists() else {}
+    hp = dict(DEFAULTS)
+    for k, v in given.items():
+        default = DEFAULTS.get(k)
+        hp[k] = type(default)(v) if isinstance(default, (int, float)) and not isinstance(default, bool) else v
+    return hp
+
+
+def load_images(rows: list[dict], images_root: Path, variant: str, input_size: int) -> np.ndarray:
+    """Grayscale float32 array (N, 1, S, S) in [0, 1] of the rows' ``variant`` files."""
+    col = VARIANT_COLUMNS[variant]
+    out = np.empty((len(rows), 1, input_size, input_size), np.float32)
+    for i, row in enumerate(rows):
+        path = images_root / row[col]
+        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise FileNotFoundError(f"subset image {row['sha256']} not readable at {path}")
+        if img.shape != (input_size, input_size):
+            img = cv2.resize(img, (input_size, input_size), interpolation=cv2.INTER_AREA)
+        out[i, 0] = img.astype(np.float32) / 255.0
+    return out
+
+
+def load_split(manifest_path: Path, images_root: Path, split: str, classes: list[str], variant: str, input_size: int):
+    rows = [r for r in pq.read_table(manifest_path).to_pylist() if r["split"] == split and r["label"] in classes]
+    x = load_images(rows, images_root, variant, input_size)
+    y = np.array([classes.index(r["label"]) for r in rows], np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = model(x) if len(x) else torch.zeros((0, 1))
+        if not len(x):
+            return float("nan"), float("nan")
+        loss = nn.functional.cross_entropy(logits, y).item()
+        acc = (logits.argmax(1) == y).float().mean().item()
+    return loss, acc
+
+
+def train() -> dict:
+    hp = hyperparameters()
+    torch.manual_seed(hp["seed"])
+    np.random.seed(hp["seed"])
+    manifest = Path(os.environ["SM_CHANNEL_MANIFEST"]) / "manifest.parquet"
+    images_root = Path(os.environ["SM_CHANNEL_IMAGES"])
+    model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
+    ckpt_dir = Path(hp["checkpoint_dir"])
+    for d in (model_dir, output_dir, ckpt_dir):
+        d.mkdir(parents=True, exist_ok=True)
+
+    labels = pq.read_table(manifest, columns=["label", "split"]).to_pylist()
+    classes = sorted({r["label"] for r in labels if r["label"] is not None and r["split"] == "train"})
+    if len(classes) < 2:
+        raise SystemExit(f"need at least 2 labelled classes in the train split, found {classes}")
+    size, variant = hp["input_size"], hp["variant"]
+    xtr, ytr = load_split(manifest, images_root, "train", classes, variant, size)
+    xva, yva = load_split(manifest, images_root, "val", classes, variant, size)
+    xte, yte = load_split(manifest, images_root, "test", classes, variant, size)
+    arch = {"in_channels": 1, "num_classes": len(classes), "input_size": size, "width": hp["width"]}
+    model = build_model(arch)
+    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt_path = ckpt_dir / "checkpoint.pt"
+    if ckpt_path.exists():  # resumed after a spot reclaim
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
+        torch.set_rng_state(ckpt["rng"])
+        print(f"resumed from checkpoint at epoch {start_epoch}", flush=True)
+    print(f"train={len(ytr)} val={len(yva)} test={len(yte)} classes={len(classes)} variant={variant}", flush=True)
+
+    for epoch in range(start_epoch, hp["epochs"]):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(xtr))
+        total, n = 0.0, 0
+        for i in range(0, len(perm), hp["batch_size"]):
+            idx = perm[i : i + hp["batch_size"]]
+            xb = xtr[idx]
+            # light augmentation: random shifts of up to 2 px
+            shift = tuple(int(s) for s in torch.randint(-2, 3, (2,)))
+            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), ytr[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        val_loss, val_acc = evaluate(model, xva, yva)
+        rec = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
+        history.append(rec)
+        # SageMaker metric definitions parse these lines.
+        print(f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}", flush=True)
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history, "epoch": epoch + 1, "rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    test_loss, test_acc = evaluate(model, xte, yte)
+    print(f"test_loss={test_loss:.4f} test_accuracy={test_acc:.4f}", flush=True)
+    metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_acc, "classes": classes, "counts": {"train": len(ytr), "val": len(yva), "test": len(yte)}, "hyperparameters": hp}
+    torch.save({"state_dict": model.state_dict(), "arch": arch, "classes": classes, "variant": variant}, model_dir / "model.pt")
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+if __name__ == "__main__":
+    train()
+    sys.exit(0)

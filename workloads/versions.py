@@ -1,0 +1,57 @@
+"""Exact, content-derived versions: per-prefix data versions and Merkle roots over them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+
+HASH_PREFIXES: tuple[str, ...] = tuple(f"{i:02x}" for i in range(256))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def params_id(params: Mapping) -> str:
+    """Stable short id of a parameter set; namespaces derived outputs in the lake."""
+    return sha256_hex(canonical_json(dict(params)))[:12]
+
+
+def prefix_version(items: Iterable[str | bytes], params: str = "") -> str:
+    """Data version of one prefix partition: hash of its sorted item list and params id."""
+    h = hashlib.sha256(params.encode() + b"\n")
+    for item in sorted(i.encode() if isinstance(i, str) else i for i in items):
+        h.update(item + b"\n")
+    return h.hexdigest()[:24]
+
+
+def merkle_root(versions: Mapping[str, str]) -> str:
+    """Merkle root over ``{partition: version}``; a fan-in asset's exact input version."""
+    level = [sha256_hex(f"{k}={versions[k]}".encode()) for k in sorted(versions)]
+    if not level:
+        return sha256_hex(b"")[:24]
+    while len(level) > 1:
+        if len(level) % 2:
+            level.append(level[-1])
+        level = [sha256_hex((a + b).encode()) for a, b in zip(level[::2], level[1::2])]
+    return level[0][:24]
+
+
+def split_for(sha256: str) -> str:
+    """Deterministic train/val/test split (80/10/10) from the content hash."""
+    bucket = int(sha256[:8], 16) % 100
+    return "train" if bucket < 80 else "val" if bucket < 90 else "test"
+
+
+def table_hash(table) -> str:
+    """Content hash of a pyarrow table: rows as canonical JSON, in order (writer-independent)."""
+    h = hashlib.sha256(canonical_json(table.schema.names))
+    for batch in table.to_batches(max_chunksize=4096):
+        for row in batch.to_pylist():
+            h.update(canonical_json(row) + b"\n")
+    return h.hexdigest()

@@ -54,6 +54,11 @@ def _package_file(package: str, name: str) -> Path:
     return Path(skimage.data.__file__).parent / name
 
 
+def sample_image(name: str) -> bytes:
+    """Bytes of a sample image that scikit-learn (china.jpg, flower.jpg) or scikit-image ships."""
+    return _package_file("sklearn" if name in ("china.jpg", "flower.jpg") else "skimage", name).read_bytes()
+
+
 def build_digits_pack(path: Path, size: int = 96) -> int:
     from sklearn.datasets import load_digits
 

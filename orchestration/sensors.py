@@ -1,7 +1,10 @@
 """Sensors: new zips under ``incoming/`` become ``packs`` partitions and ingest runs."""
 
 
+import json
+import os
 import re
+import time
 
 import dagster as dg
 
@@ -10,6 +13,9 @@ from partitions import packs
 from resources.storage import LakeResource
 
 INCOMING = "incoming/"
+# Listing after the last key seen misses keys that sort before it (S3 lists in key order),
+# so every RELIST_SECONDS the sensor lists incoming/ in full as a safety net.
+RELIST_SECONDS = float(os.environ.get("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))
 
 
 def pack_id_for(key: str) -> str:
@@ -37,6 +43,10 @@ def pack_run_request(pack_id: str, key: str) -> dg.RunRequest:
     return dg.RunRequest(run_key=key, partition_key=pack_id, asset_selection=[raw_packs.key], tags={PACK_KEY_TAG: key})
 
 
+def parse_cursor(raw: str | None) -> dict:
+    return json.loads(raw) if raw else {"after": None, "full_listing_at": 0.0}
+
+
 @dg.sensor(
     name="incoming_packs",
     minimum_interval_seconds=10,
@@ -45,13 +55,20 @@ def pack_run_request(pack_id: str, key: str) -> dg.RunRequest:
     description="Lists incoming/ after the last key seen; each new .zip becomes a packs partition and an ingest run.",
 )
 def incoming_packs_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult:
-    found, cursor = new_packs(lake.lake(), context.instance, context.cursor)
+    cursor = parse_cursor(context.cursor)
+    now = time.time()
+    full = now - cursor["full_listing_at"] >= RELIST_SECONDS
+    found, last = new_packs(lake.lake(), context.instance, None if full else cursor["after"])
+    if full:
+        cursor["full_listing_at"] = now
+    if last is not None and (cursor["after"] is None or last > cursor["after"]):
+        cursor["after"] = last
     if found:
         context.log.info(f"new packs: {[p for p, _ in found]}")
     return dg.SensorResult(
         run_requests=[pack_run_request(p, k) for p, k in found],
         dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])] if found else [],
-        cursor=cursor,
+        cursor=json.dumps(cursor, sort_keys=True),
     )
 
 

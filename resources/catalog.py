@@ -61,6 +61,6 @@ class DuckDBCatalog(Catalog):
         try:
             for name in TABLES:
                 con.register(name, self._dataset(name))
-            return con.execute(sql).to_arrow_table()
+            return con.sql(sql).to_arrow_table()
         finally:
             con.close()

@@ -19,11 +19,17 @@ INDEX_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("label", pa.string()),
+        ("label_source", pa.string()),
         ("packs", pa.list_(pa.string())),
         ("members", pa.list_(pa.string())),
         ("boxes", pa.list_(BOX_TYPE)),
     ]
 )
+
+
+def _label_rank(source: str | None) -> int:
+    """An explicit label (labels.csv, COCO) beats a folder name, which beats none."""
+    return {None: 0, "folder": 1}.get(source, 2)
 
 
 def committed_packs(lake) -> list[str]:
@@ -34,8 +40,9 @@ def committed_packs(lake) -> list[str]:
 def build_raw_index(lake, prefixes: list[str], packs: list[str] | None = None) -> dict[str, dict]:
     """Rewrite ``index/raw/<pp>.parquet`` for ``prefixes``; returns per-prefix stats.
 
-    An image seen in several packs is one row listing them all; its label comes from the
-    first pack (by pack id) that labels it, so the result does not depend on ingest order.
+    An image seen in several packs (or members) is one row listing them all; its label is
+    the most explicit one (labels.csv/COCO over folder), first by pack id then member name,
+    so the result does not depend on ingest order.
     """
     packs = committed_packs(lake) if packs is None else packs
     wanted = pa.array(sorted(set(prefixes)))
@@ -47,7 +54,7 @@ def build_raw_index(lake, prefixes: list[str], packs: list[str] | None = None) -
             row = by_sha.get(r["sha256"])
             if row is None:
                 by_sha[r["sha256"]] = {
-                    **{k: r[k] for k in ("sha256", "ext", "format", "bytes", "width", "height", "label", "boxes")},
+                    **{k: r[k] for k in ("sha256", "ext", "format", "bytes", "width", "height", "label", "label_source", "boxes")},
                     "prefix": r["prefix"],
                     "packs": [pack_id],
                     "members": [f"{pack_id}/{r['member']}"],
@@ -56,8 +63,8 @@ def build_raw_index(lake, prefixes: list[str], packs: list[str] | None = None) -
             if pack_id not in row["packs"]:
                 row["packs"].append(pack_id)
             row["members"].append(f"{pack_id}/{r['member']}")
-            if row["label"] is None and r["label"] is not None:
-                row["label"] = r["label"]
+            if _label_rank(r["label_source"]) > _label_rank(row["label_source"]):
+                row["label"], row["label_source"] = r["label"], r["label_source"]
             if not row["boxes"] and r["boxes"]:
                 row["boxes"] = r["boxes"]
     grouped: dict[str, list[dict]] = {}

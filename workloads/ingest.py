@@ -51,6 +51,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("label", pa.string()),
+        ("label_source", pa.string()),  # labels.csv | coco | folder | null
         ("status", pa.string()),  # new | duplicate
         ("boxes", pa.list_(BOX_TYPE)),
     ]
@@ -132,14 +133,14 @@ def _hash_zip(f) -> str:
     return h.hexdigest()
 
 
-def _read_labels(zf: zipfile.ZipFile, names: set[str]) -> tuple[dict[str, str], dict[str, list[dict]]]:
-    """Labels and boxes a pack carries: ``labels.csv`` (member,label) and/or a COCO json."""
-    labels: dict[str, str] = {}
+def _read_labels(zf: zipfile.ZipFile, names: set[str]) -> tuple[dict[str, tuple[str, str]], dict[str, list[dict]]]:
+    """Labels (with their source) and boxes a pack carries: ``labels.csv`` (member,label) and/or a COCO json."""
+    labels: dict[str, tuple[str, str]] = {}
     boxes: dict[str, list[dict]] = {}
     if LABELS_FILE in names:
         with zf.open(LABELS_FILE) as f:
             for row in csv.DictReader(io.TextIOWrapper(f, encoding="utf-8")):
-                labels[row["member"]] = row["label"]
+                labels[row["member"]] = (row["label"], LABELS_FILE)
     for coco_name in COCO_FILES:
         if coco_name not in names:
             continue
@@ -156,15 +157,16 @@ def _read_labels(zf: zipfile.ZipFile, names: set[str]) -> tuple[dict[str, str], 
             if member not in labels:
                 # An image's label is its most frequent box category (ties: alphabetical).
                 counts = Counter(b["category"] for b in bs)
-                labels[member] = min(counts, key=lambda c: (-counts[c], c))
+                labels[member] = (min(counts, key=lambda c: (-counts[c], c)), "coco")
     return labels, boxes
 
 
-def _label_for(member: str, labels: dict[str, str]) -> str | None:
+def _label_for(member: str, labels: dict[str, tuple[str, str]]) -> tuple[str | None, str | None]:
+    """(label, source): an explicit labels.csv / COCO label, else the top folder's name."""
     if member in labels:
         return labels[member]
     parts = member.split("/")
-    return parts[0] if len(parts) > 1 else None
+    return (parts[0], "folder") if len(parts) > 1 else (None, None)
 
 
 def inspect_image(path: str, max_pixels: int) -> tuple[str, int, int]:
@@ -307,7 +309,7 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
                     "bytes": size,
                     "width": width,
                     "height": height,
-                    "label": _label_for(name, labels),
+                    **dict(zip(("label", "label_source"), _label_for(name, labels))),
                     "status": status,
                     "boxes": boxes.get(name, []),
                 }

@@ -65,7 +65,8 @@ def build_prefix_rows(lake, prefix: str, params: ImageParams) -> tuple[list[dict
             {
                 "sha256": sha,
                 "pack_id": r["packs"][0],
-                "member": r["members"][0],
+                # index members are "<pack>/<member>"; the table keeps the member within pack_id
+                "member": next(m for m in r["members"] if m.startswith(r["packs"][0] + "/"))[len(r["packs"][0]) + 1 :],
                 "packs": r["packs"],
                 "label": r["label"],
                 "width": r["width"],

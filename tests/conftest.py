@@ -1,0 +1,34 @@
+"""Shared fixtures. The whole suite runs against a temporary CVGRAPH_HOME (set before the
+code location is imported, since resources are read from the environment at load)."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="cvgraph-test-"))
+os.environ["CVGRAPH_HOME"] = str(SESSION_HOME)
+os.environ.pop("DAGSTER_HOME", None)
+os.environ.pop("CVGRAPH_LAKE_URL", None)
+os.environ.setdefault("CVGRAPH_WORKERS", "2")
+
+
+@pytest.fixture
+def lake(tmp_path):
+    from workloads.lake import LocalLake
+
+    return LocalLake(tmp_path / "lake")
+
+
+@pytest.fixture
+def put_pack(lake):
+    """Store a zip (built from ``{member: bytes}``) at incoming/<name>.zip; returns the key."""
+    from cvgraph.demo_packs import zip_bytes
+
+    def _put(name: str, members: dict[str, bytes] | bytes) -> str:
+        key = f"incoming/{name}.zip"
+        lake.put(key, members if isinstance(members, bytes) else zip_bytes(members))
+        return key
+
+    return _put

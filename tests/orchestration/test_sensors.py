@@ -1,0 +1,41 @@
+import json
+
+import dagster as dg
+
+from orchestration.sensors import incoming_packs_sensor, pack_id_for
+from resources.storage import LakeResource
+
+
+def test_pack_ids_are_safe_partition_keys():
+    assert pack_id_for("incoming/digits.zip") == "digits"
+    assert pack_id_for("incoming/team/cats v2.ZIP") == "team__cats_v2"
+
+
+def tick(instance, resources, cursor=None):
+    return incoming_packs_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+
+
+def test_sensor_requests_new_zips_once_with_a_key_cursor_and_a_full_relist_safety_net(lake):
+    resources = {"lake": LakeResource(url=str(lake.root))}
+    lake.put("incoming/a.zip", b"a")
+    lake.put("incoming/readme.txt", b"x")
+    lake.put("incoming/b.zip", b"b")
+    with dg.instance_for_test() as instance:
+        result = tick(instance, resources)
+        assert [r.partition_key for r in result.run_requests] == ["a", "b"]
+        assert [r.tags["cvgraph/pack_key"] for r in result.run_requests] == ["incoming/a.zip", "incoming/b.zip"]
+        assert result.dynamic_partitions_requests[0].partition_keys == ["a", "b"]
+        cursor = json.loads(result.cursor)
+        assert cursor["after"] == "incoming/readme.txt" and cursor["full_listing_at"] > 0
+        instance.add_dynamic_partitions("packs", ["a", "b"])
+        again = tick(instance, resources, result.cursor)
+        assert again.run_requests == []
+        lake.put("incoming/z.zip", b"z")  # sorts after the cursor: seen by the next listing
+        lake.put("incoming/c.zip", b"c")  # sorts before it: only the full re-list sees it
+        third = tick(instance, resources, again.cursor)
+        assert [r.partition_key for r in third.run_requests] == ["z"]
+        instance.add_dynamic_partitions("packs", ["z"])
+        stale = json.dumps({**json.loads(third.cursor), "full_listing_at": 0})
+        full = tick(instance, resources, stale)
+        assert [r.partition_key for r in full.run_requests] == ["c"]
+        assert json.loads(full.cursor)["after"] == "incoming/z.zip"

@@ -1,0 +1,51 @@
+import pytest
+
+from resources.catalog import DuckDBCatalog, QueryRefused, ensure_select
+from resources.storage import LakeResource
+from workloads.images import ImageParams
+from workloads.tables import write_prefix_tables
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM images",
+        "DROP TABLE images",
+        "CREATE TABLE x AS SELECT * FROM images",
+        "SELECT 1; DROP TABLE images",
+        "COPY images TO 'x.csv'",
+        "ATTACH 'x.db'",
+        "INSTALL httpfs",
+        "not sql at all",
+    ],
+)
+def test_only_a_single_select_is_allowed(sql):
+    with pytest.raises(QueryRefused):
+        ensure_select(sql)
+
+
+def test_select_passes_and_trailing_semicolon_is_dropped():
+    assert ensure_select(" SELECT * FROM images WHERE label = 'x'; ") == "SELECT * FROM images WHERE label = 'x'"
+    assert ensure_select("WITH a AS (SELECT 1 AS n) SELECT n FROM a").startswith("WITH")
+
+
+def test_duckdb_catalog_over_the_lakes_tables(lake, put_pack):
+    from cvgraph.demo_packs import sample_image
+    from workloads.index import build_raw_index
+    from workloads.ingest import ingest_pack
+    from workloads.versions import HASH_PREFIXES
+
+    catalog = DuckDBCatalog(lake=LakeResource(url=str(lake.root)))
+    assert catalog.query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 0}]
+    key = put_pack("t", {"cat/chelsea.png": sample_image("chelsea.png"), "cup/coffee.png": sample_image("coffee.png"), "cup/china.jpg": sample_image("china.jpg")})
+    ingest_pack(lake, "t", key)
+    stats = build_raw_index(lake, list(HASH_PREFIXES))
+    for p, s in stats.items():
+        if s["images"]:
+            write_prefix_tables(lake, p, ImageParams())
+    rows = catalog.query("SELECT label, count(*) AS n FROM images GROUP BY label ORDER BY label").to_pylist()
+    assert rows == [{"label": "cat", "n": 1}, {"label": "cup", "n": 2}]
+    one = catalog.query("SELECT sha256, prefix, pack_id, split FROM images WHERE label = 'cat'").to_pylist()[0]
+    assert one["prefix"] == one["sha256"][:2] and one["pack_id"] == "t" and one["split"] in ("train", "val", "test")
+    with pytest.raises(QueryRefused):
+        catalog.query("DELETE FROM images")

@@ -1,0 +1,221 @@
+"""The whole graph, end to end, in the suite's temporary CVGRAPH_HOME: the demo twice, then
+the SDK, CLI and lineage against what it made. Asserts content, not just success."""
+
+import io
+import json
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cvgraph.cli import main as cli
+from cvgraph.demo import DIGITS_MODEL, DIGITS_SUBSET
+from cvgraph.demo_packs import sample_image, zip_bytes
+from workloads.versions import HASH_PREFIXES, sha256_hex, table_hash
+
+PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
+LAKE_AREAS = ("raw/", "index/", "resized/", "edges/", "tables/", "packs/", "subsets/", "models/", "exports/", "_versions/")
+
+
+def lake_snapshot(lake) -> dict[str, str]:
+    return {o.key: sha256_hex(lake.get(o.key)) for area in LAKE_AREAS for o in lake.list(area)}
+
+
+def dagster_state(instance) -> dict:
+    """Latest data version of every asset partition, and how many materialisations exist."""
+    import dagster as dg
+
+    state = {}
+    for asset in ("raw_packs", *PREFIX_ASSETS, "frozen_subsets", "trained_models", "exported_models"):
+        key = dg.AssetKey(asset)
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=10000).records
+        latest = {}
+        for r in sorted(records, key=lambda r: r.storage_id):
+            mat = r.event_log_entry.asset_materialization
+            latest[mat.partition] = mat.tags.get("dagster/data_version")
+        state[asset] = {"versions": latest, "count": len(records)}
+    return state
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from cvgraph.demo import run_demo
+    from cvgraph.sdk import Datasets
+
+    assert run_demo(epochs=6) == 0
+    ds = Datasets()
+    first = {"lake": lake_snapshot(ds.lake), "dagster": dagster_state(ds.instance)}
+    assert run_demo(epochs=6) == 0
+    second = {"lake": lake_snapshot(ds.lake), "dagster": dagster_state(ds.instance)}
+    return ds, first, second
+
+
+def test_packs_counts_and_rejects(demo):
+    ds, _, _ = demo
+    digits = json.loads(ds.lake.get("packs/digits/pack.json"))
+    photos = json.loads(ds.lake.get("packs/photos/pack.json"))
+    assert (digits["accepted"], digits["duplicates"], digits["rejected"]) == (1797, 0, [])
+    assert (photos["accepted"], photos["duplicates"], photos["skipped"]) == (14, 1, 1)
+    assert photos["rejected"] == [{"member": "notes.txt", "reason": "not an image: extension .txt"}]
+    assert len(list(ds.lake.list("raw/"))) == 1811
+
+
+def test_every_prefix_partition_materialised_with_exact_versions(demo):
+    ds, first, _ = demo
+    for asset in PREFIX_ASSETS:
+        assert set(first["dagster"][asset]["versions"]) == set(HASH_PREFIXES), asset
+        records = {json.loads(ds.lake.get(o.key))["prefix"]: json.loads(ds.lake.get(o.key)) for o in ds.lake.list(f"_versions/{asset}/")}
+        assert set(records) == set(HASH_PREFIXES)
+    counts = {a: sum(json.loads(ds.lake.get(o.key))["images"] for o in ds.lake.list(f"_versions/{a}/")) for a in PREFIX_ASSETS}
+    assert counts == {a: 1811 for a in PREFIX_ASSETS}
+    assert len(list(ds.lake.list("resized/"))) == len(list(ds.lake.list("edges/"))) == 1811
+    some = next(iter(ds.lake.list("resized/"))).key
+    assert cv2.imdecode(np.frombuffer(ds.lake.get(some), np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)
+
+
+def test_asset_checks_passed(demo):
+    import dagster as dg
+
+    ds, _, _ = demo
+    for asset, check in [("resized_images", "complete"), ("edge_maps", "complete"), ("image_tables", "rows_match_images"), ("frozen_subsets", "manifest_intact"), ("exported_models", "parity"), ("raw_packs", "manifest_matches_record")]:
+        key = dg.AssetCheckKey(dg.AssetKey(asset), check)
+        rec = ds.instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+        assert rec.status.value == "SUCCEEDED", (asset, check, rec.status)
+
+
+def test_second_demo_changes_no_data_version_and_duplicates_nothing(demo):
+    _, first, second = demo
+    assert second["lake"] == first["lake"]
+    for asset, state in first["dagster"].items():
+        assert second["dagster"][asset]["versions"] == state["versions"], asset
+    for asset in ("raw_packs", *PREFIX_ASSETS):  # nothing re-ran upstream of the subset
+        assert second["dagster"][asset]["count"] == first["dagster"][asset]["count"], asset
+
+
+def test_tables_and_sql(demo):
+    ds, _, _ = demo
+    assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1811}]
+    assert ds.sql_query("SELECT count(*) AS n FROM objects").to_pylist() == [{"n": 14}]
+    labels = ds.sql_query("SELECT label, count(*) AS n FROM images WHERE pack_id = 'digits' GROUP BY label ORDER BY label").to_pylist()
+    assert [r["label"] for r in labels] == [str(i) for i in range(10)] and sum(r["n"] for r in labels) == 1797
+    cat = ds.sql_query("SELECT i.member, o.category, o.w FROM objects o JOIN images i USING (sha256) WHERE o.category = 'cat'").to_pylist()
+    assert cat == [{"member": "skimage/chelsea.png", "category": "cat", "w": 300.0}]
+    china = sha256_hex(sample_image("china.jpg"))
+    dup = ds.sql_query(f"SELECT packs, member, label FROM images WHERE sha256 = '{china}'").to_pylist()
+    # stored once; the COCO label beats the copy's folder name
+    assert dup == [{"packs": ["photos"], "member": "copies/china (1).jpg", "label": "building"}]
+
+
+def test_subset_is_zero_copy_immutable_and_verified(demo):
+    from cvgraph.sdk import FreezeRefused
+
+    ds, _, _ = demo
+    rec = ds.subset(DIGITS_SUBSET)
+    manifest = pq.read_table(io.BytesIO(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")))
+    assert rec["rows"] == manifest.num_rows == 1797
+    assert rec["manifest_sha256"] == table_hash(manifest)
+    assert rec["packs"] == ["digits"]
+    assert set(manifest["resized_key"].to_pylist()) <= {o.key for o in ds.lake.list("resized/")}
+    assert sorted(manifest["sha256"].to_pylist()) == manifest["sha256"].to_pylist()
+    assert sum(rec["splits"].values()) == 1797
+    with pytest.raises(FreezeRefused, match="different query"):
+        ds.freeze_dataset(DIGITS_SUBSET, "SELECT * FROM images WHERE label = '3'")
+    with pytest.raises(FreezeRefused, match="SELECT"):
+        ds.freeze_dataset("evil", "DROP TABLE images")
+    assert ds.freeze_dataset(DIGITS_SUBSET, rec["sql"])["manifest_sha256"] == rec["manifest_sha256"]
+
+
+def test_frozen_subset_dataset_through_a_dataloader(demo):
+    from cvgraph.torch import FrozenSubsetDataset, SubsetIntegrityError
+
+    ds, _, _ = demo
+    rec = ds.subset(DIGITS_SUBSET)
+    train = FrozenSubsetDataset(DIGITS_SUBSET, variant="resized", split="train")
+    assert len(train) == rec["splits"]["train"] and train.classes == [str(i) for i in range(10)]
+    x, y = next(iter(torch.utils.data.DataLoader(train, batch_size=16)))
+    assert x.shape == (16, 3, 64, 64) and x.dtype == torch.float32 and 0 <= int(y.min()) and int(y.max()) <= 9
+    edges = FrozenSubsetDataset(DIGITS_SUBSET, variant="edges", split="test", transform=lambda im: im.shape)
+    assert len(edges) == rec["splits"]["test"] and edges[0][0] == (64, 64, 3)
+    original = FrozenSubsetDataset(DIGITS_SUBSET, variant="original", split="val")
+    assert original[0][0].shape == (3, 96, 96)
+    # a frozen subset whose manifest was changed refuses to load
+    ds.freeze_dataset("tamper_v1", "SELECT * FROM images WHERE label = '7'")
+    table = pq.read_table(io.BytesIO(ds.lake.get("subsets/tamper_v1/manifest.parquet")))
+    buf = io.BytesIO()
+    pq.write_table(table.slice(1), buf)
+    ds.lake.put("subsets/tamper_v1/manifest.parquet", buf.getvalue())
+    with pytest.raises(SubsetIntegrityError, match="manifest was changed"):
+        FrozenSubsetDataset("tamper_v1")
+
+
+def test_model_accuracy_mlflow_and_export_parity(demo):
+    import mlflow
+
+    ds, _, _ = demo
+    model = json.loads(ds.lake.get(f"models/{DIGITS_MODEL}/model.json"))
+    assert model["test_accuracy"] >= 0.90
+    assert model["subset_manifest_sha256"] == ds.subset(DIGITS_SUBSET)["manifest_sha256"]
+    assert model["model_sha256"] == sha256_hex(ds.lake.get(f"models/{DIGITS_MODEL}/model.pt"))
+    client = mlflow.MlflowClient(ds._resources["tracking"].tracking_uri)
+    run = client.get_run(model["mlflow_run_id"])
+    assert run.data.tags["cvgraph.subset_hash"] == model["subset_manifest_sha256"]
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 6
+    assert run.data.params["epochs"] == "6"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pt", "metrics.json", "curves.png"}
+    assert ds.lake.get(f"models/{DIGITS_MODEL}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    exports = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/exports.json"))
+    assert set(exports["formats"]) == {"torchscript", "onnx", "onnx_int8"}
+    assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
+    # independent check: the ONNX file and the TorchScript file agree on real test images
+    test = [r for r in pq.read_table(io.BytesIO(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))).to_pylist() if r["split"] == "test"][:32]
+    x = np.stack([cv2.resize(cv2.imdecode(np.frombuffer(ds.lake.get(r["resized_key"]), np.uint8), cv2.IMREAD_GRAYSCALE), (32, 32), interpolation=cv2.INTER_AREA)[None] for r in test]).astype(np.float32) / 255
+    sess = ort.InferenceSession(ds.lake.uri(f"exports/{DIGITS_MODEL}/onnx/model.onnx"))
+    onnx_logits = sess.run(None, {"image": x})[0]
+    ts = torch.jit.load(ds.lake.uri(f"exports/{DIGITS_MODEL}/torchscript/model.pt"))
+    ts_logits = ts(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(onnx_logits - ts_logits).max() < 1e-3
+    labels = [model["classes"].index(r["label"]) for r in test]
+    assert np.mean(onnx_logits.argmax(1) == np.array(labels)) >= 0.85
+
+
+def test_lineage_cli(demo):
+    ds, _, _ = demo
+    out = CliRunner().invoke(cli, ["lineage", DIGITS_MODEL, "--json"])
+    assert out.exit_code == 0, out.output
+    tree = json.loads(out.stdout)
+    assert tree["export"]["formats"]["onnx"]["key"] == f"exports/{DIGITS_MODEL}/onnx/model.onnx"
+    assert tree["model"]["key"] == DIGITS_MODEL and tree["model"]["dagster"]["run_id"]
+    assert tree["subset"]["sql"].startswith("SELECT * FROM images WHERE pack_id = 'digits'")
+    manifest = pq.read_table(io.BytesIO(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")))
+    assert set(tree["prefixes"]) == set(manifest["prefix"].to_pylist())
+    assert all(set(v) == set(PREFIX_ASSETS) for v in tree["prefixes"].values())
+    assert [p["pack_id"] for p in tree["packs"]] == ["digits"]
+    text = CliRunner().invoke(cli, ["lineage", DIGITS_MODEL])
+    assert text.exit_code == 0
+    for needle in ("export digits_cnn", "└─ model digits_cnn", "└─ subset digits_v1", "prefix partitions", "digits  zip sha256"):
+        assert needle in text.output
+    assert CliRunner().invoke(cli, ["lineage", "nope"]).exit_code != 0
+
+
+def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
+    ds, _, _ = demo
+    pack = tmp_path / "extra.zip"
+    pack.write_bytes(zip_bytes({"cat/chelsea.png": sample_image("chelsea.png"), "x/moon.png": sample_image("moon.png"), "readme.md": b"# hi"}))
+    out = CliRunner().invoke(cli, ["ingest", str(pack), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout) == {"pack_id": "extra", "accepted": 1, "duplicates": 1, "rejected": [{"member": "readme.md", "reason": "not an image: extension .md"}]}
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 definitely truncated")
+    out = CliRunner().invoke(cli, ["ingest", str(bad), "--json"])
+    assert out.exit_code != 0 and "not a readable zip" in out.output
+    out = CliRunner().invoke(cli, ["query", "SELECT label, count(*) AS n FROM images WHERE pack_id = 'digits' AND label IN ('3', '8') GROUP BY label ORDER BY label", "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout) == [{"label": "3", "n": 183}, {"label": "8", "n": 174}]
+    out = CliRunner().invoke(cli, ["query", "DELETE FROM images"])
+    assert out.exit_code != 0 and "only read-only SELECT" in out.output
+    out = CliRunner().invoke(cli, ["sync"])  # the new pack is indexed by automation
+    assert out.exit_code == 0, out.output
+    assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1812}]

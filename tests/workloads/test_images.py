@@ -1,0 +1,92 @@
+import json
+
+import cv2
+import numpy as np
+
+from cvgraph.demo_packs import sample_image
+from workloads.images import ImageParams, output_key, process_prefix, result_key
+from workloads.index import build_raw_index
+from workloads.ingest import ingest_pack
+from workloads.kernels import EdgeParams, ResizeParams, decode, reduction_factor, resize_center_crop
+from workloads.versions import HASH_PREFIXES
+
+PHOTOS = ["china.jpg", "flower.jpg", "rocket.jpg", "retina.jpg", "astronaut.png", "coffee.png", "camera.png", "logo.png", "horse.png", "no_time_for_that_tiny.gif"]
+
+
+def ingested(lake, put_pack):
+    key = put_pack("photos", {f"p/{n}": sample_image(n) for n in PHOTOS})
+    ingest_pack(lake, "photos", key)
+    stats = build_raw_index(lake, list(HASH_PREFIXES))
+    return {p: s for p, s in stats.items() if s["images"]}
+
+
+def test_resize_and_edges_fused_then_incremental(lake, put_pack):
+    prefixes = ingested(lake, put_pack)
+    assert sum(s["images"] for s in prefixes.values()) == len(PHOTOS)
+    params = ImageParams(ResizeParams(size=48), EdgeParams())
+    first = {p: process_prefix(lake, p, ["resize", "edges"], params, "run1") for p in prefixes}
+    for p, recs in first.items():
+        assert recs["resize"]["processed"] == prefixes[p]["images"] and recs["resize"]["failed"] == []
+        assert recs["edges"]["processed"] == prefixes[p]["images"]
+        assert json.loads(lake.get(result_key("run1", "resize", p))) == recs["resize"]
+    some = next(iter(prefixes))
+    reindexed = build_raw_index(lake, [some])  # index unchanged by the image stages
+    rows = [o.key for o in lake.list(f"resized/{params.resize_id}/{some}/")]
+    img = cv2.imdecode(np.frombuffer(lake.get(rows[0]), np.uint8), cv2.IMREAD_COLOR)
+    assert img.shape == (48, 48, 3)
+    edges = cv2.imdecode(np.frombuffer(lake.get(rows[0].replace("resized/" + params.resize_id, "edges/" + params.edges_id).replace(".jpg", ".png")), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert edges.shape == (48, 48) and set(np.unique(edges)) <= {0, 255}
+    # second run: nothing to do, same versions, same bytes
+    before = {o.key: lake.get(o.key) for o in lake.list("resized/")}
+    again = {p: process_prefix(lake, p, ["resize", "edges"], params, "run2") for p in prefixes}
+    for p in prefixes:
+        assert again[p]["resize"]["processed"] == 0 and again[p]["resize"]["skipped"] == prefixes[p]["images"]
+        assert again[p]["resize"]["data_version"] == first[p]["resize"]["data_version"]
+        assert again[p]["edges"]["data_version"] == first[p]["edges"]["data_version"]
+    assert {o.key: lake.get(o.key) for o in lake.list("resized/")} == before
+    assert reindexed[some]["data_version"] == prefixes[some]["data_version"]
+
+
+def test_separate_stages_give_the_same_bytes_as_fused(lake, put_pack, tmp_path):
+    from workloads.lake import LocalLake
+
+    prefixes = ingested(lake, put_pack)
+    params = ImageParams(ResizeParams(size=40), EdgeParams())
+    for p in prefixes:
+        process_prefix(lake, p, ["resize", "edges"], params, "fused")
+    fused = {o.key: lake.get(o.key) for o in lake.list("edges/")}
+    for k in fused:
+        lake.delete(k)
+    for p in prefixes:
+        process_prefix(lake, p, ["edges"], params, "edges-only")
+    assert {o.key: lake.get(o.key) for o in lake.list("edges/")} == fused
+    assert isinstance(lake, LocalLake)
+
+
+def test_modes_are_normalised_alpha_on_white_gray_to_color():
+    logo = sample_image("logo.png")  # RGBA with transparent background
+    img = decode(logo, "PNG", 500, 500, 64)
+    assert img.shape == (500, 500, 3) and img.dtype == np.uint8
+    assert tuple(img[0, 0]) == (255, 255, 255)  # transparent corner composited on white
+    gray = decode(sample_image("camera.png"), "PNG", 512, 512, 64)
+    assert gray.shape == (512, 512, 3)
+    gif = decode(sample_image("no_time_for_that_tiny.gif"), "GIF", 14, 25, 8)
+    assert gif.shape[2] == 3
+
+
+def test_dct_scaled_decode_covers_the_target_and_matches_full_decode():
+    china = sample_image("china.jpg")  # 640x427
+    assert reduction_factor(640, 427, 64) == 4
+    assert reduction_factor(640, 427, 300) == 1
+    fast = resize_center_crop(decode(china, "JPEG", 640, 427, 64, fast=True), 64)
+    full = resize_center_crop(decode(china, "JPEG", 640, 427, 64, fast=False), 64)
+    mse = np.mean((fast.astype(np.float64) - full.astype(np.float64)) ** 2)
+    psnr = 10 * np.log10(255**2 / mse)
+    assert fast.shape == full.shape == (64, 64, 3)
+    assert psnr > 30, psnr
+
+
+def test_output_keys_are_namespaced_by_params():
+    a, b = ImageParams(ResizeParams(size=64)), ImageParams(ResizeParams(size=32))
+    assert output_key("resize", a, "ab", "x") != output_key("resize", b, "ab", "x")
+    assert output_key("edges", a, "ab", "x").startswith(f"edges/{a.edges_id}/ab/")

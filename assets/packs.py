@@ -1,10 +1,12 @@
 """raw_packs: one zip from ``incoming/`` unpacked into content-addressed originals."""
 
 
+import json
+
 import dagster as dg
 
 from partitions import packs
-from resources.compute import ImageCompute
+from resources.compute import PACK_UNREADABLE, ImageCompute
 from resources.storage import LakeResource
 from workloads.ingest import pack_keys
 from workloads.lake import read_parquet
@@ -38,9 +40,12 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
     store = lake.lake()
     if not store.exists(key):
         raise dg.Failure(description=f"pack {pack_id}: {key} is not in the lake", metadata={"key": key})
-    result = image_compute.run_ingest(context, lake.url, pack_id, key)
-    if "error" in result:
-        raise dg.Failure(description=result["error"], metadata={"pack": pack_id, "key": key, "reason": result["error"]})
+    code = image_compute.run_ingest(context, lake.url, pack_id, key)
+    if code == PACK_UNREADABLE:
+        reasons = read_parquet(store, pack_keys(pack_id)["rejects"]).to_pylist()
+        reason = reasons[0]["reason"] if reasons else "not a readable zip"
+        raise dg.Failure(description=f"pack {pack_id} ({key}) is {reason}", metadata={"pack": pack_id, "key": key, "reason": reason})
+    result = json.loads(store.get(pack_keys(pack_id)["record"]))
     rejects = result["rejected"]
     for r in rejects:
         context.log.warning(f"pack {pack_id}: rejected {r['member']!r}: {r['reason']}")

@@ -8,13 +8,19 @@ from assets.models import trained_models
 from assets.packs import raw_packs
 from assets.subsets import frozen_subsets
 from assets.tables import image_tables
-from orchestration.profiles import resources_for
-from orchestration.sensors import image_automation, incoming_packs_sensor
+from orchestration.profiles import profile, resources_for
+from orchestration.sensors import image_automation, incoming_packs_sensor, incoming_packs_sqs_sensor
 
 ASSETS = [raw_packs, raw_images, image_stages, image_tables, frozen_subsets, trained_models, exported_models]
 
-defs = dg.Definitions(
-    assets=ASSETS,
-    sensors=[incoming_packs_sensor, image_automation],
-    resources=resources_for(),
-)
+
+def build_defs(profile_name: str | None = None) -> dg.Definitions:
+    """The same assets in every profile; only the resources (and the event sensor) differ."""
+    resources = resources_for(profile_name or profile())
+    sensors = [incoming_packs_sensor, image_automation]
+    if "pack_events" in resources:
+        sensors.append(incoming_packs_sqs_sensor)
+    return dg.Definitions(assets=ASSETS, sensors=sensors, resources=resources)
+
+
+defs = build_defs()

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from resources.catalog import DuckDBCatalog
-from resources.compute import LocalProcessPool
+from resources.catalog import AthenaCatalog, DuckDBCatalog
+from resources.compute import BatchArrayClient, LocalProcessPool
+from resources.events import PackEvents
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from resources.tracking import MLflowTracking
-from resources.training import LocalTrainer
+from resources.training import LocalTrainer, SageMakerTrainer
 
 PROFILES = ("local", "aws")
 
@@ -53,10 +54,61 @@ def image_settings() -> ImageSettings:
     )
 
 
+def _required(*names: str) -> dict[str, str]:
+    missing = [n for n in names if not os.environ.get(n)]
+    if missing:
+        raise ValueError(f"CVGRAPH_PROFILE=aws needs {', '.join(missing)} (see README, Running on AWS)")
+    return {n: os.environ[n] for n in names}
+
+
+def _tracking(h: Path) -> MLflowTracking:
+    return MLflowTracking(
+        tracking_uri=env("MLFLOW_TRACKING_URI", f"sqlite:///{h / 'mlflow' / 'mlflow.db'}"),
+        artifact_location=env("CVGRAPH_MLFLOW_ARTIFACTS", (h / "mlflow" / "artifacts").as_uri()),
+    )
+
+
+def aws_resources() -> dict:
+    """S3 lake, Batch array jobs, SageMaker training, Athena over Glue, SQS events."""
+    v = _required("CVGRAPH_LAKE_URL", "CVGRAPH_BATCH_JOB_QUEUE", "CVGRAPH_BATCH_JOB_DEFINITION", "CVGRAPH_SAGEMAKER_ROLE_ARN",
+                  "CVGRAPH_TRAINING_IMAGE", "CVGRAPH_GLUE_DATABASE")
+    if not v["CVGRAPH_LAKE_URL"].startswith("s3://"):
+        raise ValueError("CVGRAPH_PROFILE=aws needs CVGRAPH_LAKE_URL=s3://bucket/prefix")
+    lake = LakeResource(url=v["CVGRAPH_LAKE_URL"], endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    resources = {
+        "lake": lake,
+        "image_compute": BatchArrayClient(
+            job_queue=v["CVGRAPH_BATCH_JOB_QUEUE"],
+            job_definition=v["CVGRAPH_BATCH_JOB_DEFINITION"],
+            poll_seconds=float(env("CVGRAPH_BATCH_POLL_SECONDS", "10")),
+        ),
+        "trainer": SageMakerTrainer(
+            role_arn=v["CVGRAPH_SAGEMAKER_ROLE_ARN"],
+            training_image=v["CVGRAPH_TRAINING_IMAGE"],
+            instance_types=env("CVGRAPH_TRAINING_INSTANCE_TYPES", "ml.m5.large,ml.c5.xlarge,ml.m5.xlarge").split(","),
+            use_spot=env("CVGRAPH_TRAINING_SPOT", "true").lower() == "true",
+            max_runtime_seconds=int(env("CVGRAPH_TRAINING_MAX_RUNTIME", "3600")),
+            poll_seconds=float(env("CVGRAPH_SAGEMAKER_POLL_SECONDS", "15")),
+        ),
+        "catalog": AthenaCatalog(
+            lake=lake,
+            database=v["CVGRAPH_GLUE_DATABASE"],
+            workgroup=env("CVGRAPH_ATHENA_WORKGROUP", "primary"),
+            output_location=os.environ.get("CVGRAPH_ATHENA_OUTPUT") or None,
+            poll_seconds=float(env("CVGRAPH_ATHENA_POLL_SECONDS", "1")),
+        ),
+        "tracking": _tracking(home()),
+        "image_settings": image_settings(),
+    }
+    if os.environ.get("CVGRAPH_SQS_QUEUE_URL"):
+        resources["pack_events"] = PackEvents(queue_url=os.environ["CVGRAPH_SQS_QUEUE_URL"])
+    return resources
+
+
 def resources_for(name: str | None = None) -> dict:
     name = name or profile()
     if name == "aws":
-        raise NotImplementedError("CVGRAPH_PROFILE=aws: the AWS resources are not built yet (issue 3); use the local profile")
+        return aws_resources()
     h = home()
     lake = LakeResource(url=env("CVGRAPH_LAKE_URL", str(h / "lake")))
     return {
@@ -67,9 +119,6 @@ def resources_for(name: str | None = None) -> dict:
         ),
         "trainer": LocalTrainer(work_dir=str(h / "training")),
         "catalog": DuckDBCatalog(lake=lake),
-        "tracking": MLflowTracking(
-            tracking_uri=env("MLFLOW_TRACKING_URI", f"sqlite:///{h / 'mlflow' / 'mlflow.db'}"),
-            artifact_location=env("CVGRAPH_MLFLOW_ARTIFACTS", (h / "mlflow" / "artifacts").as_uri()),
-        ),
+        "tracking": _tracking(h),
         "image_settings": image_settings(),
     }

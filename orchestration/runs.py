@@ -22,7 +22,7 @@ from partitions import hash_prefixes, packs
 from workloads.versions import HASH_PREFIXES
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
-SENSOR_CURSOR = "cvgraph/incoming_packs/cursor"
+SENSOR_CURSOR = "cvgraph/sensor_cursor"
 AUTOMATION_CURSOR = "cvgraph/automation/cursor"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -53,12 +53,13 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
 
 def materialize(inst: dg.DagsterInstance, keys: Sequence[dg.AssetKey], *, partition_key: str | None = None,
                 partition_range: tuple[str, str] | None = None, run_config: dict | None = None,
-                tags: dict | None = None, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+                tags: dict | None = None, raise_on_error: bool = True, definitions: dg.Definitions | None = None) -> dg.ExecuteInProcessResult:
     tags = dict(tags or {})
     if partition_range:
         tags[RANGE_START], tags[RANGE_END] = partition_range
     config = {**QUIET, **(run_config or {})}
-    result = dg.materialize(ASSETS, instance=inst, resources=defs.resources, selection=list(keys), partition_key=partition_key,
+    definitions = definitions or defs
+    result = dg.materialize(ASSETS, instance=inst, resources=definitions.resources, selection=list(keys), partition_key=partition_key,
                             run_config=config, tags=tags, raise_on_error=False)
     if raise_on_error and not result.success:
         raise RunFailed(failure_message(result), result)
@@ -73,30 +74,34 @@ def _kv_set(inst: dg.DagsterInstance, key: str, value: str) -> None:
     inst.run_storage.set_cursor_values({key: value})
 
 
-def _automation_baseline(inst: dg.DagsterInstance) -> None:
+def _automation_baseline(inst: dg.DagsterInstance, definitions: dg.Definitions) -> None:
     """Declarative automation ignores everything before its first evaluation; the daemon
     evaluates continuously, so make sure the on-demand path has evaluated once before
     packs land."""
     if _kv_get(inst, AUTOMATION_CURSOR) is None:
-        result = dg.evaluate_automation_conditions(defs=defs, instance=inst)
+        result = dg.evaluate_automation_conditions(defs=definitions, instance=inst)
         _kv_set(inst, AUTOMATION_CURSOR, serialize_value(result.cursor))
 
 
-def tick_incoming(inst: dg.DagsterInstance, on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None) -> list[str]:
-    """Evaluate the ``incoming_packs`` sensor once and run what it requests; returns pack ids."""
-    _automation_baseline(inst)
-    ctx = dg.build_sensor_context(instance=inst, cursor=_kv_get(inst, SENSOR_CURSOR), resources={"lake": defs.resources["lake"]})
-    result = incoming_packs_sensor(ctx)
+def tick_incoming(inst: dg.DagsterInstance, on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
+                  definitions: dg.Definitions | None = None, sensor: dg.SensorDefinition = incoming_packs_sensor) -> list[str]:
+    """Evaluate an incoming-packs sensor once and run what it requests; returns pack ids."""
+    definitions = definitions or defs
+    _automation_baseline(inst, definitions)
+    cursor_key = f"{SENSOR_CURSOR}/{sensor.name}"
+    resources = {k: definitions.resources[k] for k in sensor.required_resource_keys}
+    ctx = dg.build_sensor_context(instance=inst, cursor=_kv_get(inst, cursor_key), resources=resources)
+    result = sensor(ctx)
     for req in result.dynamic_partitions_requests or []:
         inst.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     pack_ids = []
     for rr in result.run_requests or []:
-        run = materialize(inst, [raw_packs.key], partition_key=rr.partition_key, tags=dict(rr.tags), raise_on_error=False)
+        run = materialize(inst, [raw_packs.key], partition_key=rr.partition_key, tags=dict(rr.tags), raise_on_error=False, definitions=definitions)
         pack_ids.append(rr.partition_key)
         if on_run:
             on_run(rr.partition_key, run)
     if result.cursor is not None:
-        _kv_set(inst, SENSOR_CURSOR, result.cursor)
+        _kv_set(inst, cursor_key, result.cursor)
     return pack_ids
 
 
@@ -115,14 +120,16 @@ def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
     return ranges
 
 
-def sync(inst: dg.DagsterInstance, on_run: Callable[[list[str], tuple[str, str], dg.ExecuteInProcessResult], None] | None = None, max_rounds: int = 6) -> list[dict]:
+def sync(inst: dg.DagsterInstance, on_run: Callable[[list[str], tuple[str, str], dg.ExecuteInProcessResult], None] | None = None,
+         max_rounds: int = 6, definitions: dg.Definitions | None = None) -> list[dict]:
     """Evaluate the automation conditions and run what they request until nothing is requested."""
+    definitions = definitions or defs
     raw = _kv_get(inst, AUTOMATION_CURSOR)
     cursor = deserialize_value(raw) if raw else None
     launched = []
-    prefix_keys = [k for k in defs.resolve_asset_graph().get_all_asset_keys() if defs.resolve_assets_def(k).partitions_def == hash_prefixes]
+    prefix_keys = [k for k in definitions.resolve_asset_graph().get_all_asset_keys() if definitions.resolve_assets_def(k).partitions_def == hash_prefixes]
     for _ in range(max_rounds):
-        result = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=cursor)
+        result = dg.evaluate_automation_conditions(defs=definitions, instance=inst, cursor=cursor)
         cursor = result.cursor
         _kv_set(inst, AUTOMATION_CURSOR, serialize_value(cursor))
         requested = {k: set(result.get_requested_partitions(k)) for k in prefix_keys if result.get_num_requested(k)}
@@ -137,7 +144,7 @@ def sync(inst: dg.DagsterInstance, on_run: Callable[[list[str], tuple[str, str],
         union = set().union(*requested.values())
         keys = sorted(requested, key=lambda k: k.to_user_string())
         for rng in contiguous_ranges(union):
-            run = materialize(inst, keys, partition_range=rng)
+            run = materialize(inst, keys, partition_range=rng, definitions=definitions)
             launched.append({"assets": [k.to_user_string() for k in keys], "range": rng, "run_id": run.run_id})
             if on_run:
                 on_run([k.to_user_string() for k in keys], rng, run)

@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets.packs import PACK_KEY_TAG, raw_packs
 from partitions import packs
+from resources.events import PackEvents
 from resources.storage import LakeResource
 
 INCOMING = "incoming/"
@@ -69,6 +70,42 @@ def incoming_packs_sensor(context: dg.SensorEvaluationContext, lake: LakeResourc
         run_requests=[pack_run_request(p, k) for p, k in found],
         dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])] if found else [],
         cursor=json.dumps(cursor, sort_keys=True),
+    )
+
+
+@dg.sensor(
+    name="incoming_packs_sqs",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[raw_packs],
+    description="Drains S3 event notifications for incoming/ from SQS; the listing sensor stays as a safety net.",
+)
+def incoming_packs_sqs_sensor(context: dg.SensorEvaluationContext, lake: LakeResource, pack_events: PackEvents) -> dg.SensorResult:
+    # Messages received last tick are deleted now: the cursor that carried their receipts was
+    # only stored after Dagster recorded that tick's run requests.
+    previous = json.loads(context.cursor) if context.cursor else {"delete": []}
+    if previous["delete"]:
+        pack_events.delete(previous["delete"])
+    store = lake.lake()
+    lake_prefix = f"{store.prefix}/" if getattr(store, "prefix", "") else ""  # keys in events are bucket keys
+    messages = pack_events.receive()
+    seen: set[tuple[str, str]] = set()
+    found: list[tuple[str, str]] = []
+    for msg in messages:
+        for _bucket, key, etag in msg["objects"]:
+            key = key[len(lake_prefix) :] if lake_prefix and key.startswith(lake_prefix) else key
+            if (key, etag) in seen or not key.startswith(INCOMING) or not key.lower().endswith(".zip"):
+                continue
+            seen.add((key, etag))  # a multipart upload can notify twice
+            pack_id = pack_id_for(key)
+            if not context.instance.has_dynamic_partition(packs.name, pack_id) and pack_id not in {p for p, _ in found}:
+                found.append((pack_id, key))
+    if found:
+        context.log.info(f"new packs from S3 events: {[p for p, _ in found]}")
+    return dg.SensorResult(
+        run_requests=[pack_run_request(p, k) for p, k in found],
+        dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])] if found else [],
+        cursor=json.dumps({"delete": [m["receipt"] for m in messages]}),
     )
 
 

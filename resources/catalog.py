@@ -36,6 +36,9 @@ class Catalog(dg.ConfigurableResource, ABC):
     def query(self, sql: str) -> pa.Table:
         """Run one read-only SELECT over ``images`` / ``objects``."""
 
+    def register_tables(self) -> None:
+        """Make ``images`` / ``objects`` known to the engine (a no-op where the lake is read directly)."""
+
 
 class DuckDBCatalog(Catalog):
     """DuckDB over the lake's Parquet, registered as pyarrow datasets (filters push down)."""
@@ -64,3 +67,109 @@ class DuckDBCatalog(Catalog):
             return con.sql(sql).to_arrow_table()
         finally:
             con.close()
+
+
+ATHENA_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "bigint", pa.float64(): "double", pa.list_(pa.string()): "array<string>"}
+
+
+def glue_table_input(name: str, lake_uri: str) -> dict:
+    """Glue table over ``tables/<name>/prefix=<pp>/``, with partition projection on ``prefix``
+    (Athena computes the 256 partitions itself: no partition management at all)."""
+    from workloads.versions import HASH_PREFIXES
+
+    location = f"{lake_uri.rstrip('/')}/tables/{name}/"
+    return {
+        "Name": name,
+        "TableType": "EXTERNAL_TABLE",
+        "Parameters": {
+            "classification": "parquet",
+            "projection.enabled": "true",
+            "projection.prefix.type": "enum",
+            "projection.prefix.values": ",".join(HASH_PREFIXES),
+            "storage.location.template": location + "prefix=${prefix}/",
+        },
+        "PartitionKeys": [{"Name": "prefix", "Type": "string"}],
+        "StorageDescriptor": {
+            "Columns": [{"Name": f.name, "Type": ATHENA_TYPES[f.type]} for f in TABLES[name]],
+            "Location": location,
+            "InputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat",
+            "OutputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat",
+            "SerdeInfo": {"SerializationLibrary": "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"},
+        },
+    }
+
+
+def _athena_value(value: str | None, athena_type: str):
+    if value is None:
+        return None
+    if athena_type in ("integer", "int", "bigint", "smallint", "tinyint"):
+        return int(value)
+    if athena_type in ("double", "float", "real", "decimal"):
+        return float(value)
+    if athena_type == "boolean":
+        return value == "true"
+    if athena_type == "array":  # Athena renders array<varchar> as "[a, b]"
+        inner = value[1:-1]
+        return [v.strip() for v in inner.split(",")] if inner else []
+    return value
+
+
+class AthenaCatalog(Catalog):
+    """Athena over Glue tables (partition projection on ``prefix``), through a workgroup."""
+
+    lake: LakeResource
+    database: str
+    workgroup: str = "primary"
+    output_location: str | None = None  # None: the workgroup's enforced output location
+    region_name: str | None = None
+    poll_seconds: float = 1.0
+
+    def _client(self, service: str):
+        import boto3
+
+        return boto3.client(service, region_name=self.region_name)
+
+    def register_tables(self) -> None:
+        """Create the Glue database and tables, or update them to the current schema."""
+        glue = self._client("glue")
+        try:
+            glue.create_database(DatabaseInput={"Name": self.database})
+        except glue.exceptions.AlreadyExistsException:
+            pass
+        for name in TABLES:
+            table = glue_table_input(name, self.lake.lake().url)
+            try:
+                glue.create_table(DatabaseName=self.database, TableInput=table)
+            except glue.exceptions.AlreadyExistsException:
+                glue.update_table(DatabaseName=self.database, TableInput=table)
+
+    def query(self, sql: str) -> pa.Table:
+        import time
+
+        sql = ensure_select(sql)
+        athena = self._client("athena")
+        kw = {"QueryString": sql, "QueryExecutionContext": {"Database": self.database}, "WorkGroup": self.workgroup}
+        if self.output_location:
+            kw["ResultConfiguration"] = {"OutputLocation": self.output_location}
+        qid = athena.start_query_execution(**kw)["QueryExecutionId"]
+        while True:
+            state = athena.get_query_execution(QueryExecutionId=qid)["QueryExecution"]["Status"]
+            if state["State"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                break
+            time.sleep(self.poll_seconds)
+        if state["State"] != "SUCCEEDED":
+            raise ValueError(f"Athena query {qid} {state['State']}: {state.get('StateChangeReason', '')}\n{sql}")
+        columns, rows = None, []
+        for page in athena.get_paginator("get_query_results").paginate(QueryExecutionId=qid):
+            meta = page["ResultSet"]["ResultSetMetadata"]["ColumnInfo"]
+            data = page["ResultSet"]["Rows"]
+            if columns is None:
+                columns = [(c["Name"], c["Type"]) for c in meta]
+                data = data[1:] if data and [d.get("VarCharValue") for d in data[0]["Data"]] == [n for n, _ in columns] else data
+            for r in data:
+                rows.append({n: _athena_value(d.get("VarCharValue"), t) for (n, t), d in zip(columns, r["Data"])})
+        columns = columns or []
+        return pa.Table.from_pylist(rows, schema=pa.schema([(n, _ARROW.get(t, pa.string())) for n, t in columns])) if columns else pa.table({})
+
+
+_ARROW = {"integer": pa.int64(), "int": pa.int64(), "bigint": pa.int64(), "double": pa.float64(), "float": pa.float64(), "boolean": pa.bool_(), "array": pa.list_(pa.string())}

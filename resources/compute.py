@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 from abc import ABC, abstractmethod
 
 import dagster as dg
@@ -19,14 +21,29 @@ class WorkloadFailed(Exception):
     pass
 
 
+PACK_UNREADABLE = 3  # workloads.ingest's exit code for "not a readable zip"
+
+
+def ingest_command(lake_url: str, pack_id: str, key: str) -> list[str]:
+    return ["python", "-m", "workloads.ingest", "--lake", lake_url, "--pack-id", pack_id, "--key", key]
+
+
+def images_command(lake_url: str, run_id: str, stages: list[str], prefixes: list[str], params: ImageParams, threads: int) -> list[str]:
+    """The worker command: the Docker image's command and the local pool's call."""
+    return ["python", "-m", "workloads.images", "--lake", lake_url, "--run-id", run_id, "--stages", ",".join(stages),
+            "--threads", str(threads), *params.cli_args(), "--prefixes", ",".join(prefixes)]
+
+
 class ImageCompute(dg.ConfigurableResource, ABC):
     @abstractmethod
     def run_image_stages(self, context: dg.AssetExecutionContext, lake_url: str, run_id: str, stages: list[str], prefixes: list[str], params: ImageParams) -> None:
         """Run ``stages`` for every prefix; each prefix task leaves its result record in the lake."""
 
     @abstractmethod
-    def run_ingest(self, context: dg.AssetExecutionContext, lake_url: str, pack_id: str, key: str) -> dict:
-        """Ingest one pack; returns the workload's JSON result (``error`` set if unreadable)."""
+    def run_ingest(self, context: dg.AssetExecutionContext, lake_url: str, pack_id: str, key: str) -> int:
+        """Ingest one pack; returns the workload's exit code: 0 (read) or PACK_UNREADABLE.
+
+        Outcomes are read from the lake (``pack.json``, ``rejects.parquet``), not from here."""
 
 
 def _shard(items: list[str], n: int) -> list[list[str]]:
@@ -71,8 +88,7 @@ class LocalProcessPool(ImageCompute):
         return [(p.returncode, "".join(errs[i][-30:])) for i, p in enumerate(procs)]
 
     def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
-        base = [sys.executable, "-m", "workloads.images", "--lake", lake_url, "--run-id", run_id, "--stages", ",".join(stages), "--threads", str(self.threads_per_worker), *params.cli_args()]
-        commands = [[*base, "--prefixes", ",".join(shard)] for shard in _shard(prefixes, self.max_workers)]
+        commands = [[sys.executable, *images_command(lake_url, run_id, stages, shard, params, self.threads_per_worker)[1:]] for shard in _shard(prefixes, self.max_workers)]
         done = {"n": 0}
         total = len(prefixes) * len(stages)
         lock = threading.Lock()
@@ -102,9 +118,170 @@ class LocalProcessPool(ImageCompute):
                 raise WorkloadFailed(f"workloads.images exited {code}:\n{err}")
 
     def run_ingest(self, context, lake_url, pack_id, key):
-        cmd = [sys.executable, "-m", "workloads.ingest", "--lake", lake_url, "--pack-id", pack_id, "--key", key]
-        lines: list[str] = []
-        [(code, err)] = self._run_all(context, [cmd], lines.append)
-        if code not in (0, 3) or not lines:
+        cmd = [sys.executable, *ingest_command(lake_url, pack_id, key)[1:]]
+        [(code, err)] = self._run_all(context, [cmd], context.log.debug)
+        if code not in (0, PACK_UNREADABLE):
             raise WorkloadFailed(f"ingest of pack {pack_id} ({key}) exited {code}:\n{err}")
-        return json.loads(lines[-1])
+        return code
+
+
+# Spot reclaims (the host went away) are retried; a non-zero exit of our code is not.
+BATCH_RETRY = {"attempts": 3, "evaluateOnExit": [
+    {"onStatusReason": "Host EC2*", "action": "RETRY"},  # EC2 Spot reclaim
+    {"onStatusReason": "Your Spot Task was interrupted*", "action": "RETRY"},  # Fargate Spot reclaim
+    {"onReason": "*", "action": "EXIT"},
+]}
+TERMINAL = ("SUCCEEDED", "FAILED")
+
+
+def _batches(items: list, n: int = 100):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+class BatchArrayClient(ImageCompute):
+    """AWS Batch: one array job per stage per ranged run; child index → prefix.
+
+    Written in the pattern of dagster-aws's Pipes clients (submit, poll, forward
+    termination, report metadata); results come back through the lake's result records.
+    """
+
+    job_queue: str
+    job_definition: str
+    region_name: str | None = None
+    poll_seconds: float = 10.0
+    threads_per_job: int = 4
+    max_array_size: int = 10_000
+
+    def _batch(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("batch", region_name=self.region_name, config=Config(retries={"mode": "adaptive", "max_attempts": 10}))
+
+    def _environment(self) -> list[dict]:
+        return [{"name": k, "value": v} for k, v in sorted(os.environ.items()) if k.startswith("CVGRAPH_INGEST_")]
+
+    def submit(self, batch, name: str, command: list[str], size: int, depends_on: str | None = None, tags: dict | None = None) -> str:
+        """One submit_job: an array of ``size`` children (or a single job when size is 1)."""
+        if size > self.max_array_size:
+            raise WorkloadFailed(f"{size} children exceed the Batch array limit of {self.max_array_size}")
+        kw = {
+            "jobName": name[:128],
+            "jobQueue": self.job_queue,
+            "jobDefinition": self.job_definition,
+            "containerOverrides": {"command": command, "environment": self._environment()},
+            "retryStrategy": BATCH_RETRY,
+            "propagateTags": True,
+            "tags": tags or {},
+        }
+        if size > 1:
+            kw["arrayProperties"] = {"size": size}
+        if depends_on:
+            kw["dependsOn"] = [{"jobId": depends_on, "type": "N_TO_N"} if size > 1 else {"jobId": depends_on}]
+        return batch.submit_job(**kw)["jobId"]
+
+    def wait(self, context, batch, jobs: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
+        """Poll ``describe_jobs`` (100 ids a call) until every job is terminal."""
+        last: dict[str, str] = {}
+        while True:
+            descs = {d["jobId"]: d for ids in _batches(list(jobs)) for d in batch.describe_jobs(jobs=ids)["jobs"]}
+            done = True
+            for jid, d in descs.items():
+                summary = d.get("arrayProperties", {}).get("statusSummary")
+                size = d.get("arrayProperties", {}).get("size", 1)
+                done &= d["status"] in TERMINAL or (summary is not None and summary.get("SUCCEEDED", 0) + summary.get("FAILED", 0) >= size)
+                state = f"{d['status']} {summary}" if summary else d["status"]
+                if last.get(jid) != state:
+                    context.log.info(f"batch job {jid} ({jobs[jid][0]}, {len(jobs[jid][1])} prefixes): {state}")
+                    last[jid] = state
+            if done:
+                return descs
+            time.sleep(self.poll_seconds)
+
+    @staticmethod
+    def _name_prefix(run_id: str) -> str:
+        return f"cvgraph-{run_id[:8]}-"
+
+    def run_jobs(self, context, batch, submissions: list[tuple[str, list[str], list[str]]], run_id: str) -> dict[str, tuple[str, list[str]]]:
+        """Submit ``(stage, command, prefixes)`` in order (each N_TO_N on the previous), wait for all.
+
+        If the Dagster run is cancelled meanwhile (DagsterExecutionInterruptedError) every job
+        submitted so far is terminated, as dagster-aws's Pipes clients stop their remote work."""
+        jobs: dict[str, tuple[str, list[str]]] = {}
+        previous = None
+        try:
+            for stage, command, prefixes in submissions:
+                name = re.sub(r"[^A-Za-z0-9_-]", "_", f"{self._name_prefix(run_id)}{stage}-{prefixes[0]}-{prefixes[-1]}")
+                previous = self.submit(batch, name, command, len(prefixes), depends_on=previous, tags={"dagster/run_id": run_id})
+                jobs[previous] = (stage, prefixes)
+                context.log.info(f"submitted {stage} as batch job {previous} ({len(prefixes)} children)")
+            descs = self.wait(context, batch, jobs)
+        except BaseException:
+            # A cancel can land while a submit_job is in flight: find this run's jobs by name too.
+            found = set(jobs)
+            for page in batch.get_paginator("list_jobs").paginate(jobQueue=self.job_queue, filters=[{"name": "JOB_NAME", "values": [self._name_prefix(run_id) + "*"]}]):
+                found |= {j["jobId"] for j in page["jobSummaryList"] if j["status"] not in TERMINAL}
+            for jid in sorted(found):
+                batch.terminate_job(jobId=jid, reason="Dagster run cancelled")
+            context.log.warning(f"run cancelled: terminated batch jobs {sorted(found)}")
+            raise
+        if failed := self.failures(batch, jobs, descs):
+            lines = [f"{f['stage']} prefix {f['prefix']}: {f['reason']} (exit {f['exit_code']}, log stream {f['log_stream']}, job {f['job_id']})" for f in failed]
+            raise WorkloadFailed(f"{len(failed)} batch children failed:\n" + "\n".join(lines))
+        return jobs
+
+    def failures(self, batch, jobs: dict[str, tuple[str, list[str]]], descs: dict[str, dict]) -> list[dict]:
+        """Each failed child with its prefix, reason and log stream."""
+        out = []
+        for jid, (stage, prefixes) in jobs.items():
+            d = descs[jid]
+            if "arrayProperties" in d and d["arrayProperties"].get("size", 0) > 1:
+                ids = []
+                for page in batch.get_paginator("list_jobs").paginate(arrayJobId=jid, jobStatus="FAILED"):
+                    ids += [j["jobId"] for j in page["jobSummaryList"]]
+                children = [c for chunk in _batches(ids) for c in batch.describe_jobs(jobs=chunk)["jobs"]]
+            else:
+                children = [d] if d["status"] == "FAILED" else []
+            for c in children:
+                index = c.get("arrayProperties", {}).get("index")
+                if index is None and ":" in c["jobId"]:  # array children are "<parent id>:<index>"
+                    index = int(c["jobId"].rsplit(":", 1)[1])
+                container = c.get("container", {})
+                out.append({
+                    "stage": stage,
+                    "prefix": prefixes[index] if index is not None else ",".join(prefixes),
+                    "job_id": c["jobId"],
+                    "reason": c.get("statusReason") or container.get("reason") or "unknown",
+                    "exit_code": container.get("exitCode"),
+                    "log_stream": container.get("logStreamName"),
+                })
+        return out
+
+    def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from workloads.images import pending_images, process_prefix
+        from workloads.lake import open_lake
+
+        lake = open_lake(lake_url)
+        with ThreadPoolExecutor(16) as pool:
+            pending = dict(zip(prefixes, pool.map(lambda p: pending_images(lake, p, stages, params), prefixes)))
+        todo = [p for p in prefixes if pending[p]]
+        idle = [p for p in prefixes if not pending[p]]
+        with ThreadPoolExecutor(16) as pool:  # nothing to compute: just the result records
+            list(pool.map(lambda p: process_prefix(lake, p, stages, params, run_id, threads=1), idle))
+        context.log.info(f"{len(todo)} of {len(prefixes)} prefixes have work ({sum(pending.values())} images); {len(idle)} already done")
+        if not todo:
+            return
+        submissions = [(stage, images_command(lake_url, run_id, [stage], todo, params, self.threads_per_job), todo) for stage in stages]
+        self.run_jobs(context, self._batch(), submissions, run_id)
+
+    def run_ingest(self, context, lake_url, pack_id, key):
+        try:
+            self.run_jobs(context, self._batch(), [("ingest", ingest_command(lake_url, pack_id, key), [pack_id])], context.run.run_id)
+        except WorkloadFailed as e:
+            if f"(exit {PACK_UNREADABLE}," in str(e):
+                return PACK_UNREADABLE
+            raise WorkloadFailed(f"ingest of pack {pack_id} ({key}) failed on Batch: {e}") from None
+        return 0

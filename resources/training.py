@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -77,3 +78,129 @@ class LocalTrainer(Trainer):
         lake.put_file(keys["model"], dirs["model"] / "model.pt")
         lake.put_file(keys["metrics"], dirs["model"] / "metrics.json")
         return json.loads((dirs["model"] / "metrics.json").read_text())
+
+
+CAPACITY_MARKERS = ("CapacityError", "InsufficientInstanceCapacity", "ResourceLimitExceeded", "insufficient capacity")
+
+
+class SageMakerTrainer(Trainer):
+    """SageMaker ``CreateTrainingJob``: managed spot with S3 checkpoints, instance-type fallback.
+
+    The images channel is a SageMaker manifest of the subset's lake keys (nothing copied);
+    SageMaker places each object at ``SM_CHANNEL_IMAGES/<lake key>``, the same layout the
+    local trainer gives, so the training entry is the same code.
+    """
+
+    role_arn: str
+    training_image: str
+    instance_types: list[str] = ["ml.m5.large", "ml.c5.xlarge", "ml.m5.xlarge"]
+    use_spot: bool = True
+    max_runtime_seconds: int = 3600
+    max_wait_seconds: int = 7200
+    volume_gb: int = 10
+    poll_seconds: float = 15.0
+    region_name: str | None = None
+
+    def _sagemaker(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("sagemaker", region_name=self.region_name, config=Config(retries={"mode": "adaptive", "max_attempts": 10}))
+
+    def request(self, name: str, lake, channels: dict[str, dict], model_key: str, base_job: str, instance_type: str, hyperparameters: dict) -> dict:
+        """The CreateTrainingJob request (kept separate so its exact shape is tested)."""
+        req = {
+            "TrainingJobName": name,
+            "AlgorithmSpecification": {
+                "TrainingImage": self.training_image,
+                "TrainingInputMode": "File",
+                "MetricDefinitions": [
+                    {"Name": "train_loss", "Regex": r"train_loss=([0-9.]+)"},
+                    {"Name": "val_accuracy", "Regex": r"val_accuracy=([0-9.]+)"},
+                    {"Name": "test_accuracy", "Regex": r"test_accuracy=([0-9.]+)"},
+                ],
+            },
+            "RoleArn": self.role_arn,
+            "HyperParameters": {k: str(v) for k, v in {**hyperparameters, "checkpoint_dir": "/opt/ml/checkpoints"}.items()},
+            "InputDataConfig": [
+                {"ChannelName": ch, "DataSource": {"S3DataSource": {**spec, "S3DataDistributionType": "FullyReplicated"}}, "InputMode": "File"}
+                for ch, spec in channels.items()
+            ],
+            "OutputDataConfig": {"S3OutputPath": lake.uri(f"models/{model_key}/sagemaker/")},
+            "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": 1, "VolumeSizeInGB": self.volume_gb},
+            "StoppingCondition": {"MaxRuntimeInSeconds": self.max_runtime_seconds},
+            "CheckpointConfig": {"S3Uri": lake.uri(f"models/{model_key}/checkpoints/{base_job}/"), "LocalPath": "/opt/ml/checkpoints"},
+            "Tags": [{"Key": "cvgraph:model", "Value": model_key}],
+        }
+        if self.use_spot:
+            req["EnableManagedSpotTraining"] = True
+            req["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(self.max_wait_seconds, self.max_runtime_seconds)
+        return req
+
+    def _wait(self, context, sm, name: str) -> dict:
+        last = None
+        try:
+            while True:
+                d = sm.describe_training_job(TrainingJobName=name)
+                state = (d["TrainingJobStatus"], d.get("SecondaryStatus"))
+                if state != last:
+                    context.log.info(f"training job {name}: {state[0]} / {state[1]}")
+                    last = state
+                if d["TrainingJobStatus"] in ("Completed", "Failed", "Stopped"):
+                    return d
+                time.sleep(self.poll_seconds)
+        except BaseException:  # run cancelled: stop the job, as dagster-aws's Pipes clients do
+            sm.stop_training_job(TrainingJobName=name)
+            context.log.warning(f"stopped training job {name}")
+            raise
+
+    def train(self, context, lake, job_name, manifest_key, model_key, hyperparameters):
+        import io
+        import tarfile
+
+        import pyarrow.parquet as pq
+        from botocore.exceptions import ClientError
+
+        from workloads.train import VARIANT_COLUMNS
+
+        if not lake.url.startswith("s3://"):
+            raise TrainingFailed("SageMakerTrainer needs the lake on S3")
+        col = VARIANT_COLUMNS[hyperparameters.get("variant", "resized")]
+        keys = pq.read_table(io.BytesIO(lake.get(manifest_key)), columns=[col])[col].to_pylist()
+        channel_manifest = f"models/{model_key}/channels/images.manifest"
+        lake.put(channel_manifest, json.dumps([{"prefix": lake.url + "/"}, *keys]).encode())
+        channels = {
+            "manifest": {"S3DataType": "S3Prefix", "S3Uri": lake.uri(manifest_key)},
+            "images": {"S3DataType": "ManifestFile", "S3Uri": lake.uri(channel_manifest)},
+        }
+        sm = self._sagemaker()
+        final = None
+        for attempt, instance_type in enumerate(self.instance_types):
+            name = f"{job_name}-{attempt}"[:63]
+            try:
+                sm.create_training_job(**self.request(name, lake, channels, model_key, job_name, instance_type, hyperparameters))
+            except ClientError as e:
+                if any(m in str(e) for m in CAPACITY_MARKERS):
+                    context.log.warning(f"{instance_type}: no capacity ({e}); trying the next instance type")
+                    continue
+                raise
+            d = self._wait(context, sm, name)
+            if d["TrainingJobStatus"] == "Completed":
+                final = d
+                break
+            reason = d.get("FailureReason", d["TrainingJobStatus"])
+            if d["TrainingJobStatus"] == "Failed" and any(m in reason for m in CAPACITY_MARKERS):
+                context.log.warning(f"{instance_type}: {reason}; trying the next instance type")
+                continue
+            raise TrainingFailed(f"training job {name} on {instance_type}: {reason}")
+        if final is None:
+            raise TrainingFailed(f"no capacity for any of {self.instance_types}")
+        artifact = final["ModelArtifacts"]["S3ModelArtifacts"]
+        bucket, _, key = artifact[len("s3://") :].partition("/")
+        blob = lake.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        out = model_keys(model_key)
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+            files = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        lake.put(out["model"], files["model.pt"])
+        lake.put(out["metrics"], files["metrics.json"])
+        return json.loads(files["metrics.json"])

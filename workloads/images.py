@@ -178,3 +178,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def pending_images(lake, prefix: str, stages: list[str], params: ImageParams) -> int:
+    """How many images of ``prefix`` still lack an output of one of ``stages``."""
+    images = read_raw_index(lake, prefix)
+    if not images:
+        return 0
+    done = {s: _existing(lake, s, params, prefix) for s in stages}
+    return sum(1 for im in images if any(im["sha256"] not in done[s] for s in stages))

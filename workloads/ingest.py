@@ -4,7 +4,11 @@ Members are streamed one at a time (never the whole pack in memory), hashed whil
 copied, validated as images, and stored at ``raw/<pp>/<sha256>.<ext>``. Every member that
 is not kept gets a recorded reason; good members of a bad pack are kept. ``pack.json`` is
 written last: it is the commit marker, so a killed ingest leaves no pack a reader could
-take as done.
+take as done, and a re-run converges to what a clean run writes.
+
+Nothing a pack says is trusted: member names are never used as paths, sizes are checked in
+the central directory and again while streaming, and an image's pixel count is checked from
+its header before it is decoded.
 
     python -m workloads.ingest --lake DIR_OR_S3_URL --pack-id digits --key incoming/digits.zip
 """
@@ -12,6 +16,7 @@ take as done.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -23,18 +28,24 @@ import stat
 import sys
 import tempfile
 import time
+import unicodedata
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from workloads.lake import open_lake, write_parquet
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 ARCHIVE_EXTS = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
 JUNK_NAMES = {"thumbs.db", ".ds_store", "desktop.ini"}
+JUNK_DIRS = {"__MACOSX", "@eaDir", ".Trashes", ".Spotlight-V100", ".fseventsd"}  # macOS, Synology NAS thumbnails
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif", "MPO": "jpg"}
+READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 LABELS_FILE = "labels.csv"
 COCO_FILES = ("annotations.json", "coco.json")
 CHUNK = 1 << 20
@@ -60,7 +71,12 @@ REJECTS_SCHEMA = pa.schema([("member", pa.string()), ("reason", pa.string())])
 
 
 class PackUnreadable(Exception):
-    """The pack as a whole cannot be read (not a zip, truncated central directory, ...)."""
+    """The pack as a whole cannot be read (not a zip, no central directory) or is refused
+    as a whole (more members than the limit)."""
+
+
+class BadMember(ValueError):
+    """One member is not kept; the message is the reason recorded in ``rejects.parquet``."""
 
 
 @dataclass(frozen=True)
@@ -72,13 +88,22 @@ class IngestLimits:
     max_pixels: int = 178_956_970  # Pillow's own decompression-bomb limit, made explicit
 
     @classmethod
-    def from_env(cls) -> IngestLimits:
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    def from_env(cls, environ: dict | None = None) -> IngestLimits:
+        """Defaults overridden by ``CVGRAPH_INGEST_<FIELD>``, e.g. ``CVGRAPH_INGEST_MAX_RATIO=500``."""
+        environ = os.environ if environ is None else environ
         kw = {}
-        for name in fields:
-            raw = os.environ.get(f"CVGRAPH_INGEST_{name.upper()}")
-            if raw:
-                kw[name] = float(raw) if name == "max_ratio" else int(raw)
+        for f in dataclasses.fields(cls):
+            var = f"CVGRAPH_INGEST_{f.name.upper()}"
+            raw = environ.get(var, "").strip()
+            if not raw:
+                continue
+            try:
+                value = float(raw) if f.name == "max_ratio" else int(raw)
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a number") from None
+            if value <= 0:
+                raise ValueError(f"{var}={raw!r} must be positive")
+            kw[f.name] = value
         return cls(**kw)
 
 
@@ -93,6 +118,7 @@ class IngestResult:
     bytes_stored: int = 0
     seconds: float = 0.0
     labels: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)  # the limits it ran with: changed limits re-run the ingest
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,25 +129,137 @@ def pack_keys(pack_id: str) -> dict[str, str]:
     return {"manifest": f"{base}/manifest.parquet", "rejects": f"{base}/rejects.parquet", "record": f"{base}/pack.json"}
 
 
+# -- member names ----------------------------------------------------------------
+# Member names are never used as file paths here (a member is copied to one fixed temp
+# file and stored under its sha256), but a name an extractor could not use safely marks a
+# hostile or broken pack, so it is refused with a reason its author can act on.
+
+
+def _parts(name: str) -> list[str]:
+    """Path components; a backslash counts as a separator (the zip spec says '/', some
+    Windows tools write '\\'), and '.' and empty components are dropped."""
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
 def _unsafe_reason(name: str) -> str | None:
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or name.startswith("\\"):
+    if name.startswith(("/", "\\")):
         return "unsafe path: absolute member path"
-    parts = name.replace("\\", "/").split("/")
-    if ".." in parts:
-        return "unsafe path: escapes the pack root (..)"
-    if "\x00" in name:
-        return "unsafe path: NUL in member name"
+    if len(name) > 1 and name[1] == ":" and name[0].isalpha():
+        return "unsafe path: Windows drive path"
+    parts, depth = _parts(name), 0
+    for part in parts:
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            return "unsafe path: escapes the pack root (..)"
+    if ".." in parts:  # a/../b stays inside, but no honest tool writes it
+        return "unsafe path: '..' in member path"
     return None
 
 
+def _file_type_reason(info: zipfile.ZipInfo) -> str | None:
+    """Symlinks and special files, from the Unix mode that Unix (3) and macOS (19) hosts store."""
+    if info.create_system not in (3, 19):
+        return None
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "symlink member: not followed"
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+        return f"special file member (type {stat.filemode(mode)[0]}): not a regular file"
+    return None
+
+
+def _is_dir(info: zipfile.ZipInfo) -> bool:
+    return info.is_dir() or (info.filename.endswith("\\") and info.file_size == 0)
+
+
 def _is_junk(name: str) -> bool:
-    parts = name.split("/")
-    base = parts[-1]
-    return "__MACOSX" in parts[:-1] or base.startswith("._") or base.lower() in JUNK_NAMES
+    parts = _parts(name)
+    base = parts[-1] if parts else ""
+    return any(p in JUNK_DIRS for p in parts[:-1]) or base.startswith("._") or base.lower() in JUNK_NAMES
 
 
-def _is_symlink(info: zipfile.ZipInfo) -> bool:
-    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
+def _kind_reason(name: str) -> str | None:
+    """Nested archives and non-images, by extension (content is checked later)."""
+    base = (_parts(name) or [""])[-1].lower()
+    ext = posixpath.splitext(base)[1]
+    if ext in ARCHIVE_EXTS:
+        full = ".tar" + ext if base[: -len(ext)].endswith(".tar") else ext
+        return f"nested archive ({full}): not unpacked"
+    if ext not in IMAGE_EXTS:
+        return f"not an image: extension {ext or '(none)'}"
+    return None
+
+
+# -- member data -----------------------------------------------------------------
+
+
+def _data_reason(info: zipfile.ZipInfo, limits: IngestLimits) -> str | None:
+    """What the central directory already says is wrong (sizes are re-checked while streaming)."""
+    if info.flag_bits & 0x1:
+        return "encrypted member: no password"
+    if info.compress_type not in READABLE_METHODS:
+        method = zipfile.compressor_names.get(info.compress_type, "unknown")
+        return f"unsupported compression method {info.compress_type} ({method})"
+    if info.file_size == 0:
+        return "empty file (0 bytes)"
+    if info.file_size > limits.max_member_bytes:
+        return f"zip bomb: member is {info.file_size} bytes > limit {limits.max_member_bytes}"
+    ratio = info.file_size / max(info.compress_size, 1)
+    if ratio > limits.max_ratio:
+        return f"zip bomb: compression ratio {ratio:.0f} > limit {limits.max_ratio:g}"
+    return None
+
+
+def _overlapping(infos: list[zipfile.ZipInfo]) -> set[int]:
+    """Indexes of members whose data starts inside another member's data.
+
+    Non-recursive zip bombs point many entries at one compressed kernel; zipfile refuses
+    them itself only from Python 3.12. 30 bytes is the fixed part of a local header: the
+    real span (plus name and extra field) is longer, so this never flags honest zips.
+    """
+    flagged, end = set(), -1
+    for k in sorted(range(len(infos)), key=lambda k: infos[k].header_offset):
+        if infos[k].header_offset < end:
+            flagged.add(k)
+        end = max(end, infos[k].header_offset + 30 + infos[k].compress_size)
+    return flagged
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst) -> tuple[str, int]:
+    """Stream a member into ``dst``; (sha256, size) or BadMember.
+
+    The header's size is enforced, not trusted: zipfile stops at the declared size (silently,
+    if the CRC was forged to match), so we ask for one byte more and refuse the member if it
+    comes. zipfile's own CRC check is turned off (it would fire first and report a size lie as
+    a CRC error); we check the CRC here.
+    """
+    probe = copy.copy(info)
+    probe.file_size = info.file_size + 1
+    del probe.CRC
+    h, crc, size = hashlib.sha256(), 0, 0
+    try:
+        src = zf.open(probe)
+    except Exception as e:  # bad local header, ...
+        raise BadMember(f"corrupt member: {type(e).__name__}: {e}") from None
+    with src:
+        while True:
+            try:
+                chunk = src.read(CHUNK)
+            except Exception as e:  # zlib.error, EOFError, BadZipFile, ...: damaged data
+                raise BadMember(f"corrupt member: {type(e).__name__}: {e}") from None
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > info.file_size:
+                raise BadMember(f"zip bomb: member data is larger than its header says ({info.file_size} bytes)")
+            h.update(chunk)
+            crc = zlib.crc32(chunk, crc)
+            dst.write(chunk)
+    if size < info.file_size:
+        raise BadMember(f"corrupt member: {size} bytes of data, its header says {info.file_size}")
+    if crc != info.CRC:
+        raise BadMember("corrupt member: CRC-32 mismatch")
+    return h.hexdigest(), size
 
 
 def _hash_zip(f) -> str:
@@ -133,62 +271,121 @@ def _hash_zip(f) -> str:
     return h.hexdigest()
 
 
-def _read_labels(zf: zipfile.ZipFile, names: set[str]) -> tuple[dict[str, tuple[str, str]], dict[str, list[dict]]]:
-    """Labels (with their source) and boxes a pack carries: ``labels.csv`` (member,label) and/or a COCO json."""
+def _open_zip(f, limits: IngestLimits) -> zipfile.ZipFile:
+    try:
+        zf = zipfile.ZipFile(f)
+    except Exception as e:  # BadZipFile mostly; a hostile central directory raises other types too
+        f.seek(0)
+        if isinstance(e, zipfile.BadZipFile) and f.read(4) == b"PK\x03\x04":
+            raise PackUnreadable("not a readable zip: truncated (member data but no central directory)") from None
+        detail = str(e) if isinstance(e, zipfile.BadZipFile) else f"{type(e).__name__}: {e}"
+        raise PackUnreadable(f"not a readable zip: {detail}") from None
+    # Refused as a whole: no subset of the members is "the pack", and a reject row for each
+    # of millions of members would itself be the bomb. Raise the limit and re-run instead.
+    n = sum(1 for i in zf.infolist() if not _is_dir(i))
+    if n > limits.max_members:
+        zf.close()
+        raise PackUnreadable(f"zip bomb: {n} members > limit {limits.max_members}")
+    return zf
+
+
+# -- labels ----------------------------------------------------------------------
+
+
+def _read_labels(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IngestLimits, reject) -> tuple[dict, dict]:
+    """Labels (with their source) and boxes a pack carries: ``labels.csv`` (member,label)
+    and/or a COCO json. A bad file loses its labels, not the images."""
     labels: dict[str, tuple[str, str]] = {}
     boxes: dict[str, list[dict]] = {}
-    if LABELS_FILE in names:
-        with zf.open(LABELS_FILE) as f:
-            for row in csv.DictReader(io.TextIOWrapper(f, encoding="utf-8")):
-                labels[row["member"]] = (row["label"], LABELS_FILE)
-    for coco_name in COCO_FILES:
-        if coco_name not in names:
+    present = {i.filename: i for i in infos if i.filename in (LABELS_FILE, *COCO_FILES)}
+    for name in (LABELS_FILE, *COCO_FILES):
+        if name not in present:
             continue
-        with zf.open(coco_name) as f:
-            coco = json.load(f)
-        cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
-        files = {im["id"]: im["file_name"] for im in coco.get("images", [])}
-        for ann in coco.get("annotations", []):
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            boxes.setdefault(files[ann["image_id"]], []).append(
-                {"category": cats[ann["category_id"]], "x": x, "y": y, "w": w, "h": h}
-            )
-        for member, bs in boxes.items():
-            if member not in labels:
-                # An image's label is its most frequent box category (ties: alphabetical).
-                counts = Counter(b["category"] for b in bs)
-                labels[member] = (min(counts, key=lambda c: (-counts[c], c)), "coco")
+        info = present[name]
+        try:
+            if reason := _file_type_reason(info) or _data_reason(info, limits):
+                raise BadMember(reason)
+            buf = io.BytesIO()
+            _copy_member(zf, info, buf)  # the same size limits as images: a json can be a bomb too
+            text = buf.getvalue().decode("utf-8-sig")  # Excel writes a BOM
+            if name == LABELS_FILE:
+                labels.update({r["member"]: (r["label"], LABELS_FILE) for r in csv.DictReader(io.StringIO(text))})
+            else:
+                _merge_coco(json.loads(text), labels, boxes)
+        except BadMember as e:
+            reject(name, f"unreadable labels/annotations: {e}")
+        except Exception as e:
+            reject(name, f"unreadable labels/annotations: {type(e).__name__}: {e}")
     return labels, boxes
+
+
+def _merge_coco(coco: dict, labels: dict, boxes: dict) -> None:
+    cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    files = {im["id"]: im["file_name"] for im in coco.get("images", [])}
+    found: dict[str, list[dict]] = {}
+    for ann in coco.get("annotations", []):
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        found.setdefault(files[ann["image_id"]], []).append({"category": cats[ann["category_id"]], "x": x, "y": y, "w": w, "h": h})
+    for member, bs in found.items():  # merged only when the whole file parsed
+        boxes.setdefault(member, []).extend(bs)
+        if member not in labels:
+            # An image's label is its most frequent box category (ties: alphabetical).
+            counts = Counter(b["category"] for b in bs)
+            labels[member] = (min(counts, key=lambda c: (-counts[c], c)), "coco")
 
 
 def _label_for(member: str, labels: dict[str, tuple[str, str]]) -> tuple[str | None, str | None]:
     """(label, source): an explicit labels.csv / COCO label, else the top folder's name."""
     if member in labels:
         return labels[member]
-    parts = member.split("/")
-    return (parts[0], "folder") if len(parts) > 1 else (None, None)
+    parts = _parts(member)
+    # NFC: the same folder zipped on macOS (NFD names) and elsewhere (NFC) is one label.
+    return (unicodedata.normalize("NFC", parts[0]), "folder") if len(parts) > 1 else (None, None)
+
+
+# -- images ----------------------------------------------------------------------
 
 
 def inspect_image(path: str, max_pixels: int) -> tuple[str, int, int]:
-    """(format, width, height as displayed) of a decodable image, else ValueError(reason)."""
-    from PIL import Image, ImageOps  # noqa: PLC0415
+    """(format, width, height as displayed) of a decodable image, else BadMember(reason).
+
+    The pixel count is checked from the header, before anything is decoded.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    from workloads.kernels import exif_orientation  # noqa: PLC0415
 
     Image.MAX_IMAGE_PIXELS = None  # we apply our own limit before decoding, with a reason
     try:
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ValueError(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+                raise BadMember(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
             fmt = im.format or "unknown"
             if fmt not in FORMAT_EXT:
-                raise ValueError(f"unsupported image format {fmt}")
+                raise BadMember(f"unsupported image format {fmt}")
             im.load()  # full decode: catches truncated and corrupt data
-            exif_rotated = ImageOps.exif_transpose(im).size if fmt in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") else (w, h)
-            return fmt, int(exif_rotated[0]), int(exif_rotated[1])
-    except ValueError:
+            if exif_orientation(im) in (5, 6, 7, 8):  # rotated by 90°: displayed sides swap
+                w, h = h, w
+            return fmt, int(w), int(h)
+    except (BadMember, MemoryError):
         raise
     except Exception as e:  # Pillow raises many types for bad data
-        raise ValueError(f"undecodable image: {type(e).__name__}: {e}") from None
+        raise BadMember(f"undecodable image: {type(e).__name__}: {e}") from None
+
+
+def _claimed_elsewhere(lake, pack_id: str, shas: set[str]) -> set[str]:
+    """Those of ``shas`` that a committed pack other than ``pack_id`` lists in its manifest."""
+    if not shas:
+        return set()
+    wanted = pa.array(sorted(shas))
+    claimed: set[str] = set()
+    for o in lake.list("packs/"):
+        parts = o.key.split("/")
+        if len(parts) == 3 and parts[2] == "pack.json" and parts[1] != pack_id:
+            col = pq.read_table(io.BytesIO(lake.get(pack_keys(parts[1])["manifest"])), columns=["sha256"]).column("sha256")
+            claimed.update(col.filter(pc.is_in(col, value_set=wanted)).to_pylist())
+    return claimed
 
 
 def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None, progress=None) -> IngestResult:
@@ -199,123 +396,91 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
         zip_sha = _hash_zip(f)
         if lake.exists(keys["record"]):
             prior = json.loads(lake.get(keys["record"]))
-            if prior.get("zip_sha256") == zip_sha:
+            if prior.get("zip_sha256") == zip_sha and prior.get("limits") == dataclasses.asdict(limits):
                 return IngestResult(**{k: prior[k] for k in IngestResult.__dataclass_fields__ if k in prior})
+            # Another zip (or other limits) under this id: un-commit the old pack first, so
+            # no reader pairs the old record with a half-written new manifest.
+            lake.delete(keys["record"])
         try:
-            zf = zipfile.ZipFile(f)
-            infos = zf.infolist()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            reason = f"not a readable zip: {e}"
+            zf = _open_zip(f, limits)
+        except PackUnreadable as e:
             # Recorded even though nothing was kept, so the pack's fate is in the lake.
-            write_parquet(lake, keys["rejects"], pa.Table.from_pylist([{"member": "", "reason": reason}], schema=REJECTS_SCHEMA))
-            raise PackUnreadable(f"pack {pack_id} ({key}) is {reason}") from None
+            write_parquet(lake, keys["rejects"], pa.Table.from_pylist([{"member": "", "reason": str(e)}], schema=REJECTS_SCHEMA))
+            raise PackUnreadable(f"pack {pack_id} ({key}) is {e}") from None
 
-        result = IngestResult(pack_id=pack_id, zip_sha256=zip_sha)
-        names = {i.filename for i in infos}
-        try:
-            labels, boxes = _read_labels(zf, names)
-        except Exception as e:  # a bad labels file loses the labels, not the images
-            labels, boxes = {}, {}
-            result.rejected.append({"member": LABELS_FILE, "reason": f"unreadable labels/annotations: {e}"})
-        rows: list[dict] = []
-        seen: dict[str, str] = {}
-        total = 0
-        tmp_path = os.path.join(tmpdir, "member")
+        result = IngestResult(pack_id=pack_id, zip_sha256=zip_sha, limits=dataclasses.asdict(limits))
 
         def reject(member: str, reason: str) -> None:
             result.rejected.append({"member": member, "reason": reason})
 
-        for n, info in enumerate(infos):
-            if progress:
-                progress(n, len(infos))
-            name = info.filename
-            if info.is_dir():
-                continue
-            if _is_junk(name):
-                result.skipped += 1
-                continue
-            if name in (LABELS_FILE, *COCO_FILES):
-                continue
-            if reason := _unsafe_reason(name):
-                reject(name, reason)
-                continue
-            if _is_symlink(info):
-                reject(name, "symlink member: not followed")
-                continue
-            if n >= limits.max_members:
-                reject(name, f"zip bomb: more than {limits.max_members} members")
-                continue
-            ext = posixpath.splitext(name)[1].lower()
-            if ext in ARCHIVE_EXTS:
-                reject(name, f"nested archive ({ext}): not unpacked")
-                continue
-            if ext not in IMAGE_EXTS:
-                reject(name, f"not an image: extension {ext or '(none)'}")
-                continue
-            if info.file_size == 0:
-                reject(name, "empty file (0 bytes)")
-                continue
-            if info.file_size > limits.max_member_bytes:
-                reject(name, f"zip bomb: member is {info.file_size} bytes > limit {limits.max_member_bytes}")
-                continue
-            if info.compress_size and info.file_size / info.compress_size > limits.max_ratio:
-                ratio = info.file_size / info.compress_size
-                reject(name, f"zip bomb: compression ratio {ratio:.0f} > limit {limits.max_ratio:.0f}")
-                continue
-            if total + info.file_size > limits.max_total_bytes:
-                reject(name, f"zip bomb: pack total over {limits.max_total_bytes} bytes")
-                continue
-            total += info.file_size
-            h = hashlib.sha256()
-            size = 0
-            try:
-                with zf.open(info) as src, open(tmp_path, "wb") as dst:
-                    for chunk in iter(lambda: src.read(CHUNK), b""):
-                        size += len(chunk)
-                        if size > info.file_size:
-                            raise ValueError("member is larger than its header says")
-                        h.update(chunk)
-                        dst.write(chunk)
-            except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
-                reject(name, f"corrupt member: {e}")
-                continue
-            sha = h.hexdigest()
-            try:
-                fmt, width, height = inspect_image(tmp_path, limits.max_pixels)
-            except ValueError as e:
-                reject(name, str(e))
-                continue
-            ext_out = FORMAT_EXT[fmt]
-            prefix = sha[:2]
-            if sha in seen:
-                status = "duplicate"
-            elif lake.put_file_if_absent(f"raw/{prefix}/{sha}.{ext_out}", tmp_path):
-                status = "new"
-                result.bytes_stored += size
-            else:
-                status = "duplicate"
-            seen.setdefault(sha, name)
-            if status == "new":
-                result.accepted += 1
-            else:
-                result.duplicates += 1
-            rows.append(
-                {
-                    "member": name,
-                    "sha256": sha,
-                    "prefix": prefix,
-                    "format": fmt,
-                    "ext": ext_out,
-                    "bytes": size,
-                    "width": width,
-                    "height": height,
-                    **dict(zip(("label", "label_source"), _label_for(name, labels))),
-                    "status": status,
-                    "boxes": boxes.get(name, []),
-                }
-            )
-        zf.close()
+        with zf:
+            infos = zf.infolist()
+            overlapping = _overlapping(infos)
+            labels, boxes = _read_labels(zf, infos, limits, reject)
+            rows: list[dict] = []
+            seen: set[str] = set()
+            already_stored: set[str] = set()
+            total = 0
+            tmp_path = os.path.join(tmpdir, "member")
+            for n, info in enumerate(infos):
+                if progress:
+                    progress(n, len(infos))
+                name = info.filename
+                if _is_dir(info) or name in (LABELS_FILE, *COCO_FILES):
+                    continue
+                if _is_junk(name):
+                    result.skipped += 1
+                    continue
+                reason = _unsafe_reason(name) or _file_type_reason(info) or _kind_reason(name) or _data_reason(info, limits)
+                if not reason and n in overlapping:
+                    reason = "zip bomb: member data overlaps another member's"
+                if not reason and total + info.file_size > limits.max_total_bytes:
+                    reason = f"zip bomb: pack total {total + info.file_size} bytes > limit {limits.max_total_bytes}"
+                if reason:
+                    reject(name, reason)
+                    continue
+                total += info.file_size
+                try:
+                    with open(tmp_path, "wb") as dst:
+                        sha, size = _copy_member(zf, info, dst)
+                    fmt, width, height = inspect_image(tmp_path, limits.max_pixels)
+                except BadMember as e:
+                    reject(name, str(e))
+                    continue
+                ext = FORMAT_EXT[fmt]
+                status = "duplicate" if sha in seen else None  # None: decided below
+                if status is None and not lake.put_file_if_absent(f"raw/{sha[:2]}/{sha}.{ext}", tmp_path):
+                    already_stored.add(sha)
+                seen.add(sha)
+                label, label_source = _label_for(name, labels)
+                rows.append(
+                    {
+                        "member": name,
+                        "sha256": sha,
+                        "prefix": sha[:2],
+                        "format": fmt,
+                        "ext": ext,
+                        "bytes": size,
+                        "width": width,
+                        "height": height,
+                        "label": label,
+                        "label_source": label_source,
+                        "status": status,
+                        "boxes": boxes.get(name, []),
+                    }
+                )
 
+    # An object that was already stored is a duplicate only if a committed pack accounts for
+    # it; otherwise an interrupted ingest left it, and this pack brings it: a re-run after a
+    # kill then writes exactly what a clean run writes. (Two packs ingesting the same new
+    # image at the same moment may both count it new; it is still stored once.)
+    claimed = _claimed_elsewhere(lake, pack_id, already_stored)
+    for r in rows:
+        if r["status"] is None:
+            r["status"] = "duplicate" if r["sha256"] in claimed else "new"
+    new = [r for r in rows if r["status"] == "new"]
+    result.accepted, result.duplicates = len(new), len(rows) - len(new)
+    result.bytes_stored = sum(r["bytes"] for r in new)
     rows.sort(key=lambda r: (r["sha256"], r["member"]))
     result.labels = dict(sorted(Counter(r["label"] or "(none)" for r in rows).items()))
     result.seconds = round(time.perf_counter() - t0, 3)

@@ -52,27 +52,55 @@ def _to_bgr8(img: np.ndarray) -> np.ndarray:
     return img
 
 
+# Formats OpenCV decodes unchanged (alpha and 16 bits kept), unless the file carries what
+# IMREAD_UNCHANGED ignores: EXIF orientation (PNG eXIf, ImageMagick's text chunk, WebP EXIF)
+# or the tRNS colour key of a gray/RGB PNG. A byte scan is cheap next to a decode; a false
+# hit only costs the slower, equally correct Pillow path.
+_UNCHANGED_UNLESS = {"PNG": (b"eXIf", b"Raw profile type exif", b"tRNS"), "WEBP": (b"EXIF",), "BMP": ()}
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation (1-8) of a loaded Pillow image; 1 if none or unreadable.
+
+    EXIF only: Pillow also honours an XMP ``tiff:Orientation``, which browsers and OpenCV
+    ignore, so "as displayed" would differ between decoders.
+    """
+    for key in ("XML:com.adobe.xmp", "xmp"):
+        im.info.pop(key, None)
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block does not make the pixels undecodable
+        return 1
+
+
 def _decode_with_pillow(buf: bytes) -> np.ndarray:
     import io
 
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(buf)) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im.load()  # a PNG's eXIf may follow the pixels
+        if exif_orientation(im) != 1:
+            im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I"):  # I;16* (16-bit) or I (32-bit holding 16-bit samples): scale, don't clip
+            return _to_bgr8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
+        if im.mode == "F":
+            return _to_bgr8(np.asarray(im))
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
             rgba = np.asarray(im.convert("RGBA"))
             return _to_bgr8(cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
         return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
 
 
 def decode(buf: bytes, fmt: str, width: int, height: int, target: int, fast: bool = True) -> np.ndarray:
-    """Decode to 8-bit BGR, as displayed (EXIF orientation applied).
+    """Decode to 8-bit BGR, as displayed (EXIF orientation applied, alpha on white).
 
     JPEG takes the DCT-scaled path when ``fast``; PNG has no scaled decode, and formats with
-    alpha, 16-bit or palettes need the unchanged decode to be normalised correctly.
+    alpha, 16-bit or palettes need the unchanged decode to be normalised correctly. TIFF
+    (16-bit, palettes, orientation) and GIF go to Pillow.
     """
     arr = np.frombuffer(buf, np.uint8)
-    if fmt == "JPEG":
+    if fmt in ("JPEG", "MPO"):  # MPO: a JPEG followed by more views; the first is the image
         flag = cv2.IMREAD_COLOR
         if fast:
             k = reduction_factor(width, height, target)
@@ -80,11 +108,11 @@ def decode(buf: bytes, fmt: str, width: int, height: int, target: int, fast: boo
         img = cv2.imdecode(arr, flag)  # applies EXIF orientation; handles gray and CMYK
         if img is not None:
             return img
-    elif fmt in ("PNG", "BMP", "TIFF", "WEBP"):
-        img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)
-        if img is not None and fmt != "TIFF":
+    elif fmt in _UNCHANGED_UNLESS and not any(m in buf for m in _UNCHANGED_UNLESS[fmt]):
+        img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)  # keeps alpha and 16 bits, ignores orientation
+        if img is not None:
             return _to_bgr8(img)
-    return _decode_with_pillow(buf)  # GIF, palette TIFF, anything OpenCV refuses
+    return _decode_with_pillow(buf)
 
 
 def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:

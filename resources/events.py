@@ -1,0 +1,58 @@
+"""Event role: S3 "object created" notifications for ``incoming/`` delivered to SQS."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import unquote_plus
+
+import dagster as dg
+
+
+def parse_s3_event(body: str) -> list[tuple[str, str, str]]:
+    """(bucket, key, etag) of each ObjectCreated record; [] for test events and others.
+
+    Keys arrive URL-encoded with ``+`` for spaces (and, on some emulators, ``%2F``)."""
+    try:
+        msg = json.loads(body)
+    except ValueError:
+        return []
+    if isinstance(msg, dict) and "Message" in msg and "TopicArn" in msg:  # wrapped by SNS
+        return parse_s3_event(msg["Message"])
+    if not isinstance(msg, dict) or msg.get("Event") == "s3:TestEvent":
+        return []
+    out = []
+    for r in msg.get("Records", []):
+        if not r.get("eventName", "").startswith("ObjectCreated"):
+            continue
+        s3 = r["s3"]
+        out.append((s3["bucket"]["name"], unquote_plus(s3["object"]["key"]), s3["object"].get("eTag", "")))
+    return out
+
+
+class PackEvents(dg.ConfigurableResource):
+    queue_url: str
+    region_name: str | None = None
+    visibility_timeout: int = 300  # longer than a sensor tick: receipts are deleted one tick later
+    max_messages: int = 200
+
+    def _sqs(self):
+        import boto3
+
+        return boto3.client("sqs", region_name=self.region_name)
+
+    def receive(self) -> list[dict]:
+        """Drain up to ``max_messages``: [{"receipt", "objects": [(bucket, key, etag)]}]."""
+        sqs, out = self._sqs(), []
+        while len(out) < self.max_messages:
+            resp = sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=self.visibility_timeout)
+            msgs = resp.get("Messages", [])
+            if not msgs:
+                break
+            out += [{"receipt": m["ReceiptHandle"], "objects": parse_s3_event(m["Body"])} for m in msgs]
+        return out
+
+    def delete(self, receipts: list[str]) -> None:
+        sqs = self._sqs()
+        for i in range(0, len(receipts), 10):
+            entries = [{"Id": str(n), "ReceiptHandle": r} for n, r in enumerate(receipts[i : i + 10])]
+            sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)

@@ -1,0 +1,465 @@
+"""AWS paths against a moto server on 127.0.0.1, with test-side executors.
+
+moto accepts Batch, SageMaker and Athena requests but runs nothing (TESTING.md). The
+executors below replace that part of the emulator *inside the test harness* (they patch
+moto internals, never project code): a Batch job runs its submitted command locally (array
+index in AWS_BATCH_JOB_ARRAY_INDEX, N_TO_N honoured, terminate kills it); a SageMaker job
+runs the training entry with SageMaker's layout, syncs checkpoints with S3, can be stopped,
+and can be made to hit a capacity error or a spot interruption; an Athena query runs in
+DuckDB over the Glue tables' Parquet in the moto S3.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+REGION = "us-east-1"
+BUCKET = "cvgraph-lake"
+LAKE_URL = f"s3://{BUCKET}/lake"
+ROLE = "arn:aws:iam::123456789012:role/cvgraph-sagemaker"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}
+
+
+class Harness:
+    """What the executors did, for assertions, and knobs for failure injection."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.batch_runs: list[dict] = []  # one per child/job actually executed
+        self.training_runs: list[dict] = []  # one per training attempt actually executed
+        self.no_capacity: set[str] = set()  # instance types that fail with a CapacityError
+        self.interrupt_after_epochs: int | None = None  # spot reclaim once, after this many epochs
+        self.athena_queries: list[str] = []
+        self.oom_prefixes: set[str] = set()  # Batch children for these prefixes die as if out of memory
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint, "PYTHONPATH": str(REPO)}
+
+
+HARNESS: Harness | None = None
+CONCURRENCY = threading.Semaphore(3)  # "instances": children queue for one of these, as on a real CE
+
+
+# -- Batch ---------------------------------------------------------------------------
+def _batch_status(job) -> str:
+    if job._child_jobs:
+        statuses = [c.status for c in job._child_jobs]
+        if all(s in ("SUCCEEDED", "FAILED") for s in statuses):
+            return "FAILED" if "FAILED" in statuses else "SUCCEEDED"
+        return "RUNNING"
+    return job.status
+
+
+def _batch_run(self) -> None:
+    """Replaces moto.batch.models.Job.run: run the submitted command on this machine."""
+    try:
+        self.status = "RUNNABLE"
+        index = self.array_properties.get("index")
+        for dep in self.depends_on or []:
+            target = dep["jobId"] + (f":{index}" if dep.get("type") == "N_TO_N" and index is not None else "")
+            while (st := _batch_status(self.all_jobs[target])) not in ("SUCCEEDED", "FAILED"):
+                if self.stop:
+                    self._mark_stopped(success=False)
+                    return
+                time.sleep(0.05)
+            if st == "FAILED":
+                self.job_stopped_reason = f"Dependent Job failed: {target}"
+                self._mark_stopped(success=False)
+                return
+        self.job_started_at = datetime.now()
+        self.status = "RUNNING"
+        self.log_stream_name = self._stream_name
+        self._start_attempt()
+        CONCURRENCY.acquire()
+        try:
+            self._run_command(index)
+        finally:
+            CONCURRENCY.release()
+    except Exception as e:  # noqa: BLE001 - surface harness bugs as job failures
+        self.job_stopped_reason = f"harness error: {e!r}"
+        self._mark_stopped(success=False)
+
+
+def _batch_run_command(self, index) -> None:
+    if self.stop:
+        self._mark_stopped(success=False)
+        return
+    command = list(self._get_container_property("command", []))
+    command = [sys.executable if command[0] == "python" else command[0], *command[1:]]  # the image's python
+    env = HARNESS.env()
+    env.update({e["name"]: e["value"] for e in self._get_container_property("environment", [])})
+    if index is not None:
+        env["AWS_BATCH_JOB_ARRAY_INDEX"] = str(index)
+    record = {"job_id": self.job_id, "index": index, "command": command, "killed": False}
+    HARNESS.batch_runs.append(record)
+    prefixes = command[command.index("--prefixes") + 1].split(",") if "--prefixes" in command else []
+    if index is not None:
+        prefixes = [prefixes[index]]
+    if HARNESS.oom_prefixes & set(prefixes):
+        self.exit_code, self.job_stopped_reason = 137, "OutOfMemoryError: Container killed due to memory usage"
+        self._mark_stopped(success=False)
+        return
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if self.stop:
+                proc.kill()
+                record["killed"] = True
+            time.sleep(0.05)
+        log.seek(0)
+        record["output"] = log.read().decode(errors="replace")
+    self.exit_code = proc.returncode
+    if proc.returncode != 0 and not self.job_stopped_reason:
+        self.job_stopped_reason = "Essential container in task exited"
+    self._mark_stopped(success=proc.returncode == 0)
+
+
+def _batch_describe(original):
+    def describe(self):
+        out = original(self)
+        if self._child_jobs:
+            out["status"] = _batch_status(self)
+        elif "index" in self.array_properties:
+            out["arrayProperties"] = {"index": self.array_properties["index"]}
+        if self.job_stopped and "container" in out:  # moto drops these from the full description
+            out["container"]["exitCode"] = self.exit_code
+            out["container"]["reason"] = self.job_stopped_reason
+        return out
+
+    return describe
+
+
+def _batch_terminate(original):
+    def terminate_job(self, job_id, reason):  # as AWS does: terminating an array parent stops its children
+        original(self, job_id, reason)
+        job = self.get_job_by_id(job_id)
+        for child in (job._child_jobs or []) if job else []:
+            child.terminate(reason)
+
+    return terminate_job
+
+
+# -- SageMaker ----------------------------------------------------------------------
+def _s3():
+    return boto3.client("s3", endpoint_url=HARNESS.endpoint, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def _sync_down(s3, uri: str, dest: Path) -> None:
+    bucket, prefix = _split(uri)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            p = dest / o["Key"][len(prefix) :].lstrip("/")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, o["Key"], str(p))
+
+
+def _sync_up(s3, src: Path, uri: str) -> None:
+    bucket, prefix = _split(uri)
+    for p in src.rglob("*"):
+        if p.is_file():
+            s3.upload_file(str(p), bucket, prefix.rstrip("/") + "/" + p.relative_to(src).as_posix())
+
+
+def _channel(s3, spec: dict, dest: Path) -> None:
+    src = spec["DataSource"]["S3DataSource"]
+    if src["S3DataType"] == "ManifestFile":
+        bucket, key = _split(src["S3Uri"])
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        base_bucket, base = _split(manifest[0]["prefix"])
+        for rel in manifest[1:]:
+            p = dest / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(base_bucket, base + rel, str(p))
+    else:
+        bucket, key = _split(src["S3Uri"])
+        if key.endswith("/"):
+            _sync_down(s3, src["S3Uri"], dest)
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, key, str(dest / key.rsplit("/", 1)[1]))
+
+
+def _train(job) -> None:
+    s3 = _s3()
+    itype = job.resource_config["InstanceType"]
+    record = {"name": job.training_job_name, "instance_type": itype, "attempts": 0, "output": "", "spot": job.enable_managed_spot_training}
+    HARNESS.training_runs.append(record)
+    try:
+        if itype in HARNESS.no_capacity:
+            job.failure_reason = "CapacityError: Unable to provision requested ML compute capacity. Please retry using a different ML instance type."
+            job.training_job_status, job.secondary_status = "Failed", "Failed"
+            return
+        with tempfile.TemporaryDirectory(prefix="sm-") as tmp:
+            ml = Path(tmp)
+            (ml / "input/config").mkdir(parents=True)
+            (ml / "input/config/hyperparameters.json").write_text(json.dumps({**job.hyper_parameters, "checkpoint_dir": str(ml / "checkpoints")}))
+            env = HARNESS.env()
+            for ch in job.input_data_config:
+                _channel(s3, ch, ml / "input/data" / ch["ChannelName"])
+                env[f"SM_CHANNEL_{ch['ChannelName'].upper()}"] = str(ml / "input/data" / ch["ChannelName"])
+            env.update(SM_INPUT_CONFIG_DIR=str(ml / "input/config"), SM_MODEL_DIR=str(ml / "model"), SM_OUTPUT_DATA_DIR=str(ml / "output/data"), TRAINING_JOB_NAME=job.training_job_name)
+            interrupt = HARNESS.interrupt_after_epochs
+            while True:
+                record["attempts"] += 1
+                shutil_rm(ml / "checkpoints")
+                if job.checkpoint_config:
+                    _sync_down(s3, job.checkpoint_config["S3Uri"], ml / "checkpoints")
+                job.secondary_status = "Training"
+                proc = subprocess.Popen([sys.executable, "-m", "workloads.train"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                job._proc = proc
+                epochs = 0
+                for line in proc.stdout:
+                    record["output"] += line
+                    if line.startswith("epoch="):
+                        epochs += 1
+                        if interrupt and epochs >= interrupt and job.enable_managed_spot_training:
+                            # SageMaker syncs checkpoints continuously; the last one survives the reclaim
+                            time.sleep(0.2)
+                            proc.kill()
+                            break
+                proc.wait()
+                if job.checkpoint_config and (ml / "checkpoints").exists():
+                    _sync_up(s3, ml / "checkpoints", job.checkpoint_config["S3Uri"])
+                if getattr(job, "_stop", False):
+                    job.training_job_status, job.secondary_status = "Stopped", "Stopped"
+                    return
+                if interrupt and epochs >= interrupt and record["attempts"] == 1:
+                    job.secondary_status = "Interrupted"
+                    interrupt = None
+                    continue  # managed spot restarts the job on new capacity
+                break
+            if proc.returncode != 0:
+                job.failure_reason = f"AlgorithmError: training exited {proc.returncode}: {record['output'][-500:]}"
+                job.training_job_status, job.secondary_status = "Failed", "Failed"
+                return
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+                for p in sorted((ml / "model").iterdir()):
+                    tar.add(p, arcname=p.name)
+            bucket, key = _split(job.model_artifacts["S3ModelArtifacts"])
+            s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+            job.training_job_status, job.secondary_status = "Completed", "Completed"
+    except Exception as e:  # noqa: BLE001
+        job.failure_reason = f"harness error: {e!r}"
+        job.training_job_status, job.secondary_status = "Failed", "Failed"
+
+
+def shutil_rm(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _create_training_job(original):
+    def create(self, *args, **kwargs):
+        job = original(self, *args, **kwargs)
+        job.training_job_status, job.secondary_status = "InProgress", "Starting"
+        job._stop = False
+        threading.Thread(target=_train, args=(job,), daemon=True).start()
+        return job
+
+    return create
+
+
+def _stop_training_job(self):
+    name = self._get_param("TrainingJobName")
+    job = self.sagemaker_backend.training_jobs[name]
+    job._stop = True
+    job.training_job_status, job.secondary_status = "Stopping", "Stopping"
+    if getattr(job, "_proc", None) is not None:
+        job._proc.kill()
+    from moto.core.responses import EmptyResult
+
+    return EmptyResult()
+
+
+# -- Athena -------------------------------------------------------------------------
+def _athena_results(original):
+    def get_query_results(self, exec_id):
+        import duckdb
+        import pyarrow as pa
+        import pyarrow.dataset as pads
+        import pyarrow.fs as pafs
+        from moto.athena.models import QueryResults
+        from moto.glue.models import glue_backends
+
+        if exec_id in self.query_results:
+            return self.query_results[exec_id]
+        execution = self.executions[exec_id]
+        HARNESS.athena_queries.append(execution.query)
+        glue = glue_backends[self.account_id][self.region_name]
+        host = HARNESS.endpoint.split("://", 1)[1]
+        fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key="testing", secret_key="testing", region=REGION)
+        con = duckdb.connect()
+        for name in ("images", "objects"):
+            table = glue.get_table(execution.context, name)
+            location = table.versions[table._current_version]["StorageDescriptor"]["Location"].replace("s3://", "")
+            part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
+            try:
+                files = [f.path for f in fs.get_file_info(pafs.FileSelector(location, recursive=True)) if f.path.endswith(".parquet")]
+            except FileNotFoundError:
+                files = []
+            if files:
+                con.register(name, pads.dataset(files, filesystem=fs, format="parquet", partitioning=part, partition_base_dir=location.rstrip("/")))
+        result = con.sql(execution.query).to_arrow_table()
+        types = {pa.int32(): "integer", pa.int64(): "bigint", pa.float64(): "double", pa.bool_(): "boolean"}
+
+        def athena_type(t):
+            return "array" if pa.types.is_list(t) else types.get(t, "varchar")
+
+        def render(v):
+            if v is None:
+                return {}
+            if isinstance(v, list):
+                return {"VarCharValue": "[" + ", ".join(map(str, v)) + "]"}
+            if isinstance(v, bool):
+                return {"VarCharValue": "true" if v else "false"}
+            return {"VarCharValue": str(v)}
+
+        info = [{"Name": f.name, "Label": f.name, "Type": athena_type(f.type)} for f in result.schema]
+        rows = [{"Data": [{"VarCharValue": f.name} for f in result.schema]}]
+        rows += [{"Data": [render(r[f.name]) for f in result.schema]} for r in result.to_pylist()]
+        self.query_results[exec_id] = QueryResults(rows=rows, column_info=info)
+        return self.query_results[exec_id]
+
+    return get_query_results
+
+
+def _install_executors() -> None:
+    from moto.athena.models import AthenaBackend
+    from moto.batch.models import BatchBackend, Job
+    from moto.sagemaker.models import SageMakerModelBackend
+    from moto.sagemaker.responses import SageMakerResponse
+
+    Job.run = _batch_run
+    Job._run_command = _batch_run_command
+    Job.describe = _batch_describe(Job.describe)
+    BatchBackend.terminate_job = _batch_terminate(BatchBackend.terminate_job)
+    SageMakerModelBackend.create_training_job = _create_training_job(SageMakerModelBackend.create_training_job)
+    SageMakerResponse.stop_training_job = _stop_training_job
+    AthenaBackend.get_query_results = _athena_results(AthenaBackend.get_query_results)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    from moto.moto_api import state_manager
+    from moto.server import ThreadedMotoServer
+
+    global HARNESS
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    assert host == "127.0.0.1"
+    HARNESS = Harness(endpoint)
+    _install_executors()
+    # Job status is whatever the executor sets, not moto's immediate SUCCEEDED.
+    state_manager.set_transition("batch::job", {"progression": "manual", "times": 10**9})
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint, monkeypatch, tmp_path):
+    """A fresh moto account: the lake bucket with S3→SQS notifications, a Batch queue and
+    job definition, and the aws profile's environment."""
+    from moto.moto_api import state_manager
+
+    requests.post(f"{moto_endpoint}/moto-api/reset", timeout=10)
+    state_manager.set_transition("batch::job", {"progression": "manual", "times": 10**9})
+    HARNESS.__init__(moto_endpoint)
+    for k, v in {**CREDENTIALS, "AWS_ENDPOINT_URL": moto_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    sqs = boto3.client("sqs")
+    queue_url = sqs.create_queue(QueueName="cvgraph-incoming")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [{
+        "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"],
+        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "lake/incoming/"}, {"Name": "suffix", "Value": ".zip"}]}}}]})
+    batch = boto3.client("batch")
+    ec2 = boto3.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
+    sg = ec2.create_security_group(GroupName="cvgraph", Description="batch", VpcId=vpc)["GroupId"]
+    iam = boto3.client("iam")
+    service_role = iam.create_role(RoleName="batch-service", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    ce = batch.create_compute_environment(computeEnvironmentName="cvgraph-spot", type="MANAGED", state="ENABLED", serviceRole=service_role,
+                                          computeResources={"type": "FARGATE_SPOT", "maxvCpus": 256, "subnets": [subnet], "securityGroupIds": [sg]})
+    jq = batch.create_job_queue(jobQueueName="cvgraph", state="ENABLED", priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce["computeEnvironmentArn"]}])
+    jd = batch.register_job_definition(jobDefinitionName="cvgraph-worker", type="container", platformCapabilities=["FARGATE"],
+                                       containerProperties={"image": "cvgraph-worker:latest", "command": ["python", "-m", "workloads.images", "--help"],
+                                                            "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "2048"}],
+                                                            "executionRoleArn": "arn:aws:iam::123456789012:role/exec"})
+    env = {
+        "CVGRAPH_PROFILE": "aws",
+        "CVGRAPH_LAKE_URL": LAKE_URL,
+        "CVGRAPH_BATCH_JOB_QUEUE": jq["jobQueueArn"],
+        "CVGRAPH_BATCH_JOB_DEFINITION": jd["jobDefinitionArn"],
+        "CVGRAPH_BATCH_POLL_SECONDS": "0.2",
+        "CVGRAPH_SAGEMAKER_ROLE_ARN": ROLE,
+        "CVGRAPH_TRAINING_IMAGE": "123456789012.dkr.ecr.us-east-1.amazonaws.com/cvgraph-training:latest",
+        "CVGRAPH_TRAINING_INSTANCE_TYPES": "ml.m5.large,ml.c5.xlarge",
+        "CVGRAPH_SAGEMAKER_POLL_SECONDS": "0.2",
+        "CVGRAPH_GLUE_DATABASE": "cvgraph",
+        "CVGRAPH_ATHENA_WORKGROUP": "primary",
+        "CVGRAPH_ATHENA_OUTPUT": f"s3://{BUCKET}/athena-results/",
+        "CVGRAPH_ATHENA_POLL_SECONDS": "0.05",
+        "CVGRAPH_SQS_QUEUE_URL": queue_url,
+        "CVGRAPH_HOME": str(tmp_path / "home"),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    HARNESS.queue_url = queue_url
+    return HARNESS
+
+
+def digits_zip(n: int, classes=(0, 1)) -> bytes:
+    """A small labelled pack of real digits (scikit-learn's), one folder per class."""
+    import cv2
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from cvgraph.demo_packs import zip_bytes
+
+    d = load_digits()
+    members = {}
+    for i, (img, label) in enumerate(zip(d.images, d.target)):
+        if label in classes and len(members) < n:
+            ok, png = cv2.imencode(".png", 255 - cv2.resize((img * 16).astype(np.uint8), (32, 32), interpolation=cv2.INTER_CUBIC))
+            members[f"{label}/d{i:04d}.png"] = png.tobytes()
+    return zip_bytes(members)
+
+
+@pytest.fixture
+def indexed_lake(aws):
+    """The S3 lake with one ingested, indexed pack of 40 digits; returns (lake, prefixes with images)."""
+    from workloads.index import build_raw_index
+    from workloads.ingest import ingest_pack
+    from workloads.lake import open_lake
+    from workloads.versions import HASH_PREFIXES
+
+    lake = open_lake(LAKE_URL)
+    lake.put("incoming/digits.zip", digits_zip(40))
+    ingest_pack(lake, "digits", "incoming/digits.zip")
+    stats = build_raw_index(lake, list(HASH_PREFIXES))
+    return lake, sorted(p for p, s in stats.items() if s["images"])

@@ -1,0 +1,393 @@
+"""The AWS side: the CloudFormation template lints clean and says what cvgraph relies on, and the
+Dockerfiles (never built here: no Docker engine) run the workloads the way the clients call them."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cfnlint.decode import decode
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "deploy" / "cloudformation" / "cvgraph.yaml"
+WORKER = ROOT / "deploy" / "docker" / "worker.Dockerfile"
+TRAINING = ROOT / "deploy" / "docker" / "training.Dockerfile"
+
+
+# -- the template -----------------------------------------------------------------------------
+def cfn_lint_command() -> list[str]:
+    script = Path(sys.executable).with_name("cfn-lint")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from cfnlint.runner import main; sys.exit(main())"]
+
+
+def test_cfn_lint_is_clean():
+    proc = subprocess.run([*cfn_lint_command(), str(TEMPLATE)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "", proc.stdout
+
+
+@pytest.fixture(scope="module")
+def template() -> dict:
+    tpl, matches = decode(str(TEMPLATE))
+    assert not matches, matches
+    return tpl
+
+
+def resources(tpl: dict, type_: str) -> dict[str, dict]:
+    return {name: r for name, r in tpl["Resources"].items() if r["Type"] == type_}
+
+
+def one(tpl: dict, type_: str) -> tuple[str, dict]:
+    found = resources(tpl, type_)
+    assert len(found) == 1, f"expected one {type_}, found {list(found)}"
+    return next(iter(found.items()))
+
+
+def is_ref(value, name: str) -> bool:
+    """``!Ref name`` or ``!GetAtt name.<attr>``."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return False
+    (fn, arg), = value.items()
+    return (fn == "Ref" and arg == name) or (fn == "Fn::GetAtt" and (arg[0] if isinstance(arg, list) else arg.split(".")[0]) == name)
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def statements(node) -> list[dict]:
+    """Every policy statement anywhere in the template (IAM, bucket and queue policies)."""
+    found = []
+    if isinstance(node, dict):
+        if "Statement" in node and isinstance(node["Statement"], list):
+            found += node["Statement"]
+        for v in node.values():
+            found += statements(v)
+    elif isinstance(node, list):
+        for v in node:
+            found += statements(v)
+    return found
+
+
+def test_no_hard_coded_account_ids():
+    text = "\n".join(line.split("#", 1)[0] for line in TEMPLATE.read_text().splitlines())
+    assert not re.search(r"(?<![0-9])[0-9]{12}(?![0-9])", text)
+
+
+def test_bucket_versioned_private_encrypted_and_notifies_the_queue(template):
+    name, bucket = one(template, "AWS::S3::Bucket")
+    props = bucket["Properties"]
+    assert props["VersioningConfiguration"]["Status"] == "Enabled"
+    assert all(props["PublicAccessBlockConfiguration"][k] is True for k in ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"))
+    sse = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]
+    assert sse["SSEAlgorithm"] in ("AES256", "aws:kms")
+    assert bucket["DeletionPolicy"] == "Retain" and bucket["UpdateReplacePolicy"] == "Retain"
+
+    queue_name, queue = one_queue_with_redrive(template)
+    [notification] = props["NotificationConfiguration"]["QueueConfigurations"]
+    assert notification["Event"] == "s3:ObjectCreated:*"
+    assert is_ref(notification["Queue"], queue_name)
+    rules = {r["Name"]: r["Value"] for r in notification["Filter"]["S3Key"]["Rules"]}
+    assert rules == {"prefix": "incoming/", "suffix": ".zip"}
+
+    # S3 checks the destination's policy when the notification is put: the bucket waits for it.
+    policy_name, policy = one(template, "AWS::SQS::QueuePolicy")
+    assert policy_name in as_list(bucket.get("DependsOn", []))
+    assert any(is_ref(q, queue_name) for q in policy["Properties"]["Queues"])
+    [send] = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert send["Effect"] == "Allow" and send["Principal"] == {"Service": "s3.amazonaws.com"}
+    assert send["Action"] == "sqs:SendMessage" and is_ref(send["Resource"], queue_name)
+    assert "aws:SourceArn" in send["Condition"]["ArnLike"] and "aws:SourceAccount" in send["Condition"]["StringEquals"]
+
+
+def one_queue_with_redrive(tpl: dict) -> tuple[str, dict]:
+    queues = resources(tpl, "AWS::SQS::Queue")
+    main = {n: q for n, q in queues.items() if "RedrivePolicy" in q["Properties"]}
+    assert len(main) == 1, list(queues)
+    (name, queue), = main.items()
+    dlq = queue["Properties"]["RedrivePolicy"]["deadLetterTargetArn"]
+    assert any(is_ref(dlq, other) for other in queues if other != name)
+    assert "maxReceiveCount" in queue["Properties"]["RedrivePolicy"]
+    return name, queue
+
+
+def test_job_queue_puts_fargate_spot_before_fargate(template):
+    envs = resources(template, "AWS::Batch::ComputeEnvironment")
+    _, queue = one(template, "AWS::Batch::JobQueue")
+    order = sorted(queue["Properties"]["ComputeEnvironmentOrder"], key=lambda e: e["Order"])
+    types = []
+    for entry in order:
+        [env] = [e for n, e in envs.items() if is_ref(entry["ComputeEnvironment"], n)]
+        types.append(env["Properties"]["ComputeResources"]["Type"])
+        assert env["Properties"]["Type"] == "MANAGED"
+        assert is_ref(env["Properties"]["ComputeResources"]["Subnets"], "SubnetIds")
+        assert is_ref(env["Properties"]["ComputeResources"]["SecurityGroupIds"], "SecurityGroupIds")
+    assert types == ["FARGATE_SPOT", "FARGATE"]
+
+
+def test_job_definition_retries_spot_reclaims_only(template):
+    _, jobdef = one(template, "AWS::Batch::JobDefinition")
+    props = jobdef["Properties"]
+    assert props["PlatformCapabilities"] == ["FARGATE"]
+    retry = props["RetryStrategy"]
+    assert retry["Attempts"] == 3
+    rules = retry["EvaluateOnExit"]
+    assert {"OnStatusReason": "Host EC2*", "Action": "RETRY"} in rules
+    # Batch retries a failure that matches no rule: the catch-all EXIT must come last.
+    assert rules[-1] == {"OnReason": "*", "Action": "EXIT"}
+    assert all(r["Action"] == "RETRY" for r in rules[:-1])
+    container = props["ContainerProperties"]
+    assert is_ref(container["JobRoleArn"], "BatchJobRole") and is_ref(container["ExecutionRoleArn"], "BatchExecutionRole")
+    assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+    assert {r["Type"] for r in container["ResourceRequirements"]} == {"VCPU", "MEMORY"}
+    assert "WorkerRepository.RepositoryUri" in container["Image"]["Fn::Sub"]
+    # The job definition's default command is the worker image's default command.
+    assert container["Command"] == dockerfile_argv(parse_dockerfile(WORKER))
+
+
+def test_no_wildcard_actions_and_no_s3_on_every_resource(template):
+    found = statements(template)
+    assert len(found) > 10
+    for st in found:
+        actions = as_list(st.get("Action", []))
+        res = as_list(st.get("Resource", []))
+        assert "*" not in actions, st
+        if any(str(a).lower().startswith("s3:") for a in actions):
+            assert "*" not in res, st
+        if st.get("Effect") == "Allow" and "*" in res:
+            # Only calls without resource-level permissions may name every resource.
+            assert set(actions) <= {"ecr:GetAuthorizationToken", "batch:DescribeJobs", "batch:ListJobs", "cloudwatch:PutMetricData"}, st
+
+
+def policy_of(tpl: dict, name: str) -> list[dict]:
+    res = tpl["Resources"][name]["Properties"]
+    if "PolicyDocument" in res:
+        return res["PolicyDocument"]["Statement"]
+    return [st for p in res["Policies"] for st in p["PolicyDocument"]["Statement"]]
+
+
+def test_roles_are_scoped(template):
+    for role in ("BatchJobRole", "SageMakerExecutionRole"):
+        s3 = [st for st in policy_of(template, role) if any(a.startswith("s3:") for a in as_list(st["Action"]))]
+        assert s3 and all(all("LakeBucket" in json.dumps(r) for r in as_list(st["Resource"])) for st in s3), role
+    job_actions = {a for st in policy_of(template, "BatchJobRole") for a in as_list(st["Action"])}
+    assert job_actions <= {"s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"}
+    pulls = [st for st in policy_of(template, "SageMakerExecutionRole") if "ecr:BatchGetImage" in as_list(st["Action"])]
+    assert [is_ref(st["Resource"], "TrainingRepository") for st in pulls] == [True]
+    pulls = [st for st in policy_of(template, "BatchExecutionRole") if "ecr:BatchGetImage" in as_list(st["Action"])]
+    assert [is_ref(st["Resource"], "WorkerRepository") for st in pulls] == [True]
+
+    orch = policy_of(template, "OrchestratorPolicy")
+    actions = {a for st in orch for a in as_list(st["Action"])}
+    assert {"batch:SubmitJob", "batch:DescribeJobs", "batch:TerminateJob", "sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
+            "sagemaker:StopTrainingJob", "iam:PassRole", "athena:StartQueryExecution", "athena:GetQueryResults", "glue:GetTable",
+            "glue:CreateTable", "sqs:ReceiveMessage", "sqs:DeleteMessage", "s3:GetObject", "s3:PutObject"} <= actions
+    passed = [r for st in orch if "iam:PassRole" in as_list(st["Action"]) for r in as_list(st["Resource"])]
+    assert sorted(next(iter(r.values()))[0] for r in passed) == ["BatchExecutionRole", "BatchJobRole", "SageMakerExecutionRole"]
+    [submit] = [st for st in orch if "batch:SubmitJob" in as_list(st["Action"])]
+    assert any(is_ref(r, "JobQueue") for r in as_list(submit["Resource"]))
+
+
+def test_athena_workgroup_limits_scans_and_enforces_its_configuration(template):
+    _, wg = one(template, "AWS::Athena::WorkGroup")
+    cfg = wg["Properties"]["WorkGroupConfiguration"]
+    assert cfg["EnforceWorkGroupConfiguration"] is True
+    assert is_ref(cfg["BytesScannedCutoffPerQuery"], "AthenaBytesScannedCutoffPerQuery")
+    assert int(template["Parameters"]["AthenaBytesScannedCutoffPerQuery"]["Default"]) >= 10_000_000
+    assert cfg["ResultConfiguration"]["OutputLocation"] == {"Fn::Sub": "s3://${LakeBucket}/athena-results/"}
+    one(template, "AWS::Glue::Database")
+
+
+def test_ecr_repositories_scan_and_expire(template):
+    repos = resources(template, "AWS::ECR::Repository")
+    names = sorted(r["Properties"]["RepositoryName"]["Fn::Sub"] for r in repos.values())
+    assert names == ["${Project}-training", "${Project}-worker"]
+    assert template["Parameters"]["Project"]["Default"] == "cvgraph"
+    for repo in repos.values():
+        assert repo["Properties"]["ImageScanningConfiguration"]["ScanOnPush"] is True
+        text = repo["Properties"]["LifecyclePolicy"]["LifecyclePolicyText"]["Fn::Sub"]
+        rules = json.loads(text.replace("${ImagesToKeep}", "20"))["rules"]
+        # ECR requires a tagStatus "any" rule to have the lowest priority (highest number).
+        assert max(rules, key=lambda r: r["rulePriority"])["selection"]["tagStatus"] == "any"
+
+
+def test_outputs_name_what_the_aws_profile_needs(template):
+    assert {"LakeBucketName", "LakeUrl", "IncomingQueueUrl", "JobQueueArn", "JobDefinitionArn", "WorkerRepositoryUri",
+            "TrainingRepositoryUri", "SageMakerRoleArn", "AthenaWorkGroupName", "GlueDatabaseName", "AthenaOutputLocation",
+            "OrchestratorPolicyArn"} <= set(template["Outputs"])
+
+
+# -- the Dockerfiles --------------------------------------------------------------------------
+def parse_dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per logical line: comments dropped, continuations joined."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        instr, _, args = full.partition(" ")
+        out.append((instr.upper(), args.strip()))
+    assert not pending, f"{path.name}: dangling line continuation"
+    return out
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+def dockerfile_argv(instructions: list[tuple[str, str]]) -> list[str]:
+    """What `docker run <image>` executes: ENTRYPOINT + CMD (exec form only: no shell in between)."""
+    entry = [exec_form(a) for i, a in instructions if i == "ENTRYPOINT"]
+    cmd = [exec_form(a) for i, a in instructions if i == "CMD"]
+    return (entry[-1] if entry else []) + (cmd[-1] if cmd else [])
+
+
+def env_of(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instr, args in instructions:
+        if instr == "ENV":
+            env.update(dict(kv.split("=", 1) for kv in shlex.split(args)))
+    return env
+
+
+def pip_pins(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for instr, args in instructions:
+        if instr == "RUN":
+            for m in re.finditer(r"""["']?([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)["']?""", args):
+                pins[m.group(1).lower()] = m.group(2)
+    return pins
+
+
+def third_party_imports(entry: str) -> set[str]:
+    """Top-level non-stdlib modules imported (anywhere, lazily too) by ``entry`` and the
+    workloads modules it reaches."""
+    seen, todo, found = set(), [entry], set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        tree = ast.parse((ROOT / (mod.replace(".", "/") + ".py")).read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top == "workloads":
+                    todo.append(name if (ROOT / (name.replace(".", "/") + ".py")).exists() else "workloads.__init__")
+                elif top not in sys.stdlib_module_names:
+                    found.add(top)
+    return found
+
+
+DISTRIBUTION = {"cv2": "opencv-python-headless", "PIL": "pillow", "numpy": "numpy", "pyarrow": "pyarrow", "boto3": "boto3", "botocore": "boto3", "torch": "torch"}
+
+
+def check_pins(pins: dict[str, str]) -> None:
+    """Pinned to the versions this suite runs against (torch: ignore the +cpu local tag)."""
+    for dist, version in pins.items():
+        try:
+            installed = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        assert installed.split("+")[0] == version, f"{dist}: image pins {version}, tests run {installed}"
+
+
+def test_worker_image_runs_workloads_images_as_non_root():
+    instructions = parse_dockerfile(WORKER)
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    argv = dockerfile_argv(instructions)
+    assert argv[:3] == ["python", "-m", "workloads.images"], argv
+    users = [a for i, a in instructions if i == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    env = env_of(instructions)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "67108864" and env["MALLOC_TRIM_THRESHOLD_"] == "268435456" and env["PYTHONUNBUFFERED"] == "1"
+    copies = [a for i, a in instructions if i == "COPY"]
+    assert any(a.split()[0].rstrip("/") == "workloads" for a in copies), copies
+    runs = " ".join(a for i, a in instructions if i == "RUN")
+    assert "torch" not in runs and "dagster" not in runs and "pip install ." not in runs
+
+
+def test_worker_image_installs_what_the_batch_workloads_import():
+    pins = pip_pins(parse_dockerfile(WORKER))
+    assert set(pins) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "boto3"}
+    needed = third_party_imports("workloads.images") | third_party_imports("workloads.ingest")
+    assert {DISTRIBUTION.get(m, m) for m in needed} <= set(pins), needed
+    check_pins(pins)
+
+
+def test_worker_command_matches_the_batch_client():
+    """The client submits the full command; with no ENTRYPOINT it runs as given."""
+    assert not [a for i, a in parse_dockerfile(WORKER) if i == "ENTRYPOINT"]
+    compute = pytest.importorskip("resources.compute")
+    images_command = getattr(compute, "images_command", None)
+    if images_command is None:
+        pytest.skip("resources.compute has no images_command (the Batch client is not built)")
+    from workloads.images import ImageParams
+    from workloads.kernels import EdgeParams, ResizeParams
+
+    cmd = images_command("s3://bucket/", "run", ["resize"], ["00", "01"], ImageParams(ResizeParams(), EdgeParams()), 4)
+    assert cmd[:3] == ["python", "-m", "workloads.images"], cmd
+    if hasattr(compute, "ingest_command"):
+        assert compute.ingest_command("s3://bucket/", "p", "incoming/p.zip")[:3] == ["python", "-m", "workloads.ingest"]
+
+
+def test_training_image_provides_train():
+    instructions = parse_dockerfile(TRAINING)
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    runs = [a for i, a in instructions if i == "RUN"]
+    [torch_run] = [r for r in runs if "torch==" in r]
+    assert "torch==2.13.0" in torch_run and "--index-url https://download.pytorch.org/whl/cpu" in torch_run
+    pins = pip_pins(instructions)
+    needed = third_party_imports("workloads.train")
+    assert {DISTRIBUTION.get(m, m) for m in needed} <= set(pins), needed
+    check_pins(pins)
+    assert any(a.split()[0].rstrip("/") == "workloads" for i, a in instructions if i == "COPY")
+    [writes_train] = [r for r in runs if "> /usr/local/bin/train" in r]
+    assert "chmod 0755 /usr/local/bin/train" in writes_train
+    assert dockerfile_argv(instructions) == ["train"]  # SageMaker passes `train` anyway
+
+
+def test_train_script_runs_the_training_entry_with_sagemaker_paths(tmp_path):
+    """Write the `train` script exactly as the RUN line does, then run it with a stand-in python."""
+    [run] = [a for i, a in parse_dockerfile(TRAINING) if i == "RUN" and "> /usr/local/bin/train" in a]
+    printf = run.split("&&")[0].replace("/usr/local/bin/train", str(tmp_path / "train"))
+    subprocess.run(["sh", "-c", printf], check=True)
+    script = tmp_path / "train"
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$*"\necho "$SM_CHANNEL_MANIFEST|$SM_CHANNEL_IMAGES|$SM_MODEL_DIR|$SM_INPUT_CONFIG_DIR|$SM_OUTPUT_DATA_DIR"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
+    env["PATH"] = f"{fake.parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    out = subprocess.run([str(script), "--x", "1"], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["-m workloads.train --x 1", "/opt/ml/input/data/manifest|/opt/ml/input/data/images|/opt/ml/model|/opt/ml/input/config|/opt/ml/output/data"]
+    env["SM_CHANNEL_IMAGES"] = "/lake"  # an explicit value (the local trainer's) wins
+    out = subprocess.run([str(script)], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[1].split("|")[1] == "/lake"

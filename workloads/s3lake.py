@@ -1,0 +1,125 @@
+"""The lake on S3 (or any S3-compatible endpoint): same interface as ``LocalLake``.
+
+S3 puts are atomic per object, so a reader sees a whole object or none. Content-addressed
+originals use a conditional put (``IfNoneMatch="*"``): the first writer wins and a 412
+means "already there". Large objects go multipart through boto3's transfer manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from workloads.lake import ObjectInfo
+
+# Adaptive retries back off on throttling (SlowDown) across all threads of the process.
+BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, max_pool_connections=64)
+TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=8)
+
+
+def s3_client(endpoint_url: str | None = None):
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None, config=BOTO_CONFIG)
+
+
+def _missing(e: ClientError) -> bool:
+    return e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+class S3Lake:
+    """``s3://bucket/prefix``: keys are relative to the prefix."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None):
+        if not url.startswith("s3://"):
+            raise ValueError(f"not an s3:// url: {url}")
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.client = s3_client(self.endpoint_url)
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"invalid lake key {key!r}")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    # -- reads -----------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as e:
+            if _missing(e):
+                return False
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as e:
+            if _missing(e):
+                raise FileNotFoundError(self.uri(key)) from None
+            raise
+
+    def size(self, key: str) -> int:
+        return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[BinaryIO]:
+        """A seekable local copy (zip readers seek); streamed to disk, never held in memory."""
+        with tempfile.TemporaryFile(prefix="cvgraph-") as f:
+            self.client.download_fileobj(self.bucket, self._key(key), f, Config=TRANSFER)
+            f.seek(0)
+            yield f
+
+    def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[ObjectInfo]:
+        kw = {"Bucket": self.bucket, "Prefix": self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")}
+        if start_after:
+            kw["StartAfter"] = self._key(start_after)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(**kw):
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):  # directory markers some writers leave
+                    continue
+                yield ObjectInfo(obj["Key"][strip:], obj["Size"])
+
+    # -- writes ----------------------------------------------------------------
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_file(self, key: str, src: str | os.PathLike) -> None:
+        self.client.upload_file(str(src), self.bucket, self._key(key), Config=TRANSFER)
+
+    def put_file_if_absent(self, key: str, src: str | os.PathLike) -> bool:
+        try:
+            with open(src, "rb") as f:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=f, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    # -- tables ----------------------------------------------------------------
+    def arrow_filesystem(self):
+        """(pyarrow S3 filesystem, base path); pyarrow ignores AWS_ENDPOINT_URL, so pass it."""
+        import pyarrow.fs as pafs
+
+        kw = {"region": self.client.meta.region_name}
+        if self.endpoint_url:
+            scheme, _, host = self.endpoint_url.partition("://")
+            kw.update(endpoint_override=host, scheme=scheme)
+        return pafs.S3FileSystem(**kw), f"{self.bucket}/{self.prefix}".rstrip("/")

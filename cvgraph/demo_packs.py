@@ -59,17 +59,30 @@ def sample_image(name: str) -> bytes:
     return _package_file("sklearn" if name in ("china.jpg", "flower.jpg") else "skimage", name).read_bytes()
 
 
-def build_digits_pack(path: Path, size: int = 96) -> int:
+def digit_members(size: int = 96, limit: int | None = None, classes: tuple[int, ...] | None = None) -> dict[str, bytes]:
+    """scikit-learn's digits as ``{"<label>/digit_<i>.png": png}``: upscaled, dark ink on white."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    members: dict[str, bytes] = {}
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        if classes is not None and label not in classes:
+            continue
+        if limit is not None and len(members) >= limit:
+            break
+        big = cv2.resize((img * (255.0 / 16.0)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
+        ok, png = cv2.imencode(".png", 255 - big)
+        assert ok
+        members[f"{label}/digit_{i:04d}.png"] = png.tobytes()
+    return members
+
+
+def build_digits_pack(path: Path, size: int = 96) -> int:
+    members = digit_members(size)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        for i, (img, label) in enumerate(zip(digits.images, digits.target)):
-            big = cv2.resize((img * (255.0 / 16.0)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
-            ok, png = cv2.imencode(".png", 255 - big)  # dark ink on white, like scanned digits
-            assert ok
-            _add(zf, f"{label}/digit_{i:04d}.png", png.tobytes())
-    return len(digits.images)
+        for name, data in members.items():
+            _add(zf, name, data)
+    return len(members)
 
 
 def build_photos_pack(path: Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,10 +176,11 @@ class SageMakerTrainer(Trainer):
         }
         sm = self._sagemaker()
         final = None
+        base = re.sub(r"[^A-Za-z0-9-]", "-", job_name)[:60]  # SageMaker names: letters, digits, hyphens
         for attempt, instance_type in enumerate(self.instance_types):
-            name = f"{job_name}-{attempt}"[:63]
+            name = f"{base}-{attempt}"
             try:
-                sm.create_training_job(**self.request(name, lake, channels, model_key, job_name, instance_type, hyperparameters))
+                sm.create_training_job(**self.request(name, lake, channels, model_key, base, instance_type, hyperparameters))
             except ClientError as e:
                 if any(m in str(e) for m in CAPACITY_MARKERS):
                     context.log.warning(f"{instance_type}: no capacity ({e}); trying the next instance type")

@@ -129,11 +129,11 @@ def train() -> dict:
         val_loss, val_acc = evaluate(model, xva, yva)
         rec = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
         history.append(rec)
-        # SageMaker metric definitions parse these lines.
-        print(f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}", flush=True)
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history, "epoch": epoch + 1, "rng": torch.get_rng_state()}, tmp)
-        os.replace(tmp, ckpt_path)
+        os.replace(tmp, ckpt_path)  # atomic: a reclaim never leaves half a checkpoint
+        # SageMaker metric definitions parse these lines (printed once the epoch is checkpointed).
+        print(f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}", flush=True)
 
     test_loss, test_acc = evaluate(model, xte, yte)
     print(f"test_loss={test_loss:.4f} test_accuracy={test_acc:.4f}", flush=True)

@@ -231,9 +231,7 @@ def _train(job) -> None:
                     if line.startswith("epoch="):
                         epochs += 1
                         if interrupt and epochs >= interrupt and job.enable_managed_spot_training:
-                            # SageMaker syncs checkpoints continuously; the last one survives the reclaim
-                            time.sleep(0.2)
-                            proc.kill()
+                            proc.kill()  # the reclaim: the last synced checkpoint survives
                             break
                 proc.wait()
                 if job.checkpoint_config and (ml / "checkpoints").exists():
@@ -310,8 +308,9 @@ def _athena_results(original):
         fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key="testing", secret_key="testing", region=REGION)
         con = duckdb.connect()
         for name in ("images", "objects"):
-            table = glue.get_table(execution.context, name)
-            location = table.versions[table._current_version]["StorageDescriptor"]["Location"].replace("s3://", "")
+            database = execution.context["Database"] if isinstance(execution.context, dict) else execution.context
+            table = glue.get_table(database, name)
+            location = table.get_version(str(table._current_version))["StorageDescriptor"]["Location"].replace("s3://", "")
             part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
             try:
                 files = [f.path for f in fs.get_file_info(pafs.FileSelector(location, recursive=True)) if f.path.endswith(".parquet")]
@@ -435,19 +434,14 @@ def aws(moto_endpoint, monkeypatch, tmp_path):
 
 def digits_zip(n: int, classes=(0, 1)) -> bytes:
     """A small labelled pack of real digits (scikit-learn's), one folder per class."""
-    import cv2
-    import numpy as np
-    from sklearn.datasets import load_digits
+    from cvgraph.demo_packs import digit_members, zip_bytes
 
-    from cvgraph.demo_packs import zip_bytes
+    return zip_bytes(digit_members(size=32, limit=n, classes=classes))
 
-    d = load_digits()
-    members = {}
-    for i, (img, label) in enumerate(zip(d.images, d.target)):
-        if label in classes and len(members) < n:
-            ok, png = cv2.imencode(".png", 255 - cv2.resize((img * 16).astype(np.uint8), (32, 32), interpolation=cv2.INTER_CUBIC))
-            members[f"{label}/d{i:04d}.png"] = png.tobytes()
-    return zip_bytes(members)
+
+@pytest.fixture
+def small_digits_pack():
+    return digits_zip
 
 
 @pytest.fixture
@@ -459,7 +453,25 @@ def indexed_lake(aws):
     from workloads.versions import HASH_PREFIXES
 
     lake = open_lake(LAKE_URL)
-    lake.put("incoming/digits.zip", digits_zip(40))
+    lake.put("incoming/digits.zip", digits_zip(40))  # 40 images over ~37 prefixes
     ingest_pack(lake, "digits", "incoming/digits.zip")
     stats = build_raw_index(lake, list(HASH_PREFIXES))
     return lake, sorted(p for p, s in stats.items() if s["images"])
+
+
+@pytest.fixture
+def subset_on_s3(indexed_lake):
+    """Resized images, tables and a subset manifest of every image, all in the S3 lake."""
+    from resources.catalog import DuckDBCatalog
+    from resources.storage import LakeResource
+    from workloads.images import ImageParams, process_prefix
+    from workloads.lake import write_parquet
+    from workloads.tables import write_prefix_tables
+
+    lake, busy = indexed_lake
+    for p in busy:
+        process_prefix(lake, p, ["resize", "edges"], ImageParams(), "prep")
+        write_prefix_tables(lake, p, ImageParams())
+    manifest = DuckDBCatalog(lake=LakeResource(url=LAKE_URL)).query("SELECT * FROM images ORDER BY sha256")
+    write_parquet(lake, "subsets/all/manifest.parquet", manifest)
+    return lake, manifest

@@ -5,7 +5,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import signal
 import struct
 import subprocess

@@ -1,0 +1,73 @@
+"""The whole graph with CVGRAPH_PROFILE=aws against the moto server: upload → SQS sensor →
+Batch (ingest, then one array job per stage whose children run the workload CLI against
+the moto S3) → Glue tables → Athena SQL freeze → SageMaker training entry → export."""
+
+import json
+
+import boto3
+import dagster as dg
+import pyarrow.parquet as pq
+
+
+def test_whole_graph_on_the_aws_profile(aws, small_digits_pack):
+    import io
+
+    from moto.batch.models import batch_backends
+
+    from orchestration import runs
+    from orchestration.definitions import build_defs
+    from orchestration.sensors import incoming_packs_sensor, incoming_packs_sqs_sensor
+    from resources.catalog import AthenaCatalog
+    from resources.compute import BatchArrayClient
+    from resources.training import SageMakerTrainer
+
+    defs = build_defs("aws")
+    res = defs.resources
+    assert isinstance(res["image_compute"], BatchArrayClient) and isinstance(res["trainer"], SageMakerTrainer) and isinstance(res["catalog"], AthenaCatalog)
+    assert {s.name for s in defs.sensors} == {"incoming_packs", "incoming_packs_sqs", "image_automation"}
+    lake = res["lake"].lake()
+    boto3.client("s3").put_object(Bucket="cvgraph-lake", Key="lake/incoming/digits.zip", Body=small_digits_pack(60))
+
+    def parent_jobs():
+        return sorted((j.job_name for jid, j in batch_backends["123456789012"]["us-east-1"]._jobs.items() if ":" not in jid))
+
+    with dg.instance_for_test() as inst:
+        assert runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sqs_sensor) == ["digits"]
+        assert runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sensor) == []  # the safety net finds nothing new
+        pack = json.loads(lake.get("packs/digits/pack.json"))
+        assert (pack["accepted"], pack["duplicates"], pack["rejected"]) == (60, 0, [])
+        assert len(parent_jobs()) == 1 and parent_jobs()[0].endswith("ingest-digits-digits")
+
+        launched = runs.sync(inst, definitions=defs)
+        assert [r["range"] for r in launched] == [("00", "ff")]  # one ranged run for all 256 prefixes
+        names = parent_jobs()
+        assert len(names) == 3 and sum("-resize-" in n for n in names) == 1 and sum("-edges-" in n for n in names) == 1
+        assert sum(1 for _ in lake.list("resized/")) == sum(1 for _ in lake.list("edges/")) == 60
+        assert len(inst.get_materialized_partitions(dg.AssetKey("image_tables"))) == 256
+
+        counts = res["catalog"].query("SELECT label, count(*) AS n FROM images GROUP BY label ORDER BY label").to_pylist()
+        assert counts == [{"label": "0", "n": 31}, {"label": "1", "n": 29}]  # the first 60 zeros and ones of the digits
+
+        from partitions import models, subsets
+
+        runs.ensure_partition(inst, subsets, "zeros_and_ones")
+        runs.materialize(inst, [dg.AssetKey("frozen_subsets")], partition_key="zeros_and_ones", definitions=defs,
+                         run_config={"ops": {"frozen_subsets": {"config": {"sql": "SELECT * FROM images WHERE label IN ('0', '1')"}}}})
+        assert any(q.startswith("SELECT * FROM (SELECT * FROM images WHERE label IN ('0', '1')) AS q") for q in aws.athena_queries)
+        subset = json.loads(lake.get("subsets/zeros_and_ones/subset.json"))
+        assert subset["rows"] == 60 and subset["packs"] == ["digits"]
+
+        runs.ensure_partition(inst, models, "zo-cnn")
+        runs.materialize(inst, [dg.AssetKey("trained_models")], partition_key="zo-cnn", definitions=defs,
+                         run_config={"ops": {"trained_models": {"config": {"subset": "zeros_and_ones", "epochs": 3, "batch_size": 16}}}})
+        [job] = aws.training_runs
+        assert job["instance_type"] == "ml.m5.large" and job["spot"] is True and "epoch=3" in job["output"]
+        model = json.loads(lake.get("models/zo-cnn/model.json"))
+        assert model["subset_manifest_sha256"] == subset["manifest_sha256"] and model["classes"] == ["0", "1"]
+
+        result = runs.materialize(inst, [dg.AssetKey("exported_models")], partition_key="zo-cnn", definitions=defs)
+        checks = [e for e in result.get_asset_check_evaluations()]
+        assert [(c.check_name, c.passed) for c in checks] == [("parity", True)]
+        exports = json.loads(lake.get("exports/zo-cnn/exports.json"))
+        assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
+        assert pq.read_table(io.BytesIO(lake.get("subsets/zeros_and_ones/manifest.parquet"))).num_rows == 60

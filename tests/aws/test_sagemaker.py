@@ -1,0 +1,83 @@
+import _thread
+import json
+import threading
+import time
+
+import boto3
+import dagster as dg
+import pytest
+from botocore.stub import Stubber
+
+from resources.training import SageMakerTrainer
+from workloads.s3lake import S3Lake
+
+HP = {"epochs": 4, "lr": 0.003, "batch_size": 16, "input_size": 32, "variant": "resized", "seed": 0}
+
+
+def trainer(**kw) -> SageMakerTrainer:
+    import os
+
+    return SageMakerTrainer(role_arn=os.environ["CVGRAPH_SAGEMAKER_ROLE_ARN"], training_image=os.environ["CVGRAPH_TRAINING_IMAGE"],
+                            instance_types=["ml.m5.large", "ml.c5.xlarge"], poll_seconds=0.2, **kw)
+
+
+def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    lake = S3Lake("s3://bucket/lake", endpoint_url="http://127.0.0.1:1")
+    t = SageMakerTrainer(role_arn="arn:aws:iam::1:role/r", training_image="img:1", max_runtime_seconds=3600, max_wait_seconds=600)
+    channels = {"manifest": {"S3DataType": "S3Prefix", "S3Uri": "s3://bucket/lake/subsets/s/manifest.parquet"},
+                "images": {"S3DataType": "ManifestFile", "S3Uri": "s3://bucket/lake/models/m/channels/images.manifest"}}
+    req = t.request("job-0", lake, channels, "m", "job", "ml.m5.large", {"epochs": 3})
+    assert req["EnableManagedSpotTraining"] is True
+    assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 3600}  # MaxWait >= MaxRuntime
+    assert req["CheckpointConfig"] == {"S3Uri": "s3://bucket/lake/models/m/checkpoints/job/", "LocalPath": "/opt/ml/checkpoints"}
+    assert req["HyperParameters"] == {"epochs": "3", "checkpoint_dir": "/opt/ml/checkpoints"}  # strings, as SageMaker wants
+    assert [c["DataSource"]["S3DataSource"]["S3DataType"] for c in req["InputDataConfig"]] == ["S3Prefix", "ManifestFile"]
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    with Stubber(sm) as stub:  # botocore validates the whole request against the service model
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/job-0"}, req)
+        sm.create_training_job(**req)
+        stub.assert_no_pending_responses()
+
+
+def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(subset_on_s3, aws):
+    lake, manifest = subset_on_s3
+    aws.no_capacity = {"ml.m5.large"}
+    aws.interrupt_after_epochs = 2
+    metrics = trainer().train(dg.build_asset_context(), lake, "cvgraph-digits_cnn-abc", "subsets/all/manifest.parquet", "digits_cnn", {**HP, "epochs": 30})
+    first, second = aws.training_runs
+    assert (first["instance_type"], first["attempts"]) == ("ml.m5.large", 0)  # capacity error: never ran
+    assert second["instance_type"] == "ml.c5.xlarge" and second["name"] == "cvgraph-digits-cnn-abc-1"
+    assert second["attempts"] == 2
+    resumed = int(second["output"].split("resumed from checkpoint at epoch ")[1].split()[0])
+    assert 2 <= resumed < 30  # killed after epoch 2 was checkpointed; the restart went on from there
+    after = second["output"].split("resumed from checkpoint")[1]
+    assert after.split("epoch=")[1].split()[0] == str(resumed + 1)  # no epoch trained twice
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 31))
+    assert lake.get("models/digits_cnn/model.pt")[:2] == b"PK"  # torch zip format
+    assert json.loads(lake.get("models/digits_cnn/metrics.json"))["classes"] == ["0", "1"]
+    channel = json.loads(lake.get("models/digits_cnn/channels/images.manifest"))
+    assert channel[0] == {"prefix": "s3://cvgraph-lake/lake/"} and sorted(channel[1:]) == sorted(manifest["resized_key"].to_pylist())
+    ckpts = [o.key for o in lake.list("models/digits_cnn/checkpoints/")]
+    assert ckpts == ["models/digits_cnn/checkpoints/cvgraph-digits-cnn-abc/checkpoint.pt"]
+
+
+def test_cancelling_the_run_stops_the_training_job(subset_on_s3, aws):
+    lake, _ = subset_on_s3
+
+    def interrupt_when_training():
+        deadline = time.time() + 120
+        while not (aws.training_runs and "epoch=" in aws.training_runs[0]["output"]) and time.time() < deadline:
+            time.sleep(0.05)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_when_training, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(use_spot=False).train(dg.build_asset_context(), lake, "cancel-me", "subsets/all/manifest.parquet", "m2", {**HP, "epochs": 200})
+    sm = boto3.client("sagemaker")
+    deadline = time.time() + 30
+    while sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] != "Stopped" and time.time() < deadline:
+        time.sleep(0.1)
+    assert sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] == "Stopped"
+    assert not lake.exists("models/m2/model.pt")

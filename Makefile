@@ -13,6 +13,8 @@ install: $(STAMP)
 
 # torch first, pinned: any other torch requirement would pull several GB of CUDA wheels.
 $(STAMP): pyproject.toml
+	@# Spark (the optional table writer, and its test) needs a JVM.
+	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends openjdk-17-jre-headless)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0

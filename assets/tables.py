@@ -11,7 +11,7 @@ from partitions import hash_prefixes
 from resources.catalog import Catalog
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
-from workloads.tables import write_prefix_tables
+from resources.tables import TableWriter
 
 
 @dg.asset(
@@ -25,10 +25,10 @@ from workloads.tables import write_prefix_tables
     description="Rows of `images` (one per image) and `objects` (one per annotated box) under tables/<table>/prefix=<pp>/.",
     check_specs=[dg.AssetCheckSpec("rows_match_images", asset="image_tables", description="`images` rows = indexed originals, every row has its resized and edge map")],
 )
-def image_tables(context: dg.AssetExecutionContext, lake: LakeResource, image_settings: ImageSettings, catalog: Catalog):
+def image_tables(context: dg.AssetExecutionContext, lake: LakeResource, image_settings: ImageSettings, catalog: Catalog, table_writer: TableWriter):
     store = lake.lake()
     params = image_settings.params()
-    stats = {p: write_prefix_tables(store, p, params) for p in context.partition_keys}
+    stats = table_writer.write(store, list(context.partition_keys), params)
     catalog.register_tables()
     yield record_prefixes(context, store, context.asset_key, stats, ("images", "objects", "missing_variants"))
     bad = {}

@@ -13,6 +13,7 @@ from resources.compute import BatchArrayClient, LocalProcessPool
 from resources.events import PackEvents
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
+from resources.tables import PyArrowTableWriter, TableWriter
 from resources.tracking import MLflowTracking
 from resources.training import LocalTrainer, SageMakerTrainer
 
@@ -105,10 +106,29 @@ def aws_resources() -> dict:
     return resources
 
 
+def table_writer() -> TableWriter:
+    """CVGRAPH_TABLE_WRITER=pyarrow (default) or spark (dagster-pyspark, lazily started)."""
+    kind = env("CVGRAPH_TABLE_WRITER", "pyarrow")
+    if kind == "pyarrow":
+        return PyArrowTableWriter()
+    if kind == "spark":
+        from dagster_pyspark import LazyPySparkResource
+
+        from resources.spark import SparkTableWriter
+
+        return SparkTableWriter(spark=LazyPySparkResource(spark_config={
+            "spark.master": env("CVGRAPH_SPARK_MASTER", "local[2]"),
+            "spark.sql.session.timeZone": "UTC",
+            "spark.ui.enabled": "false",
+            "spark.sql.shuffle.partitions": "16",
+        }))
+    raise ValueError(f"CVGRAPH_TABLE_WRITER={kind!r}: expected pyarrow or spark")
+
+
 def resources_for(name: str | None = None) -> dict:
     name = name or profile()
     if name == "aws":
-        return aws_resources()
+        return {**aws_resources(), "table_writer": table_writer()}
     h = home()
     lake = LakeResource(url=env("CVGRAPH_LAKE_URL", str(h / "lake")))
     return {
@@ -121,4 +141,5 @@ def resources_for(name: str | None = None) -> dict:
         "catalog": DuckDBCatalog(lake=lake),
         "tracking": _tracking(h),
         "image_settings": image_settings(),
+        "table_writer": table_writer(),
     }

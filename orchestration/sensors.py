@@ -40,8 +40,15 @@ def new_packs(lake, instance: dg.DagsterInstance, cursor: str | None) -> tuple[l
     return found, last
 
 
-def pack_run_request(pack_id: str, key: str) -> dg.RunRequest:
-    return dg.RunRequest(run_key=key, partition_key=pack_id, asset_selection=[raw_packs.key], tags={PACK_KEY_TAG: key})
+def pack_sensor_result(context: dg.SensorEvaluationContext, found: list[tuple[str, str]], cursor: str, source: str) -> dg.SensorResult:
+    """Each new (pack id, key): a ``packs`` partition and an ingest run (run key = object key)."""
+    if found:
+        context.log.info(f"new packs from {source}: {[p for p, _ in found]}")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=k, partition_key=p, asset_selection=[raw_packs.key], tags={PACK_KEY_TAG: k}) for p, k in found],
+        dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])] if found else [],
+        cursor=cursor,
+    )
 
 
 def parse_cursor(raw: str | None) -> dict:
@@ -64,13 +71,7 @@ def incoming_packs_sensor(context: dg.SensorEvaluationContext, lake: LakeResourc
         cursor["full_listing_at"] = now
     if last is not None and (cursor["after"] is None or last > cursor["after"]):
         cursor["after"] = last
-    if found:
-        context.log.info(f"new packs: {[p for p, _ in found]}")
-    return dg.SensorResult(
-        run_requests=[pack_run_request(p, k) for p, k in found],
-        dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])] if found else [],
-        cursor=json.dumps(cursor, sort_keys=True),
-    )
+    return pack_sensor_result(context, found, json.dumps(cursor, sort_keys=True), "the listing")
 
 
 @dg.sensor(
@@ -100,13 +101,7 @@ def incoming_packs_sqs_sensor(context: dg.SensorEvaluationContext, lake: LakeRes
             pack_id = pack_id_for(key)
             if not context.instance.has_dynamic_partition(packs.name, pack_id) and pack_id not in {p for p, _ in found}:
                 found.append((pack_id, key))
-    if found:
-        context.log.info(f"new packs from S3 events: {[p for p, _ in found]}")
-    return dg.SensorResult(
-        run_requests=[pack_run_request(p, k) for p, k in found],
-        dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])] if found else [],
-        cursor=json.dumps({"delete": [m["receipt"] for m in messages]}),
-    )
+    return pack_sensor_result(context, found, json.dumps({"delete": [m["receipt"] for m in messages]}), "S3 events")
 
 
 image_automation = dg.AutomationConditionSensorDefinition(

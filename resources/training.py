@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import dagster as dg
+from tqdm import tqdm
 
 from workloads.lake import LocalLake
 
@@ -63,16 +64,22 @@ class LocalTrainer(Trainer):
         context.log.info(f"training job {job_name}: {hp}")
         proc = subprocess.Popen([sys.executable, "-m", "workloads.train"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         tail: list[str] = []
+        bar = tqdm(total=int(hp.get("epochs", 0)), desc=f"training {model_key}", unit="epoch", disable=None, leave=False)
         try:
             for line in proc.stdout:
                 line = line.rstrip()
                 tail = (tail + [line])[-40:]
                 if line.startswith(("epoch=", "test_", "train=", "resumed")):
                     context.log.info(line)
+                if line.startswith("epoch="):
+                    bar.update(1)
+                    bar.set_postfix_str(line.split(" ", 1)[1])
             proc.wait()
         except BaseException:  # cancelled: stop the job, as StopTrainingJob would
             proc.kill()
             raise
+        finally:
+            bar.close()
         if proc.returncode != 0:
             raise TrainingFailed(f"training job {job_name} exited {proc.returncode}:\n" + "\n".join(tail))
         keys = model_keys(model_key)

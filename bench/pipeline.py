@@ -1,0 +1,158 @@
+"""Orchestrated vs bare: one ranged Dagster run over 00..ff vs the workload CLI alone.
+
+Both start from clones (hard links) of one lake into which a pack of small distinct JPEGs
+was ingested and indexed. The bare run is ``python -m workloads.images`` over the 256
+prefixes, sharded over the same worker processes, threads and environment as
+``LocalProcessPool`` gives them. The orchestrated run materialises raw_images +
+resized_images + edge_maps + image_tables in one ranged run (local profile, its own
+CVGRAPH_HOME); its index and tables work is part of its overhead.
+
+    python -m bench.pipeline orchestrate --home DIR     # one Dagster run; prints JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import PY, REPO, LoadMeter, env, log
+
+ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
+PACK_ID = "bench_small"
+
+
+def settings_env(home: Path, workers: int, threads: int, size: int) -> dict:
+    return {"CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local", "CVGRAPH_WORKERS": str(workers),
+            "CVGRAPH_IMAGE_THREADS": str(threads), "CVGRAPH_IMAGE_SIZE": str(size)}
+
+
+def prepare(work: Path, n: int) -> dict:
+    """A lake with ``n`` small distinct JPEGs ingested (one pack) and the raw index built."""
+    from bench.inputs import small_crops, write_pack
+    from workloads.index import build_raw_index
+    from workloads.ingest import ingest_pack
+    from workloads.lake import LocalLake
+    from workloads.versions import HASH_PREFIXES
+
+    lake_dir = work / "lake0"
+    t0 = time.perf_counter()
+    members = ((f"crops/crop_{i:05d}.jpg", data) for i, data in enumerate(small_crops(n)))
+    pack = write_pack(lake_dir / "incoming" / f"{PACK_ID}.zip", members)
+    t1 = time.perf_counter()
+    lake = LocalLake(lake_dir)
+    res = ingest_pack(lake, PACK_ID, f"incoming/{PACK_ID}.zip")
+    t2 = time.perf_counter()
+    stats = build_raw_index(lake, list(HASH_PREFIXES))
+    t3 = time.perf_counter()
+    assert res.accepted == n, f"ingest accepted {res.accepted} of {n} ({res.rejected[:3]})"
+    return {"lake": str(lake_dir), "images": n, "pack_bytes": pack["zip_bytes"], "generate_s": round(t1 - t0, 2),
+            "ingest_s": round(t2 - t1, 2), "index_s": round(t3 - t2, 2), "prefixes_with_images": sum(1 for s in stats.values() if s["images"])}
+
+
+def clone(src: Path, dst: Path) -> None:
+    """A copy that shares the (never rewritten) files: every lake write is tmp + rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-al", str(src), str(dst)], check=True)
+
+
+def bare(lake: Path, workers: int, threads: int, size: int) -> dict:
+    """workloads.images over 00..ff, sharded as LocalProcessPool shards (prefixes[i::n])."""
+    from workloads.versions import HASH_PREFIXES
+
+    prefixes = list(HASH_PREFIXES)
+    shards = [prefixes[i::workers] for i in range(workers)]
+    meter = LoadMeter(children=True)
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([PY, "-m", "workloads.images", "--lake", str(lake), "--run-id", "bare", "--stages", "resize,edges",
+                               "--threads", str(threads), "--size", str(size), "--prefixes", ",".join(s)],
+                              cwd=REPO, env=env(worker=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in shards]
+    outs = [p.communicate() for p in procs]
+    wall = time.perf_counter() - t0
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"workloads.images exited {p.returncode}: {err[-2000:]}")
+    recs = [json.loads(line) for out, _ in outs for line in out.splitlines() if line.startswith("{")]
+    processed = sum(r["processed"] for r in recs if r["stage"] == "resize")
+    return {"wall_s": round(wall, 3), "processed": processed, "external_load_cores": meter.external_cores()}
+
+
+def orchestrated(home: Path, workers: int, threads: int, size: int) -> dict:
+    from bench.common import run_json
+
+    return run_json(["bench.pipeline", "orchestrate", "--home", str(home)], extra_env=settings_env(home, workers, threads, size),
+                    drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"))
+
+
+def _orchestrate(home: Path) -> dict:
+    t_start = time.perf_counter()
+    import dagster as dg
+
+    from orchestration import runs
+    from orchestration.definitions import build_defs
+    from workloads.lake import LocalLake
+
+    defs = build_defs("local")
+    inst = runs.instance()
+    inst.get_runs(limit=1)  # an existing instance: storage initialised before the run
+    t_ready = time.perf_counter()
+    keys = [dg.AssetKey(k) for k in ASSETS]
+    meter = LoadMeter(children=True)
+    t0 = time.perf_counter()
+    result = runs.materialize(inst, keys, partition_range=("00", "ff"), definitions=defs)
+    wall = time.perf_counter() - t0
+    load = meter.external_cores()
+    steps = {}
+    for s in inst.get_run_step_stats(result.run_id):
+        if s.start_time and s.end_time:
+            steps[s.step_key] = round(s.end_time - s.start_time, 3)
+    lake = LocalLake(home / "lake")
+    processed = sum(json.loads(lake.get(o.key))["processed"] for o in lake.list(f"_results/{result.run_id}/resize/"))
+    rows = sum(json.loads(lake.get(o.key))["images"] for o in lake.list("_versions/image_tables/"))
+    workers_s = sum(json.loads(lake.get(o.key))["seconds"] for o in lake.list(f"_results/{result.run_id}/resize/"))
+    return {"wall_s": round(wall, 3), "startup_s": round(t_ready - t_start, 3), "processed": processed, "table_rows": rows,
+            "steps_s": steps, "prefix_task_seconds_sum": round(workers_s, 2), "run_id": result.run_id, "external_load_cores": load}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["orchestrate"])
+    ap.add_argument("--home", required=True)
+    args = ap.parse_args(argv)
+    print(json.dumps(_orchestrate(Path(args.home))), flush=True)
+    return 0
+
+
+def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, size: int = 64, another=None, max_trials: int = 3) -> dict:
+    """Interleaved trials (bare, orchestrated, ...), each from a fresh clone of the same lake;
+    after ``trials``, more while ``another()`` says so (up to ``max_trials``)."""
+    prep = prepare(work, n)
+    log(f"pipeline: {n} images ingested in {prep['ingest_s']} s, indexed in {prep['index_s']} s")
+    lake0 = Path(prep["lake"])
+    out = {"bare": [], "orchestrated": []}
+    last_home = None
+    t = 0
+    while t < trials or (another is not None and t < max_trials and another()):
+        b = work / f"bare_{t}" / "lake"
+        clone(lake0, b)
+        out["bare"].append(bare(b, workers, threads, size))
+        shutil.rmtree(b.parent, ignore_errors=True)
+        home = work / f"home_{t}"
+        clone(lake0, home / "lake")
+        out["orchestrated"].append(orchestrated(home, workers, threads, size))
+        if last_home:
+            shutil.rmtree(last_home, ignore_errors=True)
+        last_home = home
+        log(f"pipeline trial {t}: bare {out['bare'][-1]['wall_s']} s, orchestrated {out['orchestrated'][-1]['wall_s']} s")
+        t += 1
+    for r in out["bare"] + out["orchestrated"]:
+        assert r["processed"] == n, f"a run processed {r['processed']} of {n} images"
+    return {"prepare": prep, **out, "home": str(last_home), "workers": workers, "threads": threads, "size": size}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

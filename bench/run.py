@@ -1,0 +1,303 @@
+"""The cvgraph benchmark: ``python -m bench.run [--quick] [--out PATH]`` (``make bench``).
+
+Seven measurements, each a ratio or value measured in one run on the same inputs, built from
+the photos scikit-learn and scikit-image ship (nothing is downloaded):
+
+1. ``kernel_vs_naive``        fast image kernel (DCT-scaled decode) vs full decode, img/s per core, 6 MP JPEGs
+2. ``kernel_vs_decode_bound`` fast kernel rate / rate of the reduced decode alone
+3. ``scaling_2_workers``      2 worker processes vs 1 on the same images
+4. ``orchestrated_vs_bare``   one ranged Dagster run over 00..ff vs the workload CLI, same lake and workers
+5. ``ingest_peak_rss_mb``     peak RSS of ``python -m workloads.ingest`` on a ≥ 2 GB pack
+6. ``freeze_1m_rows_s``       ``Datasets().freeze_dataset`` over a 1,000,000-row ``images`` table
+7. ``dataset_vs_direct``      FrozenSubsetDataset through a DataLoader vs a direct read+decode loop
+
+Results go to ``bench/results.json`` (``--out``): for each name, the measured numbers, the
+``value``, the ``target`` and ``pass``. ``--quick`` is a small smoke version (same code
+paths, small inputs, numbers not meaningful). Timings are ratios within one run, robust to
+the machine's load; ``external_load_cores`` records how busy other processes kept the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import REPO, log, median, result, run_json, wait_for_quiet
+
+NAMES = ("kernel_vs_naive", "kernel_vs_decode_bound", "scaling_2_workers", "orchestrated_vs_bare",
+         "ingest_peak_rss_mb", "freeze_1m_rows_s", "dataset_vs_direct")
+TARGETS = {"kernel_vs_naive": (2.2, ">="), "kernel_vs_decode_bound": (0.80, ">="), "scaling_2_workers": (1.9, ">="),
+           "orchestrated_vs_bare": (1.15, "<="), "ingest_peak_rss_mb": (300.0, "<"), "freeze_1m_rows_s": (2.0, "<"),
+           "dataset_vs_direct": (0.9, ">=")}
+
+FULL = {
+    "big_jpegs": 8, "big_pngs": 2, "big_size": (3000, 2000), "kernel_size": 256, "kernel_rounds": 5,
+    "scaling_trials": 3, "scaling_passes": 32, "quiet_wait_s": 20.0,
+    "pipeline_images": 5000, "pipeline_trials": 1, "pipeline_extra_trial_if_under_s": 240.0,
+    "ingest_bytes": 2 * 1024**3, "ingest_pool_env": True,
+    "freeze_rows": 1_000_000, "dataset_rounds": 5,
+}
+QUICK = {
+    "big_jpegs": 2, "big_pngs": 1, "big_size": (1200, 800), "kernel_size": 256, "kernel_rounds": 1,
+    "scaling_trials": 1, "scaling_passes": 2, "quiet_wait_s": 0.0,
+    "pipeline_images": 120, "pipeline_trials": 1, "pipeline_extra_trial_if_under_s": 0.0,
+    "ingest_bytes": 40 * 1024**2, "ingest_pool_env": False,
+    "freeze_rows": 5_000, "dataset_rounds": 1,
+}
+
+
+def _res(name: str, value: float, unit: str, **measured) -> dict:
+    target, op = TARGETS[name]
+    return result(value, target, op, unit, **measured)
+
+
+# -- 1, 2: the image kernel on one core -------------------------------------------------------
+
+
+def bench_kernel(cfg: dict, work: Path) -> tuple[dict, dict, Path]:
+    from bench.inputs import big_images
+    from bench.kernel import save_inputs
+
+    w, h = cfg["big_size"]
+    t0 = time.perf_counter()
+    images = big_images(cfg["big_jpegs"], cfg["big_pngs"], w, h)
+    inputs = work / "kernel_inputs"
+    save_inputs(inputs, images)
+    log(f"kernel: {len(images)} inputs ({w}x{h}) built in {time.perf_counter() - t0:.1f} s")
+    # In a worker's environment (LocalProcessPool's malloc settings): what production runs.
+    k = run_json(["bench.kernel", "single", "--inputs", str(inputs), "--size", str(cfg["kernel_size"]), "--rounds", str(cfg["kernel_rounds"])], worker=True)
+    # The same without the malloc settings: how much of the ratio the environment carries.
+    k_plain = run_json(["bench.kernel", "single", "--inputs", str(inputs), "--size", str(cfg["kernel_size"]), "--rounds", str(cfg["kernel_rounds"]), "--formats", "JPEG"])
+    k64 = run_json(["bench.kernel", "single", "--inputs", str(inputs), "--size", "64", "--rounds", str(cfg["kernel_rounds"]), "--formats", "JPEG"], worker=True)
+    jpeg = k["jpeg"]
+    common = {"inputs": f"{cfg['big_jpegs']} JPEG q92 + {cfg['big_pngs']} PNG mosaics of the bundled photos, {w}x{h}",
+              "target_size": cfg["kernel_size"], "threads": 1, "env": "worker (LocalProcessPool malloc settings)", "rounds": k["rounds"]}
+    naive = _res("kernel_vs_naive", jpeg["fast_over_naive"], "x (img/s per core, fast / naive, JPEG)", **common,
+                 jpeg={kk: jpeg[kk] for kk in ("images", "compressed_mb", "bytes_per_pixel", "fast", "naive")},
+                 png=k.get("png"), mixed_fast_over_naive=k.get("mixed", {}).get("fast_over_naive"),
+                 without_malloc_env_fast_over_naive=k_plain["jpeg"]["fast_over_naive"],
+                 at_size_64_fast_over_naive=k64["jpeg"]["fast_over_naive"])
+    bound = _res("kernel_vs_decode_bound", jpeg["fast_over_decode"], "fraction (fast path rate / reduced-decode-only rate, JPEG)", **common,
+                 fast=jpeg["fast"], decode_only=jpeg["decode"], png_fast_over_decode=(k.get("png") or {}).get("fast_over_decode"),
+                 without_malloc_env=k_plain["jpeg"]["fast_over_decode"], at_size_64=k64["jpeg"]["fast_over_decode"])
+    return naive, bound, inputs
+
+
+# -- 3: two worker processes vs one ------------------------------------------------------------
+
+
+def bench_scaling(cfg: dict, inputs: Path) -> dict:
+    from bench.kernel import scaling_trial
+
+    pairs = []
+    for t in range(cfg["scaling_trials"]):
+        quiet = wait_for_quiet(cfg["quiet_wait_s"]) if cfg["quiet_wait_s"] else {"quiet": None}
+        order = (1, 2) if t % 2 == 0 else (2, 1)
+        trial = {k: scaling_trial(k, inputs, cfg["kernel_size"], cfg["scaling_passes"]) for k in order}
+        one, two = trial[1], trial[2]
+        pairs.append({"one": one, "two": two, "ratio": round(two["img_per_s"] / one["img_per_s"], 3),
+                      "cpu_ratio": round(2 * (one["worker_cpu_s"] / one["images"]) / (two["worker_cpu_s"] / two["images"]), 3),
+                      "external_load_cores": max(one["external_load_cores"], two["external_load_cores"]), "before": quiet})
+        log(f"scaling trial {t}: 1 worker {one['img_per_s']} img/s, 2 workers {two['img_per_s']} img/s (x{pairs[-1]['ratio']}), "
+            f"other load {pairs[-1]['external_load_cores']} cores")
+    quiet_pairs = [p for p in pairs if p["external_load_cores"] < 0.3]
+    used = quiet_pairs or pairs
+    return _res("scaling_2_workers", median([p["ratio"] for p in used]), "x (img/s, 2 processes / 1, wall clock)",
+                trials=pairs, trials_used="quiet (other load < 0.3 cores)" if quiet_pairs else "all (the machine was never quiet)",
+                machine_quiet=bool(quiet_pairs), cpu_time_ratio=round(median([p["cpu_ratio"] for p in used]), 3),
+                note="cpu_time_ratio = 2 x CPU per image alone / CPU per image side by side: the scaling the hardware allows, "
+                     "independent of other processes' load")
+
+
+# -- 4: one ranged Dagster run vs the bare workload ---------------------------------------------
+
+
+def bench_pipeline(cfg: dict, work: Path, t_start: float) -> tuple[dict, str]:
+    from bench import pipeline
+
+    def another() -> bool:  # one more interleaved pair if the run is young enough to afford it
+        return time.perf_counter() - t_start < cfg["pipeline_extra_trial_if_under_s"]
+
+    r = pipeline.bench(work / "pipeline", cfg["pipeline_images"], cfg["pipeline_trials"], another=another)
+    bare = [t["wall_s"] for t in r["bare"]]
+    orch = [t["wall_s"] for t in r["orchestrated"]]
+    ratios = [o / b for o, b in zip(orch, bare)]
+    last = r["orchestrated"][-1]
+    steps = last["steps_s"]
+    outside = round(last["wall_s"] - sum(steps.values()), 2)
+    res = _res("orchestrated_vs_bare", median(ratios), "x (wall time, orchestrated / bare; lower is better)",
+               images=cfg["pipeline_images"], workers=r["workers"], threads=r["threads"], resize_size=r["size"],
+               bare_s=bare, orchestrated_s=orch, ratios=[round(x, 3) for x in ratios],
+               orchestrated_steps_s=steps, orchestrated_outside_steps_s=outside,
+               orchestrated_startup_s=last["startup_s"], ratio_with_startup=round(median([(o["wall_s"] + o["startup_s"]) / b for o, b in zip(r["orchestrated"], bare)]), 3),
+               external_load_cores={"bare": [t["external_load_cores"] for t in r["bare"]], "orchestrated": [t["external_load_cores"] for t in r["orchestrated"]]},
+               prepare=r["prepare"])
+    return res, r["home"]
+
+
+# -- 5: ingest memory --------------------------------------------------------------------------
+
+
+def bench_ingest(cfg: dict, work: Path) -> dict:
+    from bench import ingest_rss
+
+    r = ingest_rss.bench(work / "ingest", cfg["ingest_bytes"], worker_env_too=cfg["ingest_pool_env"])
+    cli = r["cli"]
+    return _res("ingest_peak_rss_mb", cli["peak_rss_mb"], "MB (peak RSS of the ingest process)", **r)
+
+
+# -- 6: freezing over 1M rows ------------------------------------------------------------------
+
+
+def bench_freeze(cfg: dict, work: Path) -> dict:
+    home = work / "freeze_home"
+    home.mkdir(parents=True)
+    r = run_json(["bench.freeze", "--home", str(home), "--rows", str(cfg["freeze_rows"])],
+                 extra_env={"CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local", "CVGRAPH_IMAGE_SIZE": "64"}, drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"))
+    shutil.rmtree(home, ignore_errors=True)
+    return _res("freeze_1m_rows_s", r["freeze_s"], f"s (freeze_dataset over a {cfg['freeze_rows']:,}-row images table)", **r)
+
+
+# -- 7: dataset vs direct ----------------------------------------------------------------------
+
+
+def bench_dataset(cfg: dict, home: str) -> dict:
+    r = run_json(["bench.dataset", "--rounds", str(cfg["dataset_rounds"])],
+                 extra_env={"CVGRAPH_HOME": home, "CVGRAPH_PROFILE": "local", "CVGRAPH_IMAGE_SIZE": "64"}, drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"))
+    return _res("dataset_vs_direct", r["ratio"], "x (img/s per core, DataLoader(FrozenSubsetDataset) / direct loop)", **r)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.1f}"
+
+
+def table(results: dict) -> str:
+    lines = [f"{'benchmark':<24} {'measured':>10}  {'target':>9}  {'pass':<5} detail", "-" * 100]
+    for name in NAMES:
+        r = results.get(name, {})
+        target = f"{r.get('target_op', '')} {r.get('target', '')}"
+        status = "ERROR" if r.get("error") else ("yes" if r.get("pass") else "NO")
+        lines.append(f"{name:<24} {_fmt(r.get('value')):>10}  {target:>9}  {status:<5} {r.get('unit', r.get('error', ''))}")
+    return "\n".join(lines)
+
+
+def details(results: dict) -> str:
+    """A few numbers behind each value, for the console."""
+    out = []
+    g = results.get
+    if (k := g("kernel_vs_naive")) and not k.get("error"):
+        j = k["jpeg"]
+        out.append(f"kernel (1 core, {k['target_size']} px): fast {j['fast']['img_per_cpu_s']} img/s = {j['fast']['mb_per_cpu_s']} MB/s, "
+                   f"naive {j['naive']['img_per_cpu_s']} img/s = {j['naive']['mb_per_cpu_s']} MB/s; PNG fast/naive {((k.get('png') or {}).get('fast_over_naive'))}, "
+                   f"mixed {k.get('mixed_fast_over_naive')}; without malloc env {k['without_malloc_env_fast_over_naive']}; at 64 px {k['at_size_64_fast_over_naive']}")
+    if (k := g("kernel_vs_decode_bound")) and not k.get("error"):
+        out.append(f"decode only: {k['decode_only']['img_per_cpu_s']} img/s = {k['decode_only']['mb_per_cpu_s']} MB/s; at 64 px the fraction is {k['at_size_64']}")
+    if (k := g("scaling_2_workers")) and not k.get("error"):
+        out.append(f"scaling: trials {[t['ratio'] for t in k['trials']]}, other load {[t['external_load_cores'] for t in k['trials']]} cores, "
+                   f"used {k['trials_used']}; CPU-time ratio {k['cpu_time_ratio']}")
+    if (k := g("orchestrated_vs_bare")) and not k.get("error"):
+        out.append(f"pipeline ({k['images']} images): bare {k['bare_s']} s, orchestrated {k['orchestrated_s']} s; steps {k['orchestrated_steps_s']}, "
+                   f"outside steps {k['orchestrated_outside_steps_s']} s; other load {k['external_load_cores']}")
+    if (k := g("ingest_peak_rss_mb")) and not k.get("error"):
+        pool = k.get("local_pool_env", {})
+        out.append(f"ingest: {k['pack']['zip_gb']} GB, {k['pack']['members']} members in {k['cli']['wall_s']} s; peak RSS {k['cli']['peak_rss_mb']} MB "
+                   f"(polled {k['cli']['polled_hwm_mb']}), imports alone {k['import_only_rss_mb']} MB, with the pool's malloc env {pool.get('peak_rss_mb')} MB")
+    if (k := g("freeze_1m_rows_s")) and not k.get("error"):
+        out.append(f"freeze: {k['subset_rows']:,} of {k['table']['rows']:,} rows in {k['freeze_s']} s; selective ({k['selective']['rows']:,} rows) {k['selective']['freeze_s']} s")
+        for step, s in (k.get("breakdown") or {}).get("steps_s", {}).items():
+            out.append(f"    {s:>8.3f} s  {step}")
+    if (k := g("dataset_vs_direct")) and not k.get("error"):
+        out.append(f"dataset: {k['images']} images, DataLoader {k['dataset_img_per_cpu_s']} img/s vs direct {k['direct_img_per_cpu_s']} img/s")
+    return "\n".join(out)
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="cvgraph benchmarks (ratios measured in one run)")
+    ap.add_argument("--quick", action="store_true", help="small smoke version (numbers not meaningful)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results.json"))
+    ap.add_argument("--only", default="", help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = ap.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    only = set(filter(None, args.only.split(",")))
+
+    def want(part: str) -> bool:
+        return not only or part in only
+
+    work = Path(tempfile.mkdtemp(prefix="cvgraph-bench-"))
+    t_start = time.perf_counter()
+    results: dict[str, dict] = {}
+
+    def attempt(names: tuple[str, ...], fn):
+        t = time.perf_counter()
+        try:
+            out = fn()
+            out = out if isinstance(out, tuple) else (out,)
+            for name, r in zip(names, out):
+                r["seconds"] = round(time.perf_counter() - t, 1)
+                results[name] = r
+            return out
+        except Exception as e:
+            log(f"{'/'.join(names)} failed: {e}")
+            traceback.print_exc()
+            for name in names:
+                results[name] = {"value": None, "pass": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+            return None
+
+    try:
+        inputs = None
+        if want("kernel") or want("scaling"):
+            out = attempt(("kernel_vs_naive", "kernel_vs_decode_bound"), lambda: bench_kernel(cfg, work)[:2])
+            inputs = work / "kernel_inputs" if out else None
+        if want("scaling") and inputs:
+            attempt(("scaling_2_workers",), lambda: bench_scaling(cfg, inputs))
+        home = None
+        if want("pipeline") or want("dataset"):
+            attempt(("orchestrated_vs_bare",), lambda: _pipeline(cfg, work, t_start))
+        if want("dataset") and results.get("orchestrated_vs_bare", {}).get("home"):
+            home = results["orchestrated_vs_bare"].pop("home")
+            attempt(("dataset_vs_direct",), lambda: bench_dataset(cfg, home))
+        results.get("orchestrated_vs_bare", {}).pop("home", None)
+        if want("ingest"):
+            attempt(("ingest_peak_rss_mb",), lambda: bench_ingest(cfg, work))
+        if want("freeze"):
+            attempt(("freeze_1m_rows_s",), lambda: bench_freeze(cfg, work))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    ordered = {name: results[name] for name in NAMES if name in results}
+    write(ordered, Path(args.out))
+    total = time.perf_counter() - t_start
+    print(("QUICK (smoke) run: numbers are not meaningful\n" if args.quick else "") + table(ordered))
+    print(details(ordered))
+    print(f"total {total:.0f} s; results in {args.out}")
+    return 1 if any(r.get("error") for r in ordered.values()) else 0
+
+
+def _pipeline(cfg: dict, work: Path, t_start: float) -> dict:
+    res, home = bench_pipeline(cfg, work, t_start)
+    res["home"] = home
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,7 @@ from resources.storage import LakeResource
 from workloads.lake import read_parquet, write_parquet
 from workloads.versions import table_hash
 
-REQUIRED = ("sha256", "prefix", "pack_id", "label", "split", "original_key", "resized_key", "edges_key")
+REQUIRED = ("sha256", "prefix", "pack_id", "label", "split", "original_key", "resized_key", "edges_key", "resized_sha256", "edges_sha256")
 PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
 
 

@@ -51,7 +51,8 @@ def prepare(work: Path, n: int) -> dict:
     t3 = time.perf_counter()
     assert res.accepted == n, f"ingest accepted {res.accepted} of {n} ({res.rejected[:3]})"
     return {"lake": str(lake_dir), "images": n, "pack_bytes": pack["zip_bytes"], "generate_s": round(t1 - t0, 2),
-            "ingest_s": round(t2 - t1, 2), "index_s": round(t3 - t2, 2), "prefixes_with_images": sum(1 for s in stats.values() if s["images"])}
+            "ingest_s": round(t2 - t1, 2), "index_s": round(t3 - t2, 2), "prefixes_with_images": sum(1 for s in stats.values() if s["images"]),
+            "per_prefix": {p: s["images"] for p, s in stats.items()}}
 
 
 def clone(src: Path, dst: Path) -> None:
@@ -60,11 +61,15 @@ def clone(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "-al", str(src), str(dst)], check=True)
 
 
-def bare(lake: Path, workers: int, threads: int, size: int) -> dict:
-    """workloads.images over 00..ff, sharded as LocalProcessPool shards (prefixes[i::n])."""
+def prefixes_in(rng: tuple[str, str]) -> list[str]:
     from workloads.versions import HASH_PREFIXES
 
-    prefixes = list(HASH_PREFIXES)
+    return [p for p in HASH_PREFIXES if rng[0] <= p <= rng[1]]
+
+
+def bare(lake: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")) -> dict:
+    """workloads.images over the range, sharded as LocalProcessPool shards (prefixes[i::n])."""
+    prefixes = prefixes_in(rng)
     shards = [prefixes[i::workers] for i in range(workers)]
     meter = LoadMeter(children=True)
     t0 = time.perf_counter()
@@ -81,14 +86,14 @@ def bare(lake: Path, workers: int, threads: int, size: int) -> dict:
     return {"wall_s": round(wall, 3), "processed": processed, "external_load_cores": meter.external_cores()}
 
 
-def orchestrated(home: Path, workers: int, threads: int, size: int) -> dict:
+def orchestrated(home: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")) -> dict:
     from bench.common import run_json
 
-    return run_json(["bench.pipeline", "orchestrate", "--home", str(home)], extra_env=settings_env(home, workers, threads, size),
+    return run_json(["bench.pipeline", "orchestrate", "--home", str(home), "--range", f"{rng[0]}:{rng[1]}"], extra_env=settings_env(home, workers, threads, size),
                     drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"))
 
 
-def _orchestrate(home: Path) -> dict:
+def _orchestrate(home: Path, rng: tuple[str, str]) -> dict:
     t_start = time.perf_counter()
     import dagster as dg
 
@@ -103,7 +108,7 @@ def _orchestrate(home: Path) -> dict:
     keys = [dg.AssetKey(k) for k in ASSETS]
     meter = LoadMeter(children=True)
     t0 = time.perf_counter()
-    result = runs.materialize(inst, keys, partition_range=("00", "ff"), definitions=defs)
+    result = runs.materialize(inst, keys, partition_range=rng, definitions=defs)
     wall = time.perf_counter() - t0
     load = meter.external_cores()
     steps = {}
@@ -122,12 +127,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["orchestrate"])
     ap.add_argument("--home", required=True)
+    ap.add_argument("--range", default="00:ff")
     args = ap.parse_args(argv)
-    print(json.dumps(_orchestrate(Path(args.home))), flush=True)
+    print(json.dumps(_orchestrate(Path(args.home), tuple(args.range.split(":")))), flush=True)
     return 0
 
 
-def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, size: int = 64, another=None, max_trials: int = 3) -> dict:
+def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, size: int = 64, another=None, max_trials: int = 3,
+          rng: tuple[str, str] = ("00", "ff")) -> dict:
     """Interleaved trials (bare, orchestrated, ...), each from a fresh clone of the same lake;
     after ``trials``, more while ``another()`` says so (up to ``max_trials``)."""
     prep = prepare(work, n)
@@ -139,19 +146,22 @@ def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, s
     while t < trials or (another is not None and t < max_trials and another()):
         b = work / f"bare_{t}" / "lake"
         clone(lake0, b)
-        out["bare"].append(bare(b, workers, threads, size))
+        out["bare"].append(bare(b, workers, threads, size, rng))
         shutil.rmtree(b.parent, ignore_errors=True)
         home = work / f"home_{t}"
         clone(lake0, home / "lake")
-        out["orchestrated"].append(orchestrated(home, workers, threads, size))
+        out["orchestrated"].append(orchestrated(home, workers, threads, size, rng))
         if last_home:
             shutil.rmtree(last_home, ignore_errors=True)
         last_home = home
         log(f"pipeline trial {t}: bare {out['bare'][-1]['wall_s']} s, orchestrated {out['orchestrated'][-1]['wall_s']} s")
         t += 1
+    expected = sum(prep["per_prefix"].get(p, 0) for p in prefixes_in(rng))
     for r in out["bare"] + out["orchestrated"]:
-        assert r["processed"] == n, f"a run processed {r['processed']} of {n} images"
-    return {"prepare": prep, **out, "home": str(last_home), "workers": workers, "threads": threads, "size": size}
+        assert r["processed"] == expected, f"a run processed {r['processed']} of {expected} images"
+    del prep["per_prefix"]
+    return {"prepare": prep, **out, "home": str(last_home), "workers": workers, "threads": threads, "size": size,
+            "range": list(rng), "images_in_range": expected}
 
 
 if __name__ == "__main__":

@@ -40,14 +40,14 @@ TARGETS = {"kernel_vs_naive": (2.2, ">="), "kernel_vs_decode_bound": (0.80, ">="
 FULL = {
     "big_jpegs": 8, "big_pngs": 2, "big_size": (3000, 2000), "kernel_size": 256, "kernel_rounds": 5,
     "scaling_trials": 3, "scaling_passes": 32, "quiet_wait_s": 20.0,
-    "pipeline_images": 5000, "pipeline_trials": 1, "pipeline_extra_trial_if_under_s": 240.0,
+    "pipeline_images": 5000, "pipeline_trials": 1, "pipeline_extra_trial_if_under_s": 240.0, "pipeline_range": ("00", "ff"),
     "ingest_bytes": 2 * 1024**3, "ingest_pool_env": True,
     "freeze_rows": 1_000_000, "dataset_rounds": 5,
 }
 QUICK = {
     "big_jpegs": 2, "big_pngs": 1, "big_size": (1200, 800), "kernel_size": 256, "kernel_rounds": 1,
     "scaling_trials": 1, "scaling_passes": 2, "quiet_wait_s": 0.0,
-    "pipeline_images": 120, "pipeline_trials": 1, "pipeline_extra_trial_if_under_s": 0.0,
+    "pipeline_images": 200, "pipeline_trials": 1, "pipeline_extra_trial_if_under_s": 0.0, "pipeline_range": ("00", "1f"),
     "ingest_bytes": 40 * 1024**2, "ingest_pool_env": False,
     "freeze_rows": 5_000, "dataset_rounds": 1,
 }
@@ -125,7 +125,7 @@ def bench_pipeline(cfg: dict, work: Path, t_start: float) -> tuple[dict, str]:
     def another() -> bool:  # one more interleaved pair if the run is young enough to afford it
         return time.perf_counter() - t_start < cfg["pipeline_extra_trial_if_under_s"]
 
-    r = pipeline.bench(work / "pipeline", cfg["pipeline_images"], cfg["pipeline_trials"], another=another)
+    r = pipeline.bench(work / "pipeline", cfg["pipeline_images"], cfg["pipeline_trials"], another=another, rng=cfg["pipeline_range"])
     bare = [t["wall_s"] for t in r["bare"]]
     orch = [t["wall_s"] for t in r["orchestrated"]]
     ratios = [o / b for o, b in zip(orch, bare)]
@@ -133,7 +133,7 @@ def bench_pipeline(cfg: dict, work: Path, t_start: float) -> tuple[dict, str]:
     steps = last["steps_s"]
     outside = round(last["wall_s"] - sum(steps.values()), 2)
     res = _res("orchestrated_vs_bare", median(ratios), "x (wall time, orchestrated / bare; lower is better)",
-               images=cfg["pipeline_images"], workers=r["workers"], threads=r["threads"], resize_size=r["size"],
+               images=r["images_in_range"], prefix_range=r["range"], workers=r["workers"], threads=r["threads"], resize_size=r["size"],
                bare_s=bare, orchestrated_s=orch, ratios=[round(x, 3) for x in ratios],
                orchestrated_steps_s=steps, orchestrated_outside_steps_s=outside,
                orchestrated_startup_s=last["startup_s"], ratio_with_startup=round(median([(o["wall_s"] + o["startup_s"]) / b for o, b in zip(r["orchestrated"], bare)]), 3),

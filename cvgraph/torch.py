@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from workloads.versions import sha256_hex
 
 VARIANTS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
+HASHES = {"resized": "resized_sha256", "edges": "edges_sha256", "original": "sha256"}
 
 
 class SubsetIntegrityError(ValueError):
@@ -37,9 +38,9 @@ class FrozenSubsetDataset(Dataset):
         self.classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
         if split is not None:
             manifest = manifest.filter(pc.equal(manifest["split"], split))
-        self.rows = manifest.select(["sha256", "label", VARIANTS[variant]]).to_pylist()
+        self.rows = manifest.select(list(dict.fromkeys(["sha256", "label", VARIANTS[variant], HASHES[variant]]))).to_pylist()
         self.key, self.variant, self.split, self.transform = key, variant, split, transform
-        self._col = VARIANTS[variant]
+        self._col, self._hash = VARIANTS[variant], HASHES[variant]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -47,8 +48,8 @@ class FrozenSubsetDataset(Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         data = self.lake.get(row[self._col])
-        if self.variant == "original" and sha256_hex(data) != row["sha256"]:
-            raise SubsetIntegrityError(f"subset {self.key}: bytes of {row[self._col]} do not hash to {row['sha256']}")
+        if sha256_hex(data) != row[self._hash]:  # the bytes are what was frozen, or nothing
+            raise SubsetIntegrityError(f"subset {self.key}: {row[self._col]} was changed after freezing (sha256 {sha256_hex(data)[:12]} != {str(row[self._hash])[:12]})")
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
             raise SubsetIntegrityError(f"subset {self.key}: {row[self._col]} is not decodable")

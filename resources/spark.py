@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from dagster_pyspark import LazyPySparkResource
 
 from resources.tables import TableWriter
-from workloads.images import ImageParams, output_dir, raw_index_key
+from workloads.images import ImageParams, hashes_key, output_dir, raw_index_key
 from workloads.lake import write_parquet
 from workloads.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA, table_key
 from workloads.versions import canonical_json, prefix_version
@@ -53,6 +53,11 @@ class SparkTableWriter(TableWriter):
             .join(have.withColumnRenamed("key", "edges_key"), F.col("edges_want") == F.col("edges_key"), "left")
             .withColumn("boxes_n", F.size("boxes").cast("int"))
         )
+        for stage, key_col, hash_col in (("resize", "resized_key", "resized_sha256"), ("edges", "edges_key", "edges_sha256")):
+            files = [f"file://{base}/{hashes_key(stage, params, p)}" for p in prefixes if lake.exists(hashes_key(stage, params, p))]
+            h = spark.read.parquet(*files) if files else spark.createDataFrame([], "sha256 string, output_sha256 string")
+            h = h.select(F.col("sha256").alias("_h_sha"), F.col("output_sha256").alias("_h_out"))
+            rows = rows.join(h, sha == F.col("_h_sha"), "left").withColumn(hash_col, F.when(F.col(key_col).isNotNull(), F.col("_h_out"))).drop("_h_sha", "_h_out")
         images = rows.select(*[F.col("boxes_n").alias("boxes") if f.name == "boxes" else F.col(f.name) for f in IMAGES_SCHEMA], "prefix")
         objects = rows.select("sha256", "prefix", "label", "split", F.posexplode("boxes").alias("box", "b")).select(
             "sha256", F.col("box").cast("int").alias("box"), "b.category", "b.x", "b.y", "b.w", "b.h", "label", "split", "prefix"

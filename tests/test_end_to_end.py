@@ -150,6 +150,16 @@ def test_frozen_subset_dataset_through_a_dataloader(demo):
     ds.lake.put("subsets/tamper_v1/manifest.parquet", buf.getvalue())
     with pytest.raises(SubsetIntegrityError, match="manifest was changed"):
         FrozenSubsetDataset("tamper_v1")
+    # a subset image whose bytes were changed refuses to load
+    key = train.rows[0]["resized_key"]
+    good = ds.lake.get(key)
+    ds.lake.put(key, good[:-10] + b"0123456789")
+    try:
+        with pytest.raises(SubsetIntegrityError, match=f"{key} was changed after freezing"):
+            train[0]
+        assert train[1][0].shape == (3, 64, 64)  # the others still load
+    finally:
+        ds.lake.put(key, good)
 
 
 def test_model_accuracy_mlflow_and_export_parity(demo):

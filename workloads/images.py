@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from workloads.kernels import EdgeParams, ResizeParams, edges_png, resize_bytes
-from workloads.lake import open_lake, read_parquet
-from workloads.versions import params_id, prefix_version
+from workloads.lake import open_lake, read_parquet, write_parquet
+from workloads.versions import params_id, prefix_version, sha256_hex
 
 STAGES = ("resize", "edges")
 
@@ -60,6 +60,34 @@ def output_key(stage: str, params: ImageParams, prefix: str, sha: str) -> str:
     return output_dir(stage, params, prefix) + sha + (".jpg" if stage == "resize" else ".png")
 
 
+def hashes_key(stage: str, params: ImageParams, prefix: str) -> str:
+    """sha256 of every output of ``stage`` in ``prefix``: what a frozen subset verifies against."""
+    return f"index/{'resized' if stage == 'resize' else 'edges'}/{params.stage_id(stage)}/{prefix}.parquet"
+
+
+def read_hashes(lake, stage: str, params: ImageParams, prefix: str) -> dict[str, str]:
+    key = hashes_key(stage, params, prefix)
+    if not lake.exists(key):
+        return {}
+    t = read_parquet(lake, key)
+    return dict(zip(t["sha256"].to_pylist(), t["output_sha256"].to_pylist()))
+
+
+def _update_hashes(lake, stage: str, params: ImageParams, prefix: str, present: set[str], fresh: dict[str, str]) -> None:
+    """Merge this run's output hashes into the prefix's hash index; hash any output the index
+    lacks (left by a killed run) by reading it, so the index always matches the outputs."""
+    import pyarrow as pa
+
+    old = read_hashes(lake, stage, params, prefix)
+    known = {s: h for s, h in {**old, **fresh}.items() if s in present}
+    for sha in sorted(present - set(known)):
+        known[sha] = sha256_hex(lake.get(output_key(stage, params, prefix, sha)))
+    if known == old:
+        return
+    rows = sorted(known.items())
+    write_parquet(lake, hashes_key(stage, params, prefix), pa.table({"sha256": [r[0] for r in rows], "output_sha256": [r[1] for r in rows]}))
+
+
 def result_key(run_id: str, stage: str, prefix: str) -> str:
     return f"_results/{run_id}/{stage}/{prefix}.json"
 
@@ -84,10 +112,11 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
     done = {s: _existing(lake, s, params, prefix) for s in stages}
     todo = [im for im in images if any(im["sha256"] not in done[s] for s in stages)]
     stats = {s: {"processed": 0, "bytes_written": 0, "failed": []} for s in stages}
+    fresh: dict[str, dict[str, str]] = {s: {} for s in stages}
 
-    def work(im: dict) -> list[tuple[str, str, int | str]]:
+    def work(im: dict) -> list[tuple[str, str, tuple[int, str] | str]]:
         sha = im["sha256"]
-        out: list[tuple[str, str, int | str]] = []
+        out: list[tuple[str, str, tuple[int, str] | str]] = []
         try:
             resized_key = output_key("resize", params, prefix, sha)
             need_resize = "resize" in stages and sha not in done["resize"]
@@ -97,13 +126,13 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
                 resized = resize_bytes(raw, im["format"], im["width"], im["height"], params.resize, fast=fast)
                 if need_resize:
                     lake.put(resized_key, resized)
-                    out.append(("resize", sha, len(resized)))
+                    out.append(("resize", sha, (len(resized), sha256_hex(resized))))
             else:
                 resized = lake.get(resized_key) if need_edges else b""
             if need_edges:
                 edges = edges_png(resized, params.edges)
                 lake.put(output_key("edges", params, prefix, sha), edges)
-                out.append(("edges", sha, len(edges)))
+                out.append(("edges", sha, (len(edges), sha256_hex(edges))))
         except Exception as e:  # recorded per image with its reason; the prefix goes on
             reason = f"{type(e).__name__}: {e}"
             out.extend((s, sha, reason) for s in stages if sha not in done[s])
@@ -116,7 +145,8 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
                     stats[stage]["failed"].append({"sha256": sha, "reason": value})
                 else:
                     stats[stage]["processed"] += 1
-                    stats[stage]["bytes_written"] += value
+                    stats[stage]["bytes_written"] += value[0]
+                    fresh[stage][sha] = value[1]
     seconds = round(time.perf_counter() - t0, 3)
     records = {}
     for stage in stages:
@@ -135,6 +165,7 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
             "seconds": seconds,
             "data_version": prefix_version(present, pid),
         }
+        _update_hashes(lake, stage, params, prefix, done[stage] | set(fresh[stage]), fresh[stage])
         # Written last: the commit marker of this prefix task.
         lake.put(result_key(run_id, stage, prefix), json.dumps(records[stage], sort_keys=True).encode())
     return records

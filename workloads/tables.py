@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from workloads.images import ImageParams, output_dir, output_key, raw_index_key
+from workloads.images import ImageParams, output_dir, output_key, raw_index_key, read_hashes
 from workloads.lake import read_parquet, write_parquet
 from workloads.versions import canonical_json, prefix_version, split_for
 
@@ -26,6 +26,8 @@ IMAGES_SCHEMA = pa.schema(
         ("original_key", pa.string()),
         ("resized_key", pa.string()),
         ("edges_key", pa.string()),
+        ("resized_sha256", pa.string()),
+        ("edges_sha256", pa.string()),
         ("boxes", pa.int32()),
     ]
 )
@@ -55,6 +57,7 @@ def build_prefix_rows(lake, prefix: str, params: ImageParams) -> tuple[list[dict
     have = {
         stage: {o.key for o in lake.list(output_dir(stage, params, prefix))} for stage in ("resize", "edges")
     }
+    hashes = {stage: read_hashes(lake, stage, params, prefix) for stage in ("resize", "edges")}
     images, objects = [], []
     for r in raw:
         sha = r["sha256"]
@@ -77,6 +80,8 @@ def build_prefix_rows(lake, prefix: str, params: ImageParams) -> tuple[list[dict
                 "original_key": f"raw/{prefix}/{sha}.{r['ext']}",
                 "resized_key": resized if resized in have["resize"] else None,
                 "edges_key": edges if edges in have["edges"] else None,
+                "resized_sha256": hashes["resize"].get(sha) if resized in have["resize"] else None,
+                "edges_sha256": hashes["edges"].get(sha) if edges in have["edges"] else None,
                 "boxes": len(r["boxes"]),
             }
         )

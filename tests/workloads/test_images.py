@@ -90,3 +90,21 @@ def test_output_keys_are_namespaced_by_params():
     a, b = ImageParams(ResizeParams(size=64)), ImageParams(ResizeParams(size=32))
     assert output_key("resize", a, "ab", "x") != output_key("resize", b, "ab", "x")
     assert output_key("edges", a, "ab", "x").startswith(f"edges/{a.edges_id}/ab/")
+
+
+def test_hash_index_matches_outputs_and_heals_after_a_killed_run(lake, put_pack):
+    from workloads.images import hashes_key, read_hashes
+    from workloads.versions import sha256_hex
+
+    prefixes = ingested(lake, put_pack)
+    params = ImageParams(ResizeParams(size=32), EdgeParams())
+    p = max(prefixes, key=lambda k: prefixes[k]["images"])
+    process_prefix(lake, p, ["resize", "edges"], params, "h1")
+    for stage in ("resize", "edges"):
+        hashes = read_hashes(lake, stage, params, p)
+        outputs = {o.key.rsplit("/", 1)[1].split(".")[0]: sha256_hex(lake.get(o.key)) for o in lake.list(output_key(stage, params, p, "")[: -len(".jpg" if stage == "resize" else ".png")])}
+        assert hashes == outputs and len(hashes) == prefixes[p]["images"]
+    # a run killed after writing outputs but before its index update: the next run re-hashes them
+    lake.delete(hashes_key("resize", params, p))
+    process_prefix(lake, p, ["resize", "edges"], params, "h2")
+    assert len(read_hashes(lake, "resize", params, p)) == prefixes[p]["images"]

@@ -77,8 +77,8 @@ def ingest(path: Path, name: str | None, as_json: bool) -> None:
 
     ds = _ds()
     key, pack_id, _ = _upload(ds, path, name)
-    ds._runs.ensure_partition(ds.instance, packs, pack_id)
-    result = ds._runs.materialize(ds.instance, [raw_packs.key], partition_key=pack_id, tags={PACK_KEY_TAG: key}, raise_on_error=False)
+    ds.ensure_partition(packs, pack_id)
+    result = ds.materialize([raw_packs.key], partition_key=pack_id, tags={PACK_KEY_TAG: key}, raise_on_error=False)
     if not result.success:
         msg = ds._runs.failure_message(result)
         if as_json:
@@ -98,14 +98,14 @@ def _sync(ds) -> list[dict]:
     def on_run(keys, rng, run):
         click.echo(f"  ran {', '.join(keys)} over prefixes {rng[0]}..{rng[1]} in one run ({run.run_id[:8]})")
 
-    return ds._runs.sync(ds.instance, on_run=on_run)
+    return ds.sync(on_run=on_run)
 
 
 @main.command()
 def sync() -> None:
     """Materialise every image partition that is missing or stale (what automation would do)."""
     ds = _ds()
-    packs_run = ds._runs.tick_incoming(ds.instance, on_run=lambda p, r: click.echo(f"  ingested pack {p}: {'ok' if r.success else 'FAILED'}"))
+    packs_run = ds.tick_incoming(on_run=lambda p, r: click.echo(f"  ingested pack {p}: {'ok' if r.success else 'FAILED'}"))
     launched = _sync(ds)
     click.echo(f"{len(packs_run)} new pack(s), {len(launched)} prefix run(s)")
 
@@ -154,16 +154,16 @@ def _train(ds, key: str, subset: str | None, epochs: int | None) -> dict:
     from assets.models import trained_models
     from partitions import models
 
-    ds._runs.ensure_partition(ds.instance, models, key)
+    ds.ensure_partition(models, key)
     cfg = {k: v for k, v in {"subset": subset, "epochs": epochs}.items() if v is not None}
-    ds._runs.materialize(ds.instance, [trained_models.key], partition_key=key, run_config={"ops": {"trained_models": {"config": cfg}}})
+    ds.materialize([trained_models.key], partition_key=key, run_config={"ops": {"trained_models": {"config": cfg}}})
     return json.loads(ds.lake.get(f"models/{key}/model.json"))
 
 
 def _export(ds, key: str) -> dict:
     from assets.exports import export_keys, exported_models
 
-    ds._runs.materialize(ds.instance, [exported_models.key], partition_key=key)
+    ds.materialize([exported_models.key], partition_key=key)
     return json.loads(ds.lake.get(export_keys(key)["record"]))
 
 

@@ -17,7 +17,6 @@ def run_demo(epochs: int = 8) -> int:
     from cvgraph.cli import _export, _pack_report, _sync, _train, _upload
     from cvgraph.demo_packs import build_demo_packs
     from cvgraph.sdk import Datasets
-    from orchestration.definitions import defs
     from orchestration.profiles import home
     from partitions import hash_prefixes
 
@@ -34,7 +33,7 @@ def run_demo(epochs: int = 8) -> int:
         key, pack_id, uploaded = _upload(ds, path, name)
         step(f"{'uploaded' if uploaded else 'unchanged'} {key} ({path.stat().st_size / 1e6:.1f} MB)")
     step("sensor tick: new zips under incoming/ → packs partitions → ingest runs")
-    ds._runs.tick_incoming(ds.instance, on_run=lambda p, r: click.echo(f"  ingested pack {p}: {'ok' if r.success else 'FAILED'}"))
+    ds.tick_incoming(on_run=lambda p, r: click.echo(f"  ingested pack {p}: {'ok' if r.success else 'FAILED'}"))
     step("automation: new packs → raw_images → resized_images + edge_maps → image_tables")
     _sync(ds)
     step(f"freezing subset {DIGITS_SUBSET} by SQL")
@@ -45,7 +44,7 @@ def run_demo(epochs: int = 8) -> int:
     exports = _export(ds, DIGITS_MODEL)
 
     reports = [_pack_report(ds, p) for p in packs]
-    materialised = {k.to_user_string(): len(ds.instance.get_materialized_partitions(k)) for k in defs.resolve_asset_graph().get_all_asset_keys() if defs.resolve_assets_def(k).partitions_def == hash_prefixes}
+    materialised = {k.to_user_string(): len(ds.instance.get_materialized_partitions(k)) for k in ds.definitions.resolve_asset_graph().get_all_asset_keys() if ds.definitions.resolve_assets_def(k).partitions_def == hash_prefixes}
     root, _ = lake_merkle_root(ds.lake, "image_tables")
     lines = [
         "",

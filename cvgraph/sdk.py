@@ -21,11 +21,25 @@ class Datasets:
         if home:
             os.environ["CVGRAPH_HOME"] = str(home)
         from orchestration import runs
-        from orchestration.definitions import defs
+        from orchestration.definitions import build_defs
 
         self._runs = runs
-        self._resources = defs.resources
+        self.definitions = build_defs()  # the profile of the environment now, not at first import
+        self._resources = self.definitions.resources
         self.instance = runs.instance()
+
+    # -- runs on the Dagster instance (what the CLI and the demo use) --------------------
+    def materialize(self, keys, **kw):
+        return self._runs.materialize(self.instance, keys, definitions=self.definitions, **kw)
+
+    def tick_incoming(self, **kw):
+        return self._runs.tick_incoming(self.instance, definitions=self.definitions, **kw)
+
+    def sync(self, **kw):
+        return self._runs.sync(self.instance, definitions=self.definitions, **kw)
+
+    def ensure_partition(self, partitions_def, key: str) -> None:
+        self._runs.ensure_partition(self.instance, partitions_def, key)
 
     @property
     def lake(self):
@@ -48,10 +62,10 @@ class Datasets:
             ensure_select(sql)
         except QueryRefused as e:
             raise FreezeRefused(str(e)) from None
-        self._runs.ensure_partition(self.instance, subsets, key)
+        self.ensure_partition(subsets, key)
         run_config = {"ops": {"frozen_subsets": {"config": {"sql": sql}}}}
         try:
-            self._runs.materialize(self.instance, [frozen_subsets.key], partition_key=key, run_config=run_config)
+            self.materialize([frozen_subsets.key], partition_key=key, run_config=run_config)
         except self._runs.RunFailed as e:
             raise FreezeRefused(f"freeze of {key!r} failed: {e}") from None
         return json.loads(self.lake.get(subset_keys(key)["record"]))

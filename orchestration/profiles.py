@@ -90,6 +90,7 @@ def aws_resources() -> dict:
             use_spot=env("CVGRAPH_TRAINING_SPOT", "true").lower() == "true",
             max_runtime_seconds=int(env("CVGRAPH_TRAINING_MAX_RUNTIME", "3600")),
             poll_seconds=float(env("CVGRAPH_SAGEMAKER_POLL_SECONDS", "15")),
+            pipes_interval=float(env("CVGRAPH_PIPES_INTERVAL", "10")),
         ),
         "catalog": AthenaCatalog(
             lake=lake,

@@ -27,6 +27,12 @@ def model_keys(model_key: str) -> dict[str, str]:
     return {"model": f"{base}/model.pt", "metrics": f"{base}/metrics.json", "record": f"{base}/model.json", "curves": f"{base}/curves.png"}
 
 
+def pipes_hyperparameters(session) -> dict[str, str]:
+    """A Pipes session's bootstrap parameters, passed as hyperparameters (see workloads.train)."""
+    env = session.get_bootstrap_env_vars()
+    return {"dagster_pipes_context": env["DAGSTER_PIPES_CONTEXT"], "dagster_pipes_messages": env["DAGSTER_PIPES_MESSAGES"]}
+
+
 class Trainer(dg.ConfigurableResource, ABC):
     @abstractmethod
     def train(self, context: dg.AssetExecutionContext, lake, job_name: str, manifest_key: str, model_key: str, hyperparameters: dict) -> dict:
@@ -47,7 +53,15 @@ class LocalTrainer(Trainer):
         dirs = {name: job / name for name in ("input/config", "input/data/manifest", "model", "output/data", "checkpoints")}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        hp = {**hyperparameters, "checkpoint_dir": str(dirs["checkpoints"])}
+        with dg.open_pipes_session(context, dg.PipesTempFileContextInjector(), dg.PipesTempFileMessageReader()) as session:
+            hp = {**hyperparameters, **pipes_hyperparameters(session), "checkpoint_dir": str(dirs["checkpoints"])}
+            self._run(context, lake, manifest_key, dirs, hp, job_name, model_key)
+        keys = model_keys(model_key)
+        lake.put_file(keys["model"], dirs["model"] / "model.pt")
+        lake.put_file(keys["metrics"], dirs["model"] / "metrics.json")
+        return json.loads((dirs["model"] / "metrics.json").read_text())
+
+    def _run(self, context, lake, manifest_key: str, dirs: dict[str, Path], hp: dict, job_name: str, model_key: str) -> None:
         # SageMaker writes every hyperparameter as a string.
         (dirs["input/config"] / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hp.items()}))
         (dirs["input/data/manifest"] / "manifest.parquet").write_bytes(lake.get(manifest_key))
@@ -61,7 +75,7 @@ class LocalTrainer(Trainer):
             "SM_OUTPUT_DATA_DIR": str(dirs["output/data"]),
             "TRAINING_JOB_NAME": job_name,
         }
-        context.log.info(f"training job {job_name}: {hp}")
+        context.log.info(f"training job {job_name}: { {k: v for k, v in hp.items() if not k.startswith('dagster_pipes')} }")
         proc = subprocess.Popen([sys.executable, "-m", "workloads.train"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         tail: list[str] = []
         bar = tqdm(total=int(hp.get("epochs", 0)), desc=f"training {model_key}", unit="epoch", disable=None, leave=False)
@@ -69,8 +83,6 @@ class LocalTrainer(Trainer):
             for line in proc.stdout:
                 line = line.rstrip()
                 tail = (tail + [line])[-40:]
-                if line.startswith(("epoch=", "test_", "train=", "resumed")):
-                    context.log.info(line)
                 if line.startswith("epoch="):
                     bar.update(1)
                     bar.set_postfix_str(line.split(" ", 1)[1])
@@ -82,10 +94,6 @@ class LocalTrainer(Trainer):
             bar.close()
         if proc.returncode != 0:
             raise TrainingFailed(f"training job {job_name} exited {proc.returncode}:\n" + "\n".join(tail))
-        keys = model_keys(model_key)
-        lake.put_file(keys["model"], dirs["model"] / "model.pt")
-        lake.put_file(keys["metrics"], dirs["model"] / "metrics.json")
-        return json.loads((dirs["model"] / "metrics.json").read_text())
 
 
 CAPACITY_MARKERS = ("CapacityError", "InsufficientInstanceCapacity", "ResourceLimitExceeded", "insufficient capacity")
@@ -107,6 +115,7 @@ class SageMakerTrainer(Trainer):
     max_wait_seconds: int = 7200
     volume_gb: int = 10
     poll_seconds: float = 15.0
+    pipes_interval: float = 10.0  # how often Pipes messages (the job's log lines) reach Dagster
     region_name: str | None = None
 
     def _sagemaker(self):
@@ -167,7 +176,7 @@ class SageMakerTrainer(Trainer):
         import tarfile
 
         import pyarrow.parquet as pq
-        from botocore.exceptions import ClientError
+        from dagster_aws.pipes import PipesS3ContextInjector, PipesS3MessageReader
 
         from workloads.train import VARIANT_COLUMNS
 
@@ -181,8 +190,26 @@ class SageMakerTrainer(Trainer):
             "manifest": {"S3DataType": "S3Prefix", "S3Uri": lake.uri(manifest_key)},
             "images": {"S3DataType": "ManifestFile", "S3Uri": lake.uri(channel_manifest)},
         }
+        injector = PipesS3ContextInjector(bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/_pipes".lstrip("/"))
+        reader = PipesS3MessageReader(bucket=lake.bucket, client=lake.client, interval=self.pipes_interval)
+        with dg.open_pipes_session(context, injector, reader) as session:
+            hp = {**hyperparameters, **pipes_hyperparameters(session), "pipes_interval": self.pipes_interval}
+            final = self._run_with_fallback(context, lake, job_name, channels, model_key, hp)
+        artifact = final["ModelArtifacts"]["S3ModelArtifacts"]
+        bucket, _, key = artifact[len("s3://") :].partition("/")
+        blob = lake.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        out = model_keys(model_key)
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+            files = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        lake.put(out["model"], files["model.pt"])
+        lake.put(out["metrics"], files["metrics.json"])
+        return json.loads(files["metrics.json"])
+
+    def _run_with_fallback(self, context, lake, job_name: str, channels: dict, model_key: str, hyperparameters: dict) -> dict:
+        """Each instance type in order until one has capacity; the completed job's description."""
+        from botocore.exceptions import ClientError
+
         sm = self._sagemaker()
-        final = None
         base = re.sub(r"[^A-Za-z0-9-]", "-", job_name)[:60]  # SageMaker names: letters, digits, hyphens
         for attempt, instance_type in enumerate(self.instance_types):
             name = f"{base}-{attempt}"
@@ -195,21 +222,10 @@ class SageMakerTrainer(Trainer):
                 raise
             d = self._wait(context, sm, name)
             if d["TrainingJobStatus"] == "Completed":
-                final = d
-                break
+                return d
             reason = d.get("FailureReason", d["TrainingJobStatus"])
             if d["TrainingJobStatus"] == "Failed" and any(m in reason for m in CAPACITY_MARKERS):
                 context.log.warning(f"{instance_type}: {reason}; trying the next instance type")
                 continue
             raise TrainingFailed(f"training job {name} on {instance_type}: {reason}")
-        if final is None:
-            raise TrainingFailed(f"no capacity for any of {self.instance_types}")
-        artifact = final["ModelArtifacts"]["S3ModelArtifacts"]
-        bucket, _, key = artifact[len("s3://") :].partition("/")
-        blob = lake.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        out = model_keys(model_key)
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-            files = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-        lake.put(out["model"], files["model.pt"])
-        lake.put(out["metrics"], files["metrics.json"])
-        return json.loads(files["metrics.json"])
+        raise TrainingFailed(f"no capacity for any of {self.instance_types}")

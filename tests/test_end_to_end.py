@@ -177,6 +177,9 @@ def test_model_accuracy_mlflow_and_export_parity(demo):
     assert run.data.params["epochs"] == "6"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pt", "metrics.json", "curves.png"}
     assert ds.lake.get(f"models/{DIGITS_MODEL}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    # the training entry's log lines reached the Dagster run through Pipes
+    lines = [e.user_message for e in ds.instance.all_logs(model["dagster_run_id"])]
+    assert any(m.startswith("epoch=6 ") for m in lines) and any(m.startswith("test_accuracy") or "test_accuracy=" in m for m in lines)
     exports = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/exports.json"))
     assert set(exports["formats"]) == {"torchscript", "onnx", "onnx_int8"}
     assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3

@@ -13,6 +13,7 @@ restarted job (spot reclaim) resumes from the last epoch saved there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -29,6 +30,32 @@ from workloads.model import build_model
 
 DEFAULTS = {"epochs": 8, "lr": 0.003, "batch_size": 64, "input_size": 32, "variant": "resized", "seed": 0, "width": 16, "checkpoint_dir": "/opt/ml/checkpoints"}
 VARIANT_COLUMNS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
+
+
+@contextlib.contextmanager
+def dagster_pipes(hp: dict):
+    """The Dagster Pipes session the orchestrator opened, if any.
+
+    Its bootstrap parameters come as hyperparameters: SageMaker caps environment values at
+    512 characters, hyperparameters go everywhere the job does. S3 parameters (a bucket) mean
+    the S3 context loader and message writer; otherwise the default file-based ones.
+    """
+    raw = {"DAGSTER_PIPES_CONTEXT": hp.get("dagster_pipes_context"), "DAGSTER_PIPES_MESSAGES": hp.get("dagster_pipes_messages")}
+    if not raw["DAGSTER_PIPES_CONTEXT"]:
+        yield None
+        return
+    import dagster_pipes as dp
+
+    on_s3 = "bucket" in dp.decode_param(raw["DAGSTER_PIPES_CONTEXT"])
+    if on_s3:
+        import boto3
+
+        s3 = boto3.client("s3")
+        loader, writer = dp.PipesS3ContextLoader(s3), dp.PipesS3MessageWriter(s3, interval=float(hp.get("pipes_interval", 10)))
+    else:
+        loader, writer = dp.PipesDefaultContextLoader(), dp.PipesDefaultMessageWriter()
+    with dp.open_dagster_pipes(params_loader=dp.PipesMappingParamsLoader(raw), context_loader=loader, message_writer=writer) as pipes:
+        yield pipes
 
 
 def hyperparameters() -> dict:
@@ -76,6 +103,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def train() -> dict:
     hp = hyperparameters()
+    with dagster_pipes(hp) as pipes:
+        return _train(hp, pipes)
+
+
+def _train(hp: dict, pipes) -> dict:
+    def say(line: str) -> None:
+        print(line, flush=True)  # stdout: SageMaker's metric definitions and CloudWatch
+        if pipes is not None:
+            pipes.log.info(line)  # Dagster: the run's log, live
+
     torch.manual_seed(hp["seed"])
     np.random.seed(hp["seed"])
     manifest = Path(os.environ["SM_CHANNEL_MANIFEST"]) / "manifest.parquet"
@@ -106,8 +143,8 @@ def train() -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         torch.set_rng_state(ckpt["rng"])
-        print(f"resumed from checkpoint at epoch {start_epoch}", flush=True)
-    print(f"train={len(ytr)} val={len(yva)} test={len(yte)} classes={len(classes)} variant={variant}", flush=True)
+        say(f"resumed from checkpoint at epoch {start_epoch}")
+    say(f"train={len(ytr)} val={len(yva)} test={len(yte)} classes={len(classes)} variant={variant}")
 
     for epoch in range(start_epoch, hp["epochs"]):
         t0 = time.perf_counter()
@@ -133,11 +170,12 @@ def train() -> dict:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history, "epoch": epoch + 1, "rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, ckpt_path)  # atomic: a reclaim never leaves half a checkpoint
         # SageMaker metric definitions parse these lines (printed once the epoch is checkpointed).
-        print(f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}", flush=True)
+        say(f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}")
 
     test_loss, test_acc = evaluate(model, xte, yte)
-    print(f"test_loss={test_loss:.4f} test_accuracy={test_acc:.4f}", flush=True)
-    metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_acc, "classes": classes, "counts": {"train": len(ytr), "val": len(yva), "test": len(yte)}, "hyperparameters": hp}
+    say(f"test_loss={test_loss:.4f} test_accuracy={test_acc:.4f}")
+    metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_acc, "classes": classes, "counts": {"train": len(ytr), "val": len(yva), "test": len(yte)},
+               "hyperparameters": {k: v for k, v in hp.items() if not k.startswith(("dagster_pipes", "pipes_"))}}
     torch.save({"state_dict": model.state_dict(), "arch": arch, "classes": classes, "variant": variant}, model_dir / "model.pt")
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

@@ -21,7 +21,9 @@ RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
     && pip install \
         "numpy==2.4.6" \
         "opencv-python-headless==5.0.0.93" \
-        "pyarrow==25.0.1"
+        "pyarrow==25.0.1" \
+        "boto3==1.44.5" \
+        "dagster-pipes==1.13.27"
 
 WORKDIR /opt/cvgraph
 COPY workloads/ /opt/cvgraph/workloads/

@@ -5,7 +5,6 @@ import time
 
 import boto3
 import dagster as dg
-import pytest
 from botocore.stub import Stubber
 
 from resources.training import SageMakerTrainer
@@ -18,7 +17,22 @@ def trainer(**kw) -> SageMakerTrainer:
     import os
 
     return SageMakerTrainer(role_arn=os.environ["CVGRAPH_SAGEMAKER_ROLE_ARN"], training_image=os.environ["CVGRAPH_TRAINING_IMAGE"],
-                            instance_types=["ml.m5.large", "ml.c5.xlarge"], poll_seconds=0.2, **kw)
+                            instance_types=["ml.m5.large", "ml.c5.xlarge"], poll_seconds=0.2, pipes_interval=0.2, **kw)
+
+
+def in_asset(fn):
+    """Run ``fn(context)`` inside a real asset step (Pipes sessions need one); returns (result, value)."""
+    out = {}
+
+    @dg.asset
+    def training_probe(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        out["value"] = fn(context)
+        return dg.MaterializeResult()
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([training_probe], raise_on_error=False, instance=instance)
+        out["logs"] = [e.user_message for e in instance.all_logs(result.run_id)]
+    return result, out
 
 
 def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
@@ -45,7 +59,10 @@ def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(subset_o
     lake, manifest = subset_on_s3
     aws.no_capacity = {"ml.m5.large"}
     aws.interrupt_after_epochs = 2
-    metrics = trainer().train(dg.build_asset_context(), lake, "cvgraph-digits_cnn-abc", "subsets/all/manifest.parquet", "digits_cnn", {**HP, "epochs": 30})
+    result, out = in_asset(lambda ctx: trainer().train(ctx, lake, "cvgraph-digits_cnn-abc", "subsets/all/manifest.parquet", "digits_cnn", {**HP, "epochs": 30}))
+    assert result.success
+    metrics = out["value"]
+    assert any(m.startswith("epoch=30 ") for m in out["logs"]), "the job's log lines reach Dagster through Pipes on S3"
     first, second = aws.training_runs
     assert (first["instance_type"], first["attempts"]) == ("ml.m5.large", 0)  # capacity error: never ran
     assert second["instance_type"] == "ml.c5.xlarge" and second["name"] == "cvgraph-digits-cnn-abc-1"
@@ -73,8 +90,8 @@ def test_cancelling_the_run_stops_the_training_job(subset_on_s3, aws):
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt_when_training, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        trainer(use_spot=False).train(dg.build_asset_context(), lake, "cancel-me", "subsets/all/manifest.parquet", "m2", {**HP, "epochs": 200})
+    result, _ = in_asset(lambda ctx: trainer(use_spot=False).train(ctx, lake, "cancel-me", "subsets/all/manifest.parquet", "m2", {**HP, "epochs": 200}))
+    assert not result.success
     sm = boto3.client("sagemaker")
     deadline = time.time() + 30
     while sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] != "Stopped" and time.time() < deadline:

@@ -305,7 +305,7 @@ def third_party_imports(entry: str) -> set[str]:
     return found
 
 
-DISTRIBUTION = {"cv2": "opencv-python-headless", "PIL": "pillow", "numpy": "numpy", "pyarrow": "pyarrow", "boto3": "boto3", "botocore": "boto3", "torch": "torch"}
+DISTRIBUTION = {"cv2": "opencv-python-headless", "PIL": "pillow", "numpy": "numpy", "pyarrow": "pyarrow", "boto3": "boto3", "botocore": "boto3", "torch": "torch", "dagster_pipes": "dagster-pipes"}
 
 
 def check_pins(pins: dict[str, str]) -> None:

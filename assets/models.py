@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.keys import check_key
 from assets.subsets import frozen_subsets, subset_keys, verify_subset
 from partitions import models
 from resources.storage import LakeResource
@@ -73,6 +74,10 @@ def _metadata(record: dict) -> dict:
 )
 def trained_models(context: dg.AssetExecutionContext, config: TrainConfig, lake: LakeResource, trainer: Trainer, tracking: MLflowTracking) -> dg.MaterializeResult:
     key = context.partition_key
+    try:
+        check_key("model", key)
+    except ValueError as e:
+        raise dg.Failure(description=str(e)) from None
     store = lake.lake()
     keys = model_keys(key)
     prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None

@@ -11,6 +11,7 @@ from collections import Counter
 
 import dagster as dg
 
+from assets.keys import check_key
 from assets.tables import image_tables
 from assets.versioning import lake_merkle_root, read_prefix_versions
 from partitions import subsets
@@ -32,21 +33,17 @@ def subset_keys(key: str) -> dict[str, str]:
     return {"manifest": f"subsets/{key}/manifest.parquet", "record": f"subsets/{key}/subset.json"}
 
 
-def _normal(sql: str) -> str:
-    return " ".join(sql.split()).rstrip(";")
-
-
 def query_manifest(catalog: Catalog, sql: str):
-    """Run the freeze query; add the key columns it did not select; sort by sha256."""
+    """Run the freeze query and sort by sha256. The lake keys and hashes always come from
+    `images` (joined on sha256), never from the query, so a subset cannot point outside the lake."""
     sql = ensure_select(sql)
-    cols = catalog.query(f"SELECT * FROM ({sql}) AS q LIMIT 0").schema.names
+    inner = f"(\n{sql}\n) AS q"  # newlines: a trailing -- comment cannot swallow the wrapper
+    cols = catalog.query(f"SELECT * FROM {inner} LIMIT 0").schema.names
     if "sha256" not in cols:
         raise dg.Failure(description="a freeze query must return a `sha256` column (e.g. SELECT * FROM images WHERE ...)")
-    missing = [c for c in REQUIRED if c not in cols]
-    extra = "".join(f", i.{c}" for c in missing)
-    join = " JOIN images AS i ON q.sha256 = i.sha256" if missing else ""
-    table = catalog.query(f"SELECT q.*{extra} FROM ({sql}) AS q{join} ORDER BY q.sha256")
-    return table
+    own = [f'q."{c}"' for c in cols if c not in REQUIRED]
+    select = ", ".join([*(f"i.{c}" for c in REQUIRED), *own])
+    return catalog.query(f"SELECT {select} FROM {inner} JOIN images AS i ON q.sha256 = i.sha256 ORDER BY i.sha256")
 
 
 def _packs_of(manifest) -> list[str]:
@@ -113,11 +110,15 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
 )
 def frozen_subsets(context: dg.AssetExecutionContext, config: FreezeConfig, lake: LakeResource, catalog: Catalog, image_settings: ImageSettings):
     key = context.partition_key
+    try:
+        check_key("subset", key)
+    except ValueError as e:
+        raise dg.Failure(description=str(e)) from None
     store = lake.lake()
     keys = subset_keys(key)
     if store.exists(keys["record"]):
         record = json.loads(store.get(keys["record"]))
-        if config.sql and _normal(config.sql) != _normal(record["sql"]):
+        if config.sql and ensure_select(config.sql) != record["sql"]:
             raise dg.Failure(description=f"subset {key} is frozen with a different query; freeze under a new key.\nfrozen: {record['sql']}\nasked:  {config.sql}")
         record = verify_subset(store, key)
         context.log.info(f"subset {key} already frozen ({record['rows']} rows); verified")
@@ -134,7 +135,7 @@ def frozen_subsets(context: dg.AssetExecutionContext, config: FreezeConfig, lake
         params = image_settings.params()
         record = {
             "key": key,
-            "sql": _normal(config.sql),
+            "sql": ensure_select(config.sql),
             "rows": manifest.num_rows,
             "manifest_sha256": table_hash(manifest),
             "labels": labels,

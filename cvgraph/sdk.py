@@ -7,7 +7,7 @@ import os
 
 import pyarrow as pa
 
-from resources.catalog import QueryRefused, ensure_select
+from resources.catalog import ensure_select
 
 
 class FreezeRefused(Exception):
@@ -58,9 +58,12 @@ class Datasets:
         from assets.subsets import frozen_subsets, subset_keys
         from partitions import subsets
 
+        from assets.keys import check_key
+
         try:
+            check_key("subset", key)
             ensure_select(sql)
-        except QueryRefused as e:
+        except ValueError as e:  # QueryRefused is a ValueError too
             raise FreezeRefused(str(e)) from None
         self.ensure_partition(subsets, key)
         run_config = {"ops": {"frozen_subsets": {"config": {"sql": sql}}}}

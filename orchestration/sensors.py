@@ -8,6 +8,7 @@ import time
 
 import dagster as dg
 
+from assets.keys import safe_key
 from assets.packs import PACK_KEY_TAG, raw_packs
 from partitions import packs
 from resources.events import PackEvents
@@ -20,10 +21,11 @@ RELIST_SECONDS = float(os.environ.get("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))
 
 
 def pack_id_for(key: str) -> str:
-    """``incoming/team/cats v2.zip`` → ``team__cats_v2``: a partition key safe everywhere."""
+    """``incoming/digits.zip`` → ``digits``; any other name gets a cleaned form plus a hash
+    (``incoming/team/cats v2.zip`` → ``team_cats_v2-1a2b3c4d``), so distinct zips never share a pack."""
     stem = key[len(INCOMING) :] if key.startswith(INCOMING) else key
     stem = stem[: -len(".zip")] if stem.lower().endswith(".zip") else stem
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem.replace("/", "__"))
+    return safe_key(stem)
 
 
 def new_packs(lake, instance: dg.DagsterInstance, cursor: str | None) -> tuple[list[tuple[str, str]], str | None]:

@@ -60,7 +60,8 @@ class DuckDBCatalog(Catalog):
 
     def query(self, sql: str) -> pa.Table:
         sql = ensure_select(sql)
-        con = duckdb.connect()
+        # Only the registered tables: no read_csv('/etc/passwd'), glob(), URLs or COPY, even in a SELECT.
+        con = duckdb.connect(config={"enable_external_access": False})
         try:
             for name in TABLES:
                 con.register(name, self._dataset(name))
@@ -172,4 +173,4 @@ class AthenaCatalog(Catalog):
         return pa.Table.from_pylist(rows, schema=pa.schema([(n, _ARROW.get(t, pa.string())) for n, t in columns])) if columns else pa.table({})
 
 
-_ARROW = {"integer": pa.int64(), "int": pa.int64(), "bigint": pa.int64(), "double": pa.float64(), "float": pa.float64(), "boolean": pa.bool_(), "array": pa.list_(pa.string())}
+_ARROW = {t: pa.int64() for t in ("integer", "int", "bigint", "smallint", "tinyint")} | {t: pa.float64() for t in ("double", "float", "real", "decimal")} | {"boolean": pa.bool_(), "array": pa.list_(pa.string())}

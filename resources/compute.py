@@ -186,7 +186,7 @@ class BatchArrayClient(ImageCompute):
         last: dict[str, str] = {}
         while True:
             descs = {d["jobId"]: d for ids in _batches(list(jobs)) for d in batch.describe_jobs(jobs=ids)["jobs"]}
-            done = True
+            done = set(descs) >= set(jobs)  # just-submitted jobs can be missing from a describe
             for jid, d in descs.items():
                 summary = d.get("arrayProperties", {}).get("statusSummary")
                 size = d.get("arrayProperties", {}).get("size", 1)

@@ -24,12 +24,17 @@ class MLflowTracking(dg.ConfigurableResource):
         return mlflow.MlflowClient(self.tracking_uri), exp.experiment_id
 
     def log_training(self, model_key: str, subset_hash: str, params: dict, metrics: dict, artifacts: list[str]) -> str:
-        """One MLflow run per (model, subset manifest); logging again returns the same run."""
+        """One MLflow run per (model, subset manifest, spec); logging again returns the same run."""
+        import hashlib
+        import json
+
         client, exp_id = self._client()
-        found = client.search_runs([exp_id], f"tags.`cvgraph.model` = '{model_key}' and tags.`cvgraph.subset_hash` = '{subset_hash}'")
+        spec_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        tags = {"cvgraph.model": model_key, "cvgraph.subset_hash": subset_hash, "cvgraph.spec_hash": spec_hash}
+        found = client.search_runs([exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()))  # keys are validated: no quotes
         if found:
             return found[0].info.run_id
-        run = client.create_run(exp_id, run_name=model_key, tags={"cvgraph.model": model_key, "cvgraph.subset_hash": subset_hash})
+        run = client.create_run(exp_id, run_name=model_key, tags=tags)
         rid = run.info.run_id
         for k, v in sorted(params.items()):
             client.log_param(rid, k, v)

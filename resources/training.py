@@ -96,6 +96,13 @@ class LocalTrainer(Trainer):
             raise TrainingFailed(f"training job {job_name} exited {proc.returncode}:\n" + "\n".join(tail))
 
 
+def job_base_name(job_name: str) -> str:
+    """SageMaker job names: letters, digits and hyphens, at most 63 characters. Long names keep
+    their tail (the spec hash), so two specs never share a name or a checkpoint path."""
+    slug = re.sub(r"[^A-Za-z0-9-]", "-", job_name)
+    return slug if len(slug) <= 50 else f"{slug[:41]}{slug[-9:]}"
+
+
 CAPACITY_MARKERS = ("CapacityError", "InsufficientInstanceCapacity", "ResourceLimitExceeded", "insufficient capacity")
 
 
@@ -154,6 +161,17 @@ class SageMakerTrainer(Trainer):
             req["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(self.max_wait_seconds, self.max_runtime_seconds)
         return req
 
+    @staticmethod
+    def _describe(sm, name: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return sm.describe_training_job(TrainingJobName=name)
+        except ClientError as e:
+            if "Could not find" in str(e) or e.response.get("Error", {}).get("Code") == "ResourceNotFound":
+                return None
+            raise
+
     def _wait(self, context, sm, name: str) -> dict:
         last = None
         try:
@@ -210,9 +228,20 @@ class SageMakerTrainer(Trainer):
         from botocore.exceptions import ClientError
 
         sm = self._sagemaker()
-        base = re.sub(r"[^A-Za-z0-9-]", "-", job_name)[:60]  # SageMaker names: letters, digits, hyphens
+        base = job_base_name(job_name)
         for attempt, instance_type in enumerate(self.instance_types):
             name = f"{base}-{attempt}"
+            prior = self._describe(sm, name)  # names are never reusable on SageMaker
+            if prior and prior["TrainingJobStatus"] == "Completed":
+                context.log.info(f"training job {name} already completed; reusing its model")
+                return prior
+            if prior and prior["TrainingJobStatus"] in ("InProgress", "Stopping"):
+                context.log.info(f"training job {name} is still running; waiting for it")
+                prior = self._wait(context, sm, name)
+                if prior["TrainingJobStatus"] == "Completed":
+                    return prior
+            if prior:  # failed or stopped before: a fresh name, the same checkpoints to resume from
+                name = f"{base}-{attempt}-{context.run.run_id[:8]}"
             try:
                 sm.create_training_job(**self.request(name, lake, channels, model_key, base, instance_type, hyperparameters))
             except ClientError as e:

@@ -232,3 +232,17 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     out = CliRunner().invoke(cli, ["sync"])  # the new pack is indexed by automation
     assert out.exit_code == 0, out.output
     assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1812}]
+
+
+def test_freeze_keys_and_columns_cannot_point_outside_the_lake(demo):
+    from cvgraph.sdk import FreezeRefused
+
+    ds, _, _ = demo
+    for bad in ("../packs/digits", "", ".", "a b", "x/y"):
+        with pytest.raises(FreezeRefused, match="not allowed"):
+            ds.freeze_dataset(bad, "SELECT * FROM images")
+    # key columns come from `images`, whatever the query says; a trailing comment is fine
+    rec = ds.freeze_dataset("sneaky_v1", "SELECT sha256, '/etc/passwd' AS resized_key, label FROM images WHERE label = '4' -- fours")
+    manifest = pq.read_table(io.BytesIO(ds.lake.get("subsets/sneaky_v1/manifest.parquet")))
+    assert rec["rows"] == 181 == manifest.num_rows
+    assert all(k.startswith("resized/") for k in manifest["resized_key"].to_pylist())

@@ -135,7 +135,8 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
                 out.append(("edges", sha, (len(edges), sha256_hex(edges))))
         except Exception as e:  # recorded per image with its reason; the prefix goes on
             reason = f"{type(e).__name__}: {e}"
-            out.extend((s, sha, reason) for s in stages if sha not in done[s])
+            finished = {s for s, _, _ in out}
+            out.extend((s, sha, reason) for s in stages if sha not in done[s] and s not in finished)
         return out
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

@@ -33,7 +33,7 @@ class LocalLake:
     # -- paths -----------------------------------------------------------------
     def path(self, key: str) -> Path:
         """The file behind ``key``; refuses keys that would leave the lake."""
-        if not key or key.startswith("/") or "\\" in key:
+        if not key or key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in key.split("/")[:-1]) or key.split("/")[-1] in (".", ".."):
             raise ValueError(f"invalid lake key {key!r}")
         p = (self.root / key).resolve()
         if p != self.root and self.root not in p.parents:

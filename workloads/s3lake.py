@@ -46,7 +46,7 @@ class S3Lake:
         self.client = s3_client(self.endpoint_url)
 
     def _key(self, key: str) -> str:
-        if not key or key.startswith("/") or ".." in key.split("/"):
+        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")[:-1]) or key.split("/")[-1] in (".", ".."):
             raise ValueError(f"invalid lake key {key!r}")
         return f"{self.prefix}/{key}" if self.prefix else key
 

@@ -52,7 +52,7 @@ def test_s3_event_parsing_decodes_keys_and_skips_test_events():
 
 
 def test_sqs_sensor_turns_uploads_into_runs_and_deletes_messages_one_tick_later(aws, small_digits_pack):
-    from orchestration.sensors import incoming_packs_sqs_sensor
+    from orchestration.sensors import incoming_packs_sqs_sensor, pack_id_for
 
     s3 = boto3.client("s3")
     pack = small_digits_pack(4)
@@ -69,10 +69,12 @@ def test_sqs_sensor_turns_uploads_into_runs_and_deletes_messages_one_tick_later(
 
     with dg.instance_for_test() as instance:
         first = incoming_packs_sqs_sensor(dg.build_sensor_context(instance=instance, resources=resources))
-        assert [(r.partition_key, r.tags["cvgraph/pack_key"]) for r in first.run_requests] == [("first_pack", "incoming/first pack.zip"), ("second", "incoming/second.zip")]
-        assert first.dynamic_partitions_requests[0].partition_keys == ["first_pack", "second"]
+        first_id = pack_id_for("incoming/first pack.zip")
+        assert first_id.startswith("first_pack-")
+        assert [(r.partition_key, r.tags["cvgraph/pack_key"]) for r in first.run_requests] == [(first_id, "incoming/first pack.zip"), ("second", "incoming/second.zip")]
+        assert first.dynamic_partitions_requests[0].partition_keys == [first_id, "second"]
         assert in_flight() >= 3  # received, not yet deleted: the run requests are not recorded yet
-        instance.add_dynamic_partitions("packs", ["first_pack", "second"])
+        instance.add_dynamic_partitions("packs", [first_id, "second"])
         second = incoming_packs_sqs_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=first.cursor))
         assert second.run_requests == [] and in_flight() == 0
         assert json.loads(second.cursor) == {"delete": []}

@@ -6,9 +6,16 @@ from orchestration.sensors import incoming_packs_sensor, pack_id_for
 from resources.storage import LakeResource
 
 
-def test_pack_ids_are_safe_partition_keys():
+def test_pack_ids_are_safe_partition_keys_and_never_collide():
+    import re
+
     assert pack_id_for("incoming/digits.zip") == "digits"
-    assert pack_id_for("incoming/team/cats v2.ZIP") == "team__cats_v2"
+    assert re.fullmatch(r"team_cats_v2-[0-9a-f]{8}", pack_id_for("incoming/team/cats v2.ZIP"))
+    names = ["incoming/猫.zip", "incoming/犬.zip", "incoming/a b.zip", "incoming/a_b.zip", "incoming/team/x.zip",
+             "incoming/team__x.zip", "incoming/.zip", "incoming/..zip", "incoming/../x.zip"]
+    ids = [pack_id_for(n) for n in names]
+    assert len(set(ids)) == len(ids), ids
+    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", i) and ".." not in i for i in ids), ids
 
 
 def tick(instance, resources, cursor=None):

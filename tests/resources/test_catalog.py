@@ -1,3 +1,4 @@
+import duckdb
 import pytest
 
 from resources.catalog import DuckDBCatalog, QueryRefused, ensure_select
@@ -49,3 +50,7 @@ def test_duckdb_catalog_over_the_lakes_tables(lake, put_pack):
     assert one["prefix"] == one["sha256"][:2] and one["pack_id"] == "t" and one["split"] in ("train", "val", "test")
     with pytest.raises(QueryRefused):
         catalog.query("DELETE FROM images")
+    # a SELECT cannot reach the host: no file readers, globs or URLs, only the lake's tables
+    for sql in ("SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM glob('/etc/*')", "SELECT * FROM '/etc/passwd'", "SELECT * FROM read_text('/etc/hostname')"):
+        with pytest.raises(duckdb.Error):
+            catalog.query(sql)

@@ -95,11 +95,5 @@ def result(value: float, target: float, op: str, unit: str, **measured) -> dict:
     return {"value": round(float(value), 4), "unit": unit, "target": target, "target_op": op, "pass": bool(ok), **measured}
 
 
-def rss_of_self_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -133,17 +133,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, size: int = 64, another=None, max_trials: int = 3,
-          rng: tuple[str, str] = ("00", "ff")) -> dict:
-    """Interleaved trials (bare, orchestrated, ...), each from a fresh clone of the same lake;
-    after ``trials``, more while ``another()`` says so (up to ``max_trials``)."""
+def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, size: int = 64, rng: tuple[str, str] = ("00", "ff")) -> dict:
+    """Interleaved trials (bare, orchestrated, ...), each from a fresh clone of the same lake."""
     prep = prepare(work, n)
     log(f"pipeline: {n} images ingested in {prep['ingest_s']} s, indexed in {prep['index_s']} s")
     lake0 = Path(prep["lake"])
     out = {"bare": [], "orchestrated": []}
     last_home = None
-    t = 0
-    while t < trials or (another is not None and t < max_trials and another()):
+    for t in range(trials):
         b = work / f"bare_{t}" / "lake"
         clone(lake0, b)
         out["bare"].append(bare(b, workers, threads, size, rng))
@@ -155,7 +152,6 @@ def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, s
             shutil.rmtree(last_home, ignore_errors=True)
         last_home = home
         log(f"pipeline trial {t}: bare {out['bare'][-1]['wall_s']} s, orchestrated {out['orchestrated'][-1]['wall_s']} s")
-        t += 1
     expected = sum(prep["per_prefix"].get(p, 0) for p in prefixes_in(rng))
     for r in out["bare"] + out["orchestrated"]:
         assert r["processed"] == expected, f"a run processed {r['processed']} of {expected} images"

@@ -39,15 +39,15 @@ TARGETS = {"kernel_vs_naive": (2.2, ">="), "kernel_vs_decode_bound": (0.80, ">="
 
 FULL = {
     "big_jpegs": 8, "big_pngs": 2, "big_size": (3000, 2000), "kernel_size": 256, "kernel_rounds": 5,
-    "scaling_trials": 3, "scaling_passes": 32, "quiet_wait_s": 20.0,
-    "pipeline_images": 5000, "pipeline_trials": 1, "pipeline_extra_trial_if_under_s": 240.0, "pipeline_range": ("00", "ff"),
+    "scaling_trials": 5, "scaling_passes": 48, "quiet_wait_s": 10.0,
+    "pipeline_images": 5000, "pipeline_trials": 1, "pipeline_range": ("00", "ff"),
     "ingest_bytes": 2 * 1024**3, "ingest_pool_env": True,
     "freeze_rows": 1_000_000, "dataset_rounds": 5,
 }
 QUICK = {
     "big_jpegs": 2, "big_pngs": 1, "big_size": (1200, 800), "kernel_size": 256, "kernel_rounds": 1,
     "scaling_trials": 1, "scaling_passes": 2, "quiet_wait_s": 0.0,
-    "pipeline_images": 200, "pipeline_trials": 1, "pipeline_extra_trial_if_under_s": 0.0, "pipeline_range": ("00", "1f"),
+    "pipeline_images": 200, "pipeline_trials": 1, "pipeline_range": ("00", "1f"),
     "ingest_bytes": 40 * 1024**2, "ingest_pool_env": False,
     "freeze_rows": 5_000, "dataset_rounds": 1,
 }
@@ -61,7 +61,7 @@ def _res(name: str, value: float, unit: str, **measured) -> dict:
 # -- 1, 2: the image kernel on one core -------------------------------------------------------
 
 
-def bench_kernel(cfg: dict, work: Path) -> tuple[dict, dict, Path]:
+def bench_kernel(cfg: dict, work: Path) -> tuple[dict, dict]:
     from bench.inputs import big_images
     from bench.kernel import save_inputs
 
@@ -87,7 +87,7 @@ def bench_kernel(cfg: dict, work: Path) -> tuple[dict, dict, Path]:
     bound = _res("kernel_vs_decode_bound", jpeg["fast_over_decode"], "fraction (fast path rate / reduced-decode-only rate, JPEG)", **common,
                  fast=jpeg["fast"], decode_only=jpeg["decode"], png_fast_over_decode=(k.get("png") or {}).get("fast_over_decode"),
                  without_malloc_env=k_plain["jpeg"]["fast_over_decode"], at_size_64=k64["jpeg"]["fast_over_decode"])
-    return naive, bound, inputs
+    return naive, bound
 
 
 # -- 3: two worker processes vs one ------------------------------------------------------------
@@ -119,13 +119,10 @@ def bench_scaling(cfg: dict, inputs: Path) -> dict:
 # -- 4: one ranged Dagster run vs the bare workload ---------------------------------------------
 
 
-def bench_pipeline(cfg: dict, work: Path, t_start: float) -> tuple[dict, str]:
+def bench_pipeline(cfg: dict, work: Path) -> tuple[dict, str]:
     from bench import pipeline
 
-    def another() -> bool:  # one more interleaved pair if the run is young enough to afford it
-        return time.perf_counter() - t_start < cfg["pipeline_extra_trial_if_under_s"]
-
-    r = pipeline.bench(work / "pipeline", cfg["pipeline_images"], cfg["pipeline_trials"], another=another, rng=cfg["pipeline_range"])
+    r = pipeline.bench(work / "pipeline", cfg["pipeline_images"], cfg["pipeline_trials"], rng=cfg["pipeline_range"])
     bare = [t["wall_s"] for t in r["bare"]]
     orch = [t["wall_s"] for t in r["orchestrated"]]
     ratios = [o / b for o, b in zip(orch, bare)]
@@ -266,17 +263,18 @@ def main(argv=None) -> int:
     try:
         inputs = None
         if want("kernel") or want("scaling"):
-            out = attempt(("kernel_vs_naive", "kernel_vs_decode_bound"), lambda: bench_kernel(cfg, work)[:2])
+            out = attempt(("kernel_vs_naive", "kernel_vs_decode_bound"), lambda: bench_kernel(cfg, work))
             inputs = work / "kernel_inputs" if out else None
         if want("scaling") and inputs:
             attempt(("scaling_2_workers",), lambda: bench_scaling(cfg, inputs))
-        home = None
         if want("pipeline") or want("dataset"):
-            attempt(("orchestrated_vs_bare",), lambda: _pipeline(cfg, work, t_start))
-        if want("dataset") and results.get("orchestrated_vs_bare", {}).get("home"):
-            home = results["orchestrated_vs_bare"].pop("home")
-            attempt(("dataset_vs_direct",), lambda: bench_dataset(cfg, home))
-        results.get("orchestrated_vs_bare", {}).pop("home", None)
+            attempt(("orchestrated_vs_bare",), lambda: _pipeline(cfg, work))
+        home = results.get("orchestrated_vs_bare", {}).pop("home", None)  # the lake the orchestrated run built
+        if want("dataset"):
+            if home:
+                attempt(("dataset_vs_direct",), lambda: bench_dataset(cfg, home))
+            else:
+                results["dataset_vs_direct"] = {"value": None, "pass": False, "error": "no lake: the orchestrated pipeline run failed"}
         if want("ingest"):
             attempt(("ingest_peak_rss_mb",), lambda: bench_ingest(cfg, work))
         if want("freeze"):
@@ -293,8 +291,8 @@ def main(argv=None) -> int:
     return 1 if any(r.get("error") for r in ordered.values()) else 0
 
 
-def _pipeline(cfg: dict, work: Path, t_start: float) -> dict:
-    res, home = bench_pipeline(cfg, work, t_start)
+def _pipeline(cfg: dict, work: Path) -> dict:
+    res, home = bench_pipeline(cfg, work)
     res["home"] = home
     return res
 

@@ -49,9 +49,21 @@ def split_for(sha256: str) -> str:
 
 
 def table_hash(table) -> str:
-    """Content hash of a pyarrow table: rows as canonical JSON, in order (writer-independent)."""
-    h = hashlib.sha256(canonical_json(table.schema.names))
-    for batch in table.to_batches(max_chunksize=4096):
-        for row in batch.to_pylist():
-            h.update(canonical_json(row) + b"\n")
-    return h.hexdigest()
+    """Content hash of a pyarrow table's rows, in order: its CSV text (Arrow's C++ writer, so a
+    million rows hash in well under a second), list columns joined with a unit separator.
+    Independent of Parquet encoding, chunking and compression."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    cols = []
+    for name in table.schema.names:
+        col = table[name]
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            col = pc.binary_join(pc.cast(col, pa.list_(pa.string())), "\x1f")
+        cols.append(col)
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.table(cols, names=table.schema.names), buf, pacsv.WriteOptions(include_header=True, batch_size=65536))
+    return hashlib.sha256(buf.getvalue()).hexdigest()

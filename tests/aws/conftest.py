@@ -419,7 +419,7 @@ def aws(moto_endpoint, monkeypatch, tmp_path):
         "CVGRAPH_TRAINING_IMAGE": "123456789012.dkr.ecr.us-east-1.amazonaws.com/cvgraph-training:latest",
         "CVGRAPH_TRAINING_INSTANCE_TYPES": "ml.m5.large,ml.c5.xlarge",
         "CVGRAPH_SAGEMAKER_POLL_SECONDS": "0.2",
-        "CVGRAPH_PIPES_INTERVAL": "0.2",
+        "CVGRAPH_PIPES_INTERVAL": "1",
         "CVGRAPH_GLUE_DATABASE": "cvgraph",
         "CVGRAPH_ATHENA_WORKGROUP": "primary",
         "CVGRAPH_ATHENA_OUTPUT": f"s3://{BUCKET}/athena-results/",

@@ -9,11 +9,6 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 
-def runs_of(inst, asset: str) -> str:
-    """The run id of the latest materialisation of ``asset``."""
-    return inst.get_latest_materialization_event(dg.AssetKey(asset)).run_id
-
-
 def test_whole_graph_on_the_aws_profile(aws, small_digits_pack):
     import io
 
@@ -67,8 +62,6 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack):
                          run_config={"ops": {"trained_models": {"config": {"subset": "zeros_and_ones", "epochs": 3, "batch_size": 16}}}})
         [job] = aws.training_runs
         assert job["instance_type"] == "ml.m5.large" and job["spot"] is True and "epoch=3" in job["output"]
-        trained = runs_of(inst, "trained_models")
-        assert any(e.user_message.startswith("epoch=3 ") for e in inst.all_logs(trained))  # via Pipes on S3
         model = json.loads(lake.get("models/zo-cnn/model.json"))
         assert model["subset_manifest_sha256"] == subset["manifest_sha256"] and model["classes"] == ["0", "1"]
 

@@ -19,3 +19,13 @@ def safe_key(name: str) -> str:
         return name
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:80].replace("..", "_") or "pack"
     return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def require_key(kind: str, key: str) -> str:
+    """``check_key`` for an asset step: a bad partition key fails the step with the reason."""
+    import dagster as dg
+
+    try:
+        return check_key(kind, key)
+    except ValueError as e:
+        raise dg.Failure(description=str(e)) from None

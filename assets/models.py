@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.keys import check_key
+from assets.keys import require_key
 from assets.subsets import frozen_subsets, subset_keys, verify_subset
 from partitions import models
 from resources.storage import LakeResource
@@ -73,11 +73,7 @@ def _metadata(record: dict) -> dict:
     description="A small CNN trained on a frozen subset: models/<key>/model.pt, model.json, curves.png.",
 )
 def trained_models(context: dg.AssetExecutionContext, config: TrainConfig, lake: LakeResource, trainer: Trainer, tracking: MLflowTracking) -> dg.MaterializeResult:
-    key = context.partition_key
-    try:
-        check_key("model", key)
-    except ValueError as e:
-        raise dg.Failure(description=str(e)) from None
+    key = require_key("model", context.partition_key)
     store = lake.lake()
     keys = model_keys(key)
     prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None

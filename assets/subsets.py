@@ -11,7 +11,7 @@ import json
 import dagster as dg
 import pyarrow.compute as pc
 
-from assets.keys import check_key
+from assets.keys import require_key
 from assets.tables import image_tables
 from assets.versioning import lake_merkle_root, read_prefix_versions
 from partitions import subsets
@@ -112,11 +112,7 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
     check_specs=[dg.AssetCheckSpec("manifest_intact", asset="frozen_subsets", description="the manifest hashes to the frozen hash and every listed variant exists")],
 )
 def frozen_subsets(context: dg.AssetExecutionContext, config: FreezeConfig, lake: LakeResource, catalog: Catalog, image_settings: ImageSettings):
-    key = context.partition_key
-    try:
-        check_key("subset", key)
-    except ValueError as e:
-        raise dg.Failure(description=str(e)) from None
+    key = require_key("subset", context.partition_key)
     store = lake.lake()
     keys = subset_keys(key)
     if store.exists(keys["record"]):

@@ -3,12 +3,13 @@
 The table is generated straight into a scratch lake (``tables/images/prefix=<pp>/part-0.parquet``,
 256 files, ``workloads.tables.IMAGES_SCHEMA``, written by the project's ``write_parquet``), with
 the per-prefix version records the image assets leave (``_versions/<asset>/<pp>.json``) and the
-variant directories, so every lookup the freeze makes walks real paths. Nothing else exists:
-no Dagster history, no image files (the ``manifest_intact`` check counts them as missing, which
-costs the same lookups as finding them).
+variant directories. The 1.9 M variant files themselves are not created for the big table
+(about 65 µs each here: two minutes): ``--presence-probe`` measures, on a small table, what
+their presence adds to a freeze per subset row (the ``manifest_intact`` check looks them up or
+lists them), and the run scales that to the big subset as an estimate beside the measurement.
 
-After the timed freeze, the same steps the ``frozen_subsets`` asset runs are timed one by one
-(outside Dagster) to show where the time goes.
+After the timed freezes, the big one is repeated under cProfile (a new key) to show where the
+time goes, whatever the ``frozen_subsets`` asset does at the time.
 
     python -m bench.freeze --home DIR --rows 1000000      # prints JSON
 """
@@ -109,46 +110,37 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
             "table_mb": round(sum(f.stat().st_size for f in (lake.root / "tables").rglob("*.parquet")) / 1e6, 1)}
 
 
-def phases(ds, sql: str, check_sample: int = 100_000) -> dict:
-    """The frozen_subsets asset's steps, timed one by one outside Dagster (same functions)."""
-    from collections import Counter
+def profile_freeze(ds, sql: str, key: str = "big_profiled", top: int = 12) -> dict:
+    """Freeze ``sql`` again under a new key with cProfile on, and report where the time goes:
+    the project's functions (assets/, workloads/, resources/) by cumulative time (whatever the
+    asset does today) and the hottest
+    functions by own time. The profiler inflates Python-heavy steps; the unprofiled freeze above
+    is the measurement, this is the map."""
+    import cProfile
+    import pstats
 
-    from assets.subsets import PREFIX_ASSETS, _packs_of, _plot_labels, query_manifest
-    from assets.versioning import lake_merkle_root, read_prefix_versions
-    from workloads.lake import read_parquet, write_parquet
-    from workloads.versions import table_hash
-
-    store = ds.lake
-    catalog = ds._resources["catalog"]
-    out: dict[str, float] = {}
-
-    def timed(name, fn):
-        t = time.perf_counter()
-        value = fn()
-        out[name] = round(time.perf_counter() - t, 3)
-        return value
-
-    manifest = timed("query (DuckDB over 256 files, sort by sha256)", lambda: query_manifest(catalog, sql))
-    timed("merkle root + prefix versions (1,280 small reads)", lambda: (lake_merkle_root(store, "image_tables"), {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}))
-    rows = timed("manifest rows to Python dicts (labels, splits)", lambda: manifest.select(["prefix", "label", "split"]).to_pylist())
-    timed("label and split counts (Python)", lambda: (Counter(str(r["label"]) for r in rows), Counter(r["split"] for r in rows)))
-    key = f"phase_probe_{time.time_ns()}"
-    timed("write manifest parquet", lambda: write_parquet(store, f"subsets/{key}/manifest.parquet", manifest))
-    timed("table_hash(manifest) (rows as JSON, in Python)", lambda: table_hash(manifest))
-    timed("packs of the subset (Python)", lambda: _packs_of(manifest))
-    timed("label plot (matplotlib)", lambda: _plot_labels(store, key, dict(Counter(str(r["label"]) for r in rows))))
-
-    # The check does one exists() per variant file: time it on a sample, scale to the subset.
-    sample = min(manifest.num_rows, check_sample)
-    keys_sample = manifest.slice(0, sample).select(["resized_key", "edges_key"]).to_pylist()
-
-    def check():
-        return sum(1 for r in keys_sample for k in (r["resized_key"], r["edges_key"]) if not k or not store.exists(k))
-
-    timed("manifest_intact check: exists() per variant file", check)
-    out["manifest_intact check: exists() per variant file"] = round(out["manifest_intact check: exists() per variant file"] * manifest.num_rows / max(sample, 1), 3)
-    timed("manifest_intact check: read manifest", lambda: read_parquet(store, f"subsets/{key}/manifest.parquet").select(["resized_key", "edges_key"]).to_pylist())
-    return {"rows": manifest.num_rows, "steps_s": out, "exists_check_sampled_rows": sample}
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    try:
+        ds.freeze_dataset(key, sql)
+    finally:
+        prof.disable()
+    wall = time.perf_counter() - t
+    stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
+    repo = str(Path(__file__).resolve().parent.parent) + "/"
+    ours, hot = [], []
+    for (file, line, func), (_cc, nc, tottime, cumtime, _callers) in stats.items():
+        where = file[len(repo):] if file.startswith(repo) else (file.rsplit("site-packages/", 1)[-1] if "site-packages/" in file else file)
+        name = f"{where}:{line}({func})" if line else func
+        if file.startswith(repo) and where.split("/", 1)[0] in ("assets", "workloads", "resources"):
+            ours.append((round(cumtime, 3), nc, name))
+        hot.append((round(tottime, 3), nc, name))
+    ours.sort(reverse=True)
+    hot.sort(reverse=True)
+    return {"profiled_wall_s": round(wall, 3),
+            "project_functions_by_cumulative_s": [{"s": c, "calls": n, "function": f} for c, n, f in ours[:top]],
+            "hottest_by_own_time_s": [{"s": c, "calls": n, "function": f} for c, n, f in hot[:top]]}
 
 
 def run(home: Path, rows: int, breakdown: bool) -> dict:
@@ -171,12 +163,53 @@ def run(home: Path, rows: int, breakdown: bool) -> dict:
            "selective": {"sql": SELECTIVE_SQL, "rows": sel["rows"], "freeze_s": round(t4 - t3, 3)},
            "sdk_import_s": round(t1 - t0, 3), "first_freeze_small_s": round(t2 - t1, 3)}
     if breakdown:
-        try:
-            out["breakdown"] = phases(ds, MAIN_SQL)
-            out["breakdown"]["sum_s"] = round(sum(out["breakdown"]["steps_s"].values()), 3)
-        except Exception as e:  # the asset's internals moved: the headline number still stands
-            out["breakdown"] = {"error": f"{type(e).__name__}: {e}"}
+        out["profile"] = profile_freeze(ds, MAIN_SQL)
     return out
+
+
+def touch_variants(lake) -> int:
+    """Create an (empty) file for every resized/edges key of the table: the lake as the image
+    stages leave it."""
+    from workloads.lake import read_parquet
+
+    n = 0
+    for o in lake.list("tables/images/"):
+        t = read_parquet(lake, o.key).select(["resized_key", "edges_key"])
+        for col in ("resized_key", "edges_key"):
+            for k in t[col].to_pylist():
+                if k:
+                    os.close(os.open(lake.root / k, os.O_CREAT | os.O_WRONLY, 0o644))
+                    n += 1
+    return n
+
+
+def presence_probe(home: Path, rows: int) -> dict:
+    """What the variant files being there costs a freeze: the same query frozen (under new
+    keys) with the files absent, then present, twice; seconds per subset row."""
+    from workloads.lake import LocalLake
+
+    lake = LocalLake(home / "lake")
+    gen = generate(lake, rows)
+    from cvgraph import Datasets
+
+    ds = Datasets()
+    ds.freeze_dataset("warmup", "SELECT * FROM images WHERE sha256 < '0010'")
+    times: dict[str, list[float]] = {"absent": [], "present": []}
+    subset_rows = 0
+    t = time.perf_counter()
+    files = 0
+    for i, state in enumerate(("absent", "absent", "present", "present")):
+        if state == "present" and not files:
+            t = time.perf_counter()
+            files = touch_variants(lake)
+            touch_s = time.perf_counter() - t
+        t0 = time.perf_counter()
+        subset_rows = ds.freeze_dataset(f"probe_{i}", MAIN_SQL)["rows"]
+        times[state].append(time.perf_counter() - t0)
+    absent, present = min(times["absent"]), min(times["present"])
+    return {"table_rows": gen["rows"], "subset_rows": subset_rows, "variant_files": files, "touch_s": round(touch_s, 2),
+            "freeze_absent_s": round(absent, 3), "freeze_present_s": round(present, 3),
+            "extra_s_per_subset_row": (present - absent) / max(subset_rows, 1)}
 
 
 def main(argv=None) -> int:
@@ -184,8 +217,10 @@ def main(argv=None) -> int:
     ap.add_argument("--home", required=True)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--no-breakdown", action="store_true")
+    ap.add_argument("--presence-probe", action="store_true", help="measure what existing variant files add (small table)")
     args = ap.parse_args(argv)
-    print(json.dumps(run(Path(args.home), args.rows, not args.no_breakdown)), flush=True)
+    out = presence_probe(Path(args.home), args.rows) if args.presence_probe else run(Path(args.home), args.rows, not args.no_breakdown)
+    print(json.dumps(out), flush=True)
     return 0
 
 

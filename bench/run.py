@@ -40,16 +40,16 @@ TARGETS = {"kernel_vs_naive": (2.2, ">="), "kernel_vs_decode_bound": (0.80, ">="
 FULL = {
     "big_jpegs": 8, "big_pngs": 2, "big_size": (3000, 2000), "kernel_size": 256, "kernel_rounds": 5,
     "scaling_trials": 5, "scaling_passes": 48, "quiet_wait_s": 10.0,
-    "pipeline_images": 5000, "pipeline_trials": 1, "pipeline_range": ("00", "ff"),
+    "pipeline_images": 5000, "pipeline_trials": 2, "pipeline_range": ("00", "ff"),
     "ingest_bytes": 2 * 1024**3, "ingest_pool_env": True,
-    "freeze_rows": 1_000_000, "dataset_rounds": 5,
+    "freeze_rows": 1_000_000, "freeze_probe_rows": 50_000, "dataset_rounds": 5,
 }
 QUICK = {
     "big_jpegs": 2, "big_pngs": 1, "big_size": (1200, 800), "kernel_size": 256, "kernel_rounds": 1,
     "scaling_trials": 1, "scaling_passes": 2, "quiet_wait_s": 0.0,
     "pipeline_images": 200, "pipeline_trials": 1, "pipeline_range": ("00", "1f"),
     "ingest_bytes": 40 * 1024**2, "ingest_pool_env": False,
-    "freeze_rows": 5_000, "dataset_rounds": 1,
+    "freeze_rows": 5_000, "freeze_probe_rows": 2_000, "dataset_rounds": 1,
 }
 
 
@@ -123,18 +123,18 @@ def bench_pipeline(cfg: dict, work: Path) -> tuple[dict, str]:
     from bench import pipeline
 
     r = pipeline.bench(work / "pipeline", cfg["pipeline_images"], cfg["pipeline_trials"], rng=cfg["pipeline_range"])
-    bare = [t["wall_s"] for t in r["bare"]]
-    orch = [t["wall_s"] for t in r["orchestrated"]]
-    ratios = [o / b for o, b in zip(orch, bare)]
-    last = r["orchestrated"][-1]
-    steps = last["steps_s"]
-    outside = round(last["wall_s"] - sum(steps.values()), 2)
-    res = _res("orchestrated_vs_bare", median(ratios), "x (wall time, orchestrated / bare; lower is better)",
+    trials = [{"bare_s": b["wall_s"], "orchestrated_s": o["wall_s"], "ratio": round(o["wall_s"] / b["wall_s"], 3),
+               "ratio_with_startup": round((o["wall_s"] + o["startup_s"]) / b["wall_s"], 3),
+               "external_load_cores": max(b["external_load_cores"], o["external_load_cores"]),
+               "orchestrated_steps_s": o["steps_s"], "orchestrated_outside_steps_s": round(o["wall_s"] - sum(o["steps_s"].values()), 2),
+               "orchestrated_startup_s": o["startup_s"]} for b, o in zip(r["bare"], r["orchestrated"])]
+    # The trial the machine was quietest for (each trial is a bare run and an orchestrated run back to back).
+    best = min(trials, key=lambda t: t["external_load_cores"])
+    res = _res("orchestrated_vs_bare", best["ratio"], "x (wall time, orchestrated / bare; lower is better)",
                images=r["images_in_range"], prefix_range=r["range"], workers=r["workers"], threads=r["threads"], resize_size=r["size"],
-               bare_s=bare, orchestrated_s=orch, ratios=[round(x, 3) for x in ratios],
-               orchestrated_steps_s=steps, orchestrated_outside_steps_s=outside,
-               orchestrated_startup_s=last["startup_s"], ratio_with_startup=round(median([(o["wall_s"] + o["startup_s"]) / b for o, b in zip(r["orchestrated"], bare)]), 3),
-               external_load_cores={"bare": [t["external_load_cores"] for t in r["bare"]], "orchestrated": [t["external_load_cores"] for t in r["orchestrated"]]},
+               bare_s=best["bare_s"], orchestrated_s=best["orchestrated_s"], orchestrated_steps_s=best["orchestrated_steps_s"],
+               orchestrated_outside_steps_s=best["orchestrated_outside_steps_s"], ratio_with_startup=best["ratio_with_startup"],
+               external_load_cores=best["external_load_cores"], trials=trials, trial_used="the least external load",
                prepare=r["prepare"])
     return res, r["home"]
 
@@ -154,12 +154,24 @@ def bench_ingest(cfg: dict, work: Path) -> dict:
 
 
 def bench_freeze(cfg: dict, work: Path) -> dict:
+    env = {"CVGRAPH_PROFILE": "local", "CVGRAPH_IMAGE_SIZE": "64"}
+    drop = ("DAGSTER_HOME", "CVGRAPH_LAKE_URL")
     home = work / "freeze_home"
     home.mkdir(parents=True)
-    r = run_json(["bench.freeze", "--home", str(home), "--rows", str(cfg["freeze_rows"])],
-                 extra_env={"CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local", "CVGRAPH_IMAGE_SIZE": "64"}, drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"))
+    r = run_json(["bench.freeze", "--home", str(home), "--rows", str(cfg["freeze_rows"])], extra_env={**env, "CVGRAPH_HOME": str(home)}, drop=drop)
     shutil.rmtree(home, ignore_errors=True)
-    return _res("freeze_1m_rows_s", r["freeze_s"], f"s (freeze_dataset over a {cfg['freeze_rows']:,}-row images table)", **r)
+    probe_home = work / "freeze_probe_home"
+    probe_home.mkdir(parents=True)
+    probe = run_json(["bench.freeze", "--home", str(probe_home), "--rows", str(cfg["freeze_probe_rows"]), "--presence-probe"],
+                     extra_env={**env, "CVGRAPH_HOME": str(probe_home)}, drop=drop)
+    shutil.rmtree(probe_home, ignore_errors=True)
+    estimate = r["freeze_s"] + max(0.0, probe["extra_s_per_subset_row"]) * r["subset_rows"]
+    res = _res("freeze_1m_rows_s", r["freeze_s"], f"s (freeze_dataset over a {cfg['freeze_rows']:,}-row images table, variant files absent)", **r,
+               variant_files_probe=probe, estimated_with_variant_files_s=round(estimate, 2),
+               note="measured with the 1.9 M resized/edges files absent; estimated_with_variant_files_s adds what their presence "
+                    "costs per subset row (measured on the probe's small table); pass requires both under the target")
+    res["pass"] = bool(res["pass"] and estimate < TARGETS["freeze_1m_rows_s"][0])
+    return res
 
 
 # -- 7: dataset vs direct ----------------------------------------------------------------------
@@ -206,15 +218,23 @@ def details(results: dict) -> str:
                    f"used {k['trials_used']}; CPU-time ratio {k['cpu_time_ratio']}")
     if (k := g("orchestrated_vs_bare")) and not k.get("error"):
         out.append(f"pipeline ({k['images']} images): bare {k['bare_s']} s, orchestrated {k['orchestrated_s']} s; steps {k['orchestrated_steps_s']}, "
-                   f"outside steps {k['orchestrated_outside_steps_s']} s; other load {k['external_load_cores']}")
+                   f"outside steps {k['orchestrated_outside_steps_s']} s; trials {[t['ratio'] for t in k['trials']]} "
+                   f"with other load {[t['external_load_cores'] for t in k['trials']]} cores (used: {k['trial_used']})")
     if (k := g("ingest_peak_rss_mb")) and not k.get("error"):
         pool = k.get("local_pool_env", {})
         out.append(f"ingest: {k['pack']['zip_gb']} GB, {k['pack']['members']} members in {k['cli']['wall_s']} s; peak RSS {k['cli']['peak_rss_mb']} MB "
                    f"(polled {k['cli']['polled_hwm_mb']}), imports alone {k['import_only_rss_mb']} MB, with the pool's malloc env {pool.get('peak_rss_mb')} MB")
     if (k := g("freeze_1m_rows_s")) and not k.get("error"):
-        out.append(f"freeze: {k['subset_rows']:,} of {k['table']['rows']:,} rows in {k['freeze_s']} s; selective ({k['selective']['rows']:,} rows) {k['selective']['freeze_s']} s")
-        for step, s in (k.get("breakdown") or {}).get("steps_s", {}).items():
-            out.append(f"    {s:>8.3f} s  {step}")
+        p = k["variant_files_probe"]
+        out.append(f"freeze: {k['subset_rows']:,} of {k['table']['rows']:,} rows in {k['freeze_s']} s (variant files absent); "
+                   f"selective ({k['selective']['rows']:,} rows) {k['selective']['freeze_s']} s; with the variant files present an estimated "
+                   f"{k['estimated_with_variant_files_s']} s (probe: {p['subset_rows']:,} rows {p['freeze_absent_s']} s absent vs {p['freeze_present_s']} s present)")
+        prof = k.get("profile") or {}
+        if prof:
+            out.append(f"    under cProfile ({prof['profiled_wall_s']} s), project functions by cumulative time:")
+            out.extend(f"    {r['s']:>8.3f} s  {r['calls']:>8} calls  {r['function']}" for r in prof["project_functions_by_cumulative_s"][:8])
+            out.append("    hottest by own time:")
+            out.extend(f"    {r['s']:>8.3f} s  {r['calls']:>8} calls  {r['function']}" for r in prof["hottest_by_own_time_s"][:6])
     if (k := g("dataset_vs_direct")) and not k.get("error"):
         out.append(f"dataset: {k['images']} images, DataLoader {k['dataset_img_per_cpu_s']} img/s vs direct {k['direct_img_per_cpu_s']} img/s")
     return "\n".join(out)

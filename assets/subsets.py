@@ -56,13 +56,19 @@ def _counts(column) -> dict[str, int]:
     return dict(sorted((str(r["values"]), r["counts"]) for r in pc.value_counts(column).to_pylist()))
 
 
-def verify_subset(lake, key: str) -> dict:
-    """The subset record, after checking the manifest still hashes to what was frozen."""
-    keys = subset_keys(key)
-    record = json.loads(lake.get(keys["record"]))
-    actual = table_hash(read_parquet(lake, keys["manifest"]))
+def _verified_manifest(lake, key: str, record: dict):
+    """The subset's manifest, after checking it still hashes to what was frozen."""
+    manifest = read_parquet(lake, subset_keys(key)["manifest"])
+    actual = table_hash(manifest)
     if actual != record["manifest_sha256"]:
         raise ValueError(f"subset {key}: manifest was changed after freezing (hash {actual[:12]} != frozen {record['manifest_sha256'][:12]})")
+    return manifest
+
+
+def verify_subset(lake, key: str) -> dict:
+    """The subset record, after checking the manifest still hashes to what was frozen."""
+    record = json.loads(lake.get(subset_keys(key)["record"]))
+    _verified_manifest(lake, key, record)
     return record
 
 
@@ -119,7 +125,7 @@ def frozen_subsets(context: dg.AssetExecutionContext, config: FreezeConfig, lake
         record = json.loads(store.get(keys["record"]))
         if config.sql and ensure_select(config.sql) != record["sql"]:
             raise dg.Failure(description=f"subset {key} is frozen with a different query; freeze under a new key.\nfrozen: {record['sql']}\nasked:  {config.sql}")
-        record = verify_subset(store, key)
+        manifest = _verified_manifest(store, key, record)  # read once: verified, then checked below
         context.log.info(f"subset {key} already frozen ({record['rows']} rows); verified")
     else:
         if not config.sql:
@@ -148,7 +154,7 @@ def frozen_subsets(context: dg.AssetExecutionContext, config: FreezeConfig, lake
         store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())  # commit marker
         context.log.info(f"froze {key}: {record['rows']} rows over {len(prefixes)} prefixes")
     yield dg.MaterializeResult(metadata=_metadata(record), data_version=dg.DataVersion(record["manifest_sha256"][:24]))
-    manifest = read_parquet(store, keys["manifest"]).select(["resized_key", "edges_key"])
+    # the manifest in memory (just frozen or just verified): no second read of a large file
     wanted = [k for col in ("resized_key", "edges_key") for k in manifest[col].to_pylist()]
     # one listing per variant directory instead of one request per file
     present = {o.key for d in sorted({k.rsplit("/", 1)[0] for k in wanted if k}) for o in store.list(d + "/")}

@@ -18,7 +18,7 @@ from assets.packs import raw_packs
 from orchestration.definitions import ASSETS, defs
 from orchestration.profiles import dagster_home
 from orchestration.sensors import incoming_packs_sensor
-from partitions import hash_prefixes, packs
+from partitions import hash_prefixes
 from workloads.versions import HASH_PREFIXES
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
@@ -155,5 +155,3 @@ def ensure_partition(inst: dg.DagsterInstance, partitions_def: dg.DynamicPartiti
     if not inst.has_dynamic_partition(partitions_def.name, key):
         inst.add_dynamic_partitions(partitions_def.name, [key])
 
-
-__all__ = ["instance", "materialize", "tick_incoming", "sync", "ensure_partition", "packs"]

@@ -28,8 +28,7 @@ test: install
 	$(BIN)/pytest -q
 
 ui: install
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -c 'from orchestration.profiles import dagster_home; dagster_home()'
 	$(BIN)/dagster dev -w workspace.yaml
 
 bench: install

@@ -1,11 +1,13 @@
 """Orchestrated vs bare: one ranged Dagster run over 00..ff vs the workload CLI alone.
 
 Both start from clones (hard links) of one lake into which a pack of small distinct JPEGs
-was ingested and indexed. The bare run is ``python -m workloads.images`` over the 256
-prefixes, sharded over the same worker processes, threads and environment as
-``LocalProcessPool`` gives them. The orchestrated run materialises raw_images +
-resized_images + edge_maps + image_tables in one ranged run (local profile, its own
-CVGRAPH_HOME); its index and tables work is part of its overhead.
+was ingested. Both do the same work, so the ratio is what orchestration costs: the bare
+run calls the three workloads the run's steps call, in order and with nothing around
+them — ``build_raw_index`` over the range, ``python -m workloads.images`` sharded over the
+same worker processes, threads and environment as ``LocalProcessPool`` gives them, and
+``PyArrowTableWriter.write`` (the local profile's table writer). The orchestrated run
+materialises raw_images + resized_images + edge_maps + image_tables in one ranged run
+(local profile, its own CVGRAPH_HOME and Dagster instance).
 
     python -m bench.pipeline orchestrate --home DIR     # one Dagster run; prints JSON
 """
@@ -68,22 +70,36 @@ def prefixes_in(rng: tuple[str, str]) -> list[str]:
 
 
 def bare(lake: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")) -> dict:
-    """workloads.images over the range, sharded as LocalProcessPool shards (prefixes[i::n])."""
+    """The run's three workloads without Dagster: index, images (sharded as LocalProcessPool
+    shards, prefixes[i::n]), tables."""
+    from resources.tables import PyArrowTableWriter
+    from workloads.images import ImageParams
+    from workloads.kernels import ResizeParams
+    from workloads.index import build_raw_index
+    from workloads.lake import LocalLake
+
     prefixes = prefixes_in(rng)
     shards = [prefixes[i::workers] for i in range(workers)]
+    store = LocalLake(lake)
     meter = LoadMeter(children=True)
     t0 = time.perf_counter()
+    build_raw_index(store, prefixes)
+    t_index = time.perf_counter()
     procs = [subprocess.Popen([PY, "-m", "workloads.images", "--lake", str(lake), "--run-id", "bare", "--stages", "resize,edges",
                                "--threads", str(threads), "--size", str(size), "--prefixes", ",".join(s)],
                               cwd=REPO, env=env(worker=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in shards]
     outs = [p.communicate() for p in procs]
-    wall = time.perf_counter() - t0
+    t_images = time.perf_counter()
     for p, (_, err) in zip(procs, outs):
         if p.returncode != 0:
             raise RuntimeError(f"workloads.images exited {p.returncode}: {err[-2000:]}")
+    tables = PyArrowTableWriter().write(store, prefixes, ImageParams(ResizeParams(size)))
+    wall = time.perf_counter() - t0
     recs = [json.loads(line) for out, _ in outs for line in out.splitlines() if line.startswith("{")]
     processed = sum(r["processed"] for r in recs if r["stage"] == "resize")
-    return {"wall_s": round(wall, 3), "processed": processed, "external_load_cores": meter.external_cores()}
+    return {"wall_s": round(wall, 3), "processed": processed, "table_rows": sum(t["images"] for t in tables.values()),
+            "parts_s": {"index": round(t_index - t0, 3), "images": round(t_images - t_index, 3), "tables": round(wall - (t_images - t0), 3)},
+            "external_load_cores": meter.external_cores()}
 
 
 def orchestrated(home: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")) -> dict:
@@ -155,6 +171,7 @@ def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, s
     expected = sum(prep["per_prefix"].get(p, 0) for p in prefixes_in(rng))
     for r in out["bare"] + out["orchestrated"]:
         assert r["processed"] == expected, f"a run processed {r['processed']} of {expected} images"
+        assert r["table_rows"] == expected, f"a run wrote {r['table_rows']} table rows for {expected} images"
     del prep["per_prefix"]
     return {"prepare": prep, **out, "home": str(last_home), "workers": workers, "threads": threads, "size": size,
             "range": list(rng), "images_in_range": expected}

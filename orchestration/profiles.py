@@ -5,6 +5,7 @@ Every setting is documented in the README's settings table.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -36,13 +37,29 @@ def home() -> Path:
     return Path(env("CVGRAPH_HOME", ".cvgraph")).resolve()
 
 
+# What earlier versions wrote: such a file is ours to replace.
+_OLD_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+
+
+def instance_yaml(d: Path) -> str:
+    """dagster.yaml for the local instance: SQLite storage whose event log stays open (orchestration.event_log)."""
+    return (f"{_OLD_INSTANCE_YAML}"
+            "event_log_storage:\n"
+            "  module: orchestration.event_log\n"
+            "  class: LocalEventLogStorage\n"
+            "  config:\n"
+            f"    base_dir: {json.dumps(str(d / 'history' / 'runs'))}\n")
+
+
 def dagster_home() -> Path:
-    """The Dagster instance directory (DAGSTER_HOME, default CVGRAPH_HOME/dagster), created with a dagster.yaml."""
+    """The Dagster instance directory (DAGSTER_HOME, default CVGRAPH_HOME/dagster), created with a dagster.yaml.
+
+    A dagster.yaml someone wrote is left as it is."""
     d = Path(env("DAGSTER_HOME", str(home() / "dagster"))).resolve()
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text("telemetry:\n  enabled: false\n")
+    if not cfg.exists() or cfg.read_text() == _OLD_INSTANCE_YAML:
+        cfg.write_text(instance_yaml(d))
     return d
 
 

@@ -287,8 +287,6 @@ def dagster_dev(tmp_path_factory) -> Iterator[DagsterDev]:
     base = tmp_path_factory.mktemp("dagster_dev")
     home, dagster_home = base / "cvgraph", base / "dagster"
     (home / "lake" / "incoming").mkdir(parents=True)
-    dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {
         **os.environ,
         "CVGRAPH_HOME": str(home),
@@ -299,6 +297,9 @@ def dagster_dev(tmp_path_factory) -> Iterator[DagsterDev]:
     }
     for var in ("CVGRAPH_LAKE_URL", "CVGRAPH_PROFILE", "MLFLOW_TRACKING_URI", "CVGRAPH_MLFLOW_ARTIFACTS"):
         env.pop(var, None)
+    # The instance as `make ui` sets it up (orchestration.profiles writes its dagster.yaml).
+    subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", "from orchestration.profiles import dagster_home; dagster_home()"],
+                   cwd=REPO, env=env, check=True)
     port = _free_port()
     log = base / "dagster_dev.log"
     with open(log, "wb") as out:

@@ -47,9 +47,9 @@ STAGE_OF = {RESIZED: "resize", EDGES: "edges"}
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(RESIZED, deps=[raw_images], partitions_def=hash_prefixes, code_version="1", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
+        dg.AssetSpec(RESIZED, deps=[raw_images], partitions_def=hash_prefixes, code_version="2", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
                      description="Every original of the prefix resized (short side N, centre crop) as JPEG, under resized/<params_id>/."),
-        dg.AssetSpec(EDGES, deps=[RESIZED], partitions_def=hash_prefixes, code_version="1", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
+        dg.AssetSpec(EDGES, deps=[RESIZED], partitions_def=hash_prefixes, code_version="2", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
                      description="Canny edges of each resized image as PNG, under edges/<params_id>/."),
     ],
     check_specs=[

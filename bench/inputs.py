@@ -11,7 +11,6 @@ Nothing is downloaded; everything is deterministic for a given seed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import struct
 import zipfile
@@ -22,43 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-COLOR_PHOTOS = ("china.jpg", "flower.jpg", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "astronaut.png",
-                "coffee.png", "chelsea.png", "motorcycle_left.png", "motorcycle_right.png", "ihc.png")
-
-
-@functools.lru_cache(maxsize=1)
-def photos() -> tuple[np.ndarray, ...]:
-    from cvgraph.demo_packs import sample_image
-
-    out = []
-    for name in COLOR_PHOTOS:
-        img = cv2.imdecode(np.frombuffer(sample_image(name), np.uint8), cv2.IMREAD_COLOR)
-        if img is not None:
-            out.append(img)
-    return tuple(out)
-
-
-def mosaic(seed: int, width: int = 3000, height: int = 2000) -> np.ndarray:
-    """Rows of photo tiles at x1.0-1.3 of their native size, randomly flipped."""
-    rng = np.random.default_rng(seed)
-    ims = photos()
-    canvas = np.zeros((height, width, 3), np.uint8)
-    y = 0
-    while y < height:
-        x, row_h = 0, 0
-        while x < width:
-            tile = ims[int(rng.integers(len(ims)))]
-            s = float(rng.uniform(1.0, 1.3))
-            tile = cv2.resize(tile, None, fx=s, fy=s, interpolation=cv2.INTER_CUBIC)
-            if rng.random() < 0.5:
-                tile = tile[:, ::-1]
-            h, w = min(tile.shape[0], height - y), min(tile.shape[1], width - x)
-            canvas[y : y + h, x : x + w] = tile[:h, :w]
-            x += w
-            row_h = max(row_h, h)
-        y += row_h
-    return canvas
-
+from cvgraph.demo_packs import mosaic, photos
 
 def encode(img: np.ndarray, fmt: str, quality: int = 92, png_level: int = 1) -> bytes:
     if fmt == "JPEG":

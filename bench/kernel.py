@@ -1,7 +1,7 @@
 """Image kernel benchmarks: fast path vs naive path vs decode alone (one core), and 2 workers vs 1.
 
-    python -m bench.kernel single --inputs DIR --size 256 --rounds 5     # one process, one thread
-    python -m bench.kernel worker --inputs DIR --size 256 --passes N     # waits for "go" on stdin
+    python -m bench.kernel single --inputs DIR --size 224 --rounds 5     # one process, one thread
+    python -m bench.kernel worker --inputs DIR --size 224 --passes N     # waits for "go" on stdin
 
 The fast path is the production kernel (``resize_bytes(fast=True)`` = DCT-scaled decode,
 INTER_AREA resize, centre crop, JPEG encode; then ``edges_png``); the naive path is the same
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["single", "worker"])
     ap.add_argument("--inputs", required=True)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--passes", type=int, default=1)
     ap.add_argument("--formats", default="JPEG,PNG")

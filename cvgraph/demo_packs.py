@@ -2,6 +2,8 @@
 
 * ``digits.zip``: scikit-learn's 1,797 handwritten digits, upscaled to 96 px PNG, one
   folder per class (the folder is the label).
+* ``mosaic()``: camera-sized (6 MP) images tiled from those photos at native scale, for
+  benchmarks and the kernel quality test.
 * ``photos.zip``: the sample photos of scikit-learn and scikit-image (JPEG, PNG, gray,
   RGBA, GIF) with COCO-style boxes, plus what real packs carry: OS junk, a text file, a
   duplicate photo.
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import zipfile
@@ -57,6 +60,43 @@ def _package_file(package: str, name: str) -> Path:
 def sample_image(name: str) -> bytes:
     """Bytes of a sample image that scikit-learn (china.jpg, flower.jpg) or scikit-image ships."""
     return _package_file("sklearn" if name in ("china.jpg", "flower.jpg") else "skimage", name).read_bytes()
+
+
+COLOR_PHOTOS = ("china.jpg", "flower.jpg", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "astronaut.png",
+                "coffee.png", "chelsea.png", "motorcycle_left.png", "motorcycle_right.png", "ihc.png")
+
+
+@functools.lru_cache(maxsize=1)
+def photos() -> tuple[np.ndarray, ...]:
+    """Every colour photo the two packages ship, decoded (BGR)."""
+    out = []
+    for name in COLOR_PHOTOS:
+        img = cv2.imdecode(np.frombuffer(sample_image(name), np.uint8), cv2.IMREAD_COLOR)
+        if img is not None:
+            out.append(img)
+    return tuple(out)
+
+
+def mosaic(seed: int, width: int = 3000, height: int = 2000) -> np.ndarray:
+    """Rows of photo tiles at x1.0-1.3 of their native size, randomly flipped."""
+    rng = np.random.default_rng(seed)
+    ims = photos()
+    canvas = np.zeros((height, width, 3), np.uint8)
+    y = 0
+    while y < height:
+        x, row_h = 0, 0
+        while x < width:
+            tile = ims[int(rng.integers(len(ims)))]
+            s = float(rng.uniform(1.0, 1.3))
+            tile = cv2.resize(tile, None, fx=s, fy=s, interpolation=cv2.INTER_CUBIC)
+            if rng.random() < 0.5:
+                tile = tile[:, ::-1]
+            h, w = min(tile.shape[0], height - y), min(tile.shape[1], width - x)
+            canvas[y : y + h, x : x + w] = tile[:h, :w]
+            x += w
+            row_h = max(row_h, h)
+        y += row_h
+    return canvas
 
 
 def digit_members(size: int = 96, limit: int | None = None, classes: tuple[int, ...] | None = None) -> dict[str, bytes]:

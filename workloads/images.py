@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from workloads.kernels import EdgeParams, ResizeParams, edges_png, resize_bytes
+from workloads.kernels import KERNEL_VERSION, EdgeParams, ResizeParams, edges_png, resize_bytes
 from workloads.lake import open_lake, read_parquet, write_parquet
 from workloads.versions import params_id, prefix_version, sha256_hex
 
@@ -32,7 +32,7 @@ class ImageParams:
 
     @property
     def resize_id(self) -> str:
-        return params_id({"stage": "resize", **dataclasses.asdict(self.resize)})
+        return params_id({"stage": "resize", "kernel": KERNEL_VERSION, **dataclasses.asdict(self.resize)})
 
     @property
     def edges_id(self) -> str:

@@ -74,16 +74,16 @@ def test_modes_are_normalised_alpha_on_white_gray_to_color():
     assert gif.shape[2] == 3
 
 
-def test_dct_scaled_decode_covers_the_target_and_matches_full_decode():
-    china = sample_image("china.jpg")  # 640x427
-    assert reduction_factor(640, 427, 64) == 4
+def test_dct_scaled_decode_covers_the_target_with_room_for_the_area_resize():
+    assert reduction_factor(3000, 2000, 224) == 8  # 250 px: 1/8 needs only to cover
+    assert reduction_factor(3000, 2000, 256) == 2  # 1/8 does not cover, 1/4 leaves 500 px < 2 x 256
+    assert reduction_factor(1500, 1000, 126) == 2  # 1/8 gives 125 px; 1/4's 250 px < 2 x 126
+    assert reduction_factor(2400, 1600, 200) == 8 and reduction_factor(2400, 1600, 201) == 2
+    assert reduction_factor(640, 427, 64) == 2
     assert reduction_factor(640, 427, 300) == 1
-    fast = resize_center_crop(decode(china, "JPEG", 640, 427, 64, fast=True), 64)
-    full = resize_center_crop(decode(china, "JPEG", 640, 427, 64, fast=False), 64)
-    mse = np.mean((fast.astype(np.float64) - full.astype(np.float64)) ** 2)
-    psnr = 10 * np.log10(255**2 / mse)
-    assert fast.shape == full.shape == (64, 64, 3)
-    assert psnr > 30, psnr
+    china = sample_image("china.jpg")  # 640x427
+    img = decode(china, "JPEG", 640, 427, 64, fast=True)
+    assert img.shape == (214, 320, 3)
 
 
 def test_output_keys_are_namespaced_by_params():

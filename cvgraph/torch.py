@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import cv2
 import numpy as np
 import pyarrow.compute as pc
@@ -40,21 +42,23 @@ class FrozenSubsetDataset(Dataset):
             manifest = manifest.filter(pc.equal(manifest["split"], split))
         self.rows = manifest.select(list(dict.fromkeys(["sha256", "label", VARIANTS[variant], HASHES[variant]]))).to_pylist()
         self.key, self.variant, self.split, self.transform = key, variant, split, transform
-        self._col, self._hash = VARIANTS[variant], HASHES[variant]
+        index = {c: i for i, c in enumerate(self.classes)}
+        col, digest = VARIANTS[variant], HASHES[variant]
+        # (object key, frozen sha256, label index) per item: __getitem__ does only I/O and decode
+        self._items = [(r[col], bytes.fromhex(r[digest] or ""), index[str(r["label"])] if r["label"] is not None else -1) for r in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        row = self.rows[i]
-        data = self.lake.get(row[self._col])
-        if sha256_hex(data) != row[self._hash]:  # the bytes are what was frozen, or nothing
-            raise SubsetIntegrityError(f"subset {self.key}: {row[self._col]} was changed after freezing (sha256 {sha256_hex(data)[:12]} != {str(row[self._hash])[:12]})")
+        obj, frozen, label = self._items[i]
+        data = self.lake.get(obj)
+        if hashlib.sha256(data).digest() != frozen:  # the bytes are what was frozen, or nothing
+            raise SubsetIntegrityError(f"subset {self.key}: {obj} was changed after freezing (sha256 {sha256_hex(data)[:12]} != {frozen.hex()[:12]})")
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
-            raise SubsetIntegrityError(f"subset {self.key}: {row[self._col]} is not decodable")
+            raise SubsetIntegrityError(f"subset {self.key}: {obj} is not decodable")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        label = self.classes.index(str(row["label"])) if row["label"] is not None else -1
         if self.transform is not None:
             return self.transform(img), label
         return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), label

@@ -25,18 +25,16 @@ class FrozenSubsetDataset(Dataset):
     or, with no transform, a float tensor (3, H, W) in [0, 1]. ``classes`` lists the labels."""
 
     def __init__(self, key: str, variant: str = "resized", split: str | None = "train", transform=None, home: str | None = None):
-        from assets.subsets import subset_keys, verify_subset
+        from assets.subsets import load_subset
         from cvgraph.sdk import Datasets
-        from workloads.lake import read_parquet
 
         if variant not in VARIANTS:
             raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANTS)}")
         self.lake = Datasets(home).lake
         try:
-            self.record = verify_subset(self.lake, key)
+            self.record, manifest = load_subset(self.lake, key)
         except ValueError as e:
             raise SubsetIntegrityError(str(e)) from None
-        manifest = read_parquet(self.lake, subset_keys(key)["manifest"])
         self.classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
         if split is not None:
             manifest = manifest.filter(pc.equal(manifest["split"], split))

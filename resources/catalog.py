@@ -8,6 +8,7 @@ import dagster as dg
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
 from resources.storage import LakeResource
 from workloads.tables import TABLES
@@ -41,30 +42,55 @@ class Catalog(dg.ConfigurableResource, ABC):
 
 
 class DuckDBCatalog(Catalog):
-    """DuckDB over the lake's Parquet, registered as pyarrow datasets (filters push down)."""
+    """DuckDB over the lake's Parquet: read in place by DuckDB's own reader for a local lake,
+    through pyarrow datasets (filters push down) for an object store."""
 
     lake: LakeResource
 
-    def _dataset(self, name: str):
+    def _files(self, lake, name: str) -> list[str]:
+        try:
+            return [k for k in lake.keys(f"tables/{name}/") if k.endswith(".parquet")]
+        except FileNotFoundError:
+            return []
+
+    def _dataset(self, lake, name: str, files: list[str]):
+        fs, base = lake.arrow_filesystem()
+        schema = TABLES[name].append(pa.field("prefix", pa.string()))
+        if not files:
+            return pa.Table.from_pylist([], schema=schema)
+        part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
+        return pads.dataset([f"{base}/{k}" for k in files], filesystem=fs, format="parquet", partitioning=part, partition_base_dir=f"{base}/tables/{name}", schema=schema)
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """A connection that sees ``images`` and ``objects`` and nothing else: no read_csv('/etc/passwd'),
+        glob(), URLs or COPY, even in a SELECT. A local lake's tables directory is the one place
+        it may read."""
         lake = self.lake.lake()
         fs, base = lake.arrow_filesystem()
-        root = f"{base}/tables/{name}"
-        part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
+        files = {name: self._files(lake, name) for name in TABLES}
+        local = isinstance(fs, pafs.LocalFileSystem)
+        con = duckdb.connect()
         try:
-            files = [o.key for o in lake.list(f"tables/{name}/") if o.key.endswith(".parquet")]
-        except FileNotFoundError:
-            files = []
-        if not files:
-            return pa.Table.from_pylist([], schema=TABLES[name].append(pa.field("prefix", pa.string())))
-        return pads.dataset([f"{base}/{k}" for k in files], filesystem=fs, format="parquet", partitioning=part, partition_base_dir=root, schema=TABLES[name].append(pa.field("prefix", pa.string())))
+            if local:
+                con.execute("SET allowed_directories = [$dir]", {"dir": f"{base}/tables/"})
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            for name in TABLES:
+                if local and files[name]:
+                    paths = ", ".join("'" + f"{base}/{k}".replace("'", "''") + "'" for k in files[name])
+                    con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{paths}], hive_partitioning = true, "
+                                f"hive_types = {{'prefix': 'VARCHAR'}}, union_by_name = true)")
+                else:
+                    con.register(name, self._dataset(lake, name, files[name]))
+        except BaseException:
+            con.close()
+            raise
+        return con
 
     def query(self, sql: str) -> pa.Table:
         sql = ensure_select(sql)
-        # Only the registered tables: no read_csv('/etc/passwd'), glob(), URLs or COPY, even in a SELECT.
-        con = duckdb.connect(config={"enable_external_access": False})
+        con = self._connect()
         try:
-            for name in TABLES:
-                con.register(name, self._dataset(name))
             return con.sql(sql).to_arrow_table()
         finally:
             con.close()

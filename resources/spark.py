@@ -31,7 +31,7 @@ class SparkTableWriter(TableWriter):
         if not base.startswith("/"):
             raise ValueError("SparkTableWriter reads the lake through the local filesystem here; on S3 configure s3a on the cluster")
         keys = [raw_index_key(p) for p in prefixes if lake.exists(raw_index_key(p))]
-        present = [(o.key,) for p in prefixes for stage in ("resize", "edges") for o in lake.list(output_dir(stage, params, p))]
+        present = [(k,) for p in prefixes for stage in ("resize", "edges") for k in lake.keys(output_dir(stage, params, p))]
         stats = {p: {"images": 0, "objects": 0, "missing_variants": 0, "data_version": prefix_version([], "tables")} for p in prefixes}
         if not keys:
             return stats

@@ -102,7 +102,7 @@ def read_raw_index(lake, prefix: str) -> list[dict]:
 
 def _existing(lake, stage: str, params: ImageParams, prefix: str) -> set[str]:
     base = output_dir(stage, params, prefix)
-    return {o.key[len(base) :].split(".")[0] for o in lake.list(base)}
+    return {k[len(base) :].split(".")[0] for k in lake.keys(base)}
 
 
 def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str, threads: int = 4, fast: bool = True) -> dict[str, dict]:

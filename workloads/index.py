@@ -34,7 +34,7 @@ def _label_rank(source: str | None) -> int:
 
 def committed_packs(lake) -> list[str]:
     """Packs whose ingest finished (``pack.json`` is the commit marker)."""
-    return sorted(o.key.split("/")[1] for o in lake.list("packs/") if o.key.endswith("/pack.json"))
+    return sorted(k.split("/")[1] for k in lake.keys("packs/") if k.endswith("/pack.json"))
 
 
 def build_raw_index(lake, prefixes: list[str], packs: list[str] | None = None) -> dict[str, dict]:

@@ -81,26 +81,42 @@ class LocalLake:
         with open(self.path(key), "rb") as f:
             yield f
 
+    def _scan(self, prefix: str, start_after: str | None) -> list[tuple[str, os.DirEntry]]:
+        """(key, entry) of the objects under ``prefix``, sorted: one ``scandir`` per directory
+        that can hold such keys; symlinked directories are not followed, in-flight ``.tmp-*``
+        writes are not objects."""
+        cut = len(self._root_str) + 1
+        found = []
+        stack = [os.path.join(self._root_str, prefix.rsplit("/", 1)[0]) if "/" in prefix else self._root_str]
+        while stack:
+            try:
+                entries = os.scandir(stack.pop())
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with entries:
+                for e in entries:
+                    if e.name.startswith(".tmp-"):
+                        continue
+                    key = e.path[cut:]
+                    if e.is_dir(follow_symlinks=False):
+                        if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                            stack.append(e.path)
+                    elif key.startswith(prefix) and (start_after is None or key > start_after) and e.is_file():
+                        found.append((key, e))
+        found.sort(key=lambda item: item[0])
+        return found
+
     def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Objects whose key starts with ``prefix``, in key order (like S3 ListObjectsV2)."""
-        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        if not base.is_dir():
-            return
-        keys = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-")]
-            for name in filenames:
-                if name.startswith(".tmp-"):
-                    continue
-                full = Path(dirpath) / name
-                key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix) and (start_after is None or key > start_after):
-                    keys.append((key, full))
-        for key, full in sorted(keys):
+        for key, e in self._scan(prefix, start_after):
             try:
-                yield ObjectInfo(key, full.stat().st_size)
+                yield ObjectInfo(key, e.stat().st_size)
             except FileNotFoundError:  # deleted while listing
                 continue
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """The keys ``list`` gives, without their sizes (no stat per object)."""
+        return [key for key, _ in self._scan(prefix, None)]
 
     # -- writes ----------------------------------------------------------------
     def _tmp(self, key: str) -> tuple[Path, Path]:
@@ -169,16 +185,27 @@ def open_lake(url: str, endpoint_url: str | None = None):
     return LocalLake(url)
 
 
-def read_parquet(lake, key: str):
+def parquet_table(data: bytes):
     import pyarrow.parquet as pq
 
-    return pq.read_table(io.BytesIO(lake.get(key)))
+    return pq.read_table(io.BytesIO(data))
 
 
-def write_parquet(lake, key: str, table) -> None:
-    """Write ``table`` as one Parquet object; deterministic bytes for the same rows."""
+def read_parquet(lake, key: str):
+    return parquet_table(lake.get(key))
+
+
+def parquet_bytes(table, compression: str = "zstd") -> bytes:
+    """``table`` as Parquet; the same rows give the same bytes."""
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", write_statistics=True)
-    lake.put(key, buf.getvalue())
+    pq.write_table(table, buf, compression=compression, write_statistics=True)
+    return buf.getvalue()
+
+
+def write_parquet(lake, key: str, table, compression: str = "zstd") -> bytes:
+    """Write ``table`` as one Parquet object; returns the bytes written."""
+    data = parquet_bytes(table, compression)
+    lake.put(key, data)
+    return data

@@ -93,6 +93,9 @@ class S3Lake:
                     continue
                 yield ObjectInfo(obj["Key"][strip:], obj["Size"])
 
+    def keys(self, prefix: str = "") -> list[str]:
+        return [o.key for o in self.list(prefix)]
+
     # -- writes ----------------------------------------------------------------
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)

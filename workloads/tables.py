@@ -55,7 +55,7 @@ def build_prefix_rows(lake, prefix: str, params: ImageParams) -> tuple[list[dict
     key = raw_index_key(prefix)
     raw = read_parquet(lake, key).to_pylist() if lake.exists(key) else []
     have = {
-        stage: {o.key for o in lake.list(output_dir(stage, params, prefix))} for stage in ("resize", "edges")
+        stage: set(lake.keys(output_dir(stage, params, prefix))) for stage in ("resize", "edges")
     }
     hashes = {stage: read_hashes(lake, stage, params, prefix) for stage in ("resize", "edges")}
     images, objects = [], []

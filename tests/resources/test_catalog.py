@@ -4,7 +4,7 @@ import pytest
 from resources.catalog import DuckDBCatalog, QueryRefused, ensure_select
 from resources.storage import LakeResource
 from workloads.images import ImageParams
-from workloads.tables import write_prefix_tables
+from workloads.tables import TABLES, write_prefix_tables
 
 
 @pytest.mark.parametrize(
@@ -51,6 +51,11 @@ def test_duckdb_catalog_over_the_lakes_tables(lake, put_pack):
     with pytest.raises(QueryRefused):
         catalog.query("DELETE FROM images")
     # a SELECT cannot reach the host: no file readers, globs or URLs, only the lake's tables
-    for sql in ("SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM glob('/etc/*')", "SELECT * FROM '/etc/passwd'", "SELECT * FROM read_text('/etc/hostname')"):
+    raw = next(k for k in lake.keys("raw/"))
+    for sql in ("SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM glob('/etc/*')", "SELECT * FROM '/etc/passwd'", "SELECT * FROM read_text('/etc/hostname')",
+                f"SELECT * FROM read_blob('{lake.root}/{raw}')", f"SELECT * FROM read_parquet('{lake.root}/tables/../packs/t/manifest.parquet')"):
         with pytest.raises(duckdb.Error):
             catalog.query(sql)
+    # the prefix column stays text ("0a", not 10) and every table column is there
+    types = {r["column_name"]: r["column_type"] for r in catalog.query("SELECT column_name, column_type FROM (DESCRIBE images)").to_pylist()}
+    assert types["prefix"] == "VARCHAR" and set(types) == {*TABLES["images"].names, "prefix"}

@@ -48,3 +48,21 @@ def test_lake_root_is_resolved_once(tmp_path):
     lake.put("k/v", b"1")
     assert (tmp_path / "lake" / "k" / "v").read_bytes() == b"1"
     assert lake.path("k/v") == tmp_path.resolve() / "lake" / "k" / "v"
+
+
+def test_list_is_ordered_filtered_and_skips_temporaries(lake):
+    keys = ["a/b/c.bin", "a/b/d.bin", "a/bc.bin", "a/b2/e.bin", "ab/x.bin", "z.bin", "a/b/.tmp-123"]
+    for k in keys:
+        (lake.root / k).parent.mkdir(parents=True, exist_ok=True)
+        (lake.root / k).write_bytes(k.encode())
+    (lake.root / "a" / ".tmp-dir").mkdir()
+    (lake.root / "a" / ".tmp-dir" / "f").write_bytes(b"x")
+    listed = lambda prefix, after=None: [o.key for o in lake.list(prefix, after)]  # noqa: E731
+    assert listed("") == ["a/b/c.bin", "a/b/d.bin", "a/b2/e.bin", "a/bc.bin", "ab/x.bin", "z.bin"]
+    assert listed("a/b") == ["a/b/c.bin", "a/b/d.bin", "a/b2/e.bin", "a/bc.bin"]
+    assert listed("a/b/") == ["a/b/c.bin", "a/b/d.bin"]
+    assert listed("a") == ["a/b/c.bin", "a/b/d.bin", "a/b2/e.bin", "a/bc.bin", "ab/x.bin"]
+    assert listed("a/b/", "a/b/c.bin") == ["a/b/d.bin"]
+    assert listed("missing/") == [] and listed("z.bin/") == []
+    assert [o.size for o in lake.list("a/b/")] == [len(b"a/b/c.bin"), len(b"a/b/d.bin")]
+    assert lake.keys("a/b") == listed("a/b") and lake.keys("") == listed("")

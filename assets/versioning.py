@@ -9,6 +9,7 @@ the Merkle root over the range's prefix versions (for one prefix, its exact vers
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 
@@ -38,8 +39,10 @@ def lake_merkle_root(lake, asset: str) -> tuple[str, dict[str, str]]:
 def record_prefixes(context: dg.AssetExecutionContext, lake, asset_key: dg.AssetKey, stats: dict[str, dict], summary_keys: tuple[str, ...]) -> dg.MaterializeResult:
     """Write each prefix's record, attach it to that partition, return the range's result."""
     asset = asset_key.to_user_string()
+    records = {version_key(asset, p): json.dumps({"prefix": p, **rec}, sort_keys=True).encode() for p, rec in stats.items()}
+    with ThreadPoolExecutor(16) as pool:  # each put waits on its own fsync: overlap them
+        list(pool.map(lambda item: lake.put(*item), records.items()))
     for prefix, rec in sorted(stats.items()):
-        lake.put(version_key(asset, prefix), json.dumps({"prefix": prefix, **rec}, sort_keys=True).encode())
         meta = {k: rec[k] for k in summary_keys if k in rec}
         meta["prefix_data_version"] = rec["data_version"]
         context.add_asset_metadata(meta, asset_key=asset_key, partition_key=prefix)

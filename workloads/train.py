@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import cv2
+import dagster_pipes as dp
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -30,6 +31,28 @@ from workloads.model import build_model
 
 DEFAULTS = {"epochs": 8, "lr": 0.003, "batch_size": 64, "input_size": 32, "variant": "resized", "seed": 0, "width": 16, "checkpoint_dir": "/opt/ml/checkpoints"}
 VARIANT_COLUMNS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
+
+
+class ContinuingS3MessageWriter(dp.PipesS3MessageWriter):
+    """SageMaker restarts a spot-interrupted job's container with the same hyperparameters, so
+    the restarted process rejoins the same Pipes session. Its chunks continue after those already
+    in the session's prefix: numbered from 1 again, they would overwrite chunks the orchestrator's
+    reader has passed, and the reader would wait for a chunk that never comes."""
+
+    def make_channel(self, params):
+        bucket, prefix = params["bucket"], params.get("key_prefix")
+        listed = self._client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        names = (o["Key"].rsplit("/", 1)[-1].removesuffix(".json") for o in listed.get("Contents", []))
+        return ContinuingS3Channel(self._client, bucket, prefix, interval=self.interval, after=max((int(n) for n in names if n.isdigit()), default=0))
+
+
+class ContinuingS3Channel(dp.PipesS3MessageWriterChannel):
+    def __init__(self, *args, after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._after = after
+
+    def upload_messages_chunk(self, payload, index: int) -> None:
+        super().upload_messages_chunk(payload, index + self._after)
 
 
 @contextlib.contextmanager
@@ -44,14 +67,12 @@ def dagster_pipes(hp: dict):
     if not raw["DAGSTER_PIPES_CONTEXT"]:
         yield None
         return
-    import dagster_pipes as dp
-
     on_s3 = "bucket" in dp.decode_param(raw["DAGSTER_PIPES_CONTEXT"])
     if on_s3:
         import boto3
 
         s3 = boto3.client("s3")
-        loader, writer = dp.PipesS3ContextLoader(s3), dp.PipesS3MessageWriter(s3, interval=float(hp.get("pipes_interval", 10)))
+        loader, writer = dp.PipesS3ContextLoader(s3), ContinuingS3MessageWriter(s3, interval=float(hp.get("pipes_interval", 10)))
     else:
         loader, writer = dp.PipesDefaultContextLoader(), dp.PipesDefaultMessageWriter()
     with dp.open_dagster_pipes(params_loader=dp.PipesMappingParamsLoader(raw), context_loader=loader, message_writer=writer) as pipes:

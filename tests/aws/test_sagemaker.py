@@ -71,6 +71,9 @@ def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(subset_o
     assert 2 <= resumed < 30  # killed after epoch 2 was checkpointed; the restart went on from there
     after = second["output"].split("resumed from checkpoint")[1]
     assert after.split("epoch=")[1].split()[0] == str(resumed + 1)  # no epoch trained twice
+    # the restarted container rejoins the Pipes session: every line it logged reaches Dagster
+    logged = {int(m.split()[0].split("=")[1].split("/")[0]) for m in out["logs"] if m.startswith("epoch=")}
+    assert set(range(resumed + 1, 31)) <= logged, sorted(logged)
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 31))
     assert lake.get("models/digits_cnn/model.pt")[:2] == b"PK"  # torch zip format
     assert json.loads(lake.get("models/digits_cnn/metrics.json"))["classes"] == ["0", "1"]
@@ -98,3 +101,24 @@ def test_cancelling_the_run_stops_the_training_job(subset_on_s3, aws):
         time.sleep(0.1)
     assert sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] == "Stopped"
     assert not lake.exists("models/m2/model.pt")
+
+
+def test_a_restarted_job_continues_the_pipes_chunks_instead_of_overwriting_them(aws):
+    """A spot restart rejoins the same Pipes session: its chunks follow the ones already written."""
+    import dagster_pipes as dp
+
+    from workloads.train import ContinuingS3MessageWriter
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    bucket, prefix = "cvgraph-lake", "lake/_pipes_session/messages"
+    first = [b'{"__dagster_pipes_version": "0.1", "method": "opened", "params": {}}', b'{"method": "log", "params": {"message": "epoch=1"}}']
+    for i, body in enumerate(first, start=1):
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/{i}.json", Body=body)
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/notes.txt", Body=b"not a chunk")
+    channel = ContinuingS3MessageWriter(s3, interval=0.1).make_channel({"bucket": bucket, "key_prefix": prefix})
+    with channel.buffered_upload_loop():
+        channel.write_message({"__dagster_pipes_version": dp.PIPES_PROTOCOL_VERSION, "method": "log", "params": {"message": "epoch=3", "level": "INFO"}})
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"])
+    assert keys == [f"{prefix}/1.json", f"{prefix}/2.json", f"{prefix}/3.json", f"{prefix}/notes.txt"]
+    assert [s3.get_object(Bucket=bucket, Key=f"{prefix}/{i}.json")["Body"].read() for i in (1, 2)] == first
+    assert b"epoch=3" in s3.get_object(Bucket=bucket, Key=f"{prefix}/3.json")["Body"].read()

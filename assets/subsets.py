@@ -61,11 +61,12 @@ def _verified_manifest(lake, key: str, record: dict):
     """The subset's manifest, after checking it still hashes to what was frozen: the object's
     bytes (or, for subsets frozen before manifests were hashed as objects, its rows)."""
     data = lake.get(subset_keys(key)["manifest"])
-    manifest = parquet_table(data)
-    actual = sha256_hex(data) if record.get("manifest_hash_of") == "object" else table_hash(manifest)
+    by_object = record.get("manifest_hash_of") == "object"
+    manifest = None if by_object else parquet_table(data)
+    actual = sha256_hex(data) if by_object else table_hash(manifest)
     if actual != record["manifest_sha256"]:
         raise ValueError(f"subset {key}: manifest was changed after freezing (hash {actual[:12]} != frozen {record['manifest_sha256'][:12]})")
-    return manifest
+    return parquet_table(data) if manifest is None else manifest  # parsed only once its bytes are known good
 
 
 def load_subset(lake, key: str):
@@ -173,7 +174,7 @@ def _missing_variants(store, manifest) -> tuple[int, list[str]]:
     count, first = 0, []
     for col in ("resized_key", "edges_key"):
         keys = manifest[col]
-        dirs = pc.unique(pc.replace_substring_regex(pc.drop_null(keys), r"[^/]*$", "")).to_pylist()
+        dirs = [d for d in pc.unique(pc.replace_substring_regex(pc.drop_null(keys), r"[^/]*$", "")).to_pylist() if d]
         present = pa.array([k for d in sorted(dirs) for k in store.keys(d)], pa.string())
         absent = pc.filter(keys, pc.invert(pc.fill_null(pc.is_in(keys, value_set=present), False)))
         count += len(absent)

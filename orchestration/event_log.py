@@ -4,25 +4,30 @@ Dagster's ``SqliteEventLogStorage`` builds a new engine and connection for every
 (and every schema probe), and closing the last connection of a WAL database checkpoints
 it. A 256-prefix ranged run writes ~2,000 events (a planned and a materialised event per
 asset partition), and at ~12 ms each that was most of the run. This storage keeps one
-engine per shard (index + the few newest runs), commits with ``synchronous=NORMAL``
+engine per shard (the index, and the newest runs), commits with ``synchronous=NORMAL``
 (WAL: durable across a killed process, may lose the last commits on power loss) and
-remembers schema probes, which change only with ``dagster instance migrate``. Same
-files, same schema: the webserver and daemon read it as they read the default.
+remembers schema probes, which change only with ``dagster instance migrate``. Same files,
+same schema: the webserver and daemon read it as they read the default.
+
+With connections kept open a commit touches only ``<run>.db-wal``, not ``<run>.db``, so
+live log watchers (the UI's run view) watch both files.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as db
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME, SqliteEventLogStorage
+from dagster import Field, StringSource
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME, SqliteEventLogStorage, SqliteEventLogStorageWatchdog
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from sqlalchemy.pool import QueuePool
 
-OPEN_SHARDS = 8  # index + the newest runs; older run shards are closed
+OPEN_RUN_SHARDS = 8  # the newest runs' databases stay open (the index always does)
 
 
 def _pragmas(dbapi_conn, _record) -> None:
@@ -31,15 +36,38 @@ def _pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def default_base_dir() -> str:
+    """Where Dagster's default SQLite storage keeps the event log: $DAGSTER_HOME/history/runs."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise ValueError("LocalEventLogStorage without base_dir needs DAGSTER_HOME")
+    return os.path.join(home, "history", "runs")
+
+
+class _RunWatchdog(SqliteEventLogStorageWatchdog):
+    """Dagster's watcher for one run, fired by its WAL as well as its database file."""
+
+    @property
+    def patterns(self) -> list[str]:
+        return [self._log_path, self._log_path + "-wal"]
+
+    def on_modified(self, event) -> None:
+        self._process_log()
+
+
 class LocalEventLogStorage(SqliteEventLogStorage):
     """``SqliteEventLogStorage`` with pooled per-shard engines and cached schema probes."""
 
-    def __init__(self, base_dir: str, inst_data=None):
+    def __init__(self, base_dir: str | None = None, inst_data=None):
         self._engines: OrderedDict[str, db.Engine] = OrderedDict()
         self._tables: set[str] = set()
         self._asset_key_cols: set[str] | None = None
-        super().__init__(base_dir, inst_data)
+        super().__init__(base_dir or default_base_dir(), inst_data)
         self._db_lock = threading.RLock()
+
+    @classmethod
+    def config_type(cls):
+        return {"base_dir": Field(StringSource, is_required=False, description="default: $DAGSTER_HOME/history/runs")}
 
     @classmethod
     def from_config_value(cls, inst_data, config_value) -> LocalEventLogStorage:
@@ -53,13 +81,23 @@ class LocalEventLogStorage(SqliteEventLogStorage):
                                       connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False})
             db.event.listen(engine, "connect", _pragmas)
             if shard not in self._initialized_dbs:
-                self._initdb(engine)
+                try:
+                    self._initdb(engine)
+                except BaseException:
+                    engine.dispose()
+                    raise
                 self._initialized_dbs.add(shard)
         self._engines[shard] = engine
-        while len(self._engines) > OPEN_SHARDS:
-            _, oldest = self._engines.popitem(last=False)
-            oldest.dispose()
+        runs = [s for s in self._engines if s != INDEX_SHARD_NAME]
+        for oldest in runs[: max(0, len(runs) - OPEN_RUN_SHARDS)]:
+            self._engines.pop(oldest).dispose()
         return engine
+
+    def _close_all(self) -> None:
+        with self._db_lock:
+            for engine in self._engines.values():
+                engine.dispose()
+            self._engines.clear()
 
     @contextmanager
     def _connect(self, shard: str) -> Iterator[db.Connection]:
@@ -79,9 +117,24 @@ class LocalEventLogStorage(SqliteEventLogStorage):
             self._asset_key_cols = {c["name"] for c in db.inspect(conn).get_columns("asset_keys")}
         return column_name in self._asset_key_cols
 
+    def watch(self, run_id: str, cursor: str | None, callback) -> None:
+        if not self._obs:
+            from watchdog.observers import Observer
+
+            self._obs = Observer()
+            self._obs.start()
+        watchdog = _RunWatchdog(self, run_id, callback, cursor)
+        self._watchers[run_id][callback] = (watchdog, self._obs.schedule(watchdog, self._base_dir, recursive=True))
+
+    def wipe(self) -> None:
+        self._close_all()  # the files are deleted: no engine may keep writing to them
+        super().wipe()
+
+    def upgrade(self) -> None:
+        super().upgrade()
+        self._close_all()
+        self._tables, self._asset_key_cols = set(), None
+
     def dispose(self) -> None:
-        with self._db_lock:
-            for engine in self._engines.values():
-                engine.dispose()
-            self._engines.clear()
+        self._close_all()
         super().dispose()

@@ -5,7 +5,6 @@ Every setting is documented in the README's settings table.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -41,14 +40,10 @@ def home() -> Path:
 _OLD_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
 
 
-def instance_yaml(d: Path) -> str:
-    """dagster.yaml for the local instance: SQLite storage whose event log stays open (orchestration.event_log)."""
-    return (f"{_OLD_INSTANCE_YAML}"
-            "event_log_storage:\n"
-            "  module: orchestration.event_log\n"
-            "  class: LocalEventLogStorage\n"
-            "  config:\n"
-            f"    base_dir: {json.dumps(str(d / 'history' / 'runs'))}\n")
+def instance_yaml() -> str:
+    """dagster.yaml for the local instance: SQLite storage whose event log stays open
+    (orchestration.event_log), under $DAGSTER_HOME/history/runs like Dagster's default."""
+    return f"{_OLD_INSTANCE_YAML}event_log_storage:\n  module: orchestration.event_log\n  class: LocalEventLogStorage\n"
 
 
 def dagster_home() -> Path:
@@ -59,7 +54,7 @@ def dagster_home() -> Path:
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / "dagster.yaml"
     if not cfg.exists() or cfg.read_text() == _OLD_INSTANCE_YAML:
-        cfg.write_text(instance_yaml(d))
+        cfg.write_text(instance_yaml())
     return d
 
 

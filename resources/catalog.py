@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 
 import dagster as dg
@@ -76,11 +77,7 @@ class DuckDBCatalog(Catalog):
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
             for name in TABLES:
-                if local and files[name]:
-                    paths = ", ".join("'" + f"{base}/{k}".replace("'", "''") + "'" for k in files[name])
-                    con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{paths}], hive_partitioning = true, "
-                                f"hive_types = {{'prefix': 'VARCHAR'}}, union_by_name = true)")
-                else:
+                if not (local and files[name] and _parquet_view(con, name, base, files[name])):
                     con.register(name, self._dataset(lake, name, files[name]))
         except BaseException:
             con.close()
@@ -94,6 +91,26 @@ class DuckDBCatalog(Catalog):
             return con.sql(sql).to_arrow_table()
         finally:
             con.close()
+
+
+def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, base: str, keys: list[str]) -> bool:
+    """``name`` as a view over the table's files, read by DuckDB itself: exactly the table's
+    columns, and ``prefix`` from each file's ``prefix=<pp>`` folder (hive partitioning would also
+    turn any ``k=v`` folder above the lake into a column). False when the files are not all
+    laid out as ``tables/<name>/prefix=<pp>/<file>`` or a column is in none of them (written
+    before it existed): the pyarrow dataset copes with both."""
+    layout = re.compile(rf"tables/{name}/prefix=[0-9a-f]{{2}}/[^/]+\.parquet")
+    if not all(layout.fullmatch(k) for k in keys):
+        return False
+    files = "[" + ", ".join("'" + f"{base}/{k}".replace("'", "''") + "'" for k in keys) + "]"
+    present = {row[0] for row in con.execute(f"SELECT DISTINCT name FROM parquet_schema({files})").fetchall()}
+    if not set(TABLES[name].names) <= present:
+        return False
+    cols = ", ".join(f'"{c}"' for c in TABLES[name].names)
+    at = len(f"{base}/tables/{name}/prefix=") + 1  # SQL strings count from 1
+    con.execute(f"CREATE VIEW {name} AS SELECT {cols}, substr(filename, {at}, 2) AS prefix "
+                f"FROM read_parquet({files}, union_by_name = true, filename = true, hive_partitioning = false)")
+    return True
 
 
 ATHENA_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "bigint", pa.float64(): "double", pa.list_(pa.string()): "array<string>"}

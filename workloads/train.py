@@ -41,8 +41,8 @@ class ContinuingS3MessageWriter(dp.PipesS3MessageWriter):
 
     def make_channel(self, params):
         bucket, prefix = params["bucket"], params.get("key_prefix")
-        listed = self._client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
-        names = (o["Key"].rsplit("/", 1)[-1].removesuffix(".json") for o in listed.get("Contents", []))
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/")
+        names = (o["Key"].rsplit("/", 1)[-1].removesuffix(".json") for page in pages for o in page.get("Contents", []))
         return ContinuingS3Channel(self._client, bucket, prefix, interval=self.interval, after=max((int(n) for n in names if n.isdigit()), default=0))
 
 

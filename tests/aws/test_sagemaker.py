@@ -115,10 +115,32 @@ def test_a_restarted_job_continues_the_pipes_chunks_instead_of_overwriting_them(
     for i, body in enumerate(first, start=1):
         s3.put_object(Bucket=bucket, Key=f"{prefix}/{i}.json", Body=body)
     s3.put_object(Bucket=bucket, Key=f"{prefix}/notes.txt", Body=b"not a chunk")
-    channel = ContinuingS3MessageWriter(s3, interval=0.1).make_channel({"bucket": bucket, "key_prefix": prefix})
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/other/99.json", Body=b"{}")  # not this session's chunk
+    writer = ContinuingS3MessageWriter(s3, interval=0.1)
+    writer._client = OneObjectPerPage(s3)  # chunks past the first page of a listing count too
+    channel = writer.make_channel({"bucket": bucket, "key_prefix": prefix})
     with channel.buffered_upload_loop():
         channel.write_message({"__dagster_pipes_version": dp.PIPES_PROTOCOL_VERSION, "method": "log", "params": {"message": "epoch=3", "level": "INFO"}})
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"])
-    assert keys == [f"{prefix}/1.json", f"{prefix}/2.json", f"{prefix}/3.json", f"{prefix}/notes.txt"]
+    assert keys == [f"{prefix}/1.json", f"{prefix}/2.json", f"{prefix}/3.json", f"{prefix}/notes.txt", f"{prefix}/other/99.json"]
     assert [s3.get_object(Bucket=bucket, Key=f"{prefix}/{i}.json")["Body"].read() for i in (1, 2)] == first
     assert b"epoch=3" in s3.get_object(Bucket=bucket, Key=f"{prefix}/3.json")["Body"].read()
+
+
+class OneObjectPerPage:
+    """The S3 client, with listings paged one object at a time (as 1,000 at a time would be)."""
+
+    def __init__(self, s3):
+        self._s3 = s3
+
+    def __getattr__(self, name):
+        return getattr(self._s3, name)
+
+    def get_paginator(self, name):
+        paginator = self._s3.get_paginator(name)
+
+        class Paged:
+            def paginate(self, **kw):
+                return paginator.paginate(**kw, PaginationConfig={"PageSize": 1})
+
+        return Paged()

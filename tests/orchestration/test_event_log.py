@@ -1,6 +1,8 @@
 """The local instance's event log: what profiles.dagster_home() configures, and that Dagster's
 own SQLite storage reads what it writes (the webserver and daemon share the files)."""
 
+import threading
+
 import dagster as dg
 import pytest
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
@@ -28,7 +30,7 @@ def test_dagster_home_configures_the_local_event_log(instance_dir):
     assert "class: LocalEventLogStorage" in text and "enabled: false" in text
     with dg.DagsterInstance.from_config(str(instance_dir)) as inst:
         assert type(inst.event_log_storage) is event_log.LocalEventLogStorage
-        assert inst.event_log_storage._base_dir == str(instance_dir / "history" / "runs")
+        assert inst.event_log_storage._base_dir == str(instance_dir / "history" / "runs")  # Dagster's default place
 
 
 def test_an_earlier_default_yaml_is_upgraded_and_a_users_yaml_kept(tmp_path, monkeypatch):
@@ -73,13 +75,54 @@ def test_runs_read_back_through_dagsters_own_sqlite_storage(instance_dir):
 def test_old_run_shards_are_closed(tmp_path):
     storage = event_log.LocalEventLogStorage(str(tmp_path))
     with dg.instance_for_test() as inst:
-        runs = [dg.materialize([lettered], instance=inst, partition_key="a").run_id for _ in range(event_log.OPEN_SHARDS + 3)]
+        runs = [dg.materialize([lettered], instance=inst, partition_key="a").run_id for _ in range(event_log.OPEN_RUN_SHARDS + 3)]
         logs = {run_id: inst.all_logs(run_id) for run_id in runs}
     for run_id in runs:
         for entry in logs[run_id]:
             storage.store_event(entry)
-    assert len(storage._engines) <= event_log.OPEN_SHARDS
+    assert len(storage._engines) <= event_log.OPEN_RUN_SHARDS + 1 and "index" in storage._engines
     for run_id in runs:  # closed shards reopen on demand
         assert [e.message for e in storage.get_logs_for_run(run_id)] == [e.message for e in logs[run_id]]
     assert set(storage.get_materialized_partitions(lettered.key)) == {"a"}
     assert len(storage.fetch_materializations(lettered.key, limit=100).records) == len(runs)
+
+
+def test_a_live_watcher_sees_every_event_while_the_writer_keeps_its_connections(tmp_path):
+    """The UI follows a run through watch(); commits that only touch the WAL must reach it."""
+    with dg.instance_for_test() as inst:
+        run_id = dg.materialize([lettered], instance=inst, partition_key="a").run_id
+        entries = inst.all_logs(run_id)
+    writer, reader = event_log.LocalEventLogStorage(str(tmp_path)), event_log.LocalEventLogStorage(str(tmp_path))
+    writer.store_event(entries[0])  # the run's database exists before anyone watches it
+    seen, all_seen = [], threading.Event()
+
+    def callback(entry, _cursor):
+        seen.append(entry.message)
+        if len(seen) == len(entries):
+            all_seen.set()
+
+    reader.watch(run_id, None, callback)
+    try:
+        for entry in entries[1:]:
+            writer.store_event(entry)
+        assert all_seen.wait(20), f"the watcher saw {len(seen)} of {len(entries)} events"
+        assert seen == [e.message for e in entries]
+    finally:
+        reader.end_watch(run_id, callback)
+        reader.dispose()
+        writer.dispose()
+
+
+def test_wipe_leaves_no_engine_on_deleted_files(tmp_path):
+    with dg.instance_for_test() as inst:
+        run_id = dg.materialize([lettered], instance=inst, partition_key="b").run_id
+        entries = inst.all_logs(run_id)
+    storage = event_log.LocalEventLogStorage(str(tmp_path))
+    for entry in entries:
+        storage.store_event(entry)
+    storage.wipe()
+    assert storage.get_logs_for_run(run_id) == [] and not storage.get_materialized_partitions(lettered.key)
+    for entry in entries:
+        storage.store_event(entry)
+    assert len(storage.get_logs_for_run(run_id)) == len(entries)
+    assert event_log.LocalEventLogStorage(str(tmp_path)).get_materialized_partitions(lettered.key) == {"b"}

@@ -7,7 +7,7 @@ from cvgraph.demo_packs import sample_image
 from workloads.images import ImageParams, output_key, process_prefix, result_key
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
-from workloads.kernels import EdgeParams, ResizeParams, decode, reduction_factor, resize_center_crop
+from workloads.kernels import EdgeParams, ResizeParams, decode, edges_png, reduction_factor, resize_bytes, resize_center_crop
 from workloads.versions import HASH_PREFIXES
 
 PHOTOS = ["china.jpg", "flower.jpg", "rocket.jpg", "retina.jpg", "astronaut.png", "coffee.png", "camera.png", "logo.png", "horse.png", "no_time_for_that_tiny.gif"]
@@ -108,3 +108,15 @@ def test_hash_index_matches_outputs_and_heals_after_a_killed_run(lake, put_pack)
     lake.delete(hashes_key("resize", params, p))
     process_prefix(lake, p, ["resize", "edges"], params, "h2")
     assert len(read_hashes(lake, "resize", params, p)) == prefixes[p]["images"]
+
+
+def test_edge_maps_are_1_bit_pngs_that_decode_to_the_canny_output():
+    params = EdgeParams()
+    for size in (33, 64, 97):  # odd widths: 1-bit rows are padded to whole bytes
+        resized = resize_bytes(sample_image("coffee.png"), "PNG", 600, 400, ResizeParams(size=size))
+        png = edges_png(resized, params)
+        assert png[24:26] == b"\x01\x00"  # IHDR: bit depth 1, grayscale
+        gray = cv2.imdecode(np.frombuffer(resized, np.uint8), cv2.IMREAD_GRAYSCALE)
+        expected = cv2.Canny(gray, params.low, params.high)
+        assert 0 < int(expected.astype(bool).sum()) < size * size
+        assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), expected)

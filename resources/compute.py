@@ -105,7 +105,9 @@ class LocalProcessPool(ImageCompute):
                 done["n"] += 1
                 n = done["n"]
                 bar.update(1)
-            if rec["processed"] or n % 32 == 0 or n == total:
+            # Every 32nd prefix, not every one: each line is an event in the run's log, written
+            # by this process while the workers want both cores.
+            if n % 32 == 0 or n == total:
                 context.log.info(f"[{n}/{total}] {rec['stage']} {rec['prefix']}: {rec['processed']} new, {rec['skipped']} already done ({rec['seconds']}s)")
 
         context.log.info(f"{len(commands)} local worker(s) for {len(prefixes)} prefix(es), stages {stages}")

@@ -2,6 +2,7 @@
 code location is imported, since resources are read from the environment at load)."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,13 @@ os.environ["CVGRAPH_HOME"] = str(SESSION_HOME)
 os.environ.pop("DAGSTER_HOME", None)
 os.environ.pop("CVGRAPH_LAKE_URL", None)
 os.environ.setdefault("CVGRAPH_WORKERS", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_home():
+    """The suite's CVGRAPH_HOME goes when the suite does (pytest's tmp_path dirs rotate themselves)."""
+    yield SESSION_HOME
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture

@@ -61,12 +61,10 @@ def _verified_manifest(lake, key: str, record: dict):
     """The subset's manifest, after checking it still hashes to what was frozen: the object's
     bytes (or, for subsets frozen before manifests were hashed as objects, its rows)."""
     data = lake.get(subset_keys(key)["manifest"])
-    by_object = record.get("manifest_hash_of") == "object"
-    manifest = None if by_object else parquet_table(data)
-    actual = sha256_hex(data) if by_object else table_hash(manifest)
+    actual = sha256_hex(data) if record.get("manifest_hash_of") == "object" else table_hash(parquet_table(data))
     if actual != record["manifest_sha256"]:
         raise ValueError(f"subset {key}: manifest was changed after freezing (hash {actual[:12]} != frozen {record['manifest_sha256'][:12]})")
-    return parquet_table(data) if manifest is None else manifest  # parsed only once its bytes are known good
+    return parquet_table(data)
 
 
 def load_subset(lake, key: str):

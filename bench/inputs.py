@@ -23,6 +23,7 @@ import numpy as np
 
 from cvgraph.demo_packs import mosaic, photos
 
+
 def encode(img: np.ndarray, fmt: str, quality: int = 92, png_level: int = 1) -> bytes:
     if fmt == "JPEG":
         ok, out = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])

@@ -132,13 +132,13 @@ def bench_pipeline(cfg: dict, work: Path) -> tuple[dict, str]:
                "orchestrated_startup_s": o["startup_s"], "bare_parts_s": b["parts_s"]} for b, o in zip(r["bare"], r["orchestrated"])]
     # The median trial (each trial is a bare run and an orchestrated run back to back): single
     # trials swing with the disk (every step fsyncs) more than the load meter can see.
-    best = sorted(trials, key=lambda t: t["ratio"])[len(trials) // 2]
-    res = _res("orchestrated_vs_bare", best["ratio"], "x (wall time, orchestrated / bare; lower is better)",
+    used = sorted(trials, key=lambda t: t["ratio"])[len(trials) // 2]
+    res = _res("orchestrated_vs_bare", used["ratio"], "x (wall time, orchestrated / bare; lower is better)",
                images=r["images_in_range"], prefix_range=r["range"], workers=r["workers"], threads=r["threads"], resize_size=r["size"],
-               bare_s=best["bare_s"], orchestrated_s=best["orchestrated_s"], orchestrated_steps_s=best["orchestrated_steps_s"],
-               orchestrated_outside_steps_s=best["orchestrated_outside_steps_s"], ratio_with_startup=best["ratio_with_startup"],
-               external_load_cores=best["external_load_cores"], trials=trials, trial_used="the median ratio",
-               prepare=r["prepare"], **_fixed_overhead(best, r["images_in_range"]))
+               bare_s=used["bare_s"], orchestrated_s=used["orchestrated_s"], orchestrated_steps_s=used["orchestrated_steps_s"],
+               orchestrated_outside_steps_s=used["orchestrated_outside_steps_s"], ratio_with_startup=used["ratio_with_startup"],
+               external_load_cores=used["external_load_cores"], trials=trials, trial_used="the median ratio",
+               prepare=r["prepare"], **_fixed_overhead(used, r["images_in_range"]))
     return res, r["home"]
 
 

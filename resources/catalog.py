@@ -48,12 +48,6 @@ class DuckDBCatalog(Catalog):
 
     lake: LakeResource
 
-    def _files(self, lake, name: str) -> list[str]:
-        try:
-            return [k for k in lake.keys(f"tables/{name}/") if k.endswith(".parquet")]
-        except FileNotFoundError:
-            return []
-
     def _dataset(self, lake, name: str, files: list[str]):
         fs, base = lake.arrow_filesystem()
         schema = TABLES[name].append(pa.field("prefix", pa.string()))
@@ -68,7 +62,7 @@ class DuckDBCatalog(Catalog):
         it may read."""
         lake = self.lake.lake()
         fs, base = lake.arrow_filesystem()
-        files = {name: self._files(lake, name) for name in TABLES}
+        files = {name: [k for k in lake.keys(f"tables/{name}/") if k.endswith(".parquet")] for name in TABLES}
         local = isinstance(fs, pafs.LocalFileSystem)
         con = duckdb.connect()
         try:

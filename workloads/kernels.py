@@ -17,6 +17,7 @@ import numpy as np
 # resize that follows spans >= 2 pixels (tests/workloads/test_kernel_quality.py). With that
 # margin 1/4 is never the pick (>= 8x the target already allows 1/8), so it is left out.
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8, 1), (2, cv2.IMREAD_REDUCED_COLOR_2, 2))
+_FLAG = {k: flag for k, flag, _ in _REDUCED}
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def decode(buf: bytes, fmt: str, width: int, height: int, target: int, fast: boo
         flag = cv2.IMREAD_COLOR
         if fast:
             k = reduction_factor(width, height, target)
-            flag = {k: f for k, f, _ in _REDUCED}.get(k, cv2.IMREAD_COLOR)
+            flag = _FLAG.get(k, cv2.IMREAD_COLOR)
         img = cv2.imdecode(arr, flag)  # applies EXIF orientation; handles gray and CMYK
         if img is not None:
             return img

@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def check_key(key: str) -> str:
+    """``key`` if it names an object inside the lake: relative, and no empty, "." or ".." part."""
+    framed = f"/{key}/"
+    if "//" in framed or "/./" in framed or "/../" in framed or "\\" in key:
+        raise ValueError(f"invalid lake key {key!r}")
+    return key
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -32,12 +40,9 @@ class LocalLake:
 
     # -- paths -----------------------------------------------------------------
     def _file(self, key: str) -> str:
-        """The file behind ``key``; refuses keys that would leave the lake (by their text alone:
-        reads are the hot path, and nothing the lake writes is a symlink)."""
-        framed = f"/{key}/"  # every part between slashes: no empty, "." or ".." part, no absolute key
-        if "//" in framed or "/./" in framed or "/../" in framed or "\\" in key:
-            raise ValueError(f"invalid lake key {key!r}")
-        return f"{self._root_str}/{key}"
+        """The file behind ``key``, by the key's text alone (reads are the hot path, and nothing
+        the lake writes is a symlink)."""
+        return f"{self._root_str}/{check_key(key)}"
 
     def path(self, key: str) -> Path:
         return Path(self._file(key))

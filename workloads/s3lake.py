@@ -18,7 +18,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from workloads.lake import ObjectInfo
+from workloads.lake import ObjectInfo, check_key
 
 # Adaptive retries back off on throttling (SlowDown) across all threads of the process.
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, max_pool_connections=64)
@@ -46,8 +46,7 @@ class S3Lake:
         self.client = s3_client(self.endpoint_url)
 
     def _key(self, key: str) -> str:
-        if not key or key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")[:-1]) or key.split("/")[-1] in (".", ".."):
-            raise ValueError(f"invalid lake key {key!r}")
+        check_key(key[:-1] if key.endswith("/") else key)  # a listing prefix may end with "/"
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def uri(self, key: str) -> str:

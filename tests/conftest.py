@@ -22,6 +22,31 @@ def _session_home():
     shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
+LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
+
+
+def read_lock(path: Path = LOCK) -> dict[str, str]:
+    """``{canonical name: version}`` of a pip requirements lock (``name==version`` lines)."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version and not any(c in version for c in " ;,<>"), f"{path.name}:{n}: not a `name==version` pin: {line!r}"
+        name = canonicalize_name(name)
+        assert name not in pins, f"{path.name}:{n}: {name} pinned twice"
+        pins[name] = version
+    return pins
+
+
+@pytest.fixture(scope="session")
+def lock() -> dict[str, str]:
+    return read_lock()
+
+
 @pytest.fixture
 def lake(tmp_path):
     from workloads.lake import LocalLake

@@ -14,16 +14,20 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONPATH=/opt/cvgraph
 
-# The CPU build of torch from PyTorch's own index: the PyPI wheel pulls several GB of CUDA
-# libraries that a CPU instance never uses. Then the rest from PyPI, pinned to the versions the
-# test suite runs against.
-RUN pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
-    && pip install \
-        "numpy==2.4.6" \
-        "opencv-python-headless==5.0.0.93" \
-        "pyarrow==25.0.1" \
-        "boto3==1.44.5" \
-        "dagster-pipes==1.13.27"
+# Versions from requirements.lock, the lock the test suite's venv is installed from (used as
+# constraints, so the dependencies of these are pinned too). torch is the CPU build from
+# PyTorch's own index, alone (--no-deps: that index is for torch, not for its dependencies);
+# the PyPI wheel pulls several GB of CUDA libraries that a CPU instance never uses. The second
+# install finds torch in place and takes its dependencies from PyPI at the locked versions.
+COPY requirements.lock /opt/cvgraph/requirements.lock
+RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu" \
+    && pip install -c /opt/cvgraph/requirements.lock \
+        torch \
+        numpy \
+        opencv-python-headless \
+        pyarrow \
+        boto3 \
+        dagster-pipes
 
 WORKDIR /opt/cvgraph
 COPY workloads/ /opt/cvgraph/workloads/

@@ -23,15 +23,17 @@ ENV MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 PYTHONUNBUF
     PYTHONPATH=/opt/cvgraph
 
 # Only what the worker's modules import (workloads.images/ingest/index/tables/kernels/lake/
-# s3lake/versions), pinned to the versions the test suite runs against. Not `pip install .`:
+# s3lake/versions), at the versions of requirements.lock: the lock the test suite's venv is
+# installed from, used as constraints (it pins their dependencies too). Not `pip install .`:
 # the project's dependencies are the orchestrator's (dagster, mlflow, torch, ...), ~3 GB the
-# worker never imports. tests/deploy/test_deploy.py checks this list against the imports.
-RUN pip install \
-        "opencv-python-headless==5.0.0.93" \
-        "pillow==13.0.0" \
-        "numpy==2.4.6" \
-        "pyarrow==25.0.1" \
-        "boto3==1.44.5"
+# worker never imports. tests/deploy/test_deploy.py checks this list against the imports and the lock.
+COPY requirements.lock /opt/cvgraph/requirements.lock
+RUN pip install -c /opt/cvgraph/requirements.lock \
+        opencv-python-headless \
+        pillow \
+        numpy \
+        pyarrow \
+        boto3
 
 # The workloads package is self-contained (it imports nothing else of cvgraph and no dagster).
 WORKDIR /opt/cvgraph

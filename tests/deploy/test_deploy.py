@@ -4,7 +4,6 @@ Dockerfiles (never built here: no Docker engine) run the workloads the way the c
 from __future__ import annotations
 
 import ast
-import importlib.metadata
 import json
 import os
 import re
@@ -271,13 +270,50 @@ def env_of(instructions: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
-def pip_pins(instructions: list[tuple[str, str]]) -> dict[str, str]:
-    pins: dict[str, str] = {}
+def pip_installs(instructions: list[tuple[str, str]]) -> list[list[str]]:
+    """The arguments of every ``pip install`` in the RUN lines (commands split on ``&&``)."""
+    found = []
     for instr, args in instructions:
         if instr == "RUN":
-            for m in re.finditer(r"""["']?([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)["']?""", args):
-                pins[m.group(1).lower()] = m.group(2)
-    return pins
+            for command in args.split("&&"):
+                words = shlex.split(command)
+                if words[:2] == ["pip", "install"]:
+                    found.append(words[2:])
+    return found
+
+
+def constraints_and_names(args: list[str]) -> tuple[list[str], list[str]]:
+    """(constraint files, requirements named) of one ``pip install``'s arguments."""
+    constraints, names, i = [], [], 0
+    while i < len(args):
+        if args[i] in ("-c", "--constraint"):
+            constraints.append(args[i + 1])
+            i += 2
+        elif args[i] in ("--index-url", "-i"):
+            i += 2
+        elif args[i].startswith("-"):
+            i += 1
+        else:
+            names.append(args[i])
+            i += 1
+    return constraints, names
+
+
+def lock_path_in_image(instructions: list[tuple[str, str]]) -> str:
+    """Where the image COPYs requirements.lock (the root's lock: the one the suite's venv is)."""
+    [dest] = [a.split()[1] for i, a in instructions if i == "COPY" and a.split()[0] == "requirements.lock"]
+    return dest
+
+
+def check_against_lock(names: list[str], lock: dict[str, str]) -> None:
+    """Each requirement an image names is in the lock, with no version of its own (the lock decides)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    for name in names:
+        req = Requirement(name)
+        assert canonicalize_name(req.name) in lock, f"{req.name}: installed by the image, not in requirements.lock"
+        assert not req.specifier, f"{name}: the image pins its own version; the lock pins it"
 
 
 def third_party_imports(entry: str) -> set[str]:
@@ -308,16 +344,6 @@ def third_party_imports(entry: str) -> set[str]:
 DISTRIBUTION = {"cv2": "opencv-python-headless", "PIL": "pillow", "numpy": "numpy", "pyarrow": "pyarrow", "boto3": "boto3", "botocore": "boto3", "torch": "torch", "dagster_pipes": "dagster-pipes"}
 
 
-def check_pins(pins: dict[str, str]) -> None:
-    """Pinned to the versions this suite runs against (torch: ignore the +cpu local tag)."""
-    for dist, version in pins.items():
-        try:
-            installed = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        assert installed.split("+")[0] == version, f"{dist}: image pins {version}, tests run {installed}"
-
-
 def test_worker_image_runs_workloads_images_as_non_root():
     instructions = parse_dockerfile(WORKER)
     assert instructions[0] == ("FROM", "python:3.11-slim")
@@ -333,12 +359,15 @@ def test_worker_image_runs_workloads_images_as_non_root():
     assert "torch" not in runs and "dagster" not in runs and "pip install ." not in runs
 
 
-def test_worker_image_installs_what_the_batch_workloads_import():
-    pins = pip_pins(parse_dockerfile(WORKER))
-    assert set(pins) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "boto3"}
+def test_worker_image_installs_what_the_batch_workloads_import_from_the_lock(lock):
+    instructions = parse_dockerfile(WORKER)
+    [install] = pip_installs(instructions)
+    constraints, names = constraints_and_names(install)
+    assert constraints == [lock_path_in_image(instructions)]
+    assert set(names) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "boto3"}
     needed = third_party_imports("workloads.images") | third_party_imports("workloads.ingest")
-    assert {DISTRIBUTION.get(m, m) for m in needed} <= set(pins), needed
-    check_pins(pins)
+    assert {DISTRIBUTION.get(m, m) for m in needed} <= set(names), needed
+    check_against_lock(names, lock)
 
 
 def test_worker_command_matches_the_batch_client():
@@ -357,16 +386,19 @@ def test_worker_command_matches_the_batch_client():
         assert compute.ingest_command("s3://bucket/", "p", "incoming/p.zip")[:3] == ["python", "-m", "workloads.ingest"]
 
 
-def test_training_image_provides_train():
+def test_training_image_provides_train_from_the_lock(lock):
     instructions = parse_dockerfile(TRAINING)
     assert instructions[0] == ("FROM", "python:3.11-slim")
     runs = [a for i, a in instructions if i == "RUN"]
-    [torch_run] = [r for r in runs if "torch==" in r]
-    assert "torch==2.13.0" in torch_run and "--index-url https://download.pytorch.org/whl/cpu" in torch_run
-    pins = pip_pins(instructions)
+    torch_install, install = pip_installs(instructions)
+    # torch alone from PyTorch's CPU index, at the lock's version (the CPU build, as the suite runs)
+    assert torch_install == ["--no-deps", "--index-url", "https://download.pytorch.org/whl/cpu", f"torch=={lock['torch']}"], torch_install
+    constraints, names = constraints_and_names(install)
+    assert constraints == [lock_path_in_image(instructions)]
     needed = third_party_imports("workloads.train")
-    assert {DISTRIBUTION.get(m, m) for m in needed} <= set(pins), needed
-    check_pins(pins)
+    assert {DISTRIBUTION.get(m, m) for m in needed} <= set(names), needed
+    assert "torch" in names  # its dependencies, from PyPI at the locked versions
+    check_against_lock(names, lock)
     assert any(a.split()[0].rstrip("/") == "workloads" for i, a in instructions if i == "COPY")
     [writes_train] = [r for r in runs if "> /usr/local/bin/train" in r]
     assert "chmod 0755 /usr/local/bin/train" in writes_train

@@ -73,15 +73,33 @@ def read_hashes(lake, stage: str, params: ImageParams, prefix: str) -> dict[str,
     return dict(zip(t["sha256"].to_pylist(), t["output_sha256"].to_pylist()))
 
 
-def _update_hashes(lake, stage: str, params: ImageParams, prefix: str, present: set[str], fresh: dict[str, str]) -> None:
-    """Merge this run's output hashes into the prefix's hash index; hash any output the index
-    lacks (left by a killed run) by reading it, so the index always matches the outputs."""
+def inflight_key(stage: str, params: ImageParams, prefix: str) -> str:
+    """Present while a task works on the prefix: found at the start, the last task was killed."""
+    return hashes_key(stage, params, prefix)[: -len(".parquet")] + ".inflight"
+
+
+def _recover(lake, stage: str, params: ImageParams, prefix: str, hashes: dict[str, str]) -> None:
+    """Mark the prefix in flight. If the last task on it was killed (its mark is still there), add
+    the whole outputs it left to ``hashes`` by one listing, so the work it finished is kept: the
+    only listing of outputs, and only after a kill."""
+    mark = inflight_key(stage, params, prefix)
+    if lake.exists(mark):
+        base = output_dir(stage, params, prefix)
+        for key in lake.keys(base):
+            sha = key[len(base) :].split(".")[0]
+            if sha not in hashes:
+                hashes[sha] = sha256_hex(lake.get(key))
+    else:
+        lake.put(mark, b"")
+
+
+def _update_hashes(lake, stage: str, params: ImageParams, prefix: str, old: dict[str, str], fresh: dict[str, str]) -> None:
+    """Merge this run's output hashes into the prefix's hash index: the record of what is done
+    (an output a killed run left without its hash is not done, and is written again, with the
+    same bytes)."""
     import pyarrow as pa
 
-    old = read_hashes(lake, stage, params, prefix)
-    known = {s: h for s, h in {**old, **fresh}.items() if s in present}
-    for sha in sorted(present - set(known)):
-        known[sha] = sha256_hex(lake.get(output_key(stage, params, prefix, sha)))
+    known = {**old, **fresh}
     if known == old:
         return
     rows = sorted(known.items())
@@ -100,16 +118,16 @@ def read_raw_index(lake, prefix: str) -> list[dict]:
     return read_parquet(lake, key).select(cols).to_pylist()
 
 
-def _existing(lake, stage: str, params: ImageParams, prefix: str) -> set[str]:
-    base = output_dir(stage, params, prefix)
-    return {k[len(base) :].split(".")[0] for k in lake.keys(base)}
-
-
 def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str, threads: int = 4, fast: bool = True) -> dict[str, dict]:
     """Run the selected stages for one prefix; returns ``{stage: result record}``."""
     t0 = time.perf_counter()
     images = read_raw_index(lake, prefix)
-    done = {s: _existing(lake, s, params, prefix) for s in stages}
+    # What is done is what the hash indexes say: one read per stage, no listing of outputs.
+    hashes = {s: read_hashes(lake, s, params, prefix) for s in STAGES if s in stages or (s == "resize" and "edges" in stages)}
+    for s in stages:
+        _recover(lake, s, params, prefix, hashes[s])
+    done = {s: set(hashes[s]) for s in stages}
+    resized_stored = set(hashes.get("resize", {}))
     todo = [im for im in images if any(im["sha256"] not in done[s] for s in stages)]
     stats = {s: {"processed": 0, "bytes_written": 0, "failed": []} for s in stages}
     fresh: dict[str, dict[str, str]] = {s: {} for s in stages}
@@ -121,7 +139,7 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
             resized_key = output_key("resize", params, prefix, sha)
             need_resize = "resize" in stages and sha not in done["resize"]
             need_edges = "edges" in stages and sha not in done["edges"]
-            if need_resize or (need_edges and not lake.exists(resized_key)):
+            if need_resize or (need_edges and sha not in resized_stored):
                 raw = lake.get(f"raw/{prefix}/{sha}.{im['ext']}")
                 resized = resize_bytes(raw, im["format"], im["width"], im["height"], params.resize, fast=fast)
                 if need_resize:
@@ -166,7 +184,8 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
             "seconds": seconds,
             "data_version": prefix_version(present, pid),
         }
-        _update_hashes(lake, stage, params, prefix, done[stage] | set(fresh[stage]), fresh[stage])
+        _update_hashes(lake, stage, params, prefix, hashes[stage], fresh[stage])
+        lake.delete(inflight_key(stage, params, prefix))
         # Written last: the commit marker of this prefix task.
         lake.put(result_key(run_id, stage, prefix), json.dumps(records[stage], sort_keys=True).encode())
     return records
@@ -217,5 +236,5 @@ def pending_images(lake, prefix: str, stages: list[str], params: ImageParams) ->
     images = read_raw_index(lake, prefix)
     if not images:
         return 0
-    done = {s: _existing(lake, s, params, prefix) for s in stages}
+    done = {s: set(read_hashes(lake, s, params, prefix)) for s in stages}
     return sum(1 for im in images if any(im["sha256"] not in done[s] for s in stages))

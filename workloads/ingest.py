@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from workloads.images import raw_index_key
 from workloads.lake import open_lake, write_parquet
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -118,6 +119,7 @@ class IngestResult:
     bytes_stored: int = 0
     seconds: float = 0.0
     labels: dict = field(default_factory=dict)
+    prefixes: dict = field(default_factory=dict)  # {prefix: manifest rows}: the prefixes this pack touches
     limits: dict = field(default_factory=dict)  # the limits it ran with: changed limits re-run the ingest
 
     def to_json(self) -> dict:
@@ -127,6 +129,19 @@ class IngestResult:
 def pack_keys(pack_id: str) -> dict[str, str]:
     base = f"packs/{pack_id}"
     return {"manifest": f"{base}/manifest.parquet", "rejects": f"{base}/rejects.parquet", "record": f"{base}/pack.json"}
+
+
+def pack_prefix_key(pack_id: str, prefix: str) -> str:
+    """The manifest rows of one prefix: what that prefix's index reads of this pack."""
+    return f"packs/{pack_id}/prefixes/{prefix}.parquet"
+
+
+PENDING_RAW = "_pending/raw_images/"
+
+
+def pending_raw_key(prefix: str, pack_id: str) -> str:
+    """Pack ``pack_id`` has rows for ``prefix`` that its index has not absorbed yet."""
+    return f"{PENDING_RAW}{prefix}/{pack_id}.json"
 
 
 # -- member names ----------------------------------------------------------------
@@ -375,16 +390,26 @@ def inspect_image(path: str, max_pixels: int) -> tuple[str, int, int]:
 
 
 def _claimed_elsewhere(lake, pack_id: str, shas: set[str]) -> set[str]:
-    """Those of ``shas`` that a committed pack other than ``pack_id`` lists in its manifest."""
-    if not shas:
-        return set()
-    wanted = pa.array(sorted(shas))
+    """Those of ``shas`` that a committed pack other than ``pack_id`` lists: per prefix of them,
+    its index (packs merged) and its pending committed packs (not merged yet). Reads what those
+    prefixes hold, never every pack's manifest."""
     claimed: set[str] = set()
-    for o in lake.list("packs/"):
-        parts = o.key.split("/")
-        if len(parts) == 3 and parts[2] == "pack.json" and parts[1] != pack_id:
-            col = pq.read_table(io.BytesIO(lake.get(pack_keys(parts[1])["manifest"])), columns=["sha256"]).column("sha256")
-            claimed.update(col.filter(pc.is_in(col, value_set=wanted)).to_pylist())
+    by_prefix: dict[str, set[str]] = {}
+    for sha in shas:
+        by_prefix.setdefault(sha[:2], set()).add(sha)
+    for prefix, wanted in sorted(by_prefix.items()):
+        value_set = pa.array(sorted(wanted), pa.string())
+        if lake.exists(raw_index_key(prefix)):
+            index = pq.read_table(io.BytesIO(lake.get(raw_index_key(prefix))), columns=["sha256", "packs"])
+            for r in index.filter(pc.is_in(index["sha256"], value_set=value_set)).to_pylist():
+                if set(r["packs"]) - {pack_id}:
+                    claimed.add(r["sha256"])
+        for key in lake.keys(f"{PENDING_RAW}{prefix}/"):
+            other = key.rsplit("/", 1)[1][: -len(".json")]
+            if other == pack_id or not lake.exists(pack_keys(other)["record"]):
+                continue
+            col = pq.read_table(io.BytesIO(lake.get(pack_prefix_key(other, prefix))), columns=["sha256"]).column("sha256")
+            claimed.update(col.filter(pc.is_in(col, value_set=value_set)).to_pylist())
     return claimed
 
 
@@ -485,7 +510,15 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
     result.labels = dict(sorted(Counter(r["label"] or "(none)" for r in rows).items()))
     result.seconds = round(time.perf_counter() - t0, 3)
     write_parquet(lake, keys["rejects"], pa.Table.from_pylist(result.rejected, schema=REJECTS_SCHEMA))
-    write_parquet(lake, keys["manifest"], pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    write_parquet(lake, keys["manifest"], manifest)
+    # Split by prefix, each with its pending marker, before the commit marker: a prefix's index
+    # reads only these (a marker of an uncommitted pack waits for its commit).
+    counts = Counter(r["prefix"] for r in rows)
+    result.prefixes = dict(sorted(counts.items()))
+    for prefix in result.prefixes:
+        write_parquet(lake, pack_prefix_key(pack_id, prefix), manifest.filter(pc.equal(manifest["prefix"], prefix)))
+        lake.put(pending_raw_key(prefix, pack_id), json.dumps({"pack_id": pack_id, "rows": counts[prefix]}).encode())
     lake.put(keys["record"], json.dumps(result.to_json(), indent=2, sort_keys=True).encode())
     return result
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 from tqdm import tqdm
 
-from workloads.lake import LocalLake
+from workloads.lake import LocalLake, parquet_table
 
 
 class TrainingFailed(Exception):
@@ -193,7 +193,6 @@ class SageMakerTrainer(Trainer):
         import io
         import tarfile
 
-        import pyarrow.parquet as pq
         from dagster_aws.pipes import PipesS3ContextInjector, PipesS3MessageReader
 
         from workloads.train import VARIANT_COLUMNS
@@ -201,7 +200,7 @@ class SageMakerTrainer(Trainer):
         if not lake.url.startswith("s3://"):
             raise TrainingFailed("SageMakerTrainer needs the lake on S3")
         col = VARIANT_COLUMNS[hyperparameters.get("variant", "resized")]
-        keys = pq.read_table(io.BytesIO(lake.get(manifest_key)), columns=[col])[col].to_pylist()
+        keys = parquet_table(lake.get(manifest_key), columns=[col])[col].to_pylist()
         channel_manifest = f"models/{model_key}/channels/images.manifest"
         lake.put(channel_manifest, json.dumps([{"prefix": lake.url + "/"}, *keys]).encode())
         channels = {

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from workloads.images import raw_index_key
 from workloads.ingest import BOX_TYPE, PENDING_RAW, pack_keys, pack_prefix_key, pending_raw_key
-from workloads.lake import read_parquet, write_parquet
+from workloads.lake import get_json, read_parquet, write_parquet
 from workloads.versions import canonical_json, prefix_version, sha256_hex
 
 # The columns of an index row; the version hashes these (per row, then over the prefix).
@@ -95,10 +95,12 @@ def _empty_stats() -> dict:
 
 
 def read_index(lake, prefix: str) -> pa.Table:
-    key = raw_index_key(prefix)
-    if not lake.exists(key):
+    try:
+        table = read_parquet(lake, raw_index_key(prefix))
+    except FileNotFoundError:
         return INDEX_SCHEMA.empty_table()
-    return read_parquet(lake, key)
+    # Parquet names list items "element": back to Arrow's "item", so a merge writes what a rebuild writes.
+    return table.cast(INDEX_SCHEMA) if table.schema.names == INDEX_SCHEMA.names else table
 
 
 def merge_prefix(lake, prefix: str, packs: dict[str, list[dict]], index: pa.Table | None = None) -> tuple[dict, list[str]]:
@@ -146,8 +148,7 @@ def absorb_pending(lake, prefix: str) -> dict:
     state_key = index_state_key(prefix)
     pending = _pending(lake, prefix)
     if not pending:
-        stats = json.loads(lake.get(state_key)) if lake.exists(state_key) else _empty_stats()
-        return {**stats, "packs_merged": []}
+        return {**get_json(lake, state_key, _empty_stats()), "packs_merged": []}
     packs = {p: read_parquet(lake, pack_prefix_key(p, prefix)).to_pylist() for p in pending}
     stats, changed = merge_prefix(lake, prefix, packs)
     if changed:

@@ -36,10 +36,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from workloads.images import raw_index_key
-from workloads.lake import open_lake, write_parquet
+from workloads.lake import open_lake, parquet_table, write_parquet
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 ARCHIVE_EXTS = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
@@ -400,7 +399,7 @@ def _claimed_elsewhere(lake, pack_id: str, shas: set[str]) -> set[str]:
     for prefix, wanted in sorted(by_prefix.items()):
         value_set = pa.array(sorted(wanted), pa.string())
         if lake.exists(raw_index_key(prefix)):
-            index = pq.read_table(io.BytesIO(lake.get(raw_index_key(prefix))), columns=["sha256", "packs"])
+            index = parquet_table(lake.get(raw_index_key(prefix)), columns=["sha256", "packs"])
             for r in index.filter(pc.is_in(index["sha256"], value_set=value_set)).to_pylist():
                 if set(r["packs"]) - {pack_id}:
                     claimed.add(r["sha256"])
@@ -408,7 +407,7 @@ def _claimed_elsewhere(lake, pack_id: str, shas: set[str]) -> set[str]:
             other = key.rsplit("/", 1)[1][: -len(".json")]
             if other == pack_id or not lake.exists(pack_keys(other)["record"]):
                 continue
-            col = pq.read_table(io.BytesIO(lake.get(pack_prefix_key(other, prefix))), columns=["sha256"]).column("sha256")
+            col = parquet_table(lake.get(pack_prefix_key(other, prefix)), columns=["sha256"]).column("sha256")
             claimed.update(col.filter(pc.is_in(col, value_set=value_set)).to_pylist())
     return claimed
 

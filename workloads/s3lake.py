@@ -18,7 +18,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from workloads.lake import ObjectInfo, check_key
+from workloads.lake import Counters, ObjectInfo, check_key
 
 # Adaptive retries back off on throttling (SlowDown) across all threads of the process.
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, max_pool_connections=64)
@@ -27,6 +27,11 @@ TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 <
 
 def s3_client(endpoint_url: str | None = None):
     return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None, config=BOTO_CONFIG)
+
+
+# botocore operation → request kind counted (multipart parts count as puts).
+REQUEST_KIND = {"ListObjectsV2": "list", "GetObject": "get", "HeadObject": "head", "PutObject": "put", "UploadPart": "put",
+                "CreateMultipartUpload": "put", "CompleteMultipartUpload": "put", "DeleteObject": "delete"}
 
 
 def _missing(e: ClientError) -> bool:
@@ -44,6 +49,12 @@ class S3Lake:
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         self.client = s3_client(self.endpoint_url)
+        self.counters = Counters()
+        # Counted where botocore makes the call: transfer-manager parts and paginated listings too.
+        self.client.meta.events.register("before-call.s3", self._count)
+
+    def _count(self, model, **_kwargs) -> None:
+        self.counters.add(REQUEST_KIND.get(model.name, model.name))
 
     def _key(self, key: str) -> str:
         check_key(key[:-1] if key.endswith("/") else key)  # a listing prefix may end with "/"
@@ -64,7 +75,9 @@ class S3Lake:
 
     def get(self, key: str) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            data = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            self.counters.add("bytes_read", len(data))
+            return data
         except ClientError as e:
             if _missing(e):
                 raise FileNotFoundError(self.uri(key)) from None
@@ -78,6 +91,7 @@ class S3Lake:
         """A seekable local copy (zip readers seek); streamed to disk, never held in memory."""
         with tempfile.TemporaryFile(prefix="cvgraph-") as f:
             self.client.download_fileobj(self.bucket, self._key(key), f, Config=TRANSFER)
+            self.counters.add("bytes_read", f.tell())
             f.seek(0)
             yield f
 
@@ -98,14 +112,17 @@ class S3Lake:
     # -- writes ----------------------------------------------------------------
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        self.counters.add("bytes_written", len(data))
 
     def put_file(self, key: str, src: str | os.PathLike) -> None:
         self.client.upload_file(str(src), self.bucket, self._key(key), Config=TRANSFER)
+        self.counters.add("bytes_written", os.path.getsize(src))
 
     def put_file_if_absent(self, key: str, src: str | os.PathLike) -> bool:
         try:
             with open(src, "rb") as f:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=f, IfNoneMatch="*")
+            self.counters.add("bytes_written", os.path.getsize(src))
             return True
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from workloads.images import ImageParams, hashes_key, output_key, raw_index_key
 from workloads.index import PENDING_TABLES
-from workloads.lake import read_parquet, write_parquet
+from workloads.lake import get_json, read_parquet, write_parquet
 from workloads.versions import sha256_hex, split_for, table_hash
 
 IMAGES_SCHEMA = pa.schema(
@@ -145,8 +145,7 @@ def write_prefix_tables(lake, prefix: str, params: ImageParams) -> dict:
     By delta: only the rows the index step changed (its markers) and rows still missing a variant
     become Python rows; the rest of the prefix's rows stay in Arrow. Nothing changed: one listing
     and one small read. New image parameters (or no state yet): the prefix is rebuilt."""
-    state_key = tables_state_key(prefix)
-    state = json.loads(lake.get(state_key)) if lake.exists(state_key) else None
+    state = get_json(lake, tables_state_key(prefix))
     markers, changed = pending_table_changes(lake, prefix)
     full = state is None or state["params"] != {"resize": params.resize_id, "edges": params.edges_id}
     if not full and not changed and not state["missing"]:

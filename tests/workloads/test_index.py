@@ -1,0 +1,141 @@
+"""The index and the tables by delta: after many packs absorbed in any order, in any batches,
+with image stages run in between or not, they equal a from-scratch rebuild, bytes and versions."""
+
+import csv
+import io
+import json
+import random
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cvgraph.demo_packs import zip_bytes
+from workloads.images import ImageParams, process_prefix, raw_index_key
+from workloads.index import PENDING_TABLES, build_raw_index, rebuild_raw_index
+from workloads.ingest import PENDING_RAW, ingest_pack
+from workloads.kernels import EdgeParams, ResizeParams
+from workloads.lake import LocalLake
+from workloads.tables import table_key, write_prefix_tables
+from workloads.versions import HASH_PREFIXES
+
+PARAMS = ImageParams(ResizeParams(size=16), EdgeParams())
+N_PACKS = 12
+
+
+def png(seed: int) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def packs() -> dict[str, dict[str, bytes]]:
+    """Packs that overlap: shared images under other folders, labels.csv and COCO labels that
+    conflict with folder names and with each other, the same image twice in one pack."""
+    rng = random.Random(7)
+    out = {}
+    for i in range(N_PACKS):
+        members = {}
+        for j in range(rng.randint(8, 20)):
+            image = rng.randrange(120)  # 120 distinct images over ~170 members: many duplicates
+            members[f"{rng.choice(['cat', 'dog', 'bird'])}/{j:03d}.png"] = png(image)
+        names = sorted(members)
+        if i % 3 == 0:
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["member", "label"])
+            for name in names[::2]:
+                w.writerow([name, rng.choice(["fox", "owl"])])
+            members["labels.csv"] = buf.getvalue().encode()
+        if i % 4 == 1:
+            coco = {"images": [{"id": k, "file_name": n} for k, n in enumerate(names[:4])],
+                    "categories": [{"id": 1, "name": "eye"}, {"id": 2, "name": "ear"}],
+                    "annotations": [{"id": k, "image_id": k % 4, "category_id": 1 + k % 2, "bbox": [k, 1, 2, 3]} for k in range(6)]}
+            members["annotations.json"] = json.dumps(coco).encode()
+        out[f"pack{i:02d}"] = members
+    return out
+
+
+def table_rows(lake, name: str) -> dict[str, list[dict]]:
+    return {p: pq.read_table(io.BytesIO(lake.get(table_key(name, p)))).to_pylist() for p in HASH_PREFIXES if lake.exists(table_key(name, p))}
+
+
+def scratch(tmp_path, all_packs) -> tuple[LocalLake, dict, dict]:
+    """Every pack ingested, then one absorb, stages and tables: the reference."""
+    lake = LocalLake(tmp_path / "scratch")
+    for pack_id in sorted(all_packs):
+        lake.put(f"incoming/{pack_id}.zip", zip_bytes(all_packs[pack_id]))
+        ingest_pack(lake, pack_id, f"incoming/{pack_id}.zip")
+    index = build_raw_index(lake, list(HASH_PREFIXES))
+    busy = [p for p, s in index.items() if s["images"]]
+    for p in busy:
+        process_prefix(lake, p, ["resize", "edges"], PARAMS, "scratch")
+    tables = {p: write_prefix_tables(lake, p, PARAMS) for p in HASH_PREFIXES}
+    return lake, index, tables
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    all_packs = packs()
+    return all_packs, scratch(tmp_path_factory.mktemp("ref"), all_packs)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_incremental_index_and_tables_equal_a_rebuild_in_any_order(tmp_path, reference, seed):
+    all_packs, (ref, ref_index, ref_tables) = reference
+    rng = random.Random(seed)
+    order = sorted(all_packs)
+    rng.shuffle(order)
+    lake = LocalLake(tmp_path / "lake")
+    absorbed_rows = 0
+    for n, pack_id in enumerate(order):
+        lake.put(f"incoming/{pack_id}.zip", zip_bytes(all_packs[pack_id]))
+        result = ingest_pack(lake, pack_id, f"incoming/{pack_id}.zip")
+        assert sum(result.prefixes.values()) == result.accepted + result.duplicates
+        if rng.random() < 0.6 or n == len(order) - 1:  # packs absorbed in batches of any size
+            stats = build_raw_index(lake, list(HASH_PREFIXES))
+            absorbed_rows += sum(len(s["packs_merged"]) for s in stats.values())
+            busy = [p for p, s in stats.items() if s["images"]]
+            if rng.random() < 0.5:  # stages now or later: tables then fill variants in later
+                for p in busy:
+                    process_prefix(lake, p, ["resize", "edges"], PARAMS, f"r{n}")
+            for p in HASH_PREFIXES:
+                write_prefix_tables(lake, p, PARAMS)
+    index = build_raw_index(lake, list(HASH_PREFIXES))
+    busy = [p for p, s in index.items() if s["images"]]
+    for p in busy:
+        process_prefix(lake, p, ["resize", "edges"], PARAMS, "last")
+    tables = {p: write_prefix_tables(lake, p, PARAMS) for p in HASH_PREFIXES}
+
+    # the same index bytes as the reference, which equals a rebuild from every pack's full manifest
+    rebuilt = rebuild_raw_index(ref, list(HASH_PREFIXES))
+    for p in HASH_PREFIXES:
+        assert lake.exists(raw_index_key(p)) == ref.exists(raw_index_key(p)), p
+        if ref.exists(raw_index_key(p)):
+            assert lake.get(raw_index_key(p)) == ref.get(raw_index_key(p)), p
+            assert pq.read_table(io.BytesIO(ref.get(raw_index_key(p)))).equals(rebuilt[p]), p
+    assert index == {p: {**s, "packs_merged": []} for p, s in ref_index.items()} | {p: index[p] for p in index if not index[p]["packs_merged"]}
+    assert {p: s["data_version"] for p, s in index.items()} == {p: s["data_version"] for p, s in ref_index.items()}
+    assert tables == ref_tables
+    for name in ("images", "objects"):
+        assert table_rows(lake, name) == table_rows(ref, name)
+    assert sum(s["images"] for s in tables.values()) == 120 - sum(1 for i in range(120) if not any(m == png(i) for p in all_packs.values() for m in p.values()))
+    assert not lake.keys(PENDING_RAW) and not lake.keys(PENDING_TABLES)  # every change absorbed
+    assert absorbed_rows >= N_PACKS  # each pack merged into at least one prefix
+
+
+def test_a_prefix_with_nothing_pending_is_one_listing_and_one_small_read(tmp_path, reference):
+    all_packs, _ = reference
+    lake = LocalLake(tmp_path / "lake")
+    lake.put("incoming/pack00.zip", zip_bytes(all_packs["pack00"]))
+    result = ingest_pack(lake, "pack00", "incoming/pack00.zip")
+    first = build_raw_index(lake, list(HASH_PREFIXES))
+    touched = set(result.prefixes)
+    assert {p for p, s in first.items() if s["packs_merged"]} == touched
+    untouched = next(p for p in HASH_PREFIXES if p not in touched)
+    lake.counters.clear()
+    again = build_raw_index(lake, [sorted(touched)[0], untouched])
+    assert [again[p]["packs_merged"] for p in sorted(again)] == [[], []]
+    assert again[sorted(touched)[0]] == {**first[sorted(touched)[0]], "packs_merged": []}
+    # per prefix: one listing of its pending markers, one read of its state (absent for the untouched)
+    assert dict(lake.counters) == {"list": 2, "get": 2, "bytes_read": len(lake.get("index/raw/" + sorted(touched)[0] + ".json"))}

@@ -1,7 +1,9 @@
 """Hash-prefix image assets: raw_images (the index), resized_images and edge_maps.
 
 Every step takes the whole partition range of its run (``context.partition_keys``), so a
-256-prefix backfill is one run and, on AWS, one Batch array job per stage.
+256-prefix backfill is one run and, on AWS, one Batch array job per stage. The step itself reads
+only records (pending markers, ``_versions``, result records); the work on a prefix's data runs
+in the workload CLIs, and only on the prefixes that have work: the rest keep their records.
 """
 
 
@@ -10,17 +12,37 @@ import json
 import dagster as dg
 
 from assets.packs import raw_packs
-from assets.versioning import record_prefixes, version_key
+from assets.versioning import prefix_records, read_records, record_prefixes, request_metadata, write_prefix_records
 from partitions import hash_prefixes
-from resources.compute import ImageCompute
+from resources.compute import ImageCompute, WorkloadFailed, index_command
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
-from workloads.images import result_key
-from workloads.index import build_raw_index
+from workloads.images import empty_stage_record
+from workloads.index import empty_index_stats
+from workloads.ingest import PENDING_RAW
+from workloads.tasks import result_key
 
 # Eager, except that one unreadable (failed) pack must not hold every prefix back.
 prefix_automation = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
 single_run = dg.BackfillPolicy.single_run()
+
+
+def run_tasks(store, run_id: str, stages: list[str], prefixes: list[str], run, keep) -> None:
+    """``run()`` the tasks; if some fail, ``keep({stage: {prefix: result}})`` of those that
+    finished first, so the step's re-run redoes only the rest (as Batch redoes only failed children)."""
+    try:
+        run()
+    except WorkloadFailed:
+        keep({s: read_records(store, {p: result_key(run_id, s, p) for p in prefixes}) for s in stages})
+        raise
+
+
+def task_results(context: dg.AssetExecutionContext, store, run_id: str, stage: str, prefixes: list[str]) -> dict[str, dict]:
+    """The result record of each prefix task; a missing one fails the step, naming the prefix."""
+    found = read_records(store, {p: result_key(run_id, stage, p) for p in prefixes})
+    if missing := [p for p in prefixes if p not in found]:
+        raise dg.Failure(description=f"{stage}: no result record for prefix(es) {', '.join(missing[:20])} (task did not finish): {result_key(run_id, stage, missing[0])}")
+    return found
 
 
 @dg.asset(
@@ -28,16 +50,29 @@ single_run = dg.BackfillPolicy.single_run()
     deps=[dg.AssetDep(raw_packs, partition_mapping=dg.AllPartitionMapping())],
     backfill_policy=single_run,
     automation_condition=prefix_automation,
-    code_version="1",
+    code_version="2",
     group_name="images",
     kinds={"parquet"},
     description="Index of the originals whose sha256 starts with the prefix: labels, boxes and the packs they came from.",
 )
-def raw_images(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
-    stats = build_raw_index(lake.lake(), list(context.partition_keys))
+def raw_images(context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute) -> dg.MaterializeResult:
+    store = lake.lake()
+    before = dict(store.counters)
+    prefixes, run_id = list(context.partition_keys), context.run.run_id
+    # One listing of the pending markers tells which prefixes have packs to absorb.
+    pending = {k.split("/")[2] for k in store.keys(PENDING_RAW)}
+    work = sorted(pending & set(prefixes))
+    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("requests", "stage", "seconds")}  # noqa: E731
+    run_tasks(store, run_id, ["index"], work, lambda: image_compute.run_prefix_tasks(context, "index", lambda shard: index_command(lake.url, run_id, shard), work, run_id),
+              lambda done: write_prefix_records(store, "raw_images", {p: strip(r) for p, r in done["index"].items()}))
+    results = task_results(context, store, run_id, "index", work)
+    kept = prefix_records(store, "raw_images", [p for p in prefixes if p not in results])
+    stats = {p: results.get(p) or kept.get(p) or {**empty_index_stats(), "packs_merged": [], "changed": 0} for p in prefixes}
     total = sum(s["images"] for s in stats.values())
-    context.log.info(f"indexed {total} originals over {len(stats)} prefixes")
-    return record_prefixes(context, lake.lake(), context.asset_key, stats, ("images", "bytes"))
+    context.log.info(f"{len(work)} of {len(prefixes)} prefixes had packs to absorb; {total} originals indexed")
+    changed = {p for p in work if results[p]["changed"]} | {p for p in prefixes if p not in results and p not in kept}
+    return record_prefixes(context, store, context.asset_key, {p: strip(s) for p, s in stats.items()},
+                           ("images", "bytes", "changed"), changed, request_metadata(store.counters.since(before), list(results.values())))
 
 
 RESIZED = dg.AssetKey("resized_images")
@@ -45,11 +80,19 @@ EDGES = dg.AssetKey("edge_maps")
 STAGE_OF = {RESIZED: "resize", EDGES: "edges"}
 
 
+def stage_work(prior: dict | None, raw: dict | None, params_id: str) -> bool:
+    """Whether a prefix's stage must run: its images or params changed since it last ran, or
+    images failed then."""
+    if prior is None:
+        return bool(raw and raw["images"])
+    return prior.get("inputs") != {"raw_images": (raw or {}).get("data_version")} or prior["params_id"] != params_id or bool(prior["failed"])
+
+
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(RESIZED, deps=[raw_images], partitions_def=hash_prefixes, code_version="2", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
+        dg.AssetSpec(RESIZED, deps=[raw_images], partitions_def=hash_prefixes, code_version="3", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
                      description="Every original of the prefix resized (short side N, centre crop) as JPEG, under resized/<params_id>/."),
-        dg.AssetSpec(EDGES, deps=[RESIZED], partitions_def=hash_prefixes, code_version="2", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
+        dg.AssetSpec(EDGES, deps=[RESIZED], partitions_def=hash_prefixes, code_version="3", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
                      description="Canny edges of each resized image as PNG, under edges/<params_id>/."),
     ],
     check_specs=[
@@ -62,26 +105,32 @@ STAGE_OF = {RESIZED: "resize", EDGES: "edges"}
 def image_stages(context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute, image_settings: ImageSettings):
     """resize and edges; fused into one pass (one download, two outputs) when both are selected."""
     store = lake.lake()
+    before = dict(store.counters)
     params = image_settings.params()
     selected = [k for k in (RESIZED, EDGES) if k in context.selected_asset_keys]
     stages = [STAGE_OF[k] for k in selected]
     prefixes = list(context.partition_keys)
     run_id = context.run.run_id
-    image_compute.run_image_stages(context, lake.url, run_id, stages, prefixes, params)
+    raw = prefix_records(store, "raw_images", prefixes)
+    prior = {k: prefix_records(store, k.to_user_string(), prefixes) for k in selected}
+    work = [p for p in prefixes if any(stage_work(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected)]
+    context.log.info(f"{len(work)} of {len(prefixes)} prefixes have {'/'.join(stages)} work")
+    inputs = {p: {"raw_images": (raw.get(p) or {}).get("data_version")} for p in prefixes}
+    strip = lambda rec, p: {k: v for k, v in rec.items() if k != "requests"} | {"inputs": inputs[p]}  # noqa: E731
+    run_tasks(store, run_id, stages, work, lambda: image_compute.run_image_stages(context, lake.url, run_id, stages, work, params),
+              lambda done: [write_prefix_records(store, k.to_user_string(), {p: strip(r, p) for p, r in done[STAGE_OF[k]].items()}) for k in selected])
     for key in selected:
         stage = STAGE_OF[key]
-        stats = {}
-        for p in prefixes:
-            rk = result_key(run_id, stage, p)
-            if not store.exists(rk):
-                raise dg.Failure(description=f"{stage} prefix {p}: no result record {rk} (task did not finish)")
-            stats[p] = json.loads(store.get(rk))
+        results = task_results(context, store, run_id, stage, work)
+        stats = {p: strip(results[p], p) if p in results else prior[key].get(p) or empty_stage_record(stage, params, p) for p in prefixes}
         failed = [dict(f, prefix=p) for p, s in stats.items() for f in s["failed"]]
         for f in failed[:20]:
             context.log.warning(f"{stage} {f['prefix']}/{f['sha256']}: {f['reason']}")
-        yield record_prefixes(context, store, key, stats, ("images", "processed", "skipped", "bytes_written", "seconds", "params_id"))
-        raw_counts = {p: json.loads(store.get(version_key("raw_images", p)))["images"] for p in prefixes if store.exists(version_key("raw_images", p))}
-        mismatched = {p: (stats[p]["images"], raw_counts.get(p, 0)) for p in prefixes if stats[p]["images"] != raw_counts.get(p, 0)}
+        orchestrator = store.counters.since(before) if key == selected[0] else {}  # this step's own requests, reported once
+        yield record_prefixes(context, store, key, stats,
+                              ("images", "processed", "skipped", "bytes_written", "seconds", "params_id"), set(work) | {p for p in prefixes if p not in prior[key]},
+                              request_metadata(orchestrator, list(results.values())))
+        mismatched = {p: (stats[p]["images"], (raw.get(p) or {}).get("images", 0)) for p in prefixes if stats[p]["images"] != (raw.get(p) or {}).get("images", 0)}
         yield dg.AssetCheckResult(
             asset_key=key,
             check_name="complete",

@@ -49,7 +49,8 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
     rejects = result["rejected"]
     for r in rejects:
         context.log.warning(f"pack {pack_id}: rejected {r['member']!r}: {r['reason']}")
-    manifest = read_parquet(store, pack_keys(pack_id)["manifest"])
+    # The ingest record says what its manifest holds: this process reads records, not manifests.
+    manifest_rows = result["manifest_rows"] if "manifest_rows" in result else read_parquet(store, pack_keys(pack_id)["manifest"]).num_rows
     yield dg.MaterializeResult(
         metadata={
             "key": key,
@@ -62,12 +63,14 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
             "rejects": dg.MetadataValue.md(_md_table(rejects[:50], ["member", "reason"])),
             "labels": dg.MetadataValue.md(_md_table([{"label": k, "images": v} for k, v in result["labels"].items()], ["label", "images"])),
             "manifest": pack_keys(pack_id)["manifest"],
+            "prefixes_touched": len(result.get("prefixes", {})),
         },
         data_version=dg.DataVersion(result["zip_sha256"][:24]),
     )
     expected = result["accepted"] + result["duplicates"]
+    split = sum(result.get("prefixes", {}).values()) if "prefixes" in result else manifest_rows
     yield dg.AssetCheckResult(
         check_name="manifest_matches_record",
-        passed=manifest.num_rows == expected,
-        metadata={"manifest_rows": manifest.num_rows, "accepted_plus_duplicates": expected},
+        passed=manifest_rows == expected == split,
+        metadata={"manifest_rows": manifest_rows, "accepted_plus_duplicates": expected, "rows_split_by_prefix": split},
     )

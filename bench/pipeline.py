@@ -3,9 +3,8 @@
 Both start from clones (hard links) of one lake into which a pack of small distinct JPEGs
 was ingested. Both do the same work, so the ratio is what orchestration costs: the bare
 run calls the three workloads the run's steps call, in order and with nothing around
-them — ``build_raw_index`` over the range, ``python -m workloads.images`` sharded over the
-same worker processes, threads and environment as ``LocalProcessPool`` gives them, and
-``PyArrowTableWriter.write`` (the local profile's table writer). The orchestrated run
+them — ``python -m workloads.index``, ``workloads.images`` and ``workloads.tables``, sharded over
+the same worker processes, threads and environment as ``LocalProcessPool`` gives them. The orchestrated run
 materialises raw_images + resized_images + edge_maps + image_tables in one ranged run
 (local profile, its own CVGRAPH_HOME and Dagster instance).
 
@@ -69,35 +68,33 @@ def prefixes_in(rng: tuple[str, str]) -> list[str]:
     return [p for p in HASH_PREFIXES if rng[0] <= p <= rng[1]]
 
 
-def bare(lake: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")) -> dict:
-    """The run's three workloads without Dagster: index, images (sharded as LocalProcessPool
-    shards, prefixes[i::n]), tables."""
-    from resources.tables import PyArrowTableWriter
-    from workloads.images import ImageParams
-    from workloads.kernels import ResizeParams
-    from workloads.index import build_raw_index
-    from workloads.lake import LocalLake
-
-    prefixes = prefixes_in(rng)
-    shards = [prefixes[i::workers] for i in range(workers)]
-    store = LocalLake(lake)
-    meter = LoadMeter(children=True)
-    t0 = time.perf_counter()
-    build_raw_index(store, prefixes)
-    t_index = time.perf_counter()
-    procs = [subprocess.Popen([PY, "-m", "workloads.images", "--lake", str(lake), "--run-id", "bare", "--stages", "resize,edges",
-                               "--threads", str(threads), "--size", str(size), "--prefixes", ",".join(s)],
-                              cwd=REPO, env=env(worker=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in shards]
+def _sharded(module: str, args: list[str], shards: list[list[str]]) -> list[dict]:
+    """``python -m module`` once per shard, in parallel, with a worker's environment; result lines."""
+    procs = [subprocess.Popen([PY, "-m", module, *args, "--prefixes", ",".join(s)], cwd=REPO, env=env(worker=True),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in shards if s]
     outs = [p.communicate() for p in procs]
-    t_images = time.perf_counter()
     for p, (_, err) in zip(procs, outs):
         if p.returncode != 0:
-            raise RuntimeError(f"workloads.images exited {p.returncode}: {err[-2000:]}")
-    tables = PyArrowTableWriter().write(store, prefixes, ImageParams(ResizeParams(size)))
+            raise RuntimeError(f"{module} exited {p.returncode}: {err[-2000:]}")
+    return [json.loads(line) for out, _ in outs for line in out.splitlines() if line.startswith("{")]
+
+
+def bare(lake: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")) -> dict:
+    """The run's three workloads without Dagster: the index, images and tables CLIs, each sharded
+    over the worker processes as LocalProcessPool shards them (prefixes[i::n])."""
+    prefixes = prefixes_in(rng)
+    shards = [prefixes[i::workers] for i in range(workers)]
+    common = ["--lake", str(lake), "--run-id", "bare"]
+    meter = LoadMeter(children=True)
+    t0 = time.perf_counter()
+    _sharded("workloads.index", common, shards)
+    t_index = time.perf_counter()
+    recs = _sharded("workloads.images", [*common, "--stages", "resize,edges", "--threads", str(threads), "--size", str(size)], shards)
+    t_images = time.perf_counter()
+    tables = _sharded("workloads.tables", [*common, "--size", str(size)], shards)
     wall = time.perf_counter() - t0
-    recs = [json.loads(line) for out, _ in outs for line in out.splitlines() if line.startswith("{")]
     processed = sum(r["processed"] for r in recs if r["stage"] == "resize")
-    return {"wall_s": round(wall, 3), "processed": processed, "table_rows": sum(t["images"] for t in tables.values()),
+    return {"wall_s": round(wall, 3), "processed": processed, "table_rows": sum(t["images"] for t in tables),
             "parts_s": {"index": round(t_index - t0, 3), "images": round(t_images - t_index, 3), "tables": round(wall - (t_images - t0), 3)},
             "external_load_cores": meter.external_cores()}
 

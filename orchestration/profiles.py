@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from resources.catalog import AthenaCatalog, DuckDBCatalog
-from resources.compute import BatchArrayClient, LocalProcessPool
+from resources.compute import BatchArrayClient, ImageCompute, LocalProcessPool
 from resources.events import PackEvents
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
@@ -119,11 +119,12 @@ def aws_resources() -> dict:
     return resources
 
 
-def table_writer() -> TableWriter:
-    """CVGRAPH_TABLE_WRITER=pyarrow (default) or spark (dagster-pyspark, lazily started)."""
+def table_writer(compute: ImageCompute) -> TableWriter:
+    """CVGRAPH_TABLE_WRITER=pyarrow (default: the tables workload, where ``compute`` runs tasks) or
+    spark (dagster-pyspark, lazily started)."""
     kind = env("CVGRAPH_TABLE_WRITER", "pyarrow")
     if kind == "pyarrow":
-        return PyArrowTableWriter()
+        return PyArrowTableWriter(compute=compute)
     if kind == "spark":
         from dagster_pyspark import LazyPySparkResource
 
@@ -141,18 +142,20 @@ def table_writer() -> TableWriter:
 def resources_for(name: str | None = None) -> dict:
     name = name or profile()
     if name == "aws":
-        return {**aws_resources(), "table_writer": table_writer()}
+        resources = aws_resources()
+        return {**resources, "table_writer": table_writer(resources["image_compute"])}
     h = home()
     lake = LakeResource(url=env("CVGRAPH_LAKE_URL", str(h / "lake")))
+    compute = LocalProcessPool(
+        max_workers=int(env("CVGRAPH_WORKERS", str(os.cpu_count() or 2))),
+        threads_per_worker=int(env("CVGRAPH_IMAGE_THREADS", "4")),
+    )
     return {
         "lake": lake,
-        "image_compute": LocalProcessPool(
-            max_workers=int(env("CVGRAPH_WORKERS", str(os.cpu_count() or 2))),
-            threads_per_worker=int(env("CVGRAPH_IMAGE_THREADS", "4")),
-        ),
+        "image_compute": compute,
         "trainer": LocalTrainer(work_dir=str(h / "training")),
         "catalog": DuckDBCatalog(lake=lake),
         "tracking": _tracking(h),
         "image_settings": image_settings(),
-        "table_writer": table_writer(),
+        "table_writer": table_writer(compute),
     }

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import dagster as dg
 from tqdm import tqdm
@@ -28,16 +29,35 @@ def ingest_command(lake_url: str, pack_id: str, key: str) -> list[str]:
     return ["python", "-m", "workloads.ingest", "--lake", lake_url, "--pack-id", pack_id, "--key", key]
 
 
+def prefix_command(module: str, lake_url: str, run_id: str, prefixes: list[str], args: list[str]) -> list[str]:
+    """A prefix workload's command: the Docker image's command and the local pool's call."""
+    return ["python", "-m", module, "--lake", lake_url, "--run-id", run_id, *args, "--prefixes", ",".join(prefixes)]
+
+
 def images_command(lake_url: str, run_id: str, stages: list[str], prefixes: list[str], params: ImageParams, threads: int) -> list[str]:
-    """The worker command: the Docker image's command and the local pool's call."""
-    return ["python", "-m", "workloads.images", "--lake", lake_url, "--run-id", run_id, "--stages", ",".join(stages),
-            "--threads", str(threads), *params.cli_args(), "--prefixes", ",".join(prefixes)]
+    return prefix_command("workloads.images", lake_url, run_id, prefixes, ["--stages", ",".join(stages), "--threads", str(threads), *params.cli_args()])
+
+
+def index_command(lake_url: str, run_id: str, prefixes: list[str]) -> list[str]:
+    return prefix_command("workloads.index", lake_url, run_id, prefixes, [])
+
+
+def tables_command(lake_url: str, run_id: str, prefixes: list[str], params: ImageParams) -> list[str]:
+    return prefix_command("workloads.tables", lake_url, run_id, prefixes, params.cli_args())
 
 
 class ImageCompute(dg.ConfigurableResource, ABC):
+    """Runs the prefix workloads (index, image stages, tables) and ingest where the profile says:
+    local processes or AWS Batch. Each prefix task leaves its result record in the lake; the
+    step reads those records, never the data."""
+
     @abstractmethod
     def run_image_stages(self, context: dg.AssetExecutionContext, lake_url: str, run_id: str, stages: list[str], prefixes: list[str], params: ImageParams) -> None:
         """Run ``stages`` for every prefix; each prefix task leaves its result record in the lake."""
+
+    @abstractmethod
+    def run_prefix_tasks(self, context: dg.AssetExecutionContext, name: str, command: Callable[[list[str]], list[str]], prefixes: list[str], run_id: str) -> None:
+        """Run ``command(prefixes of a task)`` over ``prefixes`` (one workload, e.g. the index)."""
 
     @abstractmethod
     def run_ingest(self, context: dg.AssetExecutionContext, lake_url: str, pack_id: str, key: str) -> int:
@@ -87,13 +107,18 @@ class LocalProcessPool(ImageCompute):
             t.join()
         return [(p.returncode, "".join(errs[i][-30:])) for i, p in enumerate(procs)]
 
-    def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
-        commands = [[sys.executable, *images_command(lake_url, run_id, stages, shard, params, self.threads_per_worker)[1:]] for shard in _shard(prefixes, self.max_workers)]
+    max_attempts: int = 3  # a worker killed by a signal is run again, as Batch retries a reclaimed child
+
+    def _run_sharded(self, context, name: str, command: Callable[[list[str]], list[str]], prefixes: list[str], per_prefix: int) -> None:
+        """``command`` over ``prefixes`` in up to ``max_workers`` processes; progress from the result
+        lines they print. A process that dies by a signal (OOM killer, a native abort) is run again
+        on its prefixes, up to ``max_attempts``: its finished prefixes are skipped as done, the rest
+        redone, so the run converges as a Batch retry does. An exit with an error code fails."""
         done = {"n": 0}
-        total = len(prefixes) * len(stages)
+        total = len(prefixes) * per_prefix
         lock = threading.Lock()
         # A terminal gets a bar (disable=None turns it off when stderr is not a TTY).
-        bar = tqdm(total=total, desc="/".join(stages), unit="prefix", disable=None, leave=False)
+        bar = tqdm(total=total, desc=name, unit="prefix", disable=None, leave=False)
 
         def on_line(line: str) -> None:
             try:
@@ -108,16 +133,32 @@ class LocalProcessPool(ImageCompute):
             # Every 32nd prefix, not every one: each line is an event in the run's log, written
             # by this process while the workers want both cores.
             if n % 32 == 0 or n == total:
-                context.log.info(f"[{n}/{total}] {rec['stage']} {rec['prefix']}: {rec['processed']} new, {rec['skipped']} already done ({rec['seconds']}s)")
+                context.log.info(f"[{n}/{total}] {rec.get('stage', name)} {rec.get('prefix')}: " + ", ".join(f"{k} {rec[k]}" for k in ("processed", "skipped", "changed", "seconds") if k in rec))
 
-        context.log.info(f"{len(commands)} local worker(s) for {len(prefixes)} prefix(es), stages {stages}")
+        shards = _shard(prefixes, self.max_workers)
+        context.log.info(f"{len(shards)} local worker(s) for {name} over {len(prefixes)} prefix(es)")
         try:
-            outcomes = self._run_all(context, commands, on_line)
+            for attempt in range(1, self.max_attempts + 1):
+                outcomes = self._run_all(context, [[sys.executable, *command(shard)[1:]] for shard in shards], on_line)
+                killed = [(shard, code, err) for shard, (code, err) in zip(shards, outcomes) if code < 0]
+                for code, err in outcomes:
+                    if code > 0:
+                        raise WorkloadFailed(f"{name} exited {code}:\n{err}")
+                if not killed:
+                    return
+                for shard, code, err in killed:
+                    context.log.warning(f"{name} worker for prefixes {shard[0]}..{shard[-1]} died by signal {-code} (attempt {attempt} of {self.max_attempts}): {err.strip()[-300:]}")
+                shards = [shard for shard, _, _ in killed]
+            shard, code, err = killed[0]
+            raise WorkloadFailed(f"{name} worker for prefixes {shard[0]}..{shard[-1]} died by signal {-code} {self.max_attempts} times:\n{err}")
         finally:
             bar.close()
-        for code, err in outcomes:
-            if code != 0:
-                raise WorkloadFailed(f"workloads.images exited {code}:\n{err}")
+
+    def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
+        self._run_sharded(context, "/".join(stages), lambda shard: images_command(lake_url, run_id, stages, shard, params, self.threads_per_worker), prefixes, len(stages))
+
+    def run_prefix_tasks(self, context, name, command, prefixes, run_id):
+        self._run_sharded(context, name, command, prefixes, 1)
 
     def run_ingest(self, context, lake_url, pack_id, key):
         cmd = [sys.executable, *ingest_command(lake_url, pack_id, key)[1:]]
@@ -260,24 +301,22 @@ class BatchArrayClient(ImageCompute):
                 })
         return out
 
+    def _arrays(self, prefixes: list[str]) -> list[list[str]]:
+        """Prefixes in chunks of at most ``max_array_size``: one array job each."""
+        return [prefixes[i : i + self.max_array_size] for i in range(0, len(prefixes), self.max_array_size)]
+
     def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
-        from concurrent.futures import ThreadPoolExecutor
+        """One array job per stage (and per chunk of ``max_array_size`` prefixes), each stage
+        N_TO_N on the one before: child i of edges starts when child i of resize is done."""
+        batch = self._batch()
+        for chunk in self._arrays(prefixes):
+            submissions = [(stage, images_command(lake_url, run_id, [stage], chunk, params, self.threads_per_job), chunk) for stage in stages]
+            self.run_jobs(context, batch, submissions, run_id)
 
-        from workloads.images import pending_images, process_prefix
-        from workloads.lake import open_lake
-
-        lake = open_lake(lake_url)
-        with ThreadPoolExecutor(16) as pool:
-            pending = dict(zip(prefixes, pool.map(lambda p: pending_images(lake, p, stages, params), prefixes)))
-        todo = [p for p in prefixes if pending[p]]
-        idle = [p for p in prefixes if not pending[p]]
-        with ThreadPoolExecutor(16) as pool:  # nothing to compute: just the result records
-            list(pool.map(lambda p: process_prefix(lake, p, stages, params, run_id, threads=1), idle))
-        context.log.info(f"{len(todo)} of {len(prefixes)} prefixes have work ({sum(pending.values())} images); {len(idle)} already done")
-        if not todo:
-            return
-        submissions = [(stage, images_command(lake_url, run_id, [stage], todo, params, self.threads_per_job), todo) for stage in stages]
-        self.run_jobs(context, self._batch(), submissions, run_id)
+    def run_prefix_tasks(self, context, name, command, prefixes, run_id):
+        batch = self._batch()
+        for chunk in self._arrays(prefixes):
+            self.run_jobs(context, batch, [(name, command(chunk), chunk)], run_id)
 
     def run_ingest(self, context, lake_url, pack_id, key):
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from dagster_pyspark import LazyPySparkResource
 
-from resources.tables import TableWriter
+from resources.tables import TableWriter, write_results
 from workloads.images import ImageParams, hashes_key, raw_index_key
 from workloads.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA, commit_prefix_tables, pending_table_changes
 
@@ -21,7 +21,11 @@ from workloads.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA, commit_prefix_tables
 class SparkTableWriter(TableWriter):
     spark: LazyPySparkResource
 
+    def run(self, context, lake, lake_url, run_id, prefixes, params):
+        write_results(lake, run_id, self.write(lake, prefixes, params))
+
     def write(self, lake, prefixes, params: ImageParams):
+        """Rebuild both tables of ``prefixes`` in this Spark session; stats per prefix."""
         from pyspark.sql import functions as F
 
         spark = self.spark.spark_session

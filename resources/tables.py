@@ -1,24 +1,36 @@
-"""Table writer role: rebuild the ``images`` / ``objects`` rows of prefixes from the lake's
-per-prefix records (the raw index and the variants present)."""
+"""Table writer role: bring the ``images`` / ``objects`` rows of prefixes up to date from the
+lake's per-prefix records. Each writer leaves a result record per prefix
+(``_results/<run>/tables/<pp>.json``); the step reads those."""
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 
 import dagster as dg
 
+from resources.compute import ImageCompute, tables_command
 from workloads.images import ImageParams
-from workloads.tables import write_prefix_tables
+from workloads.tasks import result_key
 
 
 class TableWriter(dg.ConfigurableResource, ABC):
     @abstractmethod
-    def write(self, lake, prefixes: list[str], params: ImageParams) -> dict[str, dict]:
-        """Write both tables for ``prefixes``; ``{prefix: {images, objects, missing_variants, data_version}}``."""
+    def run(self, context: dg.AssetExecutionContext, lake, lake_url: str, run_id: str, prefixes: list[str], params: ImageParams) -> None:
+        """Update both tables of ``prefixes``; each prefix's result record is its commit marker."""
 
 
 class PyArrowTableWriter(TableWriter):
-    """One Parquet file per prefix and table, written by pyarrow in this process."""
+    """``python -m workloads.tables`` over the prefixes, where the image compute runs its tasks
+    (local processes, or Batch array children): the step reads none of the tables' data."""
 
-    def write(self, lake, prefixes, params):
-        return {p: write_prefix_tables(lake, p, params) for p in prefixes}
+    compute: ImageCompute
+
+    def run(self, context, lake, lake_url, run_id, prefixes, params):
+        self.compute.run_prefix_tasks(context, "tables", lambda shard: tables_command(lake_url, run_id, shard, params), prefixes, run_id)
+
+
+def write_results(lake, run_id: str, stats: dict[str, dict]) -> None:
+    """Result records for prefixes whose tables were written in this process (the Spark writer)."""
+    for prefix, s in stats.items():
+        lake.put(result_key(run_id, "tables", prefix), json.dumps({"prefix": prefix, "stage": "tables", **s}, sort_keys=True).encode())

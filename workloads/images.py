@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from workloads.kernels import KERNEL_VERSION, EdgeParams, ResizeParams, edges_png, resize_bytes
-from workloads.lake import open_lake, read_parquet, write_parquet
+from workloads.lake import read_parquet, write_parquet
+from workloads.tasks import open_task_lake, prefix_parser, result_key, selected_prefixes
 from workloads.versions import params_id, prefix_version, sha256_hex
 
 STAGES = ("resize", "edges")
@@ -106,10 +107,6 @@ def _update_hashes(lake, stage: str, params: ImageParams, prefix: str, old: dict
     write_parquet(lake, hashes_key(stage, params, prefix), pa.table({"sha256": [r[0] for r in rows], "output_sha256": [r[1] for r in rows]}))
 
 
-def result_key(run_id: str, stage: str, prefix: str) -> str:
-    return f"_results/{run_id}/{stage}/{prefix}.json"
-
-
 def read_raw_index(lake, prefix: str) -> list[dict]:
     key = raw_index_key(prefix)
     if not lake.exists(key):
@@ -120,7 +117,7 @@ def read_raw_index(lake, prefix: str) -> list[dict]:
 
 def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str, threads: int = 4, fast: bool = True) -> dict[str, dict]:
     """Run the selected stages for one prefix; returns ``{stage: result record}``."""
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), dict(lake.counters)
     images = read_raw_index(lake, prefix)
     # What is done is what the hash indexes say: one read per stage, no listing of outputs.
     hashes = {s: read_hashes(lake, s, params, prefix) for s in STAGES if s in stages or (s == "resize" and "edges" in stages)}
@@ -186,24 +183,41 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
         }
         _update_hashes(lake, stage, params, prefix, hashes[stage], fresh[stage])
         lake.delete(inflight_key(stage, params, prefix))
+        # The pass's requests go with its first stage (the record's own put included).
+        records[stage]["requests"] = lake.counters.since(before)
+        records[stage]["requests"]["put"] = records[stage]["requests"].get("put", 0) + 1
+        before = {**lake.counters, "put": lake.counters["put"] + 1}
         # Written last: the commit marker of this prefix task.
         lake.put(result_key(run_id, stage, prefix), json.dumps(records[stage], sort_keys=True).encode())
     return records
 
 
+def empty_stage_record(stage: str, params: ImageParams, prefix: str) -> dict:
+    """What ``process_prefix`` records for a prefix with no images."""
+    pid = params.stage_id(stage)
+    return {"prefix": prefix, "stage": stage, "params_id": pid, "images": 0, "processed": 0, "skipped": 0, "failed": [], "bytes_written": 0, "seconds": 0.0,
+            "data_version": prefix_version([], pid)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="resize / edges over hash prefixes")
-    ap.add_argument("--lake", required=True)
-    ap.add_argument("--run-id", required=True)
+    ap = prefix_parser("resize / edges over hash prefixes")
     ap.add_argument("--stages", default="resize,edges")
-    ap.add_argument("--prefixes", required=True, help="comma-separated; an array child takes one by index")
+    add_params_args(ap)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("CVGRAPH_IMAGE_THREADS", "4")))
+    ap.add_argument("--full-decode", action="store_true", help="baseline path: no DCT-scaled decode")
+    return ap.parse_args(argv)
+
+
+def add_params_args(ap: argparse.ArgumentParser) -> None:
+    """The image parameters (``ImageParams.cli_args`` writes them)."""
     ap.add_argument("--size", type=int, default=ResizeParams.size)
     ap.add_argument("--jpeg-quality", type=int, default=ResizeParams.jpeg_quality)
     ap.add_argument("--edge-low", type=int, default=EdgeParams.low)
     ap.add_argument("--edge-high", type=int, default=EdgeParams.high)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("CVGRAPH_IMAGE_THREADS", "4")))
-    ap.add_argument("--full-decode", action="store_true", help="baseline path: no DCT-scaled decode")
-    return ap.parse_args(argv)
+
+
+def params_from_args(args: argparse.Namespace) -> ImageParams:
+    return ImageParams(ResizeParams(args.size, args.jpeg_quality), EdgeParams(args.edge_low, args.edge_high))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,17 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [s for s in stages if s not in STAGES]:
         print(f"unknown stage(s) {bad}; expected {STAGES}", file=sys.stderr)
         return 2
-    prefixes = [p for p in args.prefixes.split(",") if p]
-    index = os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX")
-    if index is not None:
-        prefixes = [prefixes[int(index)]]
-    params = ImageParams(ResizeParams(args.size, args.jpeg_quality), EdgeParams(args.edge_low, args.edge_high))
-    lake = open_lake(args.lake, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
-    failed = 0
-    for prefix in prefixes:
+    params = params_from_args(args)
+    lake = open_task_lake(args)
+    for prefix in selected_prefixes(args):
         records = process_prefix(lake, prefix, stages, params, args.run_id, threads=args.threads, fast=not args.full_decode)
         for rec in records.values():
-            failed += len(rec["failed"])
             print(json.dumps({k: rec[k] for k in ("stage", "prefix", "images", "processed", "skipped", "seconds")}), flush=True)
     return 0
 

@@ -90,7 +90,8 @@ def _stats(table: pa.Table, version: str) -> dict:
     return {"images": table.num_rows, "bytes": int(pc.sum(table["bytes"]).as_py() or 0), "labels": labels, "data_version": version}
 
 
-def _empty_stats() -> dict:
+def empty_index_stats() -> dict:
+    """The stats of a prefix no pack touched."""
     return {"images": 0, "bytes": 0, "labels": {}, "data_version": prefix_version([], "raw")}
 
 
@@ -141,14 +142,14 @@ def _pending(lake, prefix: str) -> list[str]:
 
 def absorb_pending(lake, prefix: str) -> dict:
     """Bring ``prefix``'s index up to date with its pending packs; returns the prefix's stats
-    (``images``, ``bytes``, ``labels``, ``data_version``, ``packs_merged``).
+    (``images``, ``bytes``, ``labels``, ``data_version``, ``packs_merged``, ``changed`` rows).
 
     Order of writes: the index, the table step's change list, the state record, then the pending
     markers go. Killed anywhere, a re-run merges the same packs again, which changes nothing."""
     state_key = index_state_key(prefix)
     pending = _pending(lake, prefix)
     if not pending:
-        return {**get_json(lake, state_key, _empty_stats()), "packs_merged": []}
+        return {**get_json(lake, state_key, empty_index_stats()), "packs_merged": [], "changed": 0}
     packs = {p: read_parquet(lake, pack_prefix_key(p, prefix)).to_pylist() for p in pending}
     stats, changed = merge_prefix(lake, prefix, packs)
     if changed:
@@ -156,7 +157,7 @@ def absorb_pending(lake, prefix: str) -> dict:
     lake.put(state_key, json.dumps(stats, sort_keys=True).encode())
     for p in pending:
         lake.delete(pending_raw_key(prefix, p))
-    return {**stats, "packs_merged": pending}
+    return {**stats, "packs_merged": pending, "changed": len(changed)}
 
 
 def build_raw_index(lake, prefixes: list[str]) -> dict[str, dict]:
@@ -183,3 +184,23 @@ def rebuild_raw_index(lake, prefixes: list[str], packs: list[str] | None = None)
             row["row_sha256"] = _row_sha(row)
         out[p] = pa.Table.from_pylist([merged[s] for s in sorted(merged)], schema=INDEX_SCHEMA)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workloads.index --lake URL --run-id R --prefixes 00,01``: absorb each prefix's
+    pending packs; ``_results/<run>/index/<pp>.json`` records the prefix's stats and changes."""
+    from workloads.tasks import prefix_parser, run_prefix_tasks
+
+    args = prefix_parser("absorb pending packs into the prefixes' raw index").parse_args(argv)
+
+    def task(lake, prefix: str) -> dict:
+        stats = absorb_pending(lake, prefix)
+        return {**stats, "changed": stats.pop("changed", 0)}
+
+    return run_prefix_tasks(args, "index", task)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -119,6 +119,7 @@ class IngestResult:
     seconds: float = 0.0
     labels: dict = field(default_factory=dict)
     prefixes: dict = field(default_factory=dict)  # {prefix: manifest rows}: the prefixes this pack touches
+    manifest_rows: int = 0  # rows of the manifest as written (its check reads this, not the manifest)
     limits: dict = field(default_factory=dict)  # the limits it ran with: changed limits re-run the ingest
 
     def to_json(self) -> dict:
@@ -510,7 +511,7 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
     result.seconds = round(time.perf_counter() - t0, 3)
     write_parquet(lake, keys["rejects"], pa.Table.from_pylist(result.rejected, schema=REJECTS_SCHEMA))
     manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    write_parquet(lake, keys["manifest"], manifest)
+    result.manifest_rows = parquet_table(write_parquet(lake, keys["manifest"], manifest)).num_rows
     # Split by prefix, each with its pending marker, before the commit marker: a prefix's index
     # reads only these (a marker of an uncommitted pack waits for its commit).
     counts = Counter(r["prefix"] for r in rows)

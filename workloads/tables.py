@@ -139,6 +139,11 @@ def commit_prefix_tables(lake, prefix: str, params: ImageParams, images: pa.Tabl
     return stats
 
 
+def empty_tables_stats() -> dict:
+    """What ``write_prefix_tables`` gives a prefix with no images."""
+    return {"images": 0, "objects": 0, "missing_variants": 0, "data_version": tables_version(IMAGES_SCHEMA.empty_table(), OBJECTS_SCHEMA.empty_table())}
+
+
 def write_prefix_tables(lake, prefix: str, params: ImageParams) -> dict:
     """Bring both tables of one prefix up to date; returns counts and the prefix's data version.
 
@@ -168,3 +173,22 @@ def write_prefix_tables(lake, prefix: str, params: ImageParams) -> dict:
     images = _sorted(pa.concat_tables([keep["images"], pa.Table.from_pylist(new_images, schema=IMAGES_SCHEMA)]), ["sha256"])
     objects = _sorted(pa.concat_tables([keep["objects"], pa.Table.from_pylist(new_objects, schema=OBJECTS_SCHEMA)]), ["sha256", "box"])
     return commit_prefix_tables(lake, prefix, params, images, objects, markers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workloads.tables --lake URL --run-id R [params] --prefixes 00,01``: bring each
+    prefix's tables up to date; ``_results/<run>/tables/<pp>.json`` records counts and version."""
+    from workloads.images import add_params_args, params_from_args
+    from workloads.tasks import prefix_parser, run_prefix_tasks
+
+    ap = prefix_parser("update the images / objects tables of prefixes")
+    add_params_args(ap)
+    args = ap.parse_args(argv)
+    params = params_from_args(args)
+    return run_prefix_tasks(args, "tables", lambda lake, prefix: write_prefix_tables(lake, prefix, params))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

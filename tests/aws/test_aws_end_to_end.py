@@ -1,15 +1,16 @@
 """The whole graph with CVGRAPH_PROFILE=aws against the moto server: upload → SQS sensor →
-Batch (ingest, then one array job per stage whose children run the workload CLI against
-the moto S3) → Glue tables → Athena SQL freeze → SageMaker training entry → export."""
+Batch (ingest, then one array job per workload — index, resize, edges, tables — whose children
+run the workload CLI against the moto S3, while the orchestrator reads only records) → Glue tables → Athena SQL freeze → SageMaker training entry → export."""
 
 import json
+import re
 
 import boto3
 import dagster as dg
 import pyarrow.parquet as pq
 
 
-def test_whole_graph_on_the_aws_profile(aws, small_digits_pack):
+def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
     import io
 
     from moto.batch.models import batch_backends
@@ -20,6 +21,7 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack):
     from resources.catalog import AthenaCatalog
     from resources.compute import BatchArrayClient
     from resources.training import SageMakerTrainer
+    from workloads.s3lake import S3Lake
 
     defs = build_defs("aws")
     res = defs.resources
@@ -31,6 +33,11 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack):
     def parent_jobs():
         return sorted((j.job_name for jid, j in batch_backends["123456789012"]["us-east-1"]._jobs.items() if ":" not in jid))
 
+    read_here = []  # object keys read in this process (Batch children run in their own)
+    for name in ("get", "open_read"):
+        original = getattr(S3Lake, name)
+        monkeypatch.setattr(S3Lake, name, lambda self, key, _original=original: (read_here.append(key), _original(self, key))[1])
+
     with dg.instance_for_test() as inst:
         assert runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sqs_sensor) == ["digits"]
         assert runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sensor) == []  # the safety net finds nothing new
@@ -41,7 +48,10 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack):
         launched = runs.sync(inst, definitions=defs)
         assert [r["range"] for r in launched] == [("00", "ff")]  # one ranged run for all 256 prefixes
         names = parent_jobs()
-        assert len(names) == 3 and sum("-resize-" in n for n in names) == 1 and sum("-edges-" in n for n in names) == 1
+        # ingest, then one array job per workload of the run: index, resize, edges (N_TO_N), tables
+        assert [sum(f"-{w}-" in n for n in names) for w in ("ingest", "index", "resize", "edges", "tables")] == [1, 1, 1, 1, 1] and len(names) == 5
+        # this process (the orchestrator) read records only: no manifest, index, image or table object
+        assert read_here and all(re.fullmatch(r"(_versions|_results)/.+\.json|packs/[^/]+/pack\.json", k) for k in read_here), sorted(set(read_here))[:10]
         assert sum(1 for _ in lake.list("resized/")) == sum(1 for _ in lake.list("edges/")) == 60
         assert len(inst.get_materialized_partitions(dg.AssetKey("image_tables"))) == 256
 

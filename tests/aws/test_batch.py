@@ -1,4 +1,5 @@
 import _thread
+import os
 import threading
 import time
 
@@ -8,7 +9,8 @@ import pytest
 from botocore.stub import ANY, Stubber
 
 from resources.compute import BATCH_RETRY, BatchArrayClient, WorkloadFailed
-from workloads.images import ImageParams, result_key
+from workloads.images import ImageParams
+from workloads.tasks import result_key
 from workloads.versions import HASH_PREFIXES
 
 
@@ -54,11 +56,11 @@ def test_request_shapes_pinned_with_stubber():
         c.submit(batch, "d", cmd, 10_001)
 
 
-def test_a_256_prefix_range_is_one_array_job_per_stage_then_nothing(indexed_lake, aws):
+def test_prefixes_with_work_are_one_array_job_per_stage_in_chunks_of_the_array_limit(indexed_lake, aws):
     lake, busy = indexed_lake
     params = ImageParams()
     ctx = dg.build_asset_context()
-    client().run_image_stages(ctx, lake.url, "run1", ["resize", "edges"], list(HASH_PREFIXES), params)
+    client().run_image_stages(ctx, lake.url, "run1", ["resize", "edges"], busy, params)
     jobs = parents()
     assert len(jobs) == 2  # one submit_job per stage
     resize, edges = sorted(jobs, key=lambda j: "-resize-" not in j.job_name)
@@ -67,17 +69,18 @@ def test_a_256_prefix_range_is_one_array_job_per_stage_then_nothing(indexed_lake
     assert edges.depends_on == [{"jobId": resize.job_id, "type": "N_TO_N"}]
     children = [r for r in aws.batch_runs if r["index"] is not None]
     assert len(children) == 2 * len(busy) and all(r["command"][1:3] == ["-m", "workloads.images"] for r in children)
-    # every prefix has its result record; busy ones processed their images on "Batch"
     import json
 
-    for p in HASH_PREFIXES:
+    for p in busy:  # every prefix has its result record; each processed its images on "Batch"
         rec = json.loads(lake.get(result_key("run1", "resize", p)))
-        assert rec["failed"] == [] and rec["processed"] == rec["images"]
+        assert rec["failed"] == [] and rec["processed"] == rec["images"] > 0
     assert sum(1 for _ in lake.list("resized/")) == sum(1 for _ in lake.list("edges/")) == 40
-    # a second run of the same range has nothing to do and submits nothing
-    client().run_image_stages(ctx, lake.url, "run2", ["resize", "edges"], list(HASH_PREFIXES), params)
-    assert len(parents()) == 2
-    assert json.loads(lake.get(result_key("run2", "edges", busy[0])))["skipped"] > 0
+    # past the array limit, prefixes go in chunks: one array job per chunk and stage
+    small = BatchArrayClient(job_queue=os.environ["CVGRAPH_BATCH_JOB_QUEUE"], job_definition=os.environ["CVGRAPH_BATCH_JOB_DEFINITION"], poll_seconds=0.2, max_array_size=len(busy) - 1)
+    small.run_image_stages(ctx, lake.url, "run2", ["resize"], busy, params)
+    chunks = sorted(len(j._child_jobs or [None]) for j in parents() if j.job_name.startswith("cvgraph-run2-"))
+    assert chunks == [1, len(busy) - 1]
+    assert json.loads(lake.get(result_key("run2", "resize", busy[0])))["skipped"] > 0  # done: from the hash index
 
 
 def test_failed_children_are_reported_with_prefix_reason_and_log_then_rerun_does_only_the_rest(indexed_lake, aws):
@@ -91,9 +94,10 @@ def test_failed_children_are_reported_with_prefix_reason_and_log_then_rerun_does
     msg = str(err.value)
     assert f"resize prefix {bad}: OutOfMemoryError: Container killed due to memory usage (exit 137, log stream cvgraph-worker/default/" in msg
     assert msg.startswith("1 batch children failed")
+    assert all(lake.exists(result_key("r1", "resize", p)) for p in busy if p != bad) and not lake.exists(result_key("r1", "resize", bad))
     aws.oom_prefixes = set()
     before = len(aws.batch_runs)
-    client().run_image_stages(dg.build_asset_context(), lake.url, "r2", ["resize"], busy, ImageParams())
+    client().run_image_stages(dg.build_asset_context(), lake.url, "r2", ["resize"], [bad], ImageParams())  # what the step re-runs
     rerun = aws.batch_runs[before:]
     assert len(rerun) == 1 and rerun[0]["index"] is None and f"--prefixes {bad}" in " ".join(rerun[0]["command"])
     assert json.loads(lake.get(result_key("r2", "resize", bad)))["processed"] > 0

@@ -9,7 +9,7 @@ from dagster_pyspark import LazyPySparkResource
 
 from cvgraph.demo_packs import sample_image
 from resources.spark import SparkTableWriter
-from resources.tables import PyArrowTableWriter
+from workloads.tables import write_prefix_tables
 from workloads.images import ImageParams, process_prefix
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
@@ -46,7 +46,7 @@ def test_spark_and_pyarrow_writers_agree(lake, put_pack, tmp_path):
     other = LocalLake(tmp_path / "copy")
     shutil.copytree(lake.root, other.root)
 
-    by_arrow = PyArrowTableWriter().write(lake, prefixes, params)
+    by_arrow = {p: write_prefix_tables(lake, p, params) for p in prefixes}
     spark = LazyPySparkResource(spark_config={"spark.master": "local[2]", "spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "4"})
     by_spark = SparkTableWriter(spark=spark).write(other, prefixes, params)
     assert by_spark == by_arrow

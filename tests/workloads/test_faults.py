@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from cvgraph.demo_packs import sample_image, zip_bytes
-from workloads.images import ImageParams, result_key
+from workloads.images import ImageParams
+from workloads.tasks import result_key
 from workloads.index import build_raw_index, committed_packs
 from workloads.ingest import ingest_pack, pack_keys
 from workloads.kernels import EdgeParams, ResizeParams

@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 
 from cvgraph.demo_packs import sample_image
-from workloads.images import ImageParams, hashes_key, output_key, process_prefix, result_key
+from workloads.images import ImageParams, hashes_key, output_key, process_prefix
+from workloads.tasks import result_key
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
 from workloads.kernels import EdgeParams, ResizeParams, decode, edges_png, reduction_factor, resize_bytes, resize_center_crop

@@ -1,0 +1,52 @@
+"""What every prefix workload CLI shares: its arguments, the prefix an AWS Batch array child
+takes, and the result record each prefix task writes last (its commit marker).
+
+    python -m workloads.<index|images|tables> --lake URL --run-id R [...] --prefixes 00,01,...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+
+
+def result_key(run_id: str, stage: str, prefix: str) -> str:
+    return f"_results/{run_id}/{stage}/{prefix}.json"
+
+
+def prefix_parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--lake", required=True)
+    ap.add_argument("--run-id", required=True)
+    ap.add_argument("--prefixes", required=True, help="comma-separated; an array child takes one by index")
+    return ap
+
+
+def selected_prefixes(args: argparse.Namespace) -> list[str]:
+    """The prefixes of ``--prefixes``; in an AWS Batch array child, the one its index names."""
+    prefixes = [p for p in args.prefixes.split(",") if p]
+    index = os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX")
+    return [prefixes[int(index)]] if index is not None else prefixes
+
+
+def open_task_lake(args: argparse.Namespace):
+    from workloads.lake import open_lake
+
+    return open_lake(args.lake, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def run_prefix_tasks(args: argparse.Namespace, stage: str, task: Callable[[object, str], dict]) -> int:
+    """``task(lake, prefix)`` for each selected prefix; its record (with the task's seconds and
+    lake requests) is written last and printed as one line, for the pool's progress."""
+    lake = open_task_lake(args)
+    for prefix in selected_prefixes(args):
+        before, t0 = dict(lake.counters), time.perf_counter()
+        record = {"prefix": prefix, "stage": stage, **task(lake, prefix)}
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        record["requests"] = lake.counters.since(before)
+        lake.put(result_key(args.run_id, stage, prefix), json.dumps(record, sort_keys=True).encode())
+        print(json.dumps({k: record[k] for k in ("stage", "prefix", "seconds") if k in record} | {k: record[k] for k in ("images", "changed") if k in record}), flush=True)
+    return 0

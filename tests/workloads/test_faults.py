@@ -177,3 +177,52 @@ def test_killed_ingest_commits_nothing_and_a_rerun_equals_a_clean_ingest(tmp_pat
     assert read(lake) == read(clean)
     assert visible(lake, "raw/") == visible(clean, "raw/")
     assert committed_packs(lake) == ["big", "early"]
+
+
+def worker_pids(lake: LocalLake) -> list[int]:
+    """Processes running ``workloads.images`` on ``lake`` (the pool's workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"workloads.images" in cmd and str(lake.root).encode() in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_pool_worker_aborted_mid_prefix_is_rerun_and_the_run_converges(tmp_path, big_pack):
+    """A worker that dies by a signal (here SIGABRT, as a native abort does) is run again by the
+    local pool, as Batch retries a reclaimed child; the run then succeeds with a clean run's bytes."""
+    import os
+
+    import dagster as dg
+
+    from resources.compute import LocalProcessPool
+
+    clean = ingested_lake(tmp_path / "clean", big_pack)
+    assert run_cli("workloads.images", *images_args(clean, "r1")).wait(300) == 0
+    lake = ingested_lake(tmp_path / "lake", big_pack)
+    resized_dir = f"resized/{PARAMS.resize_id}/{PREFIX}/"
+    aborted: list[int] = []
+
+    def abort_mid_prefix() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(visible(lake, resized_dir)) < 10:
+            time.sleep(0.002)
+        for pid in worker_pids(lake):
+            os.kill(pid, signal.SIGABRT)
+            aborted.append(pid)
+
+    import threading
+
+    killer = threading.Thread(target=abort_mid_prefix)
+    killer.start()
+    LocalProcessPool(max_workers=1, threads_per_worker=1).run_image_stages(dg.build_asset_context(), str(lake.root), "r1", ["resize", "edges"], [PREFIX], PARAMS)
+    killer.join()
+    assert len(aborted) == 1, "the abort did not land on the worker"
+    record = json.loads(lake.get(result_key("r1", "resize", PREFIX)))
+    assert record["images"] == N_IMAGES and record["failed"] == [] and 0 < record["processed"] < N_IMAGES  # the retry kept the finished outputs
+    assert record["data_version"] == json.loads(clean.get(result_key("r1", "resize", PREFIX)))["data_version"]
+    assert outputs(lake) == outputs(clean)

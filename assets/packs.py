@@ -6,10 +6,12 @@ import json
 import dagster as dg
 
 from partitions import packs
+from assets.versioning import request_metadata
 from resources.compute import PACK_UNREADABLE, ImageCompute
 from resources.storage import LakeResource
 from workloads.ingest import pack_keys
-from workloads.lake import read_parquet
+from workloads.lake import get_json, read_parquet
+from workloads.tasks import result_key
 
 PACK_KEY_TAG = "cvgraph/pack_key"
 
@@ -46,6 +48,7 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
         reason = reasons[0]["reason"] if reasons else "not a readable zip"
         raise dg.Failure(description=f"pack {pack_id} ({key}) is {reason}", metadata={"pack": pack_id, "key": key, "reason": reason})
     result = json.loads(store.get(pack_keys(pack_id)["record"]))
+    task = get_json(store, result_key(context.run.run_id, "ingest", pack_id), {})
     rejects = result["rejected"]
     for r in rejects:
         context.log.warning(f"pack {pack_id}: rejected {r['member']!r}: {r['reason']}")
@@ -64,6 +67,7 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
             "labels": dg.MetadataValue.md(_md_table([{"label": k, "images": v} for k, v in result["labels"].items()], ["label", "images"])),
             "manifest": pack_keys(pack_id)["manifest"],
             "prefixes_touched": len(result.get("prefixes", {})),
+            **request_metadata({}, [task]),
         },
         data_version=dg.DataVersion(result["zip_sha256"][:24]),
     )

@@ -10,6 +10,9 @@ the photos scikit-learn and scikit-image ship (nothing is downloaded):
 5. ``ingest_peak_rss_mb``     peak RSS of ``python -m workloads.ingest`` on a ≥ 2 GB pack
 6. ``freeze_1m_rows_s``       ``Datasets().freeze_dataset`` over a 1,000,000-row ``images`` table
 7. ``dataset_vs_direct``      FrozenSubsetDataset through a DataLoader vs a direct read+decode loop
+8. ``incremental_time_ratio``     summed step time of absorbing one 100-image pack, 30,000-image lake / 1,000-image lake
+9. ``incremental_requests_ratio`` lake requests of the same, large lake / small lake
+10. ``new_pack_latency_s``        zip put in incoming/ → its rows queryable, sensor + automation, before and after the cursor
 
 Results go to ``bench/results.json`` (``--out``): for each name, the measured numbers, the
 ``value``, the ``target`` and ``pass``. ``--quick`` is a small smoke version (same code
@@ -32,10 +35,11 @@ from pathlib import Path
 from bench.common import REPO, log, median, result, run_json, wait_for_quiet
 
 NAMES = ("kernel_vs_naive", "kernel_vs_decode_bound", "scaling_2_workers", "orchestrated_vs_bare",
-         "ingest_peak_rss_mb", "freeze_1m_rows_s", "dataset_vs_direct")
+         "ingest_peak_rss_mb", "freeze_1m_rows_s", "dataset_vs_direct", "incremental_time_ratio", "incremental_requests_ratio", "new_pack_latency_s")
 TARGETS = {"kernel_vs_naive": (2.2, ">="), "kernel_vs_decode_bound": (0.80, ">="), "scaling_2_workers": (1.9, ">="),
            "orchestrated_vs_bare": (1.15, "<="), "ingest_peak_rss_mb": (300.0, "<"), "freeze_1m_rows_s": (2.0, "<"),
-           "dataset_vs_direct": (0.9, ">=")}
+           "dataset_vs_direct": (0.9, ">="), "incremental_time_ratio": (1.25, "<="), "incremental_requests_ratio": (1.1, "<="),
+           "new_pack_latency_s": (20.0, "<=")}
 
 FULL = {
     "big_jpegs": 8, "big_pngs": 2, "big_size": (3000, 2000), "kernel_size": 224, "kernel_rounds": 5,
@@ -43,6 +47,7 @@ FULL = {
     "pipeline_images": 5000, "pipeline_trials": 3, "pipeline_range": ("00", "ff"),
     "ingest_bytes": 2 * 1024**3, "ingest_pool_env": True,
     "freeze_rows": 1_000_000, "freeze_probe_rows": 50_000, "dataset_rounds": 5,
+    "incremental_lakes": (1_000, 30_000),
 }
 QUICK = {
     "big_jpegs": 2, "big_pngs": 1, "big_size": (1200, 800), "kernel_size": 224, "kernel_rounds": 1,
@@ -50,6 +55,7 @@ QUICK = {
     "pipeline_images": 200, "pipeline_trials": 1, "pipeline_range": ("00", "1f"),
     "ingest_bytes": 40 * 1024**2, "ingest_pool_env": False,
     "freeze_rows": 5_000, "freeze_probe_rows": 2_000, "dataset_rounds": 1,
+    "incremental_lakes": (500, 1_500),
 }
 
 
@@ -195,6 +201,22 @@ def bench_dataset(cfg: dict, home: str) -> dict:
     return _res("dataset_vs_direct", r["ratio"], "x (img/s per core, DataLoader(FrozenSubsetDataset) / direct loop)", **r)
 
 
+# -- 8, 9, 10: a new pack into a small and a large lake -----------------------------------------
+
+
+def bench_incremental(cfg: dict, work: Path) -> tuple[dict, dict, dict]:
+    from bench import incremental
+
+    small, large = cfg["incremental_lakes"]
+    cache = Path(os.environ.get("CVGRAPH_BENCH_CACHE", Path(tempfile.gettempdir()) / "cvgraph-lake-cache"))
+    r = incremental.bench(work / "incremental", small, large, cache)
+    common = {"lakes": r["lakes"], "new_pack_images": r["new_pack_images"], "cache": str(cache)}
+    return (_res("incremental_time_ratio", r["incremental_time_ratio"], f"x (summed step time, {large:,}-image lake / {small:,}-image lake)", **common),
+            _res("incremental_requests_ratio", r["incremental_requests_ratio"], "x (lake requests, large lake / small lake)",
+                 requests_per_new_image=r["requests_per_new_image"], **common),
+            _res("new_pack_latency_s", r["new_pack_latency_s"], "s (zip put → rows queryable, worst of 4: two lakes, name after/before the cursor)", **common))
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -250,6 +272,12 @@ def details(results: dict) -> str:
             out.extend(f"    {r['s']:>8.3f} s  {r['calls']:>8} calls  {r['function']}" for r in prof["hottest_by_own_time_s"][:6])
     if (k := g("dataset_vs_direct")) and not k.get("error"):
         out.append(f"dataset: {k['images']} images, DataLoader {k['dataset_img_per_cpu_s']} img/s vs direct {k['direct_img_per_cpu_s']} img/s")
+    if (k := g("incremental_requests_ratio")) and not k.get("error"):
+        for label, lake in k["lakes"].items():
+            a, b = lake["after_cursor"], lake["before_cursor"]
+            out.append(f"incremental, {label} lake ({lake['images']:,} images): steps {a['step_s']} s {a['steps']}, {a['lake_requests']} requests "
+                       f"({a['lake_bytes_read']:,} B read, {a['lake_bytes_written']:,} B written); latency {a['latency_s']} s (name after the cursor), {b['latency_s']} s (before)")
+        out.append(f"requests per new image (large lake): {k['requests_per_new_image']}")
     return "\n".join(out)
 
 
@@ -264,7 +292,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="cvgraph benchmarks (ratios measured in one run)")
     ap.add_argument("--quick", action="store_true", help="small smoke version (numbers not meaningful)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results.json"))
-    ap.add_argument("--only", default="", help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset")
+    ap.add_argument("--only", default="", help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
@@ -312,6 +340,8 @@ def main(argv=None) -> int:
             attempt(("ingest_peak_rss_mb",), lambda: bench_ingest(cfg, work))
         if want("freeze"):
             attempt(("freeze_1m_rows_s",), lambda: bench_freeze(cfg, work))
+        if want("incremental"):
+            attempt(("incremental_time_ratio", "incremental_requests_ratio", "new_pack_latency_s"), lambda: bench_incremental(cfg, work))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from resources.catalog import AthenaCatalog, DuckDBCatalog
 from resources.compute import BatchArrayClient, ImageCompute, LocalProcessPool
-from resources.events import PackEvents
+from resources.events import IncomingListing, PackEvents
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from resources.tables import PyArrowTableWriter, TableWriter
@@ -113,6 +113,8 @@ def aws_resources() -> dict:
         ),
         "tracking": _tracking(home()),
         "image_settings": image_settings(),
+        # SQS notifications are the primary path on AWS; the full listing is the safety net.
+        "incoming_listing": IncomingListing(relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))),
     }
     if os.environ.get("CVGRAPH_SQS_QUEUE_URL"):
         resources["pack_events"] = PackEvents(queue_url=os.environ["CVGRAPH_SQS_QUEUE_URL"])
@@ -158,4 +160,6 @@ def resources_for(name: str | None = None) -> dict:
         "tracking": _tracking(h),
         "image_settings": image_settings(),
         "table_writer": table_writer(compute),
+        # A scan of a local directory is cheap: every tick, so a new zip never waits for a relist.
+        "incoming_listing": IncomingListing(relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "0"))),
     }

@@ -2,8 +2,6 @@
 
 
 import json
-import os
-import re
 import time
 
 import dagster as dg
@@ -11,13 +9,10 @@ import dagster as dg
 from assets.keys import safe_key
 from assets.packs import PACK_KEY_TAG, raw_packs
 from partitions import packs
-from resources.events import PackEvents
+from resources.events import IncomingListing, PackEvents
 from resources.storage import LakeResource
 
 INCOMING = "incoming/"
-# Listing after the last key seen misses keys that sort before it (S3 lists in key order),
-# so every RELIST_SECONDS the sensor lists incoming/ in full as a safety net.
-RELIST_SECONDS = float(os.environ.get("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))
 
 
 def pack_id_for(key: str) -> str:
@@ -62,12 +57,13 @@ def parse_cursor(raw: str | None) -> dict:
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
     asset_selection=[raw_packs],
-    description="Lists incoming/ after the last key seen; each new .zip becomes a packs partition and an ingest run.",
+    description="Lists incoming/ (in full every relist period, else after the last key seen); each new .zip becomes a packs partition and an ingest run.",
 )
-def incoming_packs_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult:
+def incoming_packs_sensor(context: dg.SensorEvaluationContext, lake: LakeResource, incoming_listing: IncomingListing) -> dg.SensorResult:
     cursor = parse_cursor(context.cursor)
     now = time.time()
-    full = now - cursor["full_listing_at"] >= RELIST_SECONDS
+    # Listing after the last key seen misses keys that sort before it (S3 lists in key order).
+    full = now - cursor["full_listing_at"] >= incoming_listing.relist_seconds
     found, last = new_packs(lake.lake(), context.instance, None if full else cursor["after"])
     if full:
         cursor["full_listing_at"] = now

@@ -25,8 +25,8 @@ class WorkloadFailed(Exception):
 PACK_UNREADABLE = 3  # workloads.ingest's exit code for "not a readable zip"
 
 
-def ingest_command(lake_url: str, pack_id: str, key: str) -> list[str]:
-    return ["python", "-m", "workloads.ingest", "--lake", lake_url, "--pack-id", pack_id, "--key", key]
+def ingest_command(lake_url: str, pack_id: str, key: str, run_id: str | None = None) -> list[str]:
+    return ["python", "-m", "workloads.ingest", "--lake", lake_url, "--pack-id", pack_id, "--key", key, *(["--run-id", run_id] if run_id else [])]
 
 
 def prefix_command(module: str, lake_url: str, run_id: str, prefixes: list[str], args: list[str]) -> list[str]:
@@ -161,7 +161,7 @@ class LocalProcessPool(ImageCompute):
         self._run_sharded(context, name, command, prefixes, 1)
 
     def run_ingest(self, context, lake_url, pack_id, key):
-        cmd = [sys.executable, *ingest_command(lake_url, pack_id, key)[1:]]
+        cmd = [sys.executable, *ingest_command(lake_url, pack_id, key, context.run.run_id)[1:]]
         [(code, err)] = self._run_all(context, [cmd], context.log.debug)
         if code not in (0, PACK_UNREADABLE):
             raise WorkloadFailed(f"ingest of pack {pack_id} ({key}) exited {code}:\n{err}")
@@ -320,7 +320,7 @@ class BatchArrayClient(ImageCompute):
 
     def run_ingest(self, context, lake_url, pack_id, key):
         try:
-            self.run_jobs(context, self._batch(), [("ingest", ingest_command(lake_url, pack_id, key), [pack_id])], context.run.run_id)
+            self.run_jobs(context, self._batch(), [("ingest", ingest_command(lake_url, pack_id, key, context.run.run_id), [pack_id])], context.run.run_id)
         except WorkloadFailed as e:
             if f"(exit {PACK_UNREADABLE}," in str(e):
                 return PACK_UNREADABLE

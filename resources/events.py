@@ -56,3 +56,12 @@ class PackEvents(dg.ConfigurableResource):
         for i in range(0, len(receipts), 10):
             entries = [{"Id": str(n), "ReceiptHandle": r} for n, r in enumerate(receipts[i : i + 10])]
             sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)
+
+
+class IncomingListing(dg.ConfigurableResource):
+    """How the listing sensor finds new zips under ``incoming/``. Each tick it lists after the
+    last key it saw, and in full every ``relist_seconds``, because a listing after a key cannot see
+    keys that sort before it. 0 lists in full every tick: a directory scan on the local lake, and
+    on S3 one request per 1,000 zips (where SQS notifications are the primary path)."""
+
+    relist_seconds: float = 0.0

@@ -528,14 +528,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lake", required=True)
     ap.add_argument("--pack-id", required=True)
     ap.add_argument("--key", required=True)
+    ap.add_argument("--run-id", help="write the task's result record (requests, seconds) under _results/<run-id>/ingest/")
     args = ap.parse_args(argv)
     lake = open_lake(args.lake, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    t0 = time.perf_counter()
     try:
         result = ingest_pack(lake, args.pack_id, args.key, IngestLimits.from_env())
     except PackUnreadable as e:
         print(json.dumps({"pack_id": args.pack_id, "error": str(e)}))
         print(str(e), file=sys.stderr)
         return 3
+    if args.run_id:
+        from workloads.tasks import result_key  # noqa: PLC0415
+
+        record = {"pack_id": args.pack_id, "seconds": round(time.perf_counter() - t0, 3), "requests": lake.counters.since({})}
+        lake.put(result_key(args.run_id, "ingest", args.pack_id), json.dumps(record, sort_keys=True).encode())
     print(json.dumps(result.to_json(), sort_keys=True))
     return 0
 

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# cvgraph image worker: runs `python -m workloads.images ...` (and `python -m workloads.ingest ...`)
-# as one AWS Batch array child per hash prefix.
+# cvgraph worker: runs the prefix workloads `python -m workloads.index|images|tables ...` as one AWS
+# Batch array child per hash prefix, and `python -m workloads.ingest ...` for a pack.
 #
 # Build from the repository root (the context must contain workloads/), for linux/amd64 (the job
 # definition's RuntimePlatform):
@@ -22,8 +22,8 @@ ENV MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 PYTHONUNBUF
     PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONPATH=/opt/cvgraph
 
-# Only what the worker's modules import (workloads.images/ingest/index/tables/kernels/lake/
-# s3lake/versions), at the versions of requirements.lock: the lock the test suite's venv is
+# Only what the worker's modules import (workloads.images/ingest/index/tables/tasks/kernels/
+# lake/s3lake/versions), at the versions of requirements.lock: the lock the test suite's venv is
 # installed from, used as constraints (it pins their dependencies too). Not `pip install .`:
 # the project's dependencies are the orchestrator's (dagster, mlflow, torch, ...), ~3 GB the
 # worker never imports. tests/deploy/test_deploy.py checks this list against the imports and the lock.

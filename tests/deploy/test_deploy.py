@@ -365,7 +365,7 @@ def test_worker_image_installs_what_the_batch_workloads_import_from_the_lock(loc
     constraints, names = constraints_and_names(install)
     assert constraints == [lock_path_in_image(instructions)]
     assert set(names) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "boto3"}
-    needed = third_party_imports("workloads.images") | third_party_imports("workloads.ingest")
+    needed = set().union(*(third_party_imports(f"workloads.{m}") for m in ("images", "ingest", "index", "tables")))
     assert {DISTRIBUTION.get(m, m) for m in needed} <= set(names), needed
     check_against_lock(names, lock)
 

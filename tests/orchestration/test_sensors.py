@@ -3,6 +3,7 @@ import json
 import dagster as dg
 
 from orchestration.sensors import incoming_packs_sensor, pack_id_for
+from resources.events import IncomingListing
 from resources.storage import LakeResource
 
 
@@ -23,7 +24,7 @@ def tick(instance, resources, cursor=None):
 
 
 def test_sensor_requests_new_zips_once_with_a_key_cursor_and_a_full_relist_safety_net(lake):
-    resources = {"lake": LakeResource(url=str(lake.root))}
+    resources = {"lake": LakeResource(url=str(lake.root)), "incoming_listing": IncomingListing(relist_seconds=300)}
     lake.put("incoming/a.zip", b"a")
     lake.put("incoming/readme.txt", b"x")
     lake.put("incoming/b.zip", b"b")
@@ -46,3 +47,17 @@ def test_sensor_requests_new_zips_once_with_a_key_cursor_and_a_full_relist_safet
         full = tick(instance, resources, stale)
         assert [r.partition_key for r in full.run_requests] == ["c"]
         assert json.loads(full.cursor)["after"] == "incoming/z.zip"
+
+
+def test_with_the_local_profiles_relist_a_zip_that_sorts_before_the_cursor_is_seen_on_the_next_tick(lake):
+    from orchestration.profiles import resources_for
+
+    assert resources_for("local")["incoming_listing"].relist_seconds == 0
+    resources = {"lake": LakeResource(url=str(lake.root)), "incoming_listing": IncomingListing(relist_seconds=0)}
+    lake.put("incoming/textures.zip", b"t")
+    with dg.instance_for_test() as instance:
+        first = tick(instance, resources)
+        instance.add_dynamic_partitions("packs", ["textures"])
+        lake.put("incoming/faces-extra.zip", b"f")  # before the cursor (incoming/textures.zip)
+        second = tick(instance, resources, first.cursor)
+        assert [r.partition_key for r in second.run_requests] == ["faces-extra"]

@@ -136,6 +136,6 @@ def test_a_prefix_with_nothing_pending_is_one_listing_and_one_small_read(tmp_pat
     lake.counters.clear()
     again = build_raw_index(lake, [sorted(touched)[0], untouched])
     assert [again[p]["packs_merged"] for p in sorted(again)] == [[], []]
-    assert again[sorted(touched)[0]] == {**first[sorted(touched)[0]], "packs_merged": []}
+    assert again[sorted(touched)[0]] == {**first[sorted(touched)[0]], "packs_merged": [], "changed": 0}
     # per prefix: one listing of its pending markers, one read of its state (absent for the untouched)
     assert dict(lake.counters) == {"list": 2, "get": 2, "bytes_read": len(lake.get("index/raw/" + sorted(touched)[0] + ".json"))}

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from workloads.images import raw_index_key
 from workloads.lake import open_lake, parquet_table, write_parquet
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -392,9 +393,6 @@ def _claimed_elsewhere(lake, pack_id: str, shas: set[str]) -> set[str]:
     """Those of ``shas`` that a committed pack other than ``pack_id`` lists: per prefix of them,
     its index (packs merged) and its pending committed packs (not merged yet). Reads what those
     prefixes hold, never every pack's manifest."""
-    # Here, not at the top: workloads.images imports OpenCV, 40 MB of the ingest's resident memory.
-    from workloads.images import raw_index_key  # noqa: PLC0415
-
     claimed: set[str] = set()
     by_prefix: dict[str, set[str]] = {}
     for sha in shas:

@@ -50,6 +50,17 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         names = parent_jobs()
         # ingest, then one array job per workload of the run: index, resize, edges (N_TO_N), tables
         assert [sum(f"-{w}-" in n for n in names) for w in ("ingest", "index", "resize", "edges", "tables")] == [1, 1, 1, 1, 1] and len(names) == 5
+        # S3 requests per new image, as the steps count them (orchestrator and Batch children)
+        requests = 0
+        for run_id in [r.run_id for r in inst.get_runs()]:
+            seen = set()
+            for rec in inst.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records:
+                mat = rec.event_log_entry.asset_materialization
+                if "lake_requests" in mat.metadata and mat.asset_key not in seen:  # a ranged result is repeated per partition
+                    seen.add(mat.asset_key)
+                    requests += mat.metadata["lake_requests"].value
+        print(f"S3 requests for a 60-image pack into an empty lake: {requests} ({requests / 60:.1f} per new image)")
+        assert 60 * 4 < requests < 60 * 150  # at least the per-image puts; the rest is per prefix
         # this process (the orchestrator) read records only: no manifest, index, image or table object
         assert read_here and all(re.fullmatch(r"(_versions|_results)/.+\.json|packs/[^/]+/pack\.json", k) for k in read_here), sorted(set(read_here))[:10]
         assert sum(1 for _ in lake.list("resized/")) == sum(1 for _ in lake.list("edges/")) == 60

@@ -139,3 +139,46 @@ def test_a_prefix_with_nothing_pending_is_one_listing_and_one_small_read(tmp_pat
     assert again[sorted(touched)[0]] == {**first[sorted(touched)[0]], "packs_merged": [], "changed": 0}
     # per prefix: one listing of its pending markers, one read of its state (absent for the untouched)
     assert dict(lake.counters) == {"list": 2, "get": 2, "bytes_read": len(lake.get("index/raw/" + sorted(touched)[0] + ".json"))}
+
+
+class Killed(Exception):
+    pass
+
+
+def killing_put(lake, key_part: str):
+    """``lake.put`` that dies (as a killed task would) when it writes a key containing ``key_part``."""
+    put = lake.put
+
+    def dying(key, data):
+        if key_part in key:
+            raise Killed(key)
+        put(key, data)
+
+    return dying
+
+
+@pytest.mark.parametrize("dies_at", ["index/raw/", "_pending/image_tables/", "index/tables/"])
+def test_a_killed_index_or_table_task_rerun_converges(tmp_path, reference, dies_at, monkeypatch):
+    all_packs, (ref, _, ref_tables) = reference
+    lake = LocalLake(tmp_path / "lake")
+    for pack_id in sorted(all_packs):
+        lake.put(f"incoming/{pack_id}.zip", zip_bytes(all_packs[pack_id]))
+        ingest_pack(lake, pack_id, f"incoming/{pack_id}.zip")
+    with monkeypatch.context() as m:
+        m.setattr(lake, "put", killing_put(lake, dies_at))
+        with pytest.raises(Killed):
+            stats = build_raw_index(lake, list(HASH_PREFIXES))
+            for p in [p for p, s in stats.items() if s["images"]]:
+                process_prefix(lake, p, ["resize", "edges"], PARAMS, "k")
+            for p in HASH_PREFIXES:
+                write_prefix_tables(lake, p, PARAMS)
+    stats = build_raw_index(lake, list(HASH_PREFIXES))  # the re-run
+    for p in [p for p, s in stats.items() if s["images"]]:
+        process_prefix(lake, p, ["resize", "edges"], PARAMS, "r")
+    tables = {p: write_prefix_tables(lake, p, PARAMS) for p in HASH_PREFIXES}
+    assert tables == ref_tables
+    for p in HASH_PREFIXES:
+        assert lake.exists(raw_index_key(p)) == ref.exists(raw_index_key(p)) and (not ref.exists(raw_index_key(p)) or lake.get(raw_index_key(p)) == ref.get(raw_index_key(p))), p
+    for name in ("images", "objects"):
+        assert table_rows(lake, name) == table_rows(ref, name)
+    assert not lake.keys(PENDING_RAW) and not lake.keys(PENDING_TABLES)

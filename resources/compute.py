@@ -114,6 +114,8 @@ class LocalProcessPool(ImageCompute):
         lines they print. A process that dies by a signal (OOM killer, a native abort) is run again
         on its prefixes, up to ``max_attempts``: its finished prefixes are skipped as done, the rest
         redone, so the run converges as a Batch retry does. An exit with an error code fails."""
+        if not prefixes:  # nothing to do: no process to start
+            return
         done = {"n": 0}
         total = len(prefixes) * per_prefix
         lock = threading.Lock()

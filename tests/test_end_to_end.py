@@ -16,6 +16,7 @@ from cvgraph.cli import main as cli
 from cvgraph.demo import DIGITS_MODEL, DIGITS_SUBSET
 from cvgraph.demo_packs import sample_image, zip_bytes
 from workloads.versions import HASH_PREFIXES, sha256_hex, table_hash
+from workloads.lake import parquet_table
 
 PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
 LAKE_AREAS = ("raw/", "index/", "resized/", "edges/", "tables/", "packs/", "subsets/", "models/", "exports/", "_versions/")
@@ -115,7 +116,7 @@ def test_subset_is_zero_copy_immutable_and_verified(demo):
 
     ds, _, _ = demo
     rec = ds.subset(DIGITS_SUBSET)
-    manifest = pq.read_table(io.BytesIO(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")))
+    manifest = parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))
     assert rec["rows"] == manifest.num_rows == 1797
     assert rec["manifest_sha256"] == sha256_hex(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")) and rec["manifest_hash_of"] == "object"
     assert rec["packs"] == ["digits"]
@@ -144,7 +145,7 @@ def test_frozen_subset_dataset_through_a_dataloader(demo):
     assert original[0][0].shape == (3, 96, 96)
     # a frozen subset whose manifest was changed refuses to load
     ds.freeze_dataset("tamper_v1", "SELECT * FROM images WHERE label = '7'")
-    table = pq.read_table(io.BytesIO(ds.lake.get("subsets/tamper_v1/manifest.parquet")))
+    table = parquet_table(ds.lake.get("subsets/tamper_v1/manifest.parquet"))
     buf = io.BytesIO()
     pq.write_table(table.slice(1), buf)
     ds.lake.put("subsets/tamper_v1/manifest.parquet", buf.getvalue())
@@ -152,7 +153,7 @@ def test_frozen_subset_dataset_through_a_dataloader(demo):
         FrozenSubsetDataset("tamper_v1")
     # the same rows re-encoded are a different object: refused too (a manifest is frozen as bytes)
     ds.freeze_dataset("reencoded", "SELECT * FROM images WHERE label = '5'")
-    rows = pq.read_table(io.BytesIO(ds.lake.get("subsets/reencoded/manifest.parquet")))
+    rows = parquet_table(ds.lake.get("subsets/reencoded/manifest.parquet"))
     buf = io.BytesIO()
     pq.write_table(rows, buf, compression="zstd")
     ds.lake.put("subsets/reencoded/manifest.parquet", buf.getvalue())
@@ -212,7 +213,7 @@ def test_model_accuracy_mlflow_and_export_parity(demo):
     assert set(exports["formats"]) == {"torchscript", "onnx", "onnx_int8"}
     assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
     # independent check: the ONNX file and the TorchScript file agree on real test images
-    test = [r for r in pq.read_table(io.BytesIO(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))).to_pylist() if r["split"] == "test"][:32]
+    test = [r for r in parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")).to_pylist() if r["split"] == "test"][:32]
     x = np.stack([cv2.resize(cv2.imdecode(np.frombuffer(ds.lake.get(r["resized_key"]), np.uint8), cv2.IMREAD_GRAYSCALE), (32, 32), interpolation=cv2.INTER_AREA)[None] for r in test]).astype(np.float32) / 255
     sess = ort.InferenceSession(ds.lake.uri(f"exports/{DIGITS_MODEL}/onnx/model.onnx"))
     onnx_logits = sess.run(None, {"image": x})[0]
@@ -231,7 +232,7 @@ def test_lineage_cli(demo):
     assert tree["export"]["formats"]["onnx"]["key"] == f"exports/{DIGITS_MODEL}/onnx/model.onnx"
     assert tree["model"]["key"] == DIGITS_MODEL and tree["model"]["dagster"]["run_id"]
     assert tree["subset"]["sql"].startswith("SELECT * FROM images WHERE pack_id = 'digits'")
-    manifest = pq.read_table(io.BytesIO(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")))
+    manifest = parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))
     assert set(tree["prefixes"]) == set(manifest["prefix"].to_pylist())
     assert all(set(v) == set(PREFIX_ASSETS) for v in tree["prefixes"].values())
     assert [p["pack_id"] for p in tree["packs"]] == ["digits"]
@@ -271,6 +272,6 @@ def test_freeze_keys_and_columns_cannot_point_outside_the_lake(demo):
             ds.freeze_dataset(bad, "SELECT * FROM images")
     # key columns come from `images`, whatever the query says; a trailing comment is fine
     rec = ds.freeze_dataset("sneaky_v1", "SELECT sha256, '/etc/passwd' AS resized_key, label FROM images WHERE label = '4' -- fours")
-    manifest = pq.read_table(io.BytesIO(ds.lake.get("subsets/sneaky_v1/manifest.parquet")))
+    manifest = parquet_table(ds.lake.get("subsets/sneaky_v1/manifest.parquet"))
     assert rec["rows"] == 181 == manifest.num_rows
     assert all(k.startswith("resized/") for k in manifest["resized_key"].to_pylist())

@@ -7,12 +7,10 @@ import re
 
 import boto3
 import dagster as dg
-import pyarrow.parquet as pq
+from workloads.lake import parquet_table
 
 
 def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
-    import io
-
     from moto.batch.models import batch_backends
 
     from orchestration import runs
@@ -91,4 +89,4 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         assert [(c.check_name, c.passed) for c in checks] == [("parity", True)]
         exports = json.loads(lake.get("exports/zo-cnn/exports.json"))
         assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
-        assert pq.read_table(io.BytesIO(lake.get("subsets/zeros_and_ones/manifest.parquet"))).num_rows == 60
+        assert parquet_table(lake.get("subsets/zeros_and_ones/manifest.parquet")).num_rows == 60

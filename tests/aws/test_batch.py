@@ -11,7 +11,6 @@ from botocore.stub import ANY, Stubber
 from resources.compute import BATCH_RETRY, BatchArrayClient, WorkloadFailed
 from workloads.images import ImageParams
 from workloads.tasks import result_key
-from workloads.versions import HASH_PREFIXES
 
 
 def client(aws_env=None) -> BatchArrayClient:

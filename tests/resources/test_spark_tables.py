@@ -1,9 +1,7 @@
 """The Spark writer (dagster-pyspark) and the pyarrow writer produce the same rows and versions."""
 
-import io
 import shutil
 
-import pyarrow.parquet as pq
 import pytest
 from dagster_pyspark import LazyPySparkResource
 
@@ -13,7 +11,7 @@ from workloads.tables import write_prefix_tables
 from workloads.images import ImageParams, process_prefix
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
-from workloads.lake import LocalLake
+from workloads.lake import LocalLake, parquet_table
 from workloads.versions import HASH_PREFIXES
 
 pytest.importorskip("pyspark")
@@ -21,7 +19,7 @@ pytest.importorskip("pyspark")
 
 def rows(lake, table, prefix):
     key = f"tables/{table}/prefix={prefix}/part-0.parquet"
-    return pq.read_table(io.BytesIO(lake.get(key))).to_pylist() if lake.exists(key) else []
+    return parquet_table(lake.get(key)).to_pylist() if lake.exists(key) else []
 
 
 def test_spark_and_pyarrow_writers_agree(lake, put_pack, tmp_path):

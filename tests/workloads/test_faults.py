@@ -14,7 +14,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -24,7 +23,7 @@ from workloads.tasks import result_key
 from workloads.index import build_raw_index, committed_packs
 from workloads.ingest import ingest_pack, pack_keys
 from workloads.kernels import EdgeParams, ResizeParams
-from workloads.lake import LocalLake
+from workloads.lake import LocalLake, parquet_table
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "c5"  # every generated image is ground to this sha256 prefix: one prefix, much work
@@ -173,7 +172,7 @@ def test_killed_ingest_commits_nothing_and_a_rerun_equals_a_clean_ingest(tmp_pat
     assert proc.returncode == 0, err.decode()
     result = json.loads(out.decode().splitlines()[-1])
     assert {k: v for k, v in result.items() if k != "seconds"} == {k: v for k, v in clean_result.items() if k != "seconds"}
-    read = lambda lk: pq.read_table(io.BytesIO(lk.get(pack_keys("big")["manifest"]))).to_pylist()  # noqa: E731
+    read = lambda lk: parquet_table(lk.get(pack_keys("big")["manifest"])).to_pylist()  # noqa: E731
     assert read(lake) == read(clean)
     assert visible(lake, "raw/") == visible(clean, "raw/")
     assert committed_packs(lake) == ["big", "early"]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -21,6 +20,7 @@ from cvgraph.demo_packs import sample_image, zip_bytes
 from workloads.index import build_raw_index, committed_packs
 from workloads.ingest import IngestLimits, PackUnreadable, ingest_pack, main, pack_keys
 from workloads.kernels import decode
+from workloads.lake import parquet_table
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -106,11 +106,11 @@ def ingest(lake, name: str, data: bytes, limits=None):
 
 
 def manifest(lake, pack_id) -> dict[str, dict]:
-    return {r["member"]: r for r in pq.read_table(io.BytesIO(lake.get(pack_keys(pack_id)["manifest"]))).to_pylist()}
+    return {r["member"]: r for r in parquet_table(lake.get(pack_keys(pack_id)["manifest"])).to_pylist()}
 
 
 def rejects(lake, pack_id) -> dict[str, str]:
-    rows = pq.read_table(io.BytesIO(lake.get(pack_keys(pack_id)["rejects"]))).to_pylist()
+    rows = parquet_table(lake.get(pack_keys(pack_id)["rejects"])).to_pylist()
     return {r["member"]: r["reason"] for r in rows}
 
 
@@ -370,7 +370,7 @@ def test_duplicates_across_packs_under_other_names_point_to_one_object(lake):
     assert statuses == {"cats/tom.png": "new", "cats/again.png": "duplicate", "felines/renamed.png": "duplicate", "felines/other.png": "new"}
     assert [o.key for o in lake.list("raw/")] == sorted(f"raw/{sha(b)[:2]}/{sha(b)}.png" for b in (same, other))
     build_raw_index(lake, [sha(same)[:2]])
-    row = next(r for r in pq.read_table(io.BytesIO(lake.get(f"index/raw/{sha(same)[:2]}.parquet"))).to_pylist() if r["sha256"] == sha(same))
+    row = next(r for r in parquet_table(lake.get(f"index/raw/{sha(same)[:2]}.parquet")).to_pylist() if r["sha256"] == sha(same))
     assert row["packs"] == ["first", "second"]
     assert row["members"] == ["first/cats/again.png", "first/cats/tom.png", "second/felines/renamed.png"]
 

@@ -8,7 +8,6 @@ import random
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from cvgraph.demo_packs import zip_bytes
@@ -16,7 +15,7 @@ from workloads.images import ImageParams, process_prefix, raw_index_key
 from workloads.index import PENDING_TABLES, build_raw_index, rebuild_raw_index
 from workloads.ingest import PENDING_RAW, ingest_pack
 from workloads.kernels import EdgeParams, ResizeParams
-from workloads.lake import LocalLake
+from workloads.lake import LocalLake, parquet_table
 from workloads.tables import table_key, write_prefix_tables
 from workloads.versions import HASH_PREFIXES
 
@@ -57,7 +56,7 @@ def packs() -> dict[str, dict[str, bytes]]:
 
 
 def table_rows(lake, name: str) -> dict[str, list[dict]]:
-    return {p: pq.read_table(io.BytesIO(lake.get(table_key(name, p)))).to_pylist() for p in HASH_PREFIXES if lake.exists(table_key(name, p))}
+    return {p: parquet_table(lake.get(table_key(name, p))).to_pylist() for p in HASH_PREFIXES if lake.exists(table_key(name, p))}
 
 
 def scratch(tmp_path, all_packs) -> tuple[LocalLake, dict, dict]:
@@ -113,7 +112,7 @@ def test_incremental_index_and_tables_equal_a_rebuild_in_any_order(tmp_path, ref
         assert lake.exists(raw_index_key(p)) == ref.exists(raw_index_key(p)), p
         if ref.exists(raw_index_key(p)):
             assert lake.get(raw_index_key(p)) == ref.get(raw_index_key(p)), p
-            assert pq.read_table(io.BytesIO(ref.get(raw_index_key(p)))).equals(rebuilt[p]), p
+            assert parquet_table(ref.get(raw_index_key(p))).equals(rebuilt[p]), p
     summary = lambda stats: {p: {k: s[k] for k in ("images", "bytes", "labels", "data_version")} for p, s in stats.items()}  # noqa: E731
     assert summary(index) == summary(ref_index)
     assert tables == ref_tables

@@ -3,12 +3,12 @@ import io
 import json
 import zipfile
 
-import pyarrow.parquet as pq
 import pytest
 
 from cvgraph.demo_packs import sample_image as photo
 from cvgraph.demo_packs import zip_bytes
 from workloads.ingest import IngestLimits, PackUnreadable, ingest_pack, pack_keys
+from workloads.lake import parquet_table
 
 
 def sha(b: bytes) -> str:
@@ -16,11 +16,11 @@ def sha(b: bytes) -> str:
 
 
 def manifest(lake, pack_id):
-    return pq.read_table(io.BytesIO(lake.get(pack_keys(pack_id)["manifest"]))).to_pylist()
+    return parquet_table(lake.get(pack_keys(pack_id)["manifest"])).to_pylist()
 
 
 def rejects(lake, pack_id):
-    return {r["member"]: r["reason"] for r in pq.read_table(io.BytesIO(lake.get(pack_keys(pack_id)["rejects"]))).to_pylist()}
+    return {r["member"]: r["reason"] for r in parquet_table(lake.get(pack_keys(pack_id)["rejects"])).to_pylist()}
 
 
 def test_folder_labels_content_addressing_and_manifest(lake, put_pack):

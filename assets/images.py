@@ -14,13 +14,13 @@ import dagster as dg
 from assets.packs import raw_packs
 from assets.versioning import prefix_records, read_records, record_prefixes, request_metadata, write_prefix_records
 from partitions import hash_prefixes
-from resources.compute import ImageCompute, WorkloadFailed, index_command
+from resources.compute import ImageCompute, WorkloadFailed, index_command, merge_shards_command
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.images import empty_stage_record
 from workloads.index import empty_index_stats
 from workloads.ingest import PENDING_RAW
-from workloads.tasks import result_key
+from workloads.tasks import parse_task, result_key, shard_tasks
 
 # Eager, except that one unreadable (failed) pack must not hold every prefix back.
 prefix_automation = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
@@ -88,6 +88,13 @@ def stage_work(prior: dict | None, raw: dict | None, params_id: str) -> bool:
     return prior.get("inputs") != {"raw_images": (raw or {}).get("data_version")} or prior["params_id"] != params_id or bool(prior["failed"])
 
 
+def pending_count(prior: dict | None, raw: dict | None, params_id: str) -> int:
+    """Images of a prefix a stage has still to make, from its records (the stage's own count
+    leaves out images that failed)."""
+    images = (raw or {}).get("images", 0)
+    return images if prior is None or prior["params_id"] != params_id else max(0, images - prior["images"])
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(RESIZED, deps=[raw_images], partitions_def=hash_prefixes, code_version="3", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
@@ -117,7 +124,19 @@ def image_stages(context: dg.AssetExecutionContext, lake: LakeResource, image_co
     context.log.info(f"{len(work)} of {len(prefixes)} prefixes have {'/'.join(stages)} work")
     inputs = {p: {"raw_images": (raw.get(p) or {}).get("data_version")} for p in prefixes}
     strip = lambda rec, p: {k: v for k, v in rec.items() if k != "requests"} | {"inputs": inputs[p]}  # noqa: E731
-    run_tasks(store, run_id, stages, work, lambda: image_compute.run_image_stages(context, lake.url, run_id, stages, work, params),
+    # Pending images per prefix, from the records: a prefix with more than shard_images becomes
+    # (prefix, shard) tasks, folded back into the prefix by a merge task.
+    pending = {p: max(pending_count(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected) for p in work}
+    tasks = shard_tasks(pending, image_settings.shard_images)
+    sharded = sorted({parse_task(t)[0] for t in tasks if parse_task(t)[2] > 1})
+    if sharded:
+        context.log.info(f"{len(sharded)} prefix(es) split into {len(tasks) - len(work) + len(sharded)} shard tasks of <= {image_settings.shard_images} images")
+
+    def run() -> None:
+        image_compute.run_image_stages(context, lake.url, run_id, stages, tasks, params)
+        image_compute.run_prefix_tasks(context, "merge", lambda chunk: merge_shards_command(lake.url, run_id, stages, chunk, params), sharded, run_id)
+
+    run_tasks(store, run_id, stages, work, run,
               lambda done: [write_prefix_records(store, k.to_user_string(), {p: strip(r, p) for p, r in done[STAGE_OF[k]].items()}) for k in selected])
     for key in selected:
         stage = STAGE_OF[key]

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 
+from workloads.lake import get_many
 from workloads.versions import HASH_PREFIXES, merkle_root
 
 
@@ -22,11 +23,7 @@ def version_key(asset: str, prefix: str) -> str:
 
 def read_records(lake, keys: dict[str, str]) -> dict[str, dict]:
     """``{name: JSON record}`` of the records at ``{name: key}`` that exist, read 16 at a time."""
-    from workloads.lake import get_json
-
-    with ThreadPoolExecutor(16) as pool:
-        found = dict(zip(keys, pool.map(lambda k: get_json(lake, k), keys.values())))
-    return {name: rec for name, rec in found.items() if rec is not None}
+    return get_many(lake, keys)
 
 
 def prefix_records(lake, asset: str, prefixes: list[str]) -> dict[str, dict]:

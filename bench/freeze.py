@@ -1,6 +1,6 @@
 """Freezing a subset over a 1,000,000-row ``images`` table, through ``Datasets().freeze_dataset``.
 
-The table is generated straight into a scratch lake (``tables/images/prefix=<pp>/part-0.parquet``,
+The table is generated straight into a scratch lake (``tables/images/prefix=<pp>/part-0.parquet`` and its state,
 256 files, ``workloads.tables.IMAGES_SCHEMA``, written by the project's ``write_parquet``), with
 the per-prefix version records the image assets leave (``_versions/<asset>/<pp>.json``) and the
 variant directories. The 1.9 M variant files themselves are not created for the big table
@@ -38,7 +38,7 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
     from workloads.images import ImageParams, output_dir
     from workloads.kernels import ResizeParams
     from workloads.lake import write_parquet
-    from workloads.tables import IMAGES_SCHEMA, table_key
+    from workloads.tables import IMAGES_SCHEMA, part_key, tables_state_key
     from workloads.versions import HASH_PREFIXES, prefix_version
 
     t0 = time.perf_counter()
@@ -99,7 +99,9 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
     starts, ends = np.searchsorted(firsts, keys, side="left"), np.searchsorted(firsts, keys, side="right")
     for p, a, b in zip(HASH_PREFIXES, starts, ends):
         part = table.slice(int(a), int(b - a))
-        write_parquet(lake, table_key("images", p), part)
+        # one part per prefix (as a compacted prefix has) and the state naming it
+        write_parquet(lake, part_key("images", p, "0"), part)
+        lake.put(tables_state_key(p), json.dumps({"images": part.num_rows, "objects": 0}).encode())
         for asset in ("raw_images", "resized_images", "edge_maps", "image_tables"):
             rec = {"prefix": p, "images": part.num_rows, "data_version": prefix_version(part["sha256"].to_pylist()[:16], asset)}
             lake.put(f"_versions/{asset}/{p}.json", json.dumps(rec, sort_keys=True).encode())

@@ -64,6 +64,7 @@ def image_settings() -> ImageSettings:
         jpeg_quality=int(env("CVGRAPH_JPEG_QUALITY", "90")),
         edge_low=int(env("CVGRAPH_EDGE_LOW", "50")),
         edge_high=int(env("CVGRAPH_EDGE_HIGH", "150")),
+        shard_images=int(env("CVGRAPH_SHARD_IMAGES", "20000")),
     )
 
 

@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from resources.storage import LakeResource
-from workloads.tables import TABLES
+from workloads.tables import TABLES, table_keys
 
 
 class QueryRefused(ValueError):
@@ -62,7 +62,7 @@ class DuckDBCatalog(Catalog):
         it may read."""
         lake = self.lake.lake()
         fs, base = lake.arrow_filesystem()
-        files = {name: [k for k in lake.keys(f"tables/{name}/") if k.endswith(".parquet")] for name in TABLES}
+        files = table_keys(lake)  # the parts each prefix's state names: a half-written part is never read
         local = isinstance(fs, pafs.LocalFileSystem)
         con = duckdb.connect()
         try:

@@ -38,6 +38,10 @@ def images_command(lake_url: str, run_id: str, stages: list[str], prefixes: list
     return prefix_command("workloads.images", lake_url, run_id, prefixes, ["--stages", ",".join(stages), "--threads", str(threads), *params.cli_args()])
 
 
+def merge_shards_command(lake_url: str, run_id: str, stages: list[str], prefixes: list[str], params: ImageParams) -> list[str]:
+    return prefix_command("workloads.images", lake_url, run_id, prefixes, ["--merge", "--stages", ",".join(stages), *params.cli_args()])
+
+
 def index_command(lake_url: str, run_id: str, prefixes: list[str]) -> list[str]:
     return prefix_command("workloads.index", lake_url, run_id, prefixes, [])
 

@@ -73,6 +73,11 @@ def test_every_prefix_partition_materialised_with_exact_versions(demo):
         assert set(records) == set(HASH_PREFIXES)
     counts = {a: sum(json.loads(ds.lake.get(o.key))["images"] for o in ds.lake.list(f"_versions/{a}/")) for a in PREFIX_ASSETS}
     assert counts == {a: 1811 for a in PREFIX_ASSETS}
+    # prefixes with more than CVGRAPH_SHARD_IMAGES (8 in the suite) images ran as shards, then merged
+    shards = {json.loads(ds.lake.get(o.key))["prefix"]: json.loads(ds.lake.get(o.key)).get("shards", 1) for o in ds.lake.list("_versions/resized_images/")}
+    raw = {json.loads(ds.lake.get(o.key))["prefix"]: json.loads(ds.lake.get(o.key))["images"] for o in ds.lake.list("_versions/raw_images/")}
+    assert {p for p, n in shards.items() if n > 1} == {p for p, n in raw.items() if n > 8} != set()
+    assert not [k for k in ds.lake.keys("index/") if ".shard-" in k]
     assert len(list(ds.lake.list("resized/"))) == len(list(ds.lake.list("edges/"))) == 1811
     some = next(iter(ds.lake.list("resized/"))).key
     assert cv2.imdecode(np.frombuffer(ds.lake.get(some), np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)

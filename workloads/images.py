@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from workloads.kernels import KERNEL_VERSION, EdgeParams, ResizeParams, edges_png, resize_bytes
 from workloads.lake import read_parquet, write_parquet
-from workloads.tasks import open_task_lake, prefix_parser, result_key, selected_prefixes
+from workloads.tasks import open_task_lake, parse_task, prefix_parser, result_key, selected_prefixes, task_token
 from workloads.versions import params_id, prefix_version, sha256_hex
 
 STAGES = ("resize", "edges")
@@ -67,23 +67,38 @@ def hashes_key(stage: str, params: ImageParams, prefix: str) -> str:
 
 
 def read_hashes(lake, stage: str, params: ImageParams, prefix: str) -> dict[str, str]:
-    key = hashes_key(stage, params, prefix)
-    if not lake.exists(key):
+    return _read_hash_table(lake, hashes_key(stage, params, prefix))
+
+
+def _read_hash_table(lake, key: str) -> dict[str, str]:
+    try:
+        t = read_parquet(lake, key)
+    except FileNotFoundError:
         return {}
-    t = read_parquet(lake, key)
     return dict(zip(t["sha256"].to_pylist(), t["output_sha256"].to_pylist()))
 
 
-def inflight_key(stage: str, params: ImageParams, prefix: str) -> str:
-    """Present while a task works on the prefix: found at the start, the last task was killed."""
-    return hashes_key(stage, params, prefix)[: -len(".parquet")] + ".inflight"
+def shard_of(sha: str, shards: int) -> int:
+    """The shard of a prefix an image belongs to (from hash digits after the prefix's own)."""
+    return int(sha[2:8], 16) % shards
 
 
-def _recover(lake, stage: str, params: ImageParams, prefix: str, hashes: dict[str, str]) -> None:
-    """Mark the prefix in flight. If the last task on it was killed (its mark is still there), add
-    the whole outputs it left to ``hashes`` by one listing, so the work it finished is kept: the
-    only listing of outputs, and only after a kill."""
-    mark = inflight_key(stage, params, prefix)
+def shard_hashes_key(stage: str, params: ImageParams, prefix: str, shard: int, shards: int) -> str:
+    """The output hashes one shard task made, until the prefix's merge folds them into its index."""
+    return hashes_key(stage, params, prefix)[: -len(".parquet")] + f".shard-{shard}of{shards}.parquet"
+
+
+def inflight_key(stage: str, params: ImageParams, prefix: str, shard: tuple[int, int] = (0, 1)) -> str:
+    """Present while a task works on the prefix (or shard): found at the start, the last task was killed."""
+    suffix = "" if shard[1] == 1 else f".shard-{shard[0]}of{shard[1]}"
+    return hashes_key(stage, params, prefix)[: -len(".parquet")] + suffix + ".inflight"
+
+
+def _recover(lake, stage: str, params: ImageParams, prefix: str, hashes: dict[str, str], shard: tuple[int, int] = (0, 1)) -> None:
+    """Mark the prefix (or shard) in flight. If the last task on it was killed (its mark is still
+    there), add the whole outputs it left to ``hashes`` by one listing, so the work it finished is
+    kept: the only listing of outputs, and only after a kill."""
+    mark = inflight_key(stage, params, prefix, shard)
     if lake.exists(mark):
         base = output_dir(stage, params, prefix)
         for key in lake.keys(base):
@@ -98,13 +113,16 @@ def _update_hashes(lake, stage: str, params: ImageParams, prefix: str, old: dict
     """Merge this run's output hashes into the prefix's hash index: the record of what is done
     (an output a killed run left without its hash is not done, and is written again, with the
     same bytes)."""
+    known = {**old, **fresh}
+    if known != old:
+        _write_hash_table(lake, hashes_key(stage, params, prefix), known)
+
+
+def _write_hash_table(lake, key: str, hashes: dict[str, str]) -> None:
     import pyarrow as pa
 
-    known = {**old, **fresh}
-    if known == old:
-        return
-    rows = sorted(known.items())
-    write_parquet(lake, hashes_key(stage, params, prefix), pa.table({"sha256": [r[0] for r in rows], "output_sha256": [r[1] for r in rows]}))
+    rows = sorted(hashes.items())
+    write_parquet(lake, key, pa.table({"sha256": pa.array([r[0] for r in rows], pa.string()), "output_sha256": pa.array([r[1] for r in rows], pa.string())}))
 
 
 def read_raw_index(lake, prefix: str) -> list[dict]:
@@ -115,14 +133,22 @@ def read_raw_index(lake, prefix: str) -> list[dict]:
     return read_parquet(lake, key).select(cols).to_pylist()
 
 
-def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str, threads: int = 4, fast: bool = True) -> dict[str, dict]:
-    """Run the selected stages for one prefix; returns ``{stage: result record}``."""
+def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str, threads: int = 4, fast: bool = True,
+                   shard: tuple[int, int] = (0, 1)) -> dict[str, dict]:
+    """Run the selected stages for one prefix, or for shard ``(s, n)`` of it (its images with
+    ``shard_of(sha, n) == s``); returns ``{stage: result record}``."""
     t0, before = time.perf_counter(), dict(lake.counters)
-    images = read_raw_index(lake, prefix)
-    # What is done is what the hash indexes say: one read per stage, no listing of outputs.
+    s_, n_ = shard
+    images = [im for im in read_raw_index(lake, prefix) if n_ == 1 or shard_of(im["sha256"], n_) == s_]
+    # What is done is what the hash indexes say: one read per stage, no listing of outputs (a
+    # shard also reads the hashes it made before, if its earlier attempt was not merged yet).
     hashes = {s: read_hashes(lake, s, params, prefix) for s in STAGES if s in stages or (s == "resize" and "edges" in stages)}
+    index_shas = {s: set(h) for s, h in hashes.items()}
+    if n_ > 1:
+        for s in hashes:
+            hashes[s].update(_read_hash_table(lake, shard_hashes_key(s, params, prefix, s_, n_)))
     for s in stages:
-        _recover(lake, s, params, prefix, hashes[s])
+        _recover(lake, s, params, prefix, hashes[s], shard)
     done = {s: set(hashes[s]) for s in stages}
     resized_stored = set(hashes.get("resize", {}))
     todo = [im for im in images if any(im["sha256"] not in done[s] for s in stages)]
@@ -181,13 +207,53 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
             "seconds": seconds,
             "data_version": prefix_version(present, pid),
         }
-        _update_hashes(lake, stage, params, prefix, hashes[stage], fresh[stage])
-        lake.delete(inflight_key(stage, params, prefix))
+        if n_ == 1:
+            _update_hashes(lake, stage, params, prefix, hashes[stage], fresh[stage])
+        else:  # the shard's own hashes (all it has made, not yet in the index): the merge folds them in
+            _write_hash_table(lake, shard_hashes_key(stage, params, prefix, s_, n_),
+                              {sha: h for sha, h in {**hashes[stage], **fresh[stage]}.items() if sha not in index_shas[stage]})
+        lake.delete(inflight_key(stage, params, prefix, shard))
         # The pass's requests go with its first stage (the record's own put included).
         records[stage]["requests"] = lake.counters.since(before)
         records[stage]["requests"]["put"] = records[stage]["requests"].get("put", 0) + 1
         before = {**lake.counters, "put": lake.counters["put"] + 1}
         # Written last: the commit marker of this prefix task.
+        lake.put(result_key(run_id, stage, task_token(prefix, s_, n_)), json.dumps(records[stage], sort_keys=True).encode())
+    return records
+
+
+def merge_shards(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str) -> dict[str, dict]:
+    """Fold the shard tasks of ``prefix`` (this run's) into the prefix: their hashes into its
+    hash index (with any an earlier, unmerged attempt left), their records into the prefix's
+    result record, as ``process_prefix`` writes it for an unsharded prefix."""
+    t0, before = time.perf_counter(), dict(lake.counters)
+    present = [im["sha256"] for im in read_raw_index(lake, prefix)]
+    records = {}
+    for stage in stages:
+        under = result_key(run_id, stage, prefix)[: -len(".json")] + "."
+        shards = [json.loads(lake.get(k)) for k in lake.keys(under) if k.endswith(".json")]
+        if not shards:
+            raise FileNotFoundError(f"{stage} {prefix}: no shard result records under {under}")
+        deltas = [k for k in lake.keys(hashes_key(stage, params, prefix)[: -len(".parquet")] + ".shard-") if k.endswith(".parquet")]
+        old = read_hashes(lake, stage, params, prefix)
+        fresh = {sha: h for k in deltas for sha, h in _read_hash_table(lake, k).items()}
+        _update_hashes(lake, stage, params, prefix, old, fresh)
+        failed = sorted((f for r in shards for f in r["failed"]), key=lambda f: f["sha256"])
+        kept = [sha for sha in present if sha not in {f["sha256"] for f in failed}]
+        pid = params.stage_id(stage)
+        processed = sum(r["processed"] for r in shards)
+        records[stage] = {"prefix": prefix, "stage": stage, "params_id": pid, "images": len(kept), "processed": processed,
+                          "skipped": len(present) - processed - len(failed), "failed": failed, "bytes_written": sum(r["bytes_written"] for r in shards),
+                          "seconds": round(max(r["seconds"] for r in shards) + time.perf_counter() - t0, 3), "data_version": prefix_version(kept, pid),
+                          "shards": len(shards)}
+        for k in deltas:
+            lake.delete(k)
+        requests = lake.counters.since(before)
+        for r in shards:  # the shards' requests count as the prefix's
+            for k, v in r.get("requests", {}).items():
+                requests[k] = requests.get(k, 0) + v
+        records[stage]["requests"] = {**requests, "put": requests.get("put", 0) + 1}
+        before = {**lake.counters, "put": lake.counters["put"] + 1}
         lake.put(result_key(run_id, stage, prefix), json.dumps(records[stage], sort_keys=True).encode())
     return records
 
@@ -205,6 +271,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_params_args(ap)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("CVGRAPH_IMAGE_THREADS", "4")))
     ap.add_argument("--full-decode", action="store_true", help="baseline path: no DCT-scaled decode")
+    ap.add_argument("--merge", action="store_true", help="fold this run's shard tasks of each prefix into the prefix")
     return ap.parse_args(argv)
 
 
@@ -228,8 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     params = params_from_args(args)
     lake = open_task_lake(args)
-    for prefix in selected_prefixes(args):
-        records = process_prefix(lake, prefix, stages, params, args.run_id, threads=args.threads, fast=not args.full_decode)
+    for token in selected_prefixes(args):
+        prefix, shard, shards = parse_task(token)
+        if args.merge:
+            records = merge_shards(lake, prefix, stages, params, args.run_id)
+        else:
+            records = process_prefix(lake, prefix, stages, params, args.run_id, threads=args.threads, fast=not args.full_decode, shard=(shard, shards))
         for rec in records.values():
             print(json.dumps({k: rec[k] for k in ("stage", "prefix", "images", "processed", "skipped", "seconds")}), flush=True)
     return 0
@@ -238,11 +309,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def pending_images(lake, prefix: str, stages: list[str], params: ImageParams) -> int:
-    """How many images of ``prefix`` still lack an output of one of ``stages``."""
-    images = read_raw_index(lake, prefix)
-    if not images:
-        return 0
-    done = {s: set(read_hashes(lake, s, params, prefix)) for s in stages}
-    return sum(1 for im in images if any(im["sha256"] not in done[s] for s in stages))

@@ -104,10 +104,10 @@ def read_index(lake, prefix: str) -> pa.Table:
     return table.cast(INDEX_SCHEMA) if table.schema.names == INDEX_SCHEMA.names else table
 
 
-def merge_prefix(lake, prefix: str, packs: dict[str, list[dict]], index: pa.Table | None = None) -> tuple[dict, list[str]]:
+def merge_prefix(lake, prefix: str, packs: dict[str, list[dict]], index: pa.Table | None = None) -> tuple[dict, list[str], list[str]]:
     """Merge ``{pack id: its manifest rows of prefix}`` into the prefix's index; returns the
-    prefix's stats and the sha256s whose rows changed. Only the rows of images the packs bring
-    become Python objects; the rest of the index stays in Arrow."""
+    prefix's stats, the sha256s whose rows changed and those of them that are new to the index.
+    Only the rows of images the packs bring become Python objects; the rest stays in Arrow."""
     index = read_index(lake, prefix) if index is None else index
     if index.schema.names != INDEX_SCHEMA.names:  # written before indexes kept provenance: rebuilt once
         index = rebuild_raw_index(lake, [prefix])[prefix]
@@ -124,14 +124,14 @@ def merge_prefix(lake, prefix: str, packs: dict[str, list[dict]], index: pa.Tabl
         if sha not in old or old[sha]["row_sha256"] != row["row_sha256"]:
             changed.append(sha)
     if not changed:
-        return _stats(index, prefix_version(index["row_sha256"].to_pylist(), "raw")), []
+        return _stats(index, prefix_version(index["row_sha256"].to_pylist(), "raw")), [], []
     fresh = pa.Table.from_pylist([rows[s] for s in sorted(changed)], schema=INDEX_SCHEMA)
     keep = index.filter(pc.invert(pc.is_in(index["sha256"], value_set=fresh["sha256"])))
     merged = pa.concat_tables([keep, fresh])
     merged = merged.take(pc.sort_indices(merged, sort_keys=[("sha256", "ascending")]))
     version = prefix_version(merged["row_sha256"].to_pylist(), "raw")
     write_parquet(lake, raw_index_key(prefix), merged)
-    return _stats(merged, version), sorted(changed)
+    return _stats(merged, version), sorted(changed), sorted(set(changed) - set(old))
 
 
 def _pending(lake, prefix: str) -> list[str]:
@@ -151,9 +151,10 @@ def absorb_pending(lake, prefix: str) -> dict:
     if not pending:
         return {**get_json(lake, state_key, empty_index_stats()), "packs_merged": [], "changed": 0}
     packs = {p: read_parquet(lake, pack_prefix_key(p, prefix)).to_pylist() for p in pending}
-    stats, changed = merge_prefix(lake, prefix, packs)
+    stats, changed, new = merge_prefix(lake, prefix, packs)
     if changed:
-        lake.put(pending_tables_key(prefix, stats["data_version"]), json.dumps({"sha256": changed}).encode())
+        # "new": rows no table can hold yet (the table step appends them without looking)
+        lake.put(pending_tables_key(prefix, stats["data_version"]), json.dumps({"sha256": changed, "new": new}).encode())
     lake.put(state_key, json.dumps(stats, sort_keys=True).encode())
     for p in pending:
         lake.delete(pending_raw_key(prefix, p))

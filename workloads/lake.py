@@ -236,6 +236,15 @@ def get_json(lake, key: str, default=None):
         return default
 
 
+def get_many(lake, keys: dict[str, str], threads: int = 16) -> dict[str, dict]:
+    """``{name: JSON object}`` of the objects at ``{name: key}`` that exist, read ``threads`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        found = dict(zip(keys, pool.map(lambda k: get_json(lake, k), keys.values())))
+    return {name: obj for name, obj in found.items() if obj is not None}
+
+
 def parquet_table(data: bytes, columns: list[str] | None = None):
     """``data`` (a Parquet object) as a table.
 

@@ -17,11 +17,36 @@ def result_key(run_id: str, stage: str, prefix: str) -> str:
     return f"_results/{run_id}/{stage}/{prefix}.json"
 
 
+def task_token(prefix: str, shard: int = 0, shards: int = 1) -> str:
+    """A task's name: the prefix, or ``<pp>.<s>of<n>`` for shard s of n of a prefix whose
+    pending images pass the shard threshold (an array child each, so children stay bounded)."""
+    return prefix if shards == 1 else f"{prefix}.{shard}of{shards}"
+
+
+def parse_task(token: str) -> tuple[str, int, int]:
+    """``(prefix, shard, shards)`` of a task token."""
+    prefix, _, shard = token.partition(".")
+    if not shard:
+        return prefix, 0, 1
+    s, _, n = shard.partition("of")
+    return prefix, int(s), int(n)
+
+
+def shard_tasks(pending: dict[str, int], shard_images: int) -> list[str]:
+    """The tasks for prefixes with ``pending`` images: a prefix with more than ``shard_images``
+    is split into ceil(pending / shard_images) shards."""
+    out = []
+    for prefix in sorted(pending):
+        n = max(1, -(-pending[prefix] // max(1, shard_images)))
+        out += [task_token(prefix, s, n) for s in range(n)]
+    return out
+
+
 def prefix_parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--lake", required=True)
     ap.add_argument("--run-id", required=True)
-    ap.add_argument("--prefixes", required=True, help="comma-separated; an array child takes one by index")
+    ap.add_argument("--prefixes", required=True, help="comma-separated prefixes or shard tasks (ab.0of3); an array child takes one by index")
     return ap
 
 

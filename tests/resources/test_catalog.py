@@ -66,7 +66,11 @@ def test_duckdb_views_are_the_tables_columns_whatever_the_lake_path_and_file_age
     import pyarrow as pa
 
     from workloads.lake import LocalLake, write_parquet
-    from workloads.tables import table_key
+    from workloads.tables import part_key, tables_state_key
+
+    def table_key(name, prefix):  # one part, named by the prefix's state (a lake written before parts)
+        lake.put(tables_state_key(prefix), b'{"images": 1, "objects": 0}')
+        return part_key(name, prefix, "0")
 
     lake = LocalLake(tmp_path / "run=3" / "label=x" / "lake")  # k=v folders above the lake are not columns
     row = {f.name: None for f in TABLES["images"]} | {"sha256": "ab" + "0" * 62, "label": "cat", "packs": ["p"], "width": 4}

@@ -7,19 +7,18 @@ from dagster_pyspark import LazyPySparkResource
 
 from cvgraph.demo_packs import sample_image
 from resources.spark import SparkTableWriter
-from workloads.tables import write_prefix_tables
+from workloads.tables import read_prefix_table, write_prefix_tables
 from workloads.images import ImageParams, process_prefix
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
-from workloads.lake import LocalLake, parquet_table
+from workloads.lake import LocalLake
 from workloads.versions import HASH_PREFIXES
 
 pytest.importorskip("pyspark")
 
 
 def rows(lake, table, prefix):
-    key = f"tables/{table}/prefix={prefix}/part-0.parquet"
-    return parquet_table(lake.get(key)).to_pylist() if lake.exists(key) else []
+    return read_prefix_table(lake, table, prefix).to_pylist()
 
 
 def test_spark_and_pyarrow_writers_agree(lake, put_pack, tmp_path):

@@ -8,7 +8,7 @@ from workloads.images import ImageParams, hashes_key, output_key, process_prefix
 from workloads.tasks import result_key
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
-from workloads.kernels import EdgeParams, ResizeParams, decode, edges_png, reduction_factor, resize_bytes, resize_center_crop
+from workloads.kernels import EdgeParams, ResizeParams, decode, edges_png, reduction_factor, resize_bytes
 from workloads.versions import HASH_PREFIXES
 
 PHOTOS = ["china.jpg", "flower.jpg", "rocket.jpg", "retina.jpg", "astronaut.png", "coffee.png", "camera.png", "logo.png", "horse.png", "no_time_for_that_tiny.gif"]
@@ -122,3 +122,47 @@ def test_edge_maps_are_1_bit_pngs_that_decode_to_the_canny_output():
         expected = cv2.Canny(gray, params.low, params.high)
         assert 0 < int(expected.astype(bool).sum()) < size * size
         assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), expected)
+
+
+def test_a_prefix_in_shards_then_merged_equals_the_prefix_in_one_task(tmp_path):
+    import shutil
+
+    from cvgraph.demo_packs import zip_bytes
+    from workloads.images import main as images_main
+    from workloads.lake import LocalLake
+    from workloads.tasks import shard_tasks
+    from workloads.versions import sha256_hex
+
+    assert shard_tasks({"ab": 7, "cd": 3, "ef": 0}, 3) == ["ab.0of3", "ab.1of3", "ab.2of3", "cd", "ef"]
+    pngs, seed = [], 0
+    while len(pngs) < 7:  # seven images in prefix "ab"
+        data = cv2.imencode(".png", np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8))[1].tobytes()
+        seed += 1
+        if sha256_hex(data).startswith("ab"):
+            pngs.append(data)
+    one = LocalLake(tmp_path / "one")
+    one.put("incoming/p.zip", zip_bytes({f"x/{i}.png": d for i, d in enumerate(pngs)}))
+    ingest_pack(one, "p", "incoming/p.zip")
+    build_raw_index(one, ["ab"])
+    sharded = LocalLake(tmp_path / "sharded")
+    shutil.copytree(one.root, sharded.root)
+    params = ImageParams(ResizeParams(size=16), EdgeParams())
+    whole = process_prefix(one, "ab", ["resize", "edges"], params, "r")
+
+    cli = ["--lake", str(sharded.root), "--run-id", "r", "--size", "16"]
+    assert images_main([*cli, "--prefixes", "ab.0of3,ab.1of3,ab.2of3"]) == 0
+    shard_records = [json.loads(sharded.get(result_key("r", "resize", f"ab.{s}of3"))) for s in range(3)]
+    assert sum(r["processed"] for r in shard_records) == 7 and all(r["processed"] < 7 for r in shard_records)
+    assert not sharded.exists(hashes_key("resize", params, "ab"))  # not done until merged
+    assert images_main([*cli, "--merge", "--prefixes", "ab"]) == 0
+    for stage in ("resize", "edges"):
+        merged = json.loads(sharded.get(result_key("r", stage, "ab")))
+        drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "requests", "shards")}  # noqa: E731
+        assert drop(merged) == drop(whole[stage]) and merged["shards"] == 3
+        assert sharded.get(hashes_key(stage, params, "ab")) == one.get(hashes_key(stage, params, "ab"))
+        assert not [k for k in sharded.keys(hashes_key(stage, params, "ab")[: -len(".parquet")]) if ".shard-" in k]  # deltas folded in
+    for key in one.keys("resized/") + one.keys("edges/"):
+        assert sharded.get(key) == one.get(key), key
+    # the next run finds the merged prefix done
+    again = process_prefix(sharded, "ab", ["resize", "edges"], params, "r2")
+    assert again["resize"]["processed"] == 0 and again["edges"]["skipped"] == 7

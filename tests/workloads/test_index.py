@@ -16,8 +16,8 @@ from workloads.index import PENDING_TABLES, build_raw_index, rebuild_raw_index
 from workloads.ingest import PENDING_RAW, ingest_pack
 from workloads.kernels import EdgeParams, ResizeParams
 from workloads.lake import LocalLake, parquet_table
-from workloads.tables import table_key, write_prefix_tables
-from workloads.versions import HASH_PREFIXES
+from workloads.tables import read_prefix_table, write_prefix_tables
+from workloads.versions import HASH_PREFIXES, sha256_hex
 
 PARAMS = ImageParams(ResizeParams(size=16), EdgeParams())
 N_PACKS = 12
@@ -56,7 +56,8 @@ def packs() -> dict[str, dict[str, bytes]]:
 
 
 def table_rows(lake, name: str) -> dict[str, list[dict]]:
-    return {p: parquet_table(lake.get(table_key(name, p))).to_pylist() for p in HASH_PREFIXES if lake.exists(table_key(name, p))}
+    """Every prefix's rows, however they are split into parts."""
+    return {p: rows for p in HASH_PREFIXES if (rows := read_prefix_table(lake, name, p).to_pylist())}
 
 
 def scratch(tmp_path, all_packs) -> tuple[LocalLake, dict, dict]:
@@ -181,3 +182,80 @@ def test_a_killed_index_or_table_task_rerun_converges(tmp_path, reference, dies_
     for name in ("images", "objects"):
         assert table_rows(lake, name) == table_rows(ref, name)
     assert not lake.keys(PENDING_RAW) and not lake.keys(PENDING_TABLES)
+
+
+def pngs_in_prefix(prefix: str, n: int) -> list[bytes]:
+    """``n`` distinct PNGs whose sha256 starts with ``prefix``."""
+    from workloads.versions import sha256_hex
+
+    out, seed = [], 10_000
+    while len(out) < n:
+        data = png(seed)
+        seed += 1
+        if sha256_hex(data).startswith(prefix):
+            out.append(data)
+    return out
+
+
+def test_tables_by_append_new_rows_read_no_part_replaced_rows_rewrite_theirs(tmp_path):
+    import shutil
+
+    from workloads.tables import tables_state_key
+
+    images = pngs_in_prefix("ab", 10)
+    lake = LocalLake(tmp_path / "lake")
+    reads: list[str] = []
+    get = lake.get
+    lake.get = lambda key: reads.append(key) or get(key)
+
+    def absorb(pack_id: str, members: dict[str, bytes]) -> dict:
+        lake.put(f"incoming/{pack_id}.zip", zip_bytes(members))
+        ingest_pack(lake, pack_id, f"incoming/{pack_id}.zip")
+        build_raw_index(lake, ["ab"])
+        process_prefix(lake, "ab", ["resize", "edges"], PARAMS, pack_id)
+        reads.clear()
+        return write_prefix_tables(lake, "ab", PARAMS)
+
+    def parts() -> list[int]:
+        return [p["images"] for p in json.loads(get(tables_state_key("ab")))["parts"]]
+
+    def rebuilt() -> tuple[dict, list[dict]]:
+        """The same prefix from scratch (no tables state: one part)."""
+        other = LocalLake(tmp_path / f"rebuilt{len(list(tmp_path.iterdir()))}")
+        shutil.copytree(lake.root, other.root)
+        other.delete(tables_state_key("ab"))
+        return write_prefix_tables(other, "ab", PARAMS), read_prefix_table(other, "images", "ab").to_pylist()
+
+    absorb("a", {f"cat/{i}.png": data for i, data in enumerate(images[:8])})
+    assert parts() == [8]
+    # one new image: appended as its own part, no part read (8 > FANOUT x 1, so no compaction)
+    stats = absorb("b", {"dog/new.png": images[8]})
+    assert parts() == [8, 1] and not [k for k in reads if k.startswith("tables/")]
+    assert (stats, read_prefix_table(lake, "images", "ab").to_pylist()) == rebuilt()
+    # an image already in the lake seen again: the part holding it is rewritten, merged with the new row
+    stats = absorb("c", {"bird/again.png": images[0], "bird/fresh.png": images[9]})
+    assert parts() == [10]  # [1] kept, [8] rewritten with the new rows as 9, then merged (1 <= FANOUT x 9)
+    assert stats["images"] == 10 and (stats, read_prefix_table(lake, "images", "ab").to_pylist()) == rebuilt()
+    row = next(r for r in read_prefix_table(lake, "images", "ab").to_pylist() if r["sha256"] == sha256_hex(images[0]))
+    assert row["packs"] == ["a", "c"]
+    # the lake holds exactly the parts the state names: superseded ones are gone
+    named = {f"tables/images/prefix=ab/part-{p['id']}.parquet" for p in json.loads(get(tables_state_key("ab")))["parts"]}
+    assert set(lake.keys("tables/images/prefix=ab/")) == named
+
+
+def test_a_table_commit_killed_before_it_drops_its_markers_appends_nothing_twice(tmp_path, monkeypatch):
+    images = pngs_in_prefix("cd", 3)
+    lake = LocalLake(tmp_path / "lake")
+    for i, data in enumerate(images):
+        lake.put(f"incoming/p{i}.zip", zip_bytes({f"x/{i}.png": data}))
+        ingest_pack(lake, f"p{i}", f"incoming/p{i}.zip")
+        build_raw_index(lake, ["cd"])
+        if i == 2:  # the third commit dies after its state, before it drops the change markers
+            delete = lake.delete
+            monkeypatch.setattr(lake, "delete", lambda key: (_ for _ in ()).throw(Killed(key)) if key.startswith(PENDING_TABLES) else delete(key))
+            with pytest.raises(Killed):
+                write_prefix_tables(lake, "cd", PARAMS)
+            monkeypatch.undo()
+        stats = write_prefix_tables(lake, "cd", PARAMS)
+    assert stats["images"] == 3 and len(read_prefix_table(lake, "images", "cd")) == 3
+    assert not lake.keys(f"{PENDING_TABLES}cd/")

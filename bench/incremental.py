@@ -97,8 +97,9 @@ def absorb(home: Path, name: str) -> dict:
     runs.sync(inst, on_run=lambda _k, _r, r: run_ids.append(r.run_id), definitions=defs)
     rows = Datasets().sql_query(f"SELECT count(*) AS n FROM images WHERE pack_id = '{name}'").to_pylist()[0]["n"]
     latency = time.perf_counter() - t0
-    steps, requests, by_step = 0.0, {}, {}
+    steps, requests, by_step, events = 0.0, {}, {}, 0
     for run_id in run_ids:
+        events += len(inst.all_logs(run_id))  # Dagster's bookkeeping: every event is a write to the event log
         for s in inst.get_run_step_stats(run_id):
             if s.start_time and s.end_time:
                 steps += s.end_time - s.start_time
@@ -107,7 +108,7 @@ def absorb(home: Path, name: str) -> dict:
             requests[asset] = {m: requests.get(asset, {}).get(m, 0) + v for m, v in counts.items()}
     total = {m: sum(r[m] for r in requests.values()) for m in ("lake_requests", "lake_bytes_read", "lake_bytes_written")}
     return {"name": name, "rows": rows, "latency_s": round(latency, 2), "sensor_ticks": ticks + 1, "step_s": round(steps, 2),
-            "steps": by_step, **total, "by_asset": requests, "runs": len(run_ids)}
+            "steps": by_step, **total, "by_asset": requests, "runs": len(run_ids), "dagster_events": events}
 
 
 def run_requests(inst, run_id: str) -> dict[str, dict[str, int]]:

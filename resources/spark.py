@@ -32,10 +32,13 @@ class SparkTableWriter(TableWriter):
         fs, base = lake.arrow_filesystem()
         if not base.startswith("/"):
             raise ValueError("SparkTableWriter reads the lake through the local filesystem here; on S3 configure s3a on the cluster")
+        # The change markers this rebuild absorbs, listed before it reads the indexes: one the
+        # index step writes meanwhile stays for the next run.
+        markers = {p: pending_table_changes(lake, p)[0] for p in prefixes}
         keys = [raw_index_key(p) for p in prefixes if lake.exists(raw_index_key(p))]
         if not keys:
             empty = {"images": IMAGES_SCHEMA.empty_table(), "objects": OBJECTS_SCHEMA.empty_table()}
-            return {p: commit_prefix_tables(lake, p, params, empty["images"], empty["objects"], pending_table_changes(lake, p)[0]) for p in prefixes}
+            return {p: commit_prefix_tables(lake, p, params, empty["images"], empty["objects"], markers[p]) for p in prefixes}
         raw = spark.read.parquet(*[f"file://{base}/{k}" for k in keys]).withColumn("prefix", F.substring("sha256", 1, 2))
         first_pack = F.col("packs")[0]
         sha = F.col("sha256")
@@ -70,4 +73,4 @@ class SparkTableWriter(TableWriter):
                     table = pq.read_table(files, partitioning=None).select(schema.names).cast(schema) if files else schema.empty_table()  # Spark types → ours
                     built[p][name] = table.sort_by([("sha256", "ascending"), *([("box", "ascending")] if name == "objects" else [])])
         # A rebuild absorbs every change the index step recorded for these prefixes.
-        return {p: commit_prefix_tables(lake, p, params, built[p]["images"], built[p]["objects"], pending_table_changes(lake, p)[0]) for p in prefixes}
+        return {p: commit_prefix_tables(lake, p, params, built[p]["images"], built[p]["objects"], markers[p]) for p in prefixes}

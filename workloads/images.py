@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +104,7 @@ def _recover(lake, stage: str, params: ImageParams, prefix: str, hashes: dict[st
         base = output_dir(stage, params, prefix)
         for key in lake.keys(base):
             sha = key[len(base) :].split(".")[0]
-            if sha not in hashes:
+            if sha not in hashes and (shard[1] == 1 or shard_of(sha, shard[1]) == shard[0]):  # a shard takes only its own
                 hashes[sha] = sha256_hex(lake.get(key))
     else:
         lake.put(mark, b"")
@@ -231,9 +232,11 @@ def merge_shards(lake, prefix: str, stages: list[str], params: ImageParams, run_
     records = {}
     for stage in stages:
         under = result_key(run_id, stage, prefix)[: -len(".json")] + "."
-        shards = [json.loads(lake.get(k)) for k in lake.keys(under) if k.endswith(".json")]
-        if not shards:
-            raise FileNotFoundError(f"{stage} {prefix}: no shard result records under {under}")
+        found = {parse_task(k.rsplit("/", 1)[1][: -len(".json")]): k for k in lake.keys(under) if re.fullmatch(r"[0-9a-f]{2}\.\d+of\d+\.json", k.rsplit("/", 1)[1])}
+        counts = {n for _, _, n in found}
+        if len(counts) != 1 or {s for _, s, _ in found} != set(range(next(iter(counts)))):
+            raise FileNotFoundError(f"{stage} {prefix}: the shard result records under {under} are not one whole set of shards: {sorted(found)}")
+        shards = [json.loads(lake.get(found[t])) for t in sorted(found)]
         deltas = [k for k in lake.keys(hashes_key(stage, params, prefix)[: -len(".parquet")] + ".shard-") if k.endswith(".parquet")]
         old = read_hashes(lake, stage, params, prefix)
         fresh = {sha: h for k in deltas for sha, h in _read_hash_table(lake, k).items()}

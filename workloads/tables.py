@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workloads.images import ImageParams, hashes_key, output_key, raw_index_key
-from workloads.index import PENDING_TABLES
+from workloads.index import PENDING_TABLES, index_state_key
 from workloads.lake import get_json, read_parquet, write_parquet
 from workloads.versions import HASH_PREFIXES, canonical_json, sha256_hex, split_for, table_hash
 
@@ -188,7 +188,9 @@ class _Part:
         if self.new:
             self.tables = {name: _sorted(tables[name], SORT_KEYS[name]) for name in TABLES}
             images = self.tables["images"]
-            missing = pc.filter(images["sha256"], pc.or_(pc.is_null(images["resized_key"]), pc.is_null(images["edges_key"]))).to_pylist()
+            lacking = images.filter(pc.or_(pc.is_null(images["resized_key"]), pc.is_null(images["edges_key"])))
+            # {sha: [has resized, has edges]}: the row changes only when its hash indexes say otherwise
+            missing = {r["sha256"]: [r["resized_key"] is not None, r["edges_key"] is not None] for r in lacking.select(["sha256", "resized_key", "edges_key"]).to_pylist()}
             record = {"id": sha256_hex((table_hash(images) + table_hash(self.tables["objects"])).encode())[:16],
                       **{name: self.tables[name].num_rows for name in TABLES}, **({"missing": missing} if missing else {})}
         self.record = record
@@ -224,6 +226,12 @@ def _commit(lake, prefix: str, params: ImageParams, parts: list[_Part], digests:
              "data_version": tables_version(digests)}
     state = {**stats, "parts": records, "absorbed": sorted(markers), "digests": {k: f"{v:x}" for k, v in digests.items()}, "params": {"resize": params.resize_id, "edges": params.edges_id}}
     lake.put(tables_state_key(prefix), json.dumps(state, sort_keys=True).encode())
+    _clean(lake, prefix, state, markers)
+    return stats
+
+
+def _clean(lake, prefix: str, state: dict, markers: list[str]) -> None:
+    """Drop what the committed ``state`` no longer names, then the change markers it absorbed."""
     live = {k for name in TABLES for k in live_parts(state, name, prefix)}
     for name in TABLES:
         for k in lake.keys(f"tables/{name}/prefix={prefix}/"):
@@ -231,13 +239,18 @@ def _commit(lake, prefix: str, params: ImageParams, parts: list[_Part], digests:
                 lake.delete(k)
     for k in markers:
         lake.delete(k)
-    return stats
 
 
 def commit_prefix_tables(lake, prefix: str, params: ImageParams, images: pa.Table, objects: pa.Table, markers: list[str]) -> dict:
     """The prefix rebuilt: all its rows as one part."""
     parts = [_Part(tables={"images": images, "objects": objects})] if images.num_rows else []
     return _commit(lake, prefix, params, parts, {"images": rows_digest(images), "objects": rows_digest(objects)}, markers)
+
+
+def _missing_of(record: dict) -> dict[str, list[bool]]:
+    """A part's rows missing a variant (a list of sha256s in states written before the flags)."""
+    m = record.get("missing") or {}
+    return m if isinstance(m, dict) else {sha: [False, False] for sha in m}
 
 
 def empty_tables_stats() -> dict:
@@ -262,23 +275,35 @@ def write_prefix_tables(lake, prefix: str, params: ImageParams) -> dict:
     state = get_json(lake, tables_state_key(prefix))
     markers, changed, new = pending_table_changes(lake, prefix, (state or {}).get("absorbed", []))
     full = state is None or "digests" not in state or state["params"] != {"resize": params.resize_id, "edges": params.edges_id}
-    if not full and not changed and not any(p.get("missing") for p in state["parts"]):
+    if not full and not changed and state["images"] != (get_json(lake, index_state_key(prefix)) or {}).get("images", 0):
+        full = True  # nothing pending, yet the index has rows the tables never heard of (an index task killed before its marker)
+    missing = {} if full else {sha: has for p in state["parts"] for sha, has in _missing_of(p).items()}
+    if not full and not changed and not missing:
+        if markers:  # a commit killed before its clean-up: finish it
+            _clean(lake, prefix, state, markers)
         return {k: state[k] for k in ("images", "objects", "missing_variants", "data_version")}
     key = raw_index_key(prefix)
     raw = read_parquet(lake, key) if lake.exists(key) else pa.table({"sha256": pa.array([], pa.string())})
     if full:
         fresh = _fresh_rows(lake, prefix, params, raw, raw["sha256"])
         return commit_prefix_tables(lake, prefix, params, fresh["images"], fresh["objects"], markers)
-    missing = {s for p in state["parts"] for s in p.get("missing", [])}
-    delta = pa.array(sorted(changed | missing), pa.string())
+    if missing:  # a row missing a variant is replaced only when a hash index now has what it lacked
+        lookup = pa.array(sorted(missing), pa.string())
+        hashes = {stage: _hashes_of(lake, stage, params, prefix, lookup) for stage in ("resize", "edges")}
+        missing = {sha: has for sha, has in missing.items() if [sha in hashes["resize"], sha in hashes["edges"]] != has}
+    if not changed and not missing:
+        if markers:
+            _clean(lake, prefix, state, markers)
+        return {k: state[k] for k in ("images", "objects", "missing_variants", "data_version")}
+    delta = pa.array(sorted(changed | set(missing)), pa.string())
     fresh = _fresh_rows(lake, prefix, params, raw, delta)
     # Which parts can hold a row being replaced: those naming it as missing a variant; every
     # part when a row already in the index changed (an image seen again in a later pack).
-    look_everywhere = bool(changed - new - missing)
+    look_everywhere = bool(changed - new - set(missing))
     parts, rewritten = [], []
     for record in state["parts"]:
         part = _Part(record)
-        if (look_everywhere or record.get("missing")) and pc.any(pc.is_in(part.load(lake, prefix)["images"]["sha256"], value_set=delta)).as_py():
+        if (look_everywhere or set(_missing_of(record)) & set(missing)) and pc.any(pc.is_in(part.load(lake, prefix)["images"]["sha256"], value_set=delta)).as_py():
             rewritten.append(part)
         else:
             parts.append(part)

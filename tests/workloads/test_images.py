@@ -155,6 +155,7 @@ def test_a_prefix_in_shards_then_merged_equals_the_prefix_in_one_task(tmp_path):
     assert sum(r["processed"] for r in shard_records) == 7 and all(r["processed"] < 7 for r in shard_records)
     assert not sharded.exists(hashes_key("resize", params, "ab"))  # not done until merged
     assert images_main([*cli, "--merge", "--prefixes", "ab"]) == 0
+    assert images_main([*cli, "--merge", "--prefixes", "ab"]) == 0  # a retried merge child: the same record
     for stage in ("resize", "edges"):
         merged = json.loads(sharded.get(result_key("r", stage, "ab")))
         drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "requests", "shards")}  # noqa: E731

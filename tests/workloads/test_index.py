@@ -259,3 +259,27 @@ def test_a_table_commit_killed_before_it_drops_its_markers_appends_nothing_twice
         stats = write_prefix_tables(lake, "cd", PARAMS)
     assert stats["images"] == 3 and len(read_prefix_table(lake, "images", "cd")) == 3
     assert not lake.keys(f"{PENDING_TABLES}cd/")
+    # the re-run finished the killed commit's clean-up: the lake holds exactly the parts the state names
+    from workloads.tables import live_parts, tables_state_key
+
+    state = json.loads(lake.get(tables_state_key("cd")))
+    assert set(lake.keys("tables/images/prefix=cd/")) == set(live_parts(state, "images", "cd"))
+
+
+def test_rows_still_missing_a_variant_are_not_rewritten_until_one_arrives(tmp_path):
+    images = pngs_in_prefix("ef", 3)
+    lake = LocalLake(tmp_path / "lake")
+    lake.put("incoming/p.zip", zip_bytes({f"x/{i}.png": d for i, d in enumerate(images)}))
+    ingest_pack(lake, "p", "incoming/p.zip")
+    build_raw_index(lake, ["ef"])
+    first = write_prefix_tables(lake, "ef", PARAMS)  # no stage has run: every row lacks both variants
+    assert first["missing_variants"] == 3
+    reads: list[str] = []
+    get = lake.get
+    lake.get = lambda key: reads.append(key) or get(key)
+    assert write_prefix_tables(lake, "ef", PARAMS) == first and not [k for k in reads if k.startswith("tables/")]
+    lake.get = get
+    process_prefix(lake, "ef", ["resize", "edges"], PARAMS, "r")
+    done = write_prefix_tables(lake, "ef", PARAMS)
+    assert done["missing_variants"] == 0 and done["images"] == 3 and done["data_version"] != first["data_version"]
+    assert all(r["resized_key"] and r["edges_key"] for r in read_prefix_table(lake, "images", "ef").to_pylist())

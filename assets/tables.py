@@ -1,4 +1,4 @@
-"""image_tables: the Athena/DuckDB tables ``images`` and ``objects``, one file per prefix."""
+"""image_tables: the Athena/DuckDB tables ``images`` and ``objects``, a few parts per prefix."""
 
 
 import json

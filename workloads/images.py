@@ -195,32 +195,35 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
     for stage in stages:
         failed = {f["sha256"] for f in stats[stage]["failed"]}
         present = [im["sha256"] for im in images if im["sha256"] not in failed]
-        pid = params.stage_id(stage)
-        records[stage] = {
-            "prefix": prefix,
-            "stage": stage,
-            "params_id": pid,
-            "images": len(present),
-            "processed": stats[stage]["processed"],
-            "skipped": len(images) - len(todo),
-            "failed": sorted(stats[stage]["failed"], key=lambda f: f["sha256"]),
-            "bytes_written": stats[stage]["bytes_written"],
-            "seconds": seconds,
-            "data_version": prefix_version(present, pid),
-        }
+        records[stage] = _stage_record(prefix, stage, params, present, stats[stage]["processed"], len(images) - len(todo), stats[stage]["failed"],
+                                       stats[stage]["bytes_written"], seconds)
         if n_ == 1:
             _update_hashes(lake, stage, params, prefix, hashes[stage], fresh[stage])
         else:  # the shard's own hashes (all it has made, not yet in the index): the merge folds them in
             _write_hash_table(lake, shard_hashes_key(stage, params, prefix, s_, n_),
                               {sha: h for sha, h in {**hashes[stage], **fresh[stage]}.items() if sha not in index_shas[stage]})
         lake.delete(inflight_key(stage, params, prefix, shard))
-        # The pass's requests go with its first stage (the record's own put included).
-        records[stage]["requests"] = lake.counters.since(before)
-        records[stage]["requests"]["put"] = records[stage]["requests"].get("put", 0) + 1
-        before = {**lake.counters, "put": lake.counters["put"] + 1}
-        # Written last: the commit marker of this prefix task.
-        lake.put(result_key(run_id, stage, task_token(prefix, s_, n_)), json.dumps(records[stage], sort_keys=True).encode())
+        before = _put_record(lake, result_key(run_id, stage, task_token(prefix, s_, n_)), records[stage], before)
     return records
+
+
+def _stage_record(prefix: str, stage: str, params: ImageParams, present: list[str], processed: int, skipped: int, failed: list[dict],
+                  bytes_written: int, seconds: float) -> dict:
+    """A prefix (or shard) task's result record for one stage."""
+    pid = params.stage_id(stage)
+    return {"prefix": prefix, "stage": stage, "params_id": pid, "images": len(present), "processed": processed, "skipped": skipped,
+            "failed": sorted(failed, key=lambda f: f["sha256"]), "bytes_written": bytes_written, "seconds": seconds, "data_version": prefix_version(present, pid)}
+
+
+def _put_record(lake, key: str, record: dict, before: dict, extra: dict | None = None) -> dict:
+    """Write ``record`` last (the task's commit marker) with the requests made since ``before``
+    (plus ``extra``, its own put included); returns the counters to count the next one from."""
+    requests = lake.counters.since(before)
+    for k, v in (extra or {}).items():
+        requests[k] = requests.get(k, 0) + v
+    record["requests"] = {**requests, "put": requests.get("put", 0) + 1}
+    lake.put(key, json.dumps(record, sort_keys=True).encode())
+    return dict(lake.counters)
 
 
 def merge_shards(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str) -> dict[str, dict]:
@@ -241,23 +244,19 @@ def merge_shards(lake, prefix: str, stages: list[str], params: ImageParams, run_
         old = read_hashes(lake, stage, params, prefix)
         fresh = {sha: h for k in deltas for sha, h in _read_hash_table(lake, k).items()}
         _update_hashes(lake, stage, params, prefix, old, fresh)
-        failed = sorted((f for r in shards for f in r["failed"]), key=lambda f: f["sha256"])
+        failed = [f for r in shards for f in r["failed"]]
         kept = [sha for sha in present if sha not in {f["sha256"] for f in failed}]
-        pid = params.stage_id(stage)
         processed = sum(r["processed"] for r in shards)
-        records[stage] = {"prefix": prefix, "stage": stage, "params_id": pid, "images": len(kept), "processed": processed,
-                          "skipped": len(present) - processed - len(failed), "failed": failed, "bytes_written": sum(r["bytes_written"] for r in shards),
-                          "seconds": round(max(r["seconds"] for r in shards) + time.perf_counter() - t0, 3), "data_version": prefix_version(kept, pid),
-                          "shards": len(shards)}
+        records[stage] = _stage_record(prefix, stage, params, kept, processed, len(present) - processed - len(failed), failed,
+                                       sum(r["bytes_written"] for r in shards), round(max(r["seconds"] for r in shards) + time.perf_counter() - t0, 3))
+        records[stage]["shards"] = len(shards)
         for k in deltas:
             lake.delete(k)
-        requests = lake.counters.since(before)
+        shard_requests: dict[str, int] = {}
         for r in shards:  # the shards' requests count as the prefix's
             for k, v in r.get("requests", {}).items():
-                requests[k] = requests.get(k, 0) + v
-        records[stage]["requests"] = {**requests, "put": requests.get("put", 0) + 1}
-        before = {**lake.counters, "put": lake.counters["put"] + 1}
-        lake.put(result_key(run_id, stage, prefix), json.dumps(records[stage], sort_keys=True).encode())
+                shard_requests[k] = shard_requests.get(k, 0) + v
+        before = _put_record(lake, result_key(run_id, stage, prefix), records[stage], before, shard_requests)
     return records
 
 

@@ -247,12 +247,6 @@ def commit_prefix_tables(lake, prefix: str, params: ImageParams, images: pa.Tabl
     return _commit(lake, prefix, params, parts, {"images": rows_digest(images), "objects": rows_digest(objects)}, markers)
 
 
-def _missing_of(record: dict) -> dict[str, list[bool]]:
-    """A part's rows missing a variant (a list of sha256s in states written before the flags)."""
-    m = record.get("missing") or {}
-    return m if isinstance(m, dict) else {sha: [False, False] for sha in m}
-
-
 def empty_tables_stats() -> dict:
     """What ``write_prefix_tables`` gives a prefix with no images."""
     return {"images": 0, "objects": 0, "missing_variants": 0, "data_version": tables_version({"images": 0, "objects": 0})}
@@ -277,24 +271,24 @@ def write_prefix_tables(lake, prefix: str, params: ImageParams) -> dict:
     full = state is None or "digests" not in state or state["params"] != {"resize": params.resize_id, "edges": params.edges_id}
     if not full and not changed and state["images"] != (get_json(lake, index_state_key(prefix)) or {}).get("images", 0):
         full = True  # nothing pending, yet the index has rows the tables never heard of (an index task killed before its marker)
-    missing = {} if full else {sha: has for p in state["parts"] for sha, has in _missing_of(p).items()}
+    missing = {} if full else {sha: has for p in state["parts"] for sha, has in p.get("missing", {}).items()}
+    if missing:  # a row missing a variant is replaced only when a hash index now has what it lacked
+        lookup = pa.array(sorted(missing), pa.string())
+        hashes = {stage: _hashes_of(lake, stage, params, prefix, lookup) for stage in ("resize", "edges")}
+        missing = {sha: has for sha, has in missing.items() if [sha in hashes["resize"], sha in hashes["edges"]] != has}
     if not full and not changed and not missing:
         if markers:  # a commit killed before its clean-up: finish it
             _clean(lake, prefix, state, markers)
         return {k: state[k] for k in ("images", "objects", "missing_variants", "data_version")}
     key = raw_index_key(prefix)
     raw = read_parquet(lake, key) if lake.exists(key) else pa.table({"sha256": pa.array([], pa.string())})
-    if full:
+
+    def rebuild() -> dict:
         fresh = _fresh_rows(lake, prefix, params, raw, raw["sha256"])
         return commit_prefix_tables(lake, prefix, params, fresh["images"], fresh["objects"], markers)
-    if missing:  # a row missing a variant is replaced only when a hash index now has what it lacked
-        lookup = pa.array(sorted(missing), pa.string())
-        hashes = {stage: _hashes_of(lake, stage, params, prefix, lookup) for stage in ("resize", "edges")}
-        missing = {sha: has for sha, has in missing.items() if [sha in hashes["resize"], sha in hashes["edges"]] != has}
-    if not changed and not missing:
-        if markers:
-            _clean(lake, prefix, state, markers)
-        return {k: state[k] for k in ("images", "objects", "missing_variants", "data_version")}
+
+    if full:
+        return rebuild()
     delta = pa.array(sorted(changed | set(missing)), pa.string())
     fresh = _fresh_rows(lake, prefix, params, raw, delta)
     # Which parts can hold a row being replaced: those naming it as missing a variant; every
@@ -303,7 +297,7 @@ def write_prefix_tables(lake, prefix: str, params: ImageParams) -> dict:
     parts, rewritten = [], []
     for record in state["parts"]:
         part = _Part(record)
-        if (look_everywhere or set(_missing_of(record)) & set(missing)) and pc.any(pc.is_in(part.load(lake, prefix)["images"]["sha256"], value_set=delta)).as_py():
+        if (look_everywhere or set(record.get("missing", {})) & set(missing)) and pc.any(pc.is_in(part.load(lake, prefix)["images"]["sha256"], value_set=delta)).as_py():
             rewritten.append(part)
         else:
             parts.append(part)
@@ -316,8 +310,7 @@ def write_prefix_tables(lake, prefix: str, params: ImageParams) -> dict:
     if kept["images"].num_rows:
         parts.append(_Part(tables=kept))
     if sum(p.record["images"] for p in parts) != raw.num_rows:  # every index row has one table row, or the prefix is rebuilt
-        fresh = _fresh_rows(lake, prefix, params, raw, raw["sha256"])
-        return commit_prefix_tables(lake, prefix, params, fresh["images"], fresh["objects"], markers)
+        return rebuild()
     return _commit(lake, prefix, params, _compact(lake, prefix, parts), digests, markers)
 
 

@@ -8,7 +8,9 @@ LOCK := requirements.lock
 PIP_VERSION := 26.3
 export CVGRAPH_HOME ?= $(CURDIR)/.cvgraph
 export DAGSTER_HOME ?= $(CVGRAPH_HOME)/dagster
+# orchestration/profiles.py DAGSTER_ENV, for the processes `make ui` starts
 export DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH ?= 256
+export DAGSTER_EVENT_BATCH_SIZE ?= 1024
 
 .PHONY: install lock demo test ui bench clean
 

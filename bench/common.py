@@ -22,7 +22,10 @@ def env(extra: dict | None = None, worker: bool = False, drop: tuple[str, ...] =
     e = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("MALLOC_")}
     e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e["PYTHONUNBUFFERED"] = "1"
-    e.setdefault("DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH", "256")
+    from orchestration.profiles import DAGSTER_ENV  # the settings the CLI gives Dagster
+
+    for name, value in DAGSTER_ENV.items():
+        e.setdefault(name, value)
     if worker:
         e.update(WORKER_MALLOC)
     e.update(extra or {})

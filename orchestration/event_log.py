@@ -11,6 +11,11 @@ same schema: the webserver and daemon read it as they read the default.
 
 With connections kept open a commit touches only ``<run>.db-wal``, not ``<run>.db``, so
 live log watchers (the UI's run view) watch both files.
+
+With ``DAGSTER_EVENT_BATCH_SIZE`` set (``orchestration.profiles.DAGSTER_ENV``) Dagster hands a
+ranged step's materialisations and a run's planned events over as batches; this storage writes
+a batch as one insert per database and one asset-row update per asset, where Dagster's SQLite
+storage writes each event alone (four to five statements and two serialisations each).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from contextlib import contextmanager
 
 import sqlalchemy as db
 from dagster import Field, StringSource
+from dagster._core.errors import DagsterInvariantViolationError
+from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, BATCH_WRITABLE_EVENTS
+from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME, SqliteEventLogStorage, SqliteEventLogStorageWatchdog
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from sqlalchemy.pool import QueuePool
@@ -104,6 +113,32 @@ class LocalEventLogStorage(SqliteEventLogStorage):
         with self._db_lock:
             with self._engine(shard).connect() as conn, conn.begin():
                 yield conn
+
+    def store_event_batch(self, events: list[EventLogEntry]) -> None:
+        """The rows ``store_event`` writes for each event, in one transaction per database. The
+        asset row gets, per asset, the last event of each kind in batch order: the state
+        event-by-event updates end in, since each kind overwrites the same columns each time."""
+        kinds = {e.get_dagster_event().event_type for e in events}
+        if not kinds <= BATCH_WRITABLE_EVENTS or len({e.run_id for e in events}) != 1:
+            raise DagsterInvariantViolationError(f"batch writes take one run's {sorted(k.value for k in BATCH_WRITABLE_EVENTS)} events")
+        rows = [self._event_to_row(e) for e in events]
+        with self.run_connection(events[0].run_id) as conn:
+            conn.execute(SqlEventLogStorageTable.insert(), rows)
+        indexed = [(e, r) for e, r in zip(events, rows) if e.dagster_event_type in ASSET_EVENTS | ASSET_CHECK_EVENTS]
+        if not indexed:
+            return
+        checks = []
+        with self.index_transaction() as conn:
+            insert = SqlEventLogStorageTable.insert().returning(SqlEventLogStorageTable.c.id, sort_by_parameter_order=True)
+            ids = [row[0] for row in conn.execute(insert, [r for _, r in indexed])]
+            assets = [(e, i) for (e, _), i in zip(indexed, ids) if e.dagster_event_type in ASSET_EVENTS]
+            checks = [(e, i) for (e, _), i in zip(indexed, ids) if e.dagster_event_type in ASSET_CHECK_EVENTS]
+            self._store_asset_event_tags(conn, [e for e, _ in assets], [i for _, i in assets])
+            last = {(e.dagster_event.asset_key, e.dagster_event_type): (e, i) for e, i in assets}
+            for e, i in sorted(last.values(), key=lambda item: item[1]):
+                self._store_asset_event(conn, e, i)
+        for e, i in checks:
+            self.store_asset_check_event(e, i)
 
     def has_table(self, table_name: str) -> bool:
         if table_name not in self._tables:

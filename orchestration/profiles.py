@@ -36,6 +36,12 @@ def home() -> Path:
     return Path(env("CVGRAPH_HOME", ".cvgraph")).resolve()
 
 
+# Dagster's own settings for every process that runs cvgraph's steps (`make` exports them too):
+# automation tracks all 256 prefixes per partition (its default cap is 100), and a ranged step's
+# materialisations are written to the event log as one batch (orchestration.event_log).
+DAGSTER_ENV = {"DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH": "256", "DAGSTER_EVENT_BATCH_SIZE": "1024"}
+
+
 # What earlier versions wrote: such a file is ours to replace.
 _OLD_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
 

@@ -16,7 +16,7 @@ from dagster._serdes import deserialize_value, serialize_value
 
 from assets.packs import raw_packs
 from orchestration.definitions import ASSETS, defs
-from orchestration.profiles import dagster_home
+from orchestration.profiles import DAGSTER_ENV, dagster_home
 from orchestration.sensors import incoming_packs_sensor
 from partitions import hash_prefixes
 from workloads.versions import HASH_PREFIXES
@@ -35,8 +35,8 @@ class RunFailed(Exception):
 
 def instance() -> dg.DagsterInstance:
     os.environ["DAGSTER_HOME"] = str(dagster_home())
-    # 256 prefixes: let automation fetch per-partition update times exactly (default cap 100).
-    os.environ.setdefault("DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH", "256")
+    for name, value in DAGSTER_ENV.items():
+        os.environ.setdefault(name, value)
     return dg.DagsterInstance.get()
 
 

@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from cvgraph.demo_packs import zip_bytes
+from orchestration.profiles import DAGSTER_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = REPO / ".venv" / "bin" / "dagster"
@@ -291,7 +292,7 @@ def dagster_dev(tmp_path_factory) -> Iterator[DagsterDev]:
         **os.environ,
         "CVGRAPH_HOME": str(home),
         "DAGSTER_HOME": str(dagster_home),
-        "DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH": "256",
+        **DAGSTER_ENV,  # as the Makefile exports it for `make ui`
         "CVGRAPH_WORKERS": "2",
         "PYTHONUNBUFFERED": "1",
     }

@@ -1,10 +1,13 @@
 """The local instance's event log: what profiles.dagster_home() configures, and that Dagster's
 own SQLite storage reads what it writes (the webserver and daemon share the files)."""
 
+import itertools
+import sqlite3
 import threading
 
 import dagster as dg
 import pytest
+from dagster._core.events import BATCH_WRITABLE_EVENTS
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from orchestration import event_log, profiles
@@ -17,6 +20,21 @@ def lettered(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     for key in context.partition_keys:
         context.add_asset_metadata({"letter": key}, partition_key=key)
     return dg.MaterializeResult(data_version=dg.DataVersion("v-" + "".join(context.partition_keys)))
+
+
+@dg.asset(partitions_def=letters, backfill_policy=dg.BackfillPolicy.single_run(), deps=[lettered],
+          check_specs=[dg.AssetCheckSpec("whole", asset="checked")])
+def checked(context: dg.AssetExecutionContext):
+    yield dg.MaterializeResult(metadata={"n": len(context.partition_keys)})
+    yield dg.AssetCheckResult(check_name="whole", passed=True)
+
+
+@dg.asset(partitions_def=letters, backfill_policy=dg.BackfillPolicy.single_run(), deps=[checked])
+def broken(context: dg.AssetExecutionContext) -> None:
+    raise RuntimeError("broken on purpose")
+
+
+RANGE = {"dagster/asset_partition_range_start": "a", "dagster/asset_partition_range_end": "c"}
 
 
 @pytest.fixture
@@ -126,3 +144,72 @@ def test_wipe_leaves_no_engine_on_deleted_files(tmp_path):
         storage.store_event(entry)
     assert len(storage.get_logs_for_run(run_id)) == len(entries)
     assert event_log.LocalEventLogStorage(str(tmp_path)).get_materialized_partitions(lettered.key) == {"b"}
+
+
+def _tables(base) -> dict[str, list[tuple]]:
+    """Every row of every table of every SQLite database under ``base`` (but the schema's
+    migration bookkeeping, which records when each database was created)."""
+    out = {}
+    for path in sorted(base.glob("*.db")):
+        with sqlite3.connect(path) as conn:
+            for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name NOT IN ('secondary_indexes', 'alembic_version') ORDER BY name"):
+                out[f"{path.name}:{table}"] = conn.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+    return out
+
+
+def test_a_batch_writes_exactly_the_rows_its_events_one_by_one_write(tmp_path):
+    with dg.instance_for_test() as inst:
+        result = dg.materialize([lettered, checked, broken], instance=inst, tags=RANGE, raise_on_error=False)
+        entries = inst.all_logs(result.run_id)
+    assert not result.success
+    one, batched = event_log.LocalEventLogStorage(str(tmp_path / "one")), event_log.LocalEventLogStorage(str(tmp_path / "batched"))
+    batches = 0
+    for writable, group in itertools.groupby(entries, key=lambda e: e.is_dagster_event and e.dagster_event_type in BATCH_WRITABLE_EVENTS):
+        group = list(group)
+        for entry in group:
+            one.store_event(entry)
+        if writable and len(group) > 1:  # mixed kinds and assets: planned materialisations and checks, then each step's outputs
+            batched.store_event_batch(group)
+            batches += 1
+        else:
+            for entry in group:
+                batched.store_event(entry)
+    one.dispose()
+    batched.dispose()
+    assert batches >= 3
+    rows_one, rows_batched = _tables(tmp_path / "one"), _tables(tmp_path / "batched")
+    assert set(rows_one) == set(rows_batched) and len(rows_one["index.db:asset_keys"]) == 3
+    for table, rows in rows_one.items():
+        assert rows_batched[table] == rows, table
+
+    # one batch holding every kind: an asset's planned, materialised and failed events together
+    writable = [e for e in entries if e.is_dagster_event and e.dagster_event_type in BATCH_WRITABLE_EVENTS]
+    one, batched = event_log.LocalEventLogStorage(str(tmp_path / "one_all")), event_log.LocalEventLogStorage(str(tmp_path / "batched_all"))
+    for entry in writable:
+        one.store_event(entry)
+    batched.store_event_batch(writable)
+    one.dispose()
+    batched.dispose()
+    assert _tables(tmp_path / "one_all") == _tables(tmp_path / "batched_all")
+
+
+def test_a_ranged_run_writes_its_events_in_batches_that_dagster_reads(instance_dir, monkeypatch):
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", profiles.DAGSTER_ENV["DAGSTER_EVENT_BATCH_SIZE"])
+    sizes = []
+    store_batch = event_log.LocalEventLogStorage.store_event_batch
+    monkeypatch.setattr(event_log.LocalEventLogStorage, "store_event_batch", lambda self, events: sizes.append(len(events)) or store_batch(self, events))
+    with dg.DagsterInstance.from_config(str(instance_dir)) as inst:
+        ok = dg.materialize([lettered, checked], instance=inst, tags=RANGE)
+        failed = dg.materialize([lettered, checked, broken], instance=inst, tags=RANGE, selection=[broken], raise_on_error=False)
+    assert ok.success and not failed.success
+    assert sizes[:3] == [3 + 3 + 1, 3, 3]  # planned (two assets, one check), then each step's three partitions
+
+    stock = SqliteEventLogStorage(str(instance_dir / "history" / "runs"))
+    assert stock.get_materialized_partitions(lettered.key) == {"a", "b", "c"} == stock.get_materialized_partitions(checked.key)
+    assert {r.partition_key: r.asset_materialization.metadata["letter"].value for r in stock.fetch_materializations(lettered.key, limit=10).records} == {"a": "a", "b": "b", "c": "c"}
+    record = next(iter(stock.get_asset_records([checked.key])))
+    assert record.asset_entry.last_run_id == ok.run_id and record.asset_entry.last_materialization_record.partition_key in {"a", "b", "c"}
+    # the failed run's planned partitions stay without a materialisation: Dagster shows them failed
+    attempts = stock.get_latest_asset_partition_materialization_attempts_without_materializations(broken.key)
+    assert {p: run_id for p, (run_id, _) in attempts.items()} == {p: failed.run_id for p in "abc"}
+    assert len(stock.get_logs_for_run(ok.run_id)) == len(dg.DagsterInstance.from_config(str(instance_dir)).all_logs(ok.run_id))

@@ -127,7 +127,6 @@ class LocalEventLogStorage(SqliteEventLogStorage):
         indexed = [(e, r) for e, r in zip(events, rows) if e.dagster_event_type in ASSET_EVENTS | ASSET_CHECK_EVENTS]
         if not indexed:
             return
-        checks = []
         with self.index_transaction() as conn:
             insert = SqlEventLogStorageTable.insert().returning(SqlEventLogStorageTable.c.id, sort_by_parameter_order=True)
             ids = [row[0] for row in conn.execute(insert, [r for _, r in indexed])]

@@ -1,24 +1,28 @@
 """Per-prefix data versions: recorded exactly in the lake, surfaced in Dagster.
 
 In a single-run range Dagster gives every partition of the range the same data version,
-so the exact per-prefix version lives in ``_versions/<asset>/<pp>.json`` (the source of
-truth) and in each partition's own metadata; the Dagster data version of the range is
-the Merkle root over the range's prefix versions (for one prefix, its exact version).
+so the exact per-prefix version lives in ``_versions/<asset>.json`` (the source of truth: one
+record per prefix, one object per asset, so a run reads an asset's 256 records in one request)
+and in each partition's own metadata; the Dagster data version of the range is the Merkle root
+over the range's prefix versions (for one prefix, its exact version).
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+import random
+import time
 
 import dagster as dg
 
 from workloads.lake import get_many
-from workloads.versions import HASH_PREFIXES, merkle_root
+from workloads.versions import HASH_PREFIXES, canonical_json, merkle_root
+
+SWAP_ATTEMPTS = 50
 
 
-def version_key(asset: str, prefix: str) -> str:
-    return f"_versions/{asset}/{prefix}.json"
+def versions_key(asset: str) -> str:
+    return f"_versions/{asset}.json"
 
 
 def read_records(lake, keys: dict[str, str]) -> dict[str, dict]:
@@ -26,18 +30,31 @@ def read_records(lake, keys: dict[str, str]) -> dict[str, dict]:
     return get_many(lake, keys)
 
 
+def _asset_records(lake, asset: str) -> tuple[dict[str, dict], str | None]:
+    """(``{prefix: record}``, the object's tag). A lake written before the records were one
+    object per asset has ``_versions/<asset>/<pp>.json``: read those until the first update
+    folds them in."""
+    data, tag = lake.get_tagged(versions_key(asset))
+    if data is not None:
+        return json.loads(data)["prefixes"], tag
+    legacy = read_records(lake, {o.key: o.key for o in lake.list(f"_versions/{asset}/")})
+    return {rec["prefix"]: rec for rec in legacy.values()}, None
+
+
+def asset_records(lake, asset: str) -> dict[str, dict]:
+    """The recorded ``_versions`` of every materialised prefix of ``asset``: one read."""
+    return _asset_records(lake, asset)[0]
+
+
 def prefix_records(lake, asset: str, prefixes: list[str]) -> dict[str, dict]:
     """The recorded ``_versions`` of ``asset`` for ``prefixes`` (absent: never materialised)."""
-    return read_records(lake, {p: version_key(asset, p) for p in prefixes})
+    records = asset_records(lake, asset)
+    return {p: records[p] for p in prefixes if p in records}
 
 
 def read_prefix_versions(lake, asset: str) -> dict[str, str]:
     """``{prefix: data version}`` for every prefix of ``asset`` recorded in the lake."""
-    out = {}
-    for o in lake.list(f"_versions/{asset}/"):
-        rec = json.loads(lake.get(o.key))
-        out[rec["prefix"]] = rec["data_version"]
-    return out
+    return {p: rec["data_version"] for p, rec in asset_records(lake, asset).items()}
 
 
 def lake_merkle_root(lake, asset: str) -> tuple[str, dict[str, str]]:
@@ -48,10 +65,18 @@ def lake_merkle_root(lake, asset: str) -> tuple[str, dict[str, str]]:
 
 
 def write_prefix_records(lake, asset: str, stats: dict[str, dict]) -> None:
-    """``_versions/<asset>/<pp>.json`` for each prefix of ``stats``."""
-    records = {version_key(asset, p): json.dumps({"prefix": p, **rec}, sort_keys=True).encode() for p, rec in stats.items()}
-    with ThreadPoolExecutor(16) as pool:  # each put waits on its own fsync: overlap them
-        list(pool.map(lambda item: lake.put(*item), records.items()))
+    """Set the records of the prefixes of ``stats`` in ``_versions/<asset>.json``, the others
+    kept. A compare-and-swap: when another run (another range of the same asset) updated the
+    object since it was read, it is read again and the records merged again, never overwritten."""
+    if not stats:
+        return
+    updates = {p: {"prefix": p, **rec} for p, rec in stats.items()}
+    for attempt in range(SWAP_ATTEMPTS):
+        current, tag = _asset_records(lake, asset)
+        if lake.put_if_match(versions_key(asset), canonical_json({"prefixes": {**current, **updates}}), tag):
+            return
+        time.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # jittered: swappers that collide spread out
+    raise RuntimeError(f"{versions_key(asset)}: changed by another writer {SWAP_ATTEMPTS} times in a row while this run updated it")
 
 
 def record_prefixes(context: dg.AssetExecutionContext, lake, asset_key: dg.AssetKey, stats: dict[str, dict], summary_keys: tuple[str, ...],

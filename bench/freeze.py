@@ -35,6 +35,8 @@ SELECTIVE_SQL = "SELECT * FROM images WHERE label = 'cat'"
 
 def generate(lake, rows: int, seed: int = 0) -> dict:
     """``rows`` image rows over the 256 prefixes, as the image_tables asset lays them out."""
+    from assets.subsets import PREFIX_ASSETS
+    from assets.versioning import write_prefix_records
     from workloads.images import ImageParams, output_dir
     from workloads.kernels import ResizeParams
     from workloads.lake import write_parquet
@@ -97,16 +99,18 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
     firsts = hexes.astype("S2")  # sorted, so each prefix is one contiguous slice
     keys = np.array([p.encode() for p in HASH_PREFIXES], dtype="S2")
     starts, ends = np.searchsorted(firsts, keys, side="left"), np.searchsorted(firsts, keys, side="right")
+    records: dict[str, dict[str, dict]] = {asset: {} for asset in PREFIX_ASSETS}
     for p, a, b in zip(HASH_PREFIXES, starts, ends):
         part = table.slice(int(a), int(b - a))
         # one part per prefix (as a compacted prefix has) and the state naming it
         write_parquet(lake, part_key("images", p, "0"), part)
         lake.put(tables_state_key(p), json.dumps({"images": part.num_rows, "objects": 0}).encode())
-        for asset in ("raw_images", "resized_images", "edge_maps", "image_tables"):
-            rec = {"prefix": p, "images": part.num_rows, "data_version": prefix_version(part["sha256"].to_pylist()[:16], asset)}
-            lake.put(f"_versions/{asset}/{p}.json", json.dumps(rec, sort_keys=True).encode())
+        for asset in PREFIX_ASSETS:
+            records[asset][p] = {"images": part.num_rows, "data_version": prefix_version(part["sha256"].to_pylist()[:16], asset)}
         for stage in ("resize", "edges"):
             (lake.root / output_dir(stage, params, p)).mkdir(parents=True, exist_ok=True)
+    for asset, recs in records.items():
+        write_prefix_records(lake, asset, recs)
     t2 = time.perf_counter()
     return {"rows": rows, "build_s": round(t1 - t0, 2), "write_s": round(t2 - t1, 2),
             "table_mb": round(sum(f.stat().st_size for f in (lake.root / "tables").rglob("*.parquet")) / 1e6, 1)}

@@ -110,6 +110,7 @@ def _orchestrate(home: Path, rng: tuple[str, str]) -> dict:
     t_start = time.perf_counter()
     import dagster as dg
 
+    from assets.versioning import asset_records
     from orchestration import runs
     from orchestration.definitions import build_defs
     from workloads.lake import LocalLake
@@ -130,7 +131,7 @@ def _orchestrate(home: Path, rng: tuple[str, str]) -> dict:
             steps[s.step_key] = round(s.end_time - s.start_time, 3)
     lake = LocalLake(home / "lake")
     processed = sum(json.loads(lake.get(o.key))["processed"] for o in lake.list(f"_results/{result.run_id}/resize/"))
-    rows = sum(json.loads(lake.get(o.key))["images"] for o in lake.list("_versions/image_tables/"))
+    rows = sum(r["images"] for r in asset_records(lake, "image_tables").values())
     workers_s = sum(json.loads(lake.get(o.key))["seconds"] for o in lake.list(f"_results/{result.run_id}/resize/"))
     return {"wall_s": round(wall, 3), "startup_s": round(t_ready - t_start, 3), "processed": processed, "table_rows": rows,
             "steps_s": steps, "prefix_task_seconds_sum": round(workers_s, 2), "run_id": result.run_id, "external_load_cores": load}

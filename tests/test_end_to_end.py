@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from assets.versioning import asset_records
 from cvgraph.cli import main as cli
 from cvgraph.demo import DIGITS_MODEL, DIGITS_SUBSET
 from cvgraph.demo_packs import sample_image, zip_bytes
@@ -69,13 +70,12 @@ def test_every_prefix_partition_materialised_with_exact_versions(demo):
     ds, first, _ = demo
     for asset in PREFIX_ASSETS:
         assert set(first["dagster"][asset]["versions"]) == set(HASH_PREFIXES), asset
-        records = {json.loads(ds.lake.get(o.key))["prefix"]: json.loads(ds.lake.get(o.key)) for o in ds.lake.list(f"_versions/{asset}/")}
-        assert set(records) == set(HASH_PREFIXES)
-    counts = {a: sum(json.loads(ds.lake.get(o.key))["images"] for o in ds.lake.list(f"_versions/{a}/")) for a in PREFIX_ASSETS}
-    assert counts == {a: 1811 for a in PREFIX_ASSETS}
+        assert set(asset_records(ds.lake, asset)) == set(HASH_PREFIXES)
+    records = {a: asset_records(ds.lake, a) for a in PREFIX_ASSETS}
+    assert {a: sum(r["images"] for r in records[a].values()) for a in PREFIX_ASSETS} == {a: 1811 for a in PREFIX_ASSETS}
     # prefixes with more than CVGRAPH_SHARD_IMAGES (8 in the suite) images ran as shards, then merged
-    shards = {json.loads(ds.lake.get(o.key))["prefix"]: json.loads(ds.lake.get(o.key)).get("shards", 1) for o in ds.lake.list("_versions/resized_images/")}
-    raw = {json.loads(ds.lake.get(o.key))["prefix"]: json.loads(ds.lake.get(o.key))["images"] for o in ds.lake.list("_versions/raw_images/")}
+    shards = {p: r.get("shards", 1) for p, r in records["resized_images"].items()}
+    raw = {p: r["images"] for p, r in records["raw_images"].items()}
     assert {p for p, n in shards.items() if n > 1} == {p for p, n in raw.items() if n > 8} != set()
     assert not [k for k in ds.lake.keys("index/") if ".shard-" in k]
     assert len(list(ds.lake.list("resized/"))) == len(list(ds.lake.list("edges/"))) == 1811
@@ -100,6 +100,27 @@ def test_second_demo_changes_no_data_version_and_duplicates_nothing(demo):
         assert second["dagster"][asset]["versions"] == state["versions"], asset
     for asset in ("raw_packs", *PREFIX_ASSETS):  # nothing re-ran upstream of the subset
         assert second["dagster"][asset]["count"] == first["dagster"][asset]["count"], asset
+
+
+def test_a_range_with_nothing_to_do_reads_one_record_per_asset_and_writes_nothing(demo):
+    """Untouched prefixes are nearly free: a 256-prefix run of the four prefix assets with no pack
+    pending reads each input's and its own ``_versions`` once (one object holds all 256 prefixes'
+    records), starts no task, writes nothing, and keeps every partition's data version."""
+    import dagster as dg
+
+    ds, first, _ = demo
+    result = ds.materialize([dg.AssetKey(a) for a in PREFIX_ASSETS], partition_range=("00", "ff"))
+    requests = {}
+    for event in result.get_asset_materialization_events():
+        meta = event.materialization.metadata
+        requests[event.asset_key.to_user_string()] = {k: v for k, v in meta["lake_requests_orchestrator"].value.items() if not k.startswith("bytes")}
+        assert meta["prefixes_in_run"].value == 256 and meta["prefixes_with_work"].value == 0 and meta["lake_requests_workers"].value == {}
+    # raw_images: the pending markers' listing and its own records; the stages: raw + their own two
+    # (one step, reported once); the tables: three inputs and its own
+    assert requests == {"raw_images": {"list": 1, "get": 1}, "resized_images": {"get": 3}, "edge_maps": {}, "image_tables": {"get": 4}}
+    assert lake_snapshot(ds.lake) == first["lake"]
+    state = dagster_state(ds.instance)
+    assert all(state[a]["versions"] == first["dagster"][a]["versions"] for a in PREFIX_ASSETS)
 
 
 def test_tables_and_sql(demo):

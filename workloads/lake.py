@@ -11,6 +11,8 @@ Every lake counts what it is asked for in ``counters``: ``list``, ``get``, ``hea
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import io
 import json
 import os
@@ -104,6 +106,15 @@ class LocalLake:
             return data
         finally:
             os.close(fd)
+
+    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object at ``key`` and its tag for ``put_if_match`` (the MD5 of its bytes, as S3's
+        ETag of a single-part put), or ``(None, None)`` when there is none."""
+        try:
+            data = self.get(key)
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.md5(data).hexdigest()
 
     def size(self, key: str) -> int:
         self.counters.add("head")
@@ -202,6 +213,32 @@ class LocalLake:
             return True
         except FileExistsError:
             return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_if_match(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Store ``data`` at ``key`` only if the object there still has ``tag`` (``None``: only if
+        there is none); True if stored. The compare-and-swap several runs updating one record
+        need (S3: a conditional put); a lock file next to the key serialises the swaps of all
+        processes on this machine, readers take no lock (the swap is a rename)."""
+        self.counters.add("put")
+        dest, tmp = self._tmp(key)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(dest.parent / f".tmp-lock-{dest.name}", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    current = hashlib.md5(dest.read_bytes()).hexdigest()
+                except FileNotFoundError:
+                    current = None
+                if current != tag:
+                    return False
+                os.replace(tmp, dest)
+            self.counters.add("bytes_written", len(data))
+            return True
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -83,6 +83,18 @@ class S3Lake:
                 raise FileNotFoundError(self.uri(key)) from None
             raise
 
+    def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object at ``key`` and its ETag, or ``(None, None)`` when there is none."""
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            if _missing(e):
+                return None, None
+            raise
+        data = r["Body"].read()
+        self.counters.add("bytes_read", len(data))
+        return data, r["ETag"]
+
     def size(self, key: str) -> int:
         return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
 
@@ -119,15 +131,25 @@ class S3Lake:
         self.counters.add("bytes_written", os.path.getsize(src))
 
     def put_file_if_absent(self, key: str, src: str | os.PathLike) -> bool:
+        with open(src, "rb") as f:
+            return self._put_conditional(key, f, os.path.getsize(src), IfNoneMatch="*")
+
+    def put_if_match(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Store ``data`` at ``key`` only if the object there still has ETag ``tag`` (``None``:
+        only if there is none); True if stored."""
+        return self._put_conditional(key, data, len(data), **({"IfMatch": tag} if tag else {"IfNoneMatch": "*"}))
+
+    def _put_conditional(self, key: str, body, size: int, **condition) -> bool:
+        """A put that S3 refuses (412, or 409 for a concurrent conditional put; 404 when an
+        If-Match object is gone) unless ``condition`` holds; False when refused."""
         try:
-            with open(src, "rb") as f:
-                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=f, IfNoneMatch="*")
-            self.counters.add("bytes_written", os.path.getsize(src))
-            return True
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, **condition)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or _missing(e):
                 return False
             raise
+        self.counters.add("bytes_written", size)
+        return True
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -59,9 +59,13 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     # onnxruntime's recommended pre-processing: shape inference + graph optimisation.
     prepared = out_dir / "onnx_int8" / "prepared.onnx"
     quant_pre_process(str(paths["onnx"]), str(prepared))
+    # 7-bit weights (reduce_range): onnxruntime's advice for x86 CPUs without VNNI (AVX2 only),
+    # whose u8s8 products saturate in 16 bits; it costs VNNI CPUs nothing, and the same model
+    # quantizes to the same bytes wherever it is exported. Without it, on an AVX2-only EPYC, the
+    # demo's int8 digits model agreed with PyTorch on under 95% of held-out images.
     quantize_static(
         str(prepared), str(paths["onnx_int8"]), Calibration(), quant_format=QuantFormat.QDQ,
-        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+        per_channel=True, reduce_range=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
     )
     prepared.unlink()
 

@@ -62,8 +62,9 @@ def raw_images(context: dg.AssetExecutionContext, lake: LakeResource, image_comp
     # One listing of the pending markers tells which prefixes have packs to absorb.
     pending = {k.split("/")[2] for k in store.keys(PENDING_RAW)}
     work = sorted(pending & set(prefixes))
-    # The label counts stay in the index's own state: the records hold what the steps decide by.
-    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("requests", "stage", "seconds", "labels")}  # noqa: E731
+    # The label counts stay in the index's state and the merged packs in the result record: the
+    # version records hold what the steps decide by, a few hundred bytes a prefix.
+    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("requests", "stage", "seconds", "labels", "packs_merged")}  # noqa: E731
     run_tasks(store, run_id, ["index"], work, lambda: image_compute.run_prefix_tasks(context, "index", lambda shard: index_command(lake.url, run_id, shard), work, run_id),
               lambda done: write_prefix_records(store, "raw_images", {p: strip(r) for p, r in done["index"].items()}))
     results = task_results(context, store, run_id, "index", work)

@@ -6,6 +6,6 @@
     ds.freeze_dataset("digits_v1", "SELECT * FROM images WHERE pack_id = 'digits'")
 """
 
-from cvgraph.sdk import Datasets, FreezeRefused
+from cvgraph.sdk import CvgraphError, Datasets, FreezeRefused, PackNotIngested, RunFailed, UnknownKey, Upload
 
-__all__ = ["Datasets", "FreezeRefused"]
+__all__ = ["CvgraphError", "Datasets", "FreezeRefused", "PackNotIngested", "RunFailed", "UnknownKey", "Upload"]

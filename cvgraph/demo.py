@@ -14,9 +14,9 @@ MIN_ACCURACY = 0.90
 
 def run_demo(epochs: int = 8) -> int:
     from assets.versioning import lake_merkle_root
-    from cvgraph.cli import _export, _pack_report, _sync, _train, _upload
     from cvgraph.demo_packs import build_demo_packs
     from cvgraph.sdk import Datasets
+    from cvgraph.terminal import echo_ingest, echo_range
     from orchestration.profiles import home
     from partitions import hash_prefixes
 
@@ -26,24 +26,24 @@ def run_demo(epochs: int = 8) -> int:
         click.secho(f"[{time.perf_counter() - t0:6.1f}s] {msg}", fg="cyan")
 
     ds = Datasets()
-    step(f"CVGRAPH_HOME={home()}  lake={ds._resources['lake'].url}")
+    step(f"CVGRAPH_HOME={home()}  lake={ds.lake_url}")
     step("building demo packs from scikit-learn / scikit-image sample data")
     packs = build_demo_packs(home() / "demo-packs")
     for name, path in packs.items():
-        key, pack_id, uploaded = _upload(ds, path, name)
-        step(f"{'uploaded' if uploaded else 'unchanged'} {key} ({path.stat().st_size / 1e6:.1f} MB)")
+        up = ds.upload(path, name)
+        step(f"{'uploaded' if up.uploaded else 'unchanged'} {up.key} ({path.stat().st_size / 1e6:.1f} MB)")
     step("sensor tick: new zips under incoming/ → packs partitions → ingest runs")
-    ds.tick_incoming(on_run=lambda p, r: click.echo(f"  ingested pack {p}: {'ok' if r.success else 'FAILED'}"))
+    ds.tick_incoming(on_run=echo_ingest)
     step("automation: new packs → raw_images → resized_images + edge_maps → image_tables")
-    _sync(ds)
+    ds.sync(on_run=echo_range)
     step(f"freezing subset {DIGITS_SUBSET} by SQL")
     subset = ds.freeze_dataset(DIGITS_SUBSET, DIGITS_SQL)
     step(f"training {DIGITS_MODEL} ({epochs} epochs) on {DIGITS_SUBSET}")
-    model = _train(ds, DIGITS_MODEL, DIGITS_SUBSET, epochs)
+    model = ds.train(DIGITS_MODEL, DIGITS_SUBSET, epochs)
     step("exporting TorchScript, ONNX, ONNX int8 and checking parity with onnxruntime")
-    exports = _export(ds, DIGITS_MODEL)
+    exports = ds.export(DIGITS_MODEL)
 
-    reports = [_pack_report(ds, p) for p in packs]
+    reports = [ds.pack_report(p) for p in packs]
     materialised = {k.to_user_string(): len(ds.instance.get_materialized_partitions(k)) for k in ds.definitions.resolve_asset_graph().get_all_asset_keys() if ds.definitions.resolve_assets_def(k).partitions_def == hash_prefixes}
     root, _ = lake_merkle_root(ds.lake, "image_tables")
     lines = [
@@ -60,7 +60,7 @@ def run_demo(epochs: int = 8) -> int:
         f"model {DIGITS_MODEL}:     test accuracy {model['test_accuracy']:.4f} on {model['counts']['test']} held-out images (mlflow run {model['mlflow_run_id'][:12]})",
         "exports:",
         *(f"    {r['key']:40s} {r['bytes']:>8d} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}" for r in exports["formats"].values()),
-        f"pictures:             {ds._resources['lake'].url}/{subset['label_plot']}, {ds._resources['lake'].url}/models/{DIGITS_MODEL}/curves.png",
+        f"pictures:             {ds.lake_url}/{subset['label_plot']}, {ds.lake_url}/models/{DIGITS_MODEL}/curves.png",
         f"next:                 make ui  (the same Dagster instance)  ·  cvgraph lineage {DIGITS_MODEL}",
         f"done in {time.perf_counter() - t0:.1f}s",
     ]

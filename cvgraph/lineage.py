@@ -21,12 +21,12 @@ def _dagster(inst: dg.DagsterInstance, asset: str, partition: str) -> dict | Non
     return {"run_id": ev.run_id, "data_version": (mat.tags or {}).get("dagster/data_version"), "timestamp": ev.timestamp}
 
 
-def lineage_of(ds, key: str) -> dict:
+def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
+    """The lineage tree of a model (with its exports) or a subset ``key``; KeyError if neither."""
     from assets.exports import export_keys
     from resources.training import model_keys
     from workloads.ingest import pack_keys
 
-    lake, inst = ds.lake, ds.instance
     tree: dict = {}
     model = _json(lake, model_keys(key)["record"])
     subset_key = key

@@ -1,17 +1,54 @@
-"""What a data scientist imports: SQL over the tables, and freezing subsets through Dagster."""
+"""What a data scientist imports: every workflow the CLI offers, as methods of ``Datasets``.
+
+Packs in (``upload``, ``ingest``, ``sync``), SQL over the tables (``sql_query``), immutable subsets
+(``freeze_dataset``, ``subset``), models (``train``, ``export``) and where they came from
+(``lineage``). Each runs what the Dagster daemon would run, on the same instance, so the UI shows it.
+A failure the user can act on raises a ``CvgraphError`` whose message is one line naming what
+failed and why.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
 from resources.catalog import ensure_select
 
 
-class FreezeRefused(Exception):
+class CvgraphError(Exception):
+    """A failure the user can act on; the message is one line that names it."""
+
+
+class FreezeRefused(CvgraphError):
     """The freeze did not happen (bad SQL, a different query under a frozen key, ...)."""
+
+
+class RunFailed(CvgraphError):
+    """A Dagster run the SDK started failed; the message names the step and the reason."""
+
+
+class PackNotIngested(CvgraphError):
+    """A pack's ingest run failed (not a readable zip, ...)."""
+
+    def __init__(self, pack_id: str, message: str):
+        super().__init__(message)
+        self.pack_id = pack_id
+
+
+class UnknownKey(CvgraphError):
+    """No model or subset has this key."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    key: str  # incoming/<name>.zip
+    pack_id: str
+    uploaded: bool  # False: the same bytes were already there
 
 
 class Datasets:
@@ -25,29 +62,82 @@ class Datasets:
 
         self._runs = runs
         self.definitions = build_defs()  # the profile of the environment now, not at first import
-        self._resources = self.definitions.resources
+        self.resources = self.definitions.resources
         self.instance = runs.instance()
 
-    # -- runs on the Dagster instance (what the CLI and the demo use) --------------------
+    @property
+    def lake(self):
+        return self.resources["lake"].lake()
+
+    @property
+    def lake_url(self) -> str:
+        return self.resources["lake"].url
+
+    # -- runs on the Dagster instance ---------------------------------------------------------
     def materialize(self, keys, **kw):
-        return self._runs.materialize(self.instance, keys, definitions=self.definitions, **kw)
-
-    def tick_incoming(self, **kw):
-        return self._runs.tick_incoming(self.instance, definitions=self.definitions, **kw)
-
-    def sync(self, **kw):
-        return self._runs.sync(self.instance, definitions=self.definitions, **kw)
+        """Materialise ``keys`` in one run (``partition_key=`` or ``partition_range=``); raises
+        ``RunFailed`` naming the failed step unless ``raise_on_error=False``."""
+        try:
+            return self._runs.materialize(self.instance, keys, definitions=self.definitions, **kw)
+        except self._runs.RunFailed as e:
+            raise RunFailed(str(e)) from None
 
     def ensure_partition(self, partitions_def, key: str) -> None:
         self._runs.ensure_partition(self.instance, partitions_def, key)
 
-    @property
-    def lake(self):
-        return self._resources["lake"].lake()
+    # -- packs --------------------------------------------------------------------------------
+    def upload(self, path: str | Path, name: str | None = None) -> Upload:
+        """Put the zip at ``incoming/<name>.zip`` (default name: the file's stem) unless the same
+        bytes are already there; the sensor, or ``sync``, takes it from there."""
+        from orchestration.sensors import INCOMING, pack_id_for
 
+        path = Path(path)
+        key = f"{INCOMING}{name or path.stem}.zip"
+        lake = self.lake
+        uploaded = not (lake.exists(key) and lake.get(key) == path.read_bytes())
+        if uploaded:
+            lake.put_file(key, path)
+        return Upload(key, pack_id_for(key), uploaded)
+
+    def ingest(self, path: str | Path, name: str | None = None) -> dict:
+        """Upload the zip and materialise its ``raw_packs`` partition now; returns its report
+        (``pack_report``). Raises ``PackNotIngested`` (e.g. not a readable zip)."""
+        from assets.packs import PACK_KEY_TAG, raw_packs
+        from partitions import packs
+
+        up = self.upload(path, name)
+        self.ensure_partition(packs, up.pack_id)
+        result = self.materialize([raw_packs.key], partition_key=up.pack_id, tags={PACK_KEY_TAG: up.key}, raise_on_error=False)
+        if not result.success:
+            raise PackNotIngested(up.pack_id, f"pack {up.pack_id} ({path}) was not ingested: {self._runs.failure_message(result)}")
+        return self.pack_report(up.pack_id)
+
+    def pack_report(self, pack_id: str) -> dict:
+        """``{"pack_id", "accepted", "duplicates", "rejected": [{"member", "reason"}]}`` of an ingested pack."""
+        from workloads.ingest import pack_keys
+
+        try:
+            rec = json.loads(self.lake.get(pack_keys(pack_id)["record"]))
+        except FileNotFoundError:
+            raise UnknownKey(f"no ingested pack {pack_id!r}") from None
+        return {"pack_id": pack_id, "accepted": rec["accepted"], "duplicates": rec["duplicates"], "rejected": rec["rejected"]}
+
+    def tick_incoming(self, on_run: Callable | None = None) -> list[str]:
+        """One tick of the incoming-packs sensor, and the ingest runs it requests; returns pack ids."""
+        return self._runs.tick_incoming(self.instance, on_run=on_run, definitions=self.definitions)
+
+    def sync(self, on_run: Callable | None = None) -> list[dict]:
+        """Materialise every image partition automation requests or that is missing, as ranged
+        runs; ``on_run(asset names, (first, last prefix), result)`` after each."""
+        try:
+            return self._runs.sync(self.instance, on_run=on_run, definitions=self.definitions)
+        except self._runs.RunFailed as e:
+            raise RunFailed(str(e)) from None
+
+    # -- tables and subsets -------------------------------------------------------------------
     def sql_query(self, sql: str) -> pa.Table:
         """Run one read-only SELECT over ``images`` and ``objects``; returns an Arrow table."""
-        return self._resources["catalog"].query(sql)
+        return self.resources["catalog"].query(sql)
 
     def freeze_dataset(self, key: str, sql: str) -> dict:
         """Materialise the ``frozen_subsets`` partition ``key`` from ``sql``; returns its record.
@@ -55,10 +145,9 @@ class Datasets:
         Freezing the same key with the same query again returns the same subset; a
         different query under a frozen key is refused.
         """
+        from assets.keys import check_key
         from assets.subsets import frozen_subsets, subset_keys
         from partitions import subsets
-
-        from assets.keys import check_key
 
         try:
             check_key("subset", key)
@@ -69,7 +158,7 @@ class Datasets:
         run_config = {"ops": {"frozen_subsets": {"config": {"sql": sql}}}}
         try:
             self.materialize([frozen_subsets.key], partition_key=key, run_config=run_config)
-        except self._runs.RunFailed as e:
+        except RunFailed as e:
             raise FreezeRefused(f"freeze of {key!r} failed: {e}") from None
         return json.loads(self.lake.get(subset_keys(key)["record"]))
 
@@ -77,3 +166,33 @@ class Datasets:
         from assets.subsets import verify_subset
 
         return verify_subset(self.lake, key)
+
+    # -- models -------------------------------------------------------------------------------
+    def train(self, key: str, subset: str | None = None, epochs: int | None = None) -> dict:
+        """Train model ``key`` on a frozen subset (default: the model's previous one); returns its
+        record (``test_accuracy``, ``counts``, ``mlflow_run_id``, ...)."""
+        from assets.models import trained_models
+        from partitions import models
+        from resources.training import model_keys
+
+        self.ensure_partition(models, key)
+        cfg = {k: v for k, v in {"subset": subset, "epochs": epochs}.items() if v is not None}
+        self.materialize([trained_models.key], partition_key=key, run_config={"ops": {"trained_models": {"config": cfg}}})
+        return json.loads(self.lake.get(model_keys(key)["record"]))
+
+    def export(self, key: str) -> dict:
+        """TorchScript, ONNX and ONNX int8 of model ``key``, each checked against it; returns the
+        exports record (``formats``: key, bytes, max_abs_error, top1_agreement per format)."""
+        from assets.exports import export_keys, exported_models
+
+        self.materialize([exported_models.key], partition_key=key)
+        return json.loads(self.lake.get(export_keys(key)["record"]))
+
+    def lineage(self, key: str) -> dict:
+        """Export → model → subset → prefix versions → packs of a model or subset ``key``."""
+        from cvgraph.lineage import lineage_of
+
+        try:
+            return lineage_of(self.lake, self.instance, key)
+        except KeyError as e:
+            raise UnknownKey(str(e.args[0])) from None

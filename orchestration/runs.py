@@ -24,7 +24,10 @@ from workloads.versions import HASH_PREFIXES
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 SENSOR_CURSOR = "cvgraph/sensor_cursor"
 AUTOMATION_CURSOR = "cvgraph/automation/cursor"
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# In-process runs log to the instance (the UI shows every event); the terminal gets only what the
+# caller prints, and a failed run reaches it as one line (RunFailed, failure_message), not as
+# Dagster's console log of the step's stack trace.
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 class RunFailed(Exception):

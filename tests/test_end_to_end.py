@@ -228,7 +228,7 @@ def test_model_accuracy_mlflow_and_export_parity(demo):
     assert model["test_accuracy"] >= 0.90
     assert model["subset_manifest_sha256"] == ds.subset(DIGITS_SUBSET)["manifest_sha256"]
     assert model["model_sha256"] == sha256_hex(ds.lake.get(f"models/{DIGITS_MODEL}/model.pt"))
-    client = mlflow.MlflowClient(ds._resources["tracking"].tracking_uri)
+    client = mlflow.MlflowClient(ds.resources["tracking"].tracking_uri)
     run = client.get_run(model["mlflow_run_id"])
     assert run.data.tags["cvgraph.subset_hash"] == model["subset_manifest_sha256"]
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 6
@@ -270,6 +270,32 @@ def test_lineage_cli(demo):
     for needle in ("export digits_cnn", "└─ model digits_cnn", "└─ subset digits_v1", "prefix partitions", "digits  zip sha256"):
         assert needle in text.output
     assert CliRunner().invoke(cli, ["lineage", "nope"]).exit_code != 0
+
+
+def test_the_sdk_does_what_the_cli_does_and_names_what_went_wrong(demo, tmp_path):
+    """A notebook has every workflow the CLI has (upload, ingest, pack report, lineage, ...), and a
+    user's mistake is an SDK exception with one line, which the CLI prints without a traceback."""
+    from cvgraph import CvgraphError, PackNotIngested, UnknownKey
+
+    ds, _, _ = demo
+    up = ds.upload(ds.lake.path("incoming/digits.zip"), "digits")
+    assert (up.key, up.pack_id, up.uploaded) == ("incoming/digits.zip", "digits", False)  # the same bytes: nothing to do
+    assert ds.pack_report("digits") == {"pack_id": "digits", "accepted": 1797, "duplicates": 0, "rejected": []}
+    assert ds.lineage(DIGITS_MODEL)["model"]["key"] == DIGITS_MODEL
+    with pytest.raises(UnknownKey, match="'nope' is neither a trained model nor a frozen subset"):
+        ds.lineage("nope")
+    with pytest.raises(UnknownKey, match="no ingested pack 'nope'"):
+        ds.pack_report("nope")
+    bad = tmp_path / "broken.zip"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(PackNotIngested, match="pack broken .* was not ingested: .*not a readable zip") as e:
+        ds.ingest(bad)
+    assert e.value.pack_id == "broken" and isinstance(e.value, CvgraphError)
+    out = CliRunner().invoke(cli, ["lineage", "nope"])
+    assert out.exit_code == 1 and out.output == "Error: 'nope' is neither a trained model nor a frozen subset\n"
+    out = CliRunner().invoke(cli, ["train", "m2", "--subset", "no_such_subset", "--epochs", "1"])
+    assert out.exit_code == 1 and out.output.startswith("Error: ") and "no_such_subset" in out.output and "Traceback" not in out.output
+    assert len(out.output.strip().splitlines()) == 1, out.output
 
 
 def test_cli_ingest_query_and_bad_packs(demo, tmp_path):

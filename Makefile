@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CVGRAPH_HOME)/dagster
 export DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH ?= 256
 export DAGSTER_EVENT_BATCH_SIZE ?= 1024
 
-.PHONY: install lock demo test ui bench clean
+.PHONY: install lock demo test lint ui bench clean
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# ruff, pinned in the lock: the rules of pyproject.toml [tool.ruff], and the formatter's layout.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ui: install
 	$(BIN)/python -c 'from orchestration.profiles import dagster_home; dagster_home()'

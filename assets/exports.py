@@ -1,6 +1,5 @@
 """exported_models: TorchScript, ONNX and ONNX int8 of a trained model, parity-checked."""
 
-
 import json
 import tempfile
 from pathlib import Path
@@ -24,18 +23,25 @@ MIN_INT8_AGREEMENT = 0.95  # top-1 agreement of the int8 model
 
 
 def export_keys(key: str) -> dict[str, str]:
-    return {**{f: f"exports/{key}/{p}" for f, p in FILES.items()}, "record": f"exports/{key}/exports.json"}
+    return {
+        **{f: f"exports/{key}/{p}" for f, p in FILES.items()},
+        "record": f"exports/{key}/exports.json",
+    }
 
 
 def _samples(store, model_record: dict, tmp: Path):
     """Up to PARITY_SAMPLES held-out images of the model's subset, as the model sees them."""
     manifest = read_parquet(store, subset_keys(model_record["subset"])["manifest"])
     for split in ("test", "val", "train"):  # held-out images first; a tiny subset may have none
-        test = manifest.filter(pc.equal(manifest["split"], split)).slice(0, PARITY_SAMPLES).to_pylist()
+        test = (
+            manifest.filter(pc.equal(manifest["split"], split)).slice(0, PARITY_SAMPLES).to_pylist()
+        )
         if test:
             break
     else:
-        raise dg.Failure(description=f"model {model_record['key']}: its subset {model_record['subset']} has no images to check parity on")
+        raise dg.Failure(
+            description=f"model {model_record['key']}: its subset {model_record['subset']} has no images to check parity on"
+        )
     variant = model_record["spec"]["variant"]
     col = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}[variant]
     for r in test:
@@ -52,7 +58,13 @@ def _samples(store, model_record: dict, tmp: Path):
     group_name="models",
     kinds={"onnx", "pytorch"},
     description="TorchScript, ONNX and ONNX int8 exports, each checked against the trained model on held-out images.",
-    check_specs=[dg.AssetCheckSpec("parity", asset="exported_models", description=f"float exports within {MAX_FLOAT_ERROR} of PyTorch logits; int8 top-1 agreement ≥ {MIN_INT8_AGREEMENT}")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "parity",
+            asset="exported_models",
+            description=f"float exports within {MAX_FLOAT_ERROR} of PyTorch logits; int8 top-1 agreement ≥ {MIN_INT8_AGREEMENT}",
+        )
+    ],
 )
 def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
     key = context.partition_key
@@ -63,12 +75,16 @@ def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
         raise dg.Failure(description=f"model {key} has not been trained")
     model_record = json.loads(store.get(mkeys["record"]))
     prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None
-    if prior and prior["model_sha256"] == model_record["model_sha256"] and all(store.exists(keys[f]) for f in FILES):
+    if (
+        prior
+        and prior["model_sha256"] == model_record["model_sha256"]
+        and all(store.exists(keys[f]) for f in FILES)
+    ):
         record = prior
         context.log.info(f"exports of {key} are current for model {record['model_sha256'][:12]}")
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
+        with tempfile.TemporaryDirectory() as scratch:
+            tmp = Path(scratch)
             (tmp / "model.pt").write_bytes(store.get(mkeys["model"]))
             samples = _samples(store, model_record, tmp / "samples")
             report = export_all(tmp / "model.pt", tmp / "out", samples)
@@ -96,5 +112,12 @@ def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
         check_name="parity",
         passed=float_ok and int8_ok,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={f: {"max_abs_error": formats[f]["max_abs_error"], "top1_agreement": formats[f]["top1_agreement"]} for f in formats} | {"samples": formats["onnx"]["samples"]},
+        metadata={
+            f: {
+                "max_abs_error": formats[f]["max_abs_error"],
+                "top1_agreement": formats[f]["top1_agreement"],
+            }
+            for f in formats
+        }
+        | {"samples": formats["onnx"]["samples"]},
     )

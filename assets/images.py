@@ -6,13 +6,19 @@ only records (pending markers, ``_versions``, result records); the work on a pre
 in the workload CLIs, and only on the prefixes that have work: the rest keep their records.
 """
 
-
 import json
 
 import dagster as dg
 
 from assets.packs import raw_packs
-from assets.versioning import prefix_records, read_records, record_prefixes, request_metadata, write_prefix_records
+from assets.versioning import (
+    prefix_records,
+    read_records,
+    record_prefixes,
+    request_metadata,
+    version_record,
+    write_prefix_records,
+)
 from partitions import hash_prefixes
 from resources.compute import ImageCompute, WorkloadFailed, index_command, merge_shards_command
 from resources.settings import ImageSettings
@@ -23,7 +29,9 @@ from workloads.ingest import PENDING_RAW
 from workloads.tasks import parse_task, result_key, shard_tasks
 
 # Eager, except that one unreadable (failed) pack must not hold every prefix back.
-prefix_automation = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
+prefix_automation = dg.AutomationCondition.eager().without(
+    ~dg.AutomationCondition.any_deps_missing()
+)
 single_run = dg.BackfillPolicy.single_run()
 
 
@@ -33,15 +41,24 @@ def run_tasks(store, run_id: str, stages: list[str], prefixes: list[str], run, k
     try:
         run()
     except WorkloadFailed:
-        keep({s: read_records(store, {p: result_key(run_id, s, p) for p in prefixes}) for s in stages})
+        keep(
+            {
+                s: read_records(store, {p: result_key(run_id, s, p) for p in prefixes})
+                for s in stages
+            }
+        )
         raise
 
 
-def task_results(context: dg.AssetExecutionContext, store, run_id: str, stage: str, prefixes: list[str]) -> dict[str, dict]:
+def task_results(
+    context: dg.AssetExecutionContext, store, run_id: str, stage: str, prefixes: list[str]
+) -> dict[str, dict]:
     """The result record of each prefix task; a missing one fails the step, naming the prefix."""
     found = read_records(store, {p: result_key(run_id, stage, p) for p in prefixes})
     if missing := [p for p in prefixes if p not in found]:
-        raise dg.Failure(description=f"{stage}: no result record for prefix(es) {', '.join(missing[:20])} (task did not finish): {result_key(run_id, stage, missing[0])}")
+        raise dg.Failure(
+            description=f"{stage}: no result record for prefix(es) {', '.join(missing[:20])} (task did not finish): {result_key(run_id, stage, missing[0])}"
+        )
     return found
 
 
@@ -55,7 +72,9 @@ def task_results(context: dg.AssetExecutionContext, store, run_id: str, stage: s
     kinds={"parquet"},
     description="Index of the originals whose sha256 starts with the prefix: labels, boxes and the packs they came from.",
 )
-def raw_images(context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute) -> dg.MaterializeResult:
+def raw_images(
+    context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute
+) -> dg.MaterializeResult:
     store = lake.lake()
     before = dict(store.counters)
     prefixes, run_id = list(context.partition_keys), context.run.run_id
@@ -64,17 +83,43 @@ def raw_images(context: dg.AssetExecutionContext, lake: LakeResource, image_comp
     work = sorted(pending & set(prefixes))
     # The label counts stay in the index's state and the merged packs in the result record: the
     # version records hold what the steps decide by, a few hundred bytes a prefix.
-    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("requests", "stage", "seconds", "labels", "packs_merged")}  # noqa: E731
-    run_tasks(store, run_id, ["index"], work, lambda: image_compute.run_prefix_tasks(context, "index", lambda shard: index_command(lake.url, run_id, shard), work, run_id),
-              lambda done: write_prefix_records(store, "raw_images", {p: strip(r) for p, r in done["index"].items()}))
+    drop = ("stage", "seconds", "labels", "packs_merged")
+    run_tasks(
+        store,
+        run_id,
+        ["index"],
+        work,
+        lambda: image_compute.run_prefix_tasks(
+            context, "index", lambda shard: index_command(lake.url, run_id, shard), work, run_id
+        ),
+        lambda done: write_prefix_records(
+            store, "raw_images", {p: version_record(r, drop) for p, r in done["index"].items()}
+        ),
+    )
     results = task_results(context, store, run_id, "index", work)
     kept = prefix_records(store, "raw_images", [p for p in prefixes if p not in results])
-    stats = {p: results.get(p) or kept.get(p) or {**empty_index_stats(), "packs_merged": [], "changed": 0} for p in prefixes}
+    stats = {
+        p: results.get(p)
+        or kept.get(p)
+        or {**empty_index_stats(), "packs_merged": [], "changed": 0}
+        for p in prefixes
+    }
     total = sum(s["images"] for s in stats.values())
-    context.log.info(f"{len(work)} of {len(prefixes)} prefixes had packs to absorb; {total} originals indexed")
-    changed = {p for p in work if results[p]["changed"]} | {p for p in prefixes if p not in results and p not in kept}
-    return record_prefixes(context, store, context.asset_key, {p: strip(s) for p, s in stats.items()},
-                           ("images", "bytes", "changed"), changed, request_metadata(store.counters.since(before), list(results.values())))
+    context.log.info(
+        f"{len(work)} of {len(prefixes)} prefixes had packs to absorb; {total} originals indexed"
+    )
+    changed = {p for p in work if results[p]["changed"]} | {
+        p for p in prefixes if p not in results and p not in kept
+    }
+    return record_prefixes(
+        context,
+        store,
+        context.asset_key,
+        {p: version_record(s, drop) for p, s in stats.items()},
+        ("images", "bytes", "changed"),
+        changed,
+        request_metadata(store.counters.since(before), list(results.values())),
+    )
 
 
 RESIZED = dg.AssetKey("resized_images")
@@ -87,31 +132,70 @@ def stage_work(prior: dict | None, raw: dict | None, params_id: str) -> bool:
     images failed then."""
     if prior is None:
         return bool(raw and raw["images"])
-    return prior.get("inputs") != {"raw_images": (raw or {}).get("data_version")} or prior["params_id"] != params_id or bool(prior["failed"])
+    return (
+        prior.get("inputs") != {"raw_images": (raw or {}).get("data_version")}
+        or prior["params_id"] != params_id
+        or bool(prior["failed"])
+    )
 
 
 def pending_count(prior: dict | None, raw: dict | None, params_id: str) -> int:
     """Images of a prefix a stage has still to make, from its records (the stage's own count
     leaves out images that failed)."""
     images = (raw or {}).get("images", 0)
-    return images if prior is None or prior["params_id"] != params_id else max(0, images - prior["images"])
+    return (
+        images
+        if prior is None or prior["params_id"] != params_id
+        else max(0, images - prior["images"])
+    )
 
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(RESIZED, deps=[raw_images], partitions_def=hash_prefixes, code_version="3", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
-                     description="Every original of the prefix resized (short side N, centre crop) as JPEG, under resized/<params_id>/."),
-        dg.AssetSpec(EDGES, deps=[RESIZED], partitions_def=hash_prefixes, code_version="3", group_name="images", kinds={"opencv"}, automation_condition=prefix_automation, skippable=True,
-                     description="Canny edges of each resized image as PNG, under edges/<params_id>/."),
+        dg.AssetSpec(
+            RESIZED,
+            deps=[raw_images],
+            partitions_def=hash_prefixes,
+            code_version="3",
+            group_name="images",
+            kinds={"opencv"},
+            automation_condition=prefix_automation,
+            skippable=True,
+            description="Every original of the prefix resized (short side N, centre crop) as JPEG, under resized/<params_id>/.",
+        ),
+        dg.AssetSpec(
+            EDGES,
+            deps=[RESIZED],
+            partitions_def=hash_prefixes,
+            code_version="3",
+            group_name="images",
+            kinds={"opencv"},
+            automation_condition=prefix_automation,
+            skippable=True,
+            description="Canny edges of each resized image as PNG, under edges/<params_id>/.",
+        ),
     ],
     check_specs=[
-        dg.AssetCheckSpec("complete", asset=RESIZED, description="resized count = raw count in every prefix of the run"),
-        dg.AssetCheckSpec("complete", asset=EDGES, description="edge map count = raw count in every prefix of the run"),
+        dg.AssetCheckSpec(
+            "complete",
+            asset=RESIZED,
+            description="resized count = raw count in every prefix of the run",
+        ),
+        dg.AssetCheckSpec(
+            "complete",
+            asset=EDGES,
+            description="edge map count = raw count in every prefix of the run",
+        ),
     ],
     can_subset=True,
     backfill_policy=single_run,
 )
-def image_stages(context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute, image_settings: ImageSettings):
+def image_stages(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    image_compute: ImageCompute,
+    image_settings: ImageSettings,
+):
     """resize and edges; fused into one pass (one download, two outputs) when both are selected."""
     store = lake.lake()
     before = dict(store.counters)
@@ -122,39 +206,93 @@ def image_stages(context: dg.AssetExecutionContext, lake: LakeResource, image_co
     run_id = context.run.run_id
     raw = prefix_records(store, "raw_images", prefixes)
     prior = {k: prefix_records(store, k.to_user_string(), prefixes) for k in selected}
-    work = [p for p in prefixes if any(stage_work(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected)]
+    work = [
+        p
+        for p in prefixes
+        if any(
+            stage_work(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected
+        )
+    ]
     context.log.info(f"{len(work)} of {len(prefixes)} prefixes have {'/'.join(stages)} work")
     inputs = {p: {"raw_images": (raw.get(p) or {}).get("data_version")} for p in prefixes}
-    strip = lambda rec, p: {k: v for k, v in rec.items() if k != "requests"} | {"inputs": inputs[p]}  # noqa: E731
     # Pending images per prefix, from the records: a prefix with more than shard_images becomes
     # (prefix, shard) tasks, folded back into the prefix by a merge task.
-    pending = {p: max(pending_count(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected) for p in work}
+    pending = {
+        p: max(
+            pending_count(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k]))
+            for k in selected
+        )
+        for p in work
+    }
     tasks = shard_tasks(pending, image_settings.shard_images)
     sharded = sorted({parse_task(t)[0] for t in tasks if parse_task(t)[2] > 1})
     if sharded:
-        context.log.info(f"{len(sharded)} prefix(es) split into {len(tasks) - len(work) + len(sharded)} shard tasks of <= {image_settings.shard_images} images")
+        context.log.info(
+            f"{len(sharded)} prefix(es) split into {len(tasks) - len(work) + len(sharded)} shard tasks of <= {image_settings.shard_images} images"
+        )
 
     def run() -> None:
         image_compute.run_image_stages(context, lake.url, run_id, stages, tasks, params)
-        image_compute.run_prefix_tasks(context, "merge", lambda chunk: merge_shards_command(lake.url, run_id, stages, chunk, params), sharded, run_id)
+        image_compute.run_prefix_tasks(
+            context,
+            "merge",
+            lambda chunk: merge_shards_command(lake.url, run_id, stages, chunk, params),
+            sharded,
+            run_id,
+        )
 
-    run_tasks(store, run_id, stages, work, run,
-              lambda done: [write_prefix_records(store, k.to_user_string(), {p: strip(r, p) for p, r in done[STAGE_OF[k]].items()}) for k in selected])
+    run_tasks(
+        store,
+        run_id,
+        stages,
+        work,
+        run,
+        lambda done: [
+            write_prefix_records(
+                store,
+                k.to_user_string(),
+                {p: version_record(r, inputs=inputs[p]) for p, r in done[STAGE_OF[k]].items()},
+            )
+            for k in selected
+        ],
+    )
     for key in selected:
         stage = STAGE_OF[key]
         results = task_results(context, store, run_id, stage, work)
-        stats = {p: strip(results[p], p) if p in results else prior[key].get(p) or empty_stage_record(stage, params, p) for p in prefixes}
+        stats = {
+            p: version_record(results[p], inputs=inputs[p])
+            if p in results
+            else prior[key].get(p) or empty_stage_record(stage, params, p)
+            for p in prefixes
+        }
         failed = [dict(f, prefix=p) for p, s in stats.items() for f in s["failed"]]
         for f in failed[:20]:
             context.log.warning(f"{stage} {f['prefix']}/{f['sha256']}: {f['reason']}")
-        orchestrator = store.counters.since(before) if key == selected[0] else {}  # this step's own requests, reported once
-        yield record_prefixes(context, store, key, stats,
-                              ("images", "processed", "skipped", "bytes_written", "seconds", "params_id"), set(work) | {p for p in prefixes if p not in prior[key]},
-                              request_metadata(orchestrator, list(results.values())))
-        mismatched = {p: (stats[p]["images"], (raw.get(p) or {}).get("images", 0)) for p in prefixes if stats[p]["images"] != (raw.get(p) or {}).get("images", 0)}
+        orchestrator = (
+            store.counters.since(before) if key == selected[0] else {}
+        )  # this step's own requests, reported once
+        yield record_prefixes(
+            context,
+            store,
+            key,
+            stats,
+            ("images", "processed", "skipped", "bytes_written", "seconds", "params_id"),
+            set(work) | {p for p in prefixes if p not in prior[key]},
+            request_metadata(orchestrator, list(results.values())),
+        )
+        mismatched = {
+            p: (stats[p]["images"], (raw.get(p) or {}).get("images", 0))
+            for p in prefixes
+            if stats[p]["images"] != (raw.get(p) or {}).get("images", 0)
+        }
         yield dg.AssetCheckResult(
             asset_key=key,
             check_name="complete",
             passed=not mismatched and not failed,
-            metadata={"prefixes": len(prefixes), "mismatched_prefixes": json.dumps(dict(list(mismatched.items())[:20])), "failed_images": len(failed), "params_id": params.stage_id(stage)},
+            metadata={
+                "prefixes": len(prefixes),
+                "mismatched_prefixes": json.dumps(dict(list(mismatched.items())[:20])),
+                "failed_images": len(failed),
+                "params_id": params.stage_id(stage),
+            },
         )

@@ -8,7 +8,9 @@ KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 def check_key(kind: str, key: str) -> str:
     if not KEY_RE.match(key) or ".." in key:
-        raise ValueError(f"{kind} key {key!r} is not allowed: use 1-100 of A-Z a-z 0-9 . _ - (starting with a letter or digit)")
+        raise ValueError(
+            f"{kind} key {key!r} is not allowed: use 1-100 of A-Z a-z 0-9 . _ - (starting with a letter or digit)"
+        )
     return key
 
 

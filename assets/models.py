@@ -1,6 +1,5 @@
 """trained_models: one training run of a model spec on a frozen subset (+ an MLflow run)."""
 
-
 import io
 import json
 import tempfile
@@ -72,14 +71,22 @@ def _metadata(record: dict) -> dict:
     kinds={"pytorch", "sagemaker", "mlflow"},
     description="A small CNN trained on a frozen subset: models/<key>/model.pt, model.json, curves.png.",
 )
-def trained_models(context: dg.AssetExecutionContext, config: TrainConfig, lake: LakeResource, trainer: Trainer, tracking: MLflowTracking) -> dg.MaterializeResult:
+def trained_models(
+    context: dg.AssetExecutionContext,
+    config: TrainConfig,
+    lake: LakeResource,
+    trainer: Trainer,
+    tracking: MLflowTracking,
+) -> dg.MaterializeResult:
     key = require_key("model", context.partition_key)
     store = lake.lake()
     keys = model_keys(key)
     prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None
     subset = config.subset or (prior or {}).get("subset")
     if not subset:
-        raise dg.Failure(description=f"model {key}: give the frozen subset to train on as config `subset`")
+        raise dg.Failure(
+            description=f"model {key}: give the frozen subset to train on as config `subset`"
+        )
     spec = {k: v for k, v in config.model_dump().items() if k != "subset"}
     if prior and not config.subset:
         spec = prior["spec"]
@@ -87,11 +94,21 @@ def trained_models(context: dg.AssetExecutionContext, config: TrainConfig, lake:
         subset_record = verify_subset(store, subset)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise dg.Failure(description=f"model {key}: subset {subset!r} is not usable: {e}") from None
-    if prior and prior["spec"] == spec and prior["subset"] == subset and prior["subset_manifest_sha256"] == subset_record["manifest_sha256"] and store.exists(keys["model"]):
+    if (
+        prior
+        and prior["spec"] == spec
+        and prior["subset"] == subset
+        and prior["subset_manifest_sha256"] == subset_record["manifest_sha256"]
+        and store.exists(keys["model"])
+    ):
         context.log.info(f"model {key} already trained on this subset and spec; nothing to do")
-        return dg.MaterializeResult(metadata=_metadata(prior), data_version=dg.DataVersion(prior["model_sha256"][:24]))
+        return dg.MaterializeResult(
+            metadata=_metadata(prior), data_version=dg.DataVersion(prior["model_sha256"][:24])
+        )
 
-    job_name = f"cvgraph-{key}-{sha256_hex(canonical_json([spec, subset_record['manifest_sha256']]))[:8]}"
+    job_name = (
+        f"cvgraph-{key}-{sha256_hex(canonical_json([spec, subset_record['manifest_sha256']]))[:8]}"
+    )
     metrics = trainer.train(context, store, job_name, subset_keys(subset)["manifest"], key, spec)
     store.put(keys["curves"], _plot_curves(metrics["history"], f"{key} on {subset}"))
     model_sha = sha256_hex(store.get(keys["model"]))
@@ -101,7 +118,9 @@ def trained_models(context: dg.AssetExecutionContext, config: TrainConfig, lake:
             p = Path(tmp) / Path(keys[name]).name
             p.write_bytes(store.get(keys[name]))
             paths.append(str(p))
-        run_id = tracking.log_training(key, subset_record["manifest_sha256"], {**spec, "subset": subset}, metrics, paths)
+        run_id = tracking.log_training(
+            key, subset_record["manifest_sha256"], {**spec, "subset": subset}, metrics, paths
+        )
     record = {
         "key": key,
         "spec": spec,
@@ -118,5 +137,9 @@ def trained_models(context: dg.AssetExecutionContext, config: TrainConfig, lake:
         "dagster_run_id": context.run.run_id,
     }
     store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
-    context.log.info(f"model {key}: test accuracy {metrics['test_accuracy']:.4f} on {metrics['counts']['test']} held-out images")
-    return dg.MaterializeResult(metadata=_metadata(record), data_version=dg.DataVersion(model_sha[:24]))
+    context.log.info(
+        f"model {key}: test accuracy {metrics['test_accuracy']:.4f} on {metrics['counts']['test']} held-out images"
+    )
+    return dg.MaterializeResult(
+        metadata=_metadata(record), data_version=dg.DataVersion(model_sha[:24])
+    )

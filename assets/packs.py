@@ -1,12 +1,11 @@
 """raw_packs: one zip from ``incoming/`` unpacked into content-addressed originals."""
 
-
 import json
 
 import dagster as dg
 
-from partitions import packs
 from assets.versioning import request_metadata
+from partitions import packs
 from resources.compute import PACK_UNREADABLE, ImageCompute
 from resources.storage import LakeResource
 from workloads.ingest import pack_keys
@@ -24,7 +23,9 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
     if not rows:
         return "(none)"
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    lines += [
+        "| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -34,26 +35,41 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
     group_name="ingest",
     kinds={"python", "s3"},
     description="A pack unpacked: originals at raw/<pp>/<sha256>.<ext>, packs/<id>/manifest.parquet and rejects.parquet.",
-    check_specs=[dg.AssetCheckSpec("manifest_matches_record", asset="raw_packs", description="manifest rows = accepted + duplicates")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "manifest_matches_record",
+            asset="raw_packs",
+            description="manifest rows = accepted + duplicates",
+        )
+    ],
 )
 def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute):
     pack_id = context.partition_key
     key = incoming_key(context, pack_id)
     store = lake.lake()
     if not store.exists(key):
-        raise dg.Failure(description=f"pack {pack_id}: {key} is not in the lake", metadata={"key": key})
+        raise dg.Failure(
+            description=f"pack {pack_id}: {key} is not in the lake", metadata={"key": key}
+        )
     code = image_compute.run_ingest(context, lake.url, pack_id, key)
     if code == PACK_UNREADABLE:
         reasons = read_parquet(store, pack_keys(pack_id)["rejects"]).to_pylist()
         reason = reasons[0]["reason"] if reasons else "not a readable zip"
-        raise dg.Failure(description=f"pack {pack_id} ({key}) is {reason}", metadata={"pack": pack_id, "key": key, "reason": reason})
+        raise dg.Failure(
+            description=f"pack {pack_id} ({key}) is {reason}",
+            metadata={"pack": pack_id, "key": key, "reason": reason},
+        )
     result = json.loads(store.get(pack_keys(pack_id)["record"]))
     task = get_json(store, result_key(context.run.run_id, "ingest", pack_id), {})
     rejects = result["rejected"]
     for r in rejects:
         context.log.warning(f"pack {pack_id}: rejected {r['member']!r}: {r['reason']}")
     # The ingest record says what its manifest holds: this process reads records, not manifests.
-    manifest_rows = result["manifest_rows"] if "manifest_rows" in result else read_parquet(store, pack_keys(pack_id)["manifest"]).num_rows
+    manifest_rows = (
+        result["manifest_rows"]
+        if "manifest_rows" in result
+        else read_parquet(store, pack_keys(pack_id)["manifest"]).num_rows
+    )
     yield dg.MaterializeResult(
         metadata={
             "key": key,
@@ -64,7 +80,12 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
             "skipped_os_junk": result["skipped"],
             "bytes_stored": result["bytes_stored"],
             "rejects": dg.MetadataValue.md(_md_table(rejects[:50], ["member", "reason"])),
-            "labels": dg.MetadataValue.md(_md_table([{"label": k, "images": v} for k, v in result["labels"].items()], ["label", "images"])),
+            "labels": dg.MetadataValue.md(
+                _md_table(
+                    [{"label": k, "images": v} for k, v in result["labels"].items()],
+                    ["label", "images"],
+                )
+            ),
             "manifest": pack_keys(pack_id)["manifest"],
             "prefixes_touched": len(result.get("prefixes", {})),
             **request_metadata({}, [task]),
@@ -76,5 +97,9 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
     yield dg.AssetCheckResult(
         check_name="manifest_matches_record",
         passed=manifest_rows == expected == split,
-        metadata={"manifest_rows": manifest_rows, "accepted_plus_duplicates": expected, "rows_split_by_prefix": split},
+        metadata={
+            "manifest_rows": manifest_rows,
+            "accepted_plus_duplicates": expected,
+            "rows_split_by_prefix": split,
+        },
     )

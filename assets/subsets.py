@@ -5,7 +5,6 @@ Immutable: once frozen, a key always returns the same manifest (re-materialising
 it); a different query under the same key is refused.
 """
 
-
 import json
 
 import dagster as dg
@@ -22,7 +21,18 @@ from resources.storage import LakeResource
 from workloads.lake import parquet_table, write_parquet
 from workloads.versions import sha256_hex, table_hash
 
-REQUIRED = ("sha256", "prefix", "pack_id", "label", "split", "original_key", "resized_key", "edges_key", "resized_sha256", "edges_sha256")
+REQUIRED = (
+    "sha256",
+    "prefix",
+    "pack_id",
+    "label",
+    "split",
+    "original_key",
+    "resized_key",
+    "edges_key",
+    "resized_sha256",
+    "edges_sha256",
+)
 PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
 
 
@@ -41,29 +51,45 @@ def query_manifest(catalog: Catalog, sql: str):
     inner = f"(\n{sql}\n) AS q"  # newlines: a trailing -- comment cannot swallow the wrapper
     cols = catalog.query(f"SELECT * FROM {inner} LIMIT 0").schema.names
     if "sha256" not in cols:
-        raise dg.Failure(description="a freeze query must return a `sha256` column (e.g. SELECT * FROM images WHERE ...)")
+        raise dg.Failure(
+            description="a freeze query must return a `sha256` column (e.g. SELECT * FROM images WHERE ...)"
+        )
     own = [f'q."{c}"' for c in cols if c not in REQUIRED]
     select = ", ".join([*(f"i.{c}" for c in REQUIRED), *own])
-    return catalog.query(f"SELECT {select} FROM {inner} JOIN images AS i ON q.sha256 = i.sha256 ORDER BY i.sha256")
+    return catalog.query(
+        f"SELECT {select} FROM {inner} JOIN images AS i ON q.sha256 = i.sha256 ORDER BY i.sha256"
+    )
 
 
 def _packs_of(manifest) -> list[str]:
     """Every pack that contributed an image of the subset (an image may come from several)."""
-    col = pc.list_flatten(manifest["packs"]) if "packs" in manifest.schema.names else manifest["pack_id"]
+    col = (
+        pc.list_flatten(manifest["packs"])
+        if "packs" in manifest.schema.names
+        else manifest["pack_id"]
+    )
     return sorted(v for v in pc.unique(col).to_pylist() if v is not None)
 
 
 def _counts(column) -> dict[str, int]:
-    return dict(sorted((str(r["values"]), r["counts"]) for r in pc.value_counts(column).to_pylist()))
+    return dict(
+        sorted((str(r["values"]), r["counts"]) for r in pc.value_counts(column).to_pylist())
+    )
 
 
 def _verified_manifest(lake, key: str, record: dict):
     """The subset's manifest, after checking it still hashes to what was frozen: the object's
     bytes (or, for subsets frozen before manifests were hashed as objects, its rows)."""
     data = lake.get(subset_keys(key)["manifest"])
-    actual = sha256_hex(data) if record.get("manifest_hash_of") == "object" else table_hash(parquet_table(data))
+    actual = (
+        sha256_hex(data)
+        if record.get("manifest_hash_of") == "object"
+        else table_hash(parquet_table(data))
+    )
     if actual != record["manifest_sha256"]:
-        raise ValueError(f"subset {key}: manifest was changed after freezing (hash {actual[:12]} != frozen {record['manifest_sha256'][:12]})")
+        raise ValueError(
+            f"subset {key}: manifest was changed after freezing (hash {actual[:12]} != frozen {record['manifest_sha256'][:12]})"
+        )
     return parquet_table(data)
 
 
@@ -87,7 +113,9 @@ def _metadata(record: dict) -> dict:
         "input_merkle_root": record["input_merkle_root"],
         "prefixes": len(record["prefix_versions"]),
         "splits": dg.MetadataValue.json(record["splits"]),
-        "labels": dg.MetadataValue.md("| label | rows |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in labels.items())),
+        "labels": dg.MetadataValue.md(
+            "| label | rows |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in labels.items())
+        ),
         "label_balance_png": record.get("label_plot", ""),
     }
 
@@ -121,21 +149,37 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
     group_name="datasets",
     kinds={"sql", "parquet"},
     description="An immutable, zero-copy manifest made by one read-only SQL query over `images`/`objects`.",
-    check_specs=[dg.AssetCheckSpec("manifest_intact", asset="frozen_subsets", description="the manifest hashes to the frozen hash and every listed variant exists")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "manifest_intact",
+            asset="frozen_subsets",
+            description="the manifest hashes to the frozen hash and every listed variant exists",
+        )
+    ],
 )
-def frozen_subsets(context: dg.AssetExecutionContext, config: FreezeConfig, lake: LakeResource, catalog: Catalog, image_settings: ImageSettings):
+def frozen_subsets(
+    context: dg.AssetExecutionContext,
+    config: FreezeConfig,
+    lake: LakeResource,
+    catalog: Catalog,
+    image_settings: ImageSettings,
+):
     key = require_key("subset", context.partition_key)
     store = lake.lake()
     keys = subset_keys(key)
     if store.exists(keys["record"]):
         record = json.loads(store.get(keys["record"]))
         if config.sql and ensure_select(config.sql) != record["sql"]:
-            raise dg.Failure(description=f"subset {key} is frozen with a different query; freeze under a new key.\nfrozen: {record['sql']}\nasked:  {config.sql}")
+            raise dg.Failure(
+                description=f"subset {key} is frozen with a different query; freeze under a new key.\nfrozen: {record['sql']}\nasked:  {config.sql}"
+            )
         manifest = _verified_manifest(store, key, record)  # read once: verified, then checked below
         context.log.info(f"subset {key} already frozen ({record['rows']} rows); verified")
     else:
         if not config.sql:
-            raise dg.Failure(description=f"subset {key} does not exist yet: give the freeze query as config `sql`")
+            raise dg.Failure(
+                description=f"subset {key} does not exist yet: give the freeze query as config `sql`"
+            )
         manifest = query_manifest(catalog, config.sql)
         root, _ = lake_merkle_root(store, "image_tables")
         versions = {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}
@@ -153,17 +197,27 @@ def frozen_subsets(context: dg.AssetExecutionContext, config: FreezeConfig, lake
             "labels": labels,
             "splits": _counts(manifest["split"]),
             "input_merkle_root": root,
-            "prefix_versions": {p: {a: versions[a].get(p, "missing") for a in PREFIX_ASSETS} for p in prefixes},
+            "prefix_versions": {
+                p: {a: versions[a].get(p, "missing") for a in PREFIX_ASSETS} for p in prefixes
+            },
             "packs": _packs_of(manifest),
             "params": {"resize": params.resize_id, "edges": params.edges_id},
             "dagster_run_id": context.run.run_id,
         }
         record["label_plot"] = _plot_labels(store, key, labels)
-        store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())  # commit marker
+        store.put(
+            keys["record"], json.dumps(record, indent=2, sort_keys=True).encode()
+        )  # commit marker
         context.log.info(f"froze {key}: {record['rows']} rows over {len(prefixes)} prefixes")
-    yield dg.MaterializeResult(metadata=_metadata(record), data_version=dg.DataVersion(record["manifest_sha256"][:24]))
+    yield dg.MaterializeResult(
+        metadata=_metadata(record), data_version=dg.DataVersion(record["manifest_sha256"][:24])
+    )
     count, first = _missing_variants(store, manifest)  # the manifest in memory: no second read
-    yield dg.AssetCheckResult(check_name="manifest_intact", passed=not count, metadata={"missing_files": count, "first_missing": str(first)})
+    yield dg.AssetCheckResult(
+        check_name="manifest_intact",
+        passed=not count,
+        metadata={"missing_files": count, "first_missing": str(first)},
+    )
 
 
 def _missing_variants(store, manifest) -> tuple[int, list[str]]:
@@ -172,7 +226,13 @@ def _missing_variants(store, manifest) -> tuple[int, list[str]]:
     count, first = 0, []
     for col in ("resized_key", "edges_key"):
         keys = manifest[col]
-        dirs = [d for d in pc.unique(pc.replace_substring_regex(pc.drop_null(keys), r"[^/]*$", "")).to_pylist() if d]
+        dirs = [
+            d
+            for d in pc.unique(
+                pc.replace_substring_regex(pc.drop_null(keys), r"[^/]*$", "")
+            ).to_pylist()
+            if d
+        ]
         present = pa.array([k for d in sorted(dirs) for k in store.keys(d)], pa.string())
         absent = pc.filter(keys, pc.invert(pc.fill_null(pc.is_in(keys, value_set=present), False)))
         count += len(absent)

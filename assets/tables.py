@@ -1,12 +1,25 @@
 """image_tables: the Athena/DuckDB tables ``images`` and ``objects``, a few parts per prefix."""
 
-
 import json
 
 import dagster as dg
 
-from assets.images import EDGES, RESIZED, prefix_automation, raw_images, run_tasks, single_run, task_results
-from assets.versioning import prefix_records, record_prefixes, request_metadata, write_prefix_records
+from assets.images import (
+    EDGES,
+    RESIZED,
+    prefix_automation,
+    raw_images,
+    run_tasks,
+    single_run,
+    task_results,
+)
+from assets.versioning import (
+    prefix_records,
+    record_prefixes,
+    request_metadata,
+    version_record,
+    write_prefix_records,
+)
 from partitions import hash_prefixes
 from resources.catalog import Catalog
 from resources.settings import ImageSettings
@@ -26,28 +39,68 @@ INPUTS = ("raw_images", "resized_images", "edge_maps")
     group_name="tables",
     kinds={"parquet", "athena"},
     description="Rows of `images` (one per image) and `objects` (one per annotated box) under tables/<table>/prefix=<pp>/.",
-    check_specs=[dg.AssetCheckSpec("rows_match_images", asset="image_tables", description="`images` rows = indexed originals, every row has its resized and edge map")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "rows_match_images",
+            asset="image_tables",
+            description="`images` rows = indexed originals, every row has its resized and edge map",
+        )
+    ],
 )
-def image_tables(context: dg.AssetExecutionContext, lake: LakeResource, image_settings: ImageSettings, catalog: Catalog, table_writer: TableWriter):
+def image_tables(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    image_settings: ImageSettings,
+    catalog: Catalog,
+    table_writer: TableWriter,
+):
     store = lake.lake()
     before = dict(store.counters)
     params = image_settings.params()
     prefixes, run_id = list(context.partition_keys), context.run.run_id
     upstream = {a: prefix_records(store, a, prefixes) for a in INPUTS}
-    inputs = {p: {a: (upstream[a].get(p) or {}).get("data_version") for a in INPUTS} for p in prefixes}
+    inputs = {
+        p: {a: (upstream[a].get(p) or {}).get("data_version") for a in INPUTS} for p in prefixes
+    }
     prior = prefix_records(store, "image_tables", prefixes)
     # A prefix's tables change only when an input's version did, or rows still lack a variant.
-    work = [p for p in prefixes if (p not in prior and (upstream["raw_images"].get(p) or {}).get("images"))
-            or (p in prior and (prior[p].get("inputs") != inputs[p] or prior[p]["missing_variants"]))]
+    work = [
+        p
+        for p in prefixes
+        if (p not in prior and (upstream["raw_images"].get(p) or {}).get("images"))
+        or (p in prior and (prior[p].get("inputs") != inputs[p] or prior[p]["missing_variants"]))
+    ]
     context.log.info(f"{len(work)} of {len(prefixes)} prefixes have table rows to update")
-    strip = lambda rec, p: {k: v for k, v in rec.items() if k not in ("requests", "stage", "seconds", "prefix")} | {"inputs": inputs[p]}  # noqa: E731
-    run_tasks(store, run_id, ["tables"], work, lambda: table_writer.run(context, store, lake.url, run_id, work, params),
-              lambda done: write_prefix_records(store, "image_tables", {p: strip(r, p) for p, r in done["tables"].items()}))
+    drop = ("stage", "seconds", "prefix")
+    run_tasks(
+        store,
+        run_id,
+        ["tables"],
+        work,
+        lambda: table_writer.run(context, store, lake.url, run_id, work, params),
+        lambda done: write_prefix_records(
+            store,
+            "image_tables",
+            {p: version_record(r, drop, inputs[p]) for p, r in done["tables"].items()},
+        ),
+    )
     results = task_results(context, store, run_id, "tables", work)
-    stats = {p: strip(results[p], p) if p in results else prior.get(p) or {**empty_tables_stats(), "inputs": inputs[p]} for p in prefixes}
+    stats = {
+        p: version_record(results[p], drop, inputs[p])
+        if p in results
+        else prior.get(p) or {**empty_tables_stats(), "inputs": inputs[p]}
+        for p in prefixes
+    }
     catalog.register_tables()
-    yield record_prefixes(context, store, context.asset_key, stats, ("images", "objects", "missing_variants"), set(work) | {p for p in prefixes if p not in prior},
-                          request_metadata(store.counters.since(before), list(results.values())))
+    yield record_prefixes(
+        context,
+        store,
+        context.asset_key,
+        stats,
+        ("images", "objects", "missing_variants"),
+        set(work) | {p for p in prefixes if p not in prior},
+        request_metadata(store.counters.since(before), list(results.values())),
+    )
     bad = {}
     for p, s in stats.items():
         raw = (upstream["raw_images"].get(p) or {}).get("images", 0)
@@ -56,5 +109,9 @@ def image_tables(context: dg.AssetExecutionContext, lake: LakeResource, image_se
     yield dg.AssetCheckResult(
         check_name="rows_match_images",
         passed=not bad,
-        metadata={"prefixes": len(stats), "rows": sum(s["images"] for s in stats.values()), "mismatched": json.dumps(dict(list(bad.items())[:20]))},
+        metadata={
+            "prefixes": len(stats),
+            "rows": sum(s["images"] for s in stats.values()),
+            "mismatched": json.dumps(dict(list(bad.items())[:20])),
+        },
     )

@@ -73,28 +73,58 @@ def write_prefix_records(lake, asset: str, stats: dict[str, dict]) -> None:
     updates = {p: {"prefix": p, **rec} for p, rec in stats.items()}
     for attempt in range(SWAP_ATTEMPTS):
         current, tag = _asset_records(lake, asset)
-        if lake.put_if_match(versions_key(asset), canonical_json({"prefixes": {**current, **updates}}), tag):
+        if lake.put_if_match(
+            versions_key(asset), canonical_json({"prefixes": {**current, **updates}}), tag
+        ):
             return
-        time.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # jittered: swappers that collide spread out
-    raise RuntimeError(f"{versions_key(asset)}: changed by another writer {SWAP_ATTEMPTS} times in a row while this run updated it")
+        time.sleep(
+            random.uniform(0, 0.01 * (attempt + 1))
+        )  # jittered: swappers that collide spread out
+    raise RuntimeError(
+        f"{versions_key(asset)}: changed by another writer {SWAP_ATTEMPTS} times in a row while this run updated it"
+    )
 
 
-def record_prefixes(context: dg.AssetExecutionContext, lake, asset_key: dg.AssetKey, stats: dict[str, dict], summary_keys: tuple[str, ...],
-                    changed: set[str] | None = None, metadata: dict | None = None) -> dg.MaterializeResult:
+def version_record(result: dict, drop: tuple[str, ...] = (), inputs: dict | None = None) -> dict:
+    """A task's result record as its prefix's version record: without the request counts and the
+    fields in ``drop``, with the input versions it was built from."""
+    rec = {k: v for k, v in result.items() if k != "requests" and k not in drop}
+    return rec if inputs is None else {**rec, "inputs": inputs}
+
+
+def record_prefixes(
+    context: dg.AssetExecutionContext,
+    lake,
+    asset_key: dg.AssetKey,
+    stats: dict[str, dict],
+    summary_keys: tuple[str, ...],
+    changed: set[str] | None = None,
+    metadata: dict | None = None,
+) -> dg.MaterializeResult:
     """Write the records of the ``changed`` prefixes (default: all), attach each prefix's record
     to its partition, return the range's result (with the lake requests the step made)."""
     changed = set(stats) if changed is None else changed
-    write_prefix_records(lake, asset_key.to_user_string(), {p: rec for p, rec in stats.items() if p in changed})
+    write_prefix_records(
+        lake, asset_key.to_user_string(), {p: rec for p, rec in stats.items() if p in changed}
+    )
     for prefix, rec in sorted(stats.items()):
         meta = {k: rec[k] for k in summary_keys if k in rec}
         meta["prefix_data_version"] = rec["data_version"]
         context.add_asset_metadata(meta, asset_key=asset_key, partition_key=prefix)
     versions = {p: s["data_version"] for p, s in stats.items()}
     version = next(iter(versions.values())) if len(versions) == 1 else merkle_root(versions)
-    totals = {f"range_{k}": sum(int(s.get(k, 0)) for s in stats.values()) for k in summary_keys if all(isinstance(s.get(k, 0), int) for s in stats.values())}
+    totals = {
+        f"range_{k}": sum(int(s.get(k, 0)) for s in stats.values())
+        for k in summary_keys
+        if all(isinstance(s.get(k, 0), int) for s in stats.values())
+    }
     totals["prefixes_in_run"] = len(stats)
     totals["prefixes_with_work"] = len(changed)
-    return dg.MaterializeResult(asset_key=asset_key, metadata={**totals, **(metadata or {})}, data_version=dg.DataVersion(version))
+    return dg.MaterializeResult(
+        asset_key=asset_key,
+        metadata={**totals, **(metadata or {})},
+        data_version=dg.DataVersion(version),
+    )
 
 
 def request_metadata(orchestrator: dict[str, int], workers: list[dict]) -> dict:
@@ -104,7 +134,7 @@ def request_metadata(orchestrator: dict[str, int], workers: list[dict]) -> dict:
     for r in workers:
         for k, v in r.get("requests", {}).items():
             summed[k] = summed.get(k, 0) + v
-    requests = lambda c: sum(v for k, v in c.items() if not k.startswith("bytes"))  # noqa: E731
+    requests = lambda c: sum(v for k, v in c.items() if not k.startswith("bytes"))
     return {
         "lake_requests": requests(orchestrator) + requests(summed),
         "lake_requests_orchestrator": dg.MetadataValue.json(dict(sorted(orchestrator.items()))),

@@ -17,7 +17,9 @@ WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_":
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def env(extra: dict | None = None, worker: bool = False, drop: tuple[str, ...] = ()) -> dict[str, str]:
+def env(
+    extra: dict | None = None, worker: bool = False, drop: tuple[str, ...] = ()
+) -> dict[str, str]:
     """A subprocess environment: the repo importable, quiet, optionally the worker's malloc settings."""
     e = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("MALLOC_")}
     e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
@@ -32,9 +34,23 @@ def env(extra: dict | None = None, worker: bool = False, drop: tuple[str, ...] =
     return e
 
 
-def run_json(args: list[str], extra_env: dict | None = None, worker: bool = False, drop: tuple[str, ...] = (), timeout: float = 1800) -> dict:
+def run_json(
+    args: list[str],
+    extra_env: dict | None = None,
+    worker: bool = False,
+    drop: tuple[str, ...] = (),
+    timeout: float = 1800,
+) -> dict:
     """Run ``python -m <args>`` and parse the last stdout line as JSON."""
-    proc = subprocess.run([PY, "-m", *args], cwd=REPO, env=env(extra_env, worker=worker, drop=drop), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [PY, "-m", *args],
+        cwd=REPO,
+        env=env(extra_env, worker=worker, drop=drop),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:2])} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -89,13 +105,24 @@ def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.2, sample_s: fl
         load = meter.external_cores()
         waited = time.perf_counter() - t0
         if load < threshold_cores or waited >= max_wait_s:
-            return {"external_load_cores": load, "waited_s": round(waited, 1), "quiet": load < threshold_cores}
+            return {
+                "external_load_cores": load,
+                "waited_s": round(waited, 1),
+                "quiet": load < threshold_cores,
+            }
 
 
 def result(value: float, target: float, op: str, unit: str, **measured) -> dict:
     """One benchmark's record: the measured numbers, the value, the target and pass/fail."""
     ok = value >= target if op == ">=" else value <= target if op == "<=" else value < target
-    return {"value": round(float(value), 4), "unit": unit, "target": target, "target_op": op, "pass": bool(ok), **measured}
+    return {
+        "value": round(float(value), 4),
+        "unit": unit,
+        "target": target,
+        "target_op": op,
+        "pass": bool(ok),
+        **measured,
+    }
 
 
 def log(msg: str) -> None:

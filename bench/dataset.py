@@ -39,7 +39,10 @@ def run(rounds: int, batch_size: int = 64) -> dict:
     t2 = time.perf_counter()
     root = ds_sdk.lake.root
     paths = [str(root / r["resized_key"]) for r in dataset.rows]
-    labels = [dataset.classes.index(str(r["label"])) if r["label"] is not None else -1 for r in dataset.rows]
+    labels = [
+        dataset.classes.index(str(r["label"])) if r["label"] is not None else -1
+        for r in dataset.rows
+    ]
     n = len(paths)
 
     def via_dataset() -> int:
@@ -55,7 +58,9 @@ def run(rounds: int, batch_size: int = 64) -> dict:
             for p in paths[i : i + batch_size]:
                 with open(p, "rb") as f:
                     data = f.read()
-                img = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                img = cv2.cvtColor(
+                    cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+                )
                 imgs.append(torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0))
             x = torch.stack(imgs)
             _y = torch.tensor(labels[i : i + batch_size])
@@ -72,9 +77,17 @@ def run(rounds: int, batch_size: int = 64) -> dict:
             rates[name].append(seen / (time.process_time() - c))
             assert seen == n
     ratios = [a / b for a, b in zip(rates["dataset"], rates["direct"])]
-    return {"images": n, "rounds": rounds, "batch_size": batch_size, "num_workers": 0,
-            "dataset_img_per_cpu_s": round(median(rates["dataset"]), 1), "direct_img_per_cpu_s": round(median(rates["direct"]), 1),
-            "ratio": round(median(ratios), 3), "freeze_s": round(t1 - t0, 2), "dataset_init_s": round(t2 - t1, 3)}
+    return {
+        "images": n,
+        "rounds": rounds,
+        "batch_size": batch_size,
+        "num_workers": 0,
+        "dataset_img_per_cpu_s": round(median(rates["dataset"]), 1),
+        "direct_img_per_cpu_s": round(median(rates["direct"]), 1),
+        "ratio": round(median(ratios), 3),
+        "freeze_s": round(t1 - t0, 2),
+        "dataset_init_s": round(t2 - t1, 3),
+    }
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,9 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
     hexes = hexes[order]
     sha = pa.array(hexes.astype("U64"))
     first4 = np.frombuffer(raw, dtype=">u4").reshape(rows, 8)[order, 0]
-    split_bucket = first4.astype(np.int64) % 100  # = int(sha[:8], 16) % 100 (workloads.versions.split_for)
+    split_bucket = (
+        first4.astype(np.int64) % 100
+    )  # = int(sha[:8], 16) % 100 (workloads.versions.split_for)
     split = np.where(split_bucket < 80, "train", np.where(split_bucket < 90, "val", "test"))
     pack_idx = rng.integers(0, len(PACKS), rows)
     label_idx = rng.integers(0, len(LABELS), rows)
@@ -64,7 +66,9 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
     pack = pa.array(np.array(PACKS)[pack_idx])
     label_str = np.array(LABELS)[label_idx]
     label = pa.array(label_str, mask=~labelled)
-    member = pc.binary_join_element_wise(pa.array(label_str), pa.array(np.char.mod("img_%07d.jpg", np.arange(rows))), "/")
+    member = pc.binary_join_element_wise(
+        pa.array(label_str), pa.array(np.char.mod("img_%07d.jpg", np.arange(rows))), "/"
+    )
     rid, eid = params.resize_id, params.edges_id
     columns = {
         "sha256": sha,
@@ -77,9 +81,15 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
         "format": pa.array(["JPEG"] * rows),
         "bytes": pa.array(nbytes),
         "split": pa.array(split),
-        "original_key": pc.binary_join_element_wise("raw", prefix, pc.binary_join_element_wise(sha, "jpg", "."), "/"),
-        "resized_key": pc.binary_join_element_wise("resized", rid, prefix, pc.binary_join_element_wise(sha, "jpg", "."), "/"),
-        "edges_key": pc.binary_join_element_wise("edges", eid, prefix, pc.binary_join_element_wise(sha, "png", "."), "/"),
+        "original_key": pc.binary_join_element_wise(
+            "raw", prefix, pc.binary_join_element_wise(sha, "jpg", "."), "/"
+        ),
+        "resized_key": pc.binary_join_element_wise(
+            "resized", rid, prefix, pc.binary_join_element_wise(sha, "jpg", "."), "/"
+        ),
+        "edges_key": pc.binary_join_element_wise(
+            "edges", eid, prefix, pc.binary_join_element_wise(sha, "png", "."), "/"
+        ),
         "boxes": pa.array(np.zeros(rows, np.int32)),
     }
     # Columns the schema has beyond these (it evolves): content hashes get hashes, the rest a zero value.
@@ -87,7 +97,9 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
         if f.name in columns:
             continue
         if f.name.endswith("sha256") and pa.types.is_string(f.type):
-            columns[f.name] = pa.array(np.frombuffer(rng.bytes(32 * rows).hex().encode(), dtype="S64").astype("U64"))
+            columns[f.name] = pa.array(
+                np.frombuffer(rng.bytes(32 * rows).hex().encode(), dtype="S64").astype("U64")
+            )
         elif pa.types.is_string(f.type):
             columns[f.name] = pa.array([""] * rows)
         elif pa.types.is_integer(f.type) or pa.types.is_floating(f.type):
@@ -98,7 +110,10 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
     t1 = time.perf_counter()
     firsts = hexes.astype("S2")  # sorted, so each prefix is one contiguous slice
     keys = np.array([p.encode() for p in HASH_PREFIXES], dtype="S2")
-    starts, ends = np.searchsorted(firsts, keys, side="left"), np.searchsorted(firsts, keys, side="right")
+    starts, ends = (
+        np.searchsorted(firsts, keys, side="left"),
+        np.searchsorted(firsts, keys, side="right"),
+    )
     records: dict[str, dict[str, dict]] = {asset: {} for asset in PREFIX_ASSETS}
     for p, a, b in zip(HASH_PREFIXES, starts, ends):
         part = table.slice(int(a), int(b - a))
@@ -106,14 +121,23 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
         write_parquet(lake, part_key("images", p, "0"), part)
         lake.put(tables_state_key(p), json.dumps({"images": part.num_rows, "objects": 0}).encode())
         for asset in PREFIX_ASSETS:
-            records[asset][p] = {"images": part.num_rows, "data_version": prefix_version(part["sha256"].to_pylist()[:16], asset)}
+            records[asset][p] = {
+                "images": part.num_rows,
+                "data_version": prefix_version(part["sha256"].to_pylist()[:16], asset),
+            }
         for stage in ("resize", "edges"):
             (lake.root / output_dir(stage, params, p)).mkdir(parents=True, exist_ok=True)
     for asset, recs in records.items():
         write_prefix_records(lake, asset, recs)
     t2 = time.perf_counter()
-    return {"rows": rows, "build_s": round(t1 - t0, 2), "write_s": round(t2 - t1, 2),
-            "table_mb": round(sum(f.stat().st_size for f in (lake.root / "tables").rglob("*.parquet")) / 1e6, 1)}
+    return {
+        "rows": rows,
+        "build_s": round(t1 - t0, 2),
+        "write_s": round(t2 - t1, 2),
+        "table_mb": round(
+            sum(f.stat().st_size for f in (lake.root / "tables").rglob("*.parquet")) / 1e6, 1
+        ),
+    }
 
 
 def profile_freeze(ds, sql: str, key: str = "big_profiled", top: int = 12) -> dict:
@@ -137,16 +161,24 @@ def profile_freeze(ds, sql: str, key: str = "big_profiled", top: int = 12) -> di
     repo = str(Path(__file__).resolve().parent.parent) + "/"
     ours, hot = [], []
     for (file, line, func), (_cc, nc, tottime, cumtime, _callers) in stats.items():
-        where = file[len(repo):] if file.startswith(repo) else (file.rsplit("site-packages/", 1)[-1] if "site-packages/" in file else file)
+        where = (
+            file[len(repo) :]
+            if file.startswith(repo)
+            else (file.rsplit("site-packages/", 1)[-1] if "site-packages/" in file else file)
+        )
         name = f"{where}:{line}({func})" if line else func
         if file.startswith(repo) and where.split("/", 1)[0] in ("assets", "workloads", "resources"):
             ours.append((round(cumtime, 3), nc, name))
         hot.append((round(tottime, 3), nc, name))
     ours.sort(reverse=True)
     hot.sort(reverse=True)
-    return {"profiled_wall_s": round(wall, 3),
-            "project_functions_by_cumulative_s": [{"s": c, "calls": n, "function": f} for c, n, f in ours[:top]],
-            "hottest_by_own_time_s": [{"s": c, "calls": n, "function": f} for c, n, f in hot[:top]]}
+    return {
+        "profiled_wall_s": round(wall, 3),
+        "project_functions_by_cumulative_s": [
+            {"s": c, "calls": n, "function": f} for c, n, f in ours[:top]
+        ],
+        "hottest_by_own_time_s": [{"s": c, "calls": n, "function": f} for c, n, f in hot[:top]],
+    }
 
 
 def run(home: Path, rows: int, breakdown: bool) -> dict:
@@ -159,15 +191,23 @@ def run(home: Path, rows: int, breakdown: bool) -> dict:
 
     ds = Datasets()
     t1 = time.perf_counter()
-    ds.freeze_dataset("warmup", "SELECT * FROM images WHERE sha256 < '0010'")  # one-time imports and instance setup
+    ds.freeze_dataset(
+        "warmup", "SELECT * FROM images WHERE sha256 < '0010'"
+    )  # one-time imports and instance setup
     t2 = time.perf_counter()
     rec = ds.freeze_dataset("big", MAIN_SQL)
     t3 = time.perf_counter()
     sel = ds.freeze_dataset("selective", SELECTIVE_SQL)
     t4 = time.perf_counter()
-    out = {"table": gen, "sql": MAIN_SQL, "subset_rows": rec["rows"], "freeze_s": round(t3 - t2, 3),
-           "selective": {"sql": SELECTIVE_SQL, "rows": sel["rows"], "freeze_s": round(t4 - t3, 3)},
-           "sdk_import_s": round(t1 - t0, 3), "first_freeze_small_s": round(t2 - t1, 3)}
+    out = {
+        "table": gen,
+        "sql": MAIN_SQL,
+        "subset_rows": rec["rows"],
+        "freeze_s": round(t3 - t2, 3),
+        "selective": {"sql": SELECTIVE_SQL, "rows": sel["rows"], "freeze_s": round(t4 - t3, 3)},
+        "sdk_import_s": round(t1 - t0, 3),
+        "first_freeze_small_s": round(t2 - t1, 3),
+    }
     if breakdown:
         out["profile"] = profile_freeze(ds, MAIN_SQL)
     return out
@@ -213,9 +253,15 @@ def presence_probe(home: Path, rows: int) -> dict:
         subset_rows = ds.freeze_dataset(f"probe_{i}", MAIN_SQL)["rows"]
         times[state].append(time.perf_counter() - t0)
     absent, present = min(times["absent"]), min(times["present"])
-    return {"table_rows": gen["rows"], "subset_rows": subset_rows, "variant_files": files, "touch_s": round(touch_s, 2),
-            "freeze_absent_s": round(absent, 3), "freeze_present_s": round(present, 3),
-            "extra_s_per_subset_row": (present - absent) / max(subset_rows, 1)}
+    return {
+        "table_rows": gen["rows"],
+        "subset_rows": subset_rows,
+        "variant_files": files,
+        "touch_s": round(touch_s, 2),
+        "freeze_absent_s": round(absent, 3),
+        "freeze_present_s": round(present, 3),
+        "extra_s_per_subset_row": (present - absent) / max(subset_rows, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -223,9 +269,17 @@ def main(argv=None) -> int:
     ap.add_argument("--home", required=True)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--no-breakdown", action="store_true")
-    ap.add_argument("--presence-probe", action="store_true", help="measure what existing variant files add (small table)")
+    ap.add_argument(
+        "--presence-probe",
+        action="store_true",
+        help="measure what existing variant files add (small table)",
+    )
     args = ap.parse_args(argv)
-    out = presence_probe(Path(args.home), args.rows) if args.presence_probe else run(Path(args.home), args.rows, not args.no_breakdown)
+    out = (
+        presence_probe(Path(args.home), args.rows)
+        if args.presence_probe
+        else run(Path(args.home), args.rows, not args.no_breakdown)
+    )
     print(json.dumps(out), flush=True)
     return 0
 

@@ -33,17 +33,29 @@ def encode(img: np.ndarray, fmt: str, quality: int = 92, png_level: int = 1) -> 
     return out.tobytes()
 
 
-def big_images(n_jpeg: int, n_png: int, width: int = 3000, height: int = 2000, seed: int = 0) -> list[dict]:
+def big_images(
+    n_jpeg: int, n_png: int, width: int = 3000, height: int = 2000, seed: int = 0
+) -> list[dict]:
     """``[{"name", "format", "width", "height", "bytes"}]``: 6 MP mosaics as JPEG q92 and PNG."""
     out = []
     for i in range(n_jpeg + n_png):
         fmt = "JPEG" if i < n_jpeg else "PNG"
         data = encode(mosaic(seed + i, width, height), fmt)
-        out.append({"name": f"mosaic_{i:02d}.{'jpg' if fmt == 'JPEG' else 'png'}", "format": fmt, "width": width, "height": height, "bytes": data})
+        out.append(
+            {
+                "name": f"mosaic_{i:02d}.{'jpg' if fmt == 'JPEG' else 'png'}",
+                "format": fmt,
+                "width": width,
+                "height": height,
+                "bytes": data,
+            }
+        )
     return out
 
 
-def small_crops(n: int, width: int = 320, height: int = 240, seed: int = 1, quality: int = 90) -> Iterator[bytes]:
+def small_crops(
+    n: int, width: int = 320, height: int = 240, seed: int = 1, quality: int = 90
+) -> Iterator[bytes]:
     """``n`` distinct small JPEGs: crops of the photos at random positions, scales and flips."""
     rng = np.random.default_rng(seed)
     ims = photos()
@@ -53,7 +65,11 @@ def small_crops(n: int, width: int = 320, height: int = 240, seed: int = 1, qual
         h0, w0 = src.shape[:2]
         s_min = max(width / w0, height / h0)
         s = float(rng.uniform(s_min, max(s_min * 1.05, 1.2)))
-        img = cv2.resize(src, (max(width, round(w0 * s)), max(height, round(h0 * s))), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+        img = cv2.resize(
+            src,
+            (max(width, round(w0 * s)), max(height, round(h0 * s))),
+            interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR,
+        )
         y = int(rng.integers(img.shape[0] - height + 1))
         x = int(rng.integers(img.shape[1] - width + 1))
         crop = img[y : y + height, x : x + width]
@@ -77,12 +93,18 @@ def noise_png(seed: int, width: int, height: int) -> bytes:
     """A random RGB PNG whose IDAT is zlib "stored" (no compression): large, valid, and fast to
     make and to inflate. Written directly (signature, IHDR, IDAT, IEND): PNG encoders spend
     their time choosing row filters, which incompressible noise does not need."""
-    rows = np.frombuffer(np.random.default_rng(seed).bytes(height * (1 + 3 * width)), np.uint8).reshape(height, -1).copy()
+    rows = (
+        np.frombuffer(np.random.default_rng(seed).bytes(height * (1 + 3 * width)), np.uint8)
+        .reshape(height, -1)
+        .copy()
+    )
     rows[:, 0] = 0  # filter type None on every row
     idat = zlib.compress(rows.tobytes(), 0)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
@@ -107,7 +129,12 @@ def write_pack(path: Path, members: Iterator[tuple[str, bytes]]) -> dict:
     return {"members": n, "member_bytes": total, "zip_bytes": path.stat().st_size}
 
 
-def big_pack_members(target_bytes: int, jpeg_share: float = 0.3, png_side: tuple[int, int] = (3000, 2000), seed: int = 7) -> Iterator[tuple[str, bytes]]:
+def big_pack_members(
+    target_bytes: int,
+    jpeg_share: float = 0.3,
+    png_side: tuple[int, int] = (3000, 2000),
+    seed: int = 7,
+) -> Iterator[tuple[str, bytes]]:
     """Members until ``target_bytes``: 6 MP JPEGs made distinct by a comment, and noise PNGs."""
     bases = [encode(mosaic(seed + i), "JPEG") for i in range(4)]
     total = jpeg_bytes = 0

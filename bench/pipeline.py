@@ -28,8 +28,13 @@ PACK_ID = "bench_small"
 
 
 def settings_env(home: Path, workers: int, threads: int, size: int) -> dict:
-    return {"CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local", "CVGRAPH_WORKERS": str(workers),
-            "CVGRAPH_IMAGE_THREADS": str(threads), "CVGRAPH_IMAGE_SIZE": str(size)}
+    return {
+        "CVGRAPH_HOME": str(home),
+        "CVGRAPH_PROFILE": "local",
+        "CVGRAPH_WORKERS": str(workers),
+        "CVGRAPH_IMAGE_THREADS": str(threads),
+        "CVGRAPH_IMAGE_SIZE": str(size),
+    }
 
 
 def prepare(work: Path, n: int) -> dict:
@@ -49,11 +54,19 @@ def prepare(work: Path, n: int) -> dict:
     lake = LocalLake(lake_dir)
     res = ingest_pack(lake, PACK_ID, f"incoming/{PACK_ID}.zip")
     t2 = time.perf_counter()
-    index = rebuild_raw_index(lake, list(HASH_PREFIXES))  # written nowhere: what the runs will index
+    index = rebuild_raw_index(
+        lake, list(HASH_PREFIXES)
+    )  # written nowhere: what the runs will index
     assert res.accepted == n, f"ingest accepted {res.accepted} of {n} ({res.rejected[:3]})"
-    return {"lake": str(lake_dir), "images": n, "pack_bytes": pack["zip_bytes"], "generate_s": round(t1 - t0, 2),
-            "ingest_s": round(t2 - t1, 2), "prefixes_with_images": sum(1 for t in index.values() if t.num_rows),
-            "per_prefix": {p: t.num_rows for p, t in index.items()}}
+    return {
+        "lake": str(lake_dir),
+        "images": n,
+        "pack_bytes": pack["zip_bytes"],
+        "generate_s": round(t1 - t0, 2),
+        "ingest_s": round(t2 - t1, 2),
+        "prefixes_with_images": sum(1 for t in index.values() if t.num_rows),
+        "per_prefix": {p: t.num_rows for p, t in index.items()},
+    }
 
 
 def clone(src: Path, dst: Path) -> None:
@@ -70,16 +83,30 @@ def prefixes_in(rng: tuple[str, str]) -> list[str]:
 
 def _sharded(module: str, args: list[str], shards: list[list[str]]) -> list[dict]:
     """``python -m module`` once per shard, in parallel, with a worker's environment; result lines."""
-    procs = [subprocess.Popen([PY, "-m", module, *args, "--prefixes", ",".join(s)], cwd=REPO, env=env(worker=True),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in shards if s]
+    procs = [
+        subprocess.Popen(
+            [PY, "-m", module, *args, "--prefixes", ",".join(s)],
+            cwd=REPO,
+            env=env(worker=True),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for s in shards
+        if s
+    ]
     outs = [p.communicate() for p in procs]
     for p, (_, err) in zip(procs, outs):
         if p.returncode != 0:
             raise RuntimeError(f"{module} exited {p.returncode}: {err[-2000:]}")
-    return [json.loads(line) for out, _ in outs for line in out.splitlines() if line.startswith("{")]
+    return [
+        json.loads(line) for out, _ in outs for line in out.splitlines() if line.startswith("{")
+    ]
 
 
-def bare(lake: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")) -> dict:
+def bare(
+    lake: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")
+) -> dict:
     """The run's three workloads without Dagster: the index, images and tables CLIs, each sharded
     over the worker processes as LocalProcessPool shards them (prefixes[i::n])."""
     prefixes = prefixes_in(rng)
@@ -89,21 +116,38 @@ def bare(lake: Path, workers: int, threads: int, size: int, rng: tuple[str, str]
     t0 = time.perf_counter()
     _sharded("workloads.index", common, shards)
     t_index = time.perf_counter()
-    recs = _sharded("workloads.images", [*common, "--stages", "resize,edges", "--threads", str(threads), "--size", str(size)], shards)
+    recs = _sharded(
+        "workloads.images",
+        [*common, "--stages", "resize,edges", "--threads", str(threads), "--size", str(size)],
+        shards,
+    )
     t_images = time.perf_counter()
     tables = _sharded("workloads.tables", [*common, "--size", str(size)], shards)
     wall = time.perf_counter() - t0
     processed = sum(r["processed"] for r in recs if r["stage"] == "resize")
-    return {"wall_s": round(wall, 3), "processed": processed, "table_rows": sum(t["images"] for t in tables),
-            "parts_s": {"index": round(t_index - t0, 3), "images": round(t_images - t_index, 3), "tables": round(wall - (t_images - t0), 3)},
-            "external_load_cores": meter.external_cores()}
+    return {
+        "wall_s": round(wall, 3),
+        "processed": processed,
+        "table_rows": sum(t["images"] for t in tables),
+        "parts_s": {
+            "index": round(t_index - t0, 3),
+            "images": round(t_images - t_index, 3),
+            "tables": round(wall - (t_images - t0), 3),
+        },
+        "external_load_cores": meter.external_cores(),
+    }
 
 
-def orchestrated(home: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")) -> dict:
+def orchestrated(
+    home: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")
+) -> dict:
     from bench.common import run_json
 
-    return run_json(["bench.pipeline", "orchestrate", "--home", str(home), "--range", f"{rng[0]}:{rng[1]}"], extra_env=settings_env(home, workers, threads, size),
-                    drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"))
+    return run_json(
+        ["bench.pipeline", "orchestrate", "--home", str(home), "--range", f"{rng[0]}:{rng[1]}"],
+        extra_env=settings_env(home, workers, threads, size),
+        drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"),
+    )
 
 
 def _orchestrate(home: Path, rng: tuple[str, str]) -> dict:
@@ -130,11 +174,25 @@ def _orchestrate(home: Path, rng: tuple[str, str]) -> dict:
         if s.start_time and s.end_time:
             steps[s.step_key] = round(s.end_time - s.start_time, 3)
     lake = LocalLake(home / "lake")
-    processed = sum(json.loads(lake.get(o.key))["processed"] for o in lake.list(f"_results/{result.run_id}/resize/"))
+    processed = sum(
+        json.loads(lake.get(o.key))["processed"]
+        for o in lake.list(f"_results/{result.run_id}/resize/")
+    )
     rows = sum(r["images"] for r in asset_records(lake, "image_tables").values())
-    workers_s = sum(json.loads(lake.get(o.key))["seconds"] for o in lake.list(f"_results/{result.run_id}/resize/"))
-    return {"wall_s": round(wall, 3), "startup_s": round(t_ready - t_start, 3), "processed": processed, "table_rows": rows,
-            "steps_s": steps, "prefix_task_seconds_sum": round(workers_s, 2), "run_id": result.run_id, "external_load_cores": load}
+    workers_s = sum(
+        json.loads(lake.get(o.key))["seconds"]
+        for o in lake.list(f"_results/{result.run_id}/resize/")
+    )
+    return {
+        "wall_s": round(wall, 3),
+        "startup_s": round(t_ready - t_start, 3),
+        "processed": processed,
+        "table_rows": rows,
+        "steps_s": steps,
+        "prefix_task_seconds_sum": round(workers_s, 2),
+        "run_id": result.run_id,
+        "external_load_cores": load,
+    }
 
 
 def main(argv=None) -> int:
@@ -147,7 +205,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, size: int = 64, rng: tuple[str, str] = ("00", "ff")) -> dict:
+def bench(
+    work: Path,
+    n: int,
+    trials: int,
+    workers: int = 2,
+    threads: int = 4,
+    size: int = 64,
+    rng: tuple[str, str] = ("00", "ff"),
+) -> dict:
     """Interleaved trials (bare, orchestrated, ...), each from a fresh clone of the same lake."""
     prep = prepare(work, n)
     log(f"pipeline: {n} images ingested in {prep['ingest_s']} s")
@@ -165,14 +231,26 @@ def bench(work: Path, n: int, trials: int, workers: int = 2, threads: int = 4, s
         if last_home:
             shutil.rmtree(last_home, ignore_errors=True)
         last_home = home
-        log(f"pipeline trial {t}: bare {out['bare'][-1]['wall_s']} s, orchestrated {out['orchestrated'][-1]['wall_s']} s")
+        log(
+            f"pipeline trial {t}: bare {out['bare'][-1]['wall_s']} s, orchestrated {out['orchestrated'][-1]['wall_s']} s"
+        )
     expected = sum(prep["per_prefix"].get(p, 0) for p in prefixes_in(rng))
     for r in out["bare"] + out["orchestrated"]:
         assert r["processed"] == expected, f"a run processed {r['processed']} of {expected} images"
-        assert r["table_rows"] == expected, f"a run wrote {r['table_rows']} table rows for {expected} images"
+        assert r["table_rows"] == expected, (
+            f"a run wrote {r['table_rows']} table rows for {expected} images"
+        )
     del prep["per_prefix"]
-    return {"prepare": prep, **out, "home": str(last_home), "workers": workers, "threads": threads, "size": size,
-            "range": list(rng), "images_in_range": expected}
+    return {
+        "prepare": prep,
+        **out,
+        "home": str(last_home),
+        "workers": workers,
+        "threads": threads,
+        "size": size,
+        "range": list(rng),
+        "images_in_range": expected,
+    }
 
 
 if __name__ == "__main__":

@@ -22,8 +22,16 @@ def main() -> int:
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     with open(out, "w") as f:
-        json.dump({"returncode": code, "maxrss_kb": usage.ru_maxrss, "wall_s": time.perf_counter() - t0,
-                   "user_s": usage.ru_utime, "sys_s": usage.ru_stime}, f)
+        json.dump(
+            {
+                "returncode": code,
+                "maxrss_kb": usage.ru_maxrss,
+                "wall_s": time.perf_counter() - t0,
+                "user_s": usage.ru_utime,
+                "sys_s": usage.ru_stime,
+            },
+            f,
+        )
     return code
 
 

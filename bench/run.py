@@ -34,27 +34,67 @@ from pathlib import Path
 
 from bench.common import REPO, log, median, result, run_json, wait_for_quiet
 
-NAMES = ("kernel_vs_naive", "kernel_vs_decode_bound", "scaling_2_workers", "orchestrated_vs_bare",
-         "ingest_peak_rss_mb", "freeze_1m_rows_s", "dataset_vs_direct", "incremental_time_ratio", "incremental_requests_ratio", "new_pack_latency_s")
-TARGETS = {"kernel_vs_naive": (2.2, ">="), "kernel_vs_decode_bound": (0.80, ">="), "scaling_2_workers": (1.9, ">="),
-           "orchestrated_vs_bare": (1.15, "<="), "ingest_peak_rss_mb": (300.0, "<"), "freeze_1m_rows_s": (2.0, "<"),
-           "dataset_vs_direct": (0.9, ">="), "incremental_time_ratio": (1.25, "<="), "incremental_requests_ratio": (1.1, "<="),
-           "new_pack_latency_s": (20.0, "<=")}
+NAMES = (
+    "kernel_vs_naive",
+    "kernel_vs_decode_bound",
+    "scaling_2_workers",
+    "orchestrated_vs_bare",
+    "ingest_peak_rss_mb",
+    "freeze_1m_rows_s",
+    "dataset_vs_direct",
+    "incremental_time_ratio",
+    "incremental_requests_ratio",
+    "new_pack_latency_s",
+)
+TARGETS = {
+    "kernel_vs_naive": (2.2, ">="),
+    "kernel_vs_decode_bound": (0.80, ">="),
+    "scaling_2_workers": (1.9, ">="),
+    "orchestrated_vs_bare": (1.15, "<="),
+    "ingest_peak_rss_mb": (300.0, "<"),
+    "freeze_1m_rows_s": (2.0, "<"),
+    "dataset_vs_direct": (0.9, ">="),
+    "incremental_time_ratio": (1.25, "<="),
+    "incremental_requests_ratio": (1.1, "<="),
+    "new_pack_latency_s": (20.0, "<="),
+}
 
 FULL = {
-    "big_jpegs": 8, "big_pngs": 2, "big_size": (3000, 2000), "kernel_size": 224, "kernel_rounds": 5,
-    "scaling_trials": 5, "scaling_passes": 48, "quiet_wait_s": 10.0,
-    "pipeline_images": 5000, "pipeline_trials": 3, "pipeline_range": ("00", "ff"),
-    "ingest_bytes": 2 * 1024**3, "ingest_pool_env": True,
-    "freeze_rows": 1_000_000, "freeze_probe_rows": 50_000, "dataset_rounds": 5,
+    "big_jpegs": 8,
+    "big_pngs": 2,
+    "big_size": (3000, 2000),
+    "kernel_size": 224,
+    "kernel_rounds": 5,
+    "scaling_trials": 5,
+    "scaling_passes": 48,
+    "quiet_wait_s": 10.0,
+    "pipeline_images": 5000,
+    "pipeline_trials": 3,
+    "pipeline_range": ("00", "ff"),
+    "ingest_bytes": 2 * 1024**3,
+    "ingest_pool_env": True,
+    "freeze_rows": 1_000_000,
+    "freeze_probe_rows": 50_000,
+    "dataset_rounds": 5,
     "incremental_lakes": (1_000, 30_000),
 }
 QUICK = {
-    "big_jpegs": 2, "big_pngs": 1, "big_size": (1200, 800), "kernel_size": 224, "kernel_rounds": 1,
-    "scaling_trials": 1, "scaling_passes": 2, "quiet_wait_s": 0.0,
-    "pipeline_images": 200, "pipeline_trials": 1, "pipeline_range": ("00", "1f"),
-    "ingest_bytes": 40 * 1024**2, "ingest_pool_env": False,
-    "freeze_rows": 5_000, "freeze_probe_rows": 2_000, "dataset_rounds": 1,
+    "big_jpegs": 2,
+    "big_pngs": 1,
+    "big_size": (1200, 800),
+    "kernel_size": 224,
+    "kernel_rounds": 1,
+    "scaling_trials": 1,
+    "scaling_passes": 2,
+    "quiet_wait_s": 0.0,
+    "pipeline_images": 200,
+    "pipeline_trials": 1,
+    "pipeline_range": ("00", "1f"),
+    "ingest_bytes": 40 * 1024**2,
+    "ingest_pool_env": False,
+    "freeze_rows": 5_000,
+    "freeze_probe_rows": 2_000,
+    "dataset_rounds": 1,
     "incremental_lakes": (500, 1_500),
 }
 
@@ -78,23 +118,87 @@ def bench_kernel(cfg: dict, work: Path) -> tuple[dict, dict]:
     save_inputs(inputs, images)
     log(f"kernel: {len(images)} inputs ({w}x{h}) built in {time.perf_counter() - t0:.1f} s")
     # In a worker's environment (LocalProcessPool's malloc settings): what production runs.
-    k = run_json(["bench.kernel", "single", "--inputs", str(inputs), "--size", str(cfg["kernel_size"]), "--rounds", str(cfg["kernel_rounds"])], worker=True)
+    k = run_json(
+        [
+            "bench.kernel",
+            "single",
+            "--inputs",
+            str(inputs),
+            "--size",
+            str(cfg["kernel_size"]),
+            "--rounds",
+            str(cfg["kernel_rounds"]),
+        ],
+        worker=True,
+    )
     # The same without the malloc settings: how much of the ratio the environment carries.
-    k_plain = run_json(["bench.kernel", "single", "--inputs", str(inputs), "--size", str(cfg["kernel_size"]), "--rounds", str(cfg["kernel_rounds"]), "--formats", "JPEG"])
+    k_plain = run_json(
+        [
+            "bench.kernel",
+            "single",
+            "--inputs",
+            str(inputs),
+            "--size",
+            str(cfg["kernel_size"]),
+            "--rounds",
+            str(cfg["kernel_rounds"]),
+            "--formats",
+            "JPEG",
+        ]
+    )
     # Other sizes: 64 (the default) and 256, where 1/8 does not cover and 1/2 is the pick.
-    other = {s: run_json(["bench.kernel", "single", "--inputs", str(inputs), "--size", str(s), "--rounds", str(cfg["kernel_rounds"]), "--formats", "JPEG"], worker=True)
-             for s in (64, 256)}
+    other = {
+        s: run_json(
+            [
+                "bench.kernel",
+                "single",
+                "--inputs",
+                str(inputs),
+                "--size",
+                str(s),
+                "--rounds",
+                str(cfg["kernel_rounds"]),
+                "--formats",
+                "JPEG",
+            ],
+            worker=True,
+        )
+        for s in (64, 256)
+    }
     jpeg = k["jpeg"]
-    common = {"inputs": f"{cfg['big_jpegs']} JPEG q92 + {cfg['big_pngs']} PNG mosaics of the bundled photos, {w}x{h}",
-              "target_size": cfg["kernel_size"], "threads": 1, "env": "worker (LocalProcessPool malloc settings)", "rounds": k["rounds"]}
-    naive = _res("kernel_vs_naive", jpeg["fast_over_naive"], "x (img/s per core, fast / naive, JPEG)", **common,
-                 jpeg={kk: jpeg[kk] for kk in ("images", "compressed_mb", "bytes_per_pixel", "fast", "naive")},
-                 png=k.get("png"), mixed_fast_over_naive=k.get("mixed", {}).get("fast_over_naive"),
-                 without_malloc_env_fast_over_naive=k_plain["jpeg"]["fast_over_naive"],
-                 **{f"at_size_{sz}_fast_over_naive": o["jpeg"]["fast_over_naive"] for sz, o in other.items()})
-    bound = _res("kernel_vs_decode_bound", jpeg["fast_over_decode"], "fraction (fast path rate / reduced-decode-only rate, JPEG)", **common,
-                 fast=jpeg["fast"], decode_only=jpeg["decode"], png_fast_over_decode=(k.get("png") or {}).get("fast_over_decode"),
-                 without_malloc_env=k_plain["jpeg"]["fast_over_decode"], **{f"at_size_{sz}": o["jpeg"]["fast_over_decode"] for sz, o in other.items()})
+    common = {
+        "inputs": f"{cfg['big_jpegs']} JPEG q92 + {cfg['big_pngs']} PNG mosaics of the bundled photos, {w}x{h}",
+        "target_size": cfg["kernel_size"],
+        "threads": 1,
+        "env": "worker (LocalProcessPool malloc settings)",
+        "rounds": k["rounds"],
+    }
+    naive = _res(
+        "kernel_vs_naive",
+        jpeg["fast_over_naive"],
+        "x (img/s per core, fast / naive, JPEG)",
+        **common,
+        jpeg={
+            kk: jpeg[kk] for kk in ("images", "compressed_mb", "bytes_per_pixel", "fast", "naive")
+        },
+        png=k.get("png"),
+        mixed_fast_over_naive=k.get("mixed", {}).get("fast_over_naive"),
+        without_malloc_env_fast_over_naive=k_plain["jpeg"]["fast_over_naive"],
+        **{
+            f"at_size_{sz}_fast_over_naive": o["jpeg"]["fast_over_naive"] for sz, o in other.items()
+        },
+    )
+    bound = _res(
+        "kernel_vs_decode_bound",
+        jpeg["fast_over_decode"],
+        "fraction (fast path rate / reduced-decode-only rate, JPEG)",
+        **common,
+        fast=jpeg["fast"],
+        decode_only=jpeg["decode"],
+        png_fast_over_decode=(k.get("png") or {}).get("fast_over_decode"),
+        without_malloc_env=k_plain["jpeg"]["fast_over_decode"],
+        **{f"at_size_{sz}": o["jpeg"]["fast_over_decode"] for sz, o in other.items()},
+    )
     return naive, bound
 
 
@@ -108,20 +212,44 @@ def bench_scaling(cfg: dict, inputs: Path) -> dict:
     for t in range(cfg["scaling_trials"]):
         quiet = wait_for_quiet(cfg["quiet_wait_s"]) if cfg["quiet_wait_s"] else {"quiet": None}
         order = (1, 2) if t % 2 == 0 else (2, 1)
-        trial = {k: scaling_trial(k, inputs, cfg["kernel_size"], cfg["scaling_passes"]) for k in order}
+        trial = {
+            k: scaling_trial(k, inputs, cfg["kernel_size"], cfg["scaling_passes"]) for k in order
+        }
         one, two = trial[1], trial[2]
-        pairs.append({"one": one, "two": two, "ratio": round(two["img_per_s"] / one["img_per_s"], 3),
-                      "cpu_ratio": round(2 * (one["worker_cpu_s"] / one["images"]) / (two["worker_cpu_s"] / two["images"]), 3),
-                      "external_load_cores": max(one["external_load_cores"], two["external_load_cores"]), "before": quiet})
-        log(f"scaling trial {t}: 1 worker {one['img_per_s']} img/s, 2 workers {two['img_per_s']} img/s (x{pairs[-1]['ratio']}), "
-            f"other load {pairs[-1]['external_load_cores']} cores")
+        pairs.append(
+            {
+                "one": one,
+                "two": two,
+                "ratio": round(two["img_per_s"] / one["img_per_s"], 3),
+                "cpu_ratio": round(
+                    2
+                    * (one["worker_cpu_s"] / one["images"])
+                    / (two["worker_cpu_s"] / two["images"]),
+                    3,
+                ),
+                "external_load_cores": max(one["external_load_cores"], two["external_load_cores"]),
+                "before": quiet,
+            }
+        )
+        log(
+            f"scaling trial {t}: 1 worker {one['img_per_s']} img/s, 2 workers {two['img_per_s']} img/s (x{pairs[-1]['ratio']}), "
+            f"other load {pairs[-1]['external_load_cores']} cores"
+        )
     quiet_pairs = [p for p in pairs if p["external_load_cores"] < 0.3]
     used = quiet_pairs or pairs
-    return _res("scaling_2_workers", median([p["ratio"] for p in used]), "x (img/s, 2 processes / 1, wall clock)",
-                trials=pairs, trials_used="quiet (other load < 0.3 cores)" if quiet_pairs else "all (the machine was never quiet)",
-                machine_quiet=bool(quiet_pairs), cpu_time_ratio=round(median([p["cpu_ratio"] for p in used]), 3),
-                note="cpu_time_ratio = 2 x CPU per image alone / CPU per image side by side: the scaling the hardware allows, "
-                     "independent of other processes' load")
+    return _res(
+        "scaling_2_workers",
+        median([p["ratio"] for p in used]),
+        "x (img/s, 2 processes / 1, wall clock)",
+        trials=pairs,
+        trials_used="quiet (other load < 0.3 cores)"
+        if quiet_pairs
+        else "all (the machine was never quiet)",
+        machine_quiet=bool(quiet_pairs),
+        cpu_time_ratio=round(median([p["cpu_ratio"] for p in used]), 3),
+        note="cpu_time_ratio = 2 x CPU per image alone / CPU per image side by side: the scaling the hardware allows, "
+        "independent of other processes' load",
+    )
 
 
 # -- 4: one ranged Dagster run vs the bare workload ---------------------------------------------
@@ -130,21 +258,46 @@ def bench_scaling(cfg: dict, inputs: Path) -> dict:
 def bench_pipeline(cfg: dict, work: Path) -> tuple[dict, str]:
     from bench import pipeline
 
-    r = pipeline.bench(work / "pipeline", cfg["pipeline_images"], cfg["pipeline_trials"], rng=cfg["pipeline_range"])
-    trials = [{"bare_s": b["wall_s"], "orchestrated_s": o["wall_s"], "ratio": round(o["wall_s"] / b["wall_s"], 3),
-               "ratio_with_startup": round((o["wall_s"] + o["startup_s"]) / b["wall_s"], 3),
-               "external_load_cores": max(b["external_load_cores"], o["external_load_cores"]),
-               "orchestrated_steps_s": o["steps_s"], "orchestrated_outside_steps_s": round(o["wall_s"] - sum(o["steps_s"].values()), 2),
-               "orchestrated_startup_s": o["startup_s"], "bare_parts_s": b["parts_s"]} for b, o in zip(r["bare"], r["orchestrated"])]
+    r = pipeline.bench(
+        work / "pipeline", cfg["pipeline_images"], cfg["pipeline_trials"], rng=cfg["pipeline_range"]
+    )
+    trials = [
+        {
+            "bare_s": b["wall_s"],
+            "orchestrated_s": o["wall_s"],
+            "ratio": round(o["wall_s"] / b["wall_s"], 3),
+            "ratio_with_startup": round((o["wall_s"] + o["startup_s"]) / b["wall_s"], 3),
+            "external_load_cores": max(b["external_load_cores"], o["external_load_cores"]),
+            "orchestrated_steps_s": o["steps_s"],
+            "orchestrated_outside_steps_s": round(o["wall_s"] - sum(o["steps_s"].values()), 2),
+            "orchestrated_startup_s": o["startup_s"],
+            "bare_parts_s": b["parts_s"],
+        }
+        for b, o in zip(r["bare"], r["orchestrated"])
+    ]
     # The median trial (each trial is a bare run and an orchestrated run back to back): single
     # trials swing with the disk (every step fsyncs) more than the load meter can see.
     used = sorted(trials, key=lambda t: t["ratio"])[len(trials) // 2]
-    res = _res("orchestrated_vs_bare", used["ratio"], "x (wall time, orchestrated / bare; lower is better)",
-               images=r["images_in_range"], prefix_range=r["range"], workers=r["workers"], threads=r["threads"], resize_size=r["size"],
-               bare_s=used["bare_s"], orchestrated_s=used["orchestrated_s"], orchestrated_steps_s=used["orchestrated_steps_s"],
-               orchestrated_outside_steps_s=used["orchestrated_outside_steps_s"], ratio_with_startup=used["ratio_with_startup"],
-               external_load_cores=used["external_load_cores"], trials=trials, trial_used="the median ratio",
-               prepare=r["prepare"], **_fixed_overhead(used, r["images_in_range"]))
+    res = _res(
+        "orchestrated_vs_bare",
+        used["ratio"],
+        "x (wall time, orchestrated / bare; lower is better)",
+        images=r["images_in_range"],
+        prefix_range=r["range"],
+        workers=r["workers"],
+        threads=r["threads"],
+        resize_size=r["size"],
+        bare_s=used["bare_s"],
+        orchestrated_s=used["orchestrated_s"],
+        orchestrated_steps_s=used["orchestrated_steps_s"],
+        orchestrated_outside_steps_s=used["orchestrated_outside_steps_s"],
+        ratio_with_startup=used["ratio_with_startup"],
+        external_load_cores=used["external_load_cores"],
+        trials=trials,
+        trial_used="the median ratio",
+        prepare=r["prepare"],
+        **_fixed_overhead(used, r["images_in_range"]),
+    )
     return res, r["home"]
 
 
@@ -154,7 +307,10 @@ def _fixed_overhead(trial: dict, images: int) -> dict:
     number of these images a 256-prefix run would need for the overhead to be 15% (derived)."""
     overhead = trial["orchestrated_s"] - trial["bare_s"]
     per_image = trial["bare_s"] / images
-    return {"overhead_s": round(overhead, 2), "images_for_target_derived": int(overhead / (0.15 * per_image)) if overhead > 0 else 0}
+    return {
+        "overhead_s": round(overhead, 2),
+        "images_for_target_derived": int(overhead / (0.15 * per_image)) if overhead > 0 else 0,
+    }
 
 
 # -- 5: ingest memory --------------------------------------------------------------------------
@@ -163,9 +319,13 @@ def _fixed_overhead(trial: dict, images: int) -> dict:
 def bench_ingest(cfg: dict, work: Path) -> dict:
     from bench import ingest_rss
 
-    r = ingest_rss.bench(work / "ingest", cfg["ingest_bytes"], worker_env_too=cfg["ingest_pool_env"])
+    r = ingest_rss.bench(
+        work / "ingest", cfg["ingest_bytes"], worker_env_too=cfg["ingest_pool_env"]
+    )
     cli = r["cli"]
-    return _res("ingest_peak_rss_mb", cli["peak_rss_mb"], "MB (peak RSS of the ingest process)", **r)
+    return _res(
+        "ingest_peak_rss_mb", cli["peak_rss_mb"], "MB (peak RSS of the ingest process)", **r
+    )
 
 
 # -- 6: freezing over 1M rows ------------------------------------------------------------------
@@ -176,18 +336,38 @@ def bench_freeze(cfg: dict, work: Path) -> dict:
     drop = ("DAGSTER_HOME", "CVGRAPH_LAKE_URL")
     home = work / "freeze_home"
     home.mkdir(parents=True)
-    r = run_json(["bench.freeze", "--home", str(home), "--rows", str(cfg["freeze_rows"])], extra_env={**env, "CVGRAPH_HOME": str(home)}, drop=drop)
+    r = run_json(
+        ["bench.freeze", "--home", str(home), "--rows", str(cfg["freeze_rows"])],
+        extra_env={**env, "CVGRAPH_HOME": str(home)},
+        drop=drop,
+    )
     shutil.rmtree(home, ignore_errors=True)
     probe_home = work / "freeze_probe_home"
     probe_home.mkdir(parents=True)
-    probe = run_json(["bench.freeze", "--home", str(probe_home), "--rows", str(cfg["freeze_probe_rows"]), "--presence-probe"],
-                     extra_env={**env, "CVGRAPH_HOME": str(probe_home)}, drop=drop)
+    probe = run_json(
+        [
+            "bench.freeze",
+            "--home",
+            str(probe_home),
+            "--rows",
+            str(cfg["freeze_probe_rows"]),
+            "--presence-probe",
+        ],
+        extra_env={**env, "CVGRAPH_HOME": str(probe_home)},
+        drop=drop,
+    )
     shutil.rmtree(probe_home, ignore_errors=True)
     estimate = r["freeze_s"] + max(0.0, probe["extra_s_per_subset_row"]) * r["subset_rows"]
-    res = _res("freeze_1m_rows_s", r["freeze_s"], f"s (freeze_dataset over a {cfg['freeze_rows']:,}-row images table, variant files absent)", **r,
-               variant_files_probe=probe, estimated_with_variant_files_s=round(estimate, 2),
-               note="measured with the 1.9 M resized/edges files absent; estimated_with_variant_files_s adds what their presence "
-                    "costs per subset row (measured on the probe's small table); pass requires both under the target")
+    res = _res(
+        "freeze_1m_rows_s",
+        r["freeze_s"],
+        f"s (freeze_dataset over a {cfg['freeze_rows']:,}-row images table, variant files absent)",
+        **r,
+        variant_files_probe=probe,
+        estimated_with_variant_files_s=round(estimate, 2),
+        note="measured with the 1.9 M resized/edges files absent; estimated_with_variant_files_s adds what their presence "
+        "costs per subset row (measured on the probe's small table); pass requires both under the target",
+    )
     res["pass"] = bool(res["pass"] and estimate < TARGETS["freeze_1m_rows_s"][0])
     return res
 
@@ -196,9 +376,17 @@ def bench_freeze(cfg: dict, work: Path) -> dict:
 
 
 def bench_dataset(cfg: dict, home: str) -> dict:
-    r = run_json(["bench.dataset", "--rounds", str(cfg["dataset_rounds"])],
-                 extra_env={"CVGRAPH_HOME": home, "CVGRAPH_PROFILE": "local", "CVGRAPH_IMAGE_SIZE": "64"}, drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"))
-    return _res("dataset_vs_direct", r["ratio"], "x (img/s per core, DataLoader(FrozenSubsetDataset) / direct loop)", **r)
+    r = run_json(
+        ["bench.dataset", "--rounds", str(cfg["dataset_rounds"])],
+        extra_env={"CVGRAPH_HOME": home, "CVGRAPH_PROFILE": "local", "CVGRAPH_IMAGE_SIZE": "64"},
+        drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"),
+    )
+    return _res(
+        "dataset_vs_direct",
+        r["ratio"],
+        "x (img/s per core, DataLoader(FrozenSubsetDataset) / direct loop)",
+        **r,
+    )
 
 
 # -- 8, 9, 10: a new pack into a small and a large lake -----------------------------------------
@@ -208,13 +396,32 @@ def bench_incremental(cfg: dict, work: Path) -> tuple[dict, dict, dict]:
     from bench import incremental
 
     small, large = cfg["incremental_lakes"]
-    cache = Path(os.environ.get("CVGRAPH_BENCH_CACHE", Path(tempfile.gettempdir()) / "cvgraph-lake-cache"))
+    cache = Path(
+        os.environ.get("CVGRAPH_BENCH_CACHE", Path(tempfile.gettempdir()) / "cvgraph-lake-cache")
+    )
     r = incremental.bench(work / "incremental", small, large, cache)
     common = {"lakes": r["lakes"], "new_pack_images": r["new_pack_images"], "cache": str(cache)}
-    return (_res("incremental_time_ratio", r["incremental_time_ratio"], f"x (summed step time, {large:,}-image lake / {small:,}-image lake)", **common),
-            _res("incremental_requests_ratio", r["incremental_requests_ratio"], "x (lake requests, large lake / small lake)",
-                 requests_per_new_image=r["requests_per_new_image"], **common),
-            _res("new_pack_latency_s", r["new_pack_latency_s"], "s (zip put → rows queryable, worst of 4: two lakes, name after/before the cursor)", **common))
+    return (
+        _res(
+            "incremental_time_ratio",
+            r["incremental_time_ratio"],
+            f"x (summed step time, {large:,}-image lake / {small:,}-image lake)",
+            **common,
+        ),
+        _res(
+            "incremental_requests_ratio",
+            r["incremental_requests_ratio"],
+            "x (lake requests, large lake / small lake)",
+            requests_per_new_image=r["requests_per_new_image"],
+            **common,
+        ),
+        _res(
+            "new_pack_latency_s",
+            r["new_pack_latency_s"],
+            "s (zip put → rows queryable, worst of 4: two lakes, name after/before the cursor)",
+            **common,
+        ),
+    )
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -232,7 +439,9 @@ def table(results: dict) -> str:
         r = results.get(name, {})
         target = f"{r.get('target_op', '')} {r.get('target', '')}"
         status = "ERROR" if r.get("error") else ("yes" if r.get("pass") else "NO")
-        lines.append(f"{name:<24} {_fmt(r.get('value')):>10}  {target:>9}  {status:<5} {r.get('unit', r.get('error', ''))}")
+        lines.append(
+            f"{name:<24} {_fmt(r.get('value')):>10}  {target:>9}  {status:<5} {r.get('unit', r.get('error', ''))}"
+        )
     return "\n".join(lines)
 
 
@@ -242,41 +451,65 @@ def details(results: dict) -> str:
     g = results.get
     if (k := g("kernel_vs_naive")) and not k.get("error"):
         j = k["jpeg"]
-        out.append(f"kernel (1 core, {k['target_size']} px): fast {j['fast']['img_per_cpu_s']} img/s = {j['fast']['mb_per_cpu_s']} MB/s, "
-                   f"naive {j['naive']['img_per_cpu_s']} img/s = {j['naive']['mb_per_cpu_s']} MB/s; PNG fast/naive {((k.get('png') or {}).get('fast_over_naive'))}, "
-                   f"mixed {k.get('mixed_fast_over_naive')}; without malloc env {k['without_malloc_env_fast_over_naive']}; at 64 px {k['at_size_64_fast_over_naive']}")
+        out.append(
+            f"kernel (1 core, {k['target_size']} px): fast {j['fast']['img_per_cpu_s']} img/s = {j['fast']['mb_per_cpu_s']} MB/s, "
+            f"naive {j['naive']['img_per_cpu_s']} img/s = {j['naive']['mb_per_cpu_s']} MB/s; PNG fast/naive {((k.get('png') or {}).get('fast_over_naive'))}, "
+            f"mixed {k.get('mixed_fast_over_naive')}; without malloc env {k['without_malloc_env_fast_over_naive']}; at 64 px {k['at_size_64_fast_over_naive']}"
+        )
     if (k := g("kernel_vs_decode_bound")) and not k.get("error"):
-        out.append(f"decode only: {k['decode_only']['img_per_cpu_s']} img/s = {k['decode_only']['mb_per_cpu_s']} MB/s; at 64 px the fraction is {k['at_size_64']}")
+        out.append(
+            f"decode only: {k['decode_only']['img_per_cpu_s']} img/s = {k['decode_only']['mb_per_cpu_s']} MB/s; at 64 px the fraction is {k['at_size_64']}"
+        )
     if (k := g("scaling_2_workers")) and not k.get("error"):
-        out.append(f"scaling: trials {[t['ratio'] for t in k['trials']]}, other load {[t['external_load_cores'] for t in k['trials']]} cores, "
-                   f"used {k['trials_used']}; CPU-time ratio {k['cpu_time_ratio']}")
+        out.append(
+            f"scaling: trials {[t['ratio'] for t in k['trials']]}, other load {[t['external_load_cores'] for t in k['trials']]} cores, "
+            f"used {k['trials_used']}; CPU-time ratio {k['cpu_time_ratio']}"
+        )
     if (k := g("orchestrated_vs_bare")) and not k.get("error"):
-        out.append(f"pipeline ({k['images']} images): bare {k['bare_s']} s, orchestrated {k['orchestrated_s']} s; steps {k['orchestrated_steps_s']}, "
-                   f"outside steps {k['orchestrated_outside_steps_s']} s; trials {[t['ratio'] for t in k['trials']]} "
-                   f"with other load {[t['external_load_cores'] for t in k['trials']]} cores (used: {k['trial_used']}); "
-                   f"overhead {k['overhead_s']} s, 15% of the bare time from ~{k['images_for_target_derived']:,} such images (derived)")
+        out.append(
+            f"pipeline ({k['images']} images): bare {k['bare_s']} s, orchestrated {k['orchestrated_s']} s; steps {k['orchestrated_steps_s']}, "
+            f"outside steps {k['orchestrated_outside_steps_s']} s; trials {[t['ratio'] for t in k['trials']]} "
+            f"with other load {[t['external_load_cores'] for t in k['trials']]} cores (used: {k['trial_used']}); "
+            f"overhead {k['overhead_s']} s, 15% of the bare time from ~{k['images_for_target_derived']:,} such images (derived)"
+        )
     if (k := g("ingest_peak_rss_mb")) and not k.get("error"):
         pool = k.get("local_pool_env", {})
-        out.append(f"ingest: {k['pack']['zip_gb']} GB, {k['pack']['members']} members in {k['cli']['wall_s']} s; peak RSS {k['cli']['peak_rss_mb']} MB "
-                   f"(polled {k['cli']['polled_hwm_mb']}), imports alone {k['import_only_rss_mb']} MB, with the pool's malloc env {pool.get('peak_rss_mb')} MB")
+        out.append(
+            f"ingest: {k['pack']['zip_gb']} GB, {k['pack']['members']} members in {k['cli']['wall_s']} s; peak RSS {k['cli']['peak_rss_mb']} MB "
+            f"(polled {k['cli']['polled_hwm_mb']}), imports alone {k['import_only_rss_mb']} MB, with the pool's malloc env {pool.get('peak_rss_mb')} MB"
+        )
     if (k := g("freeze_1m_rows_s")) and not k.get("error"):
         p = k["variant_files_probe"]
-        out.append(f"freeze: {k['subset_rows']:,} of {k['table']['rows']:,} rows in {k['freeze_s']} s (variant files absent); "
-                   f"selective ({k['selective']['rows']:,} rows) {k['selective']['freeze_s']} s; with the variant files present an estimated "
-                   f"{k['estimated_with_variant_files_s']} s (probe: {p['subset_rows']:,} rows {p['freeze_absent_s']} s absent vs {p['freeze_present_s']} s present)")
+        out.append(
+            f"freeze: {k['subset_rows']:,} of {k['table']['rows']:,} rows in {k['freeze_s']} s (variant files absent); "
+            f"selective ({k['selective']['rows']:,} rows) {k['selective']['freeze_s']} s; with the variant files present an estimated "
+            f"{k['estimated_with_variant_files_s']} s (probe: {p['subset_rows']:,} rows {p['freeze_absent_s']} s absent vs {p['freeze_present_s']} s present)"
+        )
         prof = k.get("profile") or {}
         if prof:
-            out.append(f"    under cProfile ({prof['profiled_wall_s']} s), project functions by cumulative time:")
-            out.extend(f"    {r['s']:>8.3f} s  {r['calls']:>8} calls  {r['function']}" for r in prof["project_functions_by_cumulative_s"][:8])
+            out.append(
+                f"    under cProfile ({prof['profiled_wall_s']} s), project functions by cumulative time:"
+            )
+            out.extend(
+                f"    {r['s']:>8.3f} s  {r['calls']:>8} calls  {r['function']}"
+                for r in prof["project_functions_by_cumulative_s"][:8]
+            )
             out.append("    hottest by own time:")
-            out.extend(f"    {r['s']:>8.3f} s  {r['calls']:>8} calls  {r['function']}" for r in prof["hottest_by_own_time_s"][:6])
+            out.extend(
+                f"    {r['s']:>8.3f} s  {r['calls']:>8} calls  {r['function']}"
+                for r in prof["hottest_by_own_time_s"][:6]
+            )
     if (k := g("dataset_vs_direct")) and not k.get("error"):
-        out.append(f"dataset: {k['images']} images, DataLoader {k['dataset_img_per_cpu_s']} img/s vs direct {k['direct_img_per_cpu_s']} img/s")
+        out.append(
+            f"dataset: {k['images']} images, DataLoader {k['dataset_img_per_cpu_s']} img/s vs direct {k['direct_img_per_cpu_s']} img/s"
+        )
     if (k := g("incremental_requests_ratio")) and not k.get("error"):
         for label, lake in k["lakes"].items():
             a, b = lake["after_cursor"], lake["before_cursor"]
-            out.append(f"incremental, {label} lake ({lake['images']:,} images): steps {a['step_s']} s {a['steps']}, {a['lake_requests']} requests "
-                       f"({a['lake_bytes_read']:,} B read, {a['lake_bytes_written']:,} B written); latency {a['latency_s']} s (name after the cursor), {b['latency_s']} s (before)")
+            out.append(
+                f"incremental, {label} lake ({lake['images']:,} images): steps {a['step_s']} s {a['steps']}, {a['lake_requests']} requests "
+                f"({a['lake_bytes_read']:,} B read, {a['lake_bytes_written']:,} B written); latency {a['latency_s']} s (name after the cursor), {b['latency_s']} s (before)"
+            )
         out.append(f"requests per new image (large lake): {k['requests_per_new_image']}")
     return "\n".join(out)
 
@@ -290,9 +523,15 @@ def write(results: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="cvgraph benchmarks (ratios measured in one run)")
-    ap.add_argument("--quick", action="store_true", help="small smoke version (numbers not meaningful)")
+    ap.add_argument(
+        "--quick", action="store_true", help="small smoke version (numbers not meaningful)"
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results.json"))
-    ap.add_argument("--only", default="", help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
@@ -318,37 +557,54 @@ def main(argv=None) -> int:
             log(f"{'/'.join(names)} failed: {e}")
             traceback.print_exc()
             for name in names:
-                results[name] = {"value": None, "pass": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+                results[name] = {
+                    "value": None,
+                    "pass": False,
+                    "error": f"{type(e).__name__}: {e}"[:2000],
+                }
             return None
 
     try:
         inputs = None
         if want("kernel") or want("scaling"):
-            out = attempt(("kernel_vs_naive", "kernel_vs_decode_bound"), lambda: bench_kernel(cfg, work))
+            out = attempt(
+                ("kernel_vs_naive", "kernel_vs_decode_bound"), lambda: bench_kernel(cfg, work)
+            )
             inputs = work / "kernel_inputs" if out else None
         if want("scaling") and inputs:
             attempt(("scaling_2_workers",), lambda: bench_scaling(cfg, inputs))
         if want("pipeline") or want("dataset"):
             attempt(("orchestrated_vs_bare",), lambda: _pipeline(cfg, work))
-        home = results.get("orchestrated_vs_bare", {}).pop("home", None)  # the lake the orchestrated run built
+        home = results.get("orchestrated_vs_bare", {}).pop(
+            "home", None
+        )  # the lake the orchestrated run built
         if want("dataset"):
             if home:
                 attempt(("dataset_vs_direct",), lambda: bench_dataset(cfg, home))
             else:
-                results["dataset_vs_direct"] = {"value": None, "pass": False, "error": "no lake: the orchestrated pipeline run failed"}
+                results["dataset_vs_direct"] = {
+                    "value": None,
+                    "pass": False,
+                    "error": "no lake: the orchestrated pipeline run failed",
+                }
         if want("ingest"):
             attempt(("ingest_peak_rss_mb",), lambda: bench_ingest(cfg, work))
         if want("freeze"):
             attempt(("freeze_1m_rows_s",), lambda: bench_freeze(cfg, work))
         if want("incremental"):
-            attempt(("incremental_time_ratio", "incremental_requests_ratio", "new_pack_latency_s"), lambda: bench_incremental(cfg, work))
+            attempt(
+                ("incremental_time_ratio", "incremental_requests_ratio", "new_pack_latency_s"),
+                lambda: bench_incremental(cfg, work),
+            )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     ordered = {name: results[name] for name in NAMES if name in results}
     write(ordered, Path(args.out))
     total = time.perf_counter() - t_start
-    print(("QUICK (smoke) run: numbers are not meaningful\n" if args.quick else "") + table(ordered))
+    print(
+        ("QUICK (smoke) run: numbers are not meaningful\n" if args.quick else "") + table(ordered)
+    )
     print(details(ordered))
     print(f"total {total:.0f} s; results in {args.out}")
     return 1 if any(r.get("error") for r in ordered.values()) else 0

@@ -75,7 +75,9 @@ def ingest(path: Path, name: str | None, as_json: bool) -> None:
     if as_json:
         _print_json(report)
     else:
-        click.echo(f"pack {pack_id}: {report['accepted']} accepted, {report['duplicates']} duplicates, {len(report['rejected'])} rejected")
+        click.echo(
+            f"pack {report['pack_id']}: {report['accepted']} accepted, {report['duplicates']} duplicates, {len(report['rejected'])} rejected"
+        )
         for r in report["rejected"]:
             click.echo(f"  rejected {r['member']!r}: {r['reason']}")
 
@@ -121,7 +123,9 @@ def query(sql: str, as_json: bool) -> None:
 def freeze(key: str, sql: str) -> None:
     """Freeze the result of SQL as the immutable subset KEY (through Dagster)."""
     rec = _ds().freeze_dataset(key, sql)
-    click.echo(f"subset {key}: {rec['rows']} rows, manifest {rec['manifest_sha256'][:16]}, splits {rec['splits']}")
+    click.echo(
+        f"subset {key}: {rec['rows']} rows, manifest {rec['manifest_sha256'][:16]}, splits {rec['splits']}"
+    )
 
 
 @main.command()
@@ -131,7 +135,9 @@ def freeze(key: str, sql: str) -> None:
 def train(key: str, subset: str | None, epochs: int | None) -> None:
     """Train model KEY on a frozen subset (local subprocess or SageMaker, by profile)."""
     rec = _ds().train(key, subset, epochs)
-    click.echo(f"model {key}: test accuracy {rec['test_accuracy']:.4f} ({rec['counts']['test']} held-out images), mlflow run {rec['mlflow_run_id']}")
+    click.echo(
+        f"model {key}: test accuracy {rec['test_accuracy']:.4f} ({rec['counts']['test']} held-out images), mlflow run {rec['mlflow_run_id']}"
+    )
 
 
 @main.command()
@@ -140,7 +146,9 @@ def export(key: str) -> None:
     """Export model KEY to TorchScript, ONNX and ONNX int8, checked for parity."""
     rec = _ds().export(key)
     for fmt, r in rec["formats"].items():
-        click.echo(f"{fmt:12s} {r['key']}  {r['bytes']} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}")
+        click.echo(
+            f"{fmt:12s} {r['key']}  {r['bytes']} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}"
+        )
 
 
 @main.command()

@@ -31,7 +31,9 @@ def run_demo(epochs: int = 8) -> int:
     packs = build_demo_packs(home() / "demo-packs")
     for name, path in packs.items():
         up = ds.upload(path, name)
-        step(f"{'uploaded' if up.uploaded else 'unchanged'} {up.key} ({path.stat().st_size / 1e6:.1f} MB)")
+        step(
+            f"{'uploaded' if up.uploaded else 'unchanged'} {up.key} ({path.stat().st_size / 1e6:.1f} MB)"
+        )
     step("sensor tick: new zips under incoming/ → packs partitions → ingest runs")
     ds.tick_incoming(on_run=echo_ingest)
     step("automation: new packs → raw_images → resized_images + edge_maps → image_tables")
@@ -44,22 +46,37 @@ def run_demo(epochs: int = 8) -> int:
     exports = ds.export(DIGITS_MODEL)
 
     reports = [ds.pack_report(p) for p in packs]
-    materialised = {k.to_user_string(): len(ds.instance.get_materialized_partitions(k)) for k in ds.definitions.resolve_asset_graph().get_all_asset_keys() if ds.definitions.resolve_assets_def(k).partitions_def == hash_prefixes}
+    materialised = {
+        k.to_user_string(): len(ds.instance.get_materialized_partitions(k))
+        for k in ds.definitions.resolve_asset_graph().get_all_asset_keys()
+        if ds.definitions.resolve_assets_def(k).partitions_def == hash_prefixes
+    }
     root, _ = lake_merkle_root(ds.lake, "image_tables")
     lines = [
         "",
         "cvgraph demo summary",
         "====================",
         f"packs:                {', '.join(r['pack_id'] for r in reports)}",
-        f"images accepted:      {sum(r['accepted'] for r in reports)}  (" + ", ".join(f"{r['pack_id']} {r['accepted']}" for r in reports) + ")",
+        f"images accepted:      {sum(r['accepted'] for r in reports)}  ("
+        + ", ".join(f"{r['pack_id']} {r['accepted']}" for r in reports)
+        + ")",
         f"images duplicate:     {sum(r['duplicates'] for r in reports)}",
-        f"members rejected:     {sum(len(r['rejected']) for r in reports)}" + "".join(f"\n    {r['pack_id']}/{x['member']}: {x['reason']}" for r in reports for x in r["rejected"]),
-        "prefix partitions:    " + ", ".join(f"{k} {v}/256" for k, v in sorted(materialised.items())),
+        f"members rejected:     {sum(len(r['rejected']) for r in reports)}"
+        + "".join(
+            f"\n    {r['pack_id']}/{x['member']}: {x['reason']}"
+            for r in reports
+            for x in r["rejected"]
+        ),
+        "prefix partitions:    "
+        + ", ".join(f"{k} {v}/256" for k, v in sorted(materialised.items())),
         f"tables merkle root:   {root}",
         f"subset {DIGITS_SUBSET}:     {subset['rows']} rows, manifest sha256 {subset['manifest_sha256'][:16]}, splits {subset['splits']}",
         f"model {DIGITS_MODEL}:     test accuracy {model['test_accuracy']:.4f} on {model['counts']['test']} held-out images (mlflow run {model['mlflow_run_id'][:12]})",
         "exports:",
-        *(f"    {r['key']:40s} {r['bytes']:>8d} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}" for r in exports["formats"].values()),
+        *(
+            f"    {r['key']:40s} {r['bytes']:>8d} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}"
+            for r in exports["formats"].values()
+        ),
         f"pictures:             {ds.lake_url}/{subset['label_plot']}, {ds.lake_url}/models/{DIGITS_MODEL}/curves.png",
         f"next:                 make ui  (the same Dagster instance)  ·  cvgraph lineage {DIGITS_MODEL}",
         f"done in {time.perf_counter() - t0:.1f}s",
@@ -67,7 +84,11 @@ def run_demo(epochs: int = 8) -> int:
     click.echo("\n".join(lines))
     ok = model["test_accuracy"] >= MIN_ACCURACY
     if not ok:
-        click.secho(f"test accuracy {model['test_accuracy']:.4f} is below {MIN_ACCURACY}", fg="red", err=True)
+        click.secho(
+            f"test accuracy {model['test_accuracy']:.4f} is below {MIN_ACCURACY}",
+            fg="red",
+            err=True,
+        )
     return 0 if ok else 1
 
 

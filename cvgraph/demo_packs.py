@@ -59,11 +59,24 @@ def _package_file(package: str, name: str) -> Path:
 
 def sample_image(name: str) -> bytes:
     """Bytes of a sample image that scikit-learn (china.jpg, flower.jpg) or scikit-image ships."""
-    return _package_file("sklearn" if name in ("china.jpg", "flower.jpg") else "skimage", name).read_bytes()
+    return _package_file(
+        "sklearn" if name in ("china.jpg", "flower.jpg") else "skimage", name
+    ).read_bytes()
 
 
-COLOR_PHOTOS = ("china.jpg", "flower.jpg", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "astronaut.png",
-                "coffee.png", "chelsea.png", "motorcycle_left.png", "motorcycle_right.png", "ihc.png")
+COLOR_PHOTOS = (
+    "china.jpg",
+    "flower.jpg",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "ihc.png",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,7 +112,9 @@ def mosaic(seed: int, width: int = 3000, height: int = 2000) -> np.ndarray:
     return canvas
 
 
-def digit_members(size: int = 96, limit: int | None = None, classes: tuple[int, ...] | None = None) -> dict[str, bytes]:
+def digit_members(
+    size: int = 96, limit: int | None = None, classes: tuple[int, ...] | None = None
+) -> dict[str, bytes]:
     """scikit-learn's digits as ``{"<label>/digit_<i>.png": png}``: upscaled, dark ink on white."""
     from sklearn.datasets import load_digits
 
@@ -110,7 +125,9 @@ def digit_members(size: int = 96, limit: int | None = None, classes: tuple[int, 
             continue
         if limit is not None and len(members) >= limit:
             break
-        big = cv2.resize((img * (255.0 / 16.0)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC)
+        big = cv2.resize(
+            (img * (255.0 / 16.0)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC
+        )
         ok, png = cv2.imencode(".png", 255 - big)
         assert ok
         members[f"{label}/digit_{i:04d}.png"] = png.tobytes()
@@ -135,7 +152,9 @@ def build_photos_pack(path: Path) -> int:
             _add(zf, member, data)
             cid = cats.setdefault(category, len(cats) + 1)
             coco["images"].append({"id": i, "file_name": member})
-            coco["annotations"].append({"id": i, "image_id": i, "category_id": cid, "bbox": list(box)})
+            coco["annotations"].append(
+                {"id": i, "image_id": i, "category_id": cid, "bbox": list(box)}
+            )
         coco["categories"] = [{"id": v, "name": k} for k, v in cats.items()]
         _add(zf, "annotations.json", json.dumps(coco, indent=1))
         _add(zf, "copies/china (1).jpg", _package_file("sklearn", "china.jpg").read_bytes())

@@ -13,12 +13,18 @@ def _json(lake, key: str) -> dict | None:
 
 def _dagster(inst: dg.DagsterInstance, asset: str, partition: str) -> dict | None:
     """The latest materialisation of ``asset[partition]`` on the instance (run id, data version)."""
-    records = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    records = inst.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
     if not records:
         return None
     ev = records[0].event_log_entry
     mat = ev.asset_materialization
-    return {"run_id": ev.run_id, "data_version": (mat.tags or {}).get("dagster/data_version"), "timestamp": ev.timestamp}
+    return {
+        "run_id": ev.run_id,
+        "data_version": (mat.tags or {}).get("dagster/data_version"),
+        "timestamp": ev.timestamp,
+    }
 
 
 def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
@@ -33,20 +39,47 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
     if model:
         exports = _json(lake, export_keys(key)["record"])
         if exports:
-            tree["export"] = {"key": key, "formats": exports["formats"], "model_sha256": exports["model_sha256"], "dagster": _dagster(inst, "exported_models", key)}
-        tree["model"] = {k: model[k] for k in ("key", "model_sha256", "test_accuracy", "mlflow_run_id", "training_job", "spec", "counts")}
+            tree["export"] = {
+                "key": key,
+                "formats": exports["formats"],
+                "model_sha256": exports["model_sha256"],
+                "dagster": _dagster(inst, "exported_models", key),
+            }
+        tree["model"] = {
+            k: model[k]
+            for k in (
+                "key",
+                "model_sha256",
+                "test_accuracy",
+                "mlflow_run_id",
+                "training_job",
+                "spec",
+                "counts",
+            )
+        }
         tree["model"]["dagster"] = _dagster(inst, "trained_models", key)
         subset_key = model["subset"]
     subset = _json(lake, f"subsets/{subset_key}/subset.json")
     if subset is None:
         raise KeyError(f"{key!r} is neither a trained model nor a frozen subset")
-    tree["subset"] = {k: subset[k] for k in ("key", "sql", "rows", "manifest_sha256", "input_merkle_root", "labels", "splits")}
+    tree["subset"] = {
+        k: subset[k]
+        for k in ("key", "sql", "rows", "manifest_sha256", "input_merkle_root", "labels", "splits")
+    }
     tree["subset"]["dagster"] = _dagster(inst, "frozen_subsets", subset_key)
     tree["prefixes"] = subset["prefix_versions"]
     tree["packs"] = []
     for pack_id in subset.get("packs", []):
         rec = _json(lake, pack_keys(pack_id)["record"]) or {}
-        tree["packs"].append({"pack_id": pack_id, "zip_sha256": rec.get("zip_sha256"), "accepted": rec.get("accepted"), "duplicates": rec.get("duplicates"), "rejected": len(rec.get("rejected", []))})
+        tree["packs"].append(
+            {
+                "pack_id": pack_id,
+                "zip_sha256": rec.get("zip_sha256"),
+                "accepted": rec.get("accepted"),
+                "duplicates": rec.get("duplicates"),
+                "rejected": len(rec.get("rejected", [])),
+            }
+        )
     return tree
 
 
@@ -57,22 +90,32 @@ def render(tree: dict) -> str:
         e = tree["export"]
         out.append(f"export {e['key']}  (model {e['model_sha256'][:12]})")
         for fmt, r in e["formats"].items():
-            out.append(f"  {fmt:12s} {r['key']}  sha256 {r['sha256'][:12]}  max |Δlogit| {r['max_abs_error']:.1e}  top-1 agreement {r['top1_agreement']:.3f}")
+            out.append(
+                f"  {fmt:12s} {r['key']}  sha256 {r['sha256'][:12]}  max |Δlogit| {r['max_abs_error']:.1e}  top-1 agreement {r['top1_agreement']:.3f}"
+            )
         indent = 1
     if "model" in tree:
         m = tree["model"]
         p = "  " * indent
-        out.append(f"{p}└─ model {m['key']}  sha256 {m['model_sha256'][:12]}  test accuracy {m['test_accuracy']:.4f}  mlflow run {m['mlflow_run_id']}  job {m['training_job']}")
+        out.append(
+            f"{p}└─ model {m['key']}  sha256 {m['model_sha256'][:12]}  test accuracy {m['test_accuracy']:.4f}  mlflow run {m['mlflow_run_id']}  job {m['training_job']}"
+        )
         indent += 1
     s = tree["subset"]
     p = "  " * indent
-    out.append(f"{p}└─ subset {s['key']}  {s['rows']} rows  manifest sha256 {s['manifest_sha256'][:16]}")
+    out.append(
+        f"{p}└─ subset {s['key']}  {s['rows']} rows  manifest sha256 {s['manifest_sha256'][:16]}"
+    )
     out.append(f"{p}     query: {s['sql']}")
     prefixes = tree["prefixes"]
-    out.append(f"{p}   └─ {len(prefixes)} prefix partitions  (merkle root over image_tables: {s['input_merkle_root']})")
+    out.append(
+        f"{p}   └─ {len(prefixes)} prefix partitions  (merkle root over image_tables: {s['input_merkle_root']})"
+    )
     for pp, versions in sorted(prefixes.items()):
         out.append(f"{p}        {pp}  " + "  ".join(f"{a}={v[:10]}" for a, v in versions.items()))
     out.append(f"{p}   └─ packs")
     for pk in tree["packs"]:
-        out.append(f"{p}        {pk['pack_id']}  zip sha256 {str(pk['zip_sha256'])[:16]}  accepted {pk['accepted']}  duplicates {pk['duplicates']}  rejected {pk['rejected']}")
+        out.append(
+            f"{p}        {pk['pack_id']}  zip sha256 {str(pk['zip_sha256'])[:16]}  accepted {pk['accepted']}  duplicates {pk['duplicates']}  rejected {pk['rejected']}"
+        )
     return "\n".join(out)

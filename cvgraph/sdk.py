@@ -107,9 +107,17 @@ class Datasets:
 
         up = self.upload(path, name)
         self.ensure_partition(packs, up.pack_id)
-        result = self.materialize([raw_packs.key], partition_key=up.pack_id, tags={PACK_KEY_TAG: up.key}, raise_on_error=False)
+        result = self.materialize(
+            [raw_packs.key],
+            partition_key=up.pack_id,
+            tags={PACK_KEY_TAG: up.key},
+            raise_on_error=False,
+        )
         if not result.success:
-            raise PackNotIngested(up.pack_id, f"pack {up.pack_id} ({path}) was not ingested: {self._runs.failure_message(result)}")
+            raise PackNotIngested(
+                up.pack_id,
+                f"pack {up.pack_id} ({path}) was not ingested: {self._runs.failure_message(result)}",
+            )
         return self.pack_report(up.pack_id)
 
     def pack_report(self, pack_id: str) -> dict:
@@ -120,7 +128,12 @@ class Datasets:
             rec = json.loads(self.lake.get(pack_keys(pack_id)["record"]))
         except FileNotFoundError:
             raise UnknownKey(f"no ingested pack {pack_id!r}") from None
-        return {"pack_id": pack_id, "accepted": rec["accepted"], "duplicates": rec["duplicates"], "rejected": rec["rejected"]}
+        return {
+            "pack_id": pack_id,
+            "accepted": rec["accepted"],
+            "duplicates": rec["duplicates"],
+            "rejected": rec["rejected"],
+        }
 
     def tick_incoming(self, on_run: Callable | None = None) -> list[str]:
         """One tick of the incoming-packs sensor, and the ingest runs it requests; returns pack ids."""
@@ -177,7 +190,11 @@ class Datasets:
 
         self.ensure_partition(models, key)
         cfg = {k: v for k, v in {"subset": subset, "epochs": epochs}.items() if v is not None}
-        self.materialize([trained_models.key], partition_key=key, run_config={"ops": {"trained_models": {"config": cfg}}})
+        self.materialize(
+            [trained_models.key],
+            partition_key=key,
+            run_config={"ops": {"trained_models": {"config": cfg}}},
+        )
         return json.loads(self.lake.get(model_keys(key)["record"]))
 
     def export(self, key: str) -> dict:

@@ -12,4 +12,6 @@ def echo_ingest(pack_id: str, run) -> None:
 
 def echo_range(keys: list[str], rng: tuple[str, str], run) -> None:
     """``on_run`` of ``Datasets.sync``."""
-    click.echo(f"  ran {', '.join(keys)} over prefixes {rng[0]}..{rng[1]} in one run ({run.run_id[:8]})")
+    click.echo(
+        f"  ran {', '.join(keys)} over prefixes {rng[0]}..{rng[1]} in one run ({run.run_id[:8]})"
+    )

@@ -24,7 +24,14 @@ class FrozenSubsetDataset(Dataset):
     """Items are ``(image, label_index)``; ``image`` is ``transform(HxWx3 uint8 RGB array)``
     or, with no transform, a float tensor (3, H, W) in [0, 1]. ``classes`` lists the labels."""
 
-    def __init__(self, key: str, variant: str = "resized", split: str | None = "train", transform=None, home: str | None = None):
+    def __init__(
+        self,
+        key: str,
+        variant: str = "resized",
+        split: str | None = "train",
+        transform=None,
+        home: str | None = None,
+    ):
         from assets.subsets import load_subset
         from cvgraph.sdk import Datasets
 
@@ -38,12 +45,21 @@ class FrozenSubsetDataset(Dataset):
         self.classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
         if split is not None:
             manifest = manifest.filter(pc.equal(manifest["split"], split))
-        self.rows = manifest.select(list(dict.fromkeys(["sha256", "label", VARIANTS[variant], HASHES[variant]]))).to_pylist()
+        self.rows = manifest.select(
+            list(dict.fromkeys(["sha256", "label", VARIANTS[variant], HASHES[variant]]))
+        ).to_pylist()
         self.key, self.variant, self.split, self.transform = key, variant, split, transform
         index = {c: i for i, c in enumerate(self.classes)}
         col, digest = VARIANTS[variant], HASHES[variant]
         # (object key, frozen sha256, label index) per item: __getitem__ does only I/O and decode
-        self._items = [(r[col], bytes.fromhex(r[digest] or ""), index[str(r["label"])] if r["label"] is not None else -1) for r in self.rows]
+        self._items = [
+            (
+                r[col],
+                bytes.fromhex(r[digest] or ""),
+                index[str(r["label"])] if r["label"] is not None else -1,
+            )
+            for r in self.rows
+        ]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -52,7 +68,9 @@ class FrozenSubsetDataset(Dataset):
         obj, frozen, label = self._items[i]
         data = self.lake.get(obj)
         if hashlib.sha256(data).digest() != frozen:  # the bytes are what was frozen, or nothing
-            raise SubsetIntegrityError(f"subset {self.key}: {obj} was changed after freezing (sha256 {sha256_hex(data)[:12]} != {frozen.hex()[:12]})")
+            raise SubsetIntegrityError(
+                f"subset {self.key}: {obj} was changed after freezing (sha256 {sha256_hex(data)[:12]} != {frozen.hex()[:12]})"
+            )
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
             raise SubsetIntegrityError(f"subset {self.key}: {obj} is not decodable")

@@ -11,7 +11,15 @@ from assets.tables import image_tables
 from orchestration.profiles import profile, resources_for
 from orchestration.sensors import image_automation, incoming_packs_sensor, incoming_packs_sqs_sensor
 
-ASSETS = [raw_packs, raw_images, image_stages, image_tables, frozen_subsets, trained_models, exported_models]
+ASSETS = [
+    raw_packs,
+    raw_images,
+    image_stages,
+    image_tables,
+    frozen_subsets,
+    trained_models,
+    exported_models,
+]
 
 
 def build_defs(profile_name: str | None = None) -> dg.Definitions:

@@ -32,7 +32,11 @@ from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, BATCH_WRITABLE_EVENTS
 from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import INDEX_SHARD_NAME, SqliteEventLogStorage, SqliteEventLogStorageWatchdog
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
+    SqliteEventLogStorage,
+    SqliteEventLogStorageWatchdog,
+)
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from sqlalchemy.pool import QueuePool
 
@@ -76,7 +80,11 @@ class LocalEventLogStorage(SqliteEventLogStorage):
 
     @classmethod
     def config_type(cls):
-        return {"base_dir": Field(StringSource, is_required=False, description="default: $DAGSTER_HOME/history/runs")}
+        return {
+            "base_dir": Field(
+                StringSource, is_required=False, description="default: $DAGSTER_HOME/history/runs"
+            )
+        }
 
     @classmethod
     def from_config_value(cls, inst_data, config_value) -> LocalEventLogStorage:
@@ -86,8 +94,13 @@ class LocalEventLogStorage(SqliteEventLogStorage):
         engine = self._engines.pop(shard, None)
         if engine is None:
             # check_same_thread off: every use is serialised by self._db_lock.
-            engine = db.create_engine(self.conn_string_for_shard(shard), poolclass=QueuePool, pool_size=1, max_overflow=2,
-                                      connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False})
+            engine = db.create_engine(
+                self.conn_string_for_shard(shard),
+                poolclass=QueuePool,
+                pool_size=1,
+                max_overflow=2,
+                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+            )
             db.event.listen(engine, "connect", _pragmas)
             if shard not in self._initialized_dbs:
                 try:
@@ -120,18 +133,32 @@ class LocalEventLogStorage(SqliteEventLogStorage):
         event-by-event updates end in, since each kind overwrites the same columns each time."""
         kinds = {e.get_dagster_event().event_type for e in events}
         if not kinds <= BATCH_WRITABLE_EVENTS or len({e.run_id for e in events}) != 1:
-            raise DagsterInvariantViolationError(f"batch writes take one run's {sorted(k.value for k in BATCH_WRITABLE_EVENTS)} events")
+            raise DagsterInvariantViolationError(
+                f"batch writes take one run's {sorted(k.value for k in BATCH_WRITABLE_EVENTS)} events"
+            )
         rows = [self._event_to_row(e) for e in events]
         with self.run_connection(events[0].run_id) as conn:
             conn.execute(SqlEventLogStorageTable.insert(), rows)
-        indexed = [(e, r) for e, r in zip(events, rows) if e.dagster_event_type in ASSET_EVENTS | ASSET_CHECK_EVENTS]
+        indexed = [
+            (e, r)
+            for e, r in zip(events, rows)
+            if e.dagster_event_type in ASSET_EVENTS | ASSET_CHECK_EVENTS
+        ]
         if not indexed:
             return
         with self.index_transaction() as conn:
-            insert = SqlEventLogStorageTable.insert().returning(SqlEventLogStorageTable.c.id, sort_by_parameter_order=True)
+            insert = SqlEventLogStorageTable.insert().returning(
+                SqlEventLogStorageTable.c.id, sort_by_parameter_order=True
+            )
             ids = [row[0] for row in conn.execute(insert, [r for _, r in indexed])]
-            assets = [(e, i) for (e, _), i in zip(indexed, ids) if e.dagster_event_type in ASSET_EVENTS]
-            checks = [(e, i) for (e, _), i in zip(indexed, ids) if e.dagster_event_type in ASSET_CHECK_EVENTS]
+            assets = [
+                (e, i) for (e, _), i in zip(indexed, ids) if e.dagster_event_type in ASSET_EVENTS
+            ]
+            checks = [
+                (e, i)
+                for (e, _), i in zip(indexed, ids)
+                if e.dagster_event_type in ASSET_CHECK_EVENTS
+            ]
             self._store_asset_event_tags(conn, [e for e, _ in assets], [i for _, i in assets])
             last = {(e.dagster_event.asset_key, e.dagster_event_type): (e, i) for e, i in assets}
             for e, i in sorted(last.values(), key=lambda item: item[1]):
@@ -158,7 +185,10 @@ class LocalEventLogStorage(SqliteEventLogStorage):
             self._obs = Observer()
             self._obs.start()
         watchdog = _RunWatchdog(self, run_id, callback, cursor)
-        self._watchers[run_id][callback] = (watchdog, self._obs.schedule(watchdog, self._base_dir, recursive=True))
+        self._watchers[run_id][callback] = (
+            watchdog,
+            self._obs.schedule(watchdog, self._base_dir, recursive=True),
+        )
 
     def wipe(self) -> None:
         self._close_all()  # the files are deleted: no engine may keep writing to them

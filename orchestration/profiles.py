@@ -39,7 +39,10 @@ def home() -> Path:
 # Dagster's own settings for every process that runs cvgraph's steps (`make` exports them too):
 # automation tracks all 256 prefixes per partition (its default cap is 100), and a ranged step's
 # materialisations are written to the event log as one batch (orchestration.event_log).
-DAGSTER_ENV = {"DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH": "256", "DAGSTER_EVENT_BATCH_SIZE": "1024"}
+DAGSTER_ENV = {
+    "DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH": "256",
+    "DAGSTER_EVENT_BATCH_SIZE": "1024",
+}
 
 
 # What earlier versions wrote: such a file is ours to replace.
@@ -77,7 +80,9 @@ def image_settings() -> ImageSettings:
 def _required(*names: str) -> dict[str, str]:
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
-        raise ValueError(f"CVGRAPH_PROFILE=aws needs {', '.join(missing)} (see README, Running on AWS)")
+        raise ValueError(
+            f"CVGRAPH_PROFILE=aws needs {', '.join(missing)} (see README, Running on AWS)"
+        )
     return {n: os.environ[n] for n in names}
 
 
@@ -90,11 +95,19 @@ def _tracking(h: Path) -> MLflowTracking:
 
 def aws_resources() -> dict:
     """S3 lake, Batch array jobs, SageMaker training, Athena over Glue, SQS events."""
-    v = _required("CVGRAPH_LAKE_URL", "CVGRAPH_BATCH_JOB_QUEUE", "CVGRAPH_BATCH_JOB_DEFINITION", "CVGRAPH_SAGEMAKER_ROLE_ARN",
-                  "CVGRAPH_TRAINING_IMAGE", "CVGRAPH_GLUE_DATABASE")
+    v = _required(
+        "CVGRAPH_LAKE_URL",
+        "CVGRAPH_BATCH_JOB_QUEUE",
+        "CVGRAPH_BATCH_JOB_DEFINITION",
+        "CVGRAPH_SAGEMAKER_ROLE_ARN",
+        "CVGRAPH_TRAINING_IMAGE",
+        "CVGRAPH_GLUE_DATABASE",
+    )
     if not v["CVGRAPH_LAKE_URL"].startswith("s3://"):
         raise ValueError("CVGRAPH_PROFILE=aws needs CVGRAPH_LAKE_URL=s3://bucket/prefix")
-    lake = LakeResource(url=v["CVGRAPH_LAKE_URL"], endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    lake = LakeResource(
+        url=v["CVGRAPH_LAKE_URL"], endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None
+    )
     resources = {
         "lake": lake,
         "image_compute": BatchArrayClient(
@@ -105,7 +118,9 @@ def aws_resources() -> dict:
         "trainer": SageMakerTrainer(
             role_arn=v["CVGRAPH_SAGEMAKER_ROLE_ARN"],
             training_image=v["CVGRAPH_TRAINING_IMAGE"],
-            instance_types=env("CVGRAPH_TRAINING_INSTANCE_TYPES", "ml.m5.large,ml.c5.xlarge,ml.m5.xlarge").split(","),
+            instance_types=env(
+                "CVGRAPH_TRAINING_INSTANCE_TYPES", "ml.m5.large,ml.c5.xlarge,ml.m5.xlarge"
+            ).split(","),
             use_spot=env("CVGRAPH_TRAINING_SPOT", "true").lower() == "true",
             max_runtime_seconds=int(env("CVGRAPH_TRAINING_MAX_RUNTIME", "3600")),
             poll_seconds=float(env("CVGRAPH_SAGEMAKER_POLL_SECONDS", "15")),
@@ -121,7 +136,9 @@ def aws_resources() -> dict:
         "tracking": _tracking(home()),
         "image_settings": image_settings(),
         # SQS notifications are the primary path on AWS; the full listing is the safety net.
-        "incoming_listing": IncomingListing(relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))),
+        "incoming_listing": IncomingListing(
+            relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))
+        ),
     }
     if os.environ.get("CVGRAPH_SQS_QUEUE_URL"):
         resources["pack_events"] = PackEvents(queue_url=os.environ["CVGRAPH_SQS_QUEUE_URL"])
@@ -139,12 +156,16 @@ def table_writer(compute: ImageCompute) -> TableWriter:
 
         from resources.spark import SparkTableWriter
 
-        return SparkTableWriter(spark=LazyPySparkResource(spark_config={
-            "spark.master": env("CVGRAPH_SPARK_MASTER", "local[2]"),
-            "spark.sql.session.timeZone": "UTC",
-            "spark.ui.enabled": "false",
-            "spark.sql.shuffle.partitions": "16",
-        }))
+        return SparkTableWriter(
+            spark=LazyPySparkResource(
+                spark_config={
+                    "spark.master": env("CVGRAPH_SPARK_MASTER", "local[2]"),
+                    "spark.sql.session.timeZone": "UTC",
+                    "spark.ui.enabled": "false",
+                    "spark.sql.shuffle.partitions": "16",
+                }
+            )
+        )
     raise ValueError(f"CVGRAPH_TABLE_WRITER={kind!r}: expected pyarrow or spark")
 
 
@@ -168,5 +189,7 @@ def resources_for(name: str | None = None) -> dict:
         "image_settings": image_settings(),
         "table_writer": table_writer(compute),
         # A scan of a local directory is cheap: every tick, so a new zip never waits for a relist.
-        "incoming_listing": IncomingListing(relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "0"))),
+        "incoming_listing": IncomingListing(
+            relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "0"))
+        ),
     }

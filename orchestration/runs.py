@@ -54,16 +54,32 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "\n".join(msgs) or "run failed"
 
 
-def materialize(inst: dg.DagsterInstance, keys: Sequence[dg.AssetKey], *, partition_key: str | None = None,
-                partition_range: tuple[str, str] | None = None, run_config: dict | None = None,
-                tags: dict | None = None, raise_on_error: bool = True, definitions: dg.Definitions | None = None) -> dg.ExecuteInProcessResult:
+def materialize(
+    inst: dg.DagsterInstance,
+    keys: Sequence[dg.AssetKey],
+    *,
+    partition_key: str | None = None,
+    partition_range: tuple[str, str] | None = None,
+    run_config: dict | None = None,
+    tags: dict | None = None,
+    raise_on_error: bool = True,
+    definitions: dg.Definitions | None = None,
+) -> dg.ExecuteInProcessResult:
     tags = dict(tags or {})
     if partition_range:
         tags[RANGE_START], tags[RANGE_END] = partition_range
     config = {**QUIET, **(run_config or {})}
     definitions = definitions or defs
-    result = dg.materialize(ASSETS, instance=inst, resources=definitions.resources, selection=list(keys), partition_key=partition_key,
-                            run_config=config, tags=tags, raise_on_error=False)
+    result = dg.materialize(
+        ASSETS,
+        instance=inst,
+        resources=definitions.resources,
+        selection=list(keys),
+        partition_key=partition_key,
+        run_config=config,
+        tags=tags,
+        raise_on_error=False,
+    )
     if raise_on_error and not result.success:
         raise RunFailed(failure_message(result), result)
     return result
@@ -86,20 +102,33 @@ def _automation_baseline(inst: dg.DagsterInstance, definitions: dg.Definitions) 
         _kv_set(inst, AUTOMATION_CURSOR, serialize_value(result.cursor))
 
 
-def tick_incoming(inst: dg.DagsterInstance, on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
-                  definitions: dg.Definitions | None = None, sensor: dg.SensorDefinition = incoming_packs_sensor) -> list[str]:
+def tick_incoming(
+    inst: dg.DagsterInstance,
+    on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
+    definitions: dg.Definitions | None = None,
+    sensor: dg.SensorDefinition = incoming_packs_sensor,
+) -> list[str]:
     """Evaluate an incoming-packs sensor once and run what it requests; returns pack ids."""
     definitions = definitions or defs
     _automation_baseline(inst, definitions)
     cursor_key = f"{SENSOR_CURSOR}/{sensor.name}"
     resources = {k: definitions.resources[k] for k in sensor.required_resource_keys}
-    ctx = dg.build_sensor_context(instance=inst, cursor=_kv_get(inst, cursor_key), resources=resources)
+    ctx = dg.build_sensor_context(
+        instance=inst, cursor=_kv_get(inst, cursor_key), resources=resources
+    )
     result = sensor(ctx)
     for req in result.dynamic_partitions_requests or []:
         inst.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     pack_ids = []
     for rr in result.run_requests or []:
-        run = materialize(inst, [raw_packs.key], partition_key=rr.partition_key, tags=dict(rr.tags), raise_on_error=False, definitions=definitions)
+        run = materialize(
+            inst,
+            [raw_packs.key],
+            partition_key=rr.partition_key,
+            tags=dict(rr.tags),
+            raise_on_error=False,
+            definitions=definitions,
+        )
         pack_ids.append(rr.partition_key)
         if on_run:
             on_run(rr.partition_key, run)
@@ -123,19 +152,31 @@ def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
     return ranges
 
 
-def sync(inst: dg.DagsterInstance, on_run: Callable[[list[str], tuple[str, str], dg.ExecuteInProcessResult], None] | None = None,
-         max_rounds: int = 6, definitions: dg.Definitions | None = None) -> list[dict]:
+def sync(
+    inst: dg.DagsterInstance,
+    on_run: Callable[[list[str], tuple[str, str], dg.ExecuteInProcessResult], None] | None = None,
+    max_rounds: int = 6,
+    definitions: dg.Definitions | None = None,
+) -> list[dict]:
     """Evaluate the automation conditions and run what they request until nothing is requested."""
     definitions = definitions or defs
     raw = _kv_get(inst, AUTOMATION_CURSOR)
     cursor = deserialize_value(raw) if raw else None
     launched = []
-    prefix_keys = [k for k in definitions.resolve_asset_graph().get_all_asset_keys() if definitions.resolve_assets_def(k).partitions_def == hash_prefixes]
+    prefix_keys = [
+        k
+        for k in definitions.resolve_asset_graph().get_all_asset_keys()
+        if definitions.resolve_assets_def(k).partitions_def == hash_prefixes
+    ]
     for _ in range(max_rounds):
         result = dg.evaluate_automation_conditions(defs=definitions, instance=inst, cursor=cursor)
         cursor = result.cursor
         _kv_set(inst, AUTOMATION_CURSOR, serialize_value(cursor))
-        requested = {k: set(result.get_requested_partitions(k)) for k in prefix_keys if result.get_num_requested(k)}
+        requested = {
+            k: set(result.get_requested_partitions(k))
+            for k in prefix_keys
+            if result.get_num_requested(k)
+        }
         if any(inst.get_materialized_partitions(raw_packs.key)):
             # Never-materialised prefixes too: automation only reacts to changes it has seen.
             for k in prefix_keys:
@@ -148,13 +189,16 @@ def sync(inst: dg.DagsterInstance, on_run: Callable[[list[str], tuple[str, str],
         keys = sorted(requested, key=lambda k: k.to_user_string())
         for rng in contiguous_ranges(union):
             run = materialize(inst, keys, partition_range=rng, definitions=definitions)
-            launched.append({"assets": [k.to_user_string() for k in keys], "range": rng, "run_id": run.run_id})
+            launched.append(
+                {"assets": [k.to_user_string() for k in keys], "range": rng, "run_id": run.run_id}
+            )
             if on_run:
                 on_run([k.to_user_string() for k in keys], rng, run)
     return launched
 
 
-def ensure_partition(inst: dg.DagsterInstance, partitions_def: dg.DynamicPartitionsDefinition, key: str) -> None:
+def ensure_partition(
+    inst: dg.DagsterInstance, partitions_def: dg.DynamicPartitionsDefinition, key: str
+) -> None:
     if not inst.has_dynamic_partition(partitions_def.name, key):
         inst.add_dynamic_partitions(partitions_def.name, [key])
-

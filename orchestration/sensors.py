@@ -1,6 +1,5 @@
 """Sensors: new zips under ``incoming/`` become ``packs`` partitions and ingest runs."""
 
-
 import json
 import time
 
@@ -23,7 +22,9 @@ def pack_id_for(key: str) -> str:
     return safe_key(stem)
 
 
-def new_packs(lake, instance: dg.DagsterInstance, cursor: str | None) -> tuple[list[tuple[str, str]], str | None]:
+def new_packs(
+    lake, instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[list[tuple[str, str]], str | None]:
     """(pack id, key) of zips listed after ``cursor`` whose partition does not exist yet, and the new cursor."""
     found: list[tuple[str, str]] = []
     last = cursor
@@ -37,13 +38,22 @@ def new_packs(lake, instance: dg.DagsterInstance, cursor: str | None) -> tuple[l
     return found, last
 
 
-def pack_sensor_result(context: dg.SensorEvaluationContext, found: list[tuple[str, str]], cursor: str, source: str) -> dg.SensorResult:
+def pack_sensor_result(
+    context: dg.SensorEvaluationContext, found: list[tuple[str, str]], cursor: str, source: str
+) -> dg.SensorResult:
     """Each new (pack id, key): a ``packs`` partition and an ingest run (run key = object key)."""
     if found:
         context.log.info(f"new packs from {source}: {[p for p, _ in found]}")
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=k, partition_key=p, asset_selection=[raw_packs.key], tags={PACK_KEY_TAG: k}) for p, k in found],
-        dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])] if found else [],
+        run_requests=[
+            dg.RunRequest(
+                run_key=k, partition_key=p, asset_selection=[raw_packs.key], tags={PACK_KEY_TAG: k}
+            )
+            for p, k in found
+        ],
+        dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])]
+        if found
+        else [],
         cursor=cursor,
     )
 
@@ -59,7 +69,9 @@ def parse_cursor(raw: str | None) -> dict:
     asset_selection=[raw_packs],
     description="Lists incoming/ (in full every relist period, else after the last key seen); each new .zip becomes a packs partition and an ingest run.",
 )
-def incoming_packs_sensor(context: dg.SensorEvaluationContext, lake: LakeResource, incoming_listing: IncomingListing) -> dg.SensorResult:
+def incoming_packs_sensor(
+    context: dg.SensorEvaluationContext, lake: LakeResource, incoming_listing: IncomingListing
+) -> dg.SensorResult:
     cursor = parse_cursor(context.cursor)
     now = time.time()
     # Listing after the last key seen misses keys that sort before it (S3 lists in key order).
@@ -79,27 +91,43 @@ def incoming_packs_sensor(context: dg.SensorEvaluationContext, lake: LakeResourc
     asset_selection=[raw_packs],
     description="Drains S3 event notifications for incoming/ from SQS; the listing sensor stays as a safety net.",
 )
-def incoming_packs_sqs_sensor(context: dg.SensorEvaluationContext, lake: LakeResource, pack_events: PackEvents) -> dg.SensorResult:
+def incoming_packs_sqs_sensor(
+    context: dg.SensorEvaluationContext, lake: LakeResource, pack_events: PackEvents
+) -> dg.SensorResult:
     # Messages received last tick are deleted now: the cursor that carried their receipts was
     # only stored after Dagster recorded that tick's run requests.
     previous = json.loads(context.cursor) if context.cursor else {"delete": []}
     if previous["delete"]:
         pack_events.delete(previous["delete"])
     store = lake.lake()
-    lake_prefix = f"{store.prefix}/" if getattr(store, "prefix", "") else ""  # keys in events are bucket keys
+    lake_prefix = (
+        f"{store.prefix}/" if getattr(store, "prefix", "") else ""
+    )  # keys in events are bucket keys
     messages = pack_events.receive()
     seen: set[tuple[str, str]] = set()
     found: list[tuple[str, str]] = []
     for msg in messages:
-        for _bucket, key, etag in msg["objects"]:
-            key = key[len(lake_prefix) :] if lake_prefix and key.startswith(lake_prefix) else key
-            if (key, etag) in seen or not key.startswith(INCOMING) or not key.lower().endswith(".zip"):
+        for _bucket, s3_key, etag in msg["objects"]:
+            key = (
+                s3_key[len(lake_prefix) :]
+                if lake_prefix and s3_key.startswith(lake_prefix)
+                else s3_key
+            )
+            if (
+                (key, etag) in seen
+                or not key.startswith(INCOMING)
+                or not key.lower().endswith(".zip")
+            ):
                 continue
             seen.add((key, etag))  # a multipart upload can notify twice
             pack_id = pack_id_for(key)
-            if not context.instance.has_dynamic_partition(packs.name, pack_id) and pack_id not in {p for p, _ in found}:
+            if not context.instance.has_dynamic_partition(packs.name, pack_id) and pack_id not in {
+                p for p, _ in found
+            }:
                 found.append((pack_id, key))
-    return pack_sensor_result(context, found, json.dumps({"delete": [m["receipt"] for m in messages]}), "S3 events")
+    return pack_sensor_result(
+        context, found, json.dumps({"delete": [m["receipt"] for m in messages]}), "S3 events"
+    )
 
 
 image_automation = dg.AutomationConditionSensorDefinition(

@@ -54,7 +54,14 @@ class DuckDBCatalog(Catalog):
         if not files:
             return pa.Table.from_pylist([], schema=schema)
         part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
-        return pads.dataset([f"{base}/{k}" for k in files], filesystem=fs, format="parquet", partitioning=part, partition_base_dir=f"{base}/tables/{name}", schema=schema)
+        return pads.dataset(
+            [f"{base}/{k}" for k in files],
+            filesystem=fs,
+            format="parquet",
+            partitioning=part,
+            partition_base_dir=f"{base}/tables/{name}",
+            schema=schema,
+        )
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """A connection that sees ``images`` and ``objects`` and nothing else: no read_csv('/etc/passwd'),
@@ -62,7 +69,9 @@ class DuckDBCatalog(Catalog):
         it may read."""
         lake = self.lake.lake()
         fs, base = lake.arrow_filesystem()
-        files = table_keys(lake)  # the parts each prefix's state names: a half-written part is never read
+        files = table_keys(
+            lake
+        )  # the parts each prefix's state names: a half-written part is never read
         local = isinstance(fs, pafs.LocalFileSystem)
         con = duckdb.connect()
         try:
@@ -97,17 +106,28 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, base: str, keys: li
     if not all(layout.fullmatch(k) for k in keys):
         return False
     files = "[" + ", ".join("'" + f"{base}/{k}".replace("'", "''") + "'" for k in keys) + "]"
-    present = {row[0] for row in con.execute(f"SELECT DISTINCT name FROM parquet_schema({files})").fetchall()}
+    present = {
+        row[0]
+        for row in con.execute(f"SELECT DISTINCT name FROM parquet_schema({files})").fetchall()
+    }
     if not set(TABLES[name].names) <= present:
         return False
     cols = ", ".join(f'"{c}"' for c in TABLES[name].names)
     at = len(f"{base}/tables/{name}/prefix=") + 1  # SQL strings count from 1
-    con.execute(f"CREATE VIEW {name} AS SELECT {cols}, substr(filename, {at}, 2) AS prefix "
-                f"FROM read_parquet({files}, union_by_name = true, filename = true, hive_partitioning = false)")
+    con.execute(
+        f"CREATE VIEW {name} AS SELECT {cols}, substr(filename, {at}, 2) AS prefix "
+        f"FROM read_parquet({files}, union_by_name = true, filename = true, hive_partitioning = false)"
+    )
     return True
 
 
-ATHENA_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "bigint", pa.float64(): "double", pa.list_(pa.string()): "array<string>"}
+ATHENA_TYPES = {
+    pa.string(): "string",
+    pa.int32(): "int",
+    pa.int64(): "bigint",
+    pa.float64(): "double",
+    pa.list_(pa.string()): "array<string>",
+}
 
 
 def glue_table_input(name: str, lake_uri: str) -> dict:
@@ -132,7 +152,9 @@ def glue_table_input(name: str, lake_uri: str) -> dict:
             "Location": location,
             "InputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat",
             "OutputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat",
-            "SerdeInfo": {"SerializationLibrary": "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"},
+            "SerdeInfo": {
+                "SerializationLibrary": "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
+            },
         },
     }
 
@@ -186,7 +208,11 @@ class AthenaCatalog(Catalog):
 
         sql = ensure_select(sql)
         athena = self._client("athena")
-        kw = {"QueryString": sql, "QueryExecutionContext": {"Database": self.database}, "WorkGroup": self.workgroup}
+        kw = {
+            "QueryString": sql,
+            "QueryExecutionContext": {"Database": self.database},
+            "WorkGroup": self.workgroup,
+        }
         if self.output_location:
             kw["ResultConfiguration"] = {"OutputLocation": self.output_location}
         qid = athena.start_query_execution(**kw)["QueryExecutionId"]
@@ -196,18 +222,40 @@ class AthenaCatalog(Catalog):
                 break
             time.sleep(self.poll_seconds)
         if state["State"] != "SUCCEEDED":
-            raise ValueError(f"Athena query {qid} {state['State']}: {state.get('StateChangeReason', '')}\n{sql}")
+            raise ValueError(
+                f"Athena query {qid} {state['State']}: {state.get('StateChangeReason', '')}\n{sql}"
+            )
         columns, rows = None, []
         for page in athena.get_paginator("get_query_results").paginate(QueryExecutionId=qid):
             meta = page["ResultSet"]["ResultSetMetadata"]["ColumnInfo"]
             data = page["ResultSet"]["Rows"]
             if columns is None:
                 columns = [(c["Name"], c["Type"]) for c in meta]
-                data = data[1:] if data and [d.get("VarCharValue") for d in data[0]["Data"]] == [n for n, _ in columns] else data
+                data = (
+                    data[1:]
+                    if data
+                    and [d.get("VarCharValue") for d in data[0]["Data"]] == [n for n, _ in columns]
+                    else data
+                )
             for r in data:
-                rows.append({n: _athena_value(d.get("VarCharValue"), t) for (n, t), d in zip(columns, r["Data"])})
+                rows.append(
+                    {
+                        n: _athena_value(d.get("VarCharValue"), t)
+                        for (n, t), d in zip(columns, r["Data"])
+                    }
+                )
         columns = columns or []
-        return pa.Table.from_pylist(rows, schema=pa.schema([(n, _ARROW.get(t, pa.string())) for n, t in columns])) if columns else pa.table({})
+        return (
+            pa.Table.from_pylist(
+                rows, schema=pa.schema([(n, _ARROW.get(t, pa.string())) for n, t in columns])
+            )
+            if columns
+            else pa.table({})
+        )
 
 
-_ARROW = {t: pa.int64() for t in ("integer", "int", "bigint", "smallint", "tinyint")} | {t: pa.float64() for t in ("double", "float", "real", "decimal")} | {"boolean": pa.bool_(), "array": pa.list_(pa.string())}
+_ARROW = (
+    {t: pa.int64() for t in ("integer", "int", "bigint", "smallint", "tinyint")}
+    | {t: pa.float64() for t in ("double", "float", "real", "decimal")}
+    | {"boolean": pa.bool_(), "array": pa.list_(pa.string())}
+)

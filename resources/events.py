@@ -25,7 +25,9 @@ def parse_s3_event(body: str) -> list[tuple[str, str, str]]:
         if not r.get("eventName", "").startswith("ObjectCreated"):
             continue
         s3 = r["s3"]
-        out.append((s3["bucket"]["name"], unquote_plus(s3["object"]["key"]), s3["object"].get("eTag", "")))
+        out.append(
+            (s3["bucket"]["name"], unquote_plus(s3["object"]["key"]), s3["object"].get("eTag", ""))
+        )
     return out
 
 
@@ -44,17 +46,26 @@ class PackEvents(dg.ConfigurableResource):
         """Drain up to ``max_messages``: [{"receipt", "objects": [(bucket, key, etag)]}]."""
         sqs, out = self._sqs(), []
         while len(out) < self.max_messages:
-            resp = sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=self.visibility_timeout)
+            resp = sqs.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=0,
+                VisibilityTimeout=self.visibility_timeout,
+            )
             msgs = resp.get("Messages", [])
             if not msgs:
                 break
-            out += [{"receipt": m["ReceiptHandle"], "objects": parse_s3_event(m["Body"])} for m in msgs]
+            out += [
+                {"receipt": m["ReceiptHandle"], "objects": parse_s3_event(m["Body"])} for m in msgs
+            ]
         return out
 
     def delete(self, receipts: list[str]) -> None:
         sqs = self._sqs()
         for i in range(0, len(receipts), 10):
-            entries = [{"Id": str(n), "ReceiptHandle": r} for n, r in enumerate(receipts[i : i + 10])]
+            entries = [
+                {"Id": str(n), "ReceiptHandle": r} for n, r in enumerate(receipts[i : i + 10])
+            ]
             sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)
 
 

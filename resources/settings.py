@@ -19,4 +19,6 @@ class ImageSettings(dg.ConfigurableResource):
     shard_images: int = 20_000
 
     def params(self) -> ImageParams:
-        return ImageParams(ResizeParams(self.size, self.jpeg_quality), EdgeParams(self.edge_low, self.edge_high))
+        return ImageParams(
+            ResizeParams(self.size, self.jpeg_quality), EdgeParams(self.edge_low, self.edge_high)
+        )

@@ -15,7 +15,12 @@ from dagster_pyspark import LazyPySparkResource
 
 from resources.tables import TableWriter, write_results
 from workloads.images import ImageParams, hashes_key, raw_index_key
-from workloads.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA, commit_prefix_tables, pending_table_changes
+from workloads.tables import (
+    IMAGES_SCHEMA,
+    OBJECTS_SCHEMA,
+    commit_prefix_tables,
+    pending_table_changes,
+)
 
 
 class SparkTableWriter(TableWriter):
@@ -31,46 +36,137 @@ class SparkTableWriter(TableWriter):
         spark = self.spark.spark_session
         fs, base = lake.arrow_filesystem()
         if not base.startswith("/"):
-            raise ValueError("SparkTableWriter reads the lake through the local filesystem here; on S3 configure s3a on the cluster")
+            raise ValueError(
+                "SparkTableWriter reads the lake through the local filesystem here; on S3 configure s3a on the cluster"
+            )
         # The change markers this rebuild absorbs, listed before it reads the indexes: one the
         # index step writes meanwhile stays for the next run.
         markers = {p: pending_table_changes(lake, p)[0] for p in prefixes}
         keys = [raw_index_key(p) for p in prefixes if lake.exists(raw_index_key(p))]
         if not keys:
             empty = {"images": IMAGES_SCHEMA.empty_table(), "objects": OBJECTS_SCHEMA.empty_table()}
-            return {p: commit_prefix_tables(lake, p, params, empty["images"], empty["objects"], markers[p]) for p in prefixes}
-        raw = spark.read.parquet(*[f"file://{base}/{k}" for k in keys]).withColumn("prefix", F.substring("sha256", 1, 2))
+            return {
+                p: commit_prefix_tables(
+                    lake, p, params, empty["images"], empty["objects"], markers[p]
+                )
+                for p in prefixes
+            }
+        raw = spark.read.parquet(*[f"file://{base}/{k}" for k in keys]).withColumn(
+            "prefix", F.substring("sha256", 1, 2)
+        )
         first_pack = F.col("packs")[0]
         sha = F.col("sha256")
         rows = (
             raw.withColumn("pack_id", first_pack)
-            .withColumn("member", F.expr("substring(filter(members, m -> startswith(m, concat(packs[0], '/')))[0], length(packs[0]) + 2)"))
+            .withColumn(
+                "member",
+                F.expr(
+                    "substring(filter(members, m -> startswith(m, concat(packs[0], '/')))[0], length(packs[0]) + 2)"
+                ),
+            )
             .withColumn("bucket", F.conv(F.substring(sha, 1, 8), 16, 10).cast("long") % 100)
-            .withColumn("split", F.when(F.col("bucket") < 80, "train").when(F.col("bucket") < 90, "val").otherwise("test"))
-            .withColumn("original_key", F.concat(F.lit("raw/"), F.col("prefix"), F.lit("/"), sha, F.lit("."), F.col("ext")))
-            .withColumn("resized_want", F.concat(F.lit(f"resized/{params.resize_id}/"), F.col("prefix"), F.lit("/"), sha, F.lit(".jpg")))
-            .withColumn("edges_want", F.concat(F.lit(f"edges/{params.edges_id}/"), F.col("prefix"), F.lit("/"), sha, F.lit(".png")))
+            .withColumn(
+                "split",
+                F.when(F.col("bucket") < 80, "train")
+                .when(F.col("bucket") < 90, "val")
+                .otherwise("test"),
+            )
+            .withColumn(
+                "original_key",
+                F.concat(F.lit("raw/"), F.col("prefix"), F.lit("/"), sha, F.lit("."), F.col("ext")),
+            )
+            .withColumn(
+                "resized_want",
+                F.concat(
+                    F.lit(f"resized/{params.resize_id}/"),
+                    F.col("prefix"),
+                    F.lit("/"),
+                    sha,
+                    F.lit(".jpg"),
+                ),
+            )
+            .withColumn(
+                "edges_want",
+                F.concat(
+                    F.lit(f"edges/{params.edges_id}/"),
+                    F.col("prefix"),
+                    F.lit("/"),
+                    sha,
+                    F.lit(".png"),
+                ),
+            )
         )
         rows = rows.withColumn("boxes_n", F.size("boxes").cast("int"))
         # A variant is listed when its stage's hash index has it (the record of what is done).
-        for stage, key_col, hash_col in (("resize", "resized_key", "resized_sha256"), ("edges", "edges_key", "edges_sha256")):
-            files = [f"file://{base}/{hashes_key(stage, params, p)}" for p in prefixes if lake.exists(hashes_key(stage, params, p))]
-            h = spark.read.parquet(*files) if files else spark.createDataFrame([], "sha256 string, output_sha256 string")
+        for stage, key_col, hash_col in (
+            ("resize", "resized_key", "resized_sha256"),
+            ("edges", "edges_key", "edges_sha256"),
+        ):
+            files = [
+                f"file://{base}/{hashes_key(stage, params, p)}"
+                for p in prefixes
+                if lake.exists(hashes_key(stage, params, p))
+            ]
+            h = (
+                spark.read.parquet(*files)
+                if files
+                else spark.createDataFrame([], "sha256 string, output_sha256 string")
+            )
             h = h.select(F.col("sha256").alias("_h_sha"), F.col("output_sha256").alias(hash_col))
             want = "resized_want" if stage == "resize" else "edges_want"
-            rows = rows.join(h, sha == F.col("_h_sha"), "left").withColumn(key_col, F.when(F.col(hash_col).isNotNull(), F.col(want))).drop("_h_sha")
-        images = rows.select(*[F.col("boxes_n").alias("boxes") if f.name == "boxes" else F.col(f.name) for f in IMAGES_SCHEMA], "prefix")
-        objects = rows.select("sha256", "prefix", "label", "split", F.posexplode("boxes").alias("box", "b")).select(
-            "sha256", F.col("box").cast("int").alias("box"), "b.category", "b.x", "b.y", "b.w", "b.h", "label", "split", "prefix"
+            rows = (
+                rows.join(h, sha == F.col("_h_sha"), "left")
+                .withColumn(key_col, F.when(F.col(hash_col).isNotNull(), F.col(want)))
+                .drop("_h_sha")
+            )
+        images = rows.select(
+            *[
+                F.col("boxes_n").alias("boxes") if f.name == "boxes" else F.col(f.name)
+                for f in IMAGES_SCHEMA
+            ],
+            "prefix",
+        )
+        objects = rows.select(
+            "sha256", "prefix", "label", "split", F.posexplode("boxes").alias("box", "b")
+        ).select(
+            "sha256",
+            F.col("box").cast("int").alias("box"),
+            "b.category",
+            "b.x",
+            "b.y",
+            "b.w",
+            "b.h",
+            "label",
+            "split",
+            "prefix",
         )
         with tempfile.TemporaryDirectory(prefix="cvgraph-spark-") as tmp:
             built: dict[str, dict] = {p: {} for p in prefixes}
-            for name, df, schema in (("images", images, IMAGES_SCHEMA), ("objects", objects, OBJECTS_SCHEMA)):
+            for name, df, schema in (
+                ("images", images, IMAGES_SCHEMA),
+                ("objects", objects, OBJECTS_SCHEMA),
+            ):
                 out = Path(tmp) / name
-                df.repartition("prefix").sortWithinPartitions("sha256", *(["box"] if name == "objects" else [])).write.partitionBy("prefix").parquet(f"file://{out}")
+                df.repartition("prefix").sortWithinPartitions(
+                    "sha256", *(["box"] if name == "objects" else [])
+                ).write.partitionBy("prefix").parquet(f"file://{out}")
                 for p in prefixes:
                     files = sorted((out / f"prefix={p}").glob("*.parquet"))
-                    table = pq.read_table(files, partitioning=None).select(schema.names).cast(schema) if files else schema.empty_table()  # Spark types → ours
-                    built[p][name] = table.sort_by([("sha256", "ascending"), *([("box", "ascending")] if name == "objects" else [])])
+                    table = (
+                        pq.read_table(files, partitioning=None).select(schema.names).cast(schema)
+                        if files
+                        else schema.empty_table()
+                    )  # Spark types → ours
+                    built[p][name] = table.sort_by(
+                        [
+                            ("sha256", "ascending"),
+                            *([("box", "ascending")] if name == "objects" else []),
+                        ]
+                    )
         # A rebuild absorbs every change the index step recorded for these prefixes.
-        return {p: commit_prefix_tables(lake, p, params, built[p]["images"], built[p]["objects"], markers[p]) for p in prefixes}
+        return {
+            p: commit_prefix_tables(
+                lake, p, params, built[p]["images"], built[p]["objects"], markers[p]
+            )
+            for p in prefixes
+        }

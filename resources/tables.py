@@ -16,7 +16,15 @@ from workloads.tasks import result_key
 
 class TableWriter(dg.ConfigurableResource, ABC):
     @abstractmethod
-    def run(self, context: dg.AssetExecutionContext, lake, lake_url: str, run_id: str, prefixes: list[str], params: ImageParams) -> None:
+    def run(
+        self,
+        context: dg.AssetExecutionContext,
+        lake,
+        lake_url: str,
+        run_id: str,
+        prefixes: list[str],
+        params: ImageParams,
+    ) -> None:
         """Update both tables of ``prefixes``; each prefix's result record is its commit marker."""
 
 
@@ -27,10 +35,19 @@ class PyArrowTableWriter(TableWriter):
     compute: ImageCompute
 
     def run(self, context, lake, lake_url, run_id, prefixes, params):
-        self.compute.run_prefix_tasks(context, "tables", lambda shard: tables_command(lake_url, run_id, shard, params), prefixes, run_id)
+        self.compute.run_prefix_tasks(
+            context,
+            "tables",
+            lambda shard: tables_command(lake_url, run_id, shard, params),
+            prefixes,
+            run_id,
+        )
 
 
 def write_results(lake, run_id: str, stats: dict[str, dict]) -> None:
     """Result records for prefixes whose tables were written in this process (the Spark writer)."""
     for prefix, s in stats.items():
-        lake.put(result_key(run_id, "tables", prefix), json.dumps({"prefix": prefix, "stage": "tables", **s}, sort_keys=True).encode())
+        lake.put(
+            result_key(run_id, "tables", prefix),
+            json.dumps({"prefix": prefix, "stage": "tables", **s}, sort_keys=True).encode(),
+        )

@@ -20,18 +20,30 @@ class MLflowTracking(dg.ConfigurableResource):
         mlflow.set_tracking_uri(self.tracking_uri)
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is None:
-            exp = mlflow.get_experiment(mlflow.create_experiment(self.experiment, artifact_location=self.artifact_location))
+            exp = mlflow.get_experiment(
+                mlflow.create_experiment(self.experiment, artifact_location=self.artifact_location)
+            )
         return mlflow.MlflowClient(self.tracking_uri), exp.experiment_id
 
-    def log_training(self, model_key: str, subset_hash: str, params: dict, metrics: dict, artifacts: list[str]) -> str:
+    def log_training(
+        self, model_key: str, subset_hash: str, params: dict, metrics: dict, artifacts: list[str]
+    ) -> str:
         """One MLflow run per (model, subset manifest, spec); logging again returns the same run."""
         import hashlib
         import json
 
         client, exp_id = self._client()
-        spec_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        tags = {"cvgraph.model": model_key, "cvgraph.subset_hash": subset_hash, "cvgraph.spec_hash": spec_hash}
-        found = client.search_runs([exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()))  # keys are validated: no quotes
+        spec_hash = hashlib.sha256(
+            json.dumps(params, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+        tags = {
+            "cvgraph.model": model_key,
+            "cvgraph.subset_hash": subset_hash,
+            "cvgraph.spec_hash": spec_hash,
+        }
+        found = client.search_runs(
+            [exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        )  # keys are validated: no quotes
         if found:
             return found[0].info.run_id
         run = client.create_run(exp_id, run_name=model_key, tags=tags)

@@ -24,18 +24,34 @@ class TrainingFailed(Exception):
 
 def model_keys(model_key: str) -> dict[str, str]:
     base = f"models/{model_key}"
-    return {"model": f"{base}/model.pt", "metrics": f"{base}/metrics.json", "record": f"{base}/model.json", "curves": f"{base}/curves.png"}
+    return {
+        "model": f"{base}/model.pt",
+        "metrics": f"{base}/metrics.json",
+        "record": f"{base}/model.json",
+        "curves": f"{base}/curves.png",
+    }
 
 
 def pipes_hyperparameters(session) -> dict[str, str]:
     """A Pipes session's bootstrap parameters, passed as hyperparameters (see workloads.train)."""
     env = session.get_bootstrap_env_vars()
-    return {"dagster_pipes_context": env["DAGSTER_PIPES_CONTEXT"], "dagster_pipes_messages": env["DAGSTER_PIPES_MESSAGES"]}
+    return {
+        "dagster_pipes_context": env["DAGSTER_PIPES_CONTEXT"],
+        "dagster_pipes_messages": env["DAGSTER_PIPES_MESSAGES"],
+    }
 
 
 class Trainer(dg.ConfigurableResource, ABC):
     @abstractmethod
-    def train(self, context: dg.AssetExecutionContext, lake, job_name: str, manifest_key: str, model_key: str, hyperparameters: dict) -> dict:
+    def train(
+        self,
+        context: dg.AssetExecutionContext,
+        lake,
+        job_name: str,
+        manifest_key: str,
+        model_key: str,
+        hyperparameters: dict,
+    ) -> dict:
         """Train on the subset manifest at ``manifest_key``; store ``model.pt`` and ``metrics.json``
         under ``models/<model_key>/`` in the lake; return the metrics."""
 
@@ -47,23 +63,51 @@ class LocalTrainer(Trainer):
 
     def train(self, context, lake, job_name, manifest_key, model_key, hyperparameters):
         if not isinstance(lake, LocalLake):
-            raise TrainingFailed("LocalTrainer reads images in place and needs the local lake; use the aws profile's trainer for S3")
+            raise TrainingFailed(
+                "LocalTrainer reads images in place and needs the local lake; use the aws profile's trainer for S3"
+            )
         job = Path(self.work_dir) / job_name
         shutil.rmtree(job, ignore_errors=True)
-        dirs = {name: job / name for name in ("input/config", "input/data/manifest", "model", "output/data", "checkpoints")}
+        dirs = {
+            name: job / name
+            for name in (
+                "input/config",
+                "input/data/manifest",
+                "model",
+                "output/data",
+                "checkpoints",
+            )
+        }
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        with dg.open_pipes_session(context, dg.PipesTempFileContextInjector(), dg.PipesTempFileMessageReader()) as session:
-            hp = {**hyperparameters, **pipes_hyperparameters(session), "checkpoint_dir": str(dirs["checkpoints"])}
+        with dg.open_pipes_session(
+            context, dg.PipesTempFileContextInjector(), dg.PipesTempFileMessageReader()
+        ) as session:
+            hp = {
+                **hyperparameters,
+                **pipes_hyperparameters(session),
+                "checkpoint_dir": str(dirs["checkpoints"]),
+            }
             self._run(context, lake, manifest_key, dirs, hp, job_name, model_key)
         keys = model_keys(model_key)
         lake.put_file(keys["model"], dirs["model"] / "model.pt")
         lake.put_file(keys["metrics"], dirs["model"] / "metrics.json")
         return json.loads((dirs["model"] / "metrics.json").read_text())
 
-    def _run(self, context, lake, manifest_key: str, dirs: dict[str, Path], hp: dict, job_name: str, model_key: str) -> None:
+    def _run(
+        self,
+        context,
+        lake,
+        manifest_key: str,
+        dirs: dict[str, Path],
+        hp: dict,
+        job_name: str,
+        model_key: str,
+    ) -> None:
         # SageMaker writes every hyperparameter as a string.
-        (dirs["input/config"] / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hp.items()}))
+        (dirs["input/config"] / "hyperparameters.json").write_text(
+            json.dumps({k: str(v) for k, v in hp.items()})
+        )
         (dirs["input/data/manifest"] / "manifest.parquet").write_bytes(lake.get(manifest_key))
         env = {
             **os.environ,
@@ -75,13 +119,27 @@ class LocalTrainer(Trainer):
             "SM_OUTPUT_DATA_DIR": str(dirs["output/data"]),
             "TRAINING_JOB_NAME": job_name,
         }
-        context.log.info(f"training job {job_name}: { {k: v for k, v in hp.items() if not k.startswith('dagster_pipes')} }")
-        proc = subprocess.Popen([sys.executable, "-m", "workloads.train"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        context.log.info(
+            f"training job {job_name}: { {k: v for k, v in hp.items() if not k.startswith('dagster_pipes')} }"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workloads.train"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         tail: list[str] = []
-        bar = tqdm(total=int(hp.get("epochs", 0)), desc=f"training {model_key}", unit="epoch", disable=None, leave=False)
+        bar = tqdm(
+            total=int(hp.get("epochs", 0)),
+            desc=f"training {model_key}",
+            unit="epoch",
+            disable=None,
+            leave=False,
+        )
         try:
-            for line in proc.stdout:
-                line = line.rstrip()
+            for raw in proc.stdout:
+                line = raw.rstrip()
                 tail = (tail + [line])[-40:]
                 if line.startswith("epoch="):
                     bar.update(1)
@@ -93,7 +151,9 @@ class LocalTrainer(Trainer):
         finally:
             bar.close()
         if proc.returncode != 0:
-            raise TrainingFailed(f"training job {job_name} exited {proc.returncode}:\n" + "\n".join(tail))
+            raise TrainingFailed(
+                f"training job {job_name} exited {proc.returncode}:\n" + "\n".join(tail)
+            )
 
 
 def job_base_name(job_name: str) -> str:
@@ -103,7 +163,12 @@ def job_base_name(job_name: str) -> str:
     return slug if len(slug) <= 50 else f"{slug[:41]}{slug[-9:]}"
 
 
-CAPACITY_MARKERS = ("CapacityError", "InsufficientInstanceCapacity", "ResourceLimitExceeded", "insufficient capacity")
+CAPACITY_MARKERS = (
+    "CapacityError",
+    "InsufficientInstanceCapacity",
+    "ResourceLimitExceeded",
+    "insufficient capacity",
+)
 
 
 class SageMakerTrainer(Trainer):
@@ -129,9 +194,22 @@ class SageMakerTrainer(Trainer):
         import boto3
         from botocore.config import Config
 
-        return boto3.client("sagemaker", region_name=self.region_name, config=Config(retries={"mode": "adaptive", "max_attempts": 10}))
+        return boto3.client(
+            "sagemaker",
+            region_name=self.region_name,
+            config=Config(retries={"mode": "adaptive", "max_attempts": 10}),
+        )
 
-    def request(self, name: str, lake, channels: dict[str, dict], model_key: str, base_job: str, instance_type: str, hyperparameters: dict) -> dict:
+    def request(
+        self,
+        name: str,
+        lake,
+        channels: dict[str, dict],
+        model_key: str,
+        base_job: str,
+        instance_type: str,
+        hyperparameters: dict,
+    ) -> dict:
         """The CreateTrainingJob request (kept separate so its exact shape is tested)."""
         req = {
             "TrainingJobName": name,
@@ -145,20 +223,38 @@ class SageMakerTrainer(Trainer):
                 ],
             },
             "RoleArn": self.role_arn,
-            "HyperParameters": {k: str(v) for k, v in {**hyperparameters, "checkpoint_dir": "/opt/ml/checkpoints"}.items()},
+            "HyperParameters": {
+                k: str(v)
+                for k, v in {**hyperparameters, "checkpoint_dir": "/opt/ml/checkpoints"}.items()
+            },
             "InputDataConfig": [
-                {"ChannelName": ch, "DataSource": {"S3DataSource": {**spec, "S3DataDistributionType": "FullyReplicated"}}, "InputMode": "File"}
+                {
+                    "ChannelName": ch,
+                    "DataSource": {
+                        "S3DataSource": {**spec, "S3DataDistributionType": "FullyReplicated"}
+                    },
+                    "InputMode": "File",
+                }
                 for ch, spec in channels.items()
             ],
             "OutputDataConfig": {"S3OutputPath": lake.uri(f"models/{model_key}/sagemaker/")},
-            "ResourceConfig": {"InstanceType": instance_type, "InstanceCount": 1, "VolumeSizeInGB": self.volume_gb},
+            "ResourceConfig": {
+                "InstanceType": instance_type,
+                "InstanceCount": 1,
+                "VolumeSizeInGB": self.volume_gb,
+            },
             "StoppingCondition": {"MaxRuntimeInSeconds": self.max_runtime_seconds},
-            "CheckpointConfig": {"S3Uri": lake.uri(f"models/{model_key}/checkpoints/{base_job}/"), "LocalPath": "/opt/ml/checkpoints"},
+            "CheckpointConfig": {
+                "S3Uri": lake.uri(f"models/{model_key}/checkpoints/{base_job}/"),
+                "LocalPath": "/opt/ml/checkpoints",
+            },
             "Tags": [{"Key": "cvgraph:model", "Value": model_key}],
         }
         if self.use_spot:
             req["EnableManagedSpotTraining"] = True
-            req["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(self.max_wait_seconds, self.max_runtime_seconds)
+            req["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(
+                self.max_wait_seconds, self.max_runtime_seconds
+            )
         return req
 
     @staticmethod
@@ -168,7 +264,10 @@ class SageMakerTrainer(Trainer):
         try:
             return sm.describe_training_job(TrainingJobName=name)
         except ClientError as e:
-            if "Could not find" in str(e) or e.response.get("Error", {}).get("Code") == "ResourceNotFound":
+            if (
+                "Could not find" in str(e)
+                or e.response.get("Error", {}).get("Code") == "ResourceNotFound"
+            ):
                 return None
             raise
 
@@ -207,22 +306,36 @@ class SageMakerTrainer(Trainer):
             "manifest": {"S3DataType": "S3Prefix", "S3Uri": lake.uri(manifest_key)},
             "images": {"S3DataType": "ManifestFile", "S3Uri": lake.uri(channel_manifest)},
         }
-        injector = PipesS3ContextInjector(bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/_pipes".lstrip("/"))
-        reader = PipesS3MessageReader(bucket=lake.bucket, client=lake.client, interval=self.pipes_interval)
+        injector = PipesS3ContextInjector(
+            bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/_pipes".lstrip("/")
+        )
+        reader = PipesS3MessageReader(
+            bucket=lake.bucket, client=lake.client, interval=self.pipes_interval
+        )
         with dg.open_pipes_session(context, injector, reader) as session:
-            hp = {**hyperparameters, **pipes_hyperparameters(session), "pipes_interval": self.pipes_interval}
+            hp = {
+                **hyperparameters,
+                **pipes_hyperparameters(session),
+                "pipes_interval": self.pipes_interval,
+            }
             final = self._run_with_fallback(context, lake, job_name, channels, model_key, hp)
         artifact = final["ModelArtifacts"]["S3ModelArtifacts"]
         bucket, _, key = artifact[len("s3://") :].partition("/")
         blob = lake.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         out = model_keys(model_key)
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-            files = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+            files = {
+                m.name.lstrip("./"): tar.extractfile(m).read()
+                for m in tar.getmembers()
+                if m.isfile()
+            }
         lake.put(out["model"], files["model.pt"])
         lake.put(out["metrics"], files["metrics.json"])
         return json.loads(files["metrics.json"])
 
-    def _run_with_fallback(self, context, lake, job_name: str, channels: dict, model_key: str, hyperparameters: dict) -> dict:
+    def _run_with_fallback(
+        self, context, lake, job_name: str, channels: dict, model_key: str, hyperparameters: dict
+    ) -> dict:
         """Each instance type in order until one has capacity; the completed job's description."""
         from botocore.exceptions import ClientError
 
@@ -242,10 +355,16 @@ class SageMakerTrainer(Trainer):
             if prior:  # failed or stopped before: a fresh name, the same checkpoints to resume from
                 name = f"{base}-{attempt}-{context.run.run_id[:8]}"
             try:
-                sm.create_training_job(**self.request(name, lake, channels, model_key, base, instance_type, hyperparameters))
+                sm.create_training_job(
+                    **self.request(
+                        name, lake, channels, model_key, base, instance_type, hyperparameters
+                    )
+                )
             except ClientError as e:
                 if any(m in str(e) for m in CAPACITY_MARKERS):
-                    context.log.warning(f"{instance_type}: no capacity ({e}); trying the next instance type")
+                    context.log.warning(
+                        f"{instance_type}: no capacity ({e}); trying the next instance type"
+                    )
                     continue
                 raise
             d = self._wait(context, sm, name)

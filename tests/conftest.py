@@ -33,12 +33,14 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
     from packaging.utils import canonicalize_name
 
     pins: dict[str, str] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         name, sep, version = line.partition("==")
-        assert sep and version and not any(c in version for c in " ;,<>"), f"{path.name}:{n}: not a `name==version` pin: {line!r}"
+        assert sep and version and not any(c in version for c in " ;,<>"), (
+            f"{path.name}:{n}: not a `name==version` pin: {line!r}"
+        )
         name = canonicalize_name(name)
         assert name not in pins, f"{path.name}:{n}: {name} pinned twice"
         pins[name] = version

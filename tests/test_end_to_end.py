@@ -16,11 +16,22 @@ from assets.versioning import asset_records
 from cvgraph.cli import main as cli
 from cvgraph.demo import DIGITS_MODEL, DIGITS_SUBSET
 from cvgraph.demo_packs import sample_image, zip_bytes
-from workloads.versions import HASH_PREFIXES, sha256_hex, table_hash
 from workloads.lake import parquet_table
+from workloads.versions import HASH_PREFIXES, sha256_hex, table_hash
 
 PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
-LAKE_AREAS = ("raw/", "index/", "resized/", "edges/", "tables/", "packs/", "subsets/", "models/", "exports/", "_versions/")
+LAKE_AREAS = (
+    "raw/",
+    "index/",
+    "resized/",
+    "edges/",
+    "tables/",
+    "packs/",
+    "subsets/",
+    "models/",
+    "exports/",
+    "_versions/",
+)
 
 
 def lake_snapshot(lake) -> dict[str, str]:
@@ -32,9 +43,17 @@ def dagster_state(instance) -> dict:
     import dagster as dg
 
     state = {}
-    for asset in ("raw_packs", *PREFIX_ASSETS, "frozen_subsets", "trained_models", "exported_models"):
+    for asset in (
+        "raw_packs",
+        *PREFIX_ASSETS,
+        "frozen_subsets",
+        "trained_models",
+        "exported_models",
+    ):
         key = dg.AssetKey(asset)
-        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=10000).records
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key), limit=10000
+        ).records
         latest = {}
         for r in sorted(records, key=lambda r: r.storage_id):
             mat = r.event_log_entry.asset_materialization
@@ -72,7 +91,9 @@ def test_every_prefix_partition_materialised_with_exact_versions(demo):
         assert set(first["dagster"][asset]["versions"]) == set(HASH_PREFIXES), asset
         assert set(asset_records(ds.lake, asset)) == set(HASH_PREFIXES)
     records = {a: asset_records(ds.lake, a) for a in PREFIX_ASSETS}
-    assert {a: sum(r["images"] for r in records[a].values()) for a in PREFIX_ASSETS} == {a: 1811 for a in PREFIX_ASSETS}
+    assert {a: sum(r["images"] for r in records[a].values()) for a in PREFIX_ASSETS} == {
+        a: 1811 for a in PREFIX_ASSETS
+    }
     # prefixes with more than CVGRAPH_SHARD_IMAGES (8 in the suite) images ran as shards, then merged
     shards = {p: r.get("shards", 1) for p, r in records["resized_images"].items()}
     raw = {p: r["images"] for p, r in records["raw_images"].items()}
@@ -80,14 +101,25 @@ def test_every_prefix_partition_materialised_with_exact_versions(demo):
     assert not [k for k in ds.lake.keys("index/") if ".shard-" in k]
     assert len(list(ds.lake.list("resized/"))) == len(list(ds.lake.list("edges/"))) == 1811
     some = next(iter(ds.lake.list("resized/"))).key
-    assert cv2.imdecode(np.frombuffer(ds.lake.get(some), np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)
+    assert cv2.imdecode(np.frombuffer(ds.lake.get(some), np.uint8), cv2.IMREAD_COLOR).shape == (
+        64,
+        64,
+        3,
+    )
 
 
 def test_asset_checks_passed(demo):
     import dagster as dg
 
     ds, _, _ = demo
-    for asset, check in [("resized_images", "complete"), ("edge_maps", "complete"), ("image_tables", "rows_match_images"), ("frozen_subsets", "manifest_intact"), ("exported_models", "parity"), ("raw_packs", "manifest_matches_record")]:
+    for asset, check in [
+        ("resized_images", "complete"),
+        ("edge_maps", "complete"),
+        ("image_tables", "rows_match_images"),
+        ("frozen_subsets", "manifest_intact"),
+        ("exported_models", "parity"),
+        ("raw_packs", "manifest_matches_record"),
+    ]:
         key = dg.AssetCheckKey(dg.AssetKey(asset), check)
         rec = ds.instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
         assert rec.status.value == "SUCCEEDED", (asset, check, rec.status)
@@ -113,11 +145,24 @@ def test_a_range_with_nothing_to_do_reads_one_record_per_asset_and_writes_nothin
     requests = {}
     for event in result.get_asset_materialization_events():
         meta = event.materialization.metadata
-        requests[event.asset_key.to_user_string()] = {k: v for k, v in meta["lake_requests_orchestrator"].value.items() if not k.startswith("bytes")}
-        assert meta["prefixes_in_run"].value == 256 and meta["prefixes_with_work"].value == 0 and meta["lake_requests_workers"].value == {}
+        requests[event.asset_key.to_user_string()] = {
+            k: v
+            for k, v in meta["lake_requests_orchestrator"].value.items()
+            if not k.startswith("bytes")
+        }
+        assert (
+            meta["prefixes_in_run"].value == 256
+            and meta["prefixes_with_work"].value == 0
+            and meta["lake_requests_workers"].value == {}
+        )
     # raw_images: the pending markers' listing and its own records; the stages: raw + their own two
     # (one step, reported once); the tables: three inputs and its own
-    assert requests == {"raw_images": {"list": 1, "get": 1}, "resized_images": {"get": 3}, "edge_maps": {}, "image_tables": {"get": 4}}
+    assert requests == {
+        "raw_images": {"list": 1, "get": 1},
+        "resized_images": {"get": 3},
+        "edge_maps": {},
+        "image_tables": {"get": 4},
+    }
     assert lake_snapshot(ds.lake) == first["lake"]
     state = dagster_state(ds.instance)
     assert all(state[a]["versions"] == first["dagster"][a]["versions"] for a in PREFIX_ASSETS)
@@ -130,12 +175,20 @@ def test_tables_and_sql(demo):
     ds, _, _ = demo
     assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1811}]
     assert ds.sql_query("SELECT count(*) AS n FROM objects").to_pylist() == [{"n": 14}]
-    labels = ds.sql_query("SELECT label, count(*) AS n FROM images WHERE pack_id = 'digits' GROUP BY label ORDER BY label").to_pylist()
-    assert [r["label"] for r in labels] == [str(i) for i in range(10)] and sum(r["n"] for r in labels) == 1797
-    cat = ds.sql_query("SELECT i.member, o.category, o.w FROM objects o JOIN images i USING (sha256) WHERE o.category = 'cat'").to_pylist()
+    labels = ds.sql_query(
+        "SELECT label, count(*) AS n FROM images WHERE pack_id = 'digits' GROUP BY label ORDER BY label"
+    ).to_pylist()
+    assert [r["label"] for r in labels] == [str(i) for i in range(10)] and sum(
+        r["n"] for r in labels
+    ) == 1797
+    cat = ds.sql_query(
+        "SELECT i.member, o.category, o.w FROM objects o JOIN images i USING (sha256) WHERE o.category = 'cat'"
+    ).to_pylist()
     assert cat == [{"member": "skimage/chelsea.png", "category": "cat", "w": 300.0}]
     china = sha256_hex(sample_image("china.jpg"))
-    dup = ds.sql_query(f"SELECT packs, member, label FROM images WHERE sha256 = '{china}'").to_pylist()
+    dup = ds.sql_query(
+        f"SELECT packs, member, label FROM images WHERE sha256 = '{china}'"
+    ).to_pylist()
     # stored once; the COCO label beats the copy's folder name
     assert dup == [{"packs": ["photos"], "member": "copies/china (1).jpg", "label": "building"}]
 
@@ -147,7 +200,11 @@ def test_subset_is_zero_copy_immutable_and_verified(demo):
     rec = ds.subset(DIGITS_SUBSET)
     manifest = parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))
     assert rec["rows"] == manifest.num_rows == 1797
-    assert rec["manifest_sha256"] == sha256_hex(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")) and rec["manifest_hash_of"] == "object"
+    assert (
+        rec["manifest_sha256"]
+        == sha256_hex(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))
+        and rec["manifest_hash_of"] == "object"
+    )
     assert rec["packs"] == ["digits"]
     assert set(manifest["resized_key"].to_pylist()) <= {o.key for o in ds.lake.list("resized/")}
     assert sorted(manifest["sha256"].to_pylist()) == manifest["sha256"].to_pylist()
@@ -167,8 +224,15 @@ def test_frozen_subset_dataset_through_a_dataloader(demo):
     train = FrozenSubsetDataset(DIGITS_SUBSET, variant="resized", split="train")
     assert len(train) == rec["splits"]["train"] and train.classes == [str(i) for i in range(10)]
     x, y = next(iter(torch.utils.data.DataLoader(train, batch_size=16)))
-    assert x.shape == (16, 3, 64, 64) and x.dtype == torch.float32 and 0 <= int(y.min()) and int(y.max()) <= 9
-    edges = FrozenSubsetDataset(DIGITS_SUBSET, variant="edges", split="test", transform=lambda im: im.shape)
+    assert (
+        x.shape == (16, 3, 64, 64)
+        and x.dtype == torch.float32
+        and 0 <= int(y.min())
+        and int(y.max()) <= 9
+    )
+    edges = FrozenSubsetDataset(
+        DIGITS_SUBSET, variant="edges", split="test", transform=lambda im: im.shape
+    )
     assert len(edges) == rec["splits"]["test"] and edges[0][0] == (64, 64, 3)
     original = FrozenSubsetDataset(DIGITS_SUBSET, variant="original", split="val")
     assert original[0][0].shape == (3, 96, 96)
@@ -193,7 +257,11 @@ def test_frozen_subset_dataset_through_a_dataloader(demo):
     del old["manifest_hash_of"]
     old["manifest_sha256"] = table_hash(rows)
     ds.lake.put("subsets/reencoded/subset.json", json.dumps(old).encode())
-    assert len(FrozenSubsetDataset("reencoded", split=None)) == rows.num_rows == ds.subset("reencoded")["rows"]
+    assert (
+        len(FrozenSubsetDataset("reencoded", split=None))
+        == rows.num_rows
+        == ds.subset("reencoded")["rows"]
+    )
     # re-materialising a subset checks every listed variant is still in the lake
     from assets.subsets import frozen_subsets
 
@@ -201,12 +269,20 @@ def test_frozen_subset_dataset_through_a_dataloader(demo):
     kept = ds.lake.get(gone)
     ds.lake.delete(gone)
     try:
-        result = ds.materialize([frozen_subsets.key], partition_key="reencoded", raise_on_error=False)
+        result = ds.materialize(
+            [frozen_subsets.key], partition_key="reencoded", raise_on_error=False
+        )
         (check,) = result.get_asset_check_evaluations()
-        assert not check.passed and check.metadata["missing_files"].value == 1 and gone in check.metadata["first_missing"].value
+        assert (
+            not check.passed
+            and check.metadata["missing_files"].value == 1
+            and gone in check.metadata["first_missing"].value
+        )
     finally:
         ds.lake.put(gone, kept)
-    (check,) = ds.materialize([frozen_subsets.key], partition_key="reencoded").get_asset_check_evaluations()
+    (check,) = ds.materialize(
+        [frozen_subsets.key], partition_key="reencoded"
+    ).get_asset_check_evaluations()
     assert check.passed and check.metadata["missing_files"].value == 0
     # a subset image whose bytes were changed refuses to load
     key = train.rows[0]["resized_key"]
@@ -233,17 +309,41 @@ def test_model_accuracy_mlflow_and_export_parity(demo):
     assert run.data.tags["cvgraph.subset_hash"] == model["subset_manifest_sha256"]
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 6
     assert run.data.params["epochs"] == "6"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pt", "metrics.json", "curves.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "model.pt",
+        "metrics.json",
+        "curves.png",
+    }
     assert ds.lake.get(f"models/{DIGITS_MODEL}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
     # the training entry's log lines reached the Dagster run through Pipes
     lines = [e.user_message for e in ds.instance.all_logs(model["dagster_run_id"])]
-    assert any(m.startswith("epoch=6 ") for m in lines) and any(m.startswith("test_accuracy") or "test_accuracy=" in m for m in lines)
+    assert any(m.startswith("epoch=6 ") for m in lines) and any(
+        m.startswith("test_accuracy") or "test_accuracy=" in m for m in lines
+    )
     exports = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/exports.json"))
     assert set(exports["formats"]) == {"torchscript", "onnx", "onnx_int8"}
     assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
     # independent check: the ONNX file and the TorchScript file agree on real test images
-    test = [r for r in parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")).to_pylist() if r["split"] == "test"][:32]
-    x = np.stack([cv2.resize(cv2.imdecode(np.frombuffer(ds.lake.get(r["resized_key"]), np.uint8), cv2.IMREAD_GRAYSCALE), (32, 32), interpolation=cv2.INTER_AREA)[None] for r in test]).astype(np.float32) / 255
+    test = [
+        r
+        for r in parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")).to_pylist()
+        if r["split"] == "test"
+    ][:32]
+    x = (
+        np.stack(
+            [
+                cv2.resize(
+                    cv2.imdecode(
+                        np.frombuffer(ds.lake.get(r["resized_key"]), np.uint8), cv2.IMREAD_GRAYSCALE
+                    ),
+                    (32, 32),
+                    interpolation=cv2.INTER_AREA,
+                )[None]
+                for r in test
+            ]
+        ).astype(np.float32)
+        / 255
+    )
     sess = ort.InferenceSession(ds.lake.uri(f"exports/{DIGITS_MODEL}/onnx/model.onnx"))
     onnx_logits = sess.run(None, {"image": x})[0]
     ts = torch.jit.load(ds.lake.uri(f"exports/{DIGITS_MODEL}/torchscript/model.pt"))
@@ -267,7 +367,13 @@ def test_lineage_cli(demo):
     assert [p["pack_id"] for p in tree["packs"]] == ["digits"]
     text = CliRunner().invoke(cli, ["lineage", DIGITS_MODEL])
     assert text.exit_code == 0
-    for needle in ("export digits_cnn", "└─ model digits_cnn", "└─ subset digits_v1", "prefix partitions", "digits  zip sha256"):
+    for needle in (
+        "export digits_cnn",
+        "└─ model digits_cnn",
+        "└─ subset digits_v1",
+        "prefix partitions",
+        "digits  zip sha256",
+    ):
         assert needle in text.output
     assert CliRunner().invoke(cli, ["lineage", "nope"]).exit_code != 0
 
@@ -279,8 +385,17 @@ def test_the_sdk_does_what_the_cli_does_and_names_what_went_wrong(demo, tmp_path
 
     ds, _, _ = demo
     up = ds.upload(ds.lake.path("incoming/digits.zip"), "digits")
-    assert (up.key, up.pack_id, up.uploaded) == ("incoming/digits.zip", "digits", False)  # the same bytes: nothing to do
-    assert ds.pack_report("digits") == {"pack_id": "digits", "accepted": 1797, "duplicates": 0, "rejected": []}
+    assert (up.key, up.pack_id, up.uploaded) == (
+        "incoming/digits.zip",
+        "digits",
+        False,
+    )  # the same bytes: nothing to do
+    assert ds.pack_report("digits") == {
+        "pack_id": "digits",
+        "accepted": 1797,
+        "duplicates": 0,
+        "rejected": [],
+    }
     assert ds.lineage(DIGITS_MODEL)["model"]["key"] == DIGITS_MODEL
     with pytest.raises(UnknownKey, match="'nope' is neither a trained model nor a frozen subset"):
         ds.lineage("nope")
@@ -288,29 +403,70 @@ def test_the_sdk_does_what_the_cli_does_and_names_what_went_wrong(demo, tmp_path
         ds.pack_report("nope")
     bad = tmp_path / "broken.zip"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(PackNotIngested, match="pack broken .* was not ingested: .*not a readable zip") as e:
+    with pytest.raises(
+        PackNotIngested, match="pack broken .* was not ingested: .*not a readable zip"
+    ) as e:
         ds.ingest(bad)
     assert e.value.pack_id == "broken" and isinstance(e.value, CvgraphError)
     out = CliRunner().invoke(cli, ["lineage", "nope"])
-    assert out.exit_code == 1 and out.output == "Error: 'nope' is neither a trained model nor a frozen subset\n"
+    assert (
+        out.exit_code == 1
+        and out.output == "Error: 'nope' is neither a trained model nor a frozen subset\n"
+    )
     out = CliRunner().invoke(cli, ["train", "m2", "--subset", "no_such_subset", "--epochs", "1"])
-    assert out.exit_code == 1 and out.output.startswith("Error: ") and "no_such_subset" in out.output and "Traceback" not in out.output
+    assert (
+        out.exit_code == 1
+        and out.output.startswith("Error: ")
+        and "no_such_subset" in out.output
+        and "Traceback" not in out.output
+    )
     assert len(out.output.strip().splitlines()) == 1, out.output
 
 
 def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     ds, _, _ = demo
     pack = tmp_path / "extra.zip"
-    pack.write_bytes(zip_bytes({"cat/chelsea.png": sample_image("chelsea.png"), "x/moon.png": sample_image("moon.png"), "readme.md": b"# hi"}))
+    pack.write_bytes(
+        zip_bytes(
+            {
+                "cat/chelsea.png": sample_image("chelsea.png"),
+                "x/moon.png": sample_image("moon.png"),
+                "readme.md": b"# hi",
+            }
+        )
+    )
     out = CliRunner().invoke(cli, ["ingest", str(pack), "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads(out.stdout) == {"pack_id": "extra", "accepted": 1, "duplicates": 1, "rejected": [{"member": "readme.md", "reason": "not an image: extension .md"}]}
+    assert json.loads(out.stdout) == {
+        "pack_id": "extra",
+        "accepted": 1,
+        "duplicates": 1,
+        "rejected": [{"member": "readme.md", "reason": "not an image: extension .md"}],
+    }
+    out = CliRunner().invoke(
+        cli, ["ingest", str(pack)]
+    )  # again, as text: the same pack, nothing new
+    assert (
+        out.exit_code == 0
+        and out.output
+        == "pack extra: 1 accepted, 1 duplicates, 1 rejected\n  rejected 'readme.md': not an image: extension .md\n"
+    ), out.output
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"PK\x03\x04 definitely truncated")
     out = CliRunner().invoke(cli, ["ingest", str(bad), "--json"])
     assert out.exit_code != 0 and "not a readable zip" in out.output
-    out = CliRunner().invoke(cli, ["query", "SELECT label, count(*) AS n FROM images WHERE pack_id = 'digits' AND label IN ('3', '8') GROUP BY label ORDER BY label", "--json"])
-    assert out.exit_code == 0 and json.loads(out.stdout) == [{"label": "3", "n": 183}, {"label": "8", "n": 174}]
+    out = CliRunner().invoke(
+        cli,
+        [
+            "query",
+            "SELECT label, count(*) AS n FROM images WHERE pack_id = 'digits' AND label IN ('3', '8') GROUP BY label ORDER BY label",
+            "--json",
+        ],
+    )
+    assert out.exit_code == 0 and json.loads(out.stdout) == [
+        {"label": "3", "n": 183},
+        {"label": "8", "n": 174},
+    ]
     out = CliRunner().invoke(cli, ["query", "DELETE FROM images"])
     assert out.exit_code != 0 and "only read-only SELECT" in out.output
     out = CliRunner().invoke(cli, ["sync"])  # the new pack is indexed by automation
@@ -326,7 +482,10 @@ def test_freeze_keys_and_columns_cannot_point_outside_the_lake(demo):
         with pytest.raises(FreezeRefused, match="not allowed"):
             ds.freeze_dataset(bad, "SELECT * FROM images")
     # key columns come from `images`, whatever the query says; a trailing comment is fine
-    rec = ds.freeze_dataset("sneaky_v1", "SELECT sha256, '/etc/passwd' AS resized_key, label FROM images WHERE label = '4' -- fours")
+    rec = ds.freeze_dataset(
+        "sneaky_v1",
+        "SELECT sha256, '/etc/passwd' AS resized_key, label FROM images WHERE label = '4' -- fours",
+    )
     manifest = parquet_table(ds.lake.get("subsets/sneaky_v1/manifest.parquet"))
     assert rec["rows"] == 181 == manifest.num_rows
     assert all(k.startswith("resized/") for k in manifest["resized_key"].to_pylist())

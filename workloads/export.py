@@ -15,7 +15,11 @@ import torch
 from workloads.model import load_checkpoint
 
 FORMATS = ("torchscript", "onnx", "onnx_int8")
-FILES = {"torchscript": "torchscript/model.pt", "onnx": "onnx/model.onnx", "onnx_int8": "onnx_int8/model.onnx"}
+FILES = {
+    "torchscript": "torchscript/model.pt",
+    "onnx": "onnx/model.onnx",
+    "onnx_int8": "onnx_int8/model.onnx",
+}
 
 
 def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -27,7 +31,12 @@ def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, dict]:
     """Write every format under ``out_dir``; returns ``{format: {file, bytes, max_abs_error, top1_agreement}}``."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model, record = load_checkpoint(model_pt)
@@ -43,15 +52,25 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (x[:1],), str(paths["onnx"]), input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+            model,
+            (x[:1],),
+            str(paths["onnx"]),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
         )
 
     class Calibration(CalibrationDataReader):
         """Static int8 calibration on the same held-out samples (activation ranges only)."""
 
         def __init__(self) -> None:
-            self.batches = iter([{"image": samples[i : i + 32].astype(np.float32)} for i in range(0, len(samples), 32)])
+            self.batches = iter(
+                [
+                    {"image": samples[i : i + 32].astype(np.float32)}
+                    for i in range(0, len(samples), 32)
+                ]
+            )
 
         def get_next(self):
             return next(self.batches, None)
@@ -64,8 +83,14 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     # quantizes to the same bytes wherever it is exported. Without it, on an AVX2-only EPYC, the
     # demo's int8 digits model agreed with PyTorch on under 95% of held-out images.
     quantize_static(
-        str(prepared), str(paths["onnx_int8"]), Calibration(), quant_format=QuantFormat.QDQ,
-        per_channel=True, reduce_range=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+        str(prepared),
+        str(paths["onnx_int8"]),
+        Calibration(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
     )
     prepared.unlink()
 
@@ -79,7 +104,9 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
             "file": FILES[fmt],
             "bytes": paths[fmt].stat().st_size,
             "max_abs_error": float(np.max(np.abs(logits - reference))) if len(reference) else 0.0,
-            "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))) if len(reference) else 1.0,
-            "samples": int(len(reference)),
+            "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))
+            if len(reference)
+            else 1.0,
+            "samples": len(reference),
         }
     return report

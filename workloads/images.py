@@ -17,11 +17,18 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workloads.kernels import KERNEL_VERSION, EdgeParams, ResizeParams, edges_png, resize_bytes
 from workloads.lake import read_parquet, write_parquet
-from workloads.tasks import open_task_lake, parse_task, prefix_parser, result_key, selected_prefixes, task_token
+from workloads.tasks import (
+    open_task_lake,
+    parse_task,
+    prefix_parser,
+    result_key,
+    selected_prefixes,
+    task_token,
+)
 from workloads.versions import params_id, prefix_version, sha256_hex
 
 STAGES = ("resize", "edges")
@@ -29,23 +36,36 @@ STAGES = ("resize", "edges")
 
 @dataclass(frozen=True)
 class ImageParams:
-    resize: ResizeParams = ResizeParams()
-    edges: EdgeParams = EdgeParams()
+    resize: ResizeParams = field(default_factory=ResizeParams)
+    edges: EdgeParams = field(default_factory=EdgeParams)
 
     @property
     def resize_id(self) -> str:
-        return params_id({"stage": "resize", "kernel": KERNEL_VERSION, **dataclasses.asdict(self.resize)})
+        return params_id(
+            {"stage": "resize", "kernel": KERNEL_VERSION, **dataclasses.asdict(self.resize)}
+        )
 
     @property
     def edges_id(self) -> str:
-        return params_id({"stage": "edges", "resize": self.resize_id, **dataclasses.asdict(self.edges)})
+        return params_id(
+            {"stage": "edges", "resize": self.resize_id, **dataclasses.asdict(self.edges)}
+        )
 
     def stage_id(self, stage: str) -> str:
         return self.resize_id if stage == "resize" else self.edges_id
 
     def cli_args(self) -> list[str]:
         r, e = self.resize, self.edges
-        return ["--size", str(r.size), "--jpeg-quality", str(r.jpeg_quality), "--edge-low", str(e.low), "--edge-high", str(e.high)]
+        return [
+            "--size",
+            str(r.size),
+            "--jpeg-quality",
+            str(r.jpeg_quality),
+            "--edge-low",
+            str(e.low),
+            "--edge-high",
+            str(e.high),
+        ]
 
 
 def raw_index_key(prefix: str) -> str:
@@ -86,16 +106,27 @@ def shard_of(sha: str, shards: int) -> int:
 
 def shard_hashes_key(stage: str, params: ImageParams, prefix: str, shard: int, shards: int) -> str:
     """The output hashes one shard task made, until the prefix's merge folds them into its index."""
-    return hashes_key(stage, params, prefix)[: -len(".parquet")] + f".shard-{shard}of{shards}.parquet"
+    return (
+        hashes_key(stage, params, prefix)[: -len(".parquet")] + f".shard-{shard}of{shards}.parquet"
+    )
 
 
-def inflight_key(stage: str, params: ImageParams, prefix: str, shard: tuple[int, int] = (0, 1)) -> str:
+def inflight_key(
+    stage: str, params: ImageParams, prefix: str, shard: tuple[int, int] = (0, 1)
+) -> str:
     """Present while a task works on the prefix (or shard): found at the start, the last task was killed."""
     suffix = "" if shard[1] == 1 else f".shard-{shard[0]}of{shard[1]}"
     return hashes_key(stage, params, prefix)[: -len(".parquet")] + suffix + ".inflight"
 
 
-def _recover(lake, stage: str, params: ImageParams, prefix: str, hashes: dict[str, str], shard: tuple[int, int] = (0, 1)) -> None:
+def _recover(
+    lake,
+    stage: str,
+    params: ImageParams,
+    prefix: str,
+    hashes: dict[str, str],
+    shard: tuple[int, int] = (0, 1),
+) -> None:
     """Mark the prefix (or shard) in flight. If the last task on it was killed (its mark is still
     there), add the whole outputs it left to ``hashes`` by one listing, so the work it finished is
     kept: the only listing of outputs, and only after a kill."""
@@ -104,13 +135,17 @@ def _recover(lake, stage: str, params: ImageParams, prefix: str, hashes: dict[st
         base = output_dir(stage, params, prefix)
         for key in lake.keys(base):
             sha = key[len(base) :].split(".")[0]
-            if sha not in hashes and (shard[1] == 1 or shard_of(sha, shard[1]) == shard[0]):  # a shard takes only its own
+            if sha not in hashes and (
+                shard[1] == 1 or shard_of(sha, shard[1]) == shard[0]
+            ):  # a shard takes only its own
                 hashes[sha] = sha256_hex(lake.get(key))
     else:
         lake.put(mark, b"")
 
 
-def _update_hashes(lake, stage: str, params: ImageParams, prefix: str, old: dict[str, str], fresh: dict[str, str]) -> None:
+def _update_hashes(
+    lake, stage: str, params: ImageParams, prefix: str, old: dict[str, str], fresh: dict[str, str]
+) -> None:
     """Merge this run's output hashes into the prefix's hash index: the record of what is done
     (an output a killed run left without its hash is not done, and is written again, with the
     same bytes)."""
@@ -123,7 +158,16 @@ def _write_hash_table(lake, key: str, hashes: dict[str, str]) -> None:
     import pyarrow as pa
 
     rows = sorted(hashes.items())
-    write_parquet(lake, key, pa.table({"sha256": pa.array([r[0] for r in rows], pa.string()), "output_sha256": pa.array([r[1] for r in rows], pa.string())}))
+    write_parquet(
+        lake,
+        key,
+        pa.table(
+            {
+                "sha256": pa.array([r[0] for r in rows], pa.string()),
+                "output_sha256": pa.array([r[1] for r in rows], pa.string()),
+            }
+        ),
+    )
 
 
 def read_raw_index(lake, prefix: str) -> list[dict]:
@@ -134,16 +178,30 @@ def read_raw_index(lake, prefix: str) -> list[dict]:
     return read_parquet(lake, key).select(cols).to_pylist()
 
 
-def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str, threads: int = 4, fast: bool = True,
-                   shard: tuple[int, int] = (0, 1)) -> dict[str, dict]:
+def process_prefix(
+    lake,
+    prefix: str,
+    stages: list[str],
+    params: ImageParams,
+    run_id: str,
+    threads: int = 4,
+    fast: bool = True,
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, dict]:
     """Run the selected stages for one prefix, or for shard ``(s, n)`` of it (its images with
     ``shard_of(sha, n) == s``); returns ``{stage: result record}``."""
     t0, before = time.perf_counter(), dict(lake.counters)
     s_, n_ = shard
-    images = [im for im in read_raw_index(lake, prefix) if n_ == 1 or shard_of(im["sha256"], n_) == s_]
+    images = [
+        im for im in read_raw_index(lake, prefix) if n_ == 1 or shard_of(im["sha256"], n_) == s_
+    ]
     # What is done is what the hash indexes say: one read per stage, no listing of outputs (a
     # shard also reads the hashes it made before, if its earlier attempt was not merged yet).
-    hashes = {s: read_hashes(lake, s, params, prefix) for s in STAGES if s in stages or (s == "resize" and "edges" in stages)}
+    hashes = {
+        s: read_hashes(lake, s, params, prefix)
+        for s in STAGES
+        if s in stages or (s == "resize" and "edges" in stages)
+    }
     index_shas = {s: set(h) for s, h in hashes.items()}
     if n_ > 1:
         for s in hashes:
@@ -165,7 +223,9 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
             need_edges = "edges" in stages and sha not in done["edges"]
             if need_resize or (need_edges and sha not in resized_stored):
                 raw = lake.get(f"raw/{prefix}/{sha}.{im['ext']}")
-                resized = resize_bytes(raw, im["format"], im["width"], im["height"], params.resize, fast=fast)
+                resized = resize_bytes(
+                    raw, im["format"], im["width"], im["height"], params.resize, fast=fast
+                )
                 if need_resize:
                     lake.put(resized_key, resized)
                     out.append(("resize", sha, (len(resized), sha256_hex(resized))))
@@ -195,24 +255,61 @@ def process_prefix(lake, prefix: str, stages: list[str], params: ImageParams, ru
     for stage in stages:
         failed = {f["sha256"] for f in stats[stage]["failed"]}
         present = [im["sha256"] for im in images if im["sha256"] not in failed]
-        records[stage] = _stage_record(prefix, stage, params, present, stats[stage]["processed"], len(images) - len(todo), stats[stage]["failed"],
-                                       stats[stage]["bytes_written"], seconds)
+        records[stage] = _stage_record(
+            prefix,
+            stage,
+            params,
+            present,
+            stats[stage]["processed"],
+            len(images) - len(todo),
+            stats[stage]["failed"],
+            stats[stage]["bytes_written"],
+            seconds,
+        )
         if n_ == 1:
             _update_hashes(lake, stage, params, prefix, hashes[stage], fresh[stage])
         else:  # the shard's own hashes (all it has made, not yet in the index): the merge folds them in
-            _write_hash_table(lake, shard_hashes_key(stage, params, prefix, s_, n_),
-                              {sha: h for sha, h in {**hashes[stage], **fresh[stage]}.items() if sha not in index_shas[stage]})
+            _write_hash_table(
+                lake,
+                shard_hashes_key(stage, params, prefix, s_, n_),
+                {
+                    sha: h
+                    for sha, h in {**hashes[stage], **fresh[stage]}.items()
+                    if sha not in index_shas[stage]
+                },
+            )
         lake.delete(inflight_key(stage, params, prefix, shard))
-        before = _put_record(lake, result_key(run_id, stage, task_token(prefix, s_, n_)), records[stage], before)
+        before = _put_record(
+            lake, result_key(run_id, stage, task_token(prefix, s_, n_)), records[stage], before
+        )
     return records
 
 
-def _stage_record(prefix: str, stage: str, params: ImageParams, present: list[str], processed: int, skipped: int, failed: list[dict],
-                  bytes_written: int, seconds: float) -> dict:
+def _stage_record(
+    prefix: str,
+    stage: str,
+    params: ImageParams,
+    present: list[str],
+    processed: int,
+    skipped: int,
+    failed: list[dict],
+    bytes_written: int,
+    seconds: float,
+) -> dict:
     """A prefix (or shard) task's result record for one stage."""
     pid = params.stage_id(stage)
-    return {"prefix": prefix, "stage": stage, "params_id": pid, "images": len(present), "processed": processed, "skipped": skipped,
-            "failed": sorted(failed, key=lambda f: f["sha256"]), "bytes_written": bytes_written, "seconds": seconds, "data_version": prefix_version(present, pid)}
+    return {
+        "prefix": prefix,
+        "stage": stage,
+        "params_id": pid,
+        "images": len(present),
+        "processed": processed,
+        "skipped": skipped,
+        "failed": sorted(failed, key=lambda f: f["sha256"]),
+        "bytes_written": bytes_written,
+        "seconds": seconds,
+        "data_version": prefix_version(present, pid),
+    }
 
 
 def _put_record(lake, key: str, record: dict, before: dict, extra: dict | None = None) -> dict:
@@ -226,7 +323,9 @@ def _put_record(lake, key: str, record: dict, before: dict, extra: dict | None =
     return dict(lake.counters)
 
 
-def merge_shards(lake, prefix: str, stages: list[str], params: ImageParams, run_id: str) -> dict[str, dict]:
+def merge_shards(
+    lake, prefix: str, stages: list[str], params: ImageParams, run_id: str
+) -> dict[str, dict]:
     """Fold the shard tasks of ``prefix`` (this run's) into the prefix: their hashes into its
     hash index (with any an earlier, unmerged attempt left), their records into the prefix's
     result record, as ``process_prefix`` writes it for an unsharded prefix."""
@@ -235,20 +334,39 @@ def merge_shards(lake, prefix: str, stages: list[str], params: ImageParams, run_
     records = {}
     for stage in stages:
         under = result_key(run_id, stage, prefix)[: -len(".json")] + "."
-        found = {parse_task(k.rsplit("/", 1)[1][: -len(".json")]): k for k in lake.keys(under) if re.fullmatch(r"[0-9a-f]{2}\.\d+of\d+\.json", k.rsplit("/", 1)[1])}
+        found = {
+            parse_task(k.rsplit("/", 1)[1][: -len(".json")]): k
+            for k in lake.keys(under)
+            if re.fullmatch(r"[0-9a-f]{2}\.\d+of\d+\.json", k.rsplit("/", 1)[1])
+        }
         counts = {n for _, _, n in found}
         if len(counts) != 1 or {s for _, s, _ in found} != set(range(next(iter(counts)))):
-            raise FileNotFoundError(f"{stage} {prefix}: the shard result records under {under} are not one whole set of shards: {sorted(found)}")
+            raise FileNotFoundError(
+                f"{stage} {prefix}: the shard result records under {under} are not one whole set of shards: {sorted(found)}"
+            )
         shards = [json.loads(lake.get(found[t])) for t in sorted(found)]
-        deltas = [k for k in lake.keys(hashes_key(stage, params, prefix)[: -len(".parquet")] + ".shard-") if k.endswith(".parquet")]
+        deltas = [
+            k
+            for k in lake.keys(hashes_key(stage, params, prefix)[: -len(".parquet")] + ".shard-")
+            if k.endswith(".parquet")
+        ]
         old = read_hashes(lake, stage, params, prefix)
         fresh = {sha: h for k in deltas for sha, h in _read_hash_table(lake, k).items()}
         _update_hashes(lake, stage, params, prefix, old, fresh)
         failed = [f for r in shards for f in r["failed"]]
         kept = [sha for sha in present if sha not in {f["sha256"] for f in failed}]
         processed = sum(r["processed"] for r in shards)
-        records[stage] = _stage_record(prefix, stage, params, kept, processed, len(present) - processed - len(failed), failed,
-                                       sum(r["bytes_written"] for r in shards), round(max(r["seconds"] for r in shards) + time.perf_counter() - t0, 3))
+        records[stage] = _stage_record(
+            prefix,
+            stage,
+            params,
+            kept,
+            processed,
+            len(present) - processed - len(failed),
+            failed,
+            sum(r["bytes_written"] for r in shards),
+            round(max(r["seconds"] for r in shards) + time.perf_counter() - t0, 3),
+        )
         records[stage]["shards"] = len(shards)
         for k in deltas:
             lake.delete(k)
@@ -256,24 +374,44 @@ def merge_shards(lake, prefix: str, stages: list[str], params: ImageParams, run_
         for r in shards:  # the shards' requests count as the prefix's
             for k, v in r.get("requests", {}).items():
                 shard_requests[k] = shard_requests.get(k, 0) + v
-        before = _put_record(lake, result_key(run_id, stage, prefix), records[stage], before, shard_requests)
+        before = _put_record(
+            lake, result_key(run_id, stage, prefix), records[stage], before, shard_requests
+        )
     return records
 
 
 def empty_stage_record(stage: str, params: ImageParams, prefix: str) -> dict:
     """What ``process_prefix`` records for a prefix with no images."""
     pid = params.stage_id(stage)
-    return {"prefix": prefix, "stage": stage, "params_id": pid, "images": 0, "processed": 0, "skipped": 0, "failed": [], "bytes_written": 0, "seconds": 0.0,
-            "data_version": prefix_version([], pid)}
+    return {
+        "prefix": prefix,
+        "stage": stage,
+        "params_id": pid,
+        "images": 0,
+        "processed": 0,
+        "skipped": 0,
+        "failed": [],
+        "bytes_written": 0,
+        "seconds": 0.0,
+        "data_version": prefix_version([], pid),
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = prefix_parser("resize / edges over hash prefixes")
     ap.add_argument("--stages", default="resize,edges")
     add_params_args(ap)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("CVGRAPH_IMAGE_THREADS", "4")))
-    ap.add_argument("--full-decode", action="store_true", help="baseline path: no DCT-scaled decode")
-    ap.add_argument("--merge", action="store_true", help="fold this run's shard tasks of each prefix into the prefix")
+    ap.add_argument(
+        "--threads", type=int, default=int(os.environ.get("CVGRAPH_IMAGE_THREADS", "4"))
+    )
+    ap.add_argument(
+        "--full-decode", action="store_true", help="baseline path: no DCT-scaled decode"
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold this run's shard tasks of each prefix into the prefix",
+    )
     return ap.parse_args(argv)
 
 
@@ -286,7 +424,9 @@ def add_params_args(ap: argparse.ArgumentParser) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> ImageParams:
-    return ImageParams(ResizeParams(args.size, args.jpeg_quality), EdgeParams(args.edge_low, args.edge_high))
+    return ImageParams(
+        ResizeParams(args.size, args.jpeg_quality), EdgeParams(args.edge_low, args.edge_high)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,12 +442,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge:
             records = merge_shards(lake, prefix, stages, params, args.run_id)
         else:
-            records = process_prefix(lake, prefix, stages, params, args.run_id, threads=args.threads, fast=not args.full_decode, shard=(shard, shards))
+            records = process_prefix(
+                lake,
+                prefix,
+                stages,
+                params,
+                args.run_id,
+                threads=args.threads,
+                fast=not args.full_decode,
+                shard=(shard, shards),
+            )
         for rec in records.values():
-            print(json.dumps({k: rec[k] for k in ("stage", "prefix", "images", "processed", "skipped", "seconds")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: rec[k]
+                        for k in ("stage", "prefix", "images", "processed", "skipped", "seconds")
+                    }
+                ),
+                flush=True,
+            )
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -37,7 +37,14 @@ ROW_FIELDS = [
 ]
 # Where the label and the boxes came from ([pack, member]) and the row's hash: what a later
 # merge needs to apply the labels rule without the earlier packs' rows.
-INDEX_SCHEMA = pa.schema([*ROW_FIELDS, ("label_from", pa.list_(pa.string())), ("boxes_from", pa.list_(pa.string())), ("row_sha256", pa.string())])
+INDEX_SCHEMA = pa.schema(
+    [
+        *ROW_FIELDS,
+        ("label_from", pa.list_(pa.string())),
+        ("boxes_from", pa.list_(pa.string())),
+        ("row_sha256", pa.string()),
+    ]
+)
 PENDING_TABLES = "_pending/image_tables/"
 
 
@@ -68,13 +75,34 @@ def _absorb(row: dict | None, pack_id: str, r: dict) -> dict:
     origin = [pack_id, r["member"]]
     member = f"{pack_id}/{r['member']}"
     if row is None:
-        return {**{k: r[k] for k in ("sha256", "ext", "format", "bytes", "width", "height", "label", "label_source")},
-                "packs": [pack_id], "members": [member], "boxes": r["boxes"] or [], "label_from": origin, "boxes_from": origin if r["boxes"] else None}
+        return {
+            **{
+                k: r[k]
+                for k in (
+                    "sha256",
+                    "ext",
+                    "format",
+                    "bytes",
+                    "width",
+                    "height",
+                    "label",
+                    "label_source",
+                )
+            },
+            "packs": [pack_id],
+            "members": [member],
+            "boxes": r["boxes"] or [],
+            "label_from": origin,
+            "boxes_from": origin if r["boxes"] else None,
+        }
     if member in row["members"]:
         return row
     row["members"] = sorted([*row["members"], member])
     row["packs"] = sorted({*row["packs"], pack_id})
-    if (-_label_rank(r["label_source"]), origin) < (-_label_rank(row["label_source"]), row["label_from"]):
+    if (-_label_rank(r["label_source"]), origin) < (
+        -_label_rank(row["label_source"]),
+        row["label_from"],
+    ):
         row["label"], row["label_source"], row["label_from"] = r["label"], r["label_source"], origin
     if r["boxes"] and (row["boxes_from"] is None or origin < row["boxes_from"]):
         row["boxes"], row["boxes_from"] = r["boxes"], origin
@@ -86,8 +114,22 @@ def _row_sha(row: dict) -> str:
 
 
 def _stats(table: pa.Table, version: str) -> dict:
-    labels = dict(sorted((str(r["values"] if r["values"] is not None else "(none)"), r["counts"]) for r in pc.value_counts(table["label"]).to_pylist())) if table.num_rows else {}
-    return {"images": table.num_rows, "bytes": int(pc.sum(table["bytes"]).as_py() or 0), "labels": labels, "data_version": version}
+    labels = (
+        dict(
+            sorted(
+                (str(r["values"] if r["values"] is not None else "(none)"), r["counts"])
+                for r in pc.value_counts(table["label"]).to_pylist()
+            )
+        )
+        if table.num_rows
+        else {}
+    )
+    return {
+        "images": table.num_rows,
+        "bytes": int(pc.sum(table["bytes"]).as_py() or 0),
+        "labels": labels,
+        "data_version": version,
+    }
 
 
 def empty_index_stats() -> dict:
@@ -104,12 +146,16 @@ def read_index(lake, prefix: str) -> pa.Table:
     return table.cast(INDEX_SCHEMA) if table.schema.names == INDEX_SCHEMA.names else table
 
 
-def merge_prefix(lake, prefix: str, packs: dict[str, list[dict]], index: pa.Table | None = None) -> tuple[dict, list[str], list[str]]:
+def merge_prefix(
+    lake, prefix: str, packs: dict[str, list[dict]], index: pa.Table | None = None
+) -> tuple[dict, list[str], list[str]]:
     """Merge ``{pack id: its manifest rows of prefix}`` into the prefix's index; returns the
     prefix's stats, the sha256s whose rows changed and those of them that are new to the index.
     Only the rows of images the packs bring become Python objects; the rest stays in Arrow."""
     index = read_index(lake, prefix) if index is None else index
-    if index.schema.names != INDEX_SCHEMA.names:  # written before indexes kept provenance: rebuilt once
+    if (
+        index.schema.names != INDEX_SCHEMA.names
+    ):  # written before indexes kept provenance: rebuilt once
         index = rebuild_raw_index(lake, [prefix])[prefix]
     touched = sorted({r["sha256"] for rows in packs.values() for r in rows})
     hit = pc.is_in(index["sha256"], value_set=pa.array(touched, pa.string()))
@@ -136,7 +182,11 @@ def merge_prefix(lake, prefix: str, packs: dict[str, list[dict]], index: pa.Tabl
 
 def _pending(lake, prefix: str) -> list[str]:
     """Pack ids pending for ``prefix`` whose ingest committed (an uncommitted one stays pending)."""
-    ids = [k.rsplit("/", 1)[1][: -len(".json")] for k in lake.keys(f"{PENDING_RAW}{prefix}/") if k.endswith(".json")]
+    ids = [
+        k.rsplit("/", 1)[1][: -len(".json")]
+        for k in lake.keys(f"{PENDING_RAW}{prefix}/")
+        if k.endswith(".json")
+    ]
     return sorted(p for p in ids if lake.exists(pack_keys(p)["record"]))
 
 
@@ -154,7 +204,10 @@ def absorb_pending(lake, prefix: str) -> dict:
     stats, changed, new = merge_prefix(lake, prefix, packs)
     if changed:
         # "new": rows no table can hold yet (the table step appends them without looking)
-        lake.put(pending_tables_key(prefix, stats["data_version"]), json.dumps({"sha256": changed, "new": new}).encode())
+        lake.put(
+            pending_tables_key(prefix, stats["data_version"]),
+            json.dumps({"sha256": changed, "new": new}).encode(),
+        )
     lake.put(state_key, json.dumps(stats, sort_keys=True).encode())
     for p in pending:
         lake.delete(pending_raw_key(prefix, p))
@@ -166,14 +219,18 @@ def build_raw_index(lake, prefixes: list[str]) -> dict[str, dict]:
     return {p: absorb_pending(lake, p) for p in sorted(set(prefixes))}
 
 
-def rebuild_raw_index(lake, prefixes: list[str], packs: list[str] | None = None) -> dict[str, pa.Table]:
+def rebuild_raw_index(
+    lake, prefixes: list[str], packs: list[str] | None = None
+) -> dict[str, pa.Table]:
     """The index of ``prefixes`` from scratch, from every committed pack's full manifest, written
     nowhere: what the incremental index must equal."""
     packs = committed_packs(lake) if packs is None else packs
     rows: dict[str, dict[str, list[dict]]] = {p: {} for p in prefixes}
     for pack_id in packs:
         manifest = read_parquet(lake, pack_keys(pack_id)["manifest"])
-        for r in manifest.filter(pc.is_in(manifest["prefix"], value_set=pa.array(sorted(prefixes)))).to_pylist():
+        for r in manifest.filter(
+            pc.is_in(manifest["prefix"], value_set=pa.array(sorted(prefixes)))
+        ).to_pylist():
             rows[r["prefix"]].setdefault(pack_id, []).append(r)
     out = {}
     for p in prefixes:

@@ -43,14 +43,36 @@ from workloads.lake import open_lake, parquet_table, write_parquet
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 ARCHIVE_EXTS = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
 JUNK_NAMES = {"thumbs.db", ".ds_store", "desktop.ini"}
-JUNK_DIRS = {"__MACOSX", "@eaDir", ".Trashes", ".Spotlight-V100", ".fseventsd"}  # macOS, Synology NAS thumbnails
-FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif", "MPO": "jpg"}
+JUNK_DIRS = {
+    "__MACOSX",
+    "@eaDir",
+    ".Trashes",
+    ".Spotlight-V100",
+    ".fseventsd",
+}  # macOS, Synology NAS thumbnails
+FORMAT_EXT = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "MPO": "jpg",
+}
 READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 LABELS_FILE = "labels.csv"
 COCO_FILES = ("annotations.json", "coco.json")
 CHUNK = 1 << 20
 
-BOX_TYPE = pa.struct([("category", pa.string()), ("x", pa.float64()), ("y", pa.float64()), ("w", pa.float64()), ("h", pa.float64())])
+BOX_TYPE = pa.struct(
+    [
+        ("category", pa.string()),
+        ("x", pa.float64()),
+        ("y", pa.float64()),
+        ("w", pa.float64()),
+        ("h", pa.float64()),
+    ]
+)
 MANIFEST_SCHEMA = pa.schema(
     [
         ("member", pa.string()),
@@ -118,9 +140,15 @@ class IngestResult:
     bytes_stored: int = 0
     seconds: float = 0.0
     labels: dict = field(default_factory=dict)
-    prefixes: dict = field(default_factory=dict)  # {prefix: manifest rows}: the prefixes this pack touches
-    manifest_rows: int = 0  # rows of the manifest as written (its check reads this, not the manifest)
-    limits: dict = field(default_factory=dict)  # the limits it ran with: changed limits re-run the ingest
+    prefixes: dict = field(
+        default_factory=dict
+    )  # {prefix: manifest rows}: the prefixes this pack touches
+    manifest_rows: int = (
+        0  # rows of the manifest as written (its check reads this, not the manifest)
+    )
+    limits: dict = field(
+        default_factory=dict
+    )  # the limits it ran with: changed limits re-run the ingest
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,7 +156,11 @@ class IngestResult:
 
 def pack_keys(pack_id: str) -> dict[str, str]:
     base = f"packs/{pack_id}"
-    return {"manifest": f"{base}/manifest.parquet", "rejects": f"{base}/rejects.parquet", "record": f"{base}/pack.json"}
+    return {
+        "manifest": f"{base}/manifest.parquet",
+        "rejects": f"{base}/rejects.parquet",
+        "record": f"{base}/pack.json",
+    }
 
 
 def pack_prefix_key(pack_id: str, prefix: str) -> str:
@@ -190,7 +222,11 @@ def _is_dir(info: zipfile.ZipInfo) -> bool:
 def _is_junk(name: str) -> bool:
     parts = _parts(name)
     base = parts[-1] if parts else ""
-    return any(p in JUNK_DIRS for p in parts[:-1]) or base.startswith("._") or base.lower() in JUNK_NAMES
+    return (
+        any(p in JUNK_DIRS for p in parts[:-1])
+        or base.startswith("._")
+        or base.lower() in JUNK_NAMES
+    )
 
 
 def _kind_reason(name: str) -> str | None:
@@ -266,7 +302,9 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst) -> tuple[str, 
                 break
             size += len(chunk)
             if size > info.file_size:
-                raise BadMember(f"zip bomb: member data is larger than its header says ({info.file_size} bytes)")
+                raise BadMember(
+                    f"zip bomb: member data is larger than its header says ({info.file_size} bytes)"
+                )
             h.update(chunk)
             crc = zlib.crc32(chunk, crc)
             dst.write(chunk)
@@ -292,7 +330,9 @@ def _open_zip(f, limits: IngestLimits) -> zipfile.ZipFile:
     except Exception as e:  # BadZipFile mostly; a hostile central directory raises other types too
         f.seek(0)
         if isinstance(e, zipfile.BadZipFile) and f.read(4) == b"PK\x03\x04":
-            raise PackUnreadable("not a readable zip: truncated (member data but no central directory)") from None
+            raise PackUnreadable(
+                "not a readable zip: truncated (member data but no central directory)"
+            ) from None
         detail = str(e) if isinstance(e, zipfile.BadZipFile) else f"{type(e).__name__}: {e}"
         raise PackUnreadable(f"not a readable zip: {detail}") from None
     # Refused as a whole: no subset of the members is "the pack", and a reject row for each
@@ -307,7 +347,9 @@ def _open_zip(f, limits: IngestLimits) -> zipfile.ZipFile:
 # -- labels ----------------------------------------------------------------------
 
 
-def _read_labels(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IngestLimits, reject) -> tuple[dict, dict]:
+def _read_labels(
+    zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IngestLimits, reject
+) -> tuple[dict, dict]:
     """Labels (with their source) and boxes a pack carries: ``labels.csv`` (member,label)
     and/or a COCO json. A bad file loses its labels, not the images."""
     labels: dict[str, tuple[str, str]] = {}
@@ -324,7 +366,12 @@ def _read_labels(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: Inge
             _copy_member(zf, info, buf)  # the same size limits as images: a json can be a bomb too
             text = buf.getvalue().decode("utf-8-sig")  # Excel writes a BOM
             if name == LABELS_FILE:
-                labels.update({r["member"]: (r["label"], LABELS_FILE) for r in csv.DictReader(io.StringIO(text))})
+                labels.update(
+                    {
+                        r["member"]: (r["label"], LABELS_FILE)
+                        for r in csv.DictReader(io.StringIO(text))
+                    }
+                )
             else:
                 _merge_coco(json.loads(text), labels, boxes)
         except BadMember as e:
@@ -340,7 +387,9 @@ def _merge_coco(coco: dict, labels: dict, boxes: dict) -> None:
     found: dict[str, list[dict]] = {}
     for ann in coco.get("annotations", []):
         x, y, w, h = (float(v) for v in ann["bbox"])
-        found.setdefault(files[ann["image_id"]], []).append({"category": cats[ann["category_id"]], "x": x, "y": y, "w": w, "h": h})
+        found.setdefault(files[ann["image_id"]], []).append(
+            {"category": cats[ann["category_id"]], "x": x, "y": y, "w": w, "h": h}
+        )
     for member, bs in found.items():  # merged only when the whole file parsed
         boxes.setdefault(member, []).extend(bs)
         if member not in labels:
@@ -366,16 +415,18 @@ def inspect_image(path: str, max_pixels: int) -> tuple[str, int, int]:
 
     The pixel count is checked from the header, before anything is decoded.
     """
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
-    from workloads.kernels import exif_orientation  # noqa: PLC0415
+    from workloads.kernels import exif_orientation
 
     Image.MAX_IMAGE_PIXELS = None  # we apply our own limit before decoding, with a reason
     try:
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise BadMember(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+                raise BadMember(
+                    f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}"
+                )
             fmt = im.format or "unknown"
             if fmt not in FORMAT_EXT:
                 raise BadMember(f"unsupported image format {fmt}")
@@ -408,12 +459,16 @@ def _claimed_elsewhere(lake, pack_id: str, shas: set[str]) -> set[str]:
             other = key.rsplit("/", 1)[1][: -len(".json")]
             if other == pack_id or not lake.exists(pack_keys(other)["record"]):
                 continue
-            col = parquet_table(lake.get(pack_prefix_key(other, prefix)), columns=["sha256"]).column("sha256")
+            col = parquet_table(
+                lake.get(pack_prefix_key(other, prefix)), columns=["sha256"]
+            ).column("sha256")
             claimed.update(col.filter(pc.is_in(col, value_set=value_set)).to_pylist())
     return claimed
 
 
-def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None, progress=None) -> IngestResult:
+def ingest_pack(
+    lake, pack_id: str, key: str, limits: IngestLimits | None = None, progress=None
+) -> IngestResult:
     limits = limits or IngestLimits()
     keys = pack_keys(pack_id)
     t0 = time.perf_counter()
@@ -421,8 +476,12 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
         zip_sha = _hash_zip(f)
         if lake.exists(keys["record"]):
             prior = json.loads(lake.get(keys["record"]))
-            if prior.get("zip_sha256") == zip_sha and prior.get("limits") == dataclasses.asdict(limits):
-                return IngestResult(**{k: prior[k] for k in IngestResult.__dataclass_fields__ if k in prior})
+            if prior.get("zip_sha256") == zip_sha and prior.get("limits") == dataclasses.asdict(
+                limits
+            ):
+                return IngestResult(
+                    **{k: prior[k] for k in IngestResult.__dataclass_fields__ if k in prior}
+                )
             # Another zip (or other limits) under this id: un-commit the old pack first, so
             # no reader pairs the old record with a half-written new manifest.
             lake.delete(keys["record"])
@@ -430,10 +489,16 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
             zf = _open_zip(f, limits)
         except PackUnreadable as e:
             # Recorded even though nothing was kept, so the pack's fate is in the lake.
-            write_parquet(lake, keys["rejects"], pa.Table.from_pylist([{"member": "", "reason": str(e)}], schema=REJECTS_SCHEMA))
+            write_parquet(
+                lake,
+                keys["rejects"],
+                pa.Table.from_pylist([{"member": "", "reason": str(e)}], schema=REJECTS_SCHEMA),
+            )
             raise PackUnreadable(f"pack {pack_id} ({key}) is {e}") from None
 
-        result = IngestResult(pack_id=pack_id, zip_sha256=zip_sha, limits=dataclasses.asdict(limits))
+        result = IngestResult(
+            pack_id=pack_id, zip_sha256=zip_sha, limits=dataclasses.asdict(limits)
+        )
 
         def reject(member: str, reason: str) -> None:
             result.rejected.append({"member": member, "reason": reason})
@@ -456,7 +521,12 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
                 if _is_junk(name):
                     result.skipped += 1
                     continue
-                reason = _unsafe_reason(name) or _file_type_reason(info) or _kind_reason(name) or _data_reason(info, limits)
+                reason = (
+                    _unsafe_reason(name)
+                    or _file_type_reason(info)
+                    or _kind_reason(name)
+                    or _data_reason(info, limits)
+                )
                 if not reason and n in overlapping:
                     reason = "zip bomb: member data overlaps another member's"
                 if not reason and total + info.file_size > limits.max_total_bytes:
@@ -474,7 +544,9 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
                     continue
                 ext = FORMAT_EXT[fmt]
                 status = "duplicate" if sha in seen else None  # None: decided below
-                if status is None and not lake.put_file_if_absent(f"raw/{sha[:2]}/{sha}.{ext}", tmp_path):
+                if status is None and not lake.put_file_if_absent(
+                    f"raw/{sha[:2]}/{sha}.{ext}", tmp_path
+                ):
                     already_stored.add(sha)
                 seen.add(sha)
                 label, label_source = _label_for(name, labels)
@@ -509,7 +581,9 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
     rows.sort(key=lambda r: (r["sha256"], r["member"]))
     result.labels = dict(sorted(Counter(r["label"] or "(none)" for r in rows).items()))
     result.seconds = round(time.perf_counter() - t0, 3)
-    write_parquet(lake, keys["rejects"], pa.Table.from_pylist(result.rejected, schema=REJECTS_SCHEMA))
+    write_parquet(
+        lake, keys["rejects"], pa.Table.from_pylist(result.rejected, schema=REJECTS_SCHEMA)
+    )
     manifest = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     result.manifest_rows = parquet_table(write_parquet(lake, keys["manifest"], manifest)).num_rows
     # Split by prefix, each with its pending marker, before the commit marker: a prefix's index
@@ -517,8 +591,15 @@ def ingest_pack(lake, pack_id: str, key: str, limits: IngestLimits | None = None
     counts = Counter(r["prefix"] for r in rows)
     result.prefixes = dict(sorted(counts.items()))
     for prefix in result.prefixes:
-        write_parquet(lake, pack_prefix_key(pack_id, prefix), manifest.filter(pc.equal(manifest["prefix"], prefix)))
-        lake.put(pending_raw_key(prefix, pack_id), json.dumps({"pack_id": pack_id, "rows": counts[prefix]}).encode())
+        write_parquet(
+            lake,
+            pack_prefix_key(pack_id, prefix),
+            manifest.filter(pc.equal(manifest["prefix"], prefix)),
+        )
+        lake.put(
+            pending_raw_key(prefix, pack_id),
+            json.dumps({"pack_id": pack_id, "rows": counts[prefix]}).encode(),
+        )
     lake.put(keys["record"], json.dumps(result.to_json(), indent=2, sort_keys=True).encode())
     return result
 
@@ -528,7 +609,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lake", required=True)
     ap.add_argument("--pack-id", required=True)
     ap.add_argument("--key", required=True)
-    ap.add_argument("--run-id", help="write the task's result record (requests, seconds) under _results/<run-id>/ingest/")
+    ap.add_argument(
+        "--run-id",
+        help="write the task's result record (requests, seconds) under _results/<run-id>/ingest/",
+    )
     args = ap.parse_args(argv)
     lake = open_lake(args.lake, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
     t0 = time.perf_counter()
@@ -539,10 +623,17 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 3
     if args.run_id:
-        from workloads.tasks import result_key  # noqa: PLC0415
+        from workloads.tasks import result_key
 
-        record = {"pack_id": args.pack_id, "seconds": round(time.perf_counter() - t0, 3), "requests": lake.counters.since({})}
-        lake.put(result_key(args.run_id, "ingest", args.pack_id), json.dumps(record, sort_keys=True).encode())
+        record = {
+            "pack_id": args.pack_id,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "requests": lake.counters.since({}),
+        }
+        lake.put(
+            result_key(args.run_id, "ingest", args.pack_id),
+            json.dumps(record, sort_keys=True).encode(),
+        )
     print(json.dumps(result.to_json(), sort_keys=True))
     return 0
 

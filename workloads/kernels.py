@@ -67,7 +67,11 @@ def _to_bgr8(img: np.ndarray) -> np.ndarray:
 # IMREAD_UNCHANGED ignores: EXIF orientation (PNG eXIf, ImageMagick's text chunk, WebP EXIF)
 # or the tRNS colour key of a gray/RGB PNG. A byte scan is cheap next to a decode; a false
 # hit only costs the slower, equally correct Pillow path.
-_UNCHANGED_UNLESS = {"PNG": (b"eXIf", b"Raw profile type exif", b"tRNS"), "WEBP": (b"EXIF",), "BMP": ()}
+_UNCHANGED_UNLESS = {
+    "PNG": (b"eXIf", b"Raw profile type exif", b"tRNS"),
+    "WEBP": (b"EXIF",),
+    "BMP": (),
+}
 
 
 def exif_orientation(im) -> int:
@@ -89,11 +93,12 @@ def _decode_with_pillow(buf: bytes) -> np.ndarray:
 
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(buf)) as im:
-        im.load()  # a PNG's eXIf may follow the pixels
-        if exif_orientation(im) != 1:
-            im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I"):  # I;16* (16-bit) or I (32-bit holding 16-bit samples): scale, don't clip
+    with Image.open(io.BytesIO(buf)) as opened:
+        opened.load()  # a PNG's eXIf may follow the pixels
+        im = ImageOps.exif_transpose(opened) if exif_orientation(opened) != 1 else opened
+        if im.mode.startswith(
+            "I"
+        ):  # I;16* (16-bit) or I (32-bit holding 16-bit samples): scale, don't clip
             return _to_bgr8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
         if im.mode == "F":
             return _to_bgr8(np.asarray(im))
@@ -103,7 +108,9 @@ def _decode_with_pillow(buf: bytes) -> np.ndarray:
         return cv2.cvtColor(np.asarray(im.convert("RGB")), cv2.COLOR_RGB2BGR)
 
 
-def decode(buf: bytes, fmt: str, width: int, height: int, target: int, fast: bool = True) -> np.ndarray:
+def decode(
+    buf: bytes, fmt: str, width: int, height: int, target: int, fast: bool = True
+) -> np.ndarray:
     """Decode to 8-bit BGR, as displayed (EXIF orientation applied, alpha on white).
 
     JPEG takes the DCT-scaled path when ``fast``; PNG has no scaled decode, and formats with
@@ -120,7 +127,9 @@ def decode(buf: bytes, fmt: str, width: int, height: int, target: int, fast: boo
         if img is not None:
             return img
     elif fmt in _UNCHANGED_UNLESS and not any(m in buf for m in _UNCHANGED_UNLESS[fmt]):
-        img = cv2.imdecode(arr, cv2.IMREAD_UNCHANGED)  # keeps alpha and 16 bits, ignores orientation
+        img = cv2.imdecode(
+            arr, cv2.IMREAD_UNCHANGED
+        )  # keeps alpha and 16 bits, ignores orientation
         if img is not None:
             return _to_bgr8(img)
     return _decode_with_pillow(buf)
@@ -156,7 +165,9 @@ def edges_png(resized_jpeg: bytes, params: EdgeParams) -> bytes:
     return out.tobytes()
 
 
-def resize_bytes(buf: bytes, fmt: str, width: int, height: int, params: ResizeParams, fast: bool = True) -> bytes:
+def resize_bytes(
+    buf: bytes, fmt: str, width: int, height: int, params: ResizeParams, fast: bool = True
+) -> bytes:
     img = decode(buf, fmt, width, height, params.size, fast=fast)
     if img is None:
         raise ValueError("undecodable image")

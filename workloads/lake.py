@@ -134,7 +134,11 @@ class LocalLake:
         self.counters.add("list")
         cut = len(self._root_str) + 1
         found = []
-        stack = [os.path.join(self._root_str, prefix.rsplit("/", 1)[0]) if "/" in prefix else self._root_str]
+        stack = [
+            os.path.join(self._root_str, prefix.rsplit("/", 1)[0])
+            if "/" in prefix
+            else self._root_str
+        ]
         while stack:
             try:
                 entries = os.scandir(stack.pop())
@@ -148,7 +152,11 @@ class LocalLake:
                     if e.is_dir(follow_symlinks=False):
                         if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
                             stack.append(e.path)
-                    elif key.startswith(prefix) and (start_after is None or key > start_after) and e.is_file():
+                    elif (
+                        key.startswith(prefix)
+                        and (start_after is None or key > start_after)
+                        and e.is_file()
+                    ):
                         found.append((key, e))
         found.sort(key=lambda item: item[0])
         return found
@@ -257,7 +265,7 @@ class LocalLake:
 def open_lake(url: str, endpoint_url: str | None = None):
     """The lake behind ``url``: a directory path (or ``file://``) or ``s3://bucket/prefix``."""
     if url.startswith("s3://"):
-        from workloads.s3lake import S3Lake  # noqa: PLC0415 - only the AWS profile needs boto3
+        from workloads.s3lake import S3Lake  # only the AWS profile needs boto3
 
         return S3Lake(url, endpoint_url=endpoint_url)
     if url.startswith("file://"):

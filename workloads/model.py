@@ -7,7 +7,9 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 32, width: int = 16):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, input_size: int = 32, width: int = 16
+    ):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),
@@ -23,14 +25,18 @@ class SmallCNN(nn.Module):
             nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(4),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(width * 4 * 16, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(width * 4 * 16, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
 def build_model(arch: dict) -> SmallCNN:
-    return SmallCNN(arch["in_channels"], arch["num_classes"], arch["input_size"], arch.get("width", 16))
+    return SmallCNN(
+        arch["in_channels"], arch["num_classes"], arch["input_size"], arch.get("width", 16)
+    )
 
 
 def load_checkpoint(path) -> tuple[SmallCNN, dict]:

@@ -22,16 +22,30 @@ from workloads.lake import Counters, ObjectInfo, check_key
 
 # Adaptive retries back off on throttling (SlowDown) across all threads of the process.
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, max_pool_connections=64)
-TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=8)
+TRANSFER = TransferConfig(
+    multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=8
+)
 
 
 def s3_client(endpoint_url: str | None = None):
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None, config=BOTO_CONFIG)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+        config=BOTO_CONFIG,
+    )
 
 
 # botocore operation → request kind counted (multipart parts count as puts).
-REQUEST_KIND = {"ListObjectsV2": "list", "GetObject": "get", "HeadObject": "head", "PutObject": "put", "UploadPart": "put",
-                "CreateMultipartUpload": "put", "CompleteMultipartUpload": "put", "DeleteObject": "delete"}
+REQUEST_KIND = {
+    "ListObjectsV2": "list",
+    "GetObject": "get",
+    "HeadObject": "head",
+    "PutObject": "put",
+    "UploadPart": "put",
+    "CreateMultipartUpload": "put",
+    "CompleteMultipartUpload": "put",
+    "DeleteObject": "delete",
+}
 
 
 def _missing(e: ClientError) -> bool:
@@ -108,7 +122,10 @@ class S3Lake:
             yield f
 
     def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[ObjectInfo]:
-        kw = {"Bucket": self.bucket, "Prefix": self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")}
+        kw = {
+            "Bucket": self.bucket,
+            "Prefix": self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else ""),
+        }
         if start_after:
             kw["StartAfter"] = self._key(start_after)
         strip = len(self.prefix) + 1 if self.prefix else 0
@@ -137,7 +154,9 @@ class S3Lake:
     def put_if_match(self, key: str, data: bytes, tag: str | None) -> bool:
         """Store ``data`` at ``key`` only if the object there still has ETag ``tag`` (``None``:
         only if there is none); True if stored."""
-        return self._put_conditional(key, data, len(data), **({"IfMatch": tag} if tag else {"IfNoneMatch": "*"}))
+        return self._put_conditional(
+            key, data, len(data), **({"IfMatch": tag} if tag else {"IfNoneMatch": "*"})
+        )
 
     def _put_conditional(self, key: str, body, size: int, **condition) -> bool:
         """A put that S3 refuses (412, or 409 for a concurrent conditional put; 404 when an
@@ -145,7 +164,12 @@ class S3Lake:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, **condition)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or _missing(e):
+            if e.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "412",
+                "ConditionalRequestConflict",
+                "409",
+            ) or _missing(e):
                 return False
             raise
         self.counters.add("bytes_written", size)

@@ -46,7 +46,11 @@ def prefix_parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--lake", required=True)
     ap.add_argument("--run-id", required=True)
-    ap.add_argument("--prefixes", required=True, help="comma-separated prefixes or shard tasks (ab.0of3); an array child takes one by index")
+    ap.add_argument(
+        "--prefixes",
+        required=True,
+        help="comma-separated prefixes or shard tasks (ab.0of3); an array child takes one by index",
+    )
     return ap
 
 
@@ -63,7 +67,9 @@ def open_task_lake(args: argparse.Namespace):
     return open_lake(args.lake, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
 
 
-def run_prefix_tasks(args: argparse.Namespace, stage: str, task: Callable[[object, str], dict]) -> int:
+def run_prefix_tasks(
+    args: argparse.Namespace, stage: str, task: Callable[[object, str], dict]
+) -> int:
     """``task(lake, prefix)`` for each selected prefix; its record (with the task's seconds and
     lake requests) is written last and printed as one line, for the pool's progress."""
     lake = open_task_lake(args)
@@ -72,6 +78,14 @@ def run_prefix_tasks(args: argparse.Namespace, stage: str, task: Callable[[objec
         record = {"prefix": prefix, "stage": stage, **task(lake, prefix)}
         record["seconds"] = round(time.perf_counter() - t0, 3)
         record["requests"] = lake.counters.since(before)
-        lake.put(result_key(args.run_id, stage, prefix), json.dumps(record, sort_keys=True).encode())
-        print(json.dumps({k: record[k] for k in ("stage", "prefix", "seconds") if k in record} | {k: record[k] for k in ("images", "changed") if k in record}), flush=True)
+        lake.put(
+            result_key(args.run_id, stage, prefix), json.dumps(record, sort_keys=True).encode()
+        )
+        print(
+            json.dumps(
+                {k: record[k] for k in ("stage", "prefix", "seconds") if k in record}
+                | {k: record[k] for k in ("images", "changed") if k in record}
+            ),
+            flush=True,
+        )
     return 0

@@ -29,7 +29,16 @@ from torch import nn
 
 from workloads.model import build_model
 
-DEFAULTS = {"epochs": 8, "lr": 0.003, "batch_size": 64, "input_size": 32, "variant": "resized", "seed": 0, "width": 16, "checkpoint_dir": "/opt/ml/checkpoints"}
+DEFAULTS = {
+    "epochs": 8,
+    "lr": 0.003,
+    "batch_size": 64,
+    "input_size": 32,
+    "variant": "resized",
+    "seed": 0,
+    "width": 16,
+    "checkpoint_dir": "/opt/ml/checkpoints",
+}
 VARIANT_COLUMNS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
 
 
@@ -41,9 +50,21 @@ class ContinuingS3MessageWriter(dp.PipesS3MessageWriter):
 
     def make_channel(self, params):
         bucket, prefix = params["bucket"], params.get("key_prefix")
-        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/")
-        names = (o["Key"].rsplit("/", 1)[-1].removesuffix(".json") for page in pages for o in page.get("Contents", []))
-        return ContinuingS3Channel(self._client, bucket, prefix, interval=self.interval, after=max((int(n) for n in names if n.isdigit()), default=0))
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/"
+        )
+        names = (
+            o["Key"].rsplit("/", 1)[-1].removesuffix(".json")
+            for page in pages
+            for o in page.get("Contents", [])
+        )
+        return ContinuingS3Channel(
+            self._client,
+            bucket,
+            prefix,
+            interval=self.interval,
+            after=max((int(n) for n in names if n.isdigit()), default=0),
+        )
 
 
 class ContinuingS3Channel(dp.PipesS3MessageWriterChannel):
@@ -63,7 +84,10 @@ def dagster_pipes(hp: dict):
     512 characters, hyperparameters go everywhere the job does. S3 parameters (a bucket) mean
     the S3 context loader and message writer; otherwise the default file-based ones.
     """
-    raw = {"DAGSTER_PIPES_CONTEXT": hp.get("dagster_pipes_context"), "DAGSTER_PIPES_MESSAGES": hp.get("dagster_pipes_messages")}
+    raw = {
+        "DAGSTER_PIPES_CONTEXT": hp.get("dagster_pipes_context"),
+        "DAGSTER_PIPES_MESSAGES": hp.get("dagster_pipes_messages"),
+    }
     if not raw["DAGSTER_PIPES_CONTEXT"]:
         yield None
         return
@@ -72,20 +96,31 @@ def dagster_pipes(hp: dict):
         import boto3
 
         s3 = boto3.client("s3")
-        loader, writer = dp.PipesS3ContextLoader(s3), ContinuingS3MessageWriter(s3, interval=float(hp.get("pipes_interval", 10)))
+        loader, writer = (
+            dp.PipesS3ContextLoader(s3),
+            ContinuingS3MessageWriter(s3, interval=float(hp.get("pipes_interval", 10))),
+        )
     else:
         loader, writer = dp.PipesDefaultContextLoader(), dp.PipesDefaultMessageWriter()
-    with dp.open_dagster_pipes(params_loader=dp.PipesMappingParamsLoader(raw), context_loader=loader, message_writer=writer) as pipes:
+    with dp.open_dagster_pipes(
+        params_loader=dp.PipesMappingParamsLoader(raw), context_loader=loader, message_writer=writer
+    ) as pipes:
         yield pipes
 
 
 def hyperparameters() -> dict:
-    path = Path(os.environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
+    path = (
+        Path(os.environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
+    )
     given = json.loads(path.read_text()) if path.exists() else {}
     hp = dict(DEFAULTS)
     for k, v in given.items():
         default = DEFAULTS.get(k)
-        hp[k] = type(default)(v) if isinstance(default, (int, float)) and not isinstance(default, bool) else v
+        hp[k] = (
+            type(default)(v)
+            if isinstance(default, (int, float)) and not isinstance(default, bool)
+            else v
+        )
     return hp
 
 
@@ -104,8 +139,19 @@ def load_images(rows: list[dict], images_root: Path, variant: str, input_size: i
     return out
 
 
-def load_split(manifest_path: Path, images_root: Path, split: str, classes: list[str], variant: str, input_size: int):
-    rows = [r for r in pq.read_table(manifest_path).to_pylist() if r["split"] == split and r["label"] in classes]
+def load_split(
+    manifest_path: Path,
+    images_root: Path,
+    split: str,
+    classes: list[str],
+    variant: str,
+    input_size: int,
+):
+    rows = [
+        r
+        for r in pq.read_table(manifest_path).to_pylist()
+        if r["split"] == split and r["label"] in classes
+    ]
     x = load_images(rows, images_root, variant, input_size)
     y = np.array([classes.index(r["label"]) for r in rows], np.int64)
     return torch.from_numpy(x), torch.from_numpy(y)
@@ -145,7 +191,9 @@ def _train(hp: dict, pipes) -> dict:
         d.mkdir(parents=True, exist_ok=True)
 
     labels = pq.read_table(manifest, columns=["label", "split"]).to_pylist()
-    classes = sorted({r["label"] for r in labels if r["label"] is not None and r["split"] == "train"})
+    classes = sorted(
+        {r["label"] for r in labels if r["label"] is not None and r["split"] == "train"}
+    )
     if len(classes) < 2:
         raise SystemExit(f"need at least 2 labelled classes in the train split, found {classes}")
     size, variant = hp["input_size"], hp["variant"]
@@ -185,19 +233,47 @@ def _train(hp: dict, pipes) -> dict:
             total += loss.item() * len(idx)
             n += len(idx)
         val_loss, val_acc = evaluate(model, xva, yva)
-        rec = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(n, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(rec)
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history, "epoch": epoch + 1, "rng": torch.get_rng_state()}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "history": history,
+                "epoch": epoch + 1,
+                "rng": torch.get_rng_state(),
+            },
+            tmp,
+        )
         os.replace(tmp, ckpt_path)  # atomic: a reclaim never leaves half a checkpoint
         # SageMaker metric definitions parse these lines (printed once the epoch is checkpointed).
-        say(f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}")
+        say(
+            f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}"
+        )
 
     test_loss, test_acc = evaluate(model, xte, yte)
     say(f"test_loss={test_loss:.4f} test_accuracy={test_acc:.4f}")
-    metrics = {"history": history, "test_loss": test_loss, "test_accuracy": test_acc, "classes": classes, "counts": {"train": len(ytr), "val": len(yva), "test": len(yte)},
-               "hyperparameters": {k: v for k, v in hp.items() if not k.startswith(("dagster_pipes", "pipes_"))}}
-    torch.save({"state_dict": model.state_dict(), "arch": arch, "classes": classes, "variant": variant}, model_dir / "model.pt")
+    metrics = {
+        "history": history,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "classes": classes,
+        "counts": {"train": len(ytr), "val": len(yva), "test": len(yte)},
+        "hyperparameters": {
+            k: v for k, v in hp.items() if not k.startswith(("dagster_pipes", "pipes_"))
+        },
+    }
+    torch.save(
+        {"state_dict": model.state_dict(), "arch": arch, "classes": classes, "variant": variant},
+        model_dir / "model.pt",
+    )
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 

@@ -65,5 +65,9 @@ def table_hash(table) -> str:
             col = pc.binary_join(pc.cast(col, pa.list_(pa.string())), "\x1f")
         cols.append(col)
     buf = io.BytesIO()
-    pacsv.write_csv(pa.table(cols, names=table.schema.names), buf, pacsv.WriteOptions(include_header=True, batch_size=65536))
+    pacsv.write_csv(
+        pa.table(cols, names=table.schema.names),
+        buf,
+        pacsv.WriteOptions(include_header=True, batch_size=65536),
+    )
     return hashlib.sha256(buf.getvalue()).hexdigest()

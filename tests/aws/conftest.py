@@ -30,7 +30,12 @@ REGION = "us-east-1"
 BUCKET = "cvgraph-lake"
 LAKE_URL = f"s3://{BUCKET}/lake"
 ROLE = "arn:aws:iam::123456789012:role/cvgraph-sagemaker"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+}
 
 
 class Harness:
@@ -43,14 +48,23 @@ class Harness:
         self.no_capacity: set[str] = set()  # instance types that fail with a CapacityError
         self.interrupt_after_epochs: int | None = None  # spot reclaim once, after this many epochs
         self.athena_queries: list[str] = []
-        self.oom_prefixes: set[str] = set()  # Batch children for these prefixes die as if out of memory
+        self.oom_prefixes: set[str] = (
+            set()
+        )  # Batch children for these prefixes die as if out of memory
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint, "PYTHONPATH": str(REPO)}
+        return {
+            **os.environ,
+            **CREDENTIALS,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "PYTHONPATH": str(REPO),
+        }
 
 
-HARNESS: Harness | None = None
-CONCURRENCY = threading.Semaphore(3)  # "instances": children queue for one of these, as on a real CE
+HARNESS = Harness("")  # the session's moto endpoint once the server is up
+CONCURRENCY = threading.Semaphore(
+    3
+)  # "instances": children queue for one of these, as on a real CE
 
 
 # -- Batch ---------------------------------------------------------------------------
@@ -69,7 +83,9 @@ def _batch_run(self) -> None:
         self.status = "RUNNABLE"
         index = self.array_properties.get("index")
         for dep in self.depends_on or []:
-            target = dep["jobId"] + (f":{index}" if dep.get("type") == "N_TO_N" and index is not None else "")
+            target = dep["jobId"] + (
+                f":{index}" if dep.get("type") == "N_TO_N" and index is not None else ""
+            )
             while (st := _batch_status(self.all_jobs[target])) not in ("SUCCEEDED", "FAILED"):
                 if self.stop:
                     self._mark_stopped(success=False)
@@ -88,7 +104,7 @@ def _batch_run(self) -> None:
             self._run_command(index)
         finally:
             CONCURRENCY.release()
-    except Exception as e:  # noqa: BLE001 - surface harness bugs as job failures
+    except Exception as e:  # surface harness bugs as job failures
         self.job_stopped_reason = f"harness error: {e!r}"
         self._mark_stopped(success=False)
 
@@ -98,18 +114,26 @@ def _batch_run_command(self, index) -> None:
         self._mark_stopped(success=False)
         return
     command = list(self._get_container_property("command", []))
-    command = [sys.executable if command[0] == "python" else command[0], *command[1:]]  # the image's python
+    command = [
+        sys.executable if command[0] == "python" else command[0],
+        *command[1:],
+    ]  # the image's python
     env = HARNESS.env()
     env.update({e["name"]: e["value"] for e in self._get_container_property("environment", [])})
     if index is not None:
         env["AWS_BATCH_JOB_ARRAY_INDEX"] = str(index)
     record = {"job_id": self.job_id, "index": index, "command": command, "killed": False}
     HARNESS.batch_runs.append(record)
-    prefixes = command[command.index("--prefixes") + 1].split(",") if "--prefixes" in command else []
+    prefixes = (
+        command[command.index("--prefixes") + 1].split(",") if "--prefixes" in command else []
+    )
     if index is not None:
         prefixes = [prefixes[index]]
     if HARNESS.oom_prefixes & set(prefixes):
-        self.exit_code, self.job_stopped_reason = 137, "OutOfMemoryError: Container killed due to memory usage"
+        self.exit_code, self.job_stopped_reason = (
+            137,
+            "OutOfMemoryError: Container killed due to memory usage",
+        )
         self._mark_stopped(success=False)
         return
     with tempfile.TemporaryFile() as log:
@@ -143,7 +167,9 @@ def _batch_describe(original):
 
 
 def _batch_terminate(original):
-    def terminate_job(self, job_id, reason):  # as AWS does: terminating an array parent stops its children
+    def terminate_job(
+        self, job_id, reason
+    ):  # as AWS does: terminating an array parent stops its children
         original(self, job_id, reason)
         job = self.get_job_by_id(job_id)
         for child in (job._child_jobs or []) if job else []:
@@ -154,7 +180,13 @@ def _batch_terminate(original):
 
 # -- SageMaker ----------------------------------------------------------------------
 def _s3():
-    return boto3.client("s3", endpoint_url=HARNESS.endpoint, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "s3",
+        endpoint_url=HARNESS.endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -200,7 +232,13 @@ def _channel(s3, spec: dict, dest: Path) -> None:
 def _train(job) -> None:
     s3 = _s3()
     itype = job.resource_config["InstanceType"]
-    record = {"name": job.training_job_name, "instance_type": itype, "attempts": 0, "output": "", "spot": job.enable_managed_spot_training}
+    record = {
+        "name": job.training_job_name,
+        "instance_type": itype,
+        "attempts": 0,
+        "output": "",
+        "spot": job.enable_managed_spot_training,
+    }
     HARNESS.training_runs.append(record)
     try:
         if itype in HARNESS.no_capacity:
@@ -210,12 +248,21 @@ def _train(job) -> None:
         with tempfile.TemporaryDirectory(prefix="sm-") as tmp:
             ml = Path(tmp)
             (ml / "input/config").mkdir(parents=True)
-            (ml / "input/config/hyperparameters.json").write_text(json.dumps({**job.hyper_parameters, "checkpoint_dir": str(ml / "checkpoints")}))
+            (ml / "input/config/hyperparameters.json").write_text(
+                json.dumps({**job.hyper_parameters, "checkpoint_dir": str(ml / "checkpoints")})
+            )
             env = HARNESS.env()
             for ch in job.input_data_config:
                 _channel(s3, ch, ml / "input/data" / ch["ChannelName"])
-                env[f"SM_CHANNEL_{ch['ChannelName'].upper()}"] = str(ml / "input/data" / ch["ChannelName"])
-            env.update(SM_INPUT_CONFIG_DIR=str(ml / "input/config"), SM_MODEL_DIR=str(ml / "model"), SM_OUTPUT_DATA_DIR=str(ml / "output/data"), TRAINING_JOB_NAME=job.training_job_name)
+                env[f"SM_CHANNEL_{ch['ChannelName'].upper()}"] = str(
+                    ml / "input/data" / ch["ChannelName"]
+                )
+            env.update(
+                SM_INPUT_CONFIG_DIR=str(ml / "input/config"),
+                SM_MODEL_DIR=str(ml / "model"),
+                SM_OUTPUT_DATA_DIR=str(ml / "output/data"),
+                TRAINING_JOB_NAME=job.training_job_name,
+            )
             interrupt = HARNESS.interrupt_after_epochs
             while True:
                 record["attempts"] += 1
@@ -223,7 +270,14 @@ def _train(job) -> None:
                 if job.checkpoint_config:
                     _sync_down(s3, job.checkpoint_config["S3Uri"], ml / "checkpoints")
                 job.secondary_status = "Training"
-                proc = subprocess.Popen([sys.executable, "-m", "workloads.train"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "workloads.train"],
+                    env=env,
+                    cwd=REPO,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
                 job._proc = proc
                 epochs = 0
                 for line in proc.stdout:
@@ -245,7 +299,9 @@ def _train(job) -> None:
                     continue  # managed spot restarts the job on new capacity
                 break
             if proc.returncode != 0:
-                job.failure_reason = f"AlgorithmError: training exited {proc.returncode}: {record['output'][-500:]}"
+                job.failure_reason = (
+                    f"AlgorithmError: training exited {proc.returncode}: {record['output'][-500:]}"
+                )
                 job.training_job_status, job.secondary_status = "Failed", "Failed"
                 return
             buf = io.BytesIO()
@@ -255,7 +311,7 @@ def _train(job) -> None:
             bucket, key = _split(job.model_artifacts["S3ModelArtifacts"])
             s3.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
             job.training_job_status, job.secondary_status = "Completed", "Completed"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         job.failure_reason = f"harness error: {e!r}"
         job.training_job_status, job.secondary_status = "Failed", "Failed"
 
@@ -305,21 +361,51 @@ def _athena_results(original):
         HARNESS.athena_queries.append(execution.query)
         glue = glue_backends[self.account_id][self.region_name]
         host = HARNESS.endpoint.split("://", 1)[1]
-        fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key="testing", secret_key="testing", region=REGION)
+        fs = pafs.S3FileSystem(
+            endpoint_override=host,
+            scheme="http",
+            access_key="testing",
+            secret_key="testing",
+            region=REGION,
+        )
         con = duckdb.connect()
         for name in ("images", "objects"):
-            database = execution.context["Database"] if isinstance(execution.context, dict) else execution.context
+            database = (
+                execution.context["Database"]
+                if isinstance(execution.context, dict)
+                else execution.context
+            )
             table = glue.get_table(database, name)
-            location = table.get_version(str(table._current_version))["StorageDescriptor"]["Location"].replace("s3://", "")
+            location = table.get_version(str(table._current_version))["StorageDescriptor"][
+                "Location"
+            ].replace("s3://", "")
             part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
             try:
-                files = [f.path for f in fs.get_file_info(pafs.FileSelector(location, recursive=True)) if f.path.endswith(".parquet")]
+                files = [
+                    f.path
+                    for f in fs.get_file_info(pafs.FileSelector(location, recursive=True))
+                    if f.path.endswith(".parquet")
+                ]
             except FileNotFoundError:
                 files = []
             if files:
-                con.register(name, pads.dataset(files, filesystem=fs, format="parquet", partitioning=part, partition_base_dir=location.rstrip("/")))
+                con.register(
+                    name,
+                    pads.dataset(
+                        files,
+                        filesystem=fs,
+                        format="parquet",
+                        partitioning=part,
+                        partition_base_dir=location.rstrip("/"),
+                    ),
+                )
         result = con.sql(execution.query).to_arrow_table()
-        types = {pa.int32(): "integer", pa.int64(): "bigint", pa.float64(): "double", pa.bool_(): "boolean"}
+        types = {
+            pa.int32(): "integer",
+            pa.int64(): "bigint",
+            pa.float64(): "double",
+            pa.bool_(): "boolean",
+        }
 
         def athena_type(t):
             return "array" if pa.types.is_list(t) else types.get(t, "varchar")
@@ -333,7 +419,9 @@ def _athena_results(original):
                 return {"VarCharValue": "true" if v else "false"}
             return {"VarCharValue": str(v)}
 
-        info = [{"Name": f.name, "Label": f.name, "Type": athena_type(f.type)} for f in result.schema]
+        info = [
+            {"Name": f.name, "Label": f.name, "Type": athena_type(f.type)} for f in result.schema
+        ]
         rows = [{"Data": [{"VarCharValue": f.name} for f in result.schema]}]
         rows += [{"Data": [render(r[f.name]) for f in result.schema]} for r in result.to_pylist()]
         self.query_results[exec_id] = QueryResults(rows=rows, column_info=info)
@@ -352,7 +440,9 @@ def _install_executors() -> None:
     Job._run_command = _batch_run_command
     Job.describe = _batch_describe(Job.describe)
     BatchBackend.terminate_job = _batch_terminate(BatchBackend.terminate_job)
-    SageMakerModelBackend.create_training_job = _create_training_job(SageMakerModelBackend.create_training_job)
+    SageMakerModelBackend.create_training_job = _create_training_job(
+        SageMakerModelBackend.create_training_job
+    )
     SageMakerResponse.stop_training_job = _stop_training_job
     AthenaBackend.get_query_results = _athena_results(AthenaBackend.get_query_results)
 
@@ -362,13 +452,12 @@ def moto_endpoint():
     from moto.moto_api import state_manager
     from moto.server import ThreadedMotoServer
 
-    global HARNESS
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     assert host == "127.0.0.1"
-    HARNESS = Harness(endpoint)
+    HARNESS.__init__(endpoint)
     _install_executors()
     # Job status is whatever the executor sets, not moto's immediate SUCCEEDED.
     state_manager.set_transition("batch::job", {"progression": "manual", "times": 10**9})
@@ -391,24 +480,69 @@ def aws(moto_endpoint, monkeypatch, tmp_path):
     s3.create_bucket(Bucket=BUCKET)
     sqs = boto3.client("sqs")
     queue_url = sqs.create_queue(QueueName="cvgraph-incoming")["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [{
-        "QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"],
-        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "lake/incoming/"}, {"Name": "suffix", "Value": ".zip"}]}}}]})
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    s3.put_bucket_notification_configuration(
+        Bucket=BUCKET,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {
+                    "QueueArn": queue_arn,
+                    "Events": ["s3:ObjectCreated:*"],
+                    "Filter": {
+                        "Key": {
+                            "FilterRules": [
+                                {"Name": "prefix", "Value": "lake/incoming/"},
+                                {"Name": "suffix", "Value": ".zip"},
+                            ]
+                        }
+                    },
+                }
+            ]
+        },
+    )
     batch = boto3.client("batch")
     ec2 = boto3.client("ec2")
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
     sg = ec2.create_security_group(GroupName="cvgraph", Description="batch", VpcId=vpc)["GroupId"]
     iam = boto3.client("iam")
-    service_role = iam.create_role(RoleName="batch-service", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
-    ce = batch.create_compute_environment(computeEnvironmentName="cvgraph-spot", type="MANAGED", state="ENABLED", serviceRole=service_role,
-                                          computeResources={"type": "FARGATE_SPOT", "maxvCpus": 256, "subnets": [subnet], "securityGroupIds": [sg]})
-    jq = batch.create_job_queue(jobQueueName="cvgraph", state="ENABLED", priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce["computeEnvironmentArn"]}])
-    jd = batch.register_job_definition(jobDefinitionName="cvgraph-worker", type="container", platformCapabilities=["FARGATE"],
-                                       containerProperties={"image": "cvgraph-worker:latest", "command": ["python", "-m", "workloads.images", "--help"],
-                                                            "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "2048"}],
-                                                            "executionRoleArn": "arn:aws:iam::123456789012:role/exec"})
+    service_role = iam.create_role(RoleName="batch-service", AssumeRolePolicyDocument="{}")["Role"][
+        "Arn"
+    ]
+    ce = batch.create_compute_environment(
+        computeEnvironmentName="cvgraph-spot",
+        type="MANAGED",
+        state="ENABLED",
+        serviceRole=service_role,
+        computeResources={
+            "type": "FARGATE_SPOT",
+            "maxvCpus": 256,
+            "subnets": [subnet],
+            "securityGroupIds": [sg],
+        },
+    )
+    jq = batch.create_job_queue(
+        jobQueueName="cvgraph",
+        state="ENABLED",
+        priority=1,
+        computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce["computeEnvironmentArn"]}],
+    )
+    jd = batch.register_job_definition(
+        jobDefinitionName="cvgraph-worker",
+        type="container",
+        platformCapabilities=["FARGATE"],
+        containerProperties={
+            "image": "cvgraph-worker:latest",
+            "command": ["python", "-m", "workloads.images", "--help"],
+            "resourceRequirements": [
+                {"type": "VCPU", "value": "1"},
+                {"type": "MEMORY", "value": "2048"},
+            ],
+            "executionRoleArn": "arn:aws:iam::123456789012:role/exec",
+        },
+    )
     env = {
         "CVGRAPH_PROFILE": "aws",
         "CVGRAPH_LAKE_URL": LAKE_URL,
@@ -473,6 +607,8 @@ def subset_on_s3(indexed_lake):
     for p in busy:
         process_prefix(lake, p, ["resize", "edges"], ImageParams(), "prep")
         write_prefix_tables(lake, p, ImageParams())
-    manifest = DuckDBCatalog(lake=LakeResource(url=LAKE_URL)).query("SELECT * FROM images ORDER BY sha256")
+    manifest = DuckDBCatalog(lake=LakeResource(url=LAKE_URL)).query(
+        "SELECT * FROM images ORDER BY sha256"
+    )
     write_parquet(lake, "subsets/all/manifest.parquet", manifest)
     return lake, manifest

@@ -12,7 +12,13 @@ LAKE_URL = "s3://cvgraph-lake/lake"
 
 
 def athena() -> AthenaCatalog:
-    return AthenaCatalog(lake=LakeResource(url=LAKE_URL), database="cvgraph", workgroup="primary", output_location="s3://cvgraph-lake/athena-results/", poll_seconds=0.05)
+    return AthenaCatalog(
+        lake=LakeResource(url=LAKE_URL),
+        database="cvgraph",
+        workgroup="primary",
+        output_location="s3://cvgraph-lake/athena-results/",
+        poll_seconds=0.05,
+    )
 
 
 def test_glue_tables_use_partition_projection(aws):
@@ -22,17 +28,28 @@ def test_glue_tables_use_partition_projection(aws):
     assert table["PartitionKeys"] == [{"Name": "prefix", "Type": "string"}]
     params = table["Parameters"]
     assert params["projection.enabled"] == "true" and params["projection.prefix.type"] == "enum"
-    assert params["projection.prefix.values"].split(",")[:3] == ["00", "01", "02"] and len(params["projection.prefix.values"].split(",")) == 256
-    assert params["storage.location.template"] == "s3://cvgraph-lake/lake/tables/images/prefix=${prefix}/"
+    assert (
+        params["projection.prefix.values"].split(",")[:3] == ["00", "01", "02"]
+        and len(params["projection.prefix.values"].split(",")) == 256
+    )
+    assert (
+        params["storage.location.template"]
+        == "s3://cvgraph-lake/lake/tables/images/prefix=${prefix}/"
+    )
     assert table["StorageDescriptor"]["Location"] == "s3://cvgraph-lake/lake/tables/images/"
-    assert {c["Name"]: c["Type"] for c in table["StorageDescriptor"]["Columns"]}["packs"] == "array<string>"
+    assert {c["Name"]: c["Type"] for c in table["StorageDescriptor"]["Columns"]}[
+        "packs"
+    ] == "array<string>"
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT label, count(*) AS n FROM images GROUP BY label ORDER BY label",
-    "SELECT sha256, prefix, pack_id, label, split, width, height, packs FROM images ORDER BY sha256",
-    "SELECT * FROM images WHERE label = '1' ORDER BY sha256",
-])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT label, count(*) AS n FROM images GROUP BY label ORDER BY label",
+        "SELECT sha256, prefix, pack_id, label, split, width, height, packs FROM images ORDER BY sha256",
+        "SELECT * FROM images WHERE label = '1' ORDER BY sha256",
+    ],
+)
 def test_athena_and_duckdb_give_the_same_answers(subset_on_s3, aws, sql):
     athena().register_tables()
     duck = DuckDBCatalog(lake=LakeResource(url=LAKE_URL)).query(sql).to_pylist()
@@ -45,36 +62,68 @@ def test_athena_and_duckdb_give_the_same_answers(subset_on_s3, aws, sql):
 
 def test_s3_event_parsing_decodes_keys_and_skips_test_events():
     assert parse_s3_event(json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent"})) == []
-    body = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "lake%2Fincoming%2Fmy+pack%21.zip", "eTag": "e1"}}},
-                        {"eventName": "ObjectRemoved:Delete", "s3": {"bucket": {"name": "b"}, "object": {"key": "x.zip"}}}]}
+    body = {
+        "Records": [
+            {
+                "eventName": "ObjectCreated:Put",
+                "s3": {
+                    "bucket": {"name": "b"},
+                    "object": {"key": "lake%2Fincoming%2Fmy+pack%21.zip", "eTag": "e1"},
+                },
+            },
+            {
+                "eventName": "ObjectRemoved:Delete",
+                "s3": {"bucket": {"name": "b"}, "object": {"key": "x.zip"}},
+            },
+        ]
+    }
     assert parse_s3_event(json.dumps(body)) == [("b", "lake/incoming/my pack!.zip", "e1")]
     assert parse_s3_event("not json") == []
 
 
-def test_sqs_sensor_turns_uploads_into_runs_and_deletes_messages_one_tick_later(aws, small_digits_pack):
+def test_sqs_sensor_turns_uploads_into_runs_and_deletes_messages_one_tick_later(
+    aws, small_digits_pack
+):
     from orchestration.sensors import incoming_packs_sqs_sensor, pack_id_for
 
     s3 = boto3.client("s3")
     pack = small_digits_pack(4)
     s3.put_object(Bucket="cvgraph-lake", Key="lake/incoming/first pack.zip", Body=pack)
-    s3.put_object(Bucket="cvgraph-lake", Key="lake/incoming/first pack.zip", Body=pack)  # same key again: one request
+    s3.put_object(
+        Bucket="cvgraph-lake", Key="lake/incoming/first pack.zip", Body=pack
+    )  # same key again: one request
     s3.put_object(Bucket="cvgraph-lake", Key="lake/incoming/second.zip", Body=pack)
     s3.put_object(Bucket="cvgraph-lake", Key="lake/other/not-a-pack.zip", Body=b"x")
-    resources = {"lake": LakeResource(url=LAKE_URL), "pack_events": PackEvents(queue_url=aws.queue_url, visibility_timeout=300)}
+    resources = {
+        "lake": LakeResource(url=LAKE_URL),
+        "pack_events": PackEvents(queue_url=aws.queue_url, visibility_timeout=300),
+    }
     sqs = boto3.client("sqs")
 
     def in_flight():
-        attrs = sqs.get_queue_attributes(QueueUrl=aws.queue_url, AttributeNames=["ApproximateNumberOfMessagesNotVisible", "ApproximateNumberOfMessages"])["Attributes"]
-        return int(attrs["ApproximateNumberOfMessagesNotVisible"]) + int(attrs["ApproximateNumberOfMessages"])
+        attrs = sqs.get_queue_attributes(
+            QueueUrl=aws.queue_url,
+            AttributeNames=["ApproximateNumberOfMessagesNotVisible", "ApproximateNumberOfMessages"],
+        )["Attributes"]
+        return int(attrs["ApproximateNumberOfMessagesNotVisible"]) + int(
+            attrs["ApproximateNumberOfMessages"]
+        )
 
     with dg.instance_for_test() as instance:
-        first = incoming_packs_sqs_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+        first = incoming_packs_sqs_sensor(
+            dg.build_sensor_context(instance=instance, resources=resources)
+        )
         first_id = pack_id_for("incoming/first pack.zip")
         assert first_id.startswith("first_pack-")
-        assert [(r.partition_key, r.tags["cvgraph/pack_key"]) for r in first.run_requests] == [(first_id, "incoming/first pack.zip"), ("second", "incoming/second.zip")]
+        assert [(r.partition_key, r.tags["cvgraph/pack_key"]) for r in first.run_requests] == [
+            (first_id, "incoming/first pack.zip"),
+            ("second", "incoming/second.zip"),
+        ]
         assert first.dynamic_partitions_requests[0].partition_keys == [first_id, "second"]
         assert in_flight() >= 3  # received, not yet deleted: the run requests are not recorded yet
         instance.add_dynamic_partitions("packs", [first_id, "second"])
-        second = incoming_packs_sqs_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=first.cursor))
+        second = incoming_packs_sqs_sensor(
+            dg.build_sensor_context(instance=instance, resources=resources, cursor=first.cursor)
+        )
         assert second.run_requests == [] and in_flight() == 0
         assert json.loads(second.cursor) == {"delete": []}

@@ -7,6 +7,7 @@ import re
 
 import boto3
 import dagster as dg
+
 from workloads.lake import parquet_table
 
 
@@ -23,70 +24,152 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
 
     defs = build_defs("aws")
     res = defs.resources
-    assert isinstance(res["image_compute"], BatchArrayClient) and isinstance(res["trainer"], SageMakerTrainer) and isinstance(res["catalog"], AthenaCatalog)
-    assert {s.name for s in defs.sensors} == {"incoming_packs", "incoming_packs_sqs", "image_automation"}
+    assert (
+        isinstance(res["image_compute"], BatchArrayClient)
+        and isinstance(res["trainer"], SageMakerTrainer)
+        and isinstance(res["catalog"], AthenaCatalog)
+    )
+    assert {s.name for s in defs.sensors} == {
+        "incoming_packs",
+        "incoming_packs_sqs",
+        "image_automation",
+    }
     lake = res["lake"].lake()
-    boto3.client("s3").put_object(Bucket="cvgraph-lake", Key="lake/incoming/digits.zip", Body=small_digits_pack(60))
+    boto3.client("s3").put_object(
+        Bucket="cvgraph-lake", Key="lake/incoming/digits.zip", Body=small_digits_pack(60)
+    )
 
     def parent_jobs():
-        return sorted((j.job_name for jid, j in batch_backends["123456789012"]["us-east-1"]._jobs.items() if ":" not in jid))
+        return sorted(
+            (
+                j.job_name
+                for jid, j in batch_backends["123456789012"]["us-east-1"]._jobs.items()
+                if ":" not in jid
+            )
+        )
 
     read_here = []  # object keys read in this process (Batch children run in their own)
     for name in ("get", "open_read"):
         original = getattr(S3Lake, name)
-        monkeypatch.setattr(S3Lake, name, lambda self, key, _original=original: (read_here.append(key), _original(self, key))[1])
+        monkeypatch.setattr(
+            S3Lake,
+            name,
+            lambda self, key, _original=original: (read_here.append(key), _original(self, key))[1],
+        )
 
     with dg.instance_for_test() as inst:
-        assert runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sqs_sensor) == ["digits"]
-        assert runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sensor) == []  # the safety net finds nothing new
+        assert runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sqs_sensor) == [
+            "digits"
+        ]
+        assert (
+            runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sensor) == []
+        )  # the safety net finds nothing new
         pack = json.loads(lake.get("packs/digits/pack.json"))
         assert (pack["accepted"], pack["duplicates"], pack["rejected"]) == (60, 0, [])
         assert len(parent_jobs()) == 1 and parent_jobs()[0].endswith("ingest-digits-digits")
 
         launched = runs.sync(inst, definitions=defs)
-        assert [r["range"] for r in launched] == [("00", "ff")]  # one ranged run for all 256 prefixes
+        assert [r["range"] for r in launched] == [
+            ("00", "ff")
+        ]  # one ranged run for all 256 prefixes
         names = parent_jobs()
         # ingest, then one array job per workload of the run: index, resize, edges (N_TO_N), tables
-        assert [sum(f"-{w}-" in n for n in names) for w in ("ingest", "index", "resize", "edges", "tables")] == [1, 1, 1, 1, 1] and len(names) == 5
+        assert [
+            sum(f"-{w}-" in n for n in names)
+            for w in ("ingest", "index", "resize", "edges", "tables")
+        ] == [1, 1, 1, 1, 1] and len(names) == 5
         # S3 requests per new image, as the steps count them (orchestrator and Batch children)
         requests = 0
         for run_id in [r.run_id for r in inst.get_runs()]:
             seen = set()
-            for rec in inst.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records:
+            for rec in inst.get_records_for_run(
+                run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+            ).records:
                 mat = rec.event_log_entry.asset_materialization
-                if "lake_requests" in mat.metadata and mat.asset_key not in seen:  # a ranged result is repeated per partition
+                if (
+                    "lake_requests" in mat.metadata and mat.asset_key not in seen
+                ):  # a ranged result is repeated per partition
                     seen.add(mat.asset_key)
                     requests += mat.metadata["lake_requests"].value
-        print(f"S3 requests for a 60-image pack into an empty lake: {requests} ({requests / 60:.1f} per new image)")
+        print(
+            f"S3 requests for a 60-image pack into an empty lake: {requests} ({requests / 60:.1f} per new image)"
+        )
         assert 60 * 4 < requests < 60 * 150  # at least the per-image puts; the rest is per prefix
         # this process (the orchestrator) read records only: no manifest, index, image or table object
-        assert read_here and all(re.fullmatch(r"(_versions|_results)/.+\.json|packs/[^/]+/pack\.json", k) for k in read_here), sorted(set(read_here))[:10]
+        assert read_here and all(
+            re.fullmatch(r"(_versions|_results)/.+\.json|packs/[^/]+/pack\.json", k)
+            for k in read_here
+        ), sorted(set(read_here))[:10]
         assert sum(1 for _ in lake.list("resized/")) == sum(1 for _ in lake.list("edges/")) == 60
         assert len(inst.get_materialized_partitions(dg.AssetKey("image_tables"))) == 256
 
-        counts = res["catalog"].query("SELECT label, count(*) AS n FROM images GROUP BY label ORDER BY label").to_pylist()
-        assert counts == [{"label": "0", "n": 31}, {"label": "1", "n": 29}]  # the first 60 zeros and ones of the digits
+        counts = (
+            res["catalog"]
+            .query("SELECT label, count(*) AS n FROM images GROUP BY label ORDER BY label")
+            .to_pylist()
+        )
+        assert counts == [
+            {"label": "0", "n": 31},
+            {"label": "1", "n": 29},
+        ]  # the first 60 zeros and ones of the digits
 
         from partitions import models, subsets
 
         runs.ensure_partition(inst, subsets, "zeros_and_ones")
-        runs.materialize(inst, [dg.AssetKey("frozen_subsets")], partition_key="zeros_and_ones", definitions=defs,
-                         run_config={"ops": {"frozen_subsets": {"config": {"sql": "SELECT * FROM images WHERE label IN ('0', '1')"}}}})
-        assert any("(\nSELECT * FROM images WHERE label IN ('0', '1')\n) AS q JOIN images AS i" in q for q in aws.athena_queries)
+        runs.materialize(
+            inst,
+            [dg.AssetKey("frozen_subsets")],
+            partition_key="zeros_and_ones",
+            definitions=defs,
+            run_config={
+                "ops": {
+                    "frozen_subsets": {
+                        "config": {"sql": "SELECT * FROM images WHERE label IN ('0', '1')"}
+                    }
+                }
+            },
+        )
+        assert any(
+            "(\nSELECT * FROM images WHERE label IN ('0', '1')\n) AS q JOIN images AS i" in q
+            for q in aws.athena_queries
+        )
         subset = json.loads(lake.get("subsets/zeros_and_ones/subset.json"))
         assert subset["rows"] == 60 and subset["packs"] == ["digits"]
 
         runs.ensure_partition(inst, models, "zo-cnn")
-        runs.materialize(inst, [dg.AssetKey("trained_models")], partition_key="zo-cnn", definitions=defs,
-                         run_config={"ops": {"trained_models": {"config": {"subset": "zeros_and_ones", "epochs": 3, "batch_size": 16}}}})
+        # 8 epochs: after 3, a held-out sample's top-1 margin can be below the int8 model's logit
+        # error, and one flip fails the 4-sample parity check (seen on an AVX2-only CPU)
+        runs.materialize(
+            inst,
+            [dg.AssetKey("trained_models")],
+            partition_key="zo-cnn",
+            definitions=defs,
+            run_config={
+                "ops": {
+                    "trained_models": {
+                        "config": {"subset": "zeros_and_ones", "epochs": 8, "batch_size": 16}
+                    }
+                }
+            },
+        )
         [job] = aws.training_runs
-        assert job["instance_type"] == "ml.m5.large" and job["spot"] is True and "epoch=3" in job["output"]
+        assert (
+            job["instance_type"] == "ml.m5.large"
+            and job["spot"] is True
+            and "epoch=8" in job["output"]
+        )
         model = json.loads(lake.get("models/zo-cnn/model.json"))
-        assert model["subset_manifest_sha256"] == subset["manifest_sha256"] and model["classes"] == ["0", "1"]
+        assert model["subset_manifest_sha256"] == subset["manifest_sha256"] and model[
+            "classes"
+        ] == ["0", "1"]
 
-        result = runs.materialize(inst, [dg.AssetKey("exported_models")], partition_key="zo-cnn", definitions=defs)
+        result = runs.materialize(
+            inst, [dg.AssetKey("exported_models")], partition_key="zo-cnn", definitions=defs
+        )
         checks = [e for e in result.get_asset_check_evaluations()]
-        assert [(c.check_name, c.passed) for c in checks] == [("parity", True)], [c.metadata for c in checks]
+        assert [(c.check_name, c.passed) for c in checks] == [("parity", True)], [
+            c.metadata for c in checks
+        ]
         exports = json.loads(lake.get("exports/zo-cnn/exports.json"))
         assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
         assert parquet_table(lake.get("subsets/zeros_and_ones/manifest.parquet")).num_rows == 60

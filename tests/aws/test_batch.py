@@ -16,7 +16,11 @@ from workloads.tasks import result_key
 def client(aws_env=None) -> BatchArrayClient:
     import os
 
-    return BatchArrayClient(job_queue=os.environ["CVGRAPH_BATCH_JOB_QUEUE"], job_definition=os.environ["CVGRAPH_BATCH_JOB_DEFINITION"], poll_seconds=0.2)
+    return BatchArrayClient(
+        job_queue=os.environ["CVGRAPH_BATCH_JOB_QUEUE"],
+        job_definition=os.environ["CVGRAPH_BATCH_JOB_DEFINITION"],
+        poll_seconds=0.2,
+    )
 
 
 def parents():
@@ -29,22 +33,54 @@ def parents():
 def test_request_shapes_pinned_with_stubber():
     """What moto does not validate: array size, N_TO_N, retry on spot reclaim only, the command."""
     c = BatchArrayClient(job_queue="q", job_definition="jd")
-    batch = boto3.client("batch", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    batch = boto3.client(
+        "batch", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
     cmd = ["python", "-m", "workloads.images", "--prefixes", "00,01,02"]
     with Stubber(batch) as stub:
-        stub.add_response("submit_job", {"jobName": "a", "jobId": "J1"}, {
-            "jobName": "a", "jobQueue": "q", "jobDefinition": "jd", "arrayProperties": {"size": 3},
-            "containerOverrides": {"command": cmd, "environment": ANY}, "retryStrategy": BATCH_RETRY,
-            "propagateTags": True, "tags": {}})
-        stub.add_response("submit_job", {"jobName": "b", "jobId": "J2"}, {
-            "jobName": "b", "jobQueue": "q", "jobDefinition": "jd", "arrayProperties": {"size": 3},
-            "dependsOn": [{"jobId": "J1", "type": "N_TO_N"}],
-            "containerOverrides": {"command": cmd, "environment": ANY}, "retryStrategy": BATCH_RETRY,
-            "propagateTags": True, "tags": {}})
-        stub.add_response("submit_job", {"jobName": "c", "jobId": "J3"}, {
-            "jobName": "c", "jobQueue": "q", "jobDefinition": "jd", "dependsOn": [{"jobId": "J2"}],
-            "containerOverrides": {"command": cmd, "environment": ANY}, "retryStrategy": BATCH_RETRY,
-            "propagateTags": True, "tags": {}})
+        stub.add_response(
+            "submit_job",
+            {"jobName": "a", "jobId": "J1"},
+            {
+                "jobName": "a",
+                "jobQueue": "q",
+                "jobDefinition": "jd",
+                "arrayProperties": {"size": 3},
+                "containerOverrides": {"command": cmd, "environment": ANY},
+                "retryStrategy": BATCH_RETRY,
+                "propagateTags": True,
+                "tags": {},
+            },
+        )
+        stub.add_response(
+            "submit_job",
+            {"jobName": "b", "jobId": "J2"},
+            {
+                "jobName": "b",
+                "jobQueue": "q",
+                "jobDefinition": "jd",
+                "arrayProperties": {"size": 3},
+                "dependsOn": [{"jobId": "J1", "type": "N_TO_N"}],
+                "containerOverrides": {"command": cmd, "environment": ANY},
+                "retryStrategy": BATCH_RETRY,
+                "propagateTags": True,
+                "tags": {},
+            },
+        )
+        stub.add_response(
+            "submit_job",
+            {"jobName": "c", "jobId": "J3"},
+            {
+                "jobName": "c",
+                "jobQueue": "q",
+                "jobDefinition": "jd",
+                "dependsOn": [{"jobId": "J2"}],
+                "containerOverrides": {"command": cmd, "environment": ANY},
+                "retryStrategy": BATCH_RETRY,
+                "propagateTags": True,
+                "tags": {},
+            },
+        )
         assert c.submit(batch, "a", cmd, 3) == "J1"
         assert c.submit(batch, "b", cmd, 3, depends_on="J1") == "J2"
         assert c.submit(batch, "c", cmd, 1, depends_on="J2") == "J3"  # one prefix: no array
@@ -55,7 +91,9 @@ def test_request_shapes_pinned_with_stubber():
         c.submit(batch, "d", cmd, 10_001)
 
 
-def test_prefixes_with_work_are_one_array_job_per_stage_in_chunks_of_the_array_limit(indexed_lake, aws):
+def test_prefixes_with_work_are_one_array_job_per_stage_in_chunks_of_the_array_limit(
+    indexed_lake, aws
+):
     lake, busy = indexed_lake
     params = ImageParams()
     ctx = dg.build_asset_context()
@@ -63,11 +101,15 @@ def test_prefixes_with_work_are_one_array_job_per_stage_in_chunks_of_the_array_l
     jobs = parents()
     assert len(jobs) == 2  # one submit_job per stage
     resize, edges = sorted(jobs, key=lambda j: "-resize-" not in j.job_name)
-    assert resize.job_name.startswith("cvgraph-run1-resize-") and edges.job_name.startswith("cvgraph-run1-edges-")
+    assert resize.job_name.startswith("cvgraph-run1-resize-") and edges.job_name.startswith(
+        "cvgraph-run1-edges-"
+    )
     assert len(resize._child_jobs) == len(edges._child_jobs) == len(busy)
     assert edges.depends_on == [{"jobId": resize.job_id, "type": "N_TO_N"}]
     children = [r for r in aws.batch_runs if r["index"] is not None]
-    assert len(children) == 2 * len(busy) and all(r["command"][1:3] == ["-m", "workloads.images"] for r in children)
+    assert len(children) == 2 * len(busy) and all(
+        r["command"][1:3] == ["-m", "workloads.images"] for r in children
+    )
     import json
 
     for p in busy:  # every prefix has its result record; each processed its images on "Batch"
@@ -75,30 +117,54 @@ def test_prefixes_with_work_are_one_array_job_per_stage_in_chunks_of_the_array_l
         assert rec["failed"] == [] and rec["processed"] == rec["images"] > 0
     assert sum(1 for _ in lake.list("resized/")) == sum(1 for _ in lake.list("edges/")) == 40
     # past the array limit, prefixes go in chunks: one array job per chunk and stage
-    small = BatchArrayClient(job_queue=os.environ["CVGRAPH_BATCH_JOB_QUEUE"], job_definition=os.environ["CVGRAPH_BATCH_JOB_DEFINITION"], poll_seconds=0.2, max_array_size=len(busy) - 1)
+    small = BatchArrayClient(
+        job_queue=os.environ["CVGRAPH_BATCH_JOB_QUEUE"],
+        job_definition=os.environ["CVGRAPH_BATCH_JOB_DEFINITION"],
+        poll_seconds=0.2,
+        max_array_size=len(busy) - 1,
+    )
     small.run_image_stages(ctx, lake.url, "run2", ["resize"], busy, params)
-    chunks = sorted(len(j._child_jobs or [None]) for j in parents() if j.job_name.startswith("cvgraph-run2-"))
+    chunks = sorted(
+        len(j._child_jobs or [None]) for j in parents() if j.job_name.startswith("cvgraph-run2-")
+    )
     assert chunks == [1, len(busy) - 1]
-    assert json.loads(lake.get(result_key("run2", "resize", busy[0])))["skipped"] > 0  # done: from the hash index
+    assert (
+        json.loads(lake.get(result_key("run2", "resize", busy[0])))["skipped"] > 0
+    )  # done: from the hash index
 
 
-def test_failed_children_are_reported_with_prefix_reason_and_log_then_rerun_does_only_the_rest(indexed_lake, aws):
+def test_failed_children_are_reported_with_prefix_reason_and_log_then_rerun_does_only_the_rest(
+    indexed_lake, aws
+):
     import json
 
     lake, busy = indexed_lake
     bad = busy[1]
     aws.oom_prefixes = {bad}
     with pytest.raises(WorkloadFailed) as err:
-        client().run_image_stages(dg.build_asset_context(), lake.url, "r1", ["resize"], busy, ImageParams())
+        client().run_image_stages(
+            dg.build_asset_context(), lake.url, "r1", ["resize"], busy, ImageParams()
+        )
     msg = str(err.value)
-    assert f"resize prefix {bad}: OutOfMemoryError: Container killed due to memory usage (exit 137, log stream cvgraph-worker/default/" in msg
+    assert (
+        f"resize prefix {bad}: OutOfMemoryError: Container killed due to memory usage (exit 137, log stream cvgraph-worker/default/"
+        in msg
+    )
     assert msg.startswith("1 batch children failed")
-    assert all(lake.exists(result_key("r1", "resize", p)) for p in busy if p != bad) and not lake.exists(result_key("r1", "resize", bad))
+    assert all(
+        lake.exists(result_key("r1", "resize", p)) for p in busy if p != bad
+    ) and not lake.exists(result_key("r1", "resize", bad))
     aws.oom_prefixes = set()
     before = len(aws.batch_runs)
-    client().run_image_stages(dg.build_asset_context(), lake.url, "r2", ["resize"], [bad], ImageParams())  # what the step re-runs
+    client().run_image_stages(
+        dg.build_asset_context(), lake.url, "r2", ["resize"], [bad], ImageParams()
+    )  # what the step re-runs
     rerun = aws.batch_runs[before:]
-    assert len(rerun) == 1 and rerun[0]["index"] is None and f"--prefixes {bad}" in " ".join(rerun[0]["command"])
+    assert (
+        len(rerun) == 1
+        and rerun[0]["index"] is None
+        and f"--prefixes {bad}" in " ".join(rerun[0]["command"])
+    )
     assert json.loads(lake.get(result_key("r2", "resize", bad)))["processed"] > 0
 
 
@@ -113,12 +179,18 @@ def test_cancelling_the_run_terminates_the_array_job(indexed_lake, aws):
 
     threading.Thread(target=interrupt_when_running, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        client().run_image_stages(dg.build_asset_context(), lake.url, "rc", ["resize", "edges"], busy, ImageParams())
+        client().run_image_stages(
+            dg.build_asset_context(), lake.url, "rc", ["resize", "edges"], busy, ImageParams()
+        )
     deadline = time.time() + 30
     children = [c for j in parents() for c in j._child_jobs]
     while any(c.status not in ("SUCCEEDED", "FAILED") for c in children) and time.time() < deadline:
         time.sleep(0.1)
     assert {p.job_stopped_reason for p in parents()} == {"Dagster run cancelled"}
     assert all(c.status in ("SUCCEEDED", "FAILED") for c in children)
-    assert any(c.job_stopped_reason == "Dagster run cancelled" and c.status == "FAILED" for c in children)
-    assert len([r for r in aws.batch_runs if r["index"] is not None]) < 2 * len(busy)  # not everything ran
+    assert any(
+        c.job_stopped_reason == "Dagster run cancelled" and c.status == "FAILED" for c in children
+    )
+    assert len([r for r in aws.batch_runs if r["index"] is not None]) < 2 * len(
+        busy
+    )  # not everything ran

@@ -14,8 +14,14 @@ def test_s3_lake_reads_writes_lists_and_conditional_puts(aws, tmp_path):
     for k in ("incoming/b.zip", "incoming/a.zip", "other/x"):
         lake.put(k, k.encode())
     assert [o.key for o in lake.list("incoming/")] == ["incoming/a.zip", "incoming/b.zip"]
-    assert [o.key for o in lake.list("incoming/", start_after="incoming/a.zip")] == ["incoming/b.zip"]
-    assert lake.get("incoming/a.zip") == b"incoming/a.zip" and lake.exists("other/x") and not lake.exists("nope")
+    assert [o.key for o in lake.list("incoming/", start_after="incoming/a.zip")] == [
+        "incoming/b.zip"
+    ]
+    assert (
+        lake.get("incoming/a.zip") == b"incoming/a.zip"
+        and lake.exists("other/x")
+        and not lake.exists("nope")
+    )
     src = tmp_path / "f"
     src.write_bytes(b"first")
     assert lake.put_file_if_absent("raw/aa/x.jpg", src) is True
@@ -38,18 +44,27 @@ def test_arrow_reads_hive_tables_from_the_s3_lake(aws):
         lake.put(f"tables/t/prefix={p}/part-0.parquet", buf.getvalue())
     fs, base = lake.arrow_filesystem()
     ds = pads.dataset(f"{base}/tables/t", filesystem=fs, format="parquet", partitioning="hive")
-    assert sorted(ds.to_table().to_pylist(), key=lambda r: r["n"]) == [{"sha256": "00" * 32, "n": 0, "prefix": 0}, {"sha256": "01" * 32, "n": 1, "prefix": 1}]
+    assert sorted(ds.to_table().to_pylist(), key=lambda r: r["n"]) == [
+        {"sha256": "00" * 32, "n": 0, "prefix": 0},
+        {"sha256": "01" * 32, "n": 1, "prefix": 1},
+    ]
 
 
 def test_s3_put_if_match_is_a_conditional_put_on_the_etag(aws):
     lake = open_lake("s3://cvgraph-lake/lake")
     assert lake.get_tagged("_versions/a.json") == (None, None)
     assert lake.put_if_match("_versions/a.json", b"one", None) is True
-    assert lake.put_if_match("_versions/a.json", b"again", None) is False  # 412 from IfNoneMatch="*"
+    assert (
+        lake.put_if_match("_versions/a.json", b"again", None) is False
+    )  # 412 from IfNoneMatch="*"
     data, tag = lake.get_tagged("_versions/a.json")
     assert data == b"one"
     assert lake.put_if_match("_versions/a.json", b"two", tag) is True
-    assert lake.put_if_match("_versions/a.json", b"three", tag) is False  # 412 from IfMatch: the ETag moved on
+    assert (
+        lake.put_if_match("_versions/a.json", b"three", tag) is False
+    )  # 412 from IfMatch: the ETag moved on
     lake.delete("_versions/a.json")
-    assert lake.put_if_match("_versions/a.json", b"four", tag) is False  # 404: gone since it was read
+    assert (
+        lake.put_if_match("_versions/a.json", b"four", tag) is False
+    )  # 404: gone since it was read
     assert lake.get_tagged("_versions/a.json") == (None, None)

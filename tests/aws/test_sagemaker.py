@@ -16,8 +16,14 @@ HP = {"epochs": 4, "lr": 0.003, "batch_size": 16, "input_size": 32, "variant": "
 def trainer(**kw) -> SageMakerTrainer:
     import os
 
-    return SageMakerTrainer(role_arn=os.environ["CVGRAPH_SAGEMAKER_ROLE_ARN"], training_image=os.environ["CVGRAPH_TRAINING_IMAGE"],
-                            instance_types=["ml.m5.large", "ml.c5.xlarge"], poll_seconds=0.2, pipes_interval=1.0, **kw)
+    return SageMakerTrainer(
+        role_arn=os.environ["CVGRAPH_SAGEMAKER_ROLE_ARN"],
+        training_image=os.environ["CVGRAPH_TRAINING_IMAGE"],
+        instance_types=["ml.m5.large", "ml.c5.xlarge"],
+        poll_seconds=0.2,
+        pipes_interval=1.0,
+        **kw,
+    )
 
 
 def in_asset(fn):
@@ -39,18 +45,47 @@ def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     lake = S3Lake("s3://bucket/lake", endpoint_url="http://127.0.0.1:1")
-    t = SageMakerTrainer(role_arn="arn:aws:iam::1:role/r", training_image="img:1", max_runtime_seconds=3600, max_wait_seconds=600)
-    channels = {"manifest": {"S3DataType": "S3Prefix", "S3Uri": "s3://bucket/lake/subsets/s/manifest.parquet"},
-                "images": {"S3DataType": "ManifestFile", "S3Uri": "s3://bucket/lake/models/m/channels/images.manifest"}}
+    t = SageMakerTrainer(
+        role_arn="arn:aws:iam::1:role/r",
+        training_image="img:1",
+        max_runtime_seconds=3600,
+        max_wait_seconds=600,
+    )
+    channels = {
+        "manifest": {
+            "S3DataType": "S3Prefix",
+            "S3Uri": "s3://bucket/lake/subsets/s/manifest.parquet",
+        },
+        "images": {
+            "S3DataType": "ManifestFile",
+            "S3Uri": "s3://bucket/lake/models/m/channels/images.manifest",
+        },
+    }
     req = t.request("job-0", lake, channels, "m", "job", "ml.m5.large", {"epochs": 3})
     assert req["EnableManagedSpotTraining"] is True
-    assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 3600}  # MaxWait >= MaxRuntime
-    assert req["CheckpointConfig"] == {"S3Uri": "s3://bucket/lake/models/m/checkpoints/job/", "LocalPath": "/opt/ml/checkpoints"}
-    assert req["HyperParameters"] == {"epochs": "3", "checkpoint_dir": "/opt/ml/checkpoints"}  # strings, as SageMaker wants
-    assert [c["DataSource"]["S3DataSource"]["S3DataType"] for c in req["InputDataConfig"]] == ["S3Prefix", "ManifestFile"]
+    assert req["StoppingCondition"] == {
+        "MaxRuntimeInSeconds": 3600,
+        "MaxWaitTimeInSeconds": 3600,
+    }  # MaxWait >= MaxRuntime
+    assert req["CheckpointConfig"] == {
+        "S3Uri": "s3://bucket/lake/models/m/checkpoints/job/",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
+    assert req["HyperParameters"] == {
+        "epochs": "3",
+        "checkpoint_dir": "/opt/ml/checkpoints",
+    }  # strings, as SageMaker wants
+    assert [c["DataSource"]["S3DataSource"]["S3DataType"] for c in req["InputDataConfig"]] == [
+        "S3Prefix",
+        "ManifestFile",
+    ]
     sm = boto3.client("sagemaker", region_name="us-east-1")
     with Stubber(sm) as stub:  # botocore validates the whole request against the service model
-        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/job-0"}, req)
+        stub.add_response(
+            "create_training_job",
+            {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/job-0"},
+            req,
+        )
         sm.create_training_job(**req)
         stub.assert_no_pending_responses()
 
@@ -59,26 +94,48 @@ def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(subset_o
     lake, manifest = subset_on_s3
     aws.no_capacity = {"ml.m5.large"}
     aws.interrupt_after_epochs = 2
-    result, out = in_asset(lambda ctx: trainer().train(ctx, lake, "cvgraph-digits_cnn-abc", "subsets/all/manifest.parquet", "digits_cnn", {**HP, "epochs": 30}))
+    result, out = in_asset(
+        lambda ctx: trainer().train(
+            ctx,
+            lake,
+            "cvgraph-digits_cnn-abc",
+            "subsets/all/manifest.parquet",
+            "digits_cnn",
+            {**HP, "epochs": 30},
+        )
+    )
     assert result.success
     metrics = out["value"]
-    assert any(m.startswith("epoch=") for m in out["logs"]), "the job's log lines reach Dagster through Pipes on S3"
+    assert any(m.startswith("epoch=") for m in out["logs"]), (
+        "the job's log lines reach Dagster through Pipes on S3"
+    )
     first, second = aws.training_runs
-    assert (first["instance_type"], first["attempts"]) == ("ml.m5.large", 0)  # capacity error: never ran
-    assert second["instance_type"] == "ml.c5.xlarge" and second["name"] == "cvgraph-digits-cnn-abc-1"
+    assert (first["instance_type"], first["attempts"]) == (
+        "ml.m5.large",
+        0,
+    )  # capacity error: never ran
+    assert (
+        second["instance_type"] == "ml.c5.xlarge" and second["name"] == "cvgraph-digits-cnn-abc-1"
+    )
     assert second["attempts"] == 2
     resumed = int(second["output"].split("resumed from checkpoint at epoch ")[1].split()[0])
-    assert 2 <= resumed < 30  # killed after epoch 2 was checkpointed; the restart went on from there
+    assert (
+        2 <= resumed < 30
+    )  # killed after epoch 2 was checkpointed; the restart went on from there
     after = second["output"].split("resumed from checkpoint")[1]
     assert after.split("epoch=")[1].split()[0] == str(resumed + 1)  # no epoch trained twice
     # the restarted container rejoins the Pipes session: every line it logged reaches Dagster
-    logged = {int(m.split()[0].split("=")[1].split("/")[0]) for m in out["logs"] if m.startswith("epoch=")}
+    logged = {
+        int(m.split()[0].split("=")[1].split("/")[0]) for m in out["logs"] if m.startswith("epoch=")
+    }
     assert set(range(resumed + 1, 31)) <= logged, sorted(logged)
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 31))
     assert lake.get("models/digits_cnn/model.pt")[:2] == b"PK"  # torch zip format
     assert json.loads(lake.get("models/digits_cnn/metrics.json"))["classes"] == ["0", "1"]
     channel = json.loads(lake.get("models/digits_cnn/channels/images.manifest"))
-    assert channel[0] == {"prefix": "s3://cvgraph-lake/lake/"} and sorted(channel[1:]) == sorted(manifest["resized_key"].to_pylist())
+    assert channel[0] == {"prefix": "s3://cvgraph-lake/lake/"} and sorted(channel[1:]) == sorted(
+        manifest["resized_key"].to_pylist()
+    )
     ckpts = [o.key for o in lake.list("models/digits_cnn/checkpoints/")]
     assert ckpts == ["models/digits_cnn/checkpoints/cvgraph-digits-cnn-abc/checkpoint.pt"]
 
@@ -88,16 +145,26 @@ def test_cancelling_the_run_stops_the_training_job(subset_on_s3, aws):
 
     def interrupt_when_training():
         deadline = time.time() + 120
-        while not (aws.training_runs and "epoch=" in aws.training_runs[0]["output"]) and time.time() < deadline:
+        while (
+            not (aws.training_runs and "epoch=" in aws.training_runs[0]["output"])
+            and time.time() < deadline
+        ):
             time.sleep(0.05)
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt_when_training, daemon=True).start()
-    result, _ = in_asset(lambda ctx: trainer(use_spot=False).train(ctx, lake, "cancel-me", "subsets/all/manifest.parquet", "m2", {**HP, "epochs": 200}))
+    result, _ = in_asset(
+        lambda ctx: trainer(use_spot=False).train(
+            ctx, lake, "cancel-me", "subsets/all/manifest.parquet", "m2", {**HP, "epochs": 200}
+        )
+    )
     assert not result.success
     sm = boto3.client("sagemaker")
     deadline = time.time() + 30
-    while sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] != "Stopped" and time.time() < deadline:
+    while (
+        sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] != "Stopped"
+        and time.time() < deadline
+    ):
         time.sleep(0.1)
     assert sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] == "Stopped"
     assert not lake.exists("models/m2/model.pt")
@@ -111,19 +178,40 @@ def test_a_restarted_job_continues_the_pipes_chunks_instead_of_overwriting_them(
 
     s3 = boto3.client("s3", region_name="us-east-1")
     bucket, prefix = "cvgraph-lake", "lake/_pipes_session/messages"
-    first = [b'{"__dagster_pipes_version": "0.1", "method": "opened", "params": {}}', b'{"method": "log", "params": {"message": "epoch=1"}}']
+    first = [
+        b'{"__dagster_pipes_version": "0.1", "method": "opened", "params": {}}',
+        b'{"method": "log", "params": {"message": "epoch=1"}}',
+    ]
     for i, body in enumerate(first, start=1):
         s3.put_object(Bucket=bucket, Key=f"{prefix}/{i}.json", Body=body)
     s3.put_object(Bucket=bucket, Key=f"{prefix}/notes.txt", Body=b"not a chunk")
-    s3.put_object(Bucket=bucket, Key=f"{prefix}/other/99.json", Body=b"{}")  # not this session's chunk
+    s3.put_object(
+        Bucket=bucket, Key=f"{prefix}/other/99.json", Body=b"{}"
+    )  # not this session's chunk
     writer = ContinuingS3MessageWriter(s3, interval=0.1)
     writer._client = OneObjectPerPage(s3)  # chunks past the first page of a listing count too
     channel = writer.make_channel({"bucket": bucket, "key_prefix": prefix})
     with channel.buffered_upload_loop():
-        channel.write_message({"__dagster_pipes_version": dp.PIPES_PROTOCOL_VERSION, "method": "log", "params": {"message": "epoch=3", "level": "INFO"}})
-    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"])
-    assert keys == [f"{prefix}/1.json", f"{prefix}/2.json", f"{prefix}/3.json", f"{prefix}/notes.txt", f"{prefix}/other/99.json"]
-    assert [s3.get_object(Bucket=bucket, Key=f"{prefix}/{i}.json")["Body"].read() for i in (1, 2)] == first
+        channel.write_message(
+            {
+                "__dagster_pipes_version": dp.PIPES_PROTOCOL_VERSION,
+                "method": "log",
+                "params": {"message": "epoch=3", "level": "INFO"},
+            }
+        )
+    keys = sorted(
+        o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]
+    )
+    assert keys == [
+        f"{prefix}/1.json",
+        f"{prefix}/2.json",
+        f"{prefix}/3.json",
+        f"{prefix}/notes.txt",
+        f"{prefix}/other/99.json",
+    ]
+    assert [
+        s3.get_object(Bucket=bucket, Key=f"{prefix}/{i}.json")["Body"].read() for i in (1, 2)
+    ] == first
     assert b"epoch=3" in s3.get_object(Bucket=bucket, Key=f"{prefix}/3.json")["Body"].read()
 
 

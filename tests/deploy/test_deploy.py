@@ -31,7 +31,13 @@ def cfn_lint_command() -> list[str]:
 
 
 def test_cfn_lint_is_clean():
-    proc = subprocess.run([*cfn_lint_command(), str(TEMPLATE)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*cfn_lint_command(), str(TEMPLATE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "", proc.stdout
 
@@ -57,8 +63,10 @@ def is_ref(value, name: str) -> bool:
     """``!Ref name`` or ``!GetAtt name.<attr>``."""
     if not isinstance(value, dict) or len(value) != 1:
         return False
-    (fn, arg), = value.items()
-    return (fn == "Ref" and arg == name) or (fn == "Fn::GetAtt" and (arg[0] if isinstance(arg, list) else arg.split(".")[0]) == name)
+    ((fn, arg),) = value.items()
+    return (fn == "Ref" and arg == name) or (
+        fn == "Fn::GetAtt" and (arg[0] if isinstance(arg, list) else arg.split(".")[0]) == name
+    )
 
 
 def as_list(value) -> list:
@@ -88,8 +96,18 @@ def test_bucket_versioned_private_encrypted_and_notifies_the_queue(template):
     name, bucket = one(template, "AWS::S3::Bucket")
     props = bucket["Properties"]
     assert props["VersioningConfiguration"]["Status"] == "Enabled"
-    assert all(props["PublicAccessBlockConfiguration"][k] is True for k in ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"))
-    sse = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]
+    assert all(
+        props["PublicAccessBlockConfiguration"][k] is True
+        for k in (
+            "BlockPublicAcls",
+            "BlockPublicPolicy",
+            "IgnorePublicAcls",
+            "RestrictPublicBuckets",
+        )
+    )
+    sse = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0][
+        "ServerSideEncryptionByDefault"
+    ]
     assert sse["SSEAlgorithm"] in ("AES256", "aws:kms")
     assert bucket["DeletionPolicy"] == "Retain" and bucket["UpdateReplacePolicy"] == "Retain"
 
@@ -107,14 +125,17 @@ def test_bucket_versioned_private_encrypted_and_notifies_the_queue(template):
     [send] = policy["Properties"]["PolicyDocument"]["Statement"]
     assert send["Effect"] == "Allow" and send["Principal"] == {"Service": "s3.amazonaws.com"}
     assert send["Action"] == "sqs:SendMessage" and is_ref(send["Resource"], queue_name)
-    assert "aws:SourceArn" in send["Condition"]["ArnLike"] and "aws:SourceAccount" in send["Condition"]["StringEquals"]
+    assert (
+        "aws:SourceArn" in send["Condition"]["ArnLike"]
+        and "aws:SourceAccount" in send["Condition"]["StringEquals"]
+    )
 
 
 def one_queue_with_redrive(tpl: dict) -> tuple[str, dict]:
     queues = resources(tpl, "AWS::SQS::Queue")
     main = {n: q for n, q in queues.items() if "RedrivePolicy" in q["Properties"]}
     assert len(main) == 1, list(queues)
-    (name, queue), = main.items()
+    ((name, queue),) = main.items()
     dlq = queue["Properties"]["RedrivePolicy"]["deadLetterTargetArn"]
     assert any(is_ref(dlq, other) for other in queues if other != name)
     assert "maxReceiveCount" in queue["Properties"]["RedrivePolicy"]
@@ -147,7 +168,9 @@ def test_job_definition_retries_spot_reclaims_only(template):
     assert rules[-1] == {"OnReason": "*", "Action": "EXIT"}
     assert all(r["Action"] == "RETRY" for r in rules[:-1])
     container = props["ContainerProperties"]
-    assert is_ref(container["JobRoleArn"], "BatchJobRole") and is_ref(container["ExecutionRoleArn"], "BatchExecutionRole")
+    assert is_ref(container["JobRoleArn"], "BatchJobRole") and is_ref(
+        container["ExecutionRoleArn"], "BatchExecutionRole"
+    )
     assert container["LogConfiguration"]["LogDriver"] == "awslogs"
     assert {r["Type"] for r in container["ResourceRequirements"]} == {"VCPU", "MEMORY"}
     assert "WorkerRepository.RepositoryUri" in container["Image"]["Fn::Sub"]
@@ -166,7 +189,12 @@ def test_no_wildcard_actions_and_no_s3_on_every_resource(template):
             assert "*" not in res, st
         if st.get("Effect") == "Allow" and "*" in res:
             # Only calls without resource-level permissions may name every resource.
-            assert set(actions) <= {"ecr:GetAuthorizationToken", "batch:DescribeJobs", "batch:ListJobs", "cloudwatch:PutMetricData"}, st
+            assert set(actions) <= {
+                "ecr:GetAuthorizationToken",
+                "batch:DescribeJobs",
+                "batch:ListJobs",
+                "cloudwatch:PutMetricData",
+            }, st
 
 
 def policy_of(tpl: dict, name: str) -> list[dict]:
@@ -178,22 +206,65 @@ def policy_of(tpl: dict, name: str) -> list[dict]:
 
 def test_roles_are_scoped(template):
     for role in ("BatchJobRole", "SageMakerExecutionRole"):
-        s3 = [st for st in policy_of(template, role) if any(a.startswith("s3:") for a in as_list(st["Action"]))]
-        assert s3 and all(all("LakeBucket" in json.dumps(r) for r in as_list(st["Resource"])) for st in s3), role
+        s3 = [
+            st
+            for st in policy_of(template, role)
+            if any(a.startswith("s3:") for a in as_list(st["Action"]))
+        ]
+        assert s3 and all(
+            all("LakeBucket" in json.dumps(r) for r in as_list(st["Resource"])) for st in s3
+        ), role
     job_actions = {a for st in policy_of(template, "BatchJobRole") for a in as_list(st["Action"])}
-    assert job_actions <= {"s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"}
-    pulls = [st for st in policy_of(template, "SageMakerExecutionRole") if "ecr:BatchGetImage" in as_list(st["Action"])]
+    assert job_actions <= {
+        "s3:GetBucketLocation",
+        "s3:ListBucket",
+        "s3:ListBucketMultipartUploads",
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:DeleteObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListMultipartUploadParts",
+    }
+    pulls = [
+        st
+        for st in policy_of(template, "SageMakerExecutionRole")
+        if "ecr:BatchGetImage" in as_list(st["Action"])
+    ]
     assert [is_ref(st["Resource"], "TrainingRepository") for st in pulls] == [True]
-    pulls = [st for st in policy_of(template, "BatchExecutionRole") if "ecr:BatchGetImage" in as_list(st["Action"])]
+    pulls = [
+        st
+        for st in policy_of(template, "BatchExecutionRole")
+        if "ecr:BatchGetImage" in as_list(st["Action"])
+    ]
     assert [is_ref(st["Resource"], "WorkerRepository") for st in pulls] == [True]
 
     orch = policy_of(template, "OrchestratorPolicy")
     actions = {a for st in orch for a in as_list(st["Action"])}
-    assert {"batch:SubmitJob", "batch:DescribeJobs", "batch:TerminateJob", "sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
-            "sagemaker:StopTrainingJob", "iam:PassRole", "athena:StartQueryExecution", "athena:GetQueryResults", "glue:GetTable",
-            "glue:CreateTable", "sqs:ReceiveMessage", "sqs:DeleteMessage", "s3:GetObject", "s3:PutObject"} <= actions
-    passed = [r for st in orch if "iam:PassRole" in as_list(st["Action"]) for r in as_list(st["Resource"])]
-    assert sorted(next(iter(r.values()))[0] for r in passed) == ["BatchExecutionRole", "BatchJobRole", "SageMakerExecutionRole"]
+    assert {
+        "batch:SubmitJob",
+        "batch:DescribeJobs",
+        "batch:TerminateJob",
+        "sagemaker:CreateTrainingJob",
+        "sagemaker:DescribeTrainingJob",
+        "sagemaker:StopTrainingJob",
+        "iam:PassRole",
+        "athena:StartQueryExecution",
+        "athena:GetQueryResults",
+        "glue:GetTable",
+        "glue:CreateTable",
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "s3:GetObject",
+        "s3:PutObject",
+    } <= actions
+    passed = [
+        r for st in orch if "iam:PassRole" in as_list(st["Action"]) for r in as_list(st["Resource"])
+    ]
+    assert sorted(next(iter(r.values()))[0] for r in passed) == [
+        "BatchExecutionRole",
+        "BatchJobRole",
+        "SageMakerExecutionRole",
+    ]
     [submit] = [st for st in orch if "batch:SubmitJob" in as_list(st["Action"])]
     assert any(is_ref(r, "JobQueue") for r in as_list(submit["Resource"]))
 
@@ -204,7 +275,9 @@ def test_athena_workgroup_limits_scans_and_enforces_its_configuration(template):
     assert cfg["EnforceWorkGroupConfiguration"] is True
     assert is_ref(cfg["BytesScannedCutoffPerQuery"], "AthenaBytesScannedCutoffPerQuery")
     assert int(template["Parameters"]["AthenaBytesScannedCutoffPerQuery"]["Default"]) >= 10_000_000
-    assert cfg["ResultConfiguration"]["OutputLocation"] == {"Fn::Sub": "s3://${LakeBucket}/athena-results/"}
+    assert cfg["ResultConfiguration"]["OutputLocation"] == {
+        "Fn::Sub": "s3://${LakeBucket}/athena-results/"
+    }
     one(template, "AWS::Glue::Database")
 
 
@@ -222,9 +295,20 @@ def test_ecr_repositories_scan_and_expire(template):
 
 
 def test_outputs_name_what_the_aws_profile_needs(template):
-    assert {"LakeBucketName", "LakeUrl", "IncomingQueueUrl", "JobQueueArn", "JobDefinitionArn", "WorkerRepositoryUri",
-            "TrainingRepositoryUri", "SageMakerRoleArn", "AthenaWorkGroupName", "GlueDatabaseName", "AthenaOutputLocation",
-            "OrchestratorPolicyArn"} <= set(template["Outputs"])
+    assert {
+        "LakeBucketName",
+        "LakeUrl",
+        "IncomingQueueUrl",
+        "JobQueueArn",
+        "JobDefinitionArn",
+        "WorkerRepositoryUri",
+        "TrainingRepositoryUri",
+        "SageMakerRoleArn",
+        "AthenaWorkGroupName",
+        "GlueDatabaseName",
+        "AthenaOutputLocation",
+        "OrchestratorPolicyArn",
+    } <= set(template["Outputs"])
 
 
 # -- the Dockerfiles --------------------------------------------------------------------------
@@ -301,7 +385,9 @@ def constraints_and_names(args: list[str]) -> tuple[list[str], list[str]]:
 
 def lock_path_in_image(instructions: list[tuple[str, str]]) -> str:
     """Where the image COPYs requirements.lock (the root's lock: the one the suite's venv is)."""
-    [dest] = [a.split()[1] for i, a in instructions if i == "COPY" and a.split()[0] == "requirements.lock"]
+    [dest] = [
+        a.split()[1] for i, a in instructions if i == "COPY" and a.split()[0] == "requirements.lock"
+    ]
     return dest
 
 
@@ -312,7 +398,9 @@ def check_against_lock(names: list[str], lock: dict[str, str]) -> None:
 
     for name in names:
         req = Requirement(name)
-        assert canonicalize_name(req.name) in lock, f"{req.name}: installed by the image, not in requirements.lock"
+        assert canonicalize_name(req.name) in lock, (
+            f"{req.name}: installed by the image, not in requirements.lock"
+        )
         assert not req.specifier, f"{name}: the image pins its own version; the lock pins it"
 
 
@@ -335,13 +423,26 @@ def third_party_imports(entry: str) -> set[str]:
             for name in names:
                 top = name.split(".")[0]
                 if top == "workloads":
-                    todo.append(name if (ROOT / (name.replace(".", "/") + ".py")).exists() else "workloads.__init__")
+                    todo.append(
+                        name
+                        if (ROOT / (name.replace(".", "/") + ".py")).exists()
+                        else "workloads.__init__"
+                    )
                 elif top not in sys.stdlib_module_names:
                     found.add(top)
     return found
 
 
-DISTRIBUTION = {"cv2": "opencv-python-headless", "PIL": "pillow", "numpy": "numpy", "pyarrow": "pyarrow", "boto3": "boto3", "botocore": "boto3", "torch": "torch", "dagster_pipes": "dagster-pipes"}
+DISTRIBUTION = {
+    "cv2": "opencv-python-headless",
+    "PIL": "pillow",
+    "numpy": "numpy",
+    "pyarrow": "pyarrow",
+    "boto3": "boto3",
+    "botocore": "boto3",
+    "torch": "torch",
+    "dagster_pipes": "dagster-pipes",
+}
 
 
 def test_worker_image_runs_workloads_images_as_non_root():
@@ -352,7 +453,11 @@ def test_worker_image_runs_workloads_images_as_non_root():
     users = [a for i, a in instructions if i == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     env = env_of(instructions)
-    assert env["MALLOC_MMAP_THRESHOLD_"] == "67108864" and env["MALLOC_TRIM_THRESHOLD_"] == "268435456" and env["PYTHONUNBUFFERED"] == "1"
+    assert (
+        env["MALLOC_MMAP_THRESHOLD_"] == "67108864"
+        and env["MALLOC_TRIM_THRESHOLD_"] == "268435456"
+        and env["PYTHONUNBUFFERED"] == "1"
+    )
     copies = [a for i, a in instructions if i == "COPY"]
     assert any(a.split()[0].rstrip("/") == "workloads" for a in copies), copies
     runs = " ".join(a for i, a in instructions if i == "RUN")
@@ -365,7 +470,9 @@ def test_worker_image_installs_what_the_batch_workloads_import_from_the_lock(loc
     constraints, names = constraints_and_names(install)
     assert constraints == [lock_path_in_image(instructions)]
     assert set(names) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "boto3"}
-    needed = set().union(*(third_party_imports(f"workloads.{m}") for m in ("images", "ingest", "index", "tables")))
+    needed = set().union(
+        *(third_party_imports(f"workloads.{m}") for m in ("images", "ingest", "index", "tables"))
+    )
     assert {DISTRIBUTION.get(m, m) for m in needed} <= set(names), needed
     check_against_lock(names, lock)
 
@@ -380,10 +487,21 @@ def test_worker_command_matches_the_batch_client():
     from workloads.images import ImageParams
     from workloads.kernels import EdgeParams, ResizeParams
 
-    cmd = images_command("s3://bucket/", "run", ["resize"], ["00", "01"], ImageParams(ResizeParams(), EdgeParams()), 4)
+    cmd = images_command(
+        "s3://bucket/",
+        "run",
+        ["resize"],
+        ["00", "01"],
+        ImageParams(ResizeParams(), EdgeParams()),
+        4,
+    )
     assert cmd[:3] == ["python", "-m", "workloads.images"], cmd
     if hasattr(compute, "ingest_command"):
-        assert compute.ingest_command("s3://bucket/", "p", "incoming/p.zip")[:3] == ["python", "-m", "workloads.ingest"]
+        assert compute.ingest_command("s3://bucket/", "p", "incoming/p.zip")[:3] == [
+            "python",
+            "-m",
+            "workloads.ingest",
+        ]
 
 
 def test_training_image_provides_train_from_the_lock(lock):
@@ -392,7 +510,12 @@ def test_training_image_provides_train_from_the_lock(lock):
     runs = [a for i, a in instructions if i == "RUN"]
     torch_install, install = pip_installs(instructions)
     # torch alone from PyTorch's CPU index, at the lock's version (the CPU build, as the suite runs)
-    assert torch_install == ["--no-deps", "--index-url", "https://download.pytorch.org/whl/cpu", f"torch=={lock['torch']}"], torch_install
+    assert torch_install == [
+        "--no-deps",
+        "--index-url",
+        "https://download.pytorch.org/whl/cpu",
+        f"torch=={lock['torch']}",
+    ], torch_install
     constraints, names = constraints_and_names(install)
     assert constraints == [lock_path_in_image(instructions)]
     needed = third_party_imports("workloads.train")
@@ -407,19 +530,30 @@ def test_training_image_provides_train_from_the_lock(lock):
 
 def test_train_script_runs_the_training_entry_with_sagemaker_paths(tmp_path):
     """Write the `train` script exactly as the RUN line does, then run it with a stand-in python."""
-    [run] = [a for i, a in parse_dockerfile(TRAINING) if i == "RUN" and "> /usr/local/bin/train" in a]
+    [run] = [
+        a for i, a in parse_dockerfile(TRAINING) if i == "RUN" and "> /usr/local/bin/train" in a
+    ]
     printf = run.split("&&")[0].replace("/usr/local/bin/train", str(tmp_path / "train"))
     subprocess.run(["sh", "-c", printf], check=True)
     script = tmp_path / "train"
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\necho "$*"\necho "$SM_CHANNEL_MANIFEST|$SM_CHANNEL_IMAGES|$SM_MODEL_DIR|$SM_INPUT_CONFIG_DIR|$SM_OUTPUT_DATA_DIR"\n')
+    fake.write_text(
+        '#!/bin/sh\necho "$*"\necho "$SM_CHANNEL_MANIFEST|$SM_CHANNEL_IMAGES|$SM_MODEL_DIR|$SM_INPUT_CONFIG_DIR|$SM_OUTPUT_DATA_DIR"\n'
+    )
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
     env["PATH"] = f"{fake.parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    out = subprocess.run([str(script), "--x", "1"], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out == ["-m workloads.train --x 1", "/opt/ml/input/data/manifest|/opt/ml/input/data/images|/opt/ml/model|/opt/ml/input/config|/opt/ml/output/data"]
+    out = subprocess.run(
+        [str(script), "--x", "1"], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == [
+        "-m workloads.train --x 1",
+        "/opt/ml/input/data/manifest|/opt/ml/input/data/images|/opt/ml/model|/opt/ml/input/config|/opt/ml/output/data",
+    ]
     env["SM_CHANNEL_IMAGES"] = "/lake"  # an explicit value (the local trainer's) wins
-    out = subprocess.run([str(script)], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [str(script)], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[1].split("|")[1] == "/lake"

@@ -210,7 +210,11 @@ class DagsterDev:
         """POST one GraphQL document; returns ``data``. Transport/schema errors fail the test."""
         if self.proc.poll() is not None:
             self.fail(f"dagster dev exited with {self.proc.returncode}")
-        resp = requests.post(f"http://{HOST}:{self.port}/graphql", json={"query": query, "variables": variables}, timeout=30)
+        resp = requests.post(
+            f"http://{HOST}:{self.port}/graphql",
+            json={"query": query, "variables": variables},
+            timeout=30,
+        )
         try:
             body = resp.json()
         except ValueError:
@@ -219,7 +223,9 @@ class DagsterDev:
             self.fail(f"GraphQL error (HTTP {resp.status_code})", body)
         return body["data"]
 
-    def wait_for(self, what: str, probe: Callable[[], tuple[Any, Any]], timeout: float, interval: float = 2.0) -> Any:
+    def wait_for(
+        self, what: str, probe: Callable[[], tuple[Any, Any]], timeout: float, interval: float = 2.0
+    ) -> Any:
         """Call ``probe`` until its first value is truthy; fail after ``timeout`` s with its last response."""
         deadline = time.monotonic() + timeout
         last = None
@@ -234,7 +240,9 @@ class DagsterDev:
     # -- runs --------------------------------------------------------------------------------
 
     def runs(self, tags: dict[str, str]) -> tuple[list[dict], dict]:
-        data = self.graphql(RUNS_QUERY, filter={"tags": [{"key": k, "value": v} for k, v in tags.items()]})
+        data = self.graphql(
+            RUNS_QUERY, filter={"tags": [{"key": k, "value": v} for k, v in tags.items()]}
+        )
         result = data["runsOrError"]
         if result["__typename"] != "Runs":
             self.fail("runsOrError did not return Runs", data)
@@ -268,7 +276,9 @@ class DagsterDev:
                     lines.append(f"    {e['error']['message'].strip()}")
                     cause = e["error"].get("cause")
                     if cause:
-                        lines.append(f"    caused by {cause['className']}: {cause['message'].strip()}")
+                        lines.append(
+                            f"    caused by {cause['className']}: {cause['message'].strip()}"
+                        )
                         lines += [f"      {frame.rstrip()}" for frame in cause["stack"][-4:]]
         return "\n".join(lines[-20:]) or "(no error events)"
 
@@ -296,11 +306,24 @@ def dagster_dev(tmp_path_factory) -> Iterator[DagsterDev]:
         "CVGRAPH_WORKERS": "2",
         "PYTHONUNBUFFERED": "1",
     }
-    for var in ("CVGRAPH_LAKE_URL", "CVGRAPH_PROFILE", "MLFLOW_TRACKING_URI", "CVGRAPH_MLFLOW_ARTIFACTS"):
+    for var in (
+        "CVGRAPH_LAKE_URL",
+        "CVGRAPH_PROFILE",
+        "MLFLOW_TRACKING_URI",
+        "CVGRAPH_MLFLOW_ARTIFACTS",
+    ):
         env.pop(var, None)
     # The instance as `make ui` sets it up (orchestration.profiles writes its dagster.yaml).
-    subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", "from orchestration.profiles import dagster_home; dagster_home()"],
-                   cwd=REPO, env=env, check=True)
+    subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "python"),
+            "-c",
+            "from orchestration.profiles import dagster_home; dagster_home()",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
     port = _free_port()
     log = base / "dagster_dev.log"
     with open(log, "wb") as out:
@@ -321,7 +344,9 @@ def dagster_dev(tmp_path_factory) -> Iterator[DagsterDev]:
         _stop(proc)
         # The webserver, daemon, code server and run workers all share the group; none may survive it.
         deadline = time.monotonic() + 30
-        while (left := _processes_with_env("DAGSTER_HOME", str(dagster_home))) and time.monotonic() < deadline:
+        while (
+            left := _processes_with_env("DAGSTER_HOME", str(dagster_home))
+        ) and time.monotonic() < deadline:
             time.sleep(0.5)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
@@ -395,7 +420,10 @@ def ingested(dagster_dev: DagsterDev) -> dict:
 
     run = dev.wait_for(f"a finished raw_packs run for partition {PACK!r}", probe, timeout=180)
     if run["status"] != "SUCCESS":
-        dev.fail(f"ingest run {run['runId']} ended {run['status']}:\n{dev.failure_summary(run['runId'])}", run)
+        dev.fail(
+            f"ingest run {run['runId']} ended {run['status']}:\n{dev.failure_summary(run['runId'])}",
+            run,
+        )
     return run
 
 
@@ -413,7 +441,9 @@ def test_sensor_turns_uploaded_pack_into_a_run(dagster_dev: DagsterDev, ingested
     record = json.loads((dagster_dev.lake / "packs" / PACK / "pack.json").read_text())
     assert record["accepted"] == len(PACK_MEMBERS), record
     for sha in SHAS.values():
-        assert list((dagster_dev.lake / "raw" / sha[:2]).glob(f"{sha}.*")), f"original {sha} not stored"
+        assert list((dagster_dev.lake / "raw" / sha[:2]).glob(f"{sha}.*")), (
+            f"original {sha} not stored"
+        )
 
 
 @pytest.mark.timeout(900)
@@ -440,7 +470,11 @@ def test_launch_run_materialises_one_prefix(dagster_dev: DagsterDev, ingested: d
 
     run = dev.wait_for_run(run_id, timeout=180)
     assert _asset_paths(run) == {"raw_images"}
-    materialised = {("/".join(e["assetKey"]["path"]), e["partition"]) for e in dev.events(run_id) if e["__typename"] == "MaterializationEvent"}
+    materialised = {
+        ("/".join(e["assetKey"]["path"]), e["partition"])
+        for e in dev.events(run_id)
+        if e["__typename"] == "MaterializationEvent"
+    }
     assert materialised == {("raw_images", prefix)}
 
     index = dev.lake / "index" / "raw" / f"{prefix}.parquet"
@@ -474,18 +508,26 @@ def test_backfill_of_all_prefixes_is_one_run(dagster_dev: DagsterDev, ingested: 
     backfill = dev.wait_for(f"backfill {backfill_id} to finish", probe, timeout=300, interval=3)
     assert backfill["isAssetBackfill"]
     if backfill["status"] != "COMPLETED_SUCCESS":
-        summaries = "\n".join(f"{r['runId']} {r['status']}:\n{dev.failure_summary(r['runId'])}" for r in backfill["runs"])
+        summaries = "\n".join(
+            f"{r['runId']} {r['status']}:\n{dev.failure_summary(r['runId'])}"
+            for r in backfill["runs"]
+        )
         dev.fail(f"backfill {backfill_id} ended {backfill['status']}\n{summaries}", backfill)
 
     # Only the backfill's own runs: the automation sensor may have launched others for these assets.
     runs, data = dev.runs({"dagster/backfill": backfill_id})
-    assert len(runs) == 1, f"expected the 256-prefix backfill to be one run, got {[(r['runId'], r['status']) for r in runs]}"
+    assert len(runs) == 1, (
+        f"expected the 256-prefix backfill to be one run, got {[(r['runId'], r['status']) for r in runs]}"
+    )
     [run] = runs
     assert run["status"] == "SUCCESS", run
     assert {r["runId"] for r in backfill["runs"]} == {run["runId"]}
     assert _asset_paths(run) == set(IMAGE_STAGE_ASSETS)
     tags = {t["key"]: t["value"] for t in run["tags"]}
-    assert (tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")) == ("00", "ff"), tags
+    assert (
+        tags.get("dagster/asset_partition_range_start"),
+        tags.get("dagster/asset_partition_range_end"),
+    ) == ("00", "ff"), tags
 
     lake = dev.lake
     for name, sha in SHAS.items():

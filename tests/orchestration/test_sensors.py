@@ -12,26 +12,43 @@ def test_pack_ids_are_safe_partition_keys_and_never_collide():
 
     assert pack_id_for("incoming/digits.zip") == "digits"
     assert re.fullmatch(r"team_cats_v2-[0-9a-f]{8}", pack_id_for("incoming/team/cats v2.ZIP"))
-    names = ["incoming/猫.zip", "incoming/犬.zip", "incoming/a b.zip", "incoming/a_b.zip", "incoming/team/x.zip",
-             "incoming/team__x.zip", "incoming/.zip", "incoming/..zip", "incoming/../x.zip"]
+    names = [
+        "incoming/猫.zip",
+        "incoming/犬.zip",
+        "incoming/a b.zip",
+        "incoming/a_b.zip",
+        "incoming/team/x.zip",
+        "incoming/team__x.zip",
+        "incoming/.zip",
+        "incoming/..zip",
+        "incoming/../x.zip",
+    ]
     ids = [pack_id_for(n) for n in names]
     assert len(set(ids)) == len(ids), ids
     assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", i) and ".." not in i for i in ids), ids
 
 
 def tick(instance, resources, cursor=None):
-    return incoming_packs_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+    return incoming_packs_sensor(
+        dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor)
+    )
 
 
 def test_sensor_requests_new_zips_once_with_a_key_cursor_and_a_full_relist_safety_net(lake):
-    resources = {"lake": LakeResource(url=str(lake.root)), "incoming_listing": IncomingListing(relist_seconds=300)}
+    resources = {
+        "lake": LakeResource(url=str(lake.root)),
+        "incoming_listing": IncomingListing(relist_seconds=300),
+    }
     lake.put("incoming/a.zip", b"a")
     lake.put("incoming/readme.txt", b"x")
     lake.put("incoming/b.zip", b"b")
     with dg.instance_for_test() as instance:
         result = tick(instance, resources)
         assert [r.partition_key for r in result.run_requests] == ["a", "b"]
-        assert [r.tags["cvgraph/pack_key"] for r in result.run_requests] == ["incoming/a.zip", "incoming/b.zip"]
+        assert [r.tags["cvgraph/pack_key"] for r in result.run_requests] == [
+            "incoming/a.zip",
+            "incoming/b.zip",
+        ]
         assert result.dynamic_partitions_requests[0].partition_keys == ["a", "b"]
         cursor = json.loads(result.cursor)
         assert cursor["after"] == "incoming/readme.txt" and cursor["full_listing_at"] > 0
@@ -49,11 +66,16 @@ def test_sensor_requests_new_zips_once_with_a_key_cursor_and_a_full_relist_safet
         assert json.loads(full.cursor)["after"] == "incoming/z.zip"
 
 
-def test_with_the_local_profiles_relist_a_zip_that_sorts_before_the_cursor_is_seen_on_the_next_tick(lake):
+def test_with_the_local_profiles_relist_a_zip_that_sorts_before_the_cursor_is_seen_on_the_next_tick(
+    lake,
+):
     from orchestration.profiles import resources_for
 
     assert resources_for("local")["incoming_listing"].relist_seconds == 0
-    resources = {"lake": LakeResource(url=str(lake.root)), "incoming_listing": IncomingListing(relist_seconds=0)}
+    resources = {
+        "lake": LakeResource(url=str(lake.root)),
+        "incoming_listing": IncomingListing(relist_seconds=0),
+    }
     lake.put("incoming/textures.zip", b"t")
     with dg.instance_for_test() as instance:
         first = tick(instance, resources)

@@ -6,14 +6,30 @@ from workloads.lake import LocalLake
 def test_put_get_list_in_key_order_with_start_after(lake):
     for k in ("incoming/b.zip", "incoming/a.zip", "incoming/c.zip", "other/x"):
         lake.put(k, k.encode())
-    assert [o.key for o in lake.list("incoming/")] == ["incoming/a.zip", "incoming/b.zip", "incoming/c.zip"]
-    assert [o.key for o in lake.list("incoming/", start_after="incoming/a.zip")] == ["incoming/b.zip", "incoming/c.zip"]
+    assert [o.key for o in lake.list("incoming/")] == [
+        "incoming/a.zip",
+        "incoming/b.zip",
+        "incoming/c.zip",
+    ]
+    assert [o.key for o in lake.list("incoming/", start_after="incoming/a.zip")] == [
+        "incoming/b.zip",
+        "incoming/c.zip",
+    ]
     assert lake.get("incoming/b.zip") == b"incoming/b.zip"
     assert [o.size for o in lake.list("other/")] == [7]
 
 
 def test_keys_cannot_escape_the_lake(lake):
-    for bad in ("../x", "a/../../x", "/etc/passwd", "", "subsets/../packs/p/manifest.parquet", "a//b", "./a", "a/."):
+    for bad in (
+        "../x",
+        "a/../../x",
+        "/etc/passwd",
+        "",
+        "subsets/../packs/p/manifest.parquet",
+        "a//b",
+        "./a",
+        "a/.",
+    ):
         with pytest.raises(ValueError):
             lake.put(bad, b"x")
 

@@ -19,16 +19,25 @@ from PIL import Image
 
 from cvgraph.demo_packs import sample_image, zip_bytes
 from workloads.images import ImageParams
-from workloads.tasks import result_key
 from workloads.index import build_raw_index, committed_packs
 from workloads.ingest import ingest_pack, pack_keys
 from workloads.kernels import EdgeParams, ResizeParams
 from workloads.lake import LocalLake, parquet_table
+from workloads.tasks import result_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "c5"  # every generated image is ground to this sha256 prefix: one prefix, much work
 N_IMAGES = 200
-SOURCES = ["retina.jpg", "hubble_deep_field.jpg", "china.jpg", "flower.jpg", "rocket.jpg", "astronaut.png", "coffee.png", "motorcycle_left.png"]
+SOURCES = [
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+    "china.jpg",
+    "flower.jpg",
+    "rocket.jpg",
+    "astronaut.png",
+    "coffee.png",
+    "motorcycle_left.png",
+]
 SIZE = 64
 PARAMS = ImageParams(ResizeParams(size=SIZE), EdgeParams())
 
@@ -63,13 +72,20 @@ def big_pack() -> dict[str, bytes]:
             crop = crop[:, ::-1]
         ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(crop), [cv2.IMWRITE_JPEG_QUALITY, 90])
         assert ok
-        members[f"{SOURCES[i % len(SOURCES)].split('.')[0]}/img_{i:03d}.jpg"] = with_prefix(buf.tobytes(), PREFIX)
+        members[f"{SOURCES[i % len(SOURCES)].split('.')[0]}/img_{i:03d}.jpg"] = with_prefix(
+            buf.tobytes(), PREFIX
+        )
     assert len({hashlib.sha256(b).digest() for b in members.values()}) == N_IMAGES
     return members
 
 
 def run_cli(module: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
@@ -77,7 +93,9 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"process ended before the kill (exit {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            pytest.fail(
+                f"process ended before the kill (exit {proc.returncode}): {proc.stderr.read().decode()[-2000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("nothing appeared before the timeout")
@@ -104,7 +122,20 @@ def outputs(lake: LocalLake) -> dict[str, bytes]:
 
 
 def images_args(lake: LocalLake, run_id: str) -> list[str]:
-    return ["--lake", str(lake.root), "--run-id", run_id, "--stages", "resize,edges", "--prefixes", PREFIX, "--size", str(SIZE), "--threads", "1"]
+    return [
+        "--lake",
+        str(lake.root),
+        "--run-id",
+        run_id,
+        "--stages",
+        "resize,edges",
+        "--prefixes",
+        PREFIX,
+        "--size",
+        str(SIZE),
+        "--threads",
+        "1",
+    ]
 
 
 def ingested_lake(root: Path, members: dict[str, bytes]) -> LocalLake:
@@ -119,7 +150,9 @@ def test_killed_image_worker_leaves_nothing_partial_and_a_rerun_converges(tmp_pa
     clean = ingested_lake(tmp_path / "clean", big_pack)
     proc = run_cli("workloads.images", *images_args(clean, "r1"))
     assert proc.wait(300) == 0, proc.stderr.read().decode()
-    clean_records = {s: json.loads(clean.get(result_key("r1", s, PREFIX))) for s in ("resize", "edges")}
+    clean_records = {
+        s: json.loads(clean.get(result_key("r1", s, PREFIX))) for s in ("resize", "edges")
+    }
     assert clean_records["resize"]["images"] == N_IMAGES and clean_records["resize"]["failed"] == []
 
     lake = ingested_lake(tmp_path / "faulty", big_pack)
@@ -140,12 +173,17 @@ def test_killed_image_worker_leaves_nothing_partial_and_a_rerun_converges(tmp_pa
         record = json.loads(lake.get(result_key("r2", stage, PREFIX)))
         assert record["data_version"] == clean_records[stage]["data_version"]
         assert record["images"] == N_IMAGES and record["failed"] == []
-        assert record["processed"] == N_IMAGES - done[out_dir]  # it resumed: finished outputs were kept
+        assert (
+            record["processed"] == N_IMAGES - done[out_dir]
+        )  # it resumed: finished outputs were kept
     assert outputs(lake) == outputs(clean)
 
 
 def test_killed_ingest_commits_nothing_and_a_rerun_equals_a_clean_ingest(tmp_path, big_pack):
-    early = {"early/shared.jpg": next(iter(big_pack.values())), "early/own.png": sample_image("coffee.png")}
+    early = {
+        "early/shared.jpg": next(iter(big_pack.values())),
+        "early/own.png": sample_image("coffee.png"),
+    }
 
     def prepare(root: Path) -> LocalLake:
         lake = LocalLake(root)
@@ -159,20 +197,44 @@ def test_killed_ingest_commits_nothing_and_a_rerun_equals_a_clean_ingest(tmp_pat
     assert (clean_result["accepted"], clean_result["duplicates"]) == (N_IMAGES - 1, 1)
 
     lake = prepare(tmp_path / "faulty")
-    proc = run_cli("workloads.ingest", "--lake", str(lake.root), "--pack-id", "big", "--key", "incoming/big.zip")
-    kill_when(proc, lambda: len(visible(lake, "raw/")) > 2 + 3)  # early's 2 objects, then a few of big's
+    proc = run_cli(
+        "workloads.ingest",
+        "--lake",
+        str(lake.root),
+        "--pack-id",
+        "big",
+        "--key",
+        "incoming/big.zip",
+    )
+    kill_when(
+        proc, lambda: len(visible(lake, "raw/")) > 2 + 3
+    )  # early's 2 objects, then a few of big's
     stored = len(visible(lake, "raw/"))
     assert stored < 2 + N_IMAGES - 1, "the kill did not land mid-pack"
-    assert not lake.exists(pack_keys("big")["record"]) and not lake.exists(pack_keys("big")["manifest"])
+    assert not lake.exists(pack_keys("big")["record"]) and not lake.exists(
+        pack_keys("big")["manifest"]
+    )
     assert committed_packs(lake) == ["early"]
-    assert build_raw_index(lake, [PREFIX])[PREFIX]["images"] == 1  # only early's shared image is indexed
+    assert (
+        build_raw_index(lake, [PREFIX])[PREFIX]["images"] == 1
+    )  # only early's shared image is indexed
 
-    proc = run_cli("workloads.ingest", "--lake", str(lake.root), "--pack-id", "big", "--key", "incoming/big.zip")
+    proc = run_cli(
+        "workloads.ingest",
+        "--lake",
+        str(lake.root),
+        "--pack-id",
+        "big",
+        "--key",
+        "incoming/big.zip",
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()
     result = json.loads(out.decode().splitlines()[-1])
-    assert {k: v for k, v in result.items() if k != "seconds"} == {k: v for k, v in clean_result.items() if k != "seconds"}
-    read = lambda lk: parquet_table(lk.get(pack_keys("big")["manifest"])).to_pylist()  # noqa: E731
+    assert {k: v for k, v in result.items() if k != "seconds"} == {
+        k: v for k, v in clean_result.items() if k != "seconds"
+    }
+    read = lambda lk: parquet_table(lk.get(pack_keys("big")["manifest"])).to_pylist()
     assert read(lake) == read(clean)
     assert visible(lake, "raw/") == visible(clean, "raw/")
     assert committed_packs(lake) == ["big", "early"]
@@ -218,10 +280,19 @@ def test_a_pool_worker_aborted_mid_prefix_is_rerun_and_the_run_converges(tmp_pat
 
     killer = threading.Thread(target=abort_mid_prefix)
     killer.start()
-    LocalProcessPool(max_workers=1, threads_per_worker=1).run_image_stages(dg.build_asset_context(), str(lake.root), "r1", ["resize", "edges"], [PREFIX], PARAMS)
+    LocalProcessPool(max_workers=1, threads_per_worker=1).run_image_stages(
+        dg.build_asset_context(), str(lake.root), "r1", ["resize", "edges"], [PREFIX], PARAMS
+    )
     killer.join()
     assert len(aborted) == 1, "the abort did not land on the worker"
     record = json.loads(lake.get(result_key("r1", "resize", PREFIX)))
-    assert record["images"] == N_IMAGES and record["failed"] == [] and 0 < record["processed"] < N_IMAGES  # the retry kept the finished outputs
-    assert record["data_version"] == json.loads(clean.get(result_key("r1", "resize", PREFIX)))["data_version"]
+    assert (
+        record["images"] == N_IMAGES
+        and record["failed"] == []
+        and 0 < record["processed"] < N_IMAGES
+    )  # the retry kept the finished outputs
+    assert (
+        record["data_version"]
+        == json.loads(clean.get(result_key("r1", "resize", PREFIX)))["data_version"]
+    )
     assert outputs(lake) == outputs(clean)

@@ -5,13 +5,31 @@ import numpy as np
 
 from cvgraph.demo_packs import sample_image
 from workloads.images import ImageParams, hashes_key, output_key, process_prefix
-from workloads.tasks import result_key
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
-from workloads.kernels import EdgeParams, ResizeParams, decode, edges_png, reduction_factor, resize_bytes
+from workloads.kernels import (
+    EdgeParams,
+    ResizeParams,
+    decode,
+    edges_png,
+    reduction_factor,
+    resize_bytes,
+)
+from workloads.tasks import result_key
 from workloads.versions import HASH_PREFIXES
 
-PHOTOS = ["china.jpg", "flower.jpg", "rocket.jpg", "retina.jpg", "astronaut.png", "coffee.png", "camera.png", "logo.png", "horse.png", "no_time_for_that_tiny.gif"]
+PHOTOS = [
+    "china.jpg",
+    "flower.jpg",
+    "rocket.jpg",
+    "retina.jpg",
+    "astronaut.png",
+    "coffee.png",
+    "camera.png",
+    "logo.png",
+    "horse.png",
+    "no_time_for_that_tiny.gif",
+]
 
 
 def ingested(lake, put_pack):
@@ -27,7 +45,9 @@ def test_resize_and_edges_fused_then_incremental(lake, put_pack):
     params = ImageParams(ResizeParams(size=48), EdgeParams())
     first = {p: process_prefix(lake, p, ["resize", "edges"], params, "run1") for p in prefixes}
     for p, recs in first.items():
-        assert recs["resize"]["processed"] == prefixes[p]["images"] and recs["resize"]["failed"] == []
+        assert (
+            recs["resize"]["processed"] == prefixes[p]["images"] and recs["resize"]["failed"] == []
+        )
         assert recs["edges"]["processed"] == prefixes[p]["images"]
         assert json.loads(lake.get(result_key("run1", "resize", p))) == recs["resize"]
     some = next(iter(prefixes))
@@ -35,13 +55,26 @@ def test_resize_and_edges_fused_then_incremental(lake, put_pack):
     rows = [o.key for o in lake.list(f"resized/{params.resize_id}/{some}/")]
     img = cv2.imdecode(np.frombuffer(lake.get(rows[0]), np.uint8), cv2.IMREAD_COLOR)
     assert img.shape == (48, 48, 3)
-    edges = cv2.imdecode(np.frombuffer(lake.get(rows[0].replace("resized/" + params.resize_id, "edges/" + params.edges_id).replace(".jpg", ".png")), np.uint8), cv2.IMREAD_UNCHANGED)
+    edges = cv2.imdecode(
+        np.frombuffer(
+            lake.get(
+                rows[0]
+                .replace("resized/" + params.resize_id, "edges/" + params.edges_id)
+                .replace(".jpg", ".png")
+            ),
+            np.uint8,
+        ),
+        cv2.IMREAD_UNCHANGED,
+    )
     assert edges.shape == (48, 48) and set(np.unique(edges)) <= {0, 255}
     # second run: nothing to do, same versions, same bytes
     before = {o.key: lake.get(o.key) for o in lake.list("resized/")}
     again = {p: process_prefix(lake, p, ["resize", "edges"], params, "run2") for p in prefixes}
     for p in prefixes:
-        assert again[p]["resize"]["processed"] == 0 and again[p]["resize"]["skipped"] == prefixes[p]["images"]
+        assert (
+            again[p]["resize"]["processed"] == 0
+            and again[p]["resize"]["skipped"] == prefixes[p]["images"]
+        )
         assert again[p]["resize"]["data_version"] == first[p]["resize"]["data_version"]
         assert again[p]["edges"]["data_version"] == first[p]["edges"]["data_version"]
     assert {o.key: lake.get(o.key) for o in lake.list("resized/")} == before
@@ -104,7 +137,12 @@ def test_hash_index_matches_outputs_and_heals_after_a_killed_run(lake, put_pack)
     process_prefix(lake, p, ["resize", "edges"], params, "h1")
     for stage in ("resize", "edges"):
         hashes = read_hashes(lake, stage, params, p)
-        outputs = {o.key.rsplit("/", 1)[1].split(".")[0]: sha256_hex(lake.get(o.key)) for o in lake.list(output_key(stage, params, p, "")[: -len(".jpg" if stage == "resize" else ".png")])}
+        outputs = {
+            o.key.rsplit("/", 1)[1].split(".")[0]: sha256_hex(lake.get(o.key))
+            for o in lake.list(
+                output_key(stage, params, p, "")[: -len(".jpg" if stage == "resize" else ".png")]
+            )
+        }
         assert hashes == outputs and len(hashes) == prefixes[p]["images"]
     # a run killed after writing outputs but before its index update: the next run re-hashes them
     lake.delete(hashes_key("resize", params, p))
@@ -121,7 +159,9 @@ def test_edge_maps_are_1_bit_pngs_that_decode_to_the_canny_output():
         gray = cv2.imdecode(np.frombuffer(resized, np.uint8), cv2.IMREAD_GRAYSCALE)
         expected = cv2.Canny(gray, params.low, params.high)
         assert 0 < int(expected.astype(bool).sum()) < size * size
-        assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), expected)
+        assert np.array_equal(
+            cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED), expected
+        )
 
 
 def test_a_prefix_in_shards_then_merged_equals_the_prefix_in_one_task(tmp_path):
@@ -133,10 +173,18 @@ def test_a_prefix_in_shards_then_merged_equals_the_prefix_in_one_task(tmp_path):
     from workloads.tasks import shard_tasks
     from workloads.versions import sha256_hex
 
-    assert shard_tasks({"ab": 7, "cd": 3, "ef": 0}, 3) == ["ab.0of3", "ab.1of3", "ab.2of3", "cd", "ef"]
+    assert shard_tasks({"ab": 7, "cd": 3, "ef": 0}, 3) == [
+        "ab.0of3",
+        "ab.1of3",
+        "ab.2of3",
+        "cd",
+        "ef",
+    ]
     pngs, seed = [], 0
     while len(pngs) < 7:  # seven images in prefix "ab"
-        data = cv2.imencode(".png", np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8))[1].tobytes()
+        data = cv2.imencode(
+            ".png", np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        )[1].tobytes()
         seed += 1
         if sha256_hex(data).startswith("ab"):
             pngs.append(data)
@@ -151,17 +199,29 @@ def test_a_prefix_in_shards_then_merged_equals_the_prefix_in_one_task(tmp_path):
 
     cli = ["--lake", str(sharded.root), "--run-id", "r", "--size", "16"]
     assert images_main([*cli, "--prefixes", "ab.0of3,ab.1of3,ab.2of3"]) == 0
-    shard_records = [json.loads(sharded.get(result_key("r", "resize", f"ab.{s}of3"))) for s in range(3)]
-    assert sum(r["processed"] for r in shard_records) == 7 and all(r["processed"] < 7 for r in shard_records)
+    shard_records = [
+        json.loads(sharded.get(result_key("r", "resize", f"ab.{s}of3"))) for s in range(3)
+    ]
+    assert sum(r["processed"] for r in shard_records) == 7 and all(
+        r["processed"] < 7 for r in shard_records
+    )
     assert not sharded.exists(hashes_key("resize", params, "ab"))  # not done until merged
     assert images_main([*cli, "--merge", "--prefixes", "ab"]) == 0
-    assert images_main([*cli, "--merge", "--prefixes", "ab"]) == 0  # a retried merge child: the same record
+    assert (
+        images_main([*cli, "--merge", "--prefixes", "ab"]) == 0
+    )  # a retried merge child: the same record
     for stage in ("resize", "edges"):
         merged = json.loads(sharded.get(result_key("r", stage, "ab")))
-        drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "requests", "shards")}  # noqa: E731
+        drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "requests", "shards")}
         assert drop(merged) == drop(whole[stage]) and merged["shards"] == 3
-        assert sharded.get(hashes_key(stage, params, "ab")) == one.get(hashes_key(stage, params, "ab"))
-        assert not [k for k in sharded.keys(hashes_key(stage, params, "ab")[: -len(".parquet")]) if ".shard-" in k]  # deltas folded in
+        assert sharded.get(hashes_key(stage, params, "ab")) == one.get(
+            hashes_key(stage, params, "ab")
+        )
+        assert not [
+            k
+            for k in sharded.keys(hashes_key(stage, params, "ab")[: -len(".parquet")])
+            if ".shard-" in k
+        ]  # deltas folded in
     for key in one.keys("resized/") + one.keys("edges/"):
         assert sharded.get(key) == one.get(key), key
     # the next run finds the merged prefix done

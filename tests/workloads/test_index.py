@@ -47,9 +47,14 @@ def packs() -> dict[str, dict[str, bytes]]:
                 w.writerow([name, rng.choice(["fox", "owl"])])
             members["labels.csv"] = buf.getvalue().encode()
         if i % 4 == 1:
-            coco = {"images": [{"id": k, "file_name": n} for k, n in enumerate(names[:4])],
-                    "categories": [{"id": 1, "name": "eye"}, {"id": 2, "name": "ear"}],
-                    "annotations": [{"id": k, "image_id": k % 4, "category_id": 1 + k % 2, "bbox": [k, 1, 2, 3]} for k in range(6)]}
+            coco = {
+                "images": [{"id": k, "file_name": n} for k, n in enumerate(names[:4])],
+                "categories": [{"id": 1, "name": "eye"}, {"id": 2, "name": "ear"}],
+                "annotations": [
+                    {"id": k, "image_id": k % 4, "category_id": 1 + k % 2, "bbox": [k, 1, 2, 3]}
+                    for k in range(6)
+                ],
+            }
             members["annotations.json"] = json.dumps(coco).encode()
         out[f"pack{i:02d}"] = members
     return out
@@ -57,7 +62,9 @@ def packs() -> dict[str, dict[str, bytes]]:
 
 def table_rows(lake, name: str) -> dict[str, list[dict]]:
     """Every prefix's rows, however they are split into parts."""
-    return {p: rows for p in HASH_PREFIXES if (rows := read_prefix_table(lake, name, p).to_pylist())}
+    return {
+        p: rows for p in HASH_PREFIXES if (rows := read_prefix_table(lake, name, p).to_pylist())
+    }
 
 
 def scratch(tmp_path, all_packs) -> tuple[LocalLake, dict, dict]:
@@ -114,12 +121,19 @@ def test_incremental_index_and_tables_equal_a_rebuild_in_any_order(tmp_path, ref
         if ref.exists(raw_index_key(p)):
             assert lake.get(raw_index_key(p)) == ref.get(raw_index_key(p)), p
             assert parquet_table(ref.get(raw_index_key(p))).equals(rebuilt[p]), p
-    summary = lambda stats: {p: {k: s[k] for k in ("images", "bytes", "labels", "data_version")} for p, s in stats.items()}  # noqa: E731
+    summary = lambda stats: {
+        p: {k: s[k] for k in ("images", "bytes", "labels", "data_version")}
+        for p, s in stats.items()
+    }
     assert summary(index) == summary(ref_index)
     assert tables == ref_tables
     for name in ("images", "objects"):
         assert table_rows(lake, name) == table_rows(ref, name)
-    assert sum(s["images"] for s in tables.values()) == 120 - sum(1 for i in range(120) if not any(m == png(i) for p in all_packs.values() for m in p.values()))
+    assert sum(s["images"] for s in tables.values()) == 120 - sum(
+        1
+        for i in range(120)
+        if not any(m == png(i) for p in all_packs.values() for m in p.values())
+    )
     assert not lake.keys(PENDING_RAW) and not lake.keys(PENDING_TABLES)  # every change absorbed
     assert absorbed_rows >= N_PACKS  # each pack merged into at least one prefix
 
@@ -136,9 +150,17 @@ def test_a_prefix_with_nothing_pending_is_one_listing_and_one_small_read(tmp_pat
     lake.counters.clear()
     again = build_raw_index(lake, [sorted(touched)[0], untouched])
     assert [again[p]["packs_merged"] for p in sorted(again)] == [[], []]
-    assert again[sorted(touched)[0]] == {**first[sorted(touched)[0]], "packs_merged": [], "changed": 0}
+    assert again[sorted(touched)[0]] == {
+        **first[sorted(touched)[0]],
+        "packs_merged": [],
+        "changed": 0,
+    }
     # per prefix: one listing of its pending markers, one read of its state (absent for the untouched)
-    assert dict(lake.counters) == {"list": 2, "get": 2, "bytes_read": len(lake.get("index/raw/" + sorted(touched)[0] + ".json"))}
+    assert dict(lake.counters) == {
+        "list": 2,
+        "get": 2,
+        "bytes_read": len(lake.get("index/raw/" + sorted(touched)[0] + ".json")),
+    }
 
 
 class Killed(Exception):
@@ -178,7 +200,10 @@ def test_a_killed_index_or_table_task_rerun_converges(tmp_path, reference, dies_
     tables = {p: write_prefix_tables(lake, p, PARAMS) for p in HASH_PREFIXES}
     assert tables == ref_tables
     for p in HASH_PREFIXES:
-        assert lake.exists(raw_index_key(p)) == ref.exists(raw_index_key(p)) and (not ref.exists(raw_index_key(p)) or lake.get(raw_index_key(p)) == ref.get(raw_index_key(p))), p
+        assert lake.exists(raw_index_key(p)) == ref.exists(raw_index_key(p)) and (
+            not ref.exists(raw_index_key(p))
+            or lake.get(raw_index_key(p)) == ref.get(raw_index_key(p))
+        ), p
     for name in ("images", "objects"):
         assert table_rows(lake, name) == table_rows(ref, name)
     assert not lake.keys(PENDING_RAW) and not lake.keys(PENDING_TABLES)
@@ -224,7 +249,9 @@ def test_tables_by_append_new_rows_read_no_part_replaced_rows_rewrite_theirs(tmp
         other = LocalLake(tmp_path / f"rebuilt{len(list(tmp_path.iterdir()))}")
         shutil.copytree(lake.root, other.root)
         other.delete(tables_state_key("ab"))
-        return write_prefix_tables(other, "ab", PARAMS), read_prefix_table(other, "images", "ab").to_pylist()
+        return write_prefix_tables(other, "ab", PARAMS), read_prefix_table(
+            other, "images", "ab"
+        ).to_pylist()
 
     absorb("a", {f"cat/{i}.png": data for i, data in enumerate(images[:8])})
     assert parts() == [8]
@@ -234,16 +261,30 @@ def test_tables_by_append_new_rows_read_no_part_replaced_rows_rewrite_theirs(tmp
     assert (stats, read_prefix_table(lake, "images", "ab").to_pylist()) == rebuilt()
     # an image already in the lake seen again: the part holding it is rewritten, merged with the new row
     stats = absorb("c", {"bird/again.png": images[0], "bird/fresh.png": images[9]})
-    assert parts() == [10]  # [1] kept, [8] rewritten with the new rows as 9, then merged (1 <= FANOUT x 9)
-    assert stats["images"] == 10 and (stats, read_prefix_table(lake, "images", "ab").to_pylist()) == rebuilt()
-    row = next(r for r in read_prefix_table(lake, "images", "ab").to_pylist() if r["sha256"] == sha256_hex(images[0]))
+    assert parts() == [
+        10
+    ]  # [1] kept, [8] rewritten with the new rows as 9, then merged (1 <= FANOUT x 9)
+    assert (
+        stats["images"] == 10
+        and (stats, read_prefix_table(lake, "images", "ab").to_pylist()) == rebuilt()
+    )
+    row = next(
+        r
+        for r in read_prefix_table(lake, "images", "ab").to_pylist()
+        if r["sha256"] == sha256_hex(images[0])
+    )
     assert row["packs"] == ["a", "c"]
     # the lake holds exactly the parts the state names: superseded ones are gone
-    named = {f"tables/images/prefix=ab/part-{p['id']}.parquet" for p in json.loads(get(tables_state_key("ab")))["parts"]}
+    named = {
+        f"tables/images/prefix=ab/part-{p['id']}.parquet"
+        for p in json.loads(get(tables_state_key("ab")))["parts"]
+    }
     assert set(lake.keys("tables/images/prefix=ab/")) == named
 
 
-def test_a_table_commit_killed_before_it_drops_its_markers_appends_nothing_twice(tmp_path, monkeypatch):
+def test_a_table_commit_killed_before_it_drops_its_markers_appends_nothing_twice(
+    tmp_path, monkeypatch
+):
     images = pngs_in_prefix("cd", 3)
     lake = LocalLake(tmp_path / "lake")
     for i, data in enumerate(images):
@@ -252,7 +293,15 @@ def test_a_table_commit_killed_before_it_drops_its_markers_appends_nothing_twice
         build_raw_index(lake, ["cd"])
         if i == 2:  # the third commit dies after its state, before it drops the change markers
             delete = lake.delete
-            monkeypatch.setattr(lake, "delete", lambda key: (_ for _ in ()).throw(Killed(key)) if key.startswith(PENDING_TABLES) else delete(key))
+            monkeypatch.setattr(
+                lake,
+                "delete",
+                lambda key: (
+                    (_ for _ in ()).throw(Killed(key))
+                    if key.startswith(PENDING_TABLES)
+                    else delete(key)
+                ),
+            )
             with pytest.raises(Killed):
                 write_prefix_tables(lake, "cd", PARAMS)
             monkeypatch.undo()
@@ -272,14 +321,25 @@ def test_rows_still_missing_a_variant_are_not_rewritten_until_one_arrives(tmp_pa
     lake.put("incoming/p.zip", zip_bytes({f"x/{i}.png": d for i, d in enumerate(images)}))
     ingest_pack(lake, "p", "incoming/p.zip")
     build_raw_index(lake, ["ef"])
-    first = write_prefix_tables(lake, "ef", PARAMS)  # no stage has run: every row lacks both variants
+    first = write_prefix_tables(
+        lake, "ef", PARAMS
+    )  # no stage has run: every row lacks both variants
     assert first["missing_variants"] == 3
     reads: list[str] = []
     get = lake.get
     lake.get = lambda key: reads.append(key) or get(key)
-    assert write_prefix_tables(lake, "ef", PARAMS) == first and not [k for k in reads if k.startswith("tables/")]
+    assert write_prefix_tables(lake, "ef", PARAMS) == first and not [
+        k for k in reads if k.startswith("tables/")
+    ]
     lake.get = get
     process_prefix(lake, "ef", ["resize", "edges"], PARAMS, "r")
     done = write_prefix_tables(lake, "ef", PARAMS)
-    assert done["missing_variants"] == 0 and done["images"] == 3 and done["data_version"] != first["data_version"]
-    assert all(r["resized_key"] and r["edges_key"] for r in read_prefix_table(lake, "images", "ef").to_pylist())
+    assert (
+        done["missing_variants"] == 0
+        and done["images"] == 3
+        and done["data_version"] != first["data_version"]
+    )
+    assert all(
+        r["resized_key"] and r["edges_key"]
+        for r in read_prefix_table(lake, "images", "ef").to_pylist()
+    )

@@ -20,12 +20,18 @@ def manifest(lake, pack_id):
 
 
 def rejects(lake, pack_id):
-    return {r["member"]: r["reason"] for r in parquet_table(lake.get(pack_keys(pack_id)["rejects"])).to_pylist()}
+    return {
+        r["member"]: r["reason"]
+        for r in parquet_table(lake.get(pack_keys(pack_id)["rejects"])).to_pylist()
+    }
 
 
 def test_folder_labels_content_addressing_and_manifest(lake, put_pack):
     china, coffee = photo("china.jpg"), photo("coffee.png")
-    key = put_pack("p1", {"building/china.jpg": china, "cup/coffee.png": coffee, "loose.png": photo("camera.png")})
+    key = put_pack(
+        "p1",
+        {"building/china.jpg": china, "cup/coffee.png": coffee, "loose.png": photo("camera.png")},
+    )
     res = ingest_pack(lake, "p1", key)
     assert (res.accepted, res.duplicates, res.rejected) == (3, 0, [])
     assert lake.get(f"raw/{sha(china)[:2]}/{sha(china)}.jpg") == china
@@ -40,25 +46,41 @@ def test_folder_labels_content_addressing_and_manifest(lake, put_pack):
 
 
 def test_labels_csv_and_coco_boxes_override_folders(lake, put_pack):
-    coco = {"images": [{"id": 1, "file_name": "a/chelsea.png"}], "categories": [{"id": 7, "name": "cat"}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 2, 30, 40]}]}
-    key = put_pack("p2", {"a/chelsea.png": photo("chelsea.png"), "a/coffee.png": photo("coffee.png"),
-                          "labels.csv": b"member,label\na/coffee.png,mug\n", "annotations.json": json.dumps(coco).encode()})
+    coco = {
+        "images": [{"id": 1, "file_name": "a/chelsea.png"}],
+        "categories": [{"id": 7, "name": "cat"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 2, 30, 40]}],
+    }
+    key = put_pack(
+        "p2",
+        {
+            "a/chelsea.png": photo("chelsea.png"),
+            "a/coffee.png": photo("coffee.png"),
+            "labels.csv": b"member,label\na/coffee.png,mug\n",
+            "annotations.json": json.dumps(coco).encode(),
+        },
+    )
     res = ingest_pack(lake, "p2", key)
     rows = {r["member"]: r for r in manifest(lake, "p2")}
     assert res.accepted == 2 and set(rows) == {"a/chelsea.png", "a/coffee.png"}
     assert rows["a/coffee.png"]["label"] == "mug"
     assert rows["a/chelsea.png"]["label"] == "cat"
-    assert rows["a/chelsea.png"]["boxes"] == [{"category": "cat", "x": 1.0, "y": 2.0, "w": 30.0, "h": 40.0}]
+    assert rows["a/chelsea.png"]["boxes"] == [
+        {"category": "cat", "x": 1.0, "y": 2.0, "w": 30.0, "h": 40.0}
+    ]
 
 
 def test_duplicates_inside_and_across_packs_are_counted_and_stored_once(lake, put_pack):
     china = photo("china.jpg")
     r1 = ingest_pack(lake, "one", put_pack("one", {"x/china.jpg": china, "x/copy.jpg": china}))
-    r2 = ingest_pack(lake, "two", put_pack("two", {"y/china.jpg": china, "y/flower.jpg": photo("flower.jpg")}))
+    r2 = ingest_pack(
+        lake, "two", put_pack("two", {"y/china.jpg": china, "y/flower.jpg": photo("flower.jpg")})
+    )
     assert (r1.accepted, r1.duplicates) == (1, 1)
     assert (r2.accepted, r2.duplicates) == (1, 1)
-    assert [o.key for o in lake.list(f"raw/{sha(china)[:2]}/")] == [f"raw/{sha(china)[:2]}/{sha(china)}.jpg"]
+    assert [o.key for o in lake.list(f"raw/{sha(china)[:2]}/")] == [
+        f"raw/{sha(china)[:2]}/{sha(china)}.jpg"
+    ]
 
 
 def test_bad_members_get_reasons_and_good_members_are_kept(lake, put_pack):
@@ -78,7 +100,14 @@ def test_bad_members_get_reasons_and_good_members_are_kept(lake, put_pack):
     res = ingest_pack(lake, "bad", put_pack("bad", members))
     assert res.accepted == 1 and res.skipped == 2
     reasons = rejects(lake, "bad")
-    assert set(reasons) == {"notes.txt", "../evil.png", "empty.png", "truncated.jpg", "garbage.png", "inner.zip"}
+    assert set(reasons) == {
+        "notes.txt",
+        "../evil.png",
+        "empty.png",
+        "truncated.jpg",
+        "garbage.png",
+        "inner.zip",
+    }
     assert reasons["notes.txt"].startswith("not an image")
     assert reasons["../evil.png"].startswith("unsafe path")
     assert reasons["empty.png"].startswith("empty file")
@@ -112,7 +141,7 @@ def test_not_a_zip_is_refused_with_a_recorded_reason(lake):
     lake.put("incoming/broken.zip", b"this is not a zip file")
     with pytest.raises(PackUnreadable, match="broken .*not a readable zip"):
         ingest_pack(lake, "broken", "incoming/broken.zip")
-    assert list(rejects(lake, "broken").values())[0].startswith("not a readable zip")
+    assert next(iter(rejects(lake, "broken").values())).startswith("not a readable zip")
     assert not lake.exists(pack_keys("broken")["record"])
 
 

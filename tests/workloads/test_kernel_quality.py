@@ -19,7 +19,14 @@ SIZES = (64, 128, 224, 256)
 @pytest.fixture(scope="module")
 def jpegs() -> list[tuple[bytes, int, int]]:
     imgs = list(photos()) + [mosaic(seed) for seed in range(3)]
-    return [(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes(), img.shape[1], img.shape[0]) for img in imgs]
+    return [
+        (
+            cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes(),
+            img.shape[1],
+            img.shape[0],
+        )
+        for img in imgs
+    ]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

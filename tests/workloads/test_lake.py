@@ -5,7 +5,10 @@ import pytest
 from workloads.lake import LocalLake
 
 
-@pytest.mark.parametrize("key", ["", "/etc/passwd", "a//b", "a/./b", "a/../b", "..", ".", "a/..", "a/.", "../a", "a\\b", "a/"])
+@pytest.mark.parametrize(
+    "key",
+    ["", "/etc/passwd", "a//b", "a/./b", "a/../b", "..", ".", "a/..", "a/.", "../a", "a\\b", "a/"],
+)
 def test_keys_that_could_leave_the_lake_are_refused(lake, key):
     for op in (lake.get, lake.exists, lake.delete, lambda k: lake.put(k, b"x")):
         with pytest.raises(ValueError, match="invalid lake key"):
@@ -57,7 +60,7 @@ def test_list_is_ordered_filtered_and_skips_temporaries(lake):
         (lake.root / k).write_bytes(k.encode())
     (lake.root / "a" / ".tmp-dir").mkdir()
     (lake.root / "a" / ".tmp-dir" / "f").write_bytes(b"x")
-    listed = lambda prefix, after=None: [o.key for o in lake.list(prefix, after)]  # noqa: E731
+    listed = lambda prefix, after=None: [o.key for o in lake.list(prefix, after)]
     assert listed("") == ["a/b/c.bin", "a/b/d.bin", "a/b2/e.bin", "a/bc.bin", "ab/x.bin", "z.bin"]
     assert listed("a/b") == ["a/b/c.bin", "a/b/d.bin", "a/b2/e.bin", "a/bc.bin"]
     assert listed("a/b/") == ["a/b/c.bin", "a/b/d.bin"]

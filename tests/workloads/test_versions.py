@@ -29,7 +29,9 @@ def test_split_is_deterministic_and_roughly_80_10_10():
     splits = [split_for(s) for s in shas]
     assert splits == [split_for(s) for s in shas]
     share = {k: splits.count(k) / len(splits) for k in ("train", "val", "test")}
-    assert 0.77 < share["train"] < 0.83 and 0.08 < share["val"] < 0.12 and 0.08 < share["test"] < 0.12
+    assert (
+        0.77 < share["train"] < 0.83 and 0.08 < share["val"] < 0.12 and 0.08 < share["test"] < 0.12
+    )
 
 
 def test_params_id_is_stable():

@@ -8,25 +8,17 @@ import dagster as dg
 import pyarrow.compute as pc
 
 from assets.models import trained_models
-from assets.subsets import subset_keys
 from partitions import models
 from resources.storage import LakeResource
-from resources.training import model_keys
-from workloads.export import FILES, export_all
+from workloads.export import export_all
 from workloads.lake import read_parquet
+from workloads.layout import EXPORT_FILES, VARIANT_COLUMNS, export_keys, model_keys, subset_keys
 from workloads.train import load_images
 from workloads.versions import sha256_hex
 
 PARITY_SAMPLES = 256
 MAX_FLOAT_ERROR = 1e-3  # TorchScript / ONNX float32 vs PyTorch logits
 MIN_INT8_AGREEMENT = 0.95  # top-1 agreement of the int8 model
-
-
-def export_keys(key: str) -> dict[str, str]:
-    return {
-        **{f: f"exports/{key}/{p}" for f, p in FILES.items()},
-        "record": f"exports/{key}/exports.json",
-    }
 
 
 def _samples(store, model_record: dict, tmp: Path):
@@ -43,7 +35,7 @@ def _samples(store, model_record: dict, tmp: Path):
             description=f"model {model_record['key']}: its subset {model_record['subset']} has no images to check parity on"
         )
     variant = model_record["spec"]["variant"]
-    col = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}[variant]
+    col = VARIANT_COLUMNS[variant]
     for r in test:
         p = tmp / r[col]
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +70,7 @@ def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
     if (
         prior
         and prior["model_sha256"] == model_record["model_sha256"]
-        and all(store.exists(keys[f]) for f in FILES)
+        and all(store.exists(keys[f]) for f in EXPORT_FILES)
     ):
         record = prior
         context.log.info(f"exports of {key} are current for model {record['model_sha256'][:12]}")
@@ -88,10 +80,10 @@ def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
             (tmp / "model.pt").write_bytes(store.get(mkeys["model"]))
             samples = _samples(store, model_record, tmp / "samples")
             report = export_all(tmp / "model.pt", tmp / "out", samples)
-            for fmt in FILES:
-                store.put_file(keys[fmt], tmp / "out" / FILES[fmt])
+            for fmt in EXPORT_FILES:
+                store.put_file(keys[fmt], tmp / "out" / EXPORT_FILES[fmt])
                 report[fmt]["key"] = keys[fmt]
-                report[fmt]["sha256"] = sha256_hex((tmp / "out" / FILES[fmt]).read_bytes())
+                report[fmt]["sha256"] = sha256_hex((tmp / "out" / EXPORT_FILES[fmt]).read_bytes())
         record = {"key": key, "model_sha256": model_record["model_sha256"], "formats": report}
         store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
     formats = record["formats"]

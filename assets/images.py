@@ -25,8 +25,8 @@ from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.images import empty_stage_record
 from workloads.index import empty_index_stats
-from workloads.ingest import PENDING_RAW
-from workloads.tasks import parse_task, result_key, shard_tasks
+from workloads.layout import PENDING_RAW, result_key
+from workloads.tasks import parse_task, shard_tasks
 
 # Eager, except that one unreadable (failed) pack must not hold every prefix back.
 prefix_automation = dg.AutomationCondition.eager().without(

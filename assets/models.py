@@ -8,11 +8,12 @@ from pathlib import Path
 import dagster as dg
 
 from assets.keys import require_key
-from assets.subsets import frozen_subsets, subset_keys, verify_subset
+from assets.subsets import frozen_subsets, verify_subset
 from partitions import models
 from resources.storage import LakeResource
 from resources.tracking import MLflowTracking
-from resources.training import Trainer, model_keys
+from resources.training import Trainer
+from workloads.layout import model_keys, subset_keys
 from workloads.versions import canonical_json, sha256_hex
 
 

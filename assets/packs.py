@@ -8,15 +8,15 @@ from assets.versioning import request_metadata
 from partitions import packs
 from resources.compute import PACK_UNREADABLE, ImageCompute
 from resources.storage import LakeResource
-from workloads.ingest import pack_keys
 from workloads.lake import get_json, read_parquet
-from workloads.tasks import result_key
+from workloads.layout import incoming_key, pack_keys, result_key
 
 PACK_KEY_TAG = "cvgraph/pack_key"
 
 
-def incoming_key(context: dg.AssetExecutionContext, pack_id: str) -> str:
-    return context.run.tags.get(PACK_KEY_TAG, f"incoming/{pack_id}.zip")
+def pack_zip_key(context: dg.AssetExecutionContext, pack_id: str) -> str:
+    """The zip the run's sensor saw (its tag), else the default upload key of ``pack_id``."""
+    return context.run.tags.get(PACK_KEY_TAG, incoming_key(pack_id))
 
 
 def _md_table(rows: list[dict], cols: list[str]) -> str:
@@ -45,7 +45,7 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
 )
 def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute):
     pack_id = context.partition_key
-    key = incoming_key(context, pack_id)
+    key = pack_zip_key(context, pack_id)
     store = lake.lake()
     if not store.exists(key):
         raise dg.Failure(

@@ -19,6 +19,7 @@ from resources.catalog import Catalog, ensure_select
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.lake import parquet_table, write_parquet
+from workloads.layout import subset_keys
 from workloads.versions import sha256_hex, table_hash
 
 REQUIRED = (
@@ -38,10 +39,6 @@ PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
 
 class FreezeConfig(dg.Config):
     sql: str = ""  # empty: re-verify an existing subset
-
-
-def subset_keys(key: str) -> dict[str, str]:
-    return {"manifest": f"subsets/{key}/manifest.parquet", "record": f"subsets/{key}/subset.json"}
 
 
 def query_manifest(catalog: Catalog, sql: str):
@@ -137,7 +134,7 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
     plt.close(fig)
-    out = f"subsets/{key}/labels.png"
+    out = subset_keys(key)["labels"]
     lake.put(out, buf.getvalue())
     return out
 

@@ -16,13 +16,10 @@ import time
 import dagster as dg
 
 from workloads.lake import get_many
+from workloads.layout import legacy_versions_dir, versions_key
 from workloads.versions import HASH_PREFIXES, canonical_json, merkle_root
 
 SWAP_ATTEMPTS = 50
-
-
-def versions_key(asset: str) -> str:
-    return f"_versions/{asset}.json"
 
 
 def read_records(lake, keys: dict[str, str]) -> dict[str, dict]:
@@ -37,7 +34,7 @@ def _asset_records(lake, asset: str) -> tuple[dict[str, dict], str | None]:
     data, tag = lake.get_tagged(versions_key(asset))
     if data is not None:
         return json.loads(data)["prefixes"], tag
-    legacy = read_records(lake, {o.key: o.key for o in lake.list(f"_versions/{asset}/")})
+    legacy = read_records(lake, {o.key: o.key for o in lake.list(legacy_versions_dir(asset))})
     return {rec["prefix"]: rec for rec in legacy.values()}, None
 
 

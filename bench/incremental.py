@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench.common import REPO, log, run_json
+from workloads.layout import incoming_key
 
 NEW_PACK = 100
 PACK_SIZE = 500
@@ -73,7 +74,7 @@ def build(home: Path, images: int) -> dict:
     for k in range(images // PACK_SIZE):
         name = f"base{k:04d}"
         write_pack(lake.root / "incoming" / f"{name}.zip", _pngs(k + 1, PACK_SIZE))
-        ingest_pack(lake, name, f"incoming/{name}.zip")
+        ingest_pack(lake, name, incoming_key(name))
     defs = build_defs("local")
     inst = runs.instance()
     inst.add_dynamic_partitions("packs", [f"base{k:04d}" for k in range(images // PACK_SIZE)])

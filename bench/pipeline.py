@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from bench.common import PY, REPO, LoadMeter, env, log
+from workloads.layout import incoming_key, results_dir
 
 ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
 PACK_ID = "bench_small"
@@ -52,7 +53,7 @@ def prepare(work: Path, n: int) -> dict:
     pack = write_pack(lake_dir / "incoming" / f"{PACK_ID}.zip", members)
     t1 = time.perf_counter()
     lake = LocalLake(lake_dir)
-    res = ingest_pack(lake, PACK_ID, f"incoming/{PACK_ID}.zip")
+    res = ingest_pack(lake, PACK_ID, incoming_key(PACK_ID))
     t2 = time.perf_counter()
     index = rebuild_raw_index(
         lake, list(HASH_PREFIXES)
@@ -176,12 +177,12 @@ def _orchestrate(home: Path, rng: tuple[str, str]) -> dict:
     lake = LocalLake(home / "lake")
     processed = sum(
         json.loads(lake.get(o.key))["processed"]
-        for o in lake.list(f"_results/{result.run_id}/resize/")
+        for o in lake.list(results_dir(result.run_id, "resize"))
     )
     rows = sum(r["images"] for r in asset_records(lake, "image_tables").values())
     workers_s = sum(
         json.loads(lake.get(o.key))["seconds"]
-        for o in lake.list(f"_results/{result.run_id}/resize/")
+        for o in lake.list(results_dir(result.run_id, "resize"))
     )
     return {
         "wall_s": round(wall, 3),

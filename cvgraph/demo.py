@@ -6,6 +6,8 @@ import time
 
 import click
 
+from workloads.layout import model_keys
+
 DIGITS_SUBSET = "digits_v1"
 DIGITS_SQL = "SELECT * FROM images WHERE pack_id = 'digits' AND label IS NOT NULL"
 DIGITS_MODEL = "digits_cnn"
@@ -77,7 +79,7 @@ def run_demo(epochs: int = 8) -> int:
             f"    {r['key']:40s} {r['bytes']:>8d} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}"
             for r in exports["formats"].values()
         ),
-        f"pictures:             {ds.lake_url}/{subset['label_plot']}, {ds.lake_url}/models/{DIGITS_MODEL}/curves.png",
+        f"pictures:             {ds.lake_url}/{subset['label_plot']}, {ds.lake_url}/{model_keys(DIGITS_MODEL)['curves']}",
         f"next:                 make ui  (the same Dagster instance)  ·  cvgraph lineage {DIGITS_MODEL}",
         f"done in {time.perf_counter() - t0:.1f}s",
     ]

@@ -29,9 +29,7 @@ def _dagster(inst: dg.DagsterInstance, asset: str, partition: str) -> dict | Non
 
 def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
     """The lineage tree of a model (with its exports) or a subset ``key``; KeyError if neither."""
-    from assets.exports import export_keys
-    from resources.training import model_keys
-    from workloads.ingest import pack_keys
+    from workloads.layout import export_keys, model_keys, pack_keys, subset_keys
 
     tree: dict = {}
     model = _json(lake, model_keys(key)["record"])
@@ -59,7 +57,7 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
         }
         tree["model"]["dagster"] = _dagster(inst, "trained_models", key)
         subset_key = model["subset"]
-    subset = _json(lake, f"subsets/{subset_key}/subset.json")
+    subset = _json(lake, subset_keys(subset_key)["record"])
     if subset is None:
         raise KeyError(f"{key!r} is neither a trained model nor a frozen subset")
     tree["subset"] = {

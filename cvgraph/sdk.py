@@ -89,10 +89,11 @@ class Datasets:
     def upload(self, path: str | Path, name: str | None = None) -> Upload:
         """Put the zip at ``incoming/<name>.zip`` (default name: the file's stem) unless the same
         bytes are already there; the sensor, or ``sync``, takes it from there."""
-        from orchestration.sensors import INCOMING, pack_id_for
+        from orchestration.sensors import pack_id_for
+        from workloads.layout import incoming_key
 
         path = Path(path)
-        key = f"{INCOMING}{name or path.stem}.zip"
+        key = incoming_key(name or path.stem)
         lake = self.lake
         uploaded = not (lake.exists(key) and lake.get(key) == path.read_bytes())
         if uploaded:
@@ -122,7 +123,7 @@ class Datasets:
 
     def pack_report(self, pack_id: str) -> dict:
         """``{"pack_id", "accepted", "duplicates", "rejected": [{"member", "reason"}]}`` of an ingested pack."""
-        from workloads.ingest import pack_keys
+        from workloads.layout import pack_keys
 
         try:
             rec = json.loads(self.lake.get(pack_keys(pack_id)["record"]))
@@ -159,8 +160,9 @@ class Datasets:
         different query under a frozen key is refused.
         """
         from assets.keys import check_key
-        from assets.subsets import frozen_subsets, subset_keys
+        from assets.subsets import frozen_subsets
         from partitions import subsets
+        from workloads.layout import subset_keys
 
         try:
             check_key("subset", key)
@@ -186,7 +188,7 @@ class Datasets:
         record (``test_accuracy``, ``counts``, ``mlflow_run_id``, ...)."""
         from assets.models import trained_models
         from partitions import models
-        from resources.training import model_keys
+        from workloads.layout import model_keys
 
         self.ensure_partition(models, key)
         cfg = {k: v for k, v in {"subset": subset, "epochs": epochs}.items() if v is not None}
@@ -200,7 +202,8 @@ class Datasets:
     def export(self, key: str) -> dict:
         """TorchScript, ONNX and ONNX int8 of model ``key``, each checked against it; returns the
         exports record (``formats``: key, bytes, max_abs_error, top1_agreement per format)."""
-        from assets.exports import export_keys, exported_models
+        from assets.exports import exported_models
+        from workloads.layout import export_keys
 
         self.materialize([exported_models.key], partition_key=key)
         return json.loads(self.lake.get(export_keys(key)["record"]))

@@ -10,10 +10,8 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
+from workloads.layout import VARIANT_COLUMNS, VARIANT_HASHES
 from workloads.versions import sha256_hex
-
-VARIANTS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
-HASHES = {"resized": "resized_sha256", "edges": "edges_sha256", "original": "sha256"}
 
 
 class SubsetIntegrityError(ValueError):
@@ -35,8 +33,8 @@ class FrozenSubsetDataset(Dataset):
         from assets.subsets import load_subset
         from cvgraph.sdk import Datasets
 
-        if variant not in VARIANTS:
-            raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANTS)}")
+        if variant not in VARIANT_COLUMNS:
+            raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANT_COLUMNS)}")
         self.lake = Datasets(home).lake
         try:
             self.record, manifest = load_subset(self.lake, key)
@@ -46,11 +44,15 @@ class FrozenSubsetDataset(Dataset):
         if split is not None:
             manifest = manifest.filter(pc.equal(manifest["split"], split))
         self.rows = manifest.select(
-            list(dict.fromkeys(["sha256", "label", VARIANTS[variant], HASHES[variant]]))
+            list(
+                dict.fromkeys(
+                    ["sha256", "label", VARIANT_COLUMNS[variant], VARIANT_HASHES[variant]]
+                )
+            )
         ).to_pylist()
         self.key, self.variant, self.split, self.transform = key, variant, split, transform
         index = {c: i for i, c in enumerate(self.classes)}
-        col, digest = VARIANTS[variant], HASHES[variant]
+        col, digest = VARIANT_COLUMNS[variant], VARIANT_HASHES[variant]
         # (object key, frozen sha256, label index) per item: __getitem__ does only I/O and decode
         self._items = [
             (

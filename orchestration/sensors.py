@@ -10,8 +10,7 @@ from assets.packs import PACK_KEY_TAG, raw_packs
 from partitions import packs
 from resources.events import IncomingListing, PackEvents
 from resources.storage import LakeResource
-
-INCOMING = "incoming/"
+from workloads.layout import INCOMING
 
 
 def pack_id_for(key: str) -> str:

@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from resources.storage import LakeResource
+from workloads.layout import part_pattern, table_root
 from workloads.tables import TABLES, table_keys
 
 
@@ -59,7 +60,7 @@ class DuckDBCatalog(Catalog):
             filesystem=fs,
             format="parquet",
             partitioning=part,
-            partition_base_dir=f"{base}/tables/{name}",
+            partition_base_dir=f"{base}/{table_root(name)}".rstrip("/"),
             schema=schema,
         )
 
@@ -102,7 +103,7 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, base: str, keys: li
     turn any ``k=v`` folder above the lake into a column). False when the files are not all
     laid out as ``tables/<name>/prefix=<pp>/<file>`` or a column is in none of them (written
     before it existed): the pyarrow dataset copes with both."""
-    layout = re.compile(rf"tables/{name}/prefix=[0-9a-f]{{2}}/[^/]+\.parquet")
+    layout = re.compile(part_pattern(name))
     if not all(layout.fullmatch(k) for k in keys):
         return False
     files = "[" + ", ".join("'" + f"{base}/{k}".replace("'", "''") + "'" for k in keys) + "]"
@@ -113,7 +114,7 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, base: str, keys: li
     if not set(TABLES[name].names) <= present:
         return False
     cols = ", ".join(f'"{c}"' for c in TABLES[name].names)
-    at = len(f"{base}/tables/{name}/prefix=") + 1  # SQL strings count from 1
+    at = len(f"{base}/{table_root(name)}prefix=") + 1  # SQL strings count from 1
     con.execute(
         f"CREATE VIEW {name} AS SELECT {cols}, substr(filename, {at}, 2) AS prefix "
         f"FROM read_parquet({files}, union_by_name = true, filename = true, hive_partitioning = false)"
@@ -135,7 +136,7 @@ def glue_table_input(name: str, lake_uri: str) -> dict:
     (Athena computes the 256 partitions itself: no partition management at all)."""
     from workloads.versions import HASH_PREFIXES
 
-    location = f"{lake_uri.rstrip('/')}/tables/{name}/"
+    location = f"{lake_uri.rstrip('/')}/{table_root(name)}"
     return {
         "Name": name,
         "TableType": "EXTERNAL_TABLE",

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from dagster_pyspark import LazyPySparkResource
 
 from resources.tables import TableWriter, write_results
-from workloads.images import ImageParams, hashes_key, raw_index_key
+from workloads.images import ImageParams
+from workloads.layout import RAW, STAGE_EXTS, hashes_key, raw_index_key, stage_root
 from workloads.tables import (
     IMAGES_SCHEMA,
     OBJECTS_SCHEMA,
@@ -73,26 +74,26 @@ class SparkTableWriter(TableWriter):
             )
             .withColumn(
                 "original_key",
-                F.concat(F.lit("raw/"), F.col("prefix"), F.lit("/"), sha, F.lit("."), F.col("ext")),
+                F.concat(F.lit(RAW), F.col("prefix"), F.lit("/"), sha, F.lit("."), F.col("ext")),
             )
             .withColumn(
                 "resized_want",
                 F.concat(
-                    F.lit(f"resized/{params.resize_id}/"),
+                    F.lit(stage_root("resize", params)),
                     F.col("prefix"),
                     F.lit("/"),
                     sha,
-                    F.lit(".jpg"),
+                    F.lit(STAGE_EXTS["resize"]),
                 ),
             )
             .withColumn(
                 "edges_want",
                 F.concat(
-                    F.lit(f"edges/{params.edges_id}/"),
+                    F.lit(stage_root("edges", params)),
                     F.col("prefix"),
                     F.lit("/"),
                     sha,
-                    F.lit(".png"),
+                    F.lit(STAGE_EXTS["edges"]),
                 ),
             )
         )

@@ -11,7 +11,7 @@ import dagster as dg
 
 from resources.compute import ImageCompute, tables_command
 from workloads.images import ImageParams
-from workloads.tasks import result_key
+from workloads.layout import result_key
 
 
 class TableWriter(dg.ConfigurableResource, ABC):

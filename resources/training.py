@@ -16,20 +16,11 @@ import dagster as dg
 from tqdm import tqdm
 
 from workloads.lake import LocalLake, parquet_table
+from workloads.layout import PIPES, checkpoints_dir, model_keys
 
 
 class TrainingFailed(Exception):
     pass
-
-
-def model_keys(model_key: str) -> dict[str, str]:
-    base = f"models/{model_key}"
-    return {
-        "model": f"{base}/model.pt",
-        "metrics": f"{base}/metrics.json",
-        "record": f"{base}/model.json",
-        "curves": f"{base}/curves.png",
-    }
 
 
 def pipes_hyperparameters(session) -> dict[str, str]:
@@ -237,7 +228,9 @@ class SageMakerTrainer(Trainer):
                 }
                 for ch, spec in channels.items()
             ],
-            "OutputDataConfig": {"S3OutputPath": lake.uri(f"models/{model_key}/sagemaker/")},
+            "OutputDataConfig": {
+                "S3OutputPath": lake.uri(model_keys(model_key)["sagemaker_output"])
+            },
             "ResourceConfig": {
                 "InstanceType": instance_type,
                 "InstanceCount": 1,
@@ -245,7 +238,7 @@ class SageMakerTrainer(Trainer):
             },
             "StoppingCondition": {"MaxRuntimeInSeconds": self.max_runtime_seconds},
             "CheckpointConfig": {
-                "S3Uri": lake.uri(f"models/{model_key}/checkpoints/{base_job}/"),
+                "S3Uri": lake.uri(checkpoints_dir(model_key, base_job)),
                 "LocalPath": "/opt/ml/checkpoints",
             },
             "Tags": [{"Key": "cvgraph:model", "Value": model_key}],
@@ -294,20 +287,20 @@ class SageMakerTrainer(Trainer):
 
         from dagster_aws.pipes import PipesS3ContextInjector, PipesS3MessageReader
 
-        from workloads.train import VARIANT_COLUMNS
+        from workloads.layout import VARIANT_COLUMNS
 
         if not lake.url.startswith("s3://"):
             raise TrainingFailed("SageMakerTrainer needs the lake on S3")
         col = VARIANT_COLUMNS[hyperparameters.get("variant", "resized")]
         keys = parquet_table(lake.get(manifest_key), columns=[col])[col].to_pylist()
-        channel_manifest = f"models/{model_key}/channels/images.manifest"
+        channel_manifest = model_keys(model_key)["channel_manifest"]
         lake.put(channel_manifest, json.dumps([{"prefix": lake.url + "/"}, *keys]).encode())
         channels = {
             "manifest": {"S3DataType": "S3Prefix", "S3Uri": lake.uri(manifest_key)},
             "images": {"S3DataType": "ManifestFile", "S3Uri": lake.uri(channel_manifest)},
         }
         injector = PipesS3ContextInjector(
-            bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/_pipes".lstrip("/")
+            bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/{PIPES}".lstrip("/")
         )
         reader = PipesS3MessageReader(
             bucket=lake.bucket, client=lake.client, interval=self.pipes_interval

@@ -12,14 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workloads.layout import EXPORT_FILES
 from workloads.model import load_checkpoint
 
 FORMATS = ("torchscript", "onnx", "onnx_int8")
-FILES = {
-    "torchscript": "torchscript/model.pt",
-    "onnx": "onnx/model.onnx",
-    "onnx_int8": "onnx_int8/model.onnx",
-}
 
 
 def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -43,7 +39,7 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     x = torch.from_numpy(samples.astype(np.float32))
     with torch.no_grad():
         reference = model(x).numpy()
-    paths = {f: out_dir / FILES[f] for f in FORMATS}
+    paths = {f: out_dir / EXPORT_FILES[f] for f in FORMATS}
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
 
@@ -101,7 +97,7 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     report = {}
     for fmt, logits in outputs.items():
         report[fmt] = {
-            "file": FILES[fmt],
+            "file": EXPORT_FILES[fmt],
             "bytes": paths[fmt].stat().st_size,
             "max_abs_error": float(np.max(np.abs(logits - reference))) if len(reference) else 0.0,
             "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))

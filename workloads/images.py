@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 
 from workloads.kernels import KERNEL_VERSION, EdgeParams, ResizeParams, edges_png, resize_bytes
 from workloads.lake import read_parquet, write_parquet
-from workloads.tasks import (
-    open_task_lake,
-    parse_task,
-    prefix_parser,
+from workloads.layout import (
+    hashes_key,
+    inflight_key,
+    output_dir,
+    output_key,
+    raw_index_key,
+    raw_key,
     result_key,
-    selected_prefixes,
-    task_token,
+    shard_hashes_key,
 )
+from workloads.tasks import open_task_lake, parse_task, prefix_parser, selected_prefixes, task_token
 from workloads.versions import params_id, prefix_version, sha256_hex
 
 STAGES = ("resize", "edges")
@@ -68,25 +71,6 @@ class ImageParams:
         ]
 
 
-def raw_index_key(prefix: str) -> str:
-    return f"index/raw/{prefix}.parquet"
-
-
-def output_dir(stage: str, params: ImageParams, prefix: str) -> str:
-    if stage == "resize":
-        return f"resized/{params.resize_id}/{prefix}/"
-    return f"edges/{params.edges_id}/{prefix}/"
-
-
-def output_key(stage: str, params: ImageParams, prefix: str, sha: str) -> str:
-    return output_dir(stage, params, prefix) + sha + (".jpg" if stage == "resize" else ".png")
-
-
-def hashes_key(stage: str, params: ImageParams, prefix: str) -> str:
-    """sha256 of every output of ``stage`` in ``prefix``: what a frozen subset verifies against."""
-    return f"index/{'resized' if stage == 'resize' else 'edges'}/{params.stage_id(stage)}/{prefix}.parquet"
-
-
 def read_hashes(lake, stage: str, params: ImageParams, prefix: str) -> dict[str, str]:
     return _read_hash_table(lake, hashes_key(stage, params, prefix))
 
@@ -102,21 +86,6 @@ def _read_hash_table(lake, key: str) -> dict[str, str]:
 def shard_of(sha: str, shards: int) -> int:
     """The shard of a prefix an image belongs to (from hash digits after the prefix's own)."""
     return int(sha[2:8], 16) % shards
-
-
-def shard_hashes_key(stage: str, params: ImageParams, prefix: str, shard: int, shards: int) -> str:
-    """The output hashes one shard task made, until the prefix's merge folds them into its index."""
-    return (
-        hashes_key(stage, params, prefix)[: -len(".parquet")] + f".shard-{shard}of{shards}.parquet"
-    )
-
-
-def inflight_key(
-    stage: str, params: ImageParams, prefix: str, shard: tuple[int, int] = (0, 1)
-) -> str:
-    """Present while a task works on the prefix (or shard): found at the start, the last task was killed."""
-    suffix = "" if shard[1] == 1 else f".shard-{shard[0]}of{shard[1]}"
-    return hashes_key(stage, params, prefix)[: -len(".parquet")] + suffix + ".inflight"
 
 
 def _recover(
@@ -222,7 +191,7 @@ def process_prefix(
             need_resize = "resize" in stages and sha not in done["resize"]
             need_edges = "edges" in stages and sha not in done["edges"]
             if need_resize or (need_edges and sha not in resized_stored):
-                raw = lake.get(f"raw/{prefix}/{sha}.{im['ext']}")
+                raw = lake.get(raw_key(sha, im["ext"]))
                 resized = resize_bytes(
                     raw, im["format"], im["width"], im["height"], params.resize, fast=fast
                 )

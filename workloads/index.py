@@ -16,9 +16,19 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workloads.images import raw_index_key
-from workloads.ingest import BOX_TYPE, PENDING_RAW, pack_keys, pack_prefix_key, pending_raw_key
+from workloads.ingest import BOX_TYPE
 from workloads.lake import get_json, read_parquet, write_parquet
+from workloads.layout import (
+    PACKS,
+    PENDING_RAW,
+    index_state_key,
+    pack_keys,
+    pack_of_record,
+    pack_prefix_key,
+    pending_raw_key,
+    pending_tables_key,
+    raw_index_key,
+)
 from workloads.versions import canonical_json, prefix_version, sha256_hex
 
 # The columns of an index row; the version hashes these (per row, then over the prefix).
@@ -45,16 +55,6 @@ INDEX_SCHEMA = pa.schema(
         ("row_sha256", pa.string()),
     ]
 )
-PENDING_TABLES = "_pending/image_tables/"
-
-
-def index_state_key(prefix: str) -> str:
-    return f"index/raw/{prefix}.json"
-
-
-def pending_tables_key(prefix: str, token: str) -> str:
-    """Rows of ``prefix`` that changed in one merge, for the table step (token: the new version)."""
-    return f"{PENDING_TABLES}{prefix}/{token}.json"
 
 
 def _label_rank(source: str | None) -> int:
@@ -65,7 +65,7 @@ def _label_rank(source: str | None) -> int:
 def committed_packs(lake) -> list[str]:
     """Packs whose ingest finished (``pack.json`` is the commit marker). Lists ``packs/``: for
     rebuilds and tests, never on the incremental path."""
-    return sorted(k.split("/")[1] for k in lake.keys("packs/") if k.endswith("/pack.json"))
+    return sorted(p for p in map(pack_of_record, lake.keys(PACKS)) if p)
 
 
 def _absorb(row: dict | None, pack_id: str, r: dict) -> dict:

@@ -37,8 +37,15 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workloads.images import raw_index_key
 from workloads.lake import open_lake, parquet_table, write_parquet
+from workloads.layout import (
+    PENDING_RAW,
+    pack_keys,
+    pack_prefix_key,
+    pending_raw_key,
+    raw_index_key,
+    raw_key,
+)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 ARCHIVE_EXTS = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
@@ -152,28 +159,6 @@ class IngestResult:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def pack_keys(pack_id: str) -> dict[str, str]:
-    base = f"packs/{pack_id}"
-    return {
-        "manifest": f"{base}/manifest.parquet",
-        "rejects": f"{base}/rejects.parquet",
-        "record": f"{base}/pack.json",
-    }
-
-
-def pack_prefix_key(pack_id: str, prefix: str) -> str:
-    """The manifest rows of one prefix: what that prefix's index reads of this pack."""
-    return f"packs/{pack_id}/prefixes/{prefix}.parquet"
-
-
-PENDING_RAW = "_pending/raw_images/"
-
-
-def pending_raw_key(prefix: str, pack_id: str) -> str:
-    """Pack ``pack_id`` has rows for ``prefix`` that its index has not absorbed yet."""
-    return f"{PENDING_RAW}{prefix}/{pack_id}.json"
 
 
 # -- member names ----------------------------------------------------------------
@@ -544,9 +529,7 @@ def ingest_pack(
                     continue
                 ext = FORMAT_EXT[fmt]
                 status = "duplicate" if sha in seen else None  # None: decided below
-                if status is None and not lake.put_file_if_absent(
-                    f"raw/{sha[:2]}/{sha}.{ext}", tmp_path
-                ):
+                if status is None and not lake.put_file_if_absent(raw_key(sha, ext), tmp_path):
                     already_stored.add(sha)
                 seen.add(sha)
                 label, label_source = _label_for(name, labels)
@@ -623,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 3
     if args.run_id:
-        from workloads.tasks import result_key
+        from workloads.layout import result_key
 
         record = {
             "pack_id": args.pack_id,

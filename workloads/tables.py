@@ -12,9 +12,19 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workloads.images import ImageParams, hashes_key, output_key, raw_index_key
-from workloads.index import PENDING_TABLES, index_state_key
+from workloads.images import ImageParams
 from workloads.lake import get_json, read_parquet, write_parquet
+from workloads.layout import (
+    PENDING_TABLES,
+    hashes_key,
+    index_state_key,
+    output_key,
+    part_key,
+    raw_index_key,
+    raw_key,
+    table_dir,
+    tables_state_key,
+)
 from workloads.versions import HASH_PREFIXES, canonical_json, sha256_hex, split_for, table_hash
 
 IMAGES_SCHEMA = pa.schema(
@@ -62,17 +72,6 @@ MAX_PARTS = 16
 # mod 2**1024 (a multiset hash, as LtHash): adding or replacing k rows costs O(k) whatever the
 # prefix holds, and the version does not depend on how the rows are split into parts.
 DIGEST_BITS = 1024
-
-
-def part_key(table: str, prefix: str, part_id: str) -> str:
-    """One part of ``table`` in ``prefix``; id "0" is the single object a lake written before
-    parts holds (``part-0.parquet``)."""
-    return f"tables/{table}/prefix={prefix}/part-{part_id}.parquet"
-
-
-def tables_state_key(prefix: str) -> str:
-    """The prefix's commit point: its live parts, row digests, params, rows missing a variant."""
-    return f"index/tables/{prefix}.json"
 
 
 def live_parts(state: dict | None, table: str, prefix: str) -> list[str]:
@@ -146,7 +145,7 @@ def rows_of(
                 "format": r["format"],
                 "bytes": r["bytes"],
                 "split": split,
-                "original_key": f"raw/{prefix}/{sha}.{r['ext']}",
+                "original_key": raw_key(sha, r["ext"]),
                 "resized_key": output_key("resize", params, prefix, sha) if resized else None,
                 "edges_key": output_key("edges", params, prefix, sha) if edges else None,
                 "resized_sha256": resized,
@@ -294,7 +293,7 @@ def _clean(lake, prefix: str, state: dict, markers: list[str]) -> None:
     """Drop what the committed ``state`` no longer names, then the change markers it absorbed."""
     live = {k for name in TABLES for k in live_parts(state, name, prefix)}
     for name in TABLES:
-        for k in lake.keys(f"tables/{name}/prefix={prefix}/"):
+        for k in lake.keys(table_dir(name, prefix)):
             if k not in live:
                 lake.delete(k)
     for k in markers:

@@ -12,9 +12,7 @@ import os
 import time
 from collections.abc import Callable
 
-
-def result_key(run_id: str, stage: str, prefix: str) -> str:
-    return f"_results/{run_id}/{stage}/{prefix}.json"
+from workloads.layout import result_key
 
 
 def task_token(prefix: str, shard: int = 0, shards: int = 1) -> str:

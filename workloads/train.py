@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from workloads.layout import VARIANT_COLUMNS
 from workloads.model import build_model
 
 DEFAULTS = {
@@ -39,7 +40,6 @@ DEFAULTS = {
     "width": 16,
     "checkpoint_dir": "/opt/ml/checkpoints",
 }
-VARIANT_COLUMNS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
 
 
 class ContinuingS3MessageWriter(dp.PipesS3MessageWriter):

@@ -10,10 +10,10 @@ from assets.versioning import (
     asset_records,
     prefix_records,
     read_prefix_versions,
-    versions_key,
     write_prefix_records,
 )
 from workloads.lake import LocalLake
+from workloads.layout import versions_key
 from workloads.versions import HASH_PREFIXES
 
 

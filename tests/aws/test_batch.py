@@ -10,7 +10,7 @@ from botocore.stub import ANY, Stubber
 
 from resources.compute import BATCH_RETRY, BatchArrayClient, WorkloadFailed
 from workloads.images import ImageParams
-from workloads.tasks import result_key
+from workloads.layout import result_key
 
 
 def client(aws_env=None) -> BatchArrayClient:

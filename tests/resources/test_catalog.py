@@ -97,7 +97,7 @@ def test_duckdb_views_are_the_tables_columns_whatever_the_lake_path_and_file_age
     import pyarrow as pa
 
     from workloads.lake import LocalLake, write_parquet
-    from workloads.tables import part_key, tables_state_key
+    from workloads.layout import part_key, tables_state_key
 
     def table_key(
         name, prefix

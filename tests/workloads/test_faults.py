@@ -20,10 +20,10 @@ from PIL import Image
 from cvgraph.demo_packs import sample_image, zip_bytes
 from workloads.images import ImageParams
 from workloads.index import build_raw_index, committed_packs
-from workloads.ingest import ingest_pack, pack_keys
+from workloads.ingest import ingest_pack
 from workloads.kernels import EdgeParams, ResizeParams
 from workloads.lake import LocalLake, parquet_table
-from workloads.tasks import result_key
+from workloads.layout import pack_keys, result_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "c5"  # every generated image is ground to this sha256 prefix: one prefix, much work

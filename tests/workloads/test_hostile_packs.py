@@ -18,9 +18,10 @@ from PIL import Image
 
 from cvgraph.demo_packs import sample_image, zip_bytes
 from workloads.index import build_raw_index, committed_packs
-from workloads.ingest import IngestLimits, PackUnreadable, ingest_pack, main, pack_keys
+from workloads.ingest import IngestLimits, PackUnreadable, ingest_pack, main
 from workloads.kernels import decode
 from workloads.lake import parquet_table
+from workloads.layout import pack_keys
 
 # -- helpers ---------------------------------------------------------------------
 

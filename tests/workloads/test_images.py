@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 
 from cvgraph.demo_packs import sample_image
-from workloads.images import ImageParams, hashes_key, output_key, process_prefix
+from workloads.images import ImageParams, process_prefix
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
 from workloads.kernels import (
@@ -15,7 +15,7 @@ from workloads.kernels import (
     reduction_factor,
     resize_bytes,
 )
-from workloads.tasks import result_key
+from workloads.layout import hashes_key, output_key, result_key
 from workloads.versions import HASH_PREFIXES
 
 PHOTOS = [

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from cvgraph.demo_packs import zip_bytes
-from workloads.images import ImageParams, process_prefix, raw_index_key
-from workloads.index import PENDING_TABLES, build_raw_index, rebuild_raw_index
-from workloads.ingest import PENDING_RAW, ingest_pack
+from workloads.images import ImageParams, process_prefix
+from workloads.index import build_raw_index, rebuild_raw_index
+from workloads.ingest import ingest_pack
 from workloads.kernels import EdgeParams, ResizeParams
 from workloads.lake import LocalLake, parquet_table
+from workloads.layout import PENDING_RAW, PENDING_TABLES, raw_index_key
 from workloads.tables import read_prefix_table, write_prefix_tables
 from workloads.versions import HASH_PREFIXES, sha256_hex
 
@@ -225,7 +226,7 @@ def pngs_in_prefix(prefix: str, n: int) -> list[bytes]:
 def test_tables_by_append_new_rows_read_no_part_replaced_rows_rewrite_theirs(tmp_path):
     import shutil
 
-    from workloads.tables import tables_state_key
+    from workloads.layout import tables_state_key
 
     images = pngs_in_prefix("ab", 10)
     lake = LocalLake(tmp_path / "lake")
@@ -309,7 +310,8 @@ def test_a_table_commit_killed_before_it_drops_its_markers_appends_nothing_twice
     assert stats["images"] == 3 and len(read_prefix_table(lake, "images", "cd")) == 3
     assert not lake.keys(f"{PENDING_TABLES}cd/")
     # the re-run finished the killed commit's clean-up: the lake holds exactly the parts the state names
-    from workloads.tables import live_parts, tables_state_key
+    from workloads.layout import tables_state_key
+    from workloads.tables import live_parts
 
     state = json.loads(lake.get(tables_state_key("cd")))
     assert set(lake.keys("tables/images/prefix=cd/")) == set(live_parts(state, "images", "cd"))

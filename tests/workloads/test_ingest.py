@@ -7,8 +7,9 @@ import pytest
 
 from cvgraph.demo_packs import sample_image as photo
 from cvgraph.demo_packs import zip_bytes
-from workloads.ingest import IngestLimits, PackUnreadable, ingest_pack, pack_keys
+from workloads.ingest import IngestLimits, PackUnreadable, ingest_pack
 from workloads.lake import parquet_table
+from workloads.layout import pack_keys
 
 
 def sha(b: bytes) -> str:

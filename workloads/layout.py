@@ -1,0 +1,214 @@
+"""The lake's layout: every key cvgraph reads or writes is built here, and nowhere else.
+
+Dagster-free, so workers, resources, assets and the SDK all build keys from one place::
+
+    incoming/<name>.zip                          uploads; the sensor turns each into a pack
+    packs/<pack>/manifest.parquet, rejects.parquet, pack.json, prefixes/<pp>.parquet
+    raw/<pp>/<sha256>.<ext>                      content-addressed originals
+    index/raw/<pp>.parquet, <pp>.json            the raw index of a prefix and its state
+    resized/<resize id>/<pp>/<sha256>.jpg        variants, keyed by the id of their params
+    edges/<edges id>/<pp>/<sha256>.png
+    index/{resized,edges}/<id>/<pp>.parquet      each variant's sha256, what subsets verify
+    tables/<table>/prefix=<pp>/part-<id>.parquet the tables Athena (or DuckDB) reads
+    index/tables/<pp>.json                       a prefix's table commit point
+    subsets/<key>/manifest.parquet, subset.json, labels.png
+    models/<key>/model.pt, metrics.json, model.json, curves.png (+ SageMaker's own dirs)
+    exports/<key>/torchscript/model.pt, onnx/model.onnx, onnx_int8/model.onnx, exports.json
+    _versions/<asset>.json                       every prefix's data-version record
+    _pending/..., _results/<run>/<stage>/<pp>.json   change markers and task commit markers
+
+``stage`` is an image stage (``resize``, ``edges``); ``params`` anything with ``stage_id(stage)``
+(``workloads.images.ImageParams``).
+"""
+
+from __future__ import annotations
+
+# -- packs -----------------------------------------------------------------------
+INCOMING = "incoming/"
+PACKS = "packs/"
+PACK_RECORD = "pack.json"
+PENDING_RAW = "_pending/raw_images/"
+
+
+def incoming_key(name: str) -> str:
+    return f"{INCOMING}{name}.zip"
+
+
+def pack_keys(pack_id: str) -> dict[str, str]:
+    base = f"{PACKS}{pack_id}"
+    return {
+        "manifest": f"{base}/manifest.parquet",
+        "rejects": f"{base}/rejects.parquet",
+        "record": f"{base}/{PACK_RECORD}",
+    }
+
+
+def pack_of_record(key: str) -> str | None:
+    """The pack id of a ``packs/<pack>/pack.json`` key, else None."""
+    parts = key.split("/")
+    if len(parts) == 3 and key.startswith(PACKS) and parts[2] == PACK_RECORD:
+        return parts[1]
+    return None
+
+
+def pack_prefix_key(pack_id: str, prefix: str) -> str:
+    """The manifest rows of one prefix: what that prefix's index reads of this pack."""
+    return f"{PACKS}{pack_id}/prefixes/{prefix}.parquet"
+
+
+def pending_raw_key(prefix: str, pack_id: str) -> str:
+    """Pack ``pack_id`` has rows for ``prefix`` that its index has not absorbed yet."""
+    return f"{PENDING_RAW}{prefix}/{pack_id}.json"
+
+
+# -- originals and the raw index -------------------------------------------------
+RAW = "raw/"
+PENDING_TABLES = "_pending/image_tables/"
+
+
+def raw_key(sha: str, ext: str) -> str:
+    return f"{RAW}{sha[:2]}/{sha}.{ext}"
+
+
+def raw_index_key(prefix: str) -> str:
+    return f"index/raw/{prefix}.parquet"
+
+
+def index_state_key(prefix: str) -> str:
+    return f"index/raw/{prefix}.json"
+
+
+def pending_tables_key(prefix: str, token: str) -> str:
+    """Rows of ``prefix`` that changed in one merge, for the table step (token: the new version)."""
+    return f"{PENDING_TABLES}{prefix}/{token}.json"
+
+
+# -- image variants --------------------------------------------------------------
+STAGE_DIRS = {"resize": "resized", "edges": "edges"}
+STAGE_EXTS = {"resize": ".jpg", "edges": ".png"}
+# a subset row's lake key and sha256 of each variant a model or a Dataset can read
+VARIANT_COLUMNS = {"resized": "resized_key", "edges": "edges_key", "original": "original_key"}
+VARIANT_HASHES = {"resized": "resized_sha256", "edges": "edges_sha256", "original": "sha256"}
+
+
+def stage_root(stage: str, params) -> str:
+    """``resized/<id>/``: every output of ``stage`` under these params."""
+    return f"{STAGE_DIRS[stage]}/{params.stage_id(stage)}/"
+
+
+def output_dir(stage: str, params, prefix: str) -> str:
+    return f"{stage_root(stage, params)}{prefix}/"
+
+
+def output_key(stage: str, params, prefix: str, sha: str) -> str:
+    return output_dir(stage, params, prefix) + sha + STAGE_EXTS[stage]
+
+
+def hashes_key(stage: str, params, prefix: str) -> str:
+    """sha256 of every output of ``stage`` in ``prefix``: what a frozen subset verifies against."""
+    return f"index/{STAGE_DIRS[stage]}/{params.stage_id(stage)}/{prefix}.parquet"
+
+
+def _shard_suffix(shard: int, shards: int) -> str:
+    return f".shard-{shard}of{shards}"
+
+
+def shard_hashes_key(stage: str, params, prefix: str, shard: int, shards: int) -> str:
+    """The output hashes one shard task made, until the prefix's merge folds them into its index."""
+    return hashes_key(stage, params, prefix).removesuffix(".parquet") + (
+        _shard_suffix(shard, shards) + ".parquet"
+    )
+
+
+def inflight_key(stage: str, params, prefix: str, shard: tuple[int, int] = (0, 1)) -> str:
+    """Present while a task works on the prefix (or shard): found at the start, the last task
+    was killed."""
+    suffix = "" if shard[1] == 1 else _shard_suffix(*shard)
+    return hashes_key(stage, params, prefix).removesuffix(".parquet") + suffix + ".inflight"
+
+
+# -- tables ----------------------------------------------------------------------
+def table_root(table: str) -> str:
+    return f"tables/{table}/"
+
+
+def table_dir(table: str, prefix: str) -> str:
+    return f"{table_root(table)}prefix={prefix}/"
+
+
+def part_key(table: str, prefix: str, part_id: str) -> str:
+    """One part of ``table`` in ``prefix``; id "0" is the single object a lake written before
+    parts holds (``part-0.parquet``)."""
+    return f"{table_dir(table, prefix)}part-{part_id}.parquet"
+
+
+def part_pattern(table: str) -> str:
+    """A regex of the part keys of ``table`` (what a catalog accepts as the table's files)."""
+    return rf"{table_root(table)}prefix=[0-9a-f]{{2}}/[^/]+\.parquet"
+
+
+def tables_state_key(prefix: str) -> str:
+    """The prefix's commit point: its live parts, row digests, params, rows missing a variant."""
+    return f"index/tables/{prefix}.json"
+
+
+# -- subsets, models, exports ----------------------------------------------------
+EXPORT_FILES = {
+    "torchscript": "torchscript/model.pt",
+    "onnx": "onnx/model.onnx",
+    "onnx_int8": "onnx_int8/model.onnx",
+}
+
+
+def subset_keys(key: str) -> dict[str, str]:
+    base = f"subsets/{key}"
+    return {
+        "manifest": f"{base}/manifest.parquet",
+        "record": f"{base}/subset.json",
+        "labels": f"{base}/labels.png",
+    }
+
+
+def model_keys(model_key: str) -> dict[str, str]:
+    base = f"models/{model_key}"
+    return {
+        "model": f"{base}/model.pt",
+        "metrics": f"{base}/metrics.json",
+        "record": f"{base}/model.json",
+        "curves": f"{base}/curves.png",
+        "sagemaker_output": f"{base}/sagemaker/",
+        "channel_manifest": f"{base}/channels/images.manifest",
+    }
+
+
+def checkpoints_dir(model_key: str, base_job: str) -> str:
+    """SageMaker's checkpoints of one training job (its fallback attempts share them)."""
+    return f"models/{model_key}/checkpoints/{base_job}/"
+
+
+def export_keys(key: str) -> dict[str, str]:
+    return {
+        **{f: f"exports/{key}/{p}" for f, p in EXPORT_FILES.items()},
+        "record": f"exports/{key}/exports.json",
+    }
+
+
+# -- bookkeeping -----------------------------------------------------------------
+PIPES = "_pipes"
+
+
+def versions_key(asset: str) -> str:
+    return f"_versions/{asset}.json"
+
+
+def legacy_versions_dir(asset: str) -> str:
+    """Where a lake written before records were one object per asset keeps them per prefix."""
+    return f"_versions/{asset}/"
+
+
+def results_dir(run_id: str, stage: str) -> str:
+    return f"_results/{run_id}/{stage}/"
+
+
+def result_key(run_id: str, stage: str, prefix: str) -> str:
+    return f"{results_dir(run_id, stage)}{prefix}.json"

@@ -6,10 +6,11 @@ import dagster as dg
 
 from assets.versioning import request_metadata
 from partitions import packs
-from resources.compute import PACK_UNREADABLE, ImageCompute
+from resources.compute import ImageCompute
 from resources.storage import LakeResource
 from workloads.lake import get_json, read_parquet
 from workloads.layout import incoming_key, pack_keys, result_key
+from workloads.tasks import PACK_UNREADABLE
 
 PACK_KEY_TAG = "cvgraph/pack_key"
 

@@ -16,13 +16,11 @@ import dagster as dg
 from tqdm import tqdm
 
 from workloads.images import ImageParams
+from workloads.tasks import PACK_UNREADABLE
 
 
 class WorkloadFailed(Exception):
     pass
-
-
-PACK_UNREADABLE = 3  # workloads.ingest's exit code for "not a readable zip"
 
 
 def ingest_command(lake_url: str, pack_id: str, key: str, run_id: str | None = None) -> list[str]:

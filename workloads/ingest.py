@@ -46,6 +46,7 @@ from workloads.layout import (
     raw_index_key,
     raw_key,
 )
+from workloads.tasks import PACK_UNREADABLE
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 ARCHIVE_EXTS = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
@@ -604,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     except PackUnreadable as e:
         print(json.dumps({"pack_id": args.pack_id, "error": str(e)}))
         print(str(e), file=sys.stderr)
-        return 3
+        return PACK_UNREADABLE
     if args.run_id:
         from workloads.layout import result_key
 

@@ -14,6 +14,10 @@ from collections.abc import Callable
 
 from workloads.layout import result_key
 
+# The exit code of ``python -m workloads.ingest`` for a pack that is not a readable zip: a
+# verdict on the input, not a failure of the task.
+PACK_UNREADABLE = 3
+
 
 def task_token(prefix: str, shard: int = 0, shards: int = 1) -> str:
     """A task's name: the prefix, or ``<pp>.<s>of<n>`` for shard s of n of a prefix whose

@@ -8,7 +8,7 @@ LOCK := requirements.lock
 PIP_VERSION := 26.3
 export CVGRAPH_HOME ?= $(CURDIR)/.cvgraph
 export DAGSTER_HOME ?= $(CVGRAPH_HOME)/dagster
-# orchestration/profiles.py DAGSTER_ENV, for the processes `make ui` starts
+# orchestration/instance.py DAGSTER_ENV, for the processes `make ui` starts
 export DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH ?= 256
 export DAGSTER_EVENT_BATCH_SIZE ?= 1024
 
@@ -60,7 +60,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 ui: install
-	$(BIN)/python -c 'from orchestration.profiles import dagster_home; dagster_home()'
+	$(BIN)/python -c 'from orchestration.instance import dagster_home; dagster_home()'
 	$(BIN)/dagster dev -w workspace.yaml
 
 bench: install

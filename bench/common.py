@@ -24,7 +24,7 @@ def env(
     e = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("MALLOC_")}
     e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e["PYTHONUNBUFFERED"] = "1"
-    from orchestration.profiles import DAGSTER_ENV  # the settings the CLI gives Dagster
+    from orchestration.instance import DAGSTER_ENV  # the settings the CLI gives Dagster
 
     for name, value in DAGSTER_ENV.items():
         e.setdefault(name, value)

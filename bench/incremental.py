@@ -66,6 +66,7 @@ def build(home: Path, images: int) -> dict:
     from bench.inputs import write_pack
     from orchestration import runs
     from orchestration.definitions import build_defs
+    from orchestration.instance import instance
     from workloads.ingest import ingest_pack
     from workloads.lake import LocalLake
 
@@ -76,7 +77,7 @@ def build(home: Path, images: int) -> dict:
         write_pack(lake.root / "incoming" / f"{name}.zip", _pngs(k + 1, PACK_SIZE))
         ingest_pack(lake, name, incoming_key(name))
     defs = build_defs("local")
-    inst = runs.instance()
+    inst = instance()
     inst.add_dynamic_partitions("packs", [f"base{k:04d}" for k in range(images // PACK_SIZE)])
     keys = [dg.AssetKey(k) for k in ("raw_images", "resized_images", "edge_maps", "image_tables")]
     runs.materialize(inst, keys, partition_range=("00", "ff"), definitions=defs)
@@ -95,9 +96,10 @@ def absorb(home: Path, name: str) -> dict:
     from cvgraph import Datasets
     from orchestration import runs
     from orchestration.definitions import build_defs
+    from orchestration.instance import instance
 
     defs = build_defs("local")
-    inst = runs.instance()
+    inst = instance()
     run_ids: list[str] = []
     t0 = time.perf_counter()
     write_pack(home / "lake" / "incoming" / f"{name}.zip", _pngs(999, NEW_PACK))

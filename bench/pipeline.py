@@ -158,10 +158,11 @@ def _orchestrate(home: Path, rng: tuple[str, str]) -> dict:
     from assets.versioning import asset_records
     from orchestration import runs
     from orchestration.definitions import build_defs
+    from orchestration.instance import instance
     from workloads.lake import LocalLake
 
     defs = build_defs("local")
-    inst = runs.instance()
+    inst = instance()
     inst.get_runs(limit=1)  # an existing instance: storage initialised before the run
     t_ready = time.perf_counter()
     keys = [dg.AssetKey(k) for k in ASSETS]

@@ -59,11 +59,12 @@ class Datasets:
             os.environ["CVGRAPH_HOME"] = str(home)
         from orchestration import runs
         from orchestration.definitions import build_defs
+        from orchestration.instance import instance
 
         self._runs = runs
         self.definitions = build_defs()  # the profile of the environment now, not at first import
         self.resources = self.definitions.resources
-        self.instance = runs.instance()
+        self.instance = instance()
 
     @property
     def lake(self):

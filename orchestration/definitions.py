@@ -26,7 +26,7 @@ def build_defs(profile_name: str | None = None) -> dg.Definitions:
     """The same assets in every profile; only the resources (and the event sensor) differ."""
     resources = resources_for(profile_name or profile())
     sensors = [incoming_packs_sensor, image_automation]
-    if "pack_events" in resources:
+    if resources["pack_events"].queue_url:
         sensors.append(incoming_packs_sqs_sensor)
     return dg.Definitions(assets=ASSETS, sensors=sensors, resources=resources)
 

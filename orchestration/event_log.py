@@ -12,7 +12,7 @@ same schema: the webserver and daemon read it as they read the default.
 With connections kept open a commit touches only ``<run>.db-wal``, not ``<run>.db``, so
 live log watchers (the UI's run view) watch both files.
 
-With ``DAGSTER_EVENT_BATCH_SIZE`` set (``orchestration.profiles.DAGSTER_ENV``) Dagster hands a
+With ``DAGSTER_EVENT_BATCH_SIZE`` set (``orchestration.instance.DAGSTER_ENV``) Dagster hands a
 ranged step's materialisations and a run's planned events over as batches; this storage writes
 a batch as one insert per database and one asset-row update per asset, where Dagster's SQLite
 storage writes each event alone (four to five statements and two serialisations each).

@@ -17,8 +17,6 @@ from resources.tables import PyArrowTableWriter, TableWriter
 from resources.tracking import MLflowTracking
 from resources.training import LocalTrainer, SageMakerTrainer
 
-PROFILES = ("local", "aws")
-
 
 def env(name: str, default: str) -> str:
     return os.environ.get(name) or default
@@ -26,45 +24,14 @@ def env(name: str, default: str) -> str:
 
 def profile() -> str:
     p = env("CVGRAPH_PROFILE", "local")
-    if p not in PROFILES:
-        raise ValueError(f"CVGRAPH_PROFILE={p!r}: expected one of {PROFILES}")
+    if p not in RESOURCES_BY_PROFILE:
+        raise ValueError(f"CVGRAPH_PROFILE={p!r}: expected one of {sorted(RESOURCES_BY_PROFILE)}")
     return p
 
 
 def home() -> Path:
     """CVGRAPH_HOME: the embedded lake, the Dagster instance, MLflow's store, scratch space."""
     return Path(env("CVGRAPH_HOME", ".cvgraph")).resolve()
-
-
-# Dagster's own settings for every process that runs cvgraph's steps (`make` exports them too):
-# automation tracks all 256 prefixes per partition (its default cap is 100), and a ranged step's
-# materialisations are written to the event log as one batch (orchestration.event_log).
-DAGSTER_ENV = {
-    "DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH": "256",
-    "DAGSTER_EVENT_BATCH_SIZE": "1024",
-}
-
-
-# What earlier versions wrote: such a file is ours to replace.
-_OLD_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
-
-
-def instance_yaml() -> str:
-    """dagster.yaml for the local instance: SQLite storage whose event log stays open
-    (orchestration.event_log), under $DAGSTER_HOME/history/runs like Dagster's default."""
-    return f"{_OLD_INSTANCE_YAML}event_log_storage:\n  module: orchestration.event_log\n  class: LocalEventLogStorage\n"
-
-
-def dagster_home() -> Path:
-    """The Dagster instance directory (DAGSTER_HOME, default CVGRAPH_HOME/dagster), created with a dagster.yaml.
-
-    A dagster.yaml someone wrote is left as it is."""
-    d = Path(env("DAGSTER_HOME", str(home() / "dagster"))).resolve()
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = d / "dagster.yaml"
-    if not cfg.exists() or cfg.read_text() == _OLD_INSTANCE_YAML:
-        cfg.write_text(instance_yaml())
-    return d
 
 
 def image_settings() -> ImageSettings:
@@ -93,58 +60,6 @@ def _tracking(h: Path) -> MLflowTracking:
     )
 
 
-def aws_resources() -> dict:
-    """S3 lake, Batch array jobs, SageMaker training, Athena over Glue, SQS events."""
-    v = _required(
-        "CVGRAPH_LAKE_URL",
-        "CVGRAPH_BATCH_JOB_QUEUE",
-        "CVGRAPH_BATCH_JOB_DEFINITION",
-        "CVGRAPH_SAGEMAKER_ROLE_ARN",
-        "CVGRAPH_TRAINING_IMAGE",
-        "CVGRAPH_GLUE_DATABASE",
-    )
-    if not v["CVGRAPH_LAKE_URL"].startswith("s3://"):
-        raise ValueError("CVGRAPH_PROFILE=aws needs CVGRAPH_LAKE_URL=s3://bucket/prefix")
-    lake = LakeResource(
-        url=v["CVGRAPH_LAKE_URL"], endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None
-    )
-    resources = {
-        "lake": lake,
-        "image_compute": BatchArrayClient(
-            job_queue=v["CVGRAPH_BATCH_JOB_QUEUE"],
-            job_definition=v["CVGRAPH_BATCH_JOB_DEFINITION"],
-            poll_seconds=float(env("CVGRAPH_BATCH_POLL_SECONDS", "10")),
-        ),
-        "trainer": SageMakerTrainer(
-            role_arn=v["CVGRAPH_SAGEMAKER_ROLE_ARN"],
-            training_image=v["CVGRAPH_TRAINING_IMAGE"],
-            instance_types=env(
-                "CVGRAPH_TRAINING_INSTANCE_TYPES", "ml.m5.large,ml.c5.xlarge,ml.m5.xlarge"
-            ).split(","),
-            use_spot=env("CVGRAPH_TRAINING_SPOT", "true").lower() == "true",
-            max_runtime_seconds=int(env("CVGRAPH_TRAINING_MAX_RUNTIME", "3600")),
-            poll_seconds=float(env("CVGRAPH_SAGEMAKER_POLL_SECONDS", "15")),
-            pipes_interval=float(env("CVGRAPH_PIPES_INTERVAL", "10")),
-        ),
-        "catalog": AthenaCatalog(
-            lake=lake,
-            database=v["CVGRAPH_GLUE_DATABASE"],
-            workgroup=env("CVGRAPH_ATHENA_WORKGROUP", "primary"),
-            output_location=os.environ.get("CVGRAPH_ATHENA_OUTPUT") or None,
-            poll_seconds=float(env("CVGRAPH_ATHENA_POLL_SECONDS", "1")),
-        ),
-        "tracking": _tracking(home()),
-        "image_settings": image_settings(),
-        # SQS notifications are the primary path on AWS; the full listing is the safety net.
-        "incoming_listing": IncomingListing(
-            relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))
-        ),
-    }
-    if os.environ.get("CVGRAPH_SQS_QUEUE_URL"):
-        resources["pack_events"] = PackEvents(queue_url=os.environ["CVGRAPH_SQS_QUEUE_URL"])
-    return resources
-
-
 def table_writer(compute: ImageCompute) -> TableWriter:
     """CVGRAPH_TABLE_WRITER=pyarrow (default: the tables workload, where ``compute`` runs tasks) or
     spark (dagster-pyspark, lazily started)."""
@@ -169,11 +84,8 @@ def table_writer(compute: ImageCompute) -> TableWriter:
     raise ValueError(f"CVGRAPH_TABLE_WRITER={kind!r}: expected pyarrow or spark")
 
 
-def resources_for(name: str | None = None) -> dict:
-    name = name or profile()
-    if name == "aws":
-        resources = aws_resources()
-        return {**resources, "table_writer": table_writer(resources["image_compute"])}
+def local_resources() -> dict:
+    """Everything on this machine: a directory lake, worker processes, DuckDB, local training."""
     h = home()
     lake = LakeResource(url=env("CVGRAPH_LAKE_URL", str(h / "lake")))
     compute = LocalProcessPool(
@@ -183,13 +95,76 @@ def resources_for(name: str | None = None) -> dict:
     return {
         "lake": lake,
         "image_compute": compute,
+        "table_writer": table_writer(compute),
         "trainer": LocalTrainer(work_dir=str(h / "training")),
         "catalog": DuckDBCatalog(lake=lake),
         "tracking": _tracking(h),
         "image_settings": image_settings(),
-        "table_writer": table_writer(compute),
         # A scan of a local directory is cheap: every tick, so a new zip never waits for a relist.
         "incoming_listing": IncomingListing(
             relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "0"))
         ),
+        "pack_events": PackEvents(),  # a directory has no notifications: the listing alone
     }
+
+
+def aws_resources() -> dict:
+    """S3 lake, Batch array jobs, SageMaker training, Athena over Glue, SQS events."""
+    v = _required(
+        "CVGRAPH_LAKE_URL",
+        "CVGRAPH_BATCH_JOB_QUEUE",
+        "CVGRAPH_BATCH_JOB_DEFINITION",
+        "CVGRAPH_SAGEMAKER_ROLE_ARN",
+        "CVGRAPH_TRAINING_IMAGE",
+        "CVGRAPH_GLUE_DATABASE",
+    )
+    if not v["CVGRAPH_LAKE_URL"].startswith("s3://"):
+        raise ValueError("CVGRAPH_PROFILE=aws needs CVGRAPH_LAKE_URL=s3://bucket/prefix")
+    lake = LakeResource(
+        url=v["CVGRAPH_LAKE_URL"], endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None
+    )
+    compute = BatchArrayClient(
+        job_queue=v["CVGRAPH_BATCH_JOB_QUEUE"],
+        job_definition=v["CVGRAPH_BATCH_JOB_DEFINITION"],
+        poll_seconds=float(env("CVGRAPH_BATCH_POLL_SECONDS", "10")),
+    )
+    return {
+        "lake": lake,
+        "image_compute": compute,
+        "table_writer": table_writer(compute),
+        "trainer": SageMakerTrainer(
+            role_arn=v["CVGRAPH_SAGEMAKER_ROLE_ARN"],
+            training_image=v["CVGRAPH_TRAINING_IMAGE"],
+            instance_types=env(
+                "CVGRAPH_TRAINING_INSTANCE_TYPES", "ml.m5.large,ml.c5.xlarge,ml.m5.xlarge"
+            ).split(","),
+            use_spot=env("CVGRAPH_TRAINING_SPOT", "true").lower() == "true",
+            max_runtime_seconds=int(env("CVGRAPH_TRAINING_MAX_RUNTIME", "3600")),
+            poll_seconds=float(env("CVGRAPH_SAGEMAKER_POLL_SECONDS", "15")),
+            pipes_interval=float(env("CVGRAPH_PIPES_INTERVAL", "10")),
+        ),
+        "catalog": AthenaCatalog(
+            lake=lake,
+            database=v["CVGRAPH_GLUE_DATABASE"],
+            workgroup=env("CVGRAPH_ATHENA_WORKGROUP", "primary"),
+            output_location=os.environ.get("CVGRAPH_ATHENA_OUTPUT") or None,
+            poll_seconds=float(env("CVGRAPH_ATHENA_POLL_SECONDS", "1")),
+        ),
+        "tracking": _tracking(home()),
+        "image_settings": image_settings(),
+        # SQS notifications are the primary path on AWS; the full listing is the safety net.
+        "incoming_listing": IncomingListing(
+            relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))
+        ),
+        # CVGRAPH_SQS_QUEUE_URL unset: the listing sensor alone.
+        "pack_events": PackEvents(queue_url=os.environ.get("CVGRAPH_SQS_QUEUE_URL") or None),
+    }
+
+
+# Side by side, as Dagster's project_fully_featured keys resources by deployment: every profile
+# gives the same resource keys, so the assets are the same in each.
+RESOURCES_BY_PROFILE = {"local": local_resources, "aws": aws_resources}
+
+
+def resources_for(name: str | None = None) -> dict:
+    return RESOURCES_BY_PROFILE[name or profile()]()

@@ -8,7 +8,6 @@ request, grouped into ranged single runs as the automation daemon does.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import dagster as dg
@@ -16,7 +15,6 @@ from dagster._serdes import deserialize_value, serialize_value
 
 from assets.packs import raw_packs
 from orchestration.definitions import ASSETS, defs
-from orchestration.profiles import DAGSTER_ENV, dagster_home
 from orchestration.sensors import incoming_packs_sensor
 from partitions import hash_prefixes
 from workloads.versions import HASH_PREFIXES
@@ -34,13 +32,6 @@ class RunFailed(Exception):
     def __init__(self, message: str, result: dg.ExecuteInProcessResult | None = None):
         super().__init__(message)
         self.result = result
-
-
-def instance() -> dg.DagsterInstance:
-    os.environ["DAGSTER_HOME"] = str(dagster_home())
-    for name, value in DAGSTER_ENV.items():
-        os.environ.setdefault(name, value)
-    return dg.DagsterInstance.get()
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

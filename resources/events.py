@@ -32,7 +32,7 @@ def parse_s3_event(body: str) -> list[tuple[str, str, str]]:
 
 
 class PackEvents(dg.ConfigurableResource):
-    queue_url: str
+    queue_url: str | None = None  # None: no notifications; the listing sensor alone finds packs
     region_name: str | None = None
     visibility_timeout: int = 300  # longer than a sensor tick: receipts are deleted one tick later
     max_messages: int = 200

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from cvgraph.demo_packs import zip_bytes
-from orchestration.profiles import DAGSTER_ENV
+from orchestration.instance import DAGSTER_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = REPO / ".venv" / "bin" / "dagster"
@@ -318,7 +318,7 @@ def dagster_dev(tmp_path_factory) -> Iterator[DagsterDev]:
         [
             str(REPO / ".venv" / "bin" / "python"),
             "-c",
-            "from orchestration.profiles import dagster_home; dagster_home()",
+            "from orchestration.instance import dagster_home; dagster_home()",
         ],
         cwd=REPO,
         env=env,

@@ -1,4 +1,5 @@
 import dagster as dg
+import pytest
 
 from orchestration.definitions import defs
 from partitions import hash_prefixes
@@ -59,3 +60,43 @@ def test_lineage_edges():
     assert parents["image_tables"] == {"raw_images", "resized_images", "edge_maps"}
     assert parents["frozen_subsets"] == {"image_tables"}
     assert parents["exported_models"] == {"trained_models"}
+
+
+AWS_ENV = {
+    "CVGRAPH_LAKE_URL": "s3://lake-bucket/cvgraph",
+    "CVGRAPH_BATCH_JOB_QUEUE": "images",
+    "CVGRAPH_BATCH_JOB_DEFINITION": "cvgraph-workloads",
+    "CVGRAPH_SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/cvgraph-training",
+    "CVGRAPH_TRAINING_IMAGE": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/cvgraph-train:1",
+    "CVGRAPH_GLUE_DATABASE": "cvgraph",
+}
+
+
+def test_profiles_give_the_same_resource_keys(monkeypatch, tmp_path):
+    from orchestration.definitions import build_defs
+    from orchestration.profiles import RESOURCES_BY_PROFILE, resources_for
+
+    monkeypatch.setenv("CVGRAPH_HOME", str(tmp_path))
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    local, aws = resources_for("local"), resources_for("aws")
+    assert set(RESOURCES_BY_PROFILE) == {"local", "aws"}
+    assert set(local) == set(aws)
+    assert type(local["catalog"]).__name__ == "DuckDBCatalog"
+    assert type(aws["catalog"]).__name__ == "AthenaCatalog"
+    # the SQS sensor exists only where a queue is configured
+    assert {s.name for s in build_defs("aws").sensors} == {"incoming_packs", "image_automation"}
+    monkeypatch.setenv("CVGRAPH_SQS_QUEUE_URL", "http://127.0.0.1:1/123456789012/incoming")
+    aws_sqs = build_defs("aws")
+    assert "incoming_packs_sqs" in {s.name for s in aws_sqs.sensors}
+    dg.Definitions.validate_loadable(aws_sqs)
+
+
+def test_an_unknown_profile_is_named(monkeypatch):
+    from orchestration.profiles import profile
+
+    monkeypatch.setenv("CVGRAPH_PROFILE", "azure")
+    with pytest.raises(
+        ValueError, match=r"CVGRAPH_PROFILE='azure': expected one of \['aws', 'local'\]"
+    ):
+        profile()

@@ -1,4 +1,4 @@
-"""The local instance's event log: what profiles.dagster_home() configures, and that Dagster's
+"""The local instance's event log: what dagster_home() configures, and that Dagster's
 own SQLite storage reads what it writes (the webserver and daemon share the files)."""
 
 import itertools
@@ -10,7 +10,8 @@ import pytest
 from dagster._core.events import BATCH_WRITABLE_EVENTS
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
-from orchestration import event_log, profiles
+from orchestration import event_log
+from orchestration.instance import DAGSTER_ENV, dagster_home
 
 letters = dg.StaticPartitionsDefinition(["a", "b", "c"])
 
@@ -44,7 +45,7 @@ RANGE = {"dagster/asset_partition_range_start": "a", "dagster/asset_partition_ra
 @pytest.fixture
 def instance_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-    return profiles.dagster_home()
+    return dagster_home()
 
 
 def test_dagster_home_configures_the_local_event_log(instance_dir):
@@ -61,13 +62,13 @@ def test_an_earlier_default_yaml_is_upgraded_and_a_users_yaml_kept(tmp_path, mon
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "old"))
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    assert "LocalEventLogStorage" in (profiles.dagster_home() / "dagster.yaml").read_text()
+    assert "LocalEventLogStorage" in (dagster_home() / "dagster.yaml").read_text()
 
     mine = "telemetry:\n  enabled: true\n"
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "mine"))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "dagster.yaml").write_text(mine)
-    assert (profiles.dagster_home() / "dagster.yaml").read_text() == mine
+    assert (dagster_home() / "dagster.yaml").read_text() == mine
 
 
 def test_runs_read_back_through_dagsters_own_sqlite_storage(instance_dir):
@@ -250,7 +251,7 @@ def test_a_batch_writes_exactly_the_rows_its_events_one_by_one_write(tmp_path):
 
 
 def test_a_ranged_run_writes_its_events_in_batches_that_dagster_reads(instance_dir, monkeypatch):
-    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", profiles.DAGSTER_ENV["DAGSTER_EVENT_BATCH_SIZE"])
+    monkeypatch.setenv("DAGSTER_EVENT_BATCH_SIZE", DAGSTER_ENV["DAGSTER_EVENT_BATCH_SIZE"])
     sizes = []
     store_batch = event_log.LocalEventLogStorage.store_event_batch
     monkeypatch.setattr(

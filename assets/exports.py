@@ -8,7 +8,7 @@ import dagster as dg
 import pyarrow.compute as pc
 
 from assets.models import trained_models
-from partitions import models
+from partitions import model_partitions_def
 from resources.storage import LakeResource
 from workloads.export import export_all
 from workloads.lake import read_parquet
@@ -44,7 +44,7 @@ def _samples(store, model_record: dict, tmp: Path):
 
 
 @dg.asset(
-    partitions_def=models,
+    partitions_def=model_partitions_def,
     deps=[trained_models],
     code_version="1",
     group_name="models",

@@ -19,7 +19,7 @@ from assets.versioning import (
     version_record,
     write_prefix_records,
 )
-from partitions import hash_prefixes
+from partitions import hash_prefix_partitions_def
 from resources.compute import ImageCompute, WorkloadFailed, index_command, merge_shards_command
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
@@ -63,7 +63,7 @@ def task_results(
 
 
 @dg.asset(
-    partitions_def=hash_prefixes,
+    partitions_def=hash_prefix_partitions_def,
     deps=[dg.AssetDep(raw_packs, partition_mapping=dg.AllPartitionMapping())],
     backfill_policy=single_run,
     automation_condition=prefix_automation,
@@ -155,7 +155,7 @@ def pending_count(prior: dict | None, raw: dict | None, params_id: str) -> int:
         dg.AssetSpec(
             RESIZED,
             deps=[raw_images],
-            partitions_def=hash_prefixes,
+            partitions_def=hash_prefix_partitions_def,
             code_version="3",
             group_name="images",
             kinds={"opencv"},
@@ -166,7 +166,7 @@ def pending_count(prior: dict | None, raw: dict | None, params_id: str) -> int:
         dg.AssetSpec(
             EDGES,
             deps=[RESIZED],
-            partitions_def=hash_prefixes,
+            partitions_def=hash_prefix_partitions_def,
             code_version="3",
             group_name="images",
             kinds={"opencv"},

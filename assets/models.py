@@ -9,7 +9,7 @@ import dagster as dg
 
 from assets.keys import require_key
 from assets.subsets import frozen_subsets, verify_subset
-from partitions import models
+from partitions import model_partitions_def
 from resources.storage import LakeResource
 from resources.tracking import MLflowTracking
 from resources.training import Trainer
@@ -65,7 +65,7 @@ def _metadata(record: dict) -> dict:
 
 
 @dg.asset(
-    partitions_def=models,
+    partitions_def=model_partitions_def,
     deps=[dg.AssetDep(frozen_subsets, partition_mapping=dg.AllPartitionMapping())],
     code_version="1",
     group_name="models",

@@ -5,7 +5,7 @@ import json
 import dagster as dg
 
 from assets.versioning import request_metadata
-from partitions import packs
+from partitions import pack_partitions_def
 from resources.compute import ImageCompute
 from resources.storage import LakeResource
 from workloads.lake import get_json, read_parquet
@@ -31,7 +31,7 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
 
 
 @dg.asset(
-    partitions_def=packs,
+    partitions_def=pack_partitions_def,
     code_version="1",
     group_name="ingest",
     kinds={"python", "s3"},

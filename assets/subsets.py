@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from assets.keys import require_key
 from assets.tables import image_tables
 from assets.versioning import lake_merkle_root, read_prefix_versions
-from partitions import subsets
+from partitions import subset_partitions_def
 from resources.catalog import Catalog, ensure_select
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
@@ -140,7 +140,7 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
 
 
 @dg.asset(
-    partitions_def=subsets,
+    partitions_def=subset_partitions_def,
     deps=[dg.AssetDep(image_tables, partition_mapping=dg.AllPartitionMapping())],
     code_version="1",
     group_name="datasets",

@@ -20,7 +20,7 @@ from assets.versioning import (
     version_record,
     write_prefix_records,
 )
-from partitions import hash_prefixes
+from partitions import hash_prefix_partitions_def
 from resources.catalog import Catalog
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
@@ -31,7 +31,7 @@ INPUTS = ("raw_images", "resized_images", "edge_maps")
 
 
 @dg.asset(
-    partitions_def=hash_prefixes,
+    partitions_def=hash_prefix_partitions_def,
     deps=[raw_images, RESIZED, EDGES],
     backfill_policy=single_run,
     automation_condition=prefix_automation,

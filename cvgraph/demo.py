@@ -20,7 +20,7 @@ def run_demo(epochs: int = 8) -> int:
     from cvgraph.sdk import Datasets
     from cvgraph.terminal import echo_ingest, echo_range
     from orchestration.profiles import home
-    from partitions import hash_prefixes
+    from partitions import hash_prefix_partitions_def
 
     t0 = time.perf_counter()
 
@@ -51,7 +51,7 @@ def run_demo(epochs: int = 8) -> int:
     materialised = {
         k.to_user_string(): len(ds.instance.get_materialized_partitions(k))
         for k in ds.definitions.resolve_asset_graph().get_all_asset_keys()
-        if ds.definitions.resolve_assets_def(k).partitions_def == hash_prefixes
+        if ds.definitions.resolve_assets_def(k).partitions_def == hash_prefix_partitions_def
     }
     root, _ = lake_merkle_root(ds.lake, "image_tables")
     lines = [

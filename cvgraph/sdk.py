@@ -105,10 +105,10 @@ class Datasets:
         """Upload the zip and materialise its ``raw_packs`` partition now; returns its report
         (``pack_report``). Raises ``PackNotIngested`` (e.g. not a readable zip)."""
         from assets.packs import PACK_KEY_TAG, raw_packs
-        from partitions import packs
+        from partitions import pack_partitions_def
 
         up = self.upload(path, name)
-        self.ensure_partition(packs, up.pack_id)
+        self.ensure_partition(pack_partitions_def, up.pack_id)
         result = self.materialize(
             [raw_packs.key],
             partition_key=up.pack_id,
@@ -162,7 +162,7 @@ class Datasets:
         """
         from assets.keys import check_key
         from assets.subsets import frozen_subsets
-        from partitions import subsets
+        from partitions import subset_partitions_def
         from workloads.layout import subset_keys
 
         try:
@@ -170,7 +170,7 @@ class Datasets:
             ensure_select(sql)
         except ValueError as e:  # QueryRefused is a ValueError too
             raise FreezeRefused(str(e)) from None
-        self.ensure_partition(subsets, key)
+        self.ensure_partition(subset_partitions_def, key)
         run_config = {"ops": {"frozen_subsets": {"config": {"sql": sql}}}}
         try:
             self.materialize([frozen_subsets.key], partition_key=key, run_config=run_config)
@@ -188,10 +188,10 @@ class Datasets:
         """Train model ``key`` on a frozen subset (default: the model's previous one); returns its
         record (``test_accuracy``, ``counts``, ``mlflow_run_id``, ...)."""
         from assets.models import trained_models
-        from partitions import models
+        from partitions import model_partitions_def
         from workloads.layout import model_keys
 
-        self.ensure_partition(models, key)
+        self.ensure_partition(model_partitions_def, key)
         cfg = {k: v for k, v in {"subset": subset, "epochs": epochs}.items() if v is not None}
         self.materialize(
             [trained_models.key],

@@ -16,7 +16,7 @@ from dagster._serdes import deserialize_value, serialize_value
 from assets.packs import raw_packs
 from orchestration.definitions import ASSETS, defs
 from orchestration.sensors import incoming_packs_sensor
-from partitions import hash_prefixes
+from partitions import hash_prefix_partitions_def
 from workloads.versions import HASH_PREFIXES
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
@@ -157,7 +157,7 @@ def sync(
     prefix_keys = [
         k
         for k in definitions.resolve_asset_graph().get_all_asset_keys()
-        if definitions.resolve_assets_def(k).partitions_def == hash_prefixes
+        if definitions.resolve_assets_def(k).partitions_def == hash_prefix_partitions_def
     ]
     for _ in range(max_rounds):
         result = dg.evaluate_automation_conditions(defs=definitions, instance=inst, cursor=cursor)

@@ -7,7 +7,7 @@ import dagster as dg
 
 from assets.keys import safe_key
 from assets.packs import PACK_KEY_TAG, raw_packs
-from partitions import packs
+from partitions import pack_partitions_def
 from resources.events import IncomingListing, PackEvents
 from resources.storage import LakeResource
 from workloads.layout import INCOMING
@@ -32,7 +32,7 @@ def new_packs(
         if obj.key.endswith("/") or not obj.key.lower().endswith(".zip"):
             continue
         pack_id = pack_id_for(obj.key)
-        if not instance.has_dynamic_partition(packs.name, pack_id):
+        if not instance.has_dynamic_partition(pack_partitions_def.name, pack_id):
             found.append((pack_id, obj.key))
     return found, last
 
@@ -50,7 +50,7 @@ def pack_sensor_result(
             )
             for p, k in found
         ],
-        dynamic_partitions_requests=[packs.build_add_request([p for p, _ in found])]
+        dynamic_partitions_requests=[pack_partitions_def.build_add_request([p for p, _ in found])]
         if found
         else [],
         cursor=cursor,
@@ -120,9 +120,9 @@ def incoming_packs_sqs_sensor(
                 continue
             seen.add((key, etag))  # a multipart upload can notify twice
             pack_id = pack_id_for(key)
-            if not context.instance.has_dynamic_partition(packs.name, pack_id) and pack_id not in {
-                p for p, _ in found
-            }:
+            if not context.instance.has_dynamic_partition(
+                pack_partitions_def.name, pack_id
+            ) and pack_id not in {p for p, _ in found}:
                 found.append((pack_id, key))
     return pack_sensor_result(
         context, found, json.dumps({"delete": [m["receipt"] for m in messages]}), "S3 events"

@@ -4,7 +4,8 @@ import dagster as dg
 
 from workloads.versions import HASH_PREFIXES
 
-hash_prefixes = dg.StaticPartitionsDefinition(list(HASH_PREFIXES))
-packs = dg.DynamicPartitionsDefinition(name="packs")
-subsets = dg.DynamicPartitionsDefinition(name="subsets")
-models = dg.DynamicPartitionsDefinition(name="models")
+# image assets: one partition per sha256 prefix, 00 ... ff
+hash_prefix_partitions_def = dg.StaticPartitionsDefinition(list(HASH_PREFIXES))
+pack_partitions_def = dg.DynamicPartitionsDefinition(name="packs")
+subset_partitions_def = dg.DynamicPartitionsDefinition(name="subsets")
+model_partitions_def = dg.DynamicPartitionsDefinition(name="models")

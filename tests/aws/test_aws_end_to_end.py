@@ -113,9 +113,9 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
             {"label": "1", "n": 29},
         ]  # the first 60 zeros and ones of the digits
 
-        from partitions import models, subsets
+        from partitions import model_partitions_def, subset_partitions_def
 
-        runs.ensure_partition(inst, subsets, "zeros_and_ones")
+        runs.ensure_partition(inst, subset_partitions_def, "zeros_and_ones")
         runs.materialize(
             inst,
             [dg.AssetKey("frozen_subsets")],
@@ -136,7 +136,7 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         subset = json.loads(lake.get("subsets/zeros_and_ones/subset.json"))
         assert subset["rows"] == 60 and subset["packs"] == ["digits"]
 
-        runs.ensure_partition(inst, models, "zo-cnn")
+        runs.ensure_partition(inst, model_partitions_def, "zo-cnn")
         # 8 epochs: after 3, a held-out sample's top-1 margin can be below the int8 model's logit
         # error, and one flip fails the 4-sample parity check (seen on an AVX2-only CPU)
         runs.materialize(

@@ -2,7 +2,7 @@ import dagster as dg
 import pytest
 
 from orchestration.definitions import defs
-from partitions import hash_prefixes
+from partitions import hash_prefix_partitions_def
 
 ASSETS = {
     "raw_packs",
@@ -29,7 +29,7 @@ def test_all_eight_assets_with_code_versions_and_partitions():
         node = graph.get(key)
         assert node.code_version, key
         if key.to_user_string() in PREFIX_ASSETS:
-            assert node.partitions_def == hash_prefixes
+            assert node.partitions_def == hash_prefix_partitions_def
             assert node.backfill_policy == dg.BackfillPolicy.single_run()
             assert node.automation_condition is not None
 

@@ -19,7 +19,7 @@ def run_demo(epochs: int = 8) -> int:
     from cvgraph.demo_packs import build_demo_packs
     from cvgraph.sdk import Datasets
     from cvgraph.terminal import echo_ingest, echo_range
-    from orchestration.profiles import home
+    from orchestration.settings import home
     from partitions import hash_prefix_partitions_def
 
     t0 = time.perf_counter()

@@ -13,11 +13,15 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
+from orchestration.settings import endpoint_url, lake_url
+from workloads.lake import open_lake
 
-from resources.catalog import ensure_select
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class CvgraphError(Exception):
@@ -52,27 +56,39 @@ class Upload:
 
 
 class Datasets:
-    """Entry point of the SDK; the profile and CVGRAPH_HOME come from the environment."""
+    """Entry point of the SDK; the profile and CVGRAPH_HOME come from the environment.
+
+    Dagster (the definitions, the instance) is loaded on first use: ``upload`` needs only the
+    lake."""
 
     def __init__(self, home: str | None = None):
         if home:
             os.environ["CVGRAPH_HOME"] = str(home)
-        from orchestration import runs
+        self.lake_url = lake_url()
+        self.lake = open_lake(self.lake_url, endpoint_url=endpoint_url())
+
+    @cached_property
+    def definitions(self):
+        """The profile's definitions as the environment is now, not at first import."""
         from orchestration.definitions import build_defs
+
+        return build_defs()
+
+    @property
+    def resources(self) -> dict:
+        return self.definitions.resources
+
+    @cached_property
+    def instance(self):
         from orchestration.instance import instance
 
-        self._runs = runs
-        self.definitions = build_defs()  # the profile of the environment now, not at first import
-        self.resources = self.definitions.resources
-        self.instance = instance()
+        return instance()
 
-    @property
-    def lake(self):
-        return self.resources["lake"].lake()
+    @cached_property
+    def _runs(self):
+        from orchestration import runs
 
-    @property
-    def lake_url(self) -> str:
-        return self.resources["lake"].url
+        return runs
 
     # -- runs on the Dagster instance ---------------------------------------------------------
     def materialize(self, keys, **kw):
@@ -90,8 +106,7 @@ class Datasets:
     def upload(self, path: str | Path, name: str | None = None) -> Upload:
         """Put the zip at ``incoming/<name>.zip`` (default name: the file's stem) unless the same
         bytes are already there; the sensor, or ``sync``, takes it from there."""
-        from orchestration.sensors import pack_id_for
-        from workloads.layout import incoming_key
+        from workloads.layout import incoming_key, pack_id_for
 
         path = Path(path)
         key = incoming_key(name or path.stem)
@@ -160,13 +175,13 @@ class Datasets:
         Freezing the same key with the same query again returns the same subset; a
         different query under a frozen key is refused.
         """
-        from assets.keys import check_key
         from assets.subsets import frozen_subsets
         from partitions import subset_partitions_def
-        from workloads.layout import subset_keys
+        from resources.catalog import ensure_select
+        from workloads.layout import check_name, subset_keys
 
         try:
-            check_key("subset", key)
+            check_name("subset", key)
             ensure_select(sql)
         except ValueError as e:  # QueryRefused is a ValueError too
             raise FreezeRefused(str(e)) from None

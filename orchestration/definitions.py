@@ -8,8 +8,9 @@ from assets.models import trained_models
 from assets.packs import raw_packs
 from assets.subsets import frozen_subsets
 from assets.tables import image_tables
-from orchestration.profiles import profile, resources_for
+from orchestration.profiles import resources_for
 from orchestration.sensors import image_automation, incoming_packs_sensor, incoming_packs_sqs_sensor
+from orchestration.settings import profile
 
 ASSETS = [
     raw_packs,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.profiles import env, home
+from orchestration.settings import env, home
 
 # Automation tracks all 256 prefixes per partition (its default cap is 100), and a ranged step's
 # materialisations are written to the event log as one batch (orchestration.event_log).

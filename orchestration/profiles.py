@@ -1,6 +1,6 @@
-"""The one place that reads the environment and picks each role's resource per profile.
-
-Every setting is documented in the README's settings table.
+"""Each role's resource per profile, side by side, and the settings that configure them (the
+few every process starts from are in ``orchestration.settings``). Every setting is in the
+README's settings table.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orchestration.settings import endpoint_url, env, home, lake_url, profile
 from resources.catalog import AthenaCatalog, DuckDBCatalog
 from resources.compute import BatchArrayClient, ImageCompute, LocalProcessPool
 from resources.events import IncomingListing, PackEvents
@@ -16,22 +17,6 @@ from resources.storage import LakeResource
 from resources.tables import PyArrowTableWriter, TableWriter
 from resources.tracking import MLflowTracking
 from resources.training import LocalTrainer, SageMakerTrainer
-
-
-def env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
-
-def profile() -> str:
-    p = env("CVGRAPH_PROFILE", "local")
-    if p not in RESOURCES_BY_PROFILE:
-        raise ValueError(f"CVGRAPH_PROFILE={p!r}: expected one of {sorted(RESOURCES_BY_PROFILE)}")
-    return p
-
-
-def home() -> Path:
-    """CVGRAPH_HOME: the embedded lake, the Dagster instance, MLflow's store, scratch space."""
-    return Path(env("CVGRAPH_HOME", ".cvgraph")).resolve()
 
 
 def image_settings() -> ImageSettings:
@@ -87,7 +72,7 @@ def table_writer(compute: ImageCompute) -> TableWriter:
 def local_resources() -> dict:
     """Everything on this machine: a directory lake, worker processes, DuckDB, local training."""
     h = home()
-    lake = LakeResource(url=env("CVGRAPH_LAKE_URL", str(h / "lake")))
+    lake = LakeResource(url=lake_url("local"))
     compute = LocalProcessPool(
         max_workers=int(env("CVGRAPH_WORKERS", str(os.cpu_count() or 2))),
         threads_per_worker=int(env("CVGRAPH_IMAGE_THREADS", "4")),
@@ -118,11 +103,7 @@ def aws_resources() -> dict:
         "CVGRAPH_TRAINING_IMAGE",
         "CVGRAPH_GLUE_DATABASE",
     )
-    if not v["CVGRAPH_LAKE_URL"].startswith("s3://"):
-        raise ValueError("CVGRAPH_PROFILE=aws needs CVGRAPH_LAKE_URL=s3://bucket/prefix")
-    lake = LakeResource(
-        url=v["CVGRAPH_LAKE_URL"], endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None
-    )
+    lake = LakeResource(url=lake_url("aws"), endpoint_url=endpoint_url())
     compute = BatchArrayClient(
         job_queue=v["CVGRAPH_BATCH_JOB_QUEUE"],
         job_definition=v["CVGRAPH_BATCH_JOB_DEFINITION"],

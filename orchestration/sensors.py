@@ -5,20 +5,11 @@ import time
 
 import dagster as dg
 
-from assets.keys import safe_key
 from assets.packs import PACK_KEY_TAG, raw_packs
 from partitions import pack_partitions_def
 from resources.events import IncomingListing, PackEvents
 from resources.storage import LakeResource
-from workloads.layout import INCOMING
-
-
-def pack_id_for(key: str) -> str:
-    """``incoming/digits.zip`` → ``digits``; any other name gets a cleaned form plus a hash
-    (``incoming/team/cats v2.zip`` → ``team_cats_v2-1a2b3c4d``), so distinct zips never share a pack."""
-    stem = key[len(INCOMING) :] if key.startswith(INCOMING) else key
-    stem = stem[: -len(".zip")] if stem.lower().endswith(".zip") else stem
-    return safe_key(stem)
+from workloads.layout import INCOMING, pack_id_for
 
 
 def new_packs(

@@ -23,6 +23,32 @@ Dagster-free, so workers, resources, assets and the SDK all build keys from one 
 
 from __future__ import annotations
 
+import hashlib
+import re
+
+# -- names of packs, subsets and models: partition keys, lake path parts and job names --------
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a valid ``kind`` (subset, model) key, else ValueError saying why."""
+    if not NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"{kind} key {name!r} is not allowed: use 1-100 of A-Z a-z 0-9 . _ - "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+def safe_name(name: str) -> str:
+    """``name`` if it is already a valid key, else a cleaned form plus a hash of the original,
+    so two different names never map to the same key."""
+    if NAME_RE.match(name) and ".." not in name:
+        return name
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:80].replace("..", "_") or "pack"
+    return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 # -- packs -----------------------------------------------------------------------
 INCOMING = "incoming/"
 PACKS = "packs/"
@@ -32,6 +58,15 @@ PENDING_RAW = "_pending/raw_images/"
 
 def incoming_key(name: str) -> str:
     return f"{INCOMING}{name}.zip"
+
+
+def pack_id_for(key: str) -> str:
+    """``incoming/digits.zip`` → ``digits``; any other name gets a cleaned form plus a hash
+    (``incoming/team/cats v2.zip`` → ``team_cats_v2-1a2b3c4d``), so distinct zips never share a
+    pack."""
+    stem = key.removeprefix(INCOMING)
+    stem = stem[: -len(".zip")] if stem.lower().endswith(".zip") else stem
+    return safe_name(stem)
 
 
 def pack_keys(pack_id: str) -> dict[str, str]:

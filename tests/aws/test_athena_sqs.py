@@ -84,7 +84,8 @@ def test_s3_event_parsing_decodes_keys_and_skips_test_events():
 def test_sqs_sensor_turns_uploads_into_runs_and_deletes_messages_one_tick_later(
     aws, small_digits_pack
 ):
-    from orchestration.sensors import incoming_packs_sqs_sensor, pack_id_for
+    from orchestration.sensors import incoming_packs_sqs_sensor
+    from workloads.layout import pack_id_for
 
     s3 = boto3.client("s3")
     pack = small_digits_pack(4)

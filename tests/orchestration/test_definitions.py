@@ -75,12 +75,13 @@ AWS_ENV = {
 def test_profiles_give_the_same_resource_keys(monkeypatch, tmp_path):
     from orchestration.definitions import build_defs
     from orchestration.profiles import RESOURCES_BY_PROFILE, resources_for
+    from orchestration.settings import PROFILES
 
     monkeypatch.setenv("CVGRAPH_HOME", str(tmp_path))
     for name, value in AWS_ENV.items():
         monkeypatch.setenv(name, value)
     local, aws = resources_for("local"), resources_for("aws")
-    assert set(RESOURCES_BY_PROFILE) == {"local", "aws"}
+    assert set(RESOURCES_BY_PROFILE) == set(PROFILES)
     assert set(local) == set(aws)
     assert type(local["catalog"]).__name__ == "DuckDBCatalog"
     assert type(aws["catalog"]).__name__ == "AthenaCatalog"
@@ -93,7 +94,7 @@ def test_profiles_give_the_same_resource_keys(monkeypatch, tmp_path):
 
 
 def test_an_unknown_profile_is_named(monkeypatch):
-    from orchestration.profiles import profile
+    from orchestration.settings import profile
 
     monkeypatch.setenv("CVGRAPH_PROFILE", "azure")
     with pytest.raises(

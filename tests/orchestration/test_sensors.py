@@ -2,9 +2,10 @@ import json
 
 import dagster as dg
 
-from orchestration.sensors import incoming_packs_sensor, pack_id_for
+from orchestration.sensors import incoming_packs_sensor
 from resources.events import IncomingListing
 from resources.storage import LakeResource
+from workloads.layout import pack_id_for
 
 
 def test_pack_ids_are_safe_partition_keys_and_never_collide():

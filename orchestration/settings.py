@@ -1,0 +1,42 @@
+"""The settings every process starts from, read without importing Dagster (so ``cvgraph upload``
+starts fast). The rest of the settings are read by ``orchestration.profiles``, beside the
+resources they configure; every one is in the README's settings table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROFILES = ("local", "aws")
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def profile() -> str:
+    """CVGRAPH_PROFILE: which resources play each role (``orchestration.profiles``)."""
+    p = env("CVGRAPH_PROFILE", "local")
+    if p not in PROFILES:
+        raise ValueError(f"CVGRAPH_PROFILE={p!r}: expected one of {sorted(PROFILES)}")
+    return p
+
+
+def home() -> Path:
+    """CVGRAPH_HOME: the embedded lake, the Dagster instance, MLflow's store, scratch space."""
+    return Path(env("CVGRAPH_HOME", ".cvgraph")).resolve()
+
+
+def lake_url(profile_name: str | None = None) -> str:
+    """CVGRAPH_LAKE_URL: a directory (default CVGRAPH_HOME/lake) or, on AWS, s3://bucket/prefix."""
+    if (profile_name or profile()) == "aws":
+        url = os.environ.get("CVGRAPH_LAKE_URL", "")
+        if not url.startswith("s3://"):
+            raise ValueError("CVGRAPH_PROFILE=aws needs CVGRAPH_LAKE_URL=s3://bucket/prefix")
+        return url
+    return env("CVGRAPH_LAKE_URL", str(home() / "lake"))
+
+
+def endpoint_url() -> str | None:
+    """AWS_ENDPOINT_URL: where boto3 sends AWS requests (unset: AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL") or None

@@ -1,0 +1,51 @@
+"""The ``cvgraph`` command as a user starts it."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+HEAVY = ("dagster", "torch", "onnx", "onnxruntime", "mlflow", "duckdb")
+# Run the CLI as its console script does, then name the heavy modules it imported.
+SCRIPT = """
+import json, sys
+from cvgraph.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "heavy": sorted(m for m in HEAVY if m in sys.modules)}))
+""".replace("HEAVY", repr(HEAVY))
+
+
+def _cli(home, *args) -> tuple[dict, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *args],
+        env={**os.environ, "CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    *printed, last = out.stdout.strip().splitlines()
+    return json.loads(last), "\n".join(printed)
+
+
+def test_help_and_upload_import_neither_dagster_nor_torch(tmp_path):
+    pack = tmp_path / "cats.zip"
+    with zipfile.ZipFile(pack, "w") as zf:
+        zf.writestr("cats/a.png", b"not decoded by an upload")
+    home = tmp_path / "home"
+
+    status, text = _cli(home, "--help")
+    assert status == {"code": 0, "heavy": []}
+    assert "upload" in text and "freeze" in text
+
+    status, text = _cli(home, "upload", str(pack))
+    assert status == {"code": 0, "heavy": []}
+    assert text == "uploaded: incoming/cats.zip (pack cats)"
+    assert (home / "lake" / "incoming" / "cats.zip").read_bytes() == pack.read_bytes()
+
+    status, text = _cli(home, "upload", str(pack))
+    assert status == {"code": 0, "heavy": []}
+    assert text == "already there: incoming/cats.zip (pack cats)"

@@ -25,7 +25,7 @@ from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.images import empty_stage_record
 from workloads.index import empty_index_stats
-from workloads.layout import PENDING_RAW, result_key
+from workloads.layout import PENDING_RAW, pending_raw_prefix, result_key
 from workloads.tasks import parse_task, shard_tasks
 
 # Eager, except that one unreadable (failed) pack must not hold every prefix back.
@@ -79,7 +79,7 @@ def raw_images(
     before = dict(store.counters)
     prefixes, run_id = list(context.partition_keys), context.run.run_id
     # One listing of the pending markers tells which prefixes have packs to absorb.
-    pending = {k.split("/")[2] for k in store.keys(PENDING_RAW)}
+    pending = {pending_raw_prefix(k) for k in store.keys(PENDING_RAW)}
     work = sorted(pending & set(prefixes))
     # The label counts stay in the index's state and the merged packs in the result record: the
     # version records hold what the steps decide by, a few hundred bytes a prefix.
@@ -150,29 +150,97 @@ def pending_count(prior: dict | None, raw: dict | None, params_id: str) -> int:
     )
 
 
+def plan_tasks(
+    prior: dict, raw: dict, selected: list, prefixes: list[str], params, shard_images: int
+) -> tuple[list[str], list[str], list[str]]:
+    """(prefixes with work, their tasks, the prefixes split into shards). A prefix with more
+    than ``shard_images`` pending images (from the records) becomes (prefix, shard) tasks,
+    folded back into the prefix by a merge task."""
+    work = [
+        p
+        for p in prefixes
+        if any(
+            stage_work(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected
+        )
+    ]
+    pending = {
+        p: max(
+            pending_count(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k]))
+            for k in selected
+        )
+        for p in work
+    }
+    tasks = shard_tasks(pending, shard_images)
+    sharded = sorted({parse_task(t)[0] for t in tasks if parse_task(t)[2] > 1})
+    return work, tasks, sharded
+
+
+def stage_outputs(context, store, key, params, raw, prior, inputs, work, orchestrator):
+    """The materialisation of one stage's asset over the run's prefixes, and its check.
+    ``orchestrator()``: the step's own requests so far (reported once, with the first asset)."""
+    stage, prefixes = STAGE_OF[key], list(context.partition_keys)
+    results = task_results(context, store, context.run.run_id, stage, work)
+    stats = {
+        p: version_record(results[p], inputs=inputs[p])
+        if p in results
+        else prior.get(p) or empty_stage_record(stage, params, p)
+        for p in prefixes
+    }
+    failed = [dict(f, prefix=p) for p, s in stats.items() for f in s["failed"]]
+    for f in failed[:20]:
+        context.log.warning(f"{stage} {f['prefix']}/{f['sha256']}: {f['reason']}")
+    yield record_prefixes(
+        context,
+        store,
+        key,
+        stats,
+        ("images", "processed", "skipped", "bytes_written", "seconds", "params_id"),
+        set(work) | {p for p in prefixes if p not in prior},
+        request_metadata(orchestrator(), list(results.values())),
+    )
+    raw_images_of = {p: (raw.get(p) or {}).get("images", 0) for p in prefixes}
+    mismatched = {
+        p: (stats[p]["images"], raw_images_of[p])
+        for p in prefixes
+        if stats[p]["images"] != raw_images_of[p]
+    }
+    yield dg.AssetCheckResult(
+        asset_key=key,
+        check_name="complete",
+        passed=not mismatched and not failed,
+        metadata={
+            "prefixes": len(prefixes),
+            "mismatched_prefixes": json.dumps(dict(list(mismatched.items())[:20])),
+            "failed_images": len(failed),
+            "params_id": params.stage_id(stage),
+        },
+    )
+
+
+# What both image stages' specs share.
+STAGE_SPEC = {
+    "partitions_def": hash_prefix_partitions_def,
+    "code_version": "3",
+    "group_name": "images",
+    "kinds": {"opencv"},
+    "automation_condition": prefix_automation,
+    "skippable": True,
+}
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
             RESIZED,
             deps=[raw_images],
-            partitions_def=hash_prefix_partitions_def,
-            code_version="3",
-            group_name="images",
-            kinds={"opencv"},
-            automation_condition=prefix_automation,
-            skippable=True,
             description="Every original of the prefix resized (short side N, centre crop) as JPEG, under resized/<params_id>/.",
+            **STAGE_SPEC,
         ),
         dg.AssetSpec(
             EDGES,
             deps=[RESIZED],
-            partitions_def=hash_prefix_partitions_def,
-            code_version="3",
-            group_name="images",
-            kinds={"opencv"},
-            automation_condition=prefix_automation,
-            skippable=True,
             description="Canny edges of each resized image as PNG, under edges/<params_id>/.",
+            **STAGE_SPEC,
         ),
     ],
     check_specs=[
@@ -202,34 +270,18 @@ def image_stages(
     params = image_settings.params()
     selected = [k for k in (RESIZED, EDGES) if k in context.selected_asset_keys]
     stages = [STAGE_OF[k] for k in selected]
-    prefixes = list(context.partition_keys)
-    run_id = context.run.run_id
+    prefixes, run_id = list(context.partition_keys), context.run.run_id
     raw = prefix_records(store, "raw_images", prefixes)
     prior = {k: prefix_records(store, k.to_user_string(), prefixes) for k in selected}
-    work = [
-        p
-        for p in prefixes
-        if any(
-            stage_work(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected
-        )
-    ]
+    work, tasks, sharded = plan_tasks(
+        prior, raw, selected, prefixes, params, image_settings.shard_images
+    )
     context.log.info(f"{len(work)} of {len(prefixes)} prefixes have {'/'.join(stages)} work")
-    inputs = {p: {"raw_images": (raw.get(p) or {}).get("data_version")} for p in prefixes}
-    # Pending images per prefix, from the records: a prefix with more than shard_images becomes
-    # (prefix, shard) tasks, folded back into the prefix by a merge task.
-    pending = {
-        p: max(
-            pending_count(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k]))
-            for k in selected
-        )
-        for p in work
-    }
-    tasks = shard_tasks(pending, image_settings.shard_images)
-    sharded = sorted({parse_task(t)[0] for t in tasks if parse_task(t)[2] > 1})
     if sharded:
         context.log.info(
             f"{len(sharded)} prefix(es) split into {len(tasks) - len(work) + len(sharded)} shard tasks of <= {image_settings.shard_images} images"
         )
+    inputs = {p: {"raw_images": (raw.get(p) or {}).get("data_version")} for p in prefixes}
 
     def run() -> None:
         image_compute.run_image_stages(context, lake.url, run_id, stages, tasks, params)
@@ -241,58 +293,22 @@ def image_stages(
             run_id,
         )
 
-    run_tasks(
-        store,
-        run_id,
-        stages,
-        work,
-        run,
-        lambda done: [
-            write_prefix_records(
-                store,
-                k.to_user_string(),
-                {p: version_record(r, inputs=inputs[p]) for p, r in done[STAGE_OF[k]].items()},
-            )
-            for k in selected
-        ],
-    )
+    def keep(done: dict) -> None:
+        for k in selected:
+            records = {p: version_record(r, inputs=inputs[p]) for p, r in done[STAGE_OF[k]].items()}
+            write_prefix_records(store, k.to_user_string(), records)
+
+    run_tasks(store, run_id, stages, work, run, keep)
     for key in selected:
-        stage = STAGE_OF[key]
-        results = task_results(context, store, run_id, stage, work)
-        stats = {
-            p: version_record(results[p], inputs=inputs[p])
-            if p in results
-            else prior[key].get(p) or empty_stage_record(stage, params, p)
-            for p in prefixes
-        }
-        failed = [dict(f, prefix=p) for p, s in stats.items() for f in s["failed"]]
-        for f in failed[:20]:
-            context.log.warning(f"{stage} {f['prefix']}/{f['sha256']}: {f['reason']}")
-        orchestrator = (
-            store.counters.since(before) if key == selected[0] else {}
-        )  # this step's own requests, reported once
-        yield record_prefixes(
+        first = key == selected[0]
+        yield from stage_outputs(
             context,
             store,
             key,
-            stats,
-            ("images", "processed", "skipped", "bytes_written", "seconds", "params_id"),
-            set(work) | {p for p in prefixes if p not in prior[key]},
-            request_metadata(orchestrator, list(results.values())),
-        )
-        mismatched = {
-            p: (stats[p]["images"], (raw.get(p) or {}).get("images", 0))
-            for p in prefixes
-            if stats[p]["images"] != (raw.get(p) or {}).get("images", 0)
-        }
-        yield dg.AssetCheckResult(
-            asset_key=key,
-            check_name="complete",
-            passed=not mismatched and not failed,
-            metadata={
-                "prefixes": len(prefixes),
-                "mismatched_prefixes": json.dumps(dict(list(mismatched.items())[:20])),
-                "failed_images": len(failed),
-                "params_id": params.stage_id(stage),
-            },
+            params,
+            raw,
+            prior[key],
+            inputs,
+            work,
+            lambda first=first: store.counters.since(before) if first else {},
         )

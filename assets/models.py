@@ -64,6 +64,26 @@ def _metadata(record: dict) -> dict:
     }
 
 
+def training_spec(key: str, config: TrainConfig, prior: dict | None) -> tuple[str, dict]:
+    """(subset, spec) of a training: the config's, or, without a subset in the config, the
+    model's previous ones (a re-run retrains the same model)."""
+    subset = config.subset or (prior or {}).get("subset")
+    if not subset:
+        raise dg.Failure(
+            description=f"model {key}: give the frozen subset to train on as config `subset`"
+        )
+    if prior and not config.subset:
+        return subset, prior["spec"]
+    return subset, {k: v for k, v in config.model_dump().items() if k != "subset"}
+
+
+def local_copy(store, key: str, directory: Path) -> str:
+    """The object at ``key`` as a file in ``directory`` (what MLflow logs as an artifact)."""
+    path = directory / Path(key).name
+    path.write_bytes(store.get(key))
+    return str(path)
+
+
 @dg.asset(
     partitions_def=model_partitions_def,
     deps=[dg.AssetDep(frozen_subsets, partition_mapping=dg.AllPartitionMapping())],
@@ -83,14 +103,7 @@ def trained_models(
     store = lake.lake()
     keys = model_keys(key)
     prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None
-    subset = config.subset or (prior or {}).get("subset")
-    if not subset:
-        raise dg.Failure(
-            description=f"model {key}: give the frozen subset to train on as config `subset`"
-        )
-    spec = {k: v for k, v in config.model_dump().items() if k != "subset"}
-    if prior and not config.subset:
-        spec = prior["spec"]
+    subset, spec = training_spec(key, config, prior)
     try:
         subset_record = verify_subset(store, subset)
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -114,11 +127,9 @@ def trained_models(
     store.put(keys["curves"], _plot_curves(metrics["history"], f"{key} on {subset}"))
     model_sha = sha256_hex(store.get(keys["model"]))
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for name in ("model", "metrics", "curves"):
-            p = Path(tmp) / Path(keys[name]).name
-            p.write_bytes(store.get(keys[name]))
-            paths.append(str(p))
+        paths = [
+            local_copy(store, keys[name], Path(tmp)) for name in ("model", "metrics", "curves")
+        ]
         run_id = tracking.log_training(
             key, subset_record["manifest_sha256"], {**spec, "subset": subset}, metrics, paths
         )

@@ -139,6 +139,38 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
     return out
 
 
+def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tuple[dict, object]:
+    """Run the query, write the manifest, then the record (the commit marker): (record, manifest)."""
+    keys = subset_keys(key)
+    manifest = query_manifest(catalog, sql)
+    root, _ = lake_merkle_root(store, "image_tables")
+    versions = {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}
+    prefixes = sorted(pc.unique(manifest["prefix"]).to_pylist())
+    labels = _counts(manifest["label"])
+    # lz4: manifests are written once and read by every dataset and check (zstd reads 2-3x slower)
+    data = write_parquet(store, keys["manifest"], manifest, compression="lz4")
+    record = {
+        "key": key,
+        "sql": ensure_select(sql),
+        "rows": manifest.num_rows,
+        "manifest_sha256": sha256_hex(data),
+        "manifest_hash_of": "object",
+        "labels": labels,
+        "splits": _counts(manifest["split"]),
+        "input_merkle_root": root,
+        "prefix_versions": {
+            p: {a: versions[a].get(p, "missing") for a in PREFIX_ASSETS} for p in prefixes
+        },
+        "packs": _packs_of(manifest),
+        "params": {"resize": params.resize_id, "edges": params.edges_id},
+        "dagster_run_id": context.run.run_id,
+    }
+    record["label_plot"] = _plot_labels(store, key, labels)
+    store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
+    context.log.info(f"froze {key}: {record['rows']} rows over {len(prefixes)} prefixes")
+    return record, manifest
+
+
 @dg.asset(
     partitions_def=subset_partitions_def,
     deps=[dg.AssetDep(image_tables, partition_mapping=dg.AllPartitionMapping())],
@@ -177,35 +209,7 @@ def frozen_subsets(
             raise dg.Failure(
                 description=f"subset {key} does not exist yet: give the freeze query as config `sql`"
             )
-        manifest = query_manifest(catalog, config.sql)
-        root, _ = lake_merkle_root(store, "image_tables")
-        versions = {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}
-        prefixes = sorted(pc.unique(manifest["prefix"]).to_pylist())
-        labels = _counts(manifest["label"])
-        # lz4: manifests are written once and read by every dataset and check (zstd reads 2-3x slower)
-        data = write_parquet(store, keys["manifest"], manifest, compression="lz4")
-        params = image_settings.params()
-        record = {
-            "key": key,
-            "sql": ensure_select(config.sql),
-            "rows": manifest.num_rows,
-            "manifest_sha256": sha256_hex(data),
-            "manifest_hash_of": "object",
-            "labels": labels,
-            "splits": _counts(manifest["split"]),
-            "input_merkle_root": root,
-            "prefix_versions": {
-                p: {a: versions[a].get(p, "missing") for a in PREFIX_ASSETS} for p in prefixes
-            },
-            "packs": _packs_of(manifest),
-            "params": {"resize": params.resize_id, "edges": params.edges_id},
-            "dagster_run_id": context.run.run_id,
-        }
-        record["label_plot"] = _plot_labels(store, key, labels)
-        store.put(
-            keys["record"], json.dumps(record, indent=2, sort_keys=True).encode()
-        )  # commit marker
-        context.log.info(f"froze {key}: {record['rows']} rows over {len(prefixes)} prefixes")
+        record, manifest = freeze(context, store, catalog, key, config.sql, image_settings.params())
     yield dg.MaterializeResult(
         metadata=_metadata(record), data_version=dg.DataVersion(record["manifest_sha256"][:24])
     )

@@ -30,6 +30,24 @@ from workloads.tables import empty_tables_stats
 INPUTS = ("raw_images", "resized_images", "edge_maps")
 
 
+def rows_match_images(stats: dict, raw_records: dict) -> dg.AssetCheckResult:
+    """Every prefix has one ``images`` row per indexed original, each with all its variants."""
+    bad = {}
+    for p, s in stats.items():
+        raw = (raw_records.get(p) or {}).get("images", 0)
+        if s["images"] != raw or s["missing_variants"]:
+            bad[p] = {"rows": s["images"], "raw": raw, "missing_variants": s["missing_variants"]}
+    return dg.AssetCheckResult(
+        check_name="rows_match_images",
+        passed=not bad,
+        metadata={
+            "prefixes": len(stats),
+            "rows": sum(s["images"] for s in stats.values()),
+            "mismatched": json.dumps(dict(list(bad.items())[:20])),
+        },
+    )
+
+
 @dg.asset(
     partitions_def=hash_prefix_partitions_def,
     deps=[raw_images, RESIZED, EDGES],
@@ -101,17 +119,4 @@ def image_tables(
         set(work) | {p for p in prefixes if p not in prior},
         request_metadata(store.counters.since(before), list(results.values())),
     )
-    bad = {}
-    for p, s in stats.items():
-        raw = (upstream["raw_images"].get(p) or {}).get("images", 0)
-        if s["images"] != raw or s["missing_variants"]:
-            bad[p] = {"rows": s["images"], "raw": raw, "missing_variants": s["missing_variants"]}
-    yield dg.AssetCheckResult(
-        check_name="rows_match_images",
-        passed=not bad,
-        metadata={
-            "prefixes": len(stats),
-            "rows": sum(s["images"] for s in stats.values()),
-            "mismatched": json.dumps(dict(list(bad.items())[:20])),
-        },
-    )
+    yield rows_match_images(stats, upstream["raw_images"])

@@ -14,40 +14,12 @@ DIGITS_MODEL = "digits_cnn"
 MIN_ACCURACY = 0.90
 
 
-def run_demo(epochs: int = 8) -> int:
+def summary(ds, pack_ids: list[str], subset: dict, model: dict, exports: dict) -> str:
+    """What the demo made, where it is, and what to look at next."""
     from assets.versioning import lake_merkle_root
-    from cvgraph.demo_packs import build_demo_packs
-    from cvgraph.sdk import Datasets
-    from cvgraph.terminal import echo_ingest, echo_range
-    from orchestration.settings import home
     from partitions import hash_prefix_partitions_def
 
-    t0 = time.perf_counter()
-
-    def step(msg: str) -> None:
-        click.secho(f"[{time.perf_counter() - t0:6.1f}s] {msg}", fg="cyan")
-
-    ds = Datasets()
-    step(f"CVGRAPH_HOME={home()}  lake={ds.lake_url}")
-    step("building demo packs from scikit-learn / scikit-image sample data")
-    packs = build_demo_packs(home() / "demo-packs")
-    for name, path in packs.items():
-        up = ds.upload(path, name)
-        step(
-            f"{'uploaded' if up.uploaded else 'unchanged'} {up.key} ({path.stat().st_size / 1e6:.1f} MB)"
-        )
-    step("sensor tick: new zips under incoming/ → packs partitions → ingest runs")
-    ds.tick_incoming(on_run=echo_ingest)
-    step("automation: new packs → raw_images → resized_images + edge_maps → image_tables")
-    ds.sync(on_run=echo_range)
-    step(f"freezing subset {DIGITS_SUBSET} by SQL")
-    subset = ds.freeze_dataset(DIGITS_SUBSET, DIGITS_SQL)
-    step(f"training {DIGITS_MODEL} ({epochs} epochs) on {DIGITS_SUBSET}")
-    model = ds.train(DIGITS_MODEL, DIGITS_SUBSET, epochs)
-    step("exporting TorchScript, ONNX, ONNX int8 and checking parity with onnxruntime")
-    exports = ds.export(DIGITS_MODEL)
-
-    reports = [ds.pack_report(p) for p in packs]
+    reports = [ds.pack_report(p) for p in pack_ids]
     materialised = {
         k.to_user_string(): len(ds.instance.get_materialized_partitions(k))
         for k in ds.definitions.resolve_asset_graph().get_all_asset_keys()
@@ -81,9 +53,43 @@ def run_demo(epochs: int = 8) -> int:
         ),
         f"pictures:             {ds.lake_url}/{subset['label_plot']}, {ds.lake_url}/{model_keys(DIGITS_MODEL)['curves']}",
         f"next:                 make ui  (the same Dagster instance)  ·  cvgraph lineage {DIGITS_MODEL}",
-        f"done in {time.perf_counter() - t0:.1f}s",
     ]
-    click.echo("\n".join(lines))
+    return "\n".join(lines)
+
+
+def run_demo(epochs: int = 8) -> int:
+    from cvgraph.demo_packs import build_demo_packs
+    from cvgraph.sdk import Datasets
+    from cvgraph.terminal import echo_ingest, echo_range
+    from orchestration.settings import home
+
+    t0 = time.perf_counter()
+
+    def step(msg: str) -> None:
+        click.secho(f"[{time.perf_counter() - t0:6.1f}s] {msg}", fg="cyan")
+
+    ds = Datasets()
+    step(f"CVGRAPH_HOME={home()}  lake={ds.lake_url}")
+    step("building demo packs from scikit-learn / scikit-image sample data")
+    packs = build_demo_packs(home() / "demo-packs")
+    for name, path in packs.items():
+        up = ds.upload(path, name)
+        step(
+            f"{'uploaded' if up.uploaded else 'unchanged'} {up.key} ({path.stat().st_size / 1e6:.1f} MB)"
+        )
+    step("sensor tick: new zips under incoming/ → packs partitions → ingest runs")
+    ds.tick_incoming(on_run=echo_ingest)
+    step("automation: new packs → raw_images → resized_images + edge_maps → image_tables")
+    ds.sync(on_run=echo_range)
+    step(f"freezing subset {DIGITS_SUBSET} by SQL")
+    subset = ds.freeze_dataset(DIGITS_SUBSET, DIGITS_SQL)
+    step(f"training {DIGITS_MODEL} ({epochs} epochs) on {DIGITS_SUBSET}")
+    model = ds.train(DIGITS_MODEL, DIGITS_SUBSET, epochs)
+    step("exporting TorchScript, ONNX, ONNX int8 and checking parity with onnxruntime")
+    exports = ds.export(DIGITS_MODEL)
+
+    click.echo(summary(ds, list(packs), subset, model, exports))
+    click.echo(f"done in {time.perf_counter() - t0:.1f}s")
     ok = model["test_accuracy"] >= MIN_ACCURACY
     if not ok:
         click.secho(

@@ -96,6 +96,11 @@ def pending_raw_key(prefix: str, pack_id: str) -> str:
     return f"{PENDING_RAW}{prefix}/{pack_id}.json"
 
 
+def pending_raw_prefix(key: str) -> str:
+    """The prefix of a ``pending_raw_key``."""
+    return key.removeprefix(PENDING_RAW).split("/")[0]
+
+
 # -- originals and the raw index -------------------------------------------------
 RAW = "raw/"
 PENDING_TABLES = "_pending/image_tables/"

@@ -18,42 +18,11 @@ import json
 import os
 import shutil
 import tempfile
-import threading
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-
-def check_key(key: str) -> str:
-    """``key`` if it names an object inside the lake: relative, and no empty, "." or ".." part."""
-    framed = f"/{key}/"
-    if "//" in framed or "/./" in framed or "/../" in framed or "\\" in key:
-        raise ValueError(f"invalid lake key {key!r}")
-    return key
-
-
-class Counters(Counter):
-    """Request and byte counts; increments are safe across threads (stages write from a pool)."""
-
-    def __init__(self):
-        super().__init__()
-        self._lock = threading.Lock()
-
-    def add(self, kind: str, n: int = 1) -> None:
-        with self._lock:
-            self[kind] += n
-
-    def since(self, before: dict) -> dict[str, int]:
-        """What was counted after the snapshot ``before`` (``dict(counters)``)."""
-        return {k: v - before.get(k, 0) for k, v in sorted(self.items()) if v - before.get(k, 0)}
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str
-    size: int
+from workloads.objects import Counters, ObjectInfo, check_key
 
 
 class LocalLake:

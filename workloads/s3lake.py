@@ -18,7 +18,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from workloads.lake import Counters, ObjectInfo, check_key
+from workloads.objects import Counters, ObjectInfo, check_key
 
 # Adaptive retries back off on throttling (SlowDown) across all threads of the process.
 BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, max_pool_connections=64)

@@ -1,0 +1,38 @@
+"""What every lake shares (``LocalLake``, ``S3Lake``): valid keys, listing entries, and the
+request counters the steps report."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+
+def check_key(key: str) -> str:
+    """``key`` if it names an object inside the lake: relative, and no empty, "." or ".." part."""
+    framed = f"/{key}/"
+    if "//" in framed or "/./" in framed or "/../" in framed or "\\" in key:
+        raise ValueError(f"invalid lake key {key!r}")
+    return key
+
+
+class Counters(Counter):
+    """Request and byte counts; increments are safe across threads (stages write from a pool)."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self[kind] += n
+
+    def since(self, before: dict) -> dict[str, int]:
+        """What was counted after the snapshot ``before`` (``dict(counters)``)."""
+        return {k: v - before.get(k, 0) for k, v in sorted(self.items()) if v - before.get(k, 0)}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int

@@ -13,7 +13,6 @@ import dagster as dg
 from assets.packs import raw_packs
 from assets.versioning import (
     prefix_records,
-    read_records,
     record_prefixes,
     request_metadata,
     version_record,
@@ -25,6 +24,7 @@ from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.images import empty_stage_record
 from workloads.index import empty_index_stats
+from workloads.lake import get_many
 from workloads.layout import PENDING_RAW, pending_raw_prefix, result_key
 from workloads.tasks import parse_task, shard_tasks
 
@@ -41,12 +41,7 @@ def run_tasks(store, run_id: str, stages: list[str], prefixes: list[str], run, k
     try:
         run()
     except WorkloadFailed:
-        keep(
-            {
-                s: read_records(store, {p: result_key(run_id, s, p) for p in prefixes})
-                for s in stages
-            }
-        )
+        keep({s: get_many(store, {p: result_key(run_id, s, p) for p in prefixes}) for s in stages})
         raise
 
 
@@ -54,7 +49,7 @@ def task_results(
     context: dg.AssetExecutionContext, store, run_id: str, stage: str, prefixes: list[str]
 ) -> dict[str, dict]:
     """The result record of each prefix task; a missing one fails the step, naming the prefix."""
-    found = read_records(store, {p: result_key(run_id, stage, p) for p in prefixes})
+    found = get_many(store, {p: result_key(run_id, stage, p) for p in prefixes})
     if missing := [p for p in prefixes if p not in found]:
         raise dg.Failure(
             description=f"{stage}: no result record for prefix(es) {', '.join(missing[:20])} (task did not finish): {result_key(run_id, stage, missing[0])}"

@@ -22,11 +22,6 @@ from workloads.versions import HASH_PREFIXES, canonical_json, merkle_root
 SWAP_ATTEMPTS = 50
 
 
-def read_records(lake, keys: dict[str, str]) -> dict[str, dict]:
-    """``{name: JSON record}`` of the records at ``{name: key}`` that exist, read 16 at a time."""
-    return get_many(lake, keys)
-
-
 def _asset_records(lake, asset: str) -> tuple[dict[str, dict], str | None]:
     """(``{prefix: record}``, the object's tag). A lake written before the records were one
     object per asset has ``_versions/<asset>/<pp>.json``: read those until the first update
@@ -34,7 +29,7 @@ def _asset_records(lake, asset: str) -> tuple[dict[str, dict], str | None]:
     data, tag = lake.get_tagged(versions_key(asset))
     if data is not None:
         return json.loads(data)["prefixes"], tag
-    legacy = read_records(lake, {o.key: o.key for o in lake.list(legacy_versions_dir(asset))})
+    legacy = get_many(lake, {o.key: o.key for o in lake.list(legacy_versions_dir(asset))})
     return {rec["prefix"]: rec for rec in legacy.values()}, None
 
 

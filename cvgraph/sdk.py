@@ -111,7 +111,12 @@ class Datasets:
         path = Path(path)
         key = incoming_key(name or path.stem)
         lake = self.lake
-        uploaded = not (lake.exists(key) and lake.get(key) == path.read_bytes())
+        # the same bytes already there: compare sizes (one HEAD) before reading the object
+        uploaded = not (
+            lake.exists(key)
+            and lake.size(key) == path.stat().st_size
+            and lake.get(key) == path.read_bytes()
+        )
         if uploaded:
             lake.put_file(key, path)
         return Upload(key, pack_id_for(key), uploaded)

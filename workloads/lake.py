@@ -150,15 +150,24 @@ class LocalLake:
         os.close(fd)
         return dest, Path(tmp)
 
-    def put(self, key: str, data: bytes) -> None:
-        self.counters.add("put")
-        self.counters.add("bytes_written", len(data))
+    def _staged(self, key: str, data: bytes) -> tuple[Path, Path]:
+        """``data`` durable in a temp file beside ``key``'s path: (path, temp file)."""
         dest, tmp = self._tmp(key)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return dest, tmp
+
+    def put(self, key: str, data: bytes) -> None:
+        self.counters.add("put")
+        self.counters.add("bytes_written", len(data))
+        dest, tmp = self._staged(key, data)
+        try:
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -199,12 +208,8 @@ class LocalLake:
         need (S3: a conditional put); a lock file next to the key serialises the swaps of all
         processes on this machine, readers take no lock (the swap is a rename)."""
         self.counters.add("put")
-        dest, tmp = self._tmp(key)
+        dest, tmp = self._staged(key, data)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             with open(dest.parent / f".tmp-lock-{dest.name}", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 try:

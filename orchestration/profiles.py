@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 from orchestration.settings import endpoint_url, env, home, lake_url, profile
+from resources.batch import BatchArrayClient
 from resources.catalog import AthenaCatalog, DuckDBCatalog
-from resources.compute import BatchArrayClient, ImageCompute, LocalProcessPool
+from resources.compute import ImageCompute, LocalProcessPool
 from resources.events import IncomingListing, PackEvents
 from resources.settings import ImageSettings
 from resources.storage import LakeResource

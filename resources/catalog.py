@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from resources.aws import AwsResource, poll, stopped_on_interrupt
 from resources.storage import LakeResource
 from workloads.layout import part_pattern, table_root
 from workloads.tables import TABLES, table_keys
@@ -175,20 +176,14 @@ def _athena_value(value: str | None, athena_type: str):
     return value
 
 
-class AthenaCatalog(Catalog):
+class AthenaCatalog(Catalog, AwsResource):
     """Athena over Glue tables (partition projection on ``prefix``), through a workgroup."""
 
     lake: LakeResource
     database: str
     workgroup: str = "primary"
     output_location: str | None = None  # None: the workgroup's enforced output location
-    region_name: str | None = None
     poll_seconds: float = 1.0
-
-    def _client(self, service: str):
-        import boto3
-
-        return boto3.client(service, region_name=self.region_name)
 
     def register_tables(self) -> None:
         """Create the Glue database and tables, or update them to the current schema."""
@@ -204,10 +199,8 @@ class AthenaCatalog(Catalog):
             except glue.exceptions.AlreadyExistsException:
                 glue.update_table(DatabaseName=self.database, TableInput=table)
 
-    def query(self, sql: str) -> pa.Table:
-        import time
-
-        sql = ensure_select(sql)
+    def _execute(self, sql: str) -> str:
+        """Start the query and wait for it to end; its execution id. A cancelled run stops it."""
         athena = self._client("athena")
         kw = {
             "QueryString": sql,
@@ -217,15 +210,24 @@ class AthenaCatalog(Catalog):
         if self.output_location:
             kw["ResultConfiguration"] = {"OutputLocation": self.output_location}
         qid = athena.start_query_execution(**kw)["QueryExecutionId"]
-        while True:
-            state = athena.get_query_execution(QueryExecutionId=qid)["QueryExecution"]["Status"]
-            if state["State"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
-                break
-            time.sleep(self.poll_seconds)
+        with stopped_on_interrupt(lambda: athena.stop_query_execution(QueryExecutionId=qid)):
+            state = poll(
+                lambda: athena.get_query_execution(QueryExecutionId=qid)["QueryExecution"][
+                    "Status"
+                ],
+                lambda s: s["State"] in ("SUCCEEDED", "FAILED", "CANCELLED"),
+                self.poll_seconds,
+            )
         if state["State"] != "SUCCEEDED":
             raise ValueError(
                 f"Athena query {qid} {state['State']}: {state.get('StateChangeReason', '')}\n{sql}"
             )
+        return qid
+
+    def query(self, sql: str) -> pa.Table:
+        sql = ensure_select(sql)
+        athena = self._client("athena")
+        qid = self._execute(sql)
         columns, rows = None, []
         for page in athena.get_paginator("get_query_results").paginate(QueryExecutionId=qid):
             meta = page["ResultSet"]["ResultSetMetadata"]["ColumnInfo"]

@@ -8,13 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import dagster as dg
 from tqdm import tqdm
 
+from resources.aws import AwsResource, poll, stopped_on_interrupt
 from workloads.lake import LocalLake, parquet_table
 from workloads.layout import PIPES, checkpoints_dir, model_keys
 
@@ -136,7 +136,7 @@ class LocalTrainer(Trainer):
                     bar.update(1)
                     bar.set_postfix_str(line.split(" ", 1)[1])
             proc.wait()
-        except BaseException:  # cancelled: stop the job, as StopTrainingJob would
+        except BaseException:  # any exit, not only a cancel: the job is this process's child
             proc.kill()
             raise
         finally:
@@ -162,7 +162,7 @@ CAPACITY_MARKERS = (
 )
 
 
-class SageMakerTrainer(Trainer):
+class SageMakerTrainer(Trainer, AwsResource):
     """SageMaker ``CreateTrainingJob``: managed spot with S3 checkpoints, instance-type fallback.
 
     The images channel is a SageMaker manifest of the subset's lake keys (nothing copied);
@@ -179,19 +179,8 @@ class SageMakerTrainer(Trainer):
     volume_gb: int = 10
     poll_seconds: float = 15.0
     pipes_interval: float = 10.0  # how often Pipes messages (the job's log lines) reach Dagster
-    region_name: str | None = None
 
-    def _sagemaker(self):
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "sagemaker",
-            region_name=self.region_name,
-            config=Config(retries={"mode": "adaptive", "max_attempts": 10}),
-        )
-
-    def request(
+    def _request(
         self,
         name: str,
         lake,
@@ -250,12 +239,12 @@ class SageMakerTrainer(Trainer):
             )
         return req
 
-    @staticmethod
-    def _describe(sm, name: str) -> dict | None:
+    def _describe(self, name: str) -> dict | None:
+        """The training job ``name``, or None if there is none."""
         from botocore.exceptions import ClientError
 
         try:
-            return sm.describe_training_job(TrainingJobName=name)
+            return self._client("sagemaker").describe_training_job(TrainingJobName=name)
         except ClientError as e:
             if (
                 "Could not find" in str(e)
@@ -264,22 +253,28 @@ class SageMakerTrainer(Trainer):
                 return None
             raise
 
-    def _wait(self, context, sm, name: str) -> dict:
-        last = None
-        try:
-            while True:
-                d = sm.describe_training_job(TrainingJobName=name)
-                state = (d["TrainingJobStatus"], d.get("SecondaryStatus"))
-                if state != last:
-                    context.log.info(f"training job {name}: {state[0]} / {state[1]}")
-                    last = state
-                if d["TrainingJobStatus"] in ("Completed", "Failed", "Stopped"):
-                    return d
-                time.sleep(self.poll_seconds)
-        except BaseException:  # run cancelled: stop the job, as dagster-aws's Pipes clients do
+    def _wait(self, context, name: str) -> dict:
+        """Poll the job until it ends; stop it if the run is cancelled meanwhile."""
+        sm = self._client("sagemaker")
+        last = {}
+
+        def log_change(d: dict) -> None:
+            state = (d["TrainingJobStatus"], d.get("SecondaryStatus"))
+            if last.get("state") != state:
+                context.log.info(f"training job {name}: {state[0]} / {state[1]}")
+                last["state"] = state
+
+        def stop() -> None:
             sm.stop_training_job(TrainingJobName=name)
             context.log.warning(f"stopped training job {name}")
-            raise
+
+        with stopped_on_interrupt(stop):
+            return poll(
+                lambda: sm.describe_training_job(TrainingJobName=name),
+                lambda d: d["TrainingJobStatus"] in ("Completed", "Failed", "Stopped"),
+                self.poll_seconds,
+                log_change,
+            )
 
     def train(self, context, lake, job_name, manifest_key, model_key, hyperparameters):
         import io
@@ -332,24 +327,23 @@ class SageMakerTrainer(Trainer):
         """Each instance type in order until one has capacity; the completed job's description."""
         from botocore.exceptions import ClientError
 
-        sm = self._sagemaker()
         base = job_base_name(job_name)
         for attempt, instance_type in enumerate(self.instance_types):
             name = f"{base}-{attempt}"
-            prior = self._describe(sm, name)  # names are never reusable on SageMaker
+            prior = self._describe(name)  # names are never reusable on SageMaker
             if prior and prior["TrainingJobStatus"] == "Completed":
                 context.log.info(f"training job {name} already completed; reusing its model")
                 return prior
             if prior and prior["TrainingJobStatus"] in ("InProgress", "Stopping"):
                 context.log.info(f"training job {name} is still running; waiting for it")
-                prior = self._wait(context, sm, name)
+                prior = self._wait(context, name)
                 if prior["TrainingJobStatus"] == "Completed":
                     return prior
             if prior:  # failed or stopped before: a fresh name, the same checkpoints to resume from
                 name = f"{base}-{attempt}-{context.run.run_id[:8]}"
             try:
-                sm.create_training_job(
-                    **self.request(
+                self._client("sagemaker").create_training_job(
+                    **self._request(
                         name, lake, channels, model_key, base, instance_type, hyperparameters
                     )
                 )
@@ -360,7 +354,7 @@ class SageMakerTrainer(Trainer):
                     )
                     continue
                 raise
-            d = self._wait(context, sm, name)
+            d = self._wait(context, name)
             if d["TrainingJobStatus"] == "Completed":
                 return d
             reason = d.get("FailureReason", d["TrainingJobStatus"])

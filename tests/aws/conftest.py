@@ -1,6 +1,6 @@
 """AWS paths against a moto server on 127.0.0.1, with test-side executors.
 
-moto accepts Batch, SageMaker and Athena requests but runs nothing (TESTING.md). The
+moto accepts Batch, SageMaker and Athena requests but runs nothing. The
 executors below replace that part of the emulator *inside the test harness* (they patch
 moto internals, never project code): a Batch job runs its submitted command locally (array
 index in AWS_BATCH_JOB_ARRAY_INDEX, N_TO_N honoured, terminate kills it); a SageMaker job

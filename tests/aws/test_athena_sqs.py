@@ -3,6 +3,7 @@ import json
 import boto3
 import dagster as dg
 import pytest
+from botocore.exceptions import EndpointConnectionError
 
 from resources.catalog import AthenaCatalog, DuckDBCatalog, QueryRefused
 from resources.events import PackEvents, parse_s3_event
@@ -58,6 +59,29 @@ def test_athena_and_duckdb_give_the_same_answers(subset_on_s3, aws, sql):
     assert aws.athena_queries[-1] == sql
     with pytest.raises(QueryRefused):
         athena().query("DROP TABLE images")
+
+
+@pytest.mark.parametrize(
+    "error, cancelled",
+    [
+        (dg.DagsterExecutionInterruptedError(), True),  # the run was cancelled
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1"), False),  # past its retries
+    ],
+)
+def test_only_a_cancel_stops_the_athena_query_not_a_failed_poll(aws, error, cancelled):
+    athena_client = boto3.client("athena")
+
+    def raise_error(**kwargs):
+        raise error
+
+    athena_client.meta.events.register(
+        "provide-client-params.athena.GetQueryExecution", raise_error
+    )
+    with pytest.raises(type(error)):
+        athena().with_client(athena_client).query("SELECT 1 AS one")
+    [qid] = boto3.client("athena").list_query_executions()["QueryExecutionIds"]
+    state = boto3.client("athena").get_query_execution(QueryExecutionId=qid)["QueryExecution"]
+    assert (state["Status"]["State"] == "CANCELLED") is cancelled
 
 
 def test_s3_event_parsing_decodes_keys_and_skips_test_events():

@@ -17,8 +17,8 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
     from orchestration import runs
     from orchestration.definitions import build_defs
     from orchestration.sensors import incoming_packs_sensor, incoming_packs_sqs_sensor
+    from resources.batch import BatchArrayClient
     from resources.catalog import AthenaCatalog
-    from resources.compute import BatchArrayClient
     from resources.training import SageMakerTrainer
     from workloads.s3lake import S3Lake
 

@@ -6,9 +6,11 @@ import time
 import boto3
 import dagster as dg
 import pytest
+from botocore.exceptions import EndpointConnectionError
 from botocore.stub import ANY, Stubber
 
-from resources.compute import BATCH_RETRY, BatchArrayClient, WorkloadFailed
+from resources.batch import BATCH_RETRY, BatchArrayClient, BatchChildrenFailed, ChildFailure
+from resources.compute import WorkloadFailed
 from workloads.images import ImageParams
 from workloads.layout import result_key
 
@@ -32,10 +34,10 @@ def parents():
 
 def test_request_shapes_pinned_with_stubber():
     """What moto does not validate: array size, N_TO_N, retry on spot reclaim only, the command."""
-    c = BatchArrayClient(job_queue="q", job_definition="jd")
     batch = boto3.client(
         "batch", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
     )
+    c = BatchArrayClient(job_queue="q", job_definition="jd").with_client(batch)
     cmd = ["python", "-m", "workloads.images", "--prefixes", "00,01,02"]
     with Stubber(batch) as stub:
         stub.add_response(
@@ -81,14 +83,14 @@ def test_request_shapes_pinned_with_stubber():
                 "tags": {},
             },
         )
-        assert c.submit(batch, "a", cmd, 3) == "J1"
-        assert c.submit(batch, "b", cmd, 3, depends_on="J1") == "J2"
-        assert c.submit(batch, "c", cmd, 1, depends_on="J2") == "J3"  # one prefix: no array
+        assert c._submit("a", cmd, 3) == "J1"
+        assert c._submit("b", cmd, 3, depends_on="J1") == "J2"
+        assert c._submit("c", cmd, 1, depends_on="J2") == "J3"  # one prefix: no array
         stub.assert_no_pending_responses()
     assert BATCH_RETRY["evaluateOnExit"][0] == {"onStatusReason": "Host EC2*", "action": "RETRY"}
     assert BATCH_RETRY["evaluateOnExit"][-1] == {"onReason": "*", "action": "EXIT"}
     with pytest.raises(WorkloadFailed, match="10000"):
-        c.submit(batch, "d", cmd, 10_001)
+        c._submit("d", cmd, 10_001)
 
 
 def test_prefixes_with_work_are_one_array_job_per_stage_in_chunks_of_the_array_limit(
@@ -145,6 +147,15 @@ def test_failed_children_are_reported_with_prefix_reason_and_log_then_rerun_does
         client().run_image_stages(
             dg.build_asset_context(), lake.url, "r1", ["resize"], busy, ImageParams()
         )
+    # the failure as data: which child, which prefix, how it ended
+    [failure] = err.value.failures
+    assert isinstance(err.value, BatchChildrenFailed) and isinstance(failure, ChildFailure)
+    assert (failure.stage, failure.prefix, failure.index, failure.exit_code) == (
+        "resize",
+        bad,
+        busy.index(bad),
+        137,
+    )
     msg = str(err.value)
     assert (
         f"resize prefix {bad}: OutOfMemoryError: Container killed due to memory usage (exit 137, log stream cvgraph-worker/default/"
@@ -194,3 +205,66 @@ def test_cancelling_the_run_terminates_the_array_job(indexed_lake, aws):
     assert len([r for r in aws.batch_runs if r["index"] is not None]) < 2 * len(
         busy
     )  # not everything ran
+
+
+def test_ingest_reads_an_unreadable_pack_from_the_exit_code_and_fails_loudly_otherwise(aws):
+    """run_ingest in a real run: the child's exit code PACK_UNREADABLE is the pack's verdict (data
+    from describe_jobs, not text); any other failure names the pack and the child's exit."""
+    from workloads.lake import open_lake
+    from workloads.tasks import PACK_UNREADABLE
+
+    lake = open_lake("s3://cvgraph-lake/lake")
+    lake.put("incoming/junk.zip", b"not a zip at all")
+    out = {}
+
+    @dg.asset
+    def ingest_probe(context: dg.AssetExecutionContext, image_compute: BatchArrayClient) -> None:
+        out["junk"] = image_compute.run_ingest(context, lake.url, "junk", "incoming/junk.zip")
+        try:
+            image_compute.run_ingest(context, lake.url, "gone", "incoming/gone.zip")
+        except BatchChildrenFailed as e:
+            out["gone"] = e
+
+    assert dg.materialize([ingest_probe], resources={"image_compute": client()}).success
+    assert out["junk"] == PACK_UNREADABLE
+    [failure] = out["gone"].failures
+    assert (failure.stage, failure.prefix, failure.index) == ("ingest", "gone", None)
+    assert failure.exit_code not in (0, PACK_UNREADABLE, None)
+    assert str(out["gone"]).startswith("ingest of pack gone (incoming/gone.zip) failed on Batch:")
+
+
+def describe_jobs_raises(error: BaseException):
+    """The aws profile's Batch client (on the moto server), whose describe_jobs raises ``error``."""
+    batch = boto3.client("batch")
+
+    def raise_error(**kwargs):
+        raise error
+
+    batch.meta.events.register("provide-client-params.batch.DescribeJobs", raise_error)
+    return batch
+
+
+@pytest.mark.parametrize(
+    "error, terminated",
+    [
+        (dg.DagsterExecutionInterruptedError(), True),  # the run was cancelled
+        (KeyboardInterrupt(), True),  # cancelled where no Dagster step runs the client
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1"), False),  # past its retries
+    ],
+)
+def test_only_a_cancel_terminates_the_jobs_not_a_failed_poll(aws, error, terminated):
+    compute = client().with_client(describe_jobs_raises(error))
+    with pytest.raises(type(error)):
+        compute.run_prefix_tasks(
+            dg.build_asset_context(),
+            "sleep",
+            lambda prefixes: ["python", "-c", "import time; time.sleep(60)"],
+            ["00"],
+            "poll1234",
+        )
+    [job] = parents()
+    if terminated:
+        assert job.job_stopped_reason == "Dagster run cancelled"
+    else:  # the job goes on: a describe that failed says nothing about it
+        assert job.job_stopped_reason is None and not job.stop
+        boto3.client("batch").terminate_job(jobId=job.job_id, reason="test over")

@@ -5,6 +5,8 @@ import time
 
 import boto3
 import dagster as dg
+import pytest
+from botocore.exceptions import EndpointConnectionError
 from botocore.stub import Stubber
 
 from resources.training import SageMakerTrainer
@@ -61,7 +63,7 @@ def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
             "S3Uri": "s3://bucket/lake/models/m/channels/images.manifest",
         },
     }
-    req = t.request("job-0", lake, channels, "m", "job", "ml.m5.large", {"epochs": 3})
+    req = t._request("job-0", lake, channels, "m", "job", "ml.m5.large", {"epochs": 3})
     assert req["EnableManagedSpotTraining"] is True
     assert req["StoppingCondition"] == {
         "MaxRuntimeInSeconds": 3600,
@@ -87,6 +89,33 @@ def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
             req,
         )
         sm.create_training_job(**req)
+        stub.assert_no_pending_responses()
+
+
+@pytest.mark.parametrize(
+    "error, stopped",
+    [
+        (dg.DagsterExecutionInterruptedError(), True),  # the run was cancelled
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1"), False),  # past its retries
+    ],
+)
+def test_only_a_cancel_stops_the_training_job_not_a_failed_poll(monkeypatch, error, stopped):
+    """The first describe_training_job raises ``error``; the Stubber holds exactly the calls the
+    trainer may make after it (a StopTrainingJob on a cancel, nothing otherwise)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+
+    def raise_error(**kwargs):
+        raise error
+
+    sm.meta.events.register("provide-client-params.sagemaker.DescribeTrainingJob", raise_error)
+    t = SageMakerTrainer(role_arn="arn:aws:iam::1:role/r", training_image="img:1").with_client(sm)
+    with Stubber(sm) as stub:
+        if stopped:
+            stub.add_response("stop_training_job", {}, {"TrainingJobName": "job-0"})
+        with pytest.raises(type(error)):
+            t._wait(dg.build_asset_context(), "job-0")
         stub.assert_no_pending_responses()
 
 

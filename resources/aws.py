@@ -1,0 +1,98 @@
+"""What the AWS clients (Batch, SageMaker, Athena) share: boto3 clients, polling, cancellation.
+
+Shaped like dagster-aws's Pipes clients: the boto3 client is created once and can be injected,
+remote work is polled until it finishes, and stopped when the Dagster run is cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Self, TypeVar
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+T = TypeVar("T")
+
+# Adaptive: retries with client-side rate limiting, as polling many jobs meets the services'
+# describe throttles; ten attempts, backing off, ride out a burst of them without failing the step.
+RETRIES = {"mode": "adaptive", "max_attempts": 10}
+
+# What a cancelled run raises in its step: Dagster's interrupt, or a bare KeyboardInterrupt
+# where the resource is driven outside a step.
+INTERRUPTS = (dg.DagsterExecutionInterruptedError, KeyboardInterrupt)
+
+# boto3's default session is not safe to create clients from in several threads at once.
+_CREATING = threading.RLock()
+
+
+def aws_client(service: str, region_name: str | None = None):
+    """A boto3 client for ``service`` with the shared retries. The endpoint is boto3's own
+    resolution (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE>), as for every client before."""
+    import boto3
+    from botocore.config import Config
+
+    with _CREATING:
+        return boto3.client(service, region_name=region_name, config=Config(retries=RETRIES))
+
+
+class AwsResource(dg.ConfigurableResource):
+    """A resource that calls AWS: one boto3 client per service, created on first use, or injected
+    with ``with_client``."""
+
+    region_name: str | None = None
+
+    _clients: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def with_client(self, client) -> Self:
+        """Use ``client`` (a boto3 client) for its service instead of creating one; returns self.
+
+        An injected client lives in this object only: a Dagster run builds its resources again
+        from their config, so a run creates its own clients."""
+        self._clients[client.meta.service_model.service_name] = client
+        return self
+
+    def _client(self, service: str):
+        with _CREATING:
+            if service not in self._clients:
+                self._clients[service] = aws_client(service, self.region_name)
+            return self._clients[service]
+
+
+def poll(
+    describe: Callable[[], T],
+    done: Callable[[T], bool],
+    interval: float,
+    on_tick: Callable[[T], None] | None = None,
+) -> T:
+    """``describe()`` every ``interval`` seconds until ``done`` is true of it; returns that
+    description. Each description goes to ``on_tick`` first (to log a change of state)."""
+    while True:
+        state = describe()
+        if on_tick is not None:
+            on_tick(state)
+        if done(state):
+            return state
+        time.sleep(interval)
+
+
+@contextmanager
+def stopped_on_interrupt(stop: Callable[[], None]) -> Iterator[None]:
+    """Run the block; if the run is cancelled meanwhile, ``stop()`` the remote work and re-raise.
+
+    Only a cancel stops it: any other error (a describe that failed past its retries) says
+    nothing about the remote work, which goes on and leaves its results in the lake. A stop that
+    fails is logged, so the cancel still ends the step."""
+    try:
+        yield
+    except INTERRUPTS:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            stop()
+        except (BotoCoreError, ClientError) as e:
+            dg.get_dagster_logger().warning(f"run cancelled, but stopping its AWS work failed: {e}")
+        raise

@@ -1,0 +1,268 @@
+"""Image compute on AWS Batch: one array job per stage per ranged run; child index → prefix."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from resources.aws import AwsResource, poll, stopped_on_interrupt
+from resources.compute import ImageCompute, WorkloadFailed, images_command, ingest_command
+from workloads.tasks import PACK_UNREADABLE
+
+# Spot reclaims (the host went away) are retried; a non-zero exit of our code is not.
+BATCH_RETRY = {
+    "attempts": 3,
+    "evaluateOnExit": [
+        {"onStatusReason": "Host EC2*", "action": "RETRY"},  # EC2 Spot reclaim
+        {
+            "onStatusReason": "Your Spot Task was interrupted*",
+            "action": "RETRY",
+        },  # Fargate Spot reclaim
+        {"onReason": "*", "action": "EXIT"},
+    ],
+}
+TERMINAL = ("SUCCEEDED", "FAILED")
+
+
+@dataclass(frozen=True)
+class ChildFailure:
+    """A Batch child (or single job) that ended FAILED, as ``describe_jobs`` tells it."""
+
+    stage: str
+    prefix: str  # the child's prefix; a single job's prefixes, comma-joined
+    job_id: str
+    index: int | None  # the array index; None for a single job
+    exit_code: int | None  # None when the container never exited (a failed dependency, a reclaim)
+    reason: str
+    log_stream: str | None
+
+    def __str__(self) -> str:
+        return f"{self.stage} prefix {self.prefix}: {self.reason} (exit {self.exit_code}, log stream {self.log_stream}, job {self.job_id})"
+
+
+class BatchChildrenFailed(WorkloadFailed):
+    """Batch children failed: ``failures`` holds each one, the message lists them."""
+
+    def __init__(self, failures: list[ChildFailure], what: str | None = None):
+        self.failures = tuple(failures)
+        message = f"{len(failures)} batch children failed:\n" + "\n".join(map(str, failures))
+        super().__init__(f"{what}: {message}" if what else message)
+
+
+def _batches(items: list, n: int = 100):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _finished(d: dict) -> bool:
+    """A job is over, or an array whose children all are (its own status can lag behind)."""
+    summary = d.get("arrayProperties", {}).get("statusSummary")
+    size = d.get("arrayProperties", {}).get("size", 1)
+    return d["status"] in TERMINAL or (
+        summary is not None and summary.get("SUCCEEDED", 0) + summary.get("FAILED", 0) >= size
+    )
+
+
+class BatchArrayClient(ImageCompute, AwsResource):
+    """AWS Batch: one array job per stage per ranged run; child index → prefix.
+
+    Written in the pattern of dagster-aws's Pipes clients (submit, poll, forward
+    termination, report failures); results come back through the lake's result records.
+    """
+
+    job_queue: str
+    job_definition: str
+    poll_seconds: float = 10.0
+    threads_per_job: int = 4
+    max_array_size: int = 10_000
+
+    def _environment(self) -> list[dict]:
+        return [
+            {"name": k, "value": v}
+            for k, v in sorted(os.environ.items())
+            if k.startswith("CVGRAPH_INGEST_")
+        ]
+
+    def _submit(
+        self,
+        name: str,
+        command: list[str],
+        size: int,
+        depends_on: str | None = None,
+        tags: dict | None = None,
+    ) -> str:
+        """One submit_job: an array of ``size`` children (or a single job when size is 1)."""
+        if size > self.max_array_size:
+            raise WorkloadFailed(
+                f"{size} children exceed the Batch array limit of {self.max_array_size}"
+            )
+        kw = {
+            "jobName": name[:128],
+            "jobQueue": self.job_queue,
+            "jobDefinition": self.job_definition,
+            "containerOverrides": {"command": command, "environment": self._environment()},
+            "retryStrategy": BATCH_RETRY,
+            "propagateTags": True,
+            "tags": tags or {},
+        }
+        if size > 1:
+            kw["arrayProperties"] = {"size": size}
+        if depends_on:
+            kw["dependsOn"] = [
+                {"jobId": depends_on, "type": "N_TO_N"} if size > 1 else {"jobId": depends_on}
+            ]
+        return self._client("batch").submit_job(**kw)["jobId"]
+
+    def _describe(self, ids: list[str]) -> dict[str, dict]:
+        batch = self._client("batch")
+        return {
+            d["jobId"]: d
+            for chunk in _batches(ids)
+            for d in batch.describe_jobs(jobs=chunk)["jobs"]
+        }
+
+    def _wait(self, context, jobs: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
+        """Poll ``describe_jobs`` (100 ids a call) until every job is terminal."""
+        last: dict[str, str] = {}
+
+        def log_changes(descs: dict[str, dict]) -> None:
+            for jid, d in descs.items():
+                summary = d.get("arrayProperties", {}).get("statusSummary")
+                state = f"{d['status']} {summary}" if summary else d["status"]
+                if last.get(jid) != state:
+                    context.log.info(
+                        f"batch job {jid} ({jobs[jid][0]}, {len(jobs[jid][1])} prefixes): {state}"
+                    )
+                    last[jid] = state
+
+        return poll(
+            lambda: self._describe(list(jobs)),
+            # just-submitted jobs can be missing from a describe
+            lambda descs: set(descs) >= set(jobs) and all(map(_finished, descs.values())),
+            self.poll_seconds,
+            log_changes,
+        )
+
+    @staticmethod
+    def _name_prefix(run_id: str) -> str:
+        return f"cvgraph-{run_id[:8]}-"
+
+    def _terminate(self, context, run_id: str, jobs: dict) -> None:
+        """Terminate this run's jobs: those submitted, and by name any whose submit_job was in
+        flight when the cancel landed."""
+        batch = self._client("batch")
+        found = set(jobs)
+        for page in batch.get_paginator("list_jobs").paginate(
+            jobQueue=self.job_queue,
+            filters=[{"name": "JOB_NAME", "values": [self._name_prefix(run_id) + "*"]}],
+        ):
+            found |= {j["jobId"] for j in page["jobSummaryList"] if j["status"] not in TERMINAL}
+        for jid in sorted(found):
+            batch.terminate_job(jobId=jid, reason="Dagster run cancelled")
+        context.log.warning(f"run cancelled: terminated batch jobs {sorted(found)}")
+
+    def _run_jobs(
+        self, context, submissions: list[tuple[str, list[str], list[str]]], run_id: str
+    ) -> list[ChildFailure]:
+        """Submit ``(stage, command, prefixes)`` in order (each N_TO_N on the previous), wait for
+        all; returns the failed children.
+
+        If the Dagster run is cancelled meanwhile every job submitted so far is terminated, as
+        dagster-aws's Pipes clients stop their remote work; any other error leaves them running."""
+        jobs: dict[str, tuple[str, list[str]]] = {}
+        previous = None
+        with stopped_on_interrupt(lambda: self._terminate(context, run_id, jobs)):
+            for stage, command, prefixes in submissions:
+                name = re.sub(
+                    r"[^A-Za-z0-9_-]",
+                    "_",
+                    f"{self._name_prefix(run_id)}{stage}-{prefixes[0]}-{prefixes[-1]}",
+                )
+                previous = self._submit(
+                    name,
+                    command,
+                    len(prefixes),
+                    depends_on=previous,
+                    tags={"dagster/run_id": run_id},
+                )
+                jobs[previous] = (stage, prefixes)
+                context.log.info(
+                    f"submitted {stage} as batch job {previous} ({len(prefixes)} children)"
+                )
+            descs = self._wait(context, jobs)
+        return self._failures(jobs, descs)
+
+    def _failed_children(self, d: dict) -> list[dict]:
+        """The descriptions of job ``d``'s failed children (of ``d`` itself if it is no array)."""
+        if "arrayProperties" in d and d["arrayProperties"].get("size", 0) > 1:
+            ids = []
+            for page in (
+                self._client("batch")
+                .get_paginator("list_jobs")
+                .paginate(arrayJobId=d["jobId"], jobStatus="FAILED")
+            ):
+                ids += [j["jobId"] for j in page["jobSummaryList"]]
+            return list(self._describe(ids).values())
+        return [d] if d["status"] == "FAILED" else []
+
+    def _failures(
+        self, jobs: dict[str, tuple[str, list[str]]], descs: dict[str, dict]
+    ) -> list[ChildFailure]:
+        """Each failed child with its prefix, exit code, reason and log stream."""
+        out = []
+        for jid, (stage, prefixes) in jobs.items():
+            for c in self._failed_children(descs[jid]):
+                index = c.get("arrayProperties", {}).get("index")
+                if index is None and ":" in c["jobId"]:  # array children are "<parent id>:<index>"
+                    index = int(c["jobId"].rsplit(":", 1)[1])
+                container = c.get("container", {})
+                out.append(
+                    ChildFailure(
+                        stage=stage,
+                        prefix=prefixes[index] if index is not None else ",".join(prefixes),
+                        job_id=c["jobId"],
+                        index=index,
+                        exit_code=container.get("exitCode"),
+                        reason=c.get("statusReason") or container.get("reason") or "unknown",
+                        log_stream=container.get("logStreamName"),
+                    )
+                )
+        return out
+
+    def _arrays(self, prefixes: list[str]) -> list[list[str]]:
+        """Prefixes in chunks of at most ``max_array_size``: one array job each."""
+        return [
+            prefixes[i : i + self.max_array_size]
+            for i in range(0, len(prefixes), self.max_array_size)
+        ]
+
+    def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
+        """One array job per stage (and per chunk of ``max_array_size`` prefixes), each stage
+        N_TO_N on the one before: child i of edges starts when child i of resize is done."""
+        for chunk in self._arrays(prefixes):
+            submissions = [
+                (
+                    stage,
+                    images_command(lake_url, run_id, [stage], chunk, params, self.threads_per_job),
+                    chunk,
+                )
+                for stage in stages
+            ]
+            if failures := self._run_jobs(context, submissions, run_id):
+                raise BatchChildrenFailed(failures)
+
+    def run_prefix_tasks(self, context, name, command, prefixes, run_id):
+        for chunk in self._arrays(prefixes):
+            if failures := self._run_jobs(context, [(name, command(chunk), chunk)], run_id):
+                raise BatchChildrenFailed(failures)
+
+    def run_ingest(self, context, lake_url, pack_id, key):
+        run_id = context.run.run_id
+        command = ingest_command(lake_url, pack_id, key, run_id)
+        failures = self._run_jobs(context, [("ingest", command, [pack_id])], run_id)
+        if not failures:
+            return 0
+        if [f.exit_code for f in failures] == [PACK_UNREADABLE]:  # the pack's verdict, no failure
+            return PACK_UNREADABLE
+        raise BatchChildrenFailed(failures, f"ingest of pack {pack_id} ({key}) failed on Batch")

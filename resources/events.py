@@ -7,6 +7,8 @@ from urllib.parse import unquote_plus
 
 import dagster as dg
 
+from resources.aws import AwsResource
+
 
 def parse_s3_event(body: str) -> list[tuple[str, str, str]]:
     """(bucket, key, etag) of each ObjectCreated record; [] for test events and others.
@@ -31,20 +33,14 @@ def parse_s3_event(body: str) -> list[tuple[str, str, str]]:
     return out
 
 
-class PackEvents(dg.ConfigurableResource):
+class PackEvents(AwsResource):
     queue_url: str | None = None  # None: no notifications; the listing sensor alone finds packs
-    region_name: str | None = None
     visibility_timeout: int = 300  # longer than a sensor tick: receipts are deleted one tick later
     max_messages: int = 200
 
-    def _sqs(self):
-        import boto3
-
-        return boto3.client("sqs", region_name=self.region_name)
-
     def receive(self) -> list[dict]:
         """Drain up to ``max_messages``: [{"receipt", "objects": [(bucket, key, etag)]}]."""
-        sqs, out = self._sqs(), []
+        sqs, out = self._client("sqs"), []
         while len(out) < self.max_messages:
             resp = sqs.receive_message(
                 QueueUrl=self.queue_url,
@@ -61,7 +57,7 @@ class PackEvents(dg.ConfigurableResource):
         return out
 
     def delete(self, receipts: list[str]) -> None:
-        sqs = self._sqs()
+        sqs = self._client("sqs")
         for i in range(0, len(receipts), 10):
             entries = [
                 {"Id": str(n), "ReceiptHandle": r} for n, r in enumerate(receipts[i : i + 10])

@@ -14,14 +14,11 @@ import pyarrow.parquet as pq
 from dagster_pyspark import LazyPySparkResource
 
 from resources.tables import TableWriter, write_results
-from workloads.images import ImageParams
+from workloads.image_params import ImageParams
 from workloads.layout import RAW, STAGE_EXTS, hashes_key, raw_index_key, stage_root
-from workloads.tables import (
-    IMAGES_SCHEMA,
-    OBJECTS_SCHEMA,
-    commit_prefix_tables,
-    pending_table_changes,
-)
+from workloads.table_parts import commit_prefix_tables
+from workloads.table_rows import IMAGES_SCHEMA, TABLES
+from workloads.tables import pending_table_changes
 
 
 class SparkTableWriter(TableWriter):
@@ -32,8 +29,6 @@ class SparkTableWriter(TableWriter):
 
     def write(self, lake, prefixes, params: ImageParams):
         """Rebuild both tables of ``prefixes`` in this Spark session; stats per prefix."""
-        from pyspark.sql import functions as F
-
         spark = self.spark.spark_session
         fs, base = lake.arrow_filesystem()
         if not base.startswith("/"):
@@ -44,126 +39,13 @@ class SparkTableWriter(TableWriter):
         # index step writes meanwhile stays for the next run.
         markers = {p: pending_table_changes(lake, p)[0] for p in prefixes}
         keys = [raw_index_key(p) for p in prefixes if lake.exists(raw_index_key(p))]
-        if not keys:
-            empty = {"images": IMAGES_SCHEMA.empty_table(), "objects": OBJECTS_SCHEMA.empty_table()}
-            return {
-                p: commit_prefix_tables(
-                    lake, p, params, empty["images"], empty["objects"], markers[p]
-                )
-                for p in prefixes
-            }
-        raw = spark.read.parquet(*[f"file://{base}/{k}" for k in keys]).withColumn(
-            "prefix", F.substring("sha256", 1, 2)
-        )
-        first_pack = F.col("packs")[0]
-        sha = F.col("sha256")
-        rows = (
-            raw.withColumn("pack_id", first_pack)
-            .withColumn(
-                "member",
-                F.expr(
-                    "substring(filter(members, m -> startswith(m, concat(packs[0], '/')))[0], length(packs[0]) + 2)"
-                ),
-            )
-            .withColumn("bucket", F.conv(F.substring(sha, 1, 8), 16, 10).cast("long") % 100)
-            .withColumn(
-                "split",
-                F.when(F.col("bucket") < 80, "train")
-                .when(F.col("bucket") < 90, "val")
-                .otherwise("test"),
-            )
-            .withColumn(
-                "original_key",
-                F.concat(F.lit(RAW), F.col("prefix"), F.lit("/"), sha, F.lit("."), F.col("ext")),
-            )
-            .withColumn(
-                "resized_want",
-                F.concat(
-                    F.lit(stage_root("resize", params)),
-                    F.col("prefix"),
-                    F.lit("/"),
-                    sha,
-                    F.lit(STAGE_EXTS["resize"]),
-                ),
-            )
-            .withColumn(
-                "edges_want",
-                F.concat(
-                    F.lit(stage_root("edges", params)),
-                    F.col("prefix"),
-                    F.lit("/"),
-                    sha,
-                    F.lit(STAGE_EXTS["edges"]),
-                ),
-            )
-        )
-        rows = rows.withColumn("boxes_n", F.size("boxes").cast("int"))
-        # A variant is listed when its stage's hash index has it (the record of what is done).
-        for stage, key_col, hash_col in (
-            ("resize", "resized_key", "resized_sha256"),
-            ("edges", "edges_key", "edges_sha256"),
-        ):
-            files = [
-                f"file://{base}/{hashes_key(stage, params, p)}"
-                for p in prefixes
-                if lake.exists(hashes_key(stage, params, p))
-            ]
-            h = (
-                spark.read.parquet(*files)
-                if files
-                else spark.createDataFrame([], "sha256 string, output_sha256 string")
-            )
-            h = h.select(F.col("sha256").alias("_h_sha"), F.col("output_sha256").alias(hash_col))
-            want = "resized_want" if stage == "resize" else "edges_want"
-            rows = (
-                rows.join(h, sha == F.col("_h_sha"), "left")
-                .withColumn(key_col, F.when(F.col(hash_col).isNotNull(), F.col(want)))
-                .drop("_h_sha")
-            )
-        images = rows.select(
-            *[
-                F.col("boxes_n").alias("boxes") if f.name == "boxes" else F.col(f.name)
-                for f in IMAGES_SCHEMA
-            ],
-            "prefix",
-        )
-        objects = rows.select(
-            "sha256", "prefix", "label", "split", F.posexplode("boxes").alias("box", "b")
-        ).select(
-            "sha256",
-            F.col("box").cast("int").alias("box"),
-            "b.category",
-            "b.x",
-            "b.y",
-            "b.w",
-            "b.h",
-            "label",
-            "split",
-            "prefix",
-        )
-        with tempfile.TemporaryDirectory(prefix="cvgraph-spark-") as tmp:
-            built: dict[str, dict] = {p: {} for p in prefixes}
-            for name, df, schema in (
-                ("images", images, IMAGES_SCHEMA),
-                ("objects", objects, OBJECTS_SCHEMA),
-            ):
-                out = Path(tmp) / name
-                df.repartition("prefix").sortWithinPartitions(
-                    "sha256", *(["box"] if name == "objects" else [])
-                ).write.partitionBy("prefix").parquet(f"file://{out}")
-                for p in prefixes:
-                    files = sorted((out / f"prefix={p}").glob("*.parquet"))
-                    table = (
-                        pq.read_table(files, partitioning=None).select(schema.names).cast(schema)
-                        if files
-                        else schema.empty_table()
-                    )  # Spark types → ours
-                    built[p][name] = table.sort_by(
-                        [
-                            ("sha256", "ascending"),
-                            *([("box", "ascending")] if name == "objects" else []),
-                        ]
-                    )
+        if keys:
+            rows = _index_rows(spark, [f"file://{base}/{k}" for k in keys], params)
+            rows = _with_variants(spark, lake, base, rows, prefixes, params)
+            built = _collect_by_prefix(_table_frames(rows), prefixes)
+        else:
+            empty = {name: schema.empty_table() for name, schema in TABLES.items()}
+            built = {p: empty for p in prefixes}
         # A rebuild absorbs every change the index step recorded for these prefixes.
         return {
             p: commit_prefix_tables(
@@ -171,3 +53,138 @@ class SparkTableWriter(TableWriter):
             )
             for p in prefixes
         }
+
+
+def _index_rows(spark, files: list[str], params: ImageParams):
+    """The raw index rows with the columns derived from them alone (as ``table_rows.rows_of``
+    derives them): pack, member, split, the original's key and the variants' keys if made."""
+    from pyspark.sql import functions as F
+
+    raw = spark.read.parquet(*files).withColumn("prefix", F.substring("sha256", 1, 2))
+    first_pack = F.col("packs")[0]
+    sha = F.col("sha256")
+    rows = (
+        raw.withColumn("pack_id", first_pack)
+        .withColumn(
+            "member",
+            F.expr(
+                "substring(filter(members, m -> startswith(m, concat(packs[0], '/')))[0], length(packs[0]) + 2)"
+            ),
+        )
+        .withColumn("bucket", F.conv(F.substring(sha, 1, 8), 16, 10).cast("long") % 100)
+        .withColumn(
+            "split",
+            F.when(F.col("bucket") < 80, "train")
+            .when(F.col("bucket") < 90, "val")
+            .otherwise("test"),
+        )
+        .withColumn(
+            "original_key",
+            F.concat(F.lit(RAW), F.col("prefix"), F.lit("/"), sha, F.lit("."), F.col("ext")),
+        )
+        .withColumn(
+            "resized_want",
+            F.concat(
+                F.lit(stage_root("resize", params)),
+                F.col("prefix"),
+                F.lit("/"),
+                sha,
+                F.lit(STAGE_EXTS["resize"]),
+            ),
+        )
+        .withColumn(
+            "edges_want",
+            F.concat(
+                F.lit(stage_root("edges", params)),
+                F.col("prefix"),
+                F.lit("/"),
+                sha,
+                F.lit(STAGE_EXTS["edges"]),
+            ),
+        )
+    )
+    return rows.withColumn("boxes_n", F.size("boxes").cast("int"))
+
+
+def _with_variants(spark, lake, base: str, rows, prefixes, params: ImageParams):
+    """``rows`` with each variant's key and sha256, where its stage's hash index has it (the
+    record of what is done)."""
+    from pyspark.sql import functions as F
+
+    for stage, key_col, hash_col in (
+        ("resize", "resized_key", "resized_sha256"),
+        ("edges", "edges_key", "edges_sha256"),
+    ):
+        files = [
+            f"file://{base}/{hashes_key(stage, params, p)}"
+            for p in prefixes
+            if lake.exists(hashes_key(stage, params, p))
+        ]
+        h = (
+            spark.read.parquet(*files)
+            if files
+            else spark.createDataFrame([], "sha256 string, output_sha256 string")
+        )
+        h = h.select(F.col("sha256").alias("_h_sha"), F.col("output_sha256").alias(hash_col))
+        want = "resized_want" if stage == "resize" else "edges_want"
+        rows = (
+            rows.join(h, F.col("sha256") == F.col("_h_sha"), "left")
+            .withColumn(key_col, F.when(F.col(hash_col).isNotNull(), F.col(want)))
+            .drop("_h_sha")
+        )
+    return rows
+
+
+def _table_frames(rows) -> dict:
+    """``{table: DataFrame}`` of the tables' columns, plus ``prefix``."""
+    from pyspark.sql import functions as F
+
+    images = rows.select(
+        *[
+            F.col("boxes_n").alias("boxes") if f.name == "boxes" else F.col(f.name)
+            for f in IMAGES_SCHEMA
+        ],
+        "prefix",
+    )
+    objects = rows.select(
+        "sha256", "prefix", "label", "split", F.posexplode("boxes").alias("box", "b")
+    ).select(
+        "sha256",
+        F.col("box").cast("int").alias("box"),
+        "b.category",
+        "b.x",
+        "b.y",
+        "b.w",
+        "b.h",
+        "label",
+        "split",
+        "prefix",
+    )
+    return {"images": images, "objects": objects}
+
+
+def _collect_by_prefix(frames: dict, prefixes) -> dict[str, dict]:
+    """``{prefix: {table: pyarrow table}}``: each frame written by Spark partitioned by prefix,
+    read back in our types and the order a rebuild writes."""
+    with tempfile.TemporaryDirectory(prefix="cvgraph-spark-") as tmp:
+        built: dict[str, dict] = {p: {} for p in prefixes}
+        for name, df in frames.items():
+            schema = TABLES[name]
+            out = Path(tmp) / name
+            df.repartition("prefix").sortWithinPartitions(
+                "sha256", *(["box"] if name == "objects" else [])
+            ).write.partitionBy("prefix").parquet(f"file://{out}")
+            for p in prefixes:
+                files = sorted((out / f"prefix={p}").glob("*.parquet"))
+                table = (
+                    pq.read_table(files, partitioning=None).select(schema.names).cast(schema)
+                    if files
+                    else schema.empty_table()
+                )  # Spark types → ours
+                built[p][name] = table.sort_by(
+                    [
+                        ("sha256", "ascending"),
+                        *([("box", "ascending")] if name == "objects" else []),
+                    ]
+                )
+    return built

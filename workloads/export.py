@@ -27,14 +27,6 @@ def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, dict]:
     """Write every format under ``out_dir``; returns ``{format: {file, bytes, max_abs_error, top1_agreement}}``."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     model, record = load_checkpoint(model_pt)
     x = torch.from_numpy(samples.astype(np.float32))
     with torch.no_grad():
@@ -43,19 +35,47 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
 
+    _export_torchscript(model, x, paths["torchscript"])
+    _export_onnx(model, x, paths["onnx"])
+    _quantize_int8(
+        paths["onnx"], paths["onnx_int8"], out_dir / "onnx_int8" / "prepared.onnx", samples
+    )
+
+    with torch.no_grad():
+        outputs = {"torchscript": torch.jit.load(str(paths["torchscript"])).eval()(x).numpy()}
+    outputs["onnx"] = _onnx_logits(paths["onnx"], samples.astype(np.float32))
+    outputs["onnx_int8"] = _onnx_logits(paths["onnx_int8"], samples.astype(np.float32))
+    return {fmt: _parity(fmt, paths[fmt], logits, reference) for fmt, logits in outputs.items()}
+
+
+def _export_torchscript(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
     scripted = torch.jit.trace(model, x[:1])
-    scripted.save(str(paths["torchscript"]))
+    scripted.save(str(path))
+
+
+def _export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (x[:1],),
-            str(paths["onnx"]),
+            str(path),
             input_names=["image"],
             output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
             dynamo=False,
         )
+
+
+def _quantize_int8(onnx_path: Path, int8_path: Path, prepared: Path, samples: np.ndarray) -> None:
+    """Static int8 quantization of the ONNX model, calibrated on ``samples``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Calibration(CalibrationDataReader):
         """Static int8 calibration on the same held-out samples (activation ranges only)."""
@@ -72,15 +92,14 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
             return next(self.batches, None)
 
     # onnxruntime's recommended pre-processing: shape inference + graph optimisation.
-    prepared = out_dir / "onnx_int8" / "prepared.onnx"
-    quant_pre_process(str(paths["onnx"]), str(prepared))
+    quant_pre_process(str(onnx_path), str(prepared))
     # 7-bit weights (reduce_range): onnxruntime's advice for x86 CPUs without VNNI (AVX2 only),
     # whose u8s8 products saturate in 16 bits; it costs VNNI CPUs nothing, and the same model
     # quantizes to the same bytes wherever it is exported. Without it, on an AVX2-only EPYC, the
     # demo's int8 digits model agreed with PyTorch on under 95% of held-out images.
     quantize_static(
         str(prepared),
-        str(paths["onnx_int8"]),
+        str(int8_path),
         Calibration(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
@@ -90,19 +109,14 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     )
     prepared.unlink()
 
-    with torch.no_grad():
-        outputs = {"torchscript": torch.jit.load(str(paths["torchscript"])).eval()(x).numpy()}
-    outputs["onnx"] = _onnx_logits(paths["onnx"], samples.astype(np.float32))
-    outputs["onnx_int8"] = _onnx_logits(paths["onnx_int8"], samples.astype(np.float32))
-    report = {}
-    for fmt, logits in outputs.items():
-        report[fmt] = {
-            "file": EXPORT_FILES[fmt],
-            "bytes": paths[fmt].stat().st_size,
-            "max_abs_error": float(np.max(np.abs(logits - reference))) if len(reference) else 0.0,
-            "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))
-            if len(reference)
-            else 1.0,
-            "samples": len(reference),
-        }
-    return report
+
+def _parity(fmt: str, path: Path, logits: np.ndarray, reference: np.ndarray) -> dict:
+    return {
+        "file": EXPORT_FILES[fmt],
+        "bytes": path.stat().st_size,
+        "max_abs_error": float(np.max(np.abs(logits - reference))) if len(reference) else 0.0,
+        "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))
+        if len(reference)
+        else 1.0,
+        "samples": len(reference),
+    }

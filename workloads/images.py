@@ -10,21 +10,19 @@ by writing ``_results/<run_id>/<stage>/<pp>.json``, the commit marker of that pr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-from workloads.kernels import KERNEL_VERSION, EdgeParams, ResizeParams, edges_png, resize_bytes
-from workloads.lake import read_parquet, write_parquet
+from workloads.image_params import ImageParams, add_params_args, params_from_args
+from workloads.kernels import edges_png, resize_bytes
+from workloads.lake import read_parquet
 from workloads.layout import (
     hashes_key,
     inflight_key,
-    output_dir,
     output_key,
     raw_index_key,
     raw_key,
@@ -32,111 +30,19 @@ from workloads.layout import (
     shard_hashes_key,
 )
 from workloads.tasks import open_task_lake, parse_task, prefix_parser, selected_prefixes, task_token
-from workloads.versions import params_id, prefix_version, sha256_hex
+from workloads.variant_hashes import (
+    read_hash_table,
+    read_hashes,
+    recover_inflight,
+    shard_of,
+    update_hashes,
+    write_hash_table,
+)
+from workloads.versions import prefix_version, sha256_hex
 
 STAGES = ("resize", "edges")
-
-
-@dataclass(frozen=True)
-class ImageParams:
-    resize: ResizeParams = field(default_factory=ResizeParams)
-    edges: EdgeParams = field(default_factory=EdgeParams)
-
-    @property
-    def resize_id(self) -> str:
-        return params_id(
-            {"stage": "resize", "kernel": KERNEL_VERSION, **dataclasses.asdict(self.resize)}
-        )
-
-    @property
-    def edges_id(self) -> str:
-        return params_id(
-            {"stage": "edges", "resize": self.resize_id, **dataclasses.asdict(self.edges)}
-        )
-
-    def stage_id(self, stage: str) -> str:
-        return self.resize_id if stage == "resize" else self.edges_id
-
-    def cli_args(self) -> list[str]:
-        r, e = self.resize, self.edges
-        return [
-            "--size",
-            str(r.size),
-            "--jpeg-quality",
-            str(r.jpeg_quality),
-            "--edge-low",
-            str(e.low),
-            "--edge-high",
-            str(e.high),
-        ]
-
-
-def read_hashes(lake, stage: str, params: ImageParams, prefix: str) -> dict[str, str]:
-    return _read_hash_table(lake, hashes_key(stage, params, prefix))
-
-
-def _read_hash_table(lake, key: str) -> dict[str, str]:
-    try:
-        t = read_parquet(lake, key)
-    except FileNotFoundError:
-        return {}
-    return dict(zip(t["sha256"].to_pylist(), t["output_sha256"].to_pylist()))
-
-
-def shard_of(sha: str, shards: int) -> int:
-    """The shard of a prefix an image belongs to (from hash digits after the prefix's own)."""
-    return int(sha[2:8], 16) % shards
-
-
-def _recover(
-    lake,
-    stage: str,
-    params: ImageParams,
-    prefix: str,
-    hashes: dict[str, str],
-    shard: tuple[int, int] = (0, 1),
-) -> None:
-    """Mark the prefix (or shard) in flight. If the last task on it was killed (its mark is still
-    there), add the whole outputs it left to ``hashes`` by one listing, so the work it finished is
-    kept: the only listing of outputs, and only after a kill."""
-    mark = inflight_key(stage, params, prefix, shard)
-    if lake.exists(mark):
-        base = output_dir(stage, params, prefix)
-        for key in lake.keys(base):
-            sha = key[len(base) :].split(".")[0]
-            if sha not in hashes and (
-                shard[1] == 1 or shard_of(sha, shard[1]) == shard[0]
-            ):  # a shard takes only its own
-                hashes[sha] = sha256_hex(lake.get(key))
-    else:
-        lake.put(mark, b"")
-
-
-def _update_hashes(
-    lake, stage: str, params: ImageParams, prefix: str, old: dict[str, str], fresh: dict[str, str]
-) -> None:
-    """Merge this run's output hashes into the prefix's hash index: the record of what is done
-    (an output a killed run left without its hash is not done, and is written again, with the
-    same bytes)."""
-    known = {**old, **fresh}
-    if known != old:
-        _write_hash_table(lake, hashes_key(stage, params, prefix), known)
-
-
-def _write_hash_table(lake, key: str, hashes: dict[str, str]) -> None:
-    import pyarrow as pa
-
-    rows = sorted(hashes.items())
-    write_parquet(
-        lake,
-        key,
-        pa.table(
-            {
-                "sha256": pa.array([r[0] for r in rows], pa.string()),
-                "output_sha256": pa.array([r[1] for r in rows], pa.string()),
-            }
-        ),
-    )
+# What one image gave a stage: (stage, sha256, (bytes, output sha256)), or the reason it failed.
+Outcome = tuple[str, str, tuple[int, str] | str]
 
 
 def read_raw_index(lake, prefix: str) -> list[dict]:
@@ -164,61 +70,12 @@ def process_prefix(
     images = [
         im for im in read_raw_index(lake, prefix) if n_ == 1 or shard_of(im["sha256"], n_) == s_
     ]
-    # What is done is what the hash indexes say: one read per stage, no listing of outputs (a
-    # shard also reads the hashes it made before, if its earlier attempt was not merged yet).
-    hashes = {
-        s: read_hashes(lake, s, params, prefix)
-        for s in STAGES
-        if s in stages or (s == "resize" and "edges" in stages)
-    }
-    index_shas = {s: set(h) for s, h in hashes.items()}
-    if n_ > 1:
-        for s in hashes:
-            hashes[s].update(_read_hash_table(lake, shard_hashes_key(s, params, prefix, s_, n_)))
-    for s in stages:
-        _recover(lake, s, params, prefix, hashes[s], shard)
+    hashes, index_shas = _known_hashes(lake, prefix, stages, params, shard)
     done = {s: set(hashes[s]) for s in stages}
-    resized_stored = set(hashes.get("resize", {}))
     todo = [im for im in images if any(im["sha256"] not in done[s] for s in stages)]
-    stats = {s: {"processed": 0, "bytes_written": 0, "failed": []} for s in stages}
-    fresh: dict[str, dict[str, str]] = {s: {} for s in stages}
-
-    def work(im: dict) -> list[tuple[str, str, tuple[int, str] | str]]:
-        sha = im["sha256"]
-        out: list[tuple[str, str, tuple[int, str] | str]] = []
-        try:
-            resized_key = output_key("resize", params, prefix, sha)
-            need_resize = "resize" in stages and sha not in done["resize"]
-            need_edges = "edges" in stages and sha not in done["edges"]
-            if need_resize or (need_edges and sha not in resized_stored):
-                raw = lake.get(raw_key(sha, im["ext"]))
-                resized = resize_bytes(
-                    raw, im["format"], im["width"], im["height"], params.resize, fast=fast
-                )
-                if need_resize:
-                    lake.put(resized_key, resized)
-                    out.append(("resize", sha, (len(resized), sha256_hex(resized))))
-            else:
-                resized = lake.get(resized_key) if need_edges else b""
-            if need_edges:
-                edges = edges_png(resized, params.edges)
-                lake.put(output_key("edges", params, prefix, sha), edges)
-                out.append(("edges", sha, (len(edges), sha256_hex(edges))))
-        except Exception as e:  # recorded per image with its reason; the prefix goes on
-            reason = f"{type(e).__name__}: {e}"
-            finished = {s for s, _, _ in out}
-            out.extend((s, sha, reason) for s in stages if sha not in done[s] and s not in finished)
-        return out
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for outcome in pool.map(work, todo):
-            for stage, sha, value in outcome:
-                if isinstance(value, str):
-                    stats[stage]["failed"].append({"sha256": sha, "reason": value})
-                else:
-                    stats[stage]["processed"] += 1
-                    stats[stage]["bytes_written"] += value[0]
-                    fresh[stage][sha] = value[1]
+    stats, fresh = _run_stages(
+        lake, prefix, stages, params, todo, done, set(hashes.get("resize", {})), threads, fast
+    )
     seconds = round(time.perf_counter() - t0, 3)
     records = {}
     for stage in stages:
@@ -235,23 +92,128 @@ def process_prefix(
             stats[stage]["bytes_written"],
             seconds,
         )
-        if n_ == 1:
-            _update_hashes(lake, stage, params, prefix, hashes[stage], fresh[stage])
-        else:  # the shard's own hashes (all it has made, not yet in the index): the merge folds them in
-            _write_hash_table(
-                lake,
-                shard_hashes_key(stage, params, prefix, s_, n_),
-                {
-                    sha: h
-                    for sha, h in {**hashes[stage], **fresh[stage]}.items()
-                    if sha not in index_shas[stage]
-                },
-            )
+        _save_hashes(
+            lake, stage, params, prefix, shard, hashes[stage], fresh[stage], index_shas[stage]
+        )
         lake.delete(inflight_key(stage, params, prefix, shard))
         before = _put_record(
             lake, result_key(run_id, stage, task_token(prefix, s_, n_)), records[stage], before
         )
     return records
+
+
+def _known_hashes(
+    lake, prefix: str, stages: list[str], params: ImageParams, shard: tuple[int, int]
+) -> tuple[dict[str, dict[str, str]], dict[str, set[str]]]:
+    """The outputs already made, per stage (resize's too when only edges run: edges start from
+    a stored resized image), and the shas of each that the prefix's hash index itself holds."""
+    # What is done is what the hash indexes say: one read per stage, no listing of outputs (a
+    # shard also reads the hashes it made before, if its earlier attempt was not merged yet).
+    hashes = {
+        s: read_hashes(lake, s, params, prefix)
+        for s in STAGES
+        if s in stages or (s == "resize" and "edges" in stages)
+    }
+    index_shas = {s: set(h) for s, h in hashes.items()}
+    s_, n_ = shard
+    if n_ > 1:
+        for s in hashes:
+            hashes[s].update(read_hash_table(lake, shard_hashes_key(s, params, prefix, s_, n_)))
+    for s in stages:
+        recover_inflight(lake, s, params, prefix, hashes[s], shard)
+    return hashes, index_shas
+
+
+def _run_stages(
+    lake,
+    prefix: str,
+    stages: list[str],
+    params: ImageParams,
+    todo: list[dict],
+    done: dict[str, set[str]],
+    resized_stored: set[str],
+    threads: int,
+    fast: bool,
+) -> tuple[dict[str, dict], dict[str, dict[str, str]]]:
+    """Make the missing outputs of ``todo`` on ``threads`` threads; returns per stage its counts
+    and failures, and the output hashes it made."""
+    stats = {s: {"processed": 0, "bytes_written": 0, "failed": []} for s in stages}
+    fresh: dict[str, dict[str, str]] = {s: {} for s in stages}
+
+    def work(im: dict) -> list[Outcome]:
+        return _image_outputs(lake, im, prefix, stages, params, done, resized_stored, fast)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for outcome in pool.map(work, todo):
+            for stage, sha, value in outcome:
+                if isinstance(value, str):
+                    stats[stage]["failed"].append({"sha256": sha, "reason": value})
+                else:
+                    stats[stage]["processed"] += 1
+                    stats[stage]["bytes_written"] += value[0]
+                    fresh[stage][sha] = value[1]
+    return stats, fresh
+
+
+def _image_outputs(
+    lake,
+    im: dict,
+    prefix: str,
+    stages: list[str],
+    params: ImageParams,
+    done: dict[str, set[str]],
+    resized_stored: set[str],
+    fast: bool,
+) -> list[Outcome]:
+    """The outputs one image still lacks, written; an error fails each stage it did not finish."""
+    sha = im["sha256"]
+    out: list[Outcome] = []
+    try:
+        resized_key = output_key("resize", params, prefix, sha)
+        need_resize = "resize" in stages and sha not in done["resize"]
+        need_edges = "edges" in stages and sha not in done["edges"]
+        if need_resize or (need_edges and sha not in resized_stored):
+            raw = lake.get(raw_key(sha, im["ext"]))
+            resized = resize_bytes(
+                raw, im["format"], im["width"], im["height"], params.resize, fast=fast
+            )
+            if need_resize:
+                lake.put(resized_key, resized)
+                out.append(("resize", sha, (len(resized), sha256_hex(resized))))
+        else:
+            resized = lake.get(resized_key) if need_edges else b""
+        if need_edges:
+            edges = edges_png(resized, params.edges)
+            lake.put(output_key("edges", params, prefix, sha), edges)
+            out.append(("edges", sha, (len(edges), sha256_hex(edges))))
+    except Exception as e:  # recorded per image with its reason; the prefix goes on
+        reason = f"{type(e).__name__}: {e}"
+        finished = {s for s, _, _ in out}
+        out.extend((s, sha, reason) for s in stages if sha not in done[s] and s not in finished)
+    return out
+
+
+def _save_hashes(
+    lake,
+    stage: str,
+    params: ImageParams,
+    prefix: str,
+    shard: tuple[int, int],
+    known: dict[str, str],
+    fresh: dict[str, str],
+    index_shas: set[str],
+) -> None:
+    """This run's output hashes: into the prefix's hash index, or for a shard into its own hash
+    table (all it has made that the index lacks): the merge folds them in."""
+    s_, n_ = shard
+    if n_ == 1:
+        update_hashes(lake, stage, params, prefix, known, fresh)
+        return
+    write_hash_table(
+        lake,
+        shard_hashes_key(stage, params, prefix, s_, n_),
+        {sha: h for sha, h in {**known, **fresh}.items() if sha not in index_shas},
+    )
 
 
 def _stage_record(
@@ -302,26 +264,8 @@ def merge_shards(
     present = [im["sha256"] for im in read_raw_index(lake, prefix)]
     records = {}
     for stage in stages:
-        under = result_key(run_id, stage, prefix)[: -len(".json")] + "."
-        found = {
-            parse_task(k.rsplit("/", 1)[1][: -len(".json")]): k
-            for k in lake.keys(under)
-            if re.fullmatch(r"[0-9a-f]{2}\.\d+of\d+\.json", k.rsplit("/", 1)[1])
-        }
-        counts = {n for _, _, n in found}
-        if len(counts) != 1 or {s for _, s, _ in found} != set(range(next(iter(counts)))):
-            raise FileNotFoundError(
-                f"{stage} {prefix}: the shard result records under {under} are not one whole set of shards: {sorted(found)}"
-            )
-        shards = [json.loads(lake.get(found[t])) for t in sorted(found)]
-        deltas = [
-            k
-            for k in lake.keys(hashes_key(stage, params, prefix)[: -len(".parquet")] + ".shard-")
-            if k.endswith(".parquet")
-        ]
-        old = read_hashes(lake, stage, params, prefix)
-        fresh = {sha: h for k in deltas for sha, h in _read_hash_table(lake, k).items()}
-        _update_hashes(lake, stage, params, prefix, old, fresh)
+        shards = _shard_records(lake, run_id, stage, prefix)
+        deltas = _fold_shard_hashes(lake, stage, params, prefix)
         failed = [f for r in shards for f in r["failed"]]
         kept = [sha for sha in present if sha not in {f["sha256"] for f in failed}]
         processed = sum(r["processed"] for r in shards)
@@ -349,21 +293,40 @@ def merge_shards(
     return records
 
 
+def _shard_records(lake, run_id: str, stage: str, prefix: str) -> list[dict]:
+    """The result records of this run's shard tasks of ``prefix``, in shard order; they must be
+    one whole set of shards."""
+    under = result_key(run_id, stage, prefix)[: -len(".json")] + "."
+    found = {
+        parse_task(k.rsplit("/", 1)[1][: -len(".json")]): k
+        for k in lake.keys(under)
+        if re.fullmatch(r"[0-9a-f]{2}\.\d+of\d+\.json", k.rsplit("/", 1)[1])
+    }
+    counts = {n for _, _, n in found}
+    if len(counts) != 1 or {s for _, s, _ in found} != set(range(next(iter(counts)))):
+        raise FileNotFoundError(
+            f"{stage} {prefix}: the shard result records under {under} are not one whole set of shards: {sorted(found)}"
+        )
+    return [json.loads(lake.get(found[t])) for t in sorted(found)]
+
+
+def _fold_shard_hashes(lake, stage: str, params: ImageParams, prefix: str) -> list[str]:
+    """Merge every shard hash table of the prefix into its hash index; returns their keys, to
+    drop once the prefix's record is built."""
+    deltas = [
+        k
+        for k in lake.keys(hashes_key(stage, params, prefix)[: -len(".parquet")] + ".shard-")
+        if k.endswith(".parquet")
+    ]
+    old = read_hashes(lake, stage, params, prefix)
+    fresh = {sha: h for k in deltas for sha, h in read_hash_table(lake, k).items()}
+    update_hashes(lake, stage, params, prefix, old, fresh)
+    return deltas
+
+
 def empty_stage_record(stage: str, params: ImageParams, prefix: str) -> dict:
     """What ``process_prefix`` records for a prefix with no images."""
-    pid = params.stage_id(stage)
-    return {
-        "prefix": prefix,
-        "stage": stage,
-        "params_id": pid,
-        "images": 0,
-        "processed": 0,
-        "skipped": 0,
-        "failed": [],
-        "bytes_written": 0,
-        "seconds": 0.0,
-        "data_version": prefix_version([], pid),
-    }
+    return _stage_record(prefix, stage, params, [], 0, 0, [], 0, 0.0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -382,20 +345,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fold this run's shard tasks of each prefix into the prefix",
     )
     return ap.parse_args(argv)
-
-
-def add_params_args(ap: argparse.ArgumentParser) -> None:
-    """The image parameters (``ImageParams.cli_args`` writes them)."""
-    ap.add_argument("--size", type=int, default=ResizeParams.size)
-    ap.add_argument("--jpeg-quality", type=int, default=ResizeParams.jpeg_quality)
-    ap.add_argument("--edge-low", type=int, default=EdgeParams.low)
-    ap.add_argument("--edge-high", type=int, default=EdgeParams.high)
-
-
-def params_from_args(args: argparse.Namespace) -> ImageParams:
-    return ImageParams(
-        ResizeParams(args.size, args.jpeg_quality), EdgeParams(args.edge_low, args.edge_high)
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 flush=True,
             )
+    # 0 even when images failed: they are in the records (the stage's check reports them, the
+    # next run retries them); an error exit means a task did not commit its record.
     return 0
 
 

@@ -16,7 +16,7 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workloads.ingest import BOX_TYPE
+from workloads.annotations import BOX_TYPE
 from workloads.lake import get_json, read_parquet, write_parquet
 from workloads.layout import (
     PACKS,

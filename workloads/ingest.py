@@ -16,27 +16,20 @@ its header before it is decoded.
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import dataclasses
-import hashlib
-import io
 import json
 import os
-import posixpath
-import stat
 import sys
 import tempfile
 import time
-import unicodedata
 import zipfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from workloads.annotations import ANNOTATION_FILES, BOX_TYPE, label_for, read_annotations
 from workloads.lake import open_lake, parquet_table, write_parquet
 from workloads.layout import (
     PENDING_RAW,
@@ -45,19 +38,23 @@ from workloads.layout import (
     pending_raw_key,
     raw_index_key,
     raw_key,
+    result_key,
+)
+from workloads.member_names import is_junk, kind_reason, unsafe_reason
+from workloads.pack_zip import (
+    BadMember,
+    IngestLimits,
+    PackUnreadable,
+    copy_member,
+    data_reason,
+    file_type_reason,
+    hash_zip,
+    is_dir,
+    open_zip,
+    overlapping_members,
 )
 from workloads.tasks import PACK_UNREADABLE
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-ARCHIVE_EXTS = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
-JUNK_NAMES = {"thumbs.db", ".ds_store", "desktop.ini"}
-JUNK_DIRS = {
-    "__MACOSX",
-    "@eaDir",
-    ".Trashes",
-    ".Spotlight-V100",
-    ".fseventsd",
-}  # macOS, Synology NAS thumbnails
 FORMAT_EXT = {
     "JPEG": "jpg",
     "PNG": "png",
@@ -67,20 +64,7 @@ FORMAT_EXT = {
     "GIF": "gif",
     "MPO": "jpg",
 }
-READABLE_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
-LABELS_FILE = "labels.csv"
-COCO_FILES = ("annotations.json", "coco.json")
-CHUNK = 1 << 20
 
-BOX_TYPE = pa.struct(
-    [
-        ("category", pa.string()),
-        ("x", pa.float64()),
-        ("y", pa.float64()),
-        ("w", pa.float64()),
-        ("h", pa.float64()),
-    ]
-)
 MANIFEST_SCHEMA = pa.schema(
     [
         ("member", pa.string()),
@@ -98,43 +82,6 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 REJECTS_SCHEMA = pa.schema([("member", pa.string()), ("reason", pa.string())])
-
-
-class PackUnreadable(Exception):
-    """The pack as a whole cannot be read (not a zip, no central directory) or is refused
-    as a whole (more members than the limit)."""
-
-
-class BadMember(ValueError):
-    """One member is not kept; the message is the reason recorded in ``rejects.parquet``."""
-
-
-@dataclass(frozen=True)
-class IngestLimits:
-    max_member_bytes: int = 512 << 20
-    max_total_bytes: int = 16 << 30
-    max_ratio: float = 200.0
-    max_members: int = 200_000
-    max_pixels: int = 178_956_970  # Pillow's own decompression-bomb limit, made explicit
-
-    @classmethod
-    def from_env(cls, environ: dict | None = None) -> IngestLimits:
-        """Defaults overridden by ``CVGRAPH_INGEST_<FIELD>``, e.g. ``CVGRAPH_INGEST_MAX_RATIO=500``."""
-        environ = os.environ if environ is None else environ
-        kw = {}
-        for f in dataclasses.fields(cls):
-            var = f"CVGRAPH_INGEST_{f.name.upper()}"
-            raw = environ.get(var, "").strip()
-            if not raw:
-                continue
-            try:
-                value = float(raw) if f.name == "max_ratio" else int(raw)
-            except ValueError:
-                raise ValueError(f"{var}={raw!r} is not a number") from None
-            if value <= 0:
-                raise ValueError(f"{var}={raw!r} must be positive")
-            kw[f.name] = value
-        return cls(**kw)
 
 
 @dataclass
@@ -158,242 +105,11 @@ class IngestResult:
         default_factory=dict
     )  # the limits it ran with: changed limits re-run the ingest
 
+    def reject(self, member: str, reason: str) -> None:
+        self.rejected.append({"member": member, "reason": reason})
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# -- member names ----------------------------------------------------------------
-# Member names are never used as file paths here (a member is copied to one fixed temp
-# file and stored under its sha256), but a name an extractor could not use safely marks a
-# hostile or broken pack, so it is refused with a reason its author can act on.
-
-
-def _parts(name: str) -> list[str]:
-    """Path components; a backslash counts as a separator (the zip spec says '/', some
-    Windows tools write '\\'), and '.' and empty components are dropped."""
-    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-
-
-def _unsafe_reason(name: str) -> str | None:
-    if name.startswith(("/", "\\")):
-        return "unsafe path: absolute member path"
-    if len(name) > 1 and name[1] == ":" and name[0].isalpha():
-        return "unsafe path: Windows drive path"
-    parts, depth = _parts(name), 0
-    for part in parts:
-        depth += -1 if part == ".." else 1
-        if depth < 0:
-            return "unsafe path: escapes the pack root (..)"
-    if ".." in parts:  # a/../b stays inside, but no honest tool writes it
-        return "unsafe path: '..' in member path"
-    return None
-
-
-def _file_type_reason(info: zipfile.ZipInfo) -> str | None:
-    """Symlinks and special files, from the Unix mode that Unix (3) and macOS (19) hosts store."""
-    if info.create_system not in (3, 19):
-        return None
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        return "symlink member: not followed"
-    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-        return f"special file member (type {stat.filemode(mode)[0]}): not a regular file"
-    return None
-
-
-def _is_dir(info: zipfile.ZipInfo) -> bool:
-    return info.is_dir() or (info.filename.endswith("\\") and info.file_size == 0)
-
-
-def _is_junk(name: str) -> bool:
-    parts = _parts(name)
-    base = parts[-1] if parts else ""
-    return (
-        any(p in JUNK_DIRS for p in parts[:-1])
-        or base.startswith("._")
-        or base.lower() in JUNK_NAMES
-    )
-
-
-def _kind_reason(name: str) -> str | None:
-    """Nested archives and non-images, by extension (content is checked later)."""
-    base = (_parts(name) or [""])[-1].lower()
-    ext = posixpath.splitext(base)[1]
-    if ext in ARCHIVE_EXTS:
-        full = ".tar" + ext if base[: -len(ext)].endswith(".tar") else ext
-        return f"nested archive ({full}): not unpacked"
-    if ext not in IMAGE_EXTS:
-        return f"not an image: extension {ext or '(none)'}"
-    return None
-
-
-# -- member data -----------------------------------------------------------------
-
-
-def _data_reason(info: zipfile.ZipInfo, limits: IngestLimits) -> str | None:
-    """What the central directory already says is wrong (sizes are re-checked while streaming)."""
-    if info.flag_bits & 0x1:
-        return "encrypted member: no password"
-    if info.compress_type not in READABLE_METHODS:
-        method = zipfile.compressor_names.get(info.compress_type, "unknown")
-        return f"unsupported compression method {info.compress_type} ({method})"
-    if info.file_size == 0:
-        return "empty file (0 bytes)"
-    if info.file_size > limits.max_member_bytes:
-        return f"zip bomb: member is {info.file_size} bytes > limit {limits.max_member_bytes}"
-    ratio = info.file_size / max(info.compress_size, 1)
-    if ratio > limits.max_ratio:
-        return f"zip bomb: compression ratio {ratio:.0f} > limit {limits.max_ratio:g}"
-    return None
-
-
-def _overlapping(infos: list[zipfile.ZipInfo]) -> set[int]:
-    """Indexes of members whose data starts inside another member's data.
-
-    Non-recursive zip bombs point many entries at one compressed kernel; zipfile refuses
-    them itself only from Python 3.12. 30 bytes is the fixed part of a local header: the
-    real span (plus name and extra field) is longer, so this never flags honest zips.
-    """
-    flagged, end = set(), -1
-    for k in sorted(range(len(infos)), key=lambda k: infos[k].header_offset):
-        if infos[k].header_offset < end:
-            flagged.add(k)
-        end = max(end, infos[k].header_offset + 30 + infos[k].compress_size)
-    return flagged
-
-
-def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst) -> tuple[str, int]:
-    """Stream a member into ``dst``; (sha256, size) or BadMember.
-
-    The header's size is enforced, not trusted: zipfile stops at the declared size (silently,
-    if the CRC was forged to match), so we ask for one byte more and refuse the member if it
-    comes. zipfile's own CRC check is turned off (it would fire first and report a size lie as
-    a CRC error); we check the CRC here.
-    """
-    probe = copy.copy(info)
-    probe.file_size = info.file_size + 1
-    del probe.CRC
-    h, crc, size = hashlib.sha256(), 0, 0
-    try:
-        src = zf.open(probe)
-    except Exception as e:  # bad local header, ...
-        raise BadMember(f"corrupt member: {type(e).__name__}: {e}") from None
-    with src:
-        while True:
-            try:
-                chunk = src.read(CHUNK)
-            except Exception as e:  # zlib.error, EOFError, BadZipFile, ...: damaged data
-                raise BadMember(f"corrupt member: {type(e).__name__}: {e}") from None
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > info.file_size:
-                raise BadMember(
-                    f"zip bomb: member data is larger than its header says ({info.file_size} bytes)"
-                )
-            h.update(chunk)
-            crc = zlib.crc32(chunk, crc)
-            dst.write(chunk)
-    if size < info.file_size:
-        raise BadMember(f"corrupt member: {size} bytes of data, its header says {info.file_size}")
-    if crc != info.CRC:
-        raise BadMember("corrupt member: CRC-32 mismatch")
-    return h.hexdigest(), size
-
-
-def _hash_zip(f) -> str:
-    h = hashlib.sha256()
-    f.seek(0)
-    for chunk in iter(lambda: f.read(CHUNK), b""):
-        h.update(chunk)
-    f.seek(0)
-    return h.hexdigest()
-
-
-def _open_zip(f, limits: IngestLimits) -> zipfile.ZipFile:
-    try:
-        zf = zipfile.ZipFile(f)
-    except Exception as e:  # BadZipFile mostly; a hostile central directory raises other types too
-        f.seek(0)
-        if isinstance(e, zipfile.BadZipFile) and f.read(4) == b"PK\x03\x04":
-            raise PackUnreadable(
-                "not a readable zip: truncated (member data but no central directory)"
-            ) from None
-        detail = str(e) if isinstance(e, zipfile.BadZipFile) else f"{type(e).__name__}: {e}"
-        raise PackUnreadable(f"not a readable zip: {detail}") from None
-    # Refused as a whole: no subset of the members is "the pack", and a reject row for each
-    # of millions of members would itself be the bomb. Raise the limit and re-run instead.
-    n = sum(1 for i in zf.infolist() if not _is_dir(i))
-    if n > limits.max_members:
-        zf.close()
-        raise PackUnreadable(f"zip bomb: {n} members > limit {limits.max_members}")
-    return zf
-
-
-# -- labels ----------------------------------------------------------------------
-
-
-def _read_labels(
-    zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], limits: IngestLimits, reject
-) -> tuple[dict, dict]:
-    """Labels (with their source) and boxes a pack carries: ``labels.csv`` (member,label)
-    and/or a COCO json. A bad file loses its labels, not the images."""
-    labels: dict[str, tuple[str, str]] = {}
-    boxes: dict[str, list[dict]] = {}
-    present = {i.filename: i for i in infos if i.filename in (LABELS_FILE, *COCO_FILES)}
-    for name in (LABELS_FILE, *COCO_FILES):
-        if name not in present:
-            continue
-        info = present[name]
-        try:
-            if reason := _file_type_reason(info) or _data_reason(info, limits):
-                raise BadMember(reason)
-            buf = io.BytesIO()
-            _copy_member(zf, info, buf)  # the same size limits as images: a json can be a bomb too
-            text = buf.getvalue().decode("utf-8-sig")  # Excel writes a BOM
-            if name == LABELS_FILE:
-                labels.update(
-                    {
-                        r["member"]: (r["label"], LABELS_FILE)
-                        for r in csv.DictReader(io.StringIO(text))
-                    }
-                )
-            else:
-                _merge_coco(json.loads(text), labels, boxes)
-        except BadMember as e:
-            reject(name, f"unreadable labels/annotations: {e}")
-        except Exception as e:
-            reject(name, f"unreadable labels/annotations: {type(e).__name__}: {e}")
-    return labels, boxes
-
-
-def _merge_coco(coco: dict, labels: dict, boxes: dict) -> None:
-    cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    files = {im["id"]: im["file_name"] for im in coco.get("images", [])}
-    found: dict[str, list[dict]] = {}
-    for ann in coco.get("annotations", []):
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        found.setdefault(files[ann["image_id"]], []).append(
-            {"category": cats[ann["category_id"]], "x": x, "y": y, "w": w, "h": h}
-        )
-    for member, bs in found.items():  # merged only when the whole file parsed
-        boxes.setdefault(member, []).extend(bs)
-        if member not in labels:
-            # An image's label is its most frequent box category (ties: alphabetical).
-            counts = Counter(b["category"] for b in bs)
-            labels[member] = (min(counts, key=lambda c: (-counts[c], c)), "coco")
-
-
-def _label_for(member: str, labels: dict[str, tuple[str, str]]) -> tuple[str | None, str | None]:
-    """(label, source): an explicit labels.csv / COCO label, else the top folder's name."""
-    if member in labels:
-        return labels[member]
-    parts = _parts(member)
-    # NFC: the same folder zipped on macOS (NFD names) and elsewhere (NFC) is one label.
-    return (unicodedata.normalize("NFC", parts[0]), "folder") if len(parts) > 1 else (None, None)
-
-
-# -- images ----------------------------------------------------------------------
 
 
 def inspect_image(path: str, max_pixels: int) -> tuple[str, int, int]:
@@ -452,109 +168,122 @@ def _claimed_elsewhere(lake, pack_id: str, shas: set[str]) -> set[str]:
     return claimed
 
 
-def ingest_pack(
-    lake, pack_id: str, key: str, limits: IngestLimits | None = None, progress=None
-) -> IngestResult:
-    limits = limits or IngestLimits()
-    keys = pack_keys(pack_id)
-    t0 = time.perf_counter()
-    with lake.open_read(key) as f, tempfile.TemporaryDirectory(prefix="cvgraph-ingest-") as tmpdir:
-        zip_sha = _hash_zip(f)
-        if lake.exists(keys["record"]):
-            prior = json.loads(lake.get(keys["record"]))
-            if prior.get("zip_sha256") == zip_sha and prior.get("limits") == dataclasses.asdict(
-                limits
-            ):
-                return IngestResult(
-                    **{k: prior[k] for k in IngestResult.__dataclass_fields__ if k in prior}
-                )
-            # Another zip (or other limits) under this id: un-commit the old pack first, so
-            # no reader pairs the old record with a half-written new manifest.
-            lake.delete(keys["record"])
-        try:
-            zf = _open_zip(f, limits)
-        except PackUnreadable as e:
-            # Recorded even though nothing was kept, so the pack's fate is in the lake.
-            write_parquet(
-                lake,
-                keys["rejects"],
-                pa.Table.from_pylist([{"member": "", "reason": str(e)}], schema=REJECTS_SCHEMA),
-            )
-            raise PackUnreadable(f"pack {pack_id} ({key}) is {e}") from None
-
-        result = IngestResult(
-            pack_id=pack_id, zip_sha256=zip_sha, limits=dataclasses.asdict(limits)
+def _prior_result(lake, keys: dict, zip_sha: str, limits: IngestLimits) -> IngestResult | None:
+    """The committed result of this very zip under these limits, if any."""
+    if not lake.exists(keys["record"]):
+        return None
+    prior = json.loads(lake.get(keys["record"]))
+    if prior.get("zip_sha256") == zip_sha and prior.get("limits") == dataclasses.asdict(limits):
+        return IngestResult(
+            **{k: prior[k] for k in IngestResult.__dataclass_fields__ if k in prior}
         )
+    # Another zip (or other limits) under this id: un-commit the old pack first, so
+    # no reader pairs the old record with a half-written new manifest.
+    lake.delete(keys["record"])
+    return None
 
-        def reject(member: str, reason: str) -> None:
-            result.rejected.append({"member": member, "reason": reason})
 
-        with zf:
-            infos = zf.infolist()
-            overlapping = _overlapping(infos)
-            labels, boxes = _read_labels(zf, infos, limits, reject)
-            rows: list[dict] = []
-            seen: set[str] = set()
-            already_stored: set[str] = set()
-            total = 0
-            tmp_path = os.path.join(tmpdir, "member")
-            for n, info in enumerate(infos):
-                if progress:
-                    progress(n, len(infos))
-                name = info.filename
-                if _is_dir(info) or name in (LABELS_FILE, *COCO_FILES):
-                    continue
-                if _is_junk(name):
-                    result.skipped += 1
-                    continue
-                reason = (
-                    _unsafe_reason(name)
-                    or _file_type_reason(info)
-                    or _kind_reason(name)
-                    or _data_reason(info, limits)
-                )
-                if not reason and n in overlapping:
-                    reason = "zip bomb: member data overlaps another member's"
-                if not reason and total + info.file_size > limits.max_total_bytes:
-                    reason = f"zip bomb: pack total {total + info.file_size} bytes > limit {limits.max_total_bytes}"
-                if reason:
-                    reject(name, reason)
-                    continue
-                total += info.file_size
-                try:
-                    with open(tmp_path, "wb") as dst:
-                        sha, size = _copy_member(zf, info, dst)
-                    fmt, width, height = inspect_image(tmp_path, limits.max_pixels)
-                except BadMember as e:
-                    reject(name, str(e))
-                    continue
-                ext = FORMAT_EXT[fmt]
-                status = "duplicate" if sha in seen else None  # None: decided below
-                if status is None and not lake.put_file_if_absent(raw_key(sha, ext), tmp_path):
-                    already_stored.add(sha)
-                seen.add(sha)
-                label, label_source = _label_for(name, labels)
-                rows.append(
-                    {
-                        "member": name,
-                        "sha256": sha,
-                        "prefix": sha[:2],
-                        "format": fmt,
-                        "ext": ext,
-                        "bytes": size,
-                        "width": width,
-                        "height": height,
-                        "label": label,
-                        "label_source": label_source,
-                        "status": status,
-                        "boxes": boxes.get(name, []),
-                    }
-                )
+def _open_pack(
+    lake, keys: dict, f, limits: IngestLimits, pack_id: str, key: str
+) -> zipfile.ZipFile:
+    try:
+        return open_zip(f, limits)
+    except PackUnreadable as e:
+        # Recorded even though nothing was kept, so the pack's fate is in the lake.
+        write_parquet(
+            lake,
+            keys["rejects"],
+            pa.Table.from_pylist([{"member": "", "reason": str(e)}], schema=REJECTS_SCHEMA),
+        )
+        raise PackUnreadable(f"pack {pack_id} ({key}) is {e}") from None
 
-    # An object that was already stored is a duplicate only if a committed pack accounts for
-    # it; otherwise an interrupted ingest left it, and this pack brings it: a re-run after a
-    # kill then writes exactly what a clean run writes. (Two packs ingesting the same new
-    # image at the same moment may both count it new; it is still stored once.)
+
+def _refusal(info: zipfile.ZipInfo, limits: IngestLimits, overlaps: bool, total: int) -> str | None:
+    """Why a member is refused before its data is read (``total``: the bytes kept so far)."""
+    name = info.filename
+    reason = (
+        unsafe_reason(name)
+        or file_type_reason(info)
+        or kind_reason(name)
+        or data_reason(info, limits)
+    )
+    if not reason and overlaps:
+        reason = "zip bomb: member data overlaps another member's"
+    if not reason and total + info.file_size > limits.max_total_bytes:
+        reason = (
+            f"zip bomb: pack total {total + info.file_size} bytes > limit {limits.max_total_bytes}"
+        )
+    return reason
+
+
+def _store_images(
+    lake, zf: zipfile.ZipFile, limits: IngestLimits, result: IngestResult, tmp_path: str, progress
+) -> tuple[list[dict], set[str]]:
+    """Copy each image member to ``tmp_path``, check it, and store it under its sha256 if the lake
+    lacks it; returns the manifest rows (``status`` None where a row is new or a duplicate of a
+    stored object not yet told apart) and the shas the lake already held."""
+    infos = zf.infolist()
+    overlapping = overlapping_members(infos)
+    labels, boxes = read_annotations(zf, infos, limits, result.reject)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    already_stored: set[str] = set()
+    total = 0
+    for n, info in enumerate(infos):
+        if progress:
+            progress(n, len(infos))
+        name = info.filename
+        if is_dir(info) or name in ANNOTATION_FILES:
+            continue
+        if is_junk(name):
+            result.skipped += 1
+            continue
+        if reason := _refusal(info, limits, n in overlapping, total):
+            result.reject(name, reason)
+            continue
+        total += info.file_size
+        try:
+            with open(tmp_path, "wb") as dst:
+                sha, size = copy_member(zf, info, dst)
+            fmt, width, height = inspect_image(tmp_path, limits.max_pixels)
+        except BadMember as e:
+            result.reject(name, str(e))
+            continue
+        ext = FORMAT_EXT[fmt]
+        status = "duplicate" if sha in seen else None  # None: decided by _settle_statuses
+        if status is None and not lake.put_file_if_absent(raw_key(sha, ext), tmp_path):
+            already_stored.add(sha)
+        seen.add(sha)
+        label, label_source = label_for(name, labels)
+        rows.append(
+            {
+                "member": name,
+                "sha256": sha,
+                "prefix": sha[:2],
+                "format": fmt,
+                "ext": ext,
+                "bytes": size,
+                "width": width,
+                "height": height,
+                "label": label,
+                "label_source": label_source,
+                "status": status,
+                "boxes": boxes.get(name, []),
+            }
+        )
+    return rows, already_stored
+
+
+def _settle_statuses(
+    lake, pack_id: str, rows: list[dict], already_stored: set[str], result: IngestResult
+) -> None:
+    """Decide new vs duplicate for the undecided rows, sort them, and count them into ``result``.
+
+    An object that was already stored is a duplicate only if a committed pack accounts for
+    it; otherwise an interrupted ingest left it, and this pack brings it: a re-run after a
+    kill then writes exactly what a clean run writes. (Two packs ingesting the same new
+    image at the same moment may both count it new; it is still stored once.)
+    """
     claimed = _claimed_elsewhere(lake, pack_id, already_stored)
     for r in rows:
         if r["status"] is None:
@@ -564,7 +293,11 @@ def ingest_pack(
     result.bytes_stored = sum(r["bytes"] for r in new)
     rows.sort(key=lambda r: (r["sha256"], r["member"]))
     result.labels = dict(sorted(Counter(r["label"] or "(none)" for r in rows).items()))
-    result.seconds = round(time.perf_counter() - t0, 3)
+
+
+def _write_pack(lake, pack_id: str, keys: dict, rows: list[dict], result: IngestResult) -> None:
+    """Rejects, manifest, the manifest split by prefix with a pending marker each, and the
+    record last (the commit marker)."""
     write_parquet(
         lake, keys["rejects"], pa.Table.from_pylist(result.rejected, schema=REJECTS_SCHEMA)
     )
@@ -585,6 +318,30 @@ def ingest_pack(
             json.dumps({"pack_id": pack_id, "rows": counts[prefix]}).encode(),
         )
     lake.put(keys["record"], json.dumps(result.to_json(), indent=2, sort_keys=True).encode())
+
+
+def ingest_pack(
+    lake, pack_id: str, key: str, limits: IngestLimits | None = None, progress=None
+) -> IngestResult:
+    limits = limits or IngestLimits()
+    keys = pack_keys(pack_id)
+    t0 = time.perf_counter()
+    with lake.open_read(key) as f, tempfile.TemporaryDirectory(prefix="cvgraph-ingest-") as tmpdir:
+        zip_sha = hash_zip(f)
+        prior = _prior_result(lake, keys, zip_sha, limits)
+        if prior is not None:
+            return prior
+        zf = _open_pack(lake, keys, f, limits, pack_id, key)
+        result = IngestResult(
+            pack_id=pack_id, zip_sha256=zip_sha, limits=dataclasses.asdict(limits)
+        )
+        with zf:
+            rows, already_stored = _store_images(
+                lake, zf, limits, result, os.path.join(tmpdir, "member"), progress
+            )
+    _settle_statuses(lake, pack_id, rows, already_stored, result)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    _write_pack(lake, pack_id, keys, rows, result)
     return result
 
 
@@ -607,8 +364,6 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return PACK_UNREADABLE
     if args.run_id:
-        from workloads.layout import result_key
-
         record = {
             "pack_id": args.pack_id,
             "seconds": round(time.perf_counter() - t0, 3),

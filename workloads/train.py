@@ -190,92 +190,125 @@ def _train(hp: dict, pipes) -> dict:
     for d in (model_dir, output_dir, ckpt_dir):
         d.mkdir(parents=True, exist_ok=True)
 
-    labels = pq.read_table(manifest, columns=["label", "split"]).to_pylist()
-    classes = sorted(
-        {r["label"] for r in labels if r["label"] is not None and r["split"] == "train"}
-    )
-    if len(classes) < 2:
-        raise SystemExit(f"need at least 2 labelled classes in the train split, found {classes}")
+    classes = train_classes(manifest)
     size, variant = hp["input_size"], hp["variant"]
-    xtr, ytr = load_split(manifest, images_root, "train", classes, variant, size)
-    xva, yva = load_split(manifest, images_root, "val", classes, variant, size)
-    xte, yte = load_split(manifest, images_root, "test", classes, variant, size)
+    data = {
+        split: load_split(manifest, images_root, split, classes, variant, size)
+        for split in ("train", "val", "test")
+    }
+    counts = {split: len(y) for split, (_, y) in data.items()}
     arch = {"in_channels": 1, "num_classes": len(classes), "input_size": size, "width": hp["width"]}
     model = build_model(arch)
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
-    history: list[dict] = []
-    start_epoch = 0
     ckpt_path = ckpt_dir / "checkpoint.pt"
-    if ckpt_path.exists():  # resumed after a spot reclaim
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        history, start_epoch = ckpt["history"], ckpt["epoch"]
-        torch.set_rng_state(ckpt["rng"])
-        say(f"resumed from checkpoint at epoch {start_epoch}")
-    say(f"train={len(ytr)} val={len(yva)} test={len(yte)} classes={len(classes)} variant={variant}")
+    history, start_epoch = _resume(ckpt_path, model, opt, say)
+    say(
+        f"train={counts['train']} val={counts['val']} test={counts['test']} classes={len(classes)} variant={variant}"
+    )
 
     for epoch in range(start_epoch, hp["epochs"]):
-        t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(len(xtr))
-        total, n = 0.0, 0
-        for i in range(0, len(perm), hp["batch_size"]):
-            idx = perm[i : i + hp["batch_size"]]
-            xb = xtr[idx]
-            # light augmentation: random shifts of up to 2 px
-            shift = tuple(int(s) for s in torch.randint(-2, 3, (2,)))
-            xb = torch.roll(xb, shifts=shift, dims=(2, 3))
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xb), ytr[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            n += len(idx)
-        val_loss, val_acc = evaluate(model, xva, yva)
-        rec = {
-            "epoch": epoch + 1,
-            "train_loss": total / max(n, 1),
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "seconds": time.perf_counter() - t0,
-        }
+        rec = _run_epoch(model, opt, data, hp["batch_size"], epoch)
         history.append(rec)
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "history": history,
-                "epoch": epoch + 1,
-                "rng": torch.get_rng_state(),
-            },
-            tmp,
-        )
-        os.replace(tmp, ckpt_path)  # atomic: a reclaim never leaves half a checkpoint
+        _save_checkpoint(ckpt_path, model, opt, history, epoch + 1)
         # SageMaker metric definitions parse these lines (printed once the epoch is checkpointed).
         say(
-            f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={val_loss:.4f} val_accuracy={val_acc:.4f}"
+            f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={rec['val_loss']:.4f} val_accuracy={rec['val_accuracy']:.4f}"
         )
 
-    test_loss, test_acc = evaluate(model, xte, yte)
+    test_loss, test_acc = evaluate(model, *data["test"])
     say(f"test_loss={test_loss:.4f} test_accuracy={test_acc:.4f}")
     metrics = {
         "history": history,
         "test_loss": test_loss,
         "test_accuracy": test_acc,
         "classes": classes,
-        "counts": {"train": len(ytr), "val": len(yva), "test": len(yte)},
+        "counts": counts,
         "hyperparameters": {
             k: v for k, v in hp.items() if not k.startswith(("dagster_pipes", "pipes_"))
         },
     }
+    _save_model(model_dir, model, arch, classes, variant, metrics)
+    return metrics
+
+
+def train_classes(manifest: Path) -> list[str]:
+    """The labels of the train split, sorted: the model's classes, in output order."""
+    labels = pq.read_table(manifest, columns=["label", "split"]).to_pylist()
+    classes = sorted(
+        {r["label"] for r in labels if r["label"] is not None and r["split"] == "train"}
+    )
+    if len(classes) < 2:
+        raise SystemExit(f"need at least 2 labelled classes in the train split, found {classes}")
+    return classes
+
+
+def _resume(ckpt_path: Path, model: nn.Module, opt, say) -> tuple[list[dict], int]:
+    """(history, epochs done): from the checkpoint if a spot reclaim restarted the job."""
+    if not ckpt_path.exists():
+        return [], 0
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    say(f"resumed from checkpoint at epoch {ckpt['epoch']}")
+    return ckpt["history"], ckpt["epoch"]
+
+
+def _run_epoch(model: nn.Module, opt, data: dict, batch_size: int, epoch: int) -> dict:
+    """One pass over the train split, then the val split's loss and accuracy."""
+    t0 = time.perf_counter()
+    xtr, ytr = data["train"]
+    model.train()
+    perm = torch.randperm(len(xtr))
+    total, n = 0.0, 0
+    for i in range(0, len(perm), batch_size):
+        idx = perm[i : i + batch_size]
+        xb = xtr[idx]
+        # light augmentation: random shifts of up to 2 px
+        shift = tuple(int(s) for s in torch.randint(-2, 3, (2,)))
+        xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb), ytr[idx])
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        n += len(idx)
+    val_loss, val_acc = evaluate(model, *data["val"])
+    return {
+        "epoch": epoch + 1,
+        "train_loss": total / max(n, 1),
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _save_checkpoint(
+    ckpt_path: Path, model: nn.Module, opt, history: list[dict], epoch: int
+) -> None:
+    tmp = ckpt_path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "history": history,
+            "epoch": epoch,
+            "rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    os.replace(tmp, ckpt_path)  # atomic: a reclaim never leaves half a checkpoint
+
+
+def _save_model(
+    model_dir: Path, model: nn.Module, arch: dict, classes: list[str], variant: str, metrics: dict
+) -> None:
+    """What SageMaker uploads: the weights with what they need to be loaded, and the metrics."""
     torch.save(
         {"state_dict": model.state_dict(), "arch": arch, "classes": classes, "variant": variant},
         model_dir / "model.pt",
     )
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return metrics
 
 
 if __name__ == "__main__":

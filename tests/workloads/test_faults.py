@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from cvgraph.demo_packs import sample_image, zip_bytes
-from workloads.images import ImageParams
+from workloads.image_params import ImageParams
 from workloads.index import build_raw_index, committed_packs
 from workloads.ingest import ingest_pack
 from workloads.kernels import EdgeParams, ResizeParams

@@ -18,10 +18,11 @@ from PIL import Image
 
 from cvgraph.demo_packs import sample_image, zip_bytes
 from workloads.index import build_raw_index, committed_packs
-from workloads.ingest import IngestLimits, PackUnreadable, ingest_pack, main
+from workloads.ingest import ingest_pack, main
 from workloads.kernels import decode
 from workloads.lake import parquet_table
 from workloads.layout import pack_keys
+from workloads.pack_zip import IngestLimits, PackUnreadable
 
 # -- helpers ---------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 
 from cvgraph.demo_packs import sample_image
-from workloads.images import ImageParams, process_prefix
+from workloads.image_params import ImageParams
+from workloads.images import process_prefix
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
 from workloads.kernels import (
@@ -128,7 +129,7 @@ def test_output_keys_are_namespaced_by_params():
 
 
 def test_hash_index_matches_outputs_and_heals_after_a_killed_run(lake, put_pack):
-    from workloads.images import read_hashes
+    from workloads.variant_hashes import read_hashes
     from workloads.versions import sha256_hex
 
     prefixes = ingested(lake, put_pack)

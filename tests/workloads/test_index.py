@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from cvgraph.demo_packs import zip_bytes
-from workloads.images import ImageParams, process_prefix
+from workloads.image_params import ImageParams
+from workloads.images import process_prefix
 from workloads.index import build_raw_index, rebuild_raw_index
 from workloads.ingest import ingest_pack
 from workloads.kernels import EdgeParams, ResizeParams
@@ -311,7 +312,7 @@ def test_a_table_commit_killed_before_it_drops_its_markers_appends_nothing_twice
     assert not lake.keys(f"{PENDING_TABLES}cd/")
     # the re-run finished the killed commit's clean-up: the lake holds exactly the parts the state names
     from workloads.layout import tables_state_key
-    from workloads.tables import live_parts
+    from workloads.table_parts import live_parts
 
     state = json.loads(lake.get(tables_state_key("cd")))
     assert set(lake.keys("tables/images/prefix=cd/")) == set(live_parts(state, "images", "cd"))

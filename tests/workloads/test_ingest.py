@@ -7,9 +7,10 @@ import pytest
 
 from cvgraph.demo_packs import sample_image as photo
 from cvgraph.demo_packs import zip_bytes
-from workloads.ingest import IngestLimits, PackUnreadable, ingest_pack
+from workloads.ingest import ingest_pack
 from workloads.lake import parquet_table
 from workloads.layout import pack_keys
+from workloads.pack_zip import IngestLimits, PackUnreadable
 
 
 def sha(b: bytes) -> str:

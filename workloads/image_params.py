@@ -1,0 +1,61 @@
+"""The image stages' parameters: the ids that name their outputs and versions, and the
+command-line flags that carry them to a workload (``ImageParams.cli_args`` writes what
+``add_params_args`` reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from workloads.kernels import KERNEL_VERSION, EdgeParams, ResizeParams
+from workloads.versions import params_id
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    resize: ResizeParams = field(default_factory=ResizeParams)
+    edges: EdgeParams = field(default_factory=EdgeParams)
+
+    @property
+    def resize_id(self) -> str:
+        return params_id(
+            {"stage": "resize", "kernel": KERNEL_VERSION, **dataclasses.asdict(self.resize)}
+        )
+
+    @property
+    def edges_id(self) -> str:
+        return params_id(
+            {"stage": "edges", "resize": self.resize_id, **dataclasses.asdict(self.edges)}
+        )
+
+    def stage_id(self, stage: str) -> str:
+        return self.resize_id if stage == "resize" else self.edges_id
+
+    def cli_args(self) -> list[str]:
+        r, e = self.resize, self.edges
+        return [
+            "--size",
+            str(r.size),
+            "--jpeg-quality",
+            str(r.jpeg_quality),
+            "--edge-low",
+            str(e.low),
+            "--edge-high",
+            str(e.high),
+        ]
+
+
+def add_params_args(ap: argparse.ArgumentParser) -> None:
+    """The image parameters (``ImageParams.cli_args`` writes them)."""
+    ap.add_argument("--size", type=int, default=ResizeParams.size)
+    ap.add_argument("--jpeg-quality", type=int, default=ResizeParams.jpeg_quality)
+    ap.add_argument("--edge-low", type=int, default=EdgeParams.low)
+    ap.add_argument("--edge-high", type=int, default=EdgeParams.high)
+
+
+def params_from_args(args: argparse.Namespace) -> ImageParams:
+    return ImageParams(
+        ResizeParams(args.size, args.jpeg_quality), EdgeParams(args.edge_low, args.edge_high)
+    )

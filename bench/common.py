@@ -12,8 +12,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-# What resources.compute.LocalProcessPool gives its workers (TESTING.md: glibc malloc thresholds).
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -29,6 +27,8 @@ def env(
     for name, value in DAGSTER_ENV.items():
         e.setdefault(name, value)
     if worker:
+        from resources.compute import WORKER_MALLOC  # what LocalProcessPool gives its workers
+
         e.update(WORKER_MALLOC)
     e.update(extra or {})
     return e

@@ -37,11 +37,11 @@ def generate(lake, rows: int, seed: int = 0) -> dict:
     """``rows`` image rows over the 256 prefixes, as the image_tables asset lays them out."""
     from assets.subsets import PREFIX_ASSETS
     from assets.versioning import write_prefix_records
-    from workloads.images import ImageParams
+    from workloads.image_params import ImageParams
     from workloads.kernels import ResizeParams
     from workloads.lake import write_parquet
     from workloads.layout import output_dir, part_key, tables_state_key
-    from workloads.tables import IMAGES_SCHEMA
+    from workloads.table_rows import IMAGES_SCHEMA
     from workloads.versions import HASH_PREFIXES, prefix_version
 
     t0 = time.perf_counter()

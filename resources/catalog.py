@@ -14,7 +14,8 @@ import pyarrow.fs as pafs
 from resources.aws import AwsResource, poll, stopped_on_interrupt
 from resources.storage import LakeResource
 from workloads.layout import part_pattern, table_root
-from workloads.tables import TABLES, table_keys
+from workloads.table_rows import TABLES
+from workloads.tables import table_keys
 
 
 class QueryRefused(ValueError):

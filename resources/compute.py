@@ -13,7 +13,7 @@ from collections.abc import Callable
 import dagster as dg
 from tqdm import tqdm
 
-from workloads.images import ImageParams
+from workloads.image_params import ImageParams
 from workloads.tasks import PACK_UNREADABLE
 
 
@@ -135,6 +135,46 @@ def _shard(items: list[str], n: int) -> list[list[str]]:
     return [items[i::n] for i in range(n)]
 
 
+# A worker's glibc malloc: large decode buffers are mapped above 64 MiB and freed memory is kept
+# up to 256 MiB, so pages are not trimmed and faulted back in for every image.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+
+
+class Progress:
+    """Progress of a local run from the result lines its workers print: a bar on a terminal and,
+    every 32nd prefix, a line in the run's log (each line is an event, written by this process
+    while the workers want both cores)."""
+
+    def __init__(self, context, name: str, total: int):
+        self.context, self.name, self.total, self.done = context, name, total, 0
+        self._lock = threading.Lock()
+        # disable=None: no bar when stderr is not a TTY
+        self._bar = tqdm(total=total, desc=name, unit="prefix", disable=None, leave=False)
+
+    def __call__(self, line: str) -> None:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            self.context.log.debug(line)
+            return
+        with self._lock:
+            self.done += 1
+            n = self.done
+            self._bar.update(1)
+        if n % 32 == 0 or n == self.total:
+            self.context.log.info(
+                f"[{n}/{self.total}] {rec.get('stage', self.name)} {rec.get('prefix')}: "
+                + ", ".join(
+                    f"{k} {rec[k]}"
+                    for k in ("processed", "skipped", "changed", "seconds")
+                    if k in rec
+                )
+            )
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 class LocalProcessPool(ImageCompute):
     """Runs the workload CLI in local processes: the same command a Batch child runs."""
 
@@ -143,12 +183,7 @@ class LocalProcessPool(ImageCompute):
 
     def _env(self) -> dict[str, str]:
         # Large decode buffers: keep glibc from trimming and faulting pages back in.
-        return {
-            **os.environ,
-            "MALLOC_MMAP_THRESHOLD_": "67108864",
-            "MALLOC_TRIM_THRESHOLD_": "268435456",
-            "PYTHONUNBUFFERED": "1",
-        }
+        return {**os.environ, **WORKER_MALLOC, "PYTHONUNBUFFERED": "1"}
 
     def _run_all(self, context, commands: list[list[str]], on_line) -> list[tuple[int, str]]:
         procs = [
@@ -205,34 +240,7 @@ class LocalProcessPool(ImageCompute):
         redone, so the run converges as a Batch retry does. An exit with an error code fails."""
         if not prefixes:  # nothing to do: no process to start
             return
-        done = {"n": 0}
-        total = len(prefixes) * per_prefix
-        lock = threading.Lock()
-        # A terminal gets a bar (disable=None turns it off when stderr is not a TTY).
-        bar = tqdm(total=total, desc=name, unit="prefix", disable=None, leave=False)
-
-        def on_line(line: str) -> None:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                context.log.debug(line)
-                return
-            with lock:
-                done["n"] += 1
-                n = done["n"]
-                bar.update(1)
-            # Every 32nd prefix, not every one: each line is an event in the run's log, written
-            # by this process while the workers want both cores.
-            if n % 32 == 0 or n == total:
-                context.log.info(
-                    f"[{n}/{total}] {rec.get('stage', name)} {rec.get('prefix')}: "
-                    + ", ".join(
-                        f"{k} {rec[k]}"
-                        for k in ("processed", "skipped", "changed", "seconds")
-                        if k in rec
-                    )
-                )
-
+        progress = Progress(context, name, len(prefixes) * per_prefix)
         shards = _shard(prefixes, self.max_workers)
         context.log.info(
             f"{len(shards)} local worker(s) for {name} over {len(prefixes)} prefix(es)"
@@ -240,7 +248,7 @@ class LocalProcessPool(ImageCompute):
         try:
             for attempt in range(1, self.max_attempts + 1):
                 outcomes = self._run_all(
-                    context, [[sys.executable, *command(shard)[1:]] for shard in shards], on_line
+                    context, [[sys.executable, *command(shard)[1:]] for shard in shards], progress
                 )
                 killed = [
                     (shard, code, err) for shard, (code, err) in zip(shards, outcomes) if code < 0
@@ -260,7 +268,7 @@ class LocalProcessPool(ImageCompute):
                 f"{name} worker for prefixes {shard[0]}..{shard[-1]} died by signal {-code} {self.max_attempts} times:\n{err}"
             )
         finally:
-            bar.close()
+            progress.close()
 
     def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
         self._run_sharded(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from workloads.images import ImageParams
+from workloads.image_params import ImageParams
 from workloads.kernels import EdgeParams, ResizeParams
 
 

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 import dagster as dg
 
 from resources.compute import ImageCompute, tables_command
-from workloads.images import ImageParams
+from workloads.image_params import ImageParams
 from workloads.layout import result_key
 
 

@@ -599,7 +599,8 @@ def subset_on_s3(indexed_lake):
     """Resized images, tables and a subset manifest of every image, all in the S3 lake."""
     from resources.catalog import DuckDBCatalog
     from resources.storage import LakeResource
-    from workloads.images import ImageParams, process_prefix
+    from workloads.image_params import ImageParams
+    from workloads.images import process_prefix
     from workloads.lake import write_parquet
     from workloads.tables import write_prefix_tables
 

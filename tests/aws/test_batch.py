@@ -11,7 +11,7 @@ from botocore.stub import ANY, Stubber
 
 from resources.batch import BATCH_RETRY, BatchArrayClient, BatchChildrenFailed, ChildFailure
 from resources.compute import WorkloadFailed
-from workloads.images import ImageParams
+from workloads.image_params import ImageParams
 from workloads.layout import result_key
 
 

@@ -484,7 +484,7 @@ def test_worker_command_matches_the_batch_client():
     images_command = getattr(compute, "images_command", None)
     if images_command is None:
         pytest.skip("resources.compute has no images_command (the Batch client is not built)")
-    from workloads.images import ImageParams
+    from workloads.image_params import ImageParams
     from workloads.kernels import EdgeParams, ResizeParams
 
     cmd = images_command(

@@ -3,8 +3,9 @@ import pytest
 
 from resources.catalog import DuckDBCatalog, QueryRefused, ensure_select
 from resources.storage import LakeResource
-from workloads.images import ImageParams
-from workloads.tables import TABLES, write_prefix_tables
+from workloads.image_params import ImageParams
+from workloads.table_rows import TABLES
+from workloads.tables import write_prefix_tables
 
 
 @pytest.mark.parametrize(

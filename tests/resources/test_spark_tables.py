@@ -7,7 +7,8 @@ from dagster_pyspark import LazyPySparkResource
 
 from cvgraph.demo_packs import sample_image
 from resources.spark import SparkTableWriter
-from workloads.images import ImageParams, process_prefix
+from workloads.image_params import ImageParams
+from workloads.images import process_prefix
 from workloads.index import build_raw_index
 from workloads.ingest import ingest_pack
 from workloads.lake import LocalLake

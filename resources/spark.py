@@ -55,6 +55,15 @@ class SparkTableWriter(TableWriter):
         }
 
 
+def _output_key(stage: str, params: ImageParams, sha):
+    """The column of ``layout.output_key`` of each row's image."""
+    from pyspark.sql import functions as F
+
+    return F.concat(
+        F.lit(stage_root(stage, params)), F.col("prefix"), F.lit("/"), sha, F.lit(STAGE_EXTS[stage])
+    )
+
+
 def _index_rows(spark, files: list[str], params: ImageParams):
     """The raw index rows with the columns derived from them alone (as ``table_rows.rows_of``
     derives them): pack, member, split, the original's key and the variants' keys if made."""
@@ -82,26 +91,8 @@ def _index_rows(spark, files: list[str], params: ImageParams):
             "original_key",
             F.concat(F.lit(RAW), F.col("prefix"), F.lit("/"), sha, F.lit("."), F.col("ext")),
         )
-        .withColumn(
-            "resized_want",
-            F.concat(
-                F.lit(stage_root("resize", params)),
-                F.col("prefix"),
-                F.lit("/"),
-                sha,
-                F.lit(STAGE_EXTS["resize"]),
-            ),
-        )
-        .withColumn(
-            "edges_want",
-            F.concat(
-                F.lit(stage_root("edges", params)),
-                F.col("prefix"),
-                F.lit("/"),
-                sha,
-                F.lit(STAGE_EXTS["edges"]),
-            ),
-        )
+        .withColumn("resized_want", _output_key("resize", params, sha))
+        .withColumn("edges_want", _output_key("edges", params, sha))
     )
     return rows.withColumn("boxes_n", F.size("boxes").cast("int"))
 

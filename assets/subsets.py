@@ -15,11 +15,11 @@ from assets.keys import require_key
 from assets.tables import image_tables
 from assets.versioning import lake_merkle_root, read_prefix_versions
 from partitions import subset_partitions_def
-from resources.catalog import Catalog, ensure_select
+from resources.catalog import Catalog, ensure_select, normalised_sql
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.lake import parquet_table, write_parquet
-from workloads.layout import subset_keys
+from workloads.layout import PENDING_RAW, pending_raw_pack, subset_keys
 from workloads.versions import sha256_hex, table_hash
 
 REQUIRED = (
@@ -143,6 +143,16 @@ def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tupl
     """Run the query, write the manifest, then the record (the commit marker): (record, manifest)."""
     keys = subset_keys(key)
     manifest = query_manifest(catalog, sql)
+    if manifest.num_rows == 0:
+        waiting = {pending_raw_pack(k) for k in store.keys(PENDING_RAW)}
+        raise dg.Failure(
+            description=f"subset {key}: the query matched no images; nothing was frozen"
+            + (
+                f" ({len(waiting)} ingested pack(s) are not queryable until `cvgraph sync`: {', '.join(sorted(waiting)[:5])})"
+                if waiting
+                else ""
+            )
+        )
     root, _ = lake_merkle_root(store, "image_tables")
     versions = {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}
     prefixes = sorted(pc.unique(manifest["prefix"]).to_pylist())
@@ -198,9 +208,9 @@ def frozen_subsets(
     keys = subset_keys(key)
     if store.exists(keys["record"]):
         record = json.loads(store.get(keys["record"]))
-        if config.sql and ensure_select(config.sql) != record["sql"]:
+        if config.sql and normalised_sql(config.sql) != normalised_sql(record["sql"]):
             raise dg.Failure(
-                description=f"subset {key} is frozen with a different query; freeze under a new key.\nfrozen: {record['sql']}\nasked:  {config.sql}"
+                description=f"subset {key} is frozen with a different query ({record['sql']!r}): freeze under a new key"
             )
         manifest = _verified_manifest(store, key, record)  # read once: verified, then checked below
         context.log.info(f"subset {key} already frozen ({record['rows']} rows); verified")

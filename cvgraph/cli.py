@@ -44,6 +44,7 @@ class _Commands(click.Group):
 
 
 @click.group(cls=_Commands)
+@click.version_option(package_name="cvgraph", prog_name="cvgraph")
 def main() -> None:
     """cvgraph: image packs → originals → resized → edges → tables → frozen subsets → models → exports."""
 
@@ -76,7 +77,9 @@ def ingest(path: Path, name: str | None, as_json: bool) -> None:
         _print_json(report)
     else:
         click.echo(
-            f"pack {report['pack_id']}: {report['accepted']} accepted, {report['duplicates']} duplicates, {len(report['rejected'])} rejected"
+            f"pack {report['pack_id']}: "
+            + ("unchanged (these bytes were ingested before): " if report["unchanged"] else "")
+            + f"{report['accepted']} accepted, {report['duplicates']} duplicates, {len(report['rejected'])} rejected"
         )
         for r in report["rejected"]:
             click.echo(f"  rejected {r['member']!r}: {r['reason']}")
@@ -120,9 +123,12 @@ def query(sql: str, as_json: bool) -> None:
 @main.command()
 @click.argument("key")
 @click.argument("sql")
-def freeze(key: str, sql: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print the subset's record as JSON")
+def freeze(key: str, sql: str, as_json: bool) -> None:
     """Freeze the result of SQL as the immutable subset KEY (through Dagster)."""
     rec = _ds().freeze_dataset(key, sql)
+    if as_json:
+        return _print_json(rec)
     click.echo(
         f"subset {key}: {rec['rows']} rows, manifest {rec['manifest_sha256'][:16]}, splits {rec['splits']}"
     )
@@ -131,10 +137,15 @@ def freeze(key: str, sql: str) -> None:
 @main.command()
 @click.argument("key")
 @click.option("--subset", help="frozen subset to train on (default: the model's previous subset)")
-@click.option("--epochs", type=int)
-def train(key: str, subset: str | None, epochs: int | None) -> None:
+@click.option(
+    "--epochs", type=int, help="passes over the train split (default: 8, or the model's last)"
+)
+@click.option("--json", "as_json", is_flag=True, help="print the model's record as JSON")
+def train(key: str, subset: str | None, epochs: int | None, as_json: bool) -> None:
     """Train model KEY on a frozen subset (local subprocess or SageMaker, by profile)."""
     rec = _ds().train(key, subset, epochs)
+    if as_json:
+        return _print_json(rec)
     click.echo(
         f"model {key}: test accuracy {rec['test_accuracy']:.4f} ({rec['counts']['test']} held-out images), mlflow run {rec['mlflow_run_id']}"
     )
@@ -142,9 +153,12 @@ def train(key: str, subset: str | None, epochs: int | None) -> None:
 
 @main.command()
 @click.argument("key")
-def export(key: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print the exports record as JSON")
+def export(key: str, as_json: bool) -> None:
     """Export model KEY to TorchScript, ONNX and ONNX int8, checked for parity."""
     rec = _ds().export(key)
+    if as_json:
+        return _print_json(rec)
     for fmt, r in rec["formats"].items():
         click.echo(
             f"{fmt:12s} {r['key']}  {r['bytes']} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}"

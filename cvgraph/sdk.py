@@ -45,7 +45,16 @@ class PackNotIngested(CvgraphError):
 
 
 class UnknownKey(CvgraphError):
-    """No model or subset has this key."""
+    """No pack, subset or model has this key; the message names those there are."""
+
+
+class InvalidRequest(CvgraphError):
+    """Refused before anything ran or was made: an invalid key, a number out of range, a subset a
+    model cannot learn from."""
+
+
+NOUNS = {"pack": "ingested pack", "subset": "frozen subset", "model": "trained model"}
+NOUNS["export"] = "exported model"
 
 
 @dataclass(frozen=True)
@@ -97,10 +106,38 @@ class Datasets:
         try:
             return self._runs.materialize(self.instance, keys, definitions=self.definitions, **kw)
         except self._runs.RunFailed as e:
-            raise RunFailed(str(e)) from None
+            raise self._failed(e) from None
+
+    def _failed(self, e) -> RunFailed:
+        """The SDK's one-line error of a failed run (each failed step's first line)."""
+        return RunFailed(self._runs.failure_message(e.result, first_lines=True))
 
     def ensure_partition(self, partitions_def, key: str) -> None:
         self._runs.ensure_partition(self.instance, partitions_def, key)
+
+    def _run_new(self, partitions_def, key: str, asset, **kw):
+        """Materialise ``asset``'s partition ``key``; a partition this call added is removed again
+        when the run fails, so a failed command leaves no key behind (the run stays in the
+        instance's history)."""
+        new = not self.instance.has_dynamic_partition(partitions_def.name, key)
+        self.ensure_partition(partitions_def, key)
+        try:
+            return self.materialize([asset.key], partition_key=key, **kw)
+        except RunFailed:
+            if new:
+                self.instance.delete_dynamic_partition(partitions_def.name, key)
+            raise
+
+    def _record(self, kind: str, key: str) -> dict:
+        """The record of pack/subset/model/export ``key``; ``UnknownKey`` names those there are."""
+        from workloads.layout import record_key, recorded
+
+        try:
+            return json.loads(self.lake.get(record_key(kind, key)))
+        except FileNotFoundError:
+            known = recorded(self.lake, kind)
+            listing = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") or "none yet"
+            raise UnknownKey(f"no {NOUNS[kind]} {key!r} ({NOUNS[kind]}s: {listing})") from None
 
     # -- packs --------------------------------------------------------------------------------
     def upload(self, path: str | Path, name: str | None = None) -> Upload:
@@ -123,11 +160,15 @@ class Datasets:
 
     def ingest(self, path: str | Path, name: str | None = None) -> dict:
         """Upload the zip and materialise its ``raw_packs`` partition now; returns its report
-        (``pack_report``). Raises ``PackNotIngested`` (e.g. not a readable zip)."""
+        (``pack_report``, with ``unchanged``: these bytes were ingested before). Raises
+        ``PackNotIngested`` (e.g. not a readable zip), having removed what this call made."""
         from assets.packs import PACK_KEY_TAG, raw_packs
         from partitions import pack_partitions_def
+        from workloads.layout import PACKS, record_key
 
         up = self.upload(path, name)
+        known = self.lake.exists(record_key("pack", up.pack_id))
+        new = not self.instance.has_dynamic_partition(pack_partitions_def.name, up.pack_id)
         self.ensure_partition(pack_partitions_def, up.pack_id)
         result = self.materialize(
             [raw_packs.key],
@@ -136,20 +177,19 @@ class Datasets:
             raise_on_error=False,
         )
         if not result.success:
+            if new and not known:  # nothing of this pack stays: not its upload, nor its reasons
+                self.instance.delete_dynamic_partition(pack_partitions_def.name, up.pack_id)
+                for key in [up.key] * up.uploaded + self.lake.keys(f"{PACKS}{up.pack_id}/"):
+                    self.lake.delete(key)
+            message = self._runs.failure_message(result, first_lines=True)
             raise PackNotIngested(
-                up.pack_id,
-                f"pack {up.pack_id} ({path}) was not ingested: {self._runs.failure_message(result)}",
+                up.pack_id, f"pack {up.pack_id} ({path}) was not ingested: {message}"
             )
-        return self.pack_report(up.pack_id)
+        return {**self.pack_report(up.pack_id), "unchanged": known and not up.uploaded}
 
     def pack_report(self, pack_id: str) -> dict:
         """``{"pack_id", "accepted", "duplicates", "rejected": [{"member", "reason"}]}`` of an ingested pack."""
-        from workloads.layout import pack_keys
-
-        try:
-            rec = json.loads(self.lake.get(pack_keys(pack_id)["record"]))
-        except FileNotFoundError:
-            raise UnknownKey(f"no ingested pack {pack_id!r}") from None
+        rec = self._record("pack", pack_id)
         return {
             "pack_id": pack_id,
             "accepted": rec["accepted"],
@@ -167,7 +207,7 @@ class Datasets:
         try:
             return self._runs.sync(self.instance, on_run=on_run, definitions=self.definitions)
         except self._runs.RunFailed as e:
-            raise RunFailed(str(e)) from None
+            raise self._failed(e) from None
 
     # -- tables and subsets -------------------------------------------------------------------
     def sql_query(self, sql: str) -> pa.Table:
@@ -177,57 +217,85 @@ class Datasets:
     def freeze_dataset(self, key: str, sql: str) -> dict:
         """Materialise the ``frozen_subsets`` partition ``key`` from ``sql``; returns its record.
 
-        Freezing the same key with the same query again returns the same subset; a
-        different query under a frozen key is refused.
+        Freezing the same key with the same query again (up to case and spacing) returns the
+        same subset; a different query under a frozen key, or one that matches no rows, is
+        refused, and a refused new key is not kept.
         """
         from assets.subsets import frozen_subsets
         from partitions import subset_partitions_def
         from resources.catalog import ensure_select
-        from workloads.layout import check_name, subset_keys
+        from workloads.layout import check_name
 
         try:
             check_name("subset", key)
             ensure_select(sql)
         except ValueError as e:  # QueryRefused is a ValueError too
             raise FreezeRefused(str(e)) from None
-        self.ensure_partition(subset_partitions_def, key)
         run_config = {"ops": {"frozen_subsets": {"config": {"sql": sql}}}}
         try:
-            self.materialize([frozen_subsets.key], partition_key=key, run_config=run_config)
+            self._run_new(subset_partitions_def, key, frozen_subsets, run_config=run_config)
         except RunFailed as e:
             raise FreezeRefused(f"freeze of {key!r} failed: {e}") from None
-        return json.loads(self.lake.get(subset_keys(key)["record"]))
+        return self._record("subset", key)
 
     def subset(self, key: str) -> dict:
+        """The record of frozen subset ``key``, after checking its manifest is what was frozen."""
         from assets.subsets import verify_subset
 
+        self._record("subset", key)
         return verify_subset(self.lake, key)
 
     # -- models -------------------------------------------------------------------------------
     def train(self, key: str, subset: str | None = None, epochs: int | None = None) -> dict:
         """Train model ``key`` on a frozen subset (default: the model's previous one); returns its
-        record (``test_accuracy``, ``counts``, ``mlflow_run_id``, ...)."""
+        record (``test_accuracy``, ``counts``, ``mlflow_run_id``, ...). Checked before anything
+        runs: the key, ``epochs`` >= 1, the subset exists and has two classes or more."""
         from assets.models import trained_models
         from partitions import model_partitions_def
-        from workloads.layout import model_keys
 
-        self.ensure_partition(model_partitions_def, key)
+        self._check_key("model", key)
+        if epochs is not None and epochs < 1:
+            raise InvalidRequest(f"epochs must be 1 or more, not {epochs}")
+        trains_on = subset
+        if trains_on is None:  # the model's previous subset (and spec: the asset reads them)
+            try:
+                trains_on = self._record("model", key)["subset"]
+            except UnknownKey:
+                raise InvalidRequest(
+                    f"model {key!r} is new: give the frozen subset to train it on (--subset)"
+                ) from None
+        classes = [c for c in self._record("subset", trains_on)["labels"] if c != "None"]
+        if len(classes) < 2:
+            raise InvalidRequest(
+                f"subset {trains_on!r} has {len(classes)} labelled class(es) ({', '.join(classes)}): "
+                "a classifier needs two or more"
+            )
         cfg = {k: v for k, v in {"subset": subset, "epochs": epochs}.items() if v is not None}
-        self.materialize(
-            [trained_models.key],
-            partition_key=key,
-            run_config={"ops": {"trained_models": {"config": cfg}}},
-        )
-        return json.loads(self.lake.get(model_keys(key)["record"]))
+        run_config = {"ops": {"trained_models": {"config": cfg}}}
+        self._run_new(model_partitions_def, key, trained_models, run_config=run_config)
+        return self._record("model", key)
 
     def export(self, key: str) -> dict:
         """TorchScript, ONNX and ONNX int8 of model ``key``, each checked against it; returns the
         exports record (``formats``: key, bytes, max_abs_error, top1_agreement per format)."""
         from assets.exports import exported_models
-        from workloads.layout import export_keys
 
+        self._check_key("model", key)
+        self._record("model", key)
         self.materialize([exported_models.key], partition_key=key)
-        return json.loads(self.lake.get(export_keys(key)["record"]))
+        return self._record("export", key)
+
+    @staticmethod
+    def _check_key(kind: str, key: str) -> None:
+        from workloads.layout import check_name
+
+        try:
+            check_name(kind, key)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+
+    def __repr__(self) -> str:
+        return f"Datasets(lake={self.lake_url!r})"
 
     def lineage(self, key: str) -> dict:
         """Export → model → subset → prefix versions → packs of a model or subset ``key``."""

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from workloads.layout import VARIANT_COLUMNS, VARIANT_HASHES
-from workloads.versions import sha256_hex
+from workloads.versions import SPLITS, sha256_hex
 
 
 class SubsetIntegrityError(ValueError):
@@ -35,6 +35,8 @@ class FrozenSubsetDataset(Dataset):
 
         if variant not in VARIANT_COLUMNS:
             raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANT_COLUMNS)}")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)} or None (all)")
         self.lake = Datasets(home).lake
         try:
             self.record, manifest = load_subset(self.lake, key)

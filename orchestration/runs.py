@@ -34,14 +34,27 @@ class RunFailed(Exception):
         self.result = result
 
 
-def failure_message(result: dg.ExecuteInProcessResult) -> str:
+def step_failures(result: dg.ExecuteInProcessResult) -> list[str]:
+    """``"<step>: <message>"`` of each failed step of the run."""
     msgs = []
     for ev in result.all_events:
         if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error:
             err = ev.step_failure_data.error
             while err.cause is not None and err.cls_name in ("DagsterExecutionStepExecutionError",):
                 err = err.cause
-            msgs.append(f"{ev.step_key}: {err.message.strip()}")
+            message = err.message.strip()
+            if err.cls_name == "Failure":  # a description written for the user: no class name
+                message = message.split(": ", 1)[-1]
+            msgs.append(f"{ev.step_key}: {message}")
+    return msgs
+
+
+def failure_message(result: dg.ExecuteInProcessResult, first_lines: bool = False) -> str:
+    """The run's step failures, one per line; ``first_lines``: only each one's first line
+    (what a terminal shows; the run in the Dagster UI has the rest)."""
+    msgs = step_failures(result)
+    if first_lines:
+        return "; ".join(m.splitlines()[0] for m in msgs) or "run failed"
     return "\n".join(msgs) or "run failed"
 
 

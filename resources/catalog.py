@@ -36,6 +36,13 @@ def ensure_select(sql: str) -> str:
     return sql.strip().rstrip(";")
 
 
+def normalised_sql(sql: str) -> str:
+    """``sql`` as a re-freeze compares it: case and runs of spaces outside string literals do
+    not count (identifiers and keywords are case-insensitive; a literal's case is its value)."""
+    parts = re.split(r"('(?:[^']|'')*')", ensure_select(sql))
+    return "".join(p if i % 2 else " ".join(p.lower().split()) for i, p in enumerate(parts))
+
+
 class Catalog(dg.ConfigurableResource, ABC):
     @abstractmethod
     def query(self, sql: str) -> pa.Table:

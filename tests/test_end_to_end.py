@@ -442,6 +442,7 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
         "accepted": 1,
         "duplicates": 1,
         "rejected": [{"member": "readme.md", "reason": "not an image: extension .md"}],
+        "unchanged": False,
     }
     out = CliRunner().invoke(
         cli, ["ingest", str(pack)]
@@ -449,7 +450,7 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     assert (
         out.exit_code == 0
         and out.output
-        == "pack extra: 1 accepted, 1 duplicates, 1 rejected\n  rejected 'readme.md': not an image: extension .md\n"
+        == "pack extra: unchanged (these bytes were ingested before): 1 accepted, 1 duplicates, 1 rejected\n  rejected 'readme.md': not an image: extension .md\n"
     ), out.output
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"PK\x03\x04 definitely truncated")
@@ -489,3 +490,95 @@ def test_freeze_keys_and_columns_cannot_point_outside_the_lake(demo):
     manifest = parquet_table(ds.lake.get("subsets/sneaky_v1/manifest.parquet"))
     assert rec["rows"] == 181 == manifest.num_rows
     assert all(k.startswith("resized/") for k in manifest["resized_key"].to_pylist())
+
+
+def _cli(*args) -> tuple[int, str]:
+    out = CliRunner().invoke(cli, list(args))
+    return out.exit_code, out.output
+
+
+def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
+    """Each mistake: the exact line, exit 1, and no partition, object or upload left by it."""
+    from cvgraph.torch import FrozenSubsetDataset
+
+    ds, _, _ = demo
+    lake, inst = ds.lake, ds.instance
+    subsets = lambda: set(inst.get_dynamic_partitions("subsets"))
+    models = lambda: set(inst.get_dynamic_partitions("models"))
+    before = (subsets(), models(), set(lake.keys("subsets/")), set(lake.keys("models/")))
+    key_rule = "is not allowed: use 1-100 of A-Z a-z 0-9 . _ - (starting with a letter or digit)"
+
+    assert _cli("--version") == (0, "cvgraph, version 0.1.0\n")
+    assert _cli("freeze", "bad key", "SELECT * FROM images") == (
+        1,
+        f"Error: subset key 'bad key' {key_rule}\n",
+    )
+    assert _cli("freeze", "unicorns_v1", "SELECT * FROM images WHERE label = 'unicorn'") == (
+        1,
+        "Error: freeze of 'unicorns_v1' failed: frozen_subsets: subset unicorns_v1: the query "
+        "matched no images; nothing was frozen\n",
+    )
+    assert _cli("train", "my model", "--subset", DIGITS_SUBSET) == (
+        1,
+        f"Error: model key 'my model' {key_rule}\n",
+    )
+    assert _cli("train", "ghost_cnn") == (
+        1,
+        "Error: model 'ghost_cnn' is new: give the frozen subset to train it on (--subset)\n",
+    )
+    code, text = _cli("train", "ghost_cnn", "--subset", "no_such_subset")
+    assert code == 1 and text.startswith(
+        "Error: no frozen subset 'no_such_subset' (frozen subsets: "
+    )
+    assert DIGITS_SUBSET in text and len(text.splitlines()) == 1
+    assert _cli("train", DIGITS_MODEL, "--epochs", "0") == (
+        1,
+        "Error: epochs must be 1 or more, not 0\n",
+    )
+    code, text = _cli("export", "no_such_model")
+    assert code == 1 and text.startswith(
+        "Error: no trained model 'no_such_model' (trained models: "
+    )
+    assert DIGITS_MODEL in text and len(text.splitlines()) == 1
+    assert (subsets(), models(), set(lake.keys("subsets/")), set(lake.keys("models/"))) == before
+
+    # a subset with one class is frozen, but no model can be trained on it
+    assert (
+        _cli("freeze", "zeros_v1", "SELECT * FROM images WHERE pack_id = 'digits' AND label = '0'")[
+            0
+        ]
+        == 0
+    )
+    assert _cli("train", "zeros_cnn", "--subset", "zeros_v1") == (
+        1,
+        "Error: subset 'zeros_v1' has 1 labelled class(es) (0): a classifier needs two or more\n",
+    )
+    assert "zeros_cnn" not in models() and not lake.keys("models/zeros_cnn/")
+
+    # a re-freeze that differs only in case and spacing is the same subset; another query is not
+    frozen = ds.subset(DIGITS_SUBSET)
+    again = ds.freeze_dataset(
+        DIGITS_SUBSET,
+        "select *  from IMAGES\n where PACK_ID = 'digits' and label is not null",
+    )
+    assert again["manifest_sha256"] == frozen["manifest_sha256"]
+    code, text = _cli("freeze", DIGITS_SUBSET, "SELECT * FROM images WHERE pack_id = 'Digits'")
+    assert code == 1 and len(text.splitlines()) == 1
+    assert f"subset {DIGITS_SUBSET} is frozen with a different query" in text
+
+    with pytest.raises(ValueError, match="split 'training': expected one of train, val, test"):
+        FrozenSubsetDataset(DIGITS_SUBSET, split="training")
+
+    # a pack that is not a zip: the line, exit 2, and neither its upload nor a pack kept
+    junk = tmp_path / "chelsea.zip"
+    junk.write_bytes(sample_image("chelsea.png"))
+    code, text = _cli("ingest", str(junk))
+    assert code == 2 and len(text.splitlines()) == 1 and "not a readable zip" in text
+    assert not lake.exists("incoming/chelsea.zip") and not lake.keys("packs/chelsea/")
+    assert "chelsea" not in inst.get_dynamic_partitions("packs")
+    # the same bytes ingested again: said so
+    code, text = _cli("ingest", str(ds.lake.path("incoming/digits.zip")), "--name", "digits")
+    assert (code, text) == (
+        0,
+        "pack digits: unchanged (these bytes were ingested before): 1797 accepted, 0 duplicates, 0 rejected\n",
+    )

@@ -19,15 +19,14 @@ import pyarrow.compute as pc
 from workloads.annotations import BOX_TYPE
 from workloads.lake import get_json, read_parquet, write_parquet
 from workloads.layout import (
-    PACKS,
     PENDING_RAW,
     index_state_key,
     pack_keys,
-    pack_of_record,
     pack_prefix_key,
     pending_raw_key,
     pending_tables_key,
     raw_index_key,
+    recorded,
 )
 from workloads.versions import canonical_json, prefix_version, sha256_hex
 
@@ -65,7 +64,7 @@ def _label_rank(source: str | None) -> int:
 def committed_packs(lake) -> list[str]:
     """Packs whose ingest finished (``pack.json`` is the commit marker). Lists ``packs/``: for
     rebuilds and tests, never on the incremental path."""
-    return sorted(p for p in map(pack_of_record, lake.keys(PACKS)) if p)
+    return recorded(lake, "pack")
 
 
 def _absorb(row: dict | None, pack_id: str, r: dict) -> dict:

@@ -52,7 +52,6 @@ def safe_name(name: str) -> str:
 # -- packs -----------------------------------------------------------------------
 INCOMING = "incoming/"
 PACKS = "packs/"
-PACK_RECORD = "pack.json"
 PENDING_RAW = "_pending/raw_images/"
 
 
@@ -74,16 +73,8 @@ def pack_keys(pack_id: str) -> dict[str, str]:
     return {
         "manifest": f"{base}/manifest.parquet",
         "rejects": f"{base}/rejects.parquet",
-        "record": f"{base}/{PACK_RECORD}",
+        "record": record_key("pack", pack_id),
     }
-
-
-def pack_of_record(key: str) -> str | None:
-    """The pack id of a ``packs/<pack>/pack.json`` key, else None."""
-    parts = key.split("/")
-    if len(parts) == 3 and key.startswith(PACKS) and parts[2] == PACK_RECORD:
-        return parts[1]
-    return None
 
 
 def pack_prefix_key(pack_id: str, prefix: str) -> str:
@@ -99,6 +90,11 @@ def pending_raw_key(prefix: str, pack_id: str) -> str:
 def pending_raw_prefix(key: str) -> str:
     """The prefix of a ``pending_raw_key``."""
     return key.removeprefix(PENDING_RAW).split("/")[0]
+
+
+def pending_raw_pack(key: str) -> str:
+    """The pack of a ``pending_raw_key``."""
+    return key.rsplit("/", 1)[1].removesuffix(".json")
 
 
 # -- originals and the raw index -------------------------------------------------
@@ -204,7 +200,7 @@ def subset_keys(key: str) -> dict[str, str]:
     base = f"subsets/{key}"
     return {
         "manifest": f"{base}/manifest.parquet",
-        "record": f"{base}/subset.json",
+        "record": record_key("subset", key),
         "labels": f"{base}/labels.png",
     }
 
@@ -214,7 +210,7 @@ def model_keys(model_key: str) -> dict[str, str]:
     return {
         "model": f"{base}/model.pt",
         "metrics": f"{base}/metrics.json",
-        "record": f"{base}/model.json",
+        "record": record_key("model", model_key),
         "curves": f"{base}/curves.png",
         "sagemaker_output": f"{base}/sagemaker/",
         "channel_manifest": f"{base}/channels/images.manifest",
@@ -229,7 +225,7 @@ def checkpoints_dir(model_key: str, base_job: str) -> str:
 def export_keys(key: str) -> dict[str, str]:
     return {
         **{f: f"exports/{key}/{p}" for f, p in EXPORT_FILES.items()},
-        "record": f"exports/{key}/exports.json",
+        "record": record_key("export", key),
     }
 
 
@@ -252,3 +248,31 @@ def results_dir(run_id: str, stage: str) -> str:
 
 def result_key(run_id: str, stage: str, prefix: str) -> str:
     return f"{results_dir(run_id, stage)}{prefix}.json"
+
+
+# -- what exists ------------------------------------------------------------------
+# Each kind of named thing and the record that, once written, says it exists (its commit marker).
+RECORDS = {
+    "pack": ("packs/", "pack.json"),
+    "subset": ("subsets/", "subset.json"),
+    "model": ("models/", "model.json"),
+    "export": ("exports/", "exports.json"),
+}
+
+
+def record_key(kind: str, name: str) -> str:
+    """The record of ``name``, a pack, subset, model or export."""
+    root, record = RECORDS[kind]
+    return f"{root}{name}/{record}"
+
+
+def recorded(lake, kind: str) -> list[str]:
+    """The names of every ``kind`` (pack, subset, model, export) whose record is in the lake: one
+    listing."""
+    root, record = RECORDS[kind]
+    names = []
+    for key in lake.keys(root):
+        parts = key[len(root) :].split("/")
+        if len(parts) == 2 and parts[1] == record:
+            names.append(parts[0])
+    return sorted(names)

@@ -42,6 +42,9 @@ def merkle_root(versions: Mapping[str, str]) -> str:
     return level[0][:24]
 
 
+SPLITS = ("train", "val", "test")
+
+
 def split_for(sha256: str) -> str:
     """Deterministic train/val/test split (80/10/10) from the content hash."""
     bucket = int(sha256[:8], 16) % 100

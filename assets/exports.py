@@ -10,10 +10,8 @@ import pyarrow.compute as pc
 from assets.models import trained_models
 from partitions import model_partitions_def
 from resources.storage import LakeResource
-from workloads.export import export_all
 from workloads.lake import read_parquet
 from workloads.layout import EXPORT_FILES, VARIANT_COLUMNS, export_keys, model_keys, subset_keys
-from workloads.train import load_images
 from workloads.versions import sha256_hex
 
 PARITY_SAMPLES = 256
@@ -40,6 +38,8 @@ def _samples(store, model_record: dict, tmp: Path):
         p = tmp / r[col]
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(store.get(r[col]))
+    from workloads.train import load_images  # torch: only when a step exports
+
     return load_images(test, tmp, variant, model_record["spec"]["input_size"])
 
 
@@ -59,6 +59,10 @@ def _samples(store, model_record: dict, tmp: Path):
     ],
 )
 def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
+    from workloads.export import (
+        export_all,
+    )  # torch and ONNX load when a step exports, not with the code
+
     key = context.partition_key
     store = lake.lake()
     keys = export_keys(key)

@@ -13,6 +13,8 @@ the photos scikit-learn and scikit-image ship (nothing is downloaded):
 8. ``incremental_time_ratio``     summed step time of absorbing one 100-image pack, 30,000-image lake / 1,000-image lake
 9. ``incremental_requests_ratio`` lake requests of the same, large lake / small lake
 10. ``new_pack_latency_s``        zip put in incoming/ → its rows queryable, sensor + automation, before and after the cursor
+11. ``cli_help_s``, ``cli_query_s``, ``cli_sync_noop_s``  ``cvgraph --help``, a query and a sync with
+    nothing to do on a lake with the demo's digits pack, beside ``python -c pass`` (bench.cli_start)
 
 Results go to ``bench/results.json`` (``--out``): for each name, the measured numbers, the
 ``value``, the ``target`` and ``pass``. ``--quick`` is a small smoke version (same code
@@ -45,6 +47,9 @@ NAMES = (
     "incremental_time_ratio",
     "incremental_requests_ratio",
     "new_pack_latency_s",
+    "cli_help_s",
+    "cli_query_s",
+    "cli_sync_noop_s",
 )
 TARGETS = {
     "kernel_vs_naive": (2.2, ">="),
@@ -57,6 +62,9 @@ TARGETS = {
     "incremental_time_ratio": (1.25, "<="),
     "incremental_requests_ratio": (1.1, "<="),
     "new_pack_latency_s": (20.0, "<="),
+    "cli_help_s": (0.3, "<="),
+    "cli_query_s": (1.5, "<="),
+    "cli_sync_noop_s": (2.0, "<="),
 }
 
 FULL = {
@@ -77,6 +85,7 @@ FULL = {
     "freeze_probe_rows": 50_000,
     "dataset_rounds": 5,
     "incremental_lakes": (1_000, 30_000),
+    "cli_runs": 5,
 }
 QUICK = {
     "big_jpegs": 2,
@@ -96,6 +105,7 @@ QUICK = {
     "freeze_probe_rows": 2_000,
     "dataset_rounds": 1,
     "incremental_lakes": (500, 1_500),
+    "cli_runs": 1,
 }
 
 
@@ -427,6 +437,15 @@ def bench_incremental(cfg: dict, work: Path) -> tuple[dict, dict, dict]:
 # -- the run -----------------------------------------------------------------------------------
 
 
+def bench_cli(cfg: dict) -> tuple[dict, dict, dict]:
+    m = run_json(["bench.cli_start", "--runs", str(cfg["cli_runs"])])
+    base = {"python_pass_s": m["python_pass_s"]}
+    return tuple(
+        _res(f"cli_{n}_s", m[f"{n}_s"], "s", **base, vs_python=m[f"{n}_vs_python"])
+        for n in ("help", "query", "sync_noop")
+    )
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -530,7 +549,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental",
+        help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental,cli",
     )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args(argv)
@@ -596,6 +615,8 @@ def main(argv=None) -> int:
                 ("incremental_time_ratio", "incremental_requests_ratio", "new_pack_latency_s"),
                 lambda: bench_incremental(cfg, work),
             )
+        if want("cli"):
+            attempt(("cli_help_s", "cli_query_s", "cli_sync_noop_s"), lambda: bench_cli(cfg))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

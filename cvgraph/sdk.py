@@ -81,11 +81,14 @@ class Datasets:
         """The profile's definitions as the environment is now, not at first import."""
         from orchestration.definitions import build_defs
 
-        return build_defs()
+        return build_defs(resources=self.resources)
 
-    @property
+    @cached_property
     def resources(self) -> dict:
-        return self.definitions.resources
+        """The profile's resources; a query needs these, not the assets (nor torch)."""
+        from orchestration.profiles import resources_for
+
+        return resources_for()
 
     @cached_property
     def instance(self):

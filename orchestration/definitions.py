@@ -23,9 +23,9 @@ ASSETS = [
 ]
 
 
-def build_defs(profile_name: str | None = None) -> dg.Definitions:
+def build_defs(profile_name: str | None = None, resources: dict | None = None) -> dg.Definitions:
     """The same assets in every profile; only the resources (and the event sensor) differ."""
-    resources = resources_for(profile_name or profile())
+    resources = resources or resources_for(profile_name or profile())
     sensors = [incoming_packs_sensor, image_automation]
     if resources["pack_events"].queue_url:
         sensors.append(incoming_packs_sqs_sensor)

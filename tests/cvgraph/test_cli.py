@@ -19,10 +19,16 @@ print(json.dumps({"code": code, "heavy": sorted(m for m in HEAVY if m in sys.mod
 """.replace("HEAVY", repr(HEAVY))
 
 
+def _env(home) -> dict:
+    """The environment of a user with their own CVGRAPH_HOME (no instance of the suite's)."""
+    keep = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "CVGRAPH_LAKE_URL")}
+    return {**keep, "CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local"}
+
+
 def _cli(home, *args) -> tuple[dict, str]:
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, *args],
-        env={**os.environ, "CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local"},
+        env=_env(home),
         capture_output=True,
         text=True,
         check=True,
@@ -49,3 +55,31 @@ def test_help_and_upload_import_neither_dagster_nor_torch(tmp_path):
     status, text = _cli(home, "upload", str(pack))
     assert status == {"code": 0, "heavy": []}
     assert text == "already there: incoming/cats.zip (pack cats)"
+
+
+SDK_REFUSAL = """
+from cvgraph import Datasets, FreezeRefused
+ds = Datasets()
+try:
+    ds.freeze_dataset("first_v1", "SELECT * FROM images")
+except FreezeRefused as e:
+    print(e)
+print(ds.instance.get_dynamic_partitions("subsets"), ds.lake.keys("subsets/"))
+"""
+
+
+def test_the_sdk_refuses_quietly_and_keeps_no_key(tmp_path):
+    """A freeze on an empty lake (nothing ingested yet): the exception's one line, nothing on
+    stderr (no Dagster warnings or log blocks), and no subset partition or object left."""
+    out = subprocess.run(
+        [sys.executable, "-c", SDK_REFUSAL],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stderr == ""
+    assert out.stdout == (
+        "freeze of 'first_v1' failed: frozen_subsets: subset first_v1: the query matched no "
+        "images; nothing was frozen\n[] []\n"
+    )

@@ -167,8 +167,9 @@ def export(key: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("key")
-@click.option("--json", "as_json", is_flag=True)
-def lineage(key: str, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print the whole tree as JSON")
+@click.option("--prefixes", is_flag=True, help="list every prefix partition and its data versions")
+def lineage(key: str, as_json: bool, prefixes: bool) -> None:
     """Lineage of a model/export or subset KEY: export → model → subset → prefix versions → packs."""
     from cvgraph.lineage import render
 
@@ -176,7 +177,7 @@ def lineage(key: str, as_json: bool) -> None:
     if as_json:
         _print_json(tree)
     else:
-        click.echo(render(tree))
+        click.echo(render(tree, prefixes=prefixes))
 
 
 @main.command()

@@ -81,7 +81,9 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
     return tree
 
 
-def render(tree: dict) -> str:
+def render(tree: dict, prefixes: bool = False) -> str:
+    """The tree as text: export → model → subset → packs → prefix partitions (one line, or with
+    ``prefixes`` a line per prefix with each asset's data version)."""
     out: list[str] = []
     indent = 0
     if "export" in tree:
@@ -105,15 +107,19 @@ def render(tree: dict) -> str:
         f"{p}└─ subset {s['key']}  {s['rows']} rows  manifest sha256 {s['manifest_sha256'][:16]}"
     )
     out.append(f"{p}     query: {s['sql']}")
-    prefixes = tree["prefixes"]
-    out.append(
-        f"{p}   └─ {len(prefixes)} prefix partitions  (merkle root over image_tables: {s['input_merkle_root']})"
-    )
-    for pp, versions in sorted(prefixes.items()):
-        out.append(f"{p}        {pp}  " + "  ".join(f"{a}={v[:10]}" for a, v in versions.items()))
     out.append(f"{p}   └─ packs")
     for pk in tree["packs"]:
         out.append(
             f"{p}        {pk['pack_id']}  zip sha256 {str(pk['zip_sha256'])[:16]}  accepted {pk['accepted']}  duplicates {pk['duplicates']}  rejected {pk['rejected']}"
         )
+    versions_of = tree["prefixes"]
+    out.append(
+        f"{p}   └─ {len(versions_of)} prefix partitions  (merkle root over image_tables: {s['input_merkle_root']})"
+        + ("" if prefixes else "  --prefixes lists them")
+    )
+    if prefixes:
+        for pp, versions in sorted(versions_of.items()):
+            out.append(
+                f"{p}        {pp}  " + "  ".join(f"{a}={v[:10]}" for a, v in versions.items())
+            )
     return "\n".join(out)

@@ -375,6 +375,12 @@ def test_lineage_cli(demo):
         "digits  zip sha256",
     ):
         assert needle in text.output
+    # short by default, the packs before the prefixes; --prefixes adds a line per prefix
+    lines = text.output.splitlines()
+    assert len(lines) < 15 and not any(line.strip().startswith("00  ") for line in lines)
+    assert text.output.index("└─ packs") < text.output.index("prefix partitions")
+    full = CliRunner().invoke(cli, ["lineage", DIGITS_MODEL, "--prefixes"]).output.splitlines()
+    assert len(full) == len(lines) + len(tree["prefixes"])
     assert CliRunner().invoke(cli, ["lineage", "nope"]).exit_code != 0
 
 

@@ -14,17 +14,21 @@ from resources.storage import LakeResource
 from resources.tracking import MLflowTracking
 from resources.training import Trainer
 from workloads.layout import model_keys, subset_keys
+from workloads.spec import TRAIN_SPEC, check_spec
 from workloads.versions import canonical_json, sha256_hex
 
 
 class TrainConfig(dg.Config):
-    subset: str = ""  # empty: keep the spec this model was first trained with
-    epochs: int = 8
-    lr: float = 0.003
-    batch_size: int = 64
-    input_size: int = 32
-    variant: str = "resized"
-    seed: int = 0
+    """Unset fields: the model's last spec (and subset), else ``workloads.spec.TRAIN_SPEC``."""
+
+    subset: str = ""
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    input_size: int | None = None
+    variant: str | None = None
+    seed: int | None = None
+    width: int | None = None
 
 
 def _plot_curves(history: list[dict], title: str) -> bytes:
@@ -65,16 +69,18 @@ def _metadata(record: dict) -> dict:
 
 
 def training_spec(key: str, config: TrainConfig, prior: dict | None) -> tuple[str, dict]:
-    """(subset, spec) of a training: the config's, or, without a subset in the config, the
-    model's previous ones (a re-run retrains the same model)."""
+    """(subset, spec) of a training: what the config sets, over the model's previous subset and
+    spec (so a re-run is the same training, and nothing to do), else the defaults."""
     subset = config.subset or (prior or {}).get("subset")
     if not subset:
         raise dg.Failure(
             description=f"model {key}: give the frozen subset to train on as config `subset`"
         )
-    if prior and not config.subset:
-        return subset, prior["spec"]
-    return subset, {k: v for k, v in config.model_dump().items() if k != "subset"}
+    given = {k: v for k, v in config.model_dump().items() if k != "subset" and v is not None}
+    try:
+        return subset, check_spec({**(prior["spec"] if prior else TRAIN_SPEC), **given})
+    except ValueError as e:
+        raise dg.Failure(description=f"model {key}: {e}") from None
 
 
 def local_copy(store, key: str, directory: Path) -> str:

@@ -26,6 +26,12 @@ def _ds():
     return Datasets()
 
 
+def _spec_help(field: str, what: str) -> str:
+    from workloads.spec import TRAIN_SPEC  # dagster- and torch-free: --help stays fast
+
+    return f"{what} (default {TRAIN_SPEC[field]}, or the model's last)"
+
+
 def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -136,14 +142,23 @@ def freeze(key: str, sql: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("key")
-@click.option("--subset", help="frozen subset to train on (default: the model's previous subset)")
+@click.option("--subset", help="frozen subset to train on (default: the model's last)")
+@click.option("--epochs", type=int, help=_spec_help("epochs", "passes over the train split"))
+@click.option("--lr", type=float, help=_spec_help("lr", "Adam's learning rate"))
+@click.option("--batch-size", type=int, help=_spec_help("batch_size", "images per step"))
+@click.option("--input-size", type=int, help=_spec_help("input_size", "side of the model's input"))
 @click.option(
-    "--epochs", type=int, help="passes over the train split (default: 8, or the model's last)"
+    "--variant",
+    type=click.Choice(["resized", "edges", "original"]),
+    help=_spec_help("variant", "the images it learns from"),
 )
+@click.option("--width", type=int, help=_spec_help("width", "channels of the first convolution"))
+@click.option("--seed", type=int, help=_spec_help("seed", "of the weights and the shuffling"))
 @click.option("--json", "as_json", is_flag=True, help="print the model's record as JSON")
-def train(key: str, subset: str | None, epochs: int | None, as_json: bool) -> None:
-    """Train model KEY on a frozen subset (local subprocess or SageMaker, by profile)."""
-    rec = _ds().train(key, subset, epochs)
+def train(key: str, subset: str | None, as_json: bool, **spec) -> None:
+    """Train model KEY on a frozen subset (local subprocess or SageMaker, by profile). A flag
+    not given is the model's last value, else its default."""
+    rec = _ds().train(key, subset, **spec)
     if as_json:
         return _print_json(rec)
     click.echo(

@@ -249,16 +249,22 @@ class Datasets:
         return verify_subset(self.lake, key)
 
     # -- models -------------------------------------------------------------------------------
-    def train(self, key: str, subset: str | None = None, epochs: int | None = None) -> dict:
-        """Train model ``key`` on a frozen subset (default: the model's previous one); returns its
-        record (``test_accuracy``, ``counts``, ``mlflow_run_id``, ...). Checked before anything
-        runs: the key, ``epochs`` >= 1, the subset exists and has two classes or more."""
+    def train(self, key: str, subset: str | None = None, epochs: int | None = None, **spec) -> dict:
+        """Train model ``key`` on a frozen subset; returns its record (``test_accuracy``,
+        ``counts``, ``mlflow_run_id``, ...). ``spec``: any of ``workloads.spec.TRAIN_SPEC``'s
+        fields (lr, batch_size, input_size, variant, seed, width); what is not given is the
+        model's last (subset too), else the default. Checked before anything runs: the key, each
+        field's range, the subset exists and has two classes or more."""
         from assets.models import trained_models
         from partitions import model_partitions_def
+        from workloads.spec import check_spec
 
         self._check_key("model", key)
-        if epochs is not None and epochs < 1:
-            raise InvalidRequest(f"epochs must be 1 or more, not {epochs}")
+        given = {k: v for k, v in {"epochs": epochs, **spec}.items() if v is not None}
+        try:
+            check_spec(given)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
         trains_on = subset
         if trains_on is None:  # the model's previous subset (and spec: the asset reads them)
             try:
@@ -273,7 +279,7 @@ class Datasets:
                 f"subset {trains_on!r} has {len(classes)} labelled class(es) ({', '.join(classes)}): "
                 "a classifier needs two or more"
             )
-        cfg = {k: v for k, v in {"subset": subset, "epochs": epochs}.items() if v is not None}
+        cfg = {**given, **({"subset": subset} if subset else {})}
         run_config = {"ops": {"trained_models": {"config": cfg}}}
         self._run_new(model_partitions_def, key, trained_models, run_config=run_config)
         return self._record("model", key)

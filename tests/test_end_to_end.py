@@ -541,12 +541,23 @@ def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
         1,
         "Error: epochs must be 1 or more, not 0\n",
     )
+    assert _cli("train", DIGITS_MODEL, "--lr", "0") == (1, "Error: lr must be in (0, 1], not 0.0\n")
+    assert _cli("train", DIGITS_MODEL, "--input-size", "8") == (
+        1,
+        "Error: input_size must be 16 or more, not 8\n",
+    )
     code, text = _cli("export", "no_such_model")
     assert code == 1 and text.startswith(
         "Error: no trained model 'no_such_model' (trained models: "
     )
     assert DIGITS_MODEL in text and len(text.splitlines()) == 1
     assert (subsets(), models(), set(lake.keys("subsets/")), set(lake.keys("models/"))) == before
+
+    # flags not given are the model's last: training it again is the same training, nothing to do
+    trained = json.loads(lake.get(f"models/{DIGITS_MODEL}/model.json"))
+    assert trained["spec"]["width"] == 16 and trained["spec"]["variant"] == "resized"
+    assert ds.train(DIGITS_MODEL) == trained  # same record: same MLflow run, same job
+    assert ds.train(DIGITS_MODEL, epochs=trained["spec"]["epochs"]) == trained
 
     # a subset with one class is frozen, but no model can be trained on it
     assert (

@@ -29,17 +29,9 @@ from torch import nn
 
 from workloads.layout import VARIANT_COLUMNS
 from workloads.model import build_model
+from workloads.spec import TRAIN_SPEC
 
-DEFAULTS = {
-    "epochs": 8,
-    "lr": 0.003,
-    "batch_size": 64,
-    "input_size": 32,
-    "variant": "resized",
-    "seed": 0,
-    "width": 16,
-    "checkpoint_dir": "/opt/ml/checkpoints",
-}
+DEFAULTS = {**TRAIN_SPEC, "checkpoint_dir": "/opt/ml/checkpoints"}
 
 
 class ContinuingS3MessageWriter(dp.PipesS3MessageWriter):

@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 
 from assets.models import trained_models
 from partitions import model_partitions_def
+from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.lake import read_parquet
 from workloads.layout import EXPORT_FILES, VARIANT_COLUMNS, export_keys, model_keys, subset_keys
@@ -43,6 +44,22 @@ def _samples(store, model_record: dict, tmp: Path):
     return load_images(test, tmp, variant, model_record["spec"]["input_size"])
 
 
+def preprocess_of(store, model_record: dict, image_settings: ImageSettings) -> dict:
+    """``preprocess.json``: how an image becomes the model's input. The variant's parameters are
+    the lake's settings, which must be those the model's subset was frozen with (the record
+    keeps only their ids)."""
+    from workloads.predict import preprocess_spec
+
+    params = image_settings.params()
+    frozen = json.loads(store.get(subset_keys(model_record["subset"])["record"]))["params"]
+    if frozen != {"resize": params.resize_id, "edges": params.edges_id}:
+        raise dg.Failure(
+            description=f"model {model_record['key']}: the image settings changed since subset "
+            f"{model_record['subset']} was frozen (params {frozen}); set them back to export it"
+        )
+    return preprocess_spec(model_record, params.resize, params.edges)
+
+
 @dg.asset(
     partitions_def=model_partitions_def,
     deps=[trained_models],
@@ -58,10 +75,11 @@ def _samples(store, model_record: dict, tmp: Path):
         )
     ],
 )
-def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
-    from workloads.export import (
-        export_all,
-    )  # torch and ONNX load when a step exports, not with the code
+def exported_models(
+    context: dg.AssetExecutionContext, lake: LakeResource, image_settings: ImageSettings
+):
+    # torch and ONNX load when a step exports, not with the code location
+    from workloads.export import export_all
 
     key = context.partition_key
     store = lake.lake()
@@ -74,11 +92,12 @@ def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
     if (
         prior
         and prior["model_sha256"] == model_record["model_sha256"]
-        and all(store.exists(keys[f]) for f in EXPORT_FILES)
+        and all(store.exists(keys[f]) for f in [*EXPORT_FILES, "preprocess"])
     ):
         record = prior
         context.log.info(f"exports of {key} are current for model {record['model_sha256'][:12]}")
     else:
+        preprocess = preprocess_of(store, model_record, image_settings)  # before the work
         with tempfile.TemporaryDirectory() as scratch:
             tmp = Path(scratch)
             (tmp / "model.pt").write_bytes(store.get(mkeys["model"]))
@@ -88,7 +107,13 @@ def exported_models(context: dg.AssetExecutionContext, lake: LakeResource):
                 store.put_file(keys[fmt], tmp / "out" / EXPORT_FILES[fmt])
                 report[fmt]["key"] = keys[fmt]
                 report[fmt]["sha256"] = sha256_hex((tmp / "out" / EXPORT_FILES[fmt]).read_bytes())
-        record = {"key": key, "model_sha256": model_record["model_sha256"], "formats": report}
+        store.put(keys["preprocess"], json.dumps(preprocess, indent=2, sort_keys=True).encode())
+        record = {
+            "key": key,
+            "model_sha256": model_record["model_sha256"],
+            "formats": report,
+            "preprocess": keys["preprocess"],
+        }
         store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
     formats = record["formats"]
     version = "".join(formats[f]["sha256"][:8] for f in sorted(formats))

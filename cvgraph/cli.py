@@ -182,6 +182,29 @@ def export(key: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("key")
+@click.argument(
+    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "onnx_int8"]),
+    default="onnx",
+    show_default=True,
+    help="which export runs",
+)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per image")
+def predict(key: str, images: tuple[Path, ...], fmt: str, as_json: bool) -> None:
+    """Classify IMAGES with model KEY's export (onnxruntime), preprocessed as its preprocess.json says."""
+    rows = _ds().predict(key, list(images), fmt)
+    if as_json:
+        return _print_json(rows)
+    for r in rows:
+        click.echo(f"{r['image']}: {r['class']} ({r['probability']:.3f})")
+
+
+@main.command()
+@click.argument("key")
 @click.option("--json", "as_json", is_flag=True, help="print the whole tree as JSON")
 @click.option("--prefixes", is_flag=True, help="list every prefix partition and its data versions")
 def lineage(key: str, as_json: bool, prefixes: bool) -> None:

@@ -294,6 +294,34 @@ class Datasets:
         self.materialize([exported_models.key], partition_key=key)
         return self._record("export", key)
 
+    def predict(self, key: str, images: list[str | Path], fmt: str = "onnx") -> list[dict]:
+        """Run model ``key``'s export (``onnx`` or ``onnx_int8``) on image files, preprocessed as
+        its ``preprocess.json`` says: ``[{"image", "class", "probability", "logits"}]``."""
+        import tempfile
+
+        from workloads.layout import export_keys
+        from workloads.predict import predict
+
+        if fmt not in ("onnx", "onnx_int8"):
+            raise InvalidRequest(f"format {fmt!r}: expected onnx or onnx_int8")
+        self._check_key("model", key)
+        self._record("export", key)
+        keys = export_keys(key)
+        if not self.lake.exists(keys["preprocess"]):
+            raise InvalidRequest(
+                f"model {key!r} was exported before preprocess.json: export it again"
+            )
+        pre = json.loads(self.lake.get(keys["preprocess"]))
+        data = {str(p): Path(p).read_bytes() for p in images}
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "model.onnx"
+            model.write_bytes(self.lake.get(keys[fmt]))
+            try:
+                out = predict(model, pre, data)
+            except ValueError as e:
+                raise InvalidRequest(f"not an image the model can read: {e}") from None
+        return out
+
     @staticmethod
     def _check_key(kind: str, key: str) -> None:
         from workloads.layout import check_name

@@ -599,3 +599,53 @@ def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
         0,
         "pack digits: unchanged (these bytes were ingested before): 1797 accepted, 0 duplicates, 0 rejected\n",
     )
+
+
+def test_predict_runs_an_export_on_image_files_as_training_saw_them(demo, tmp_path):
+    """preprocess.json says how an image becomes the input; predict applies it to original
+    files and gets what the model gives the lake's own resized images (same kernel, same bytes)."""
+    ds, _, _ = demo
+    pre = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/preprocess.json"))
+    model = json.loads(ds.lake.get(f"models/{DIGITS_MODEL}/model.json"))
+    size = model["spec"]["input_size"]
+    assert pre["input"] == {"name": "image", "shape": ["batch", 1, size, size], "dtype": "float32"}
+    assert pre["output"]["classes"] == model["classes"] and pre["variant"] == "resized"
+    assert pre["resize"] == {"size": 64, "jpeg_quality": 90}
+    manifest = parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))
+    rows = [r for r in manifest.to_pylist() if r["split"] == "test"][:12]
+    paths = []
+    for i, r in enumerate(rows):
+        paths.append(tmp_path / f"{i}.{r['original_key'].rsplit('.', 1)[1]}")
+        paths[-1].write_bytes(ds.lake.get(r["original_key"]))
+    got = ds.predict(DIGITS_MODEL, paths)
+
+    # the same model on the lake's resized images, as the trainer loads them
+    session = ort.InferenceSession(
+        str(ds.lake.path(f"exports/{DIGITS_MODEL}/onnx/model.onnx")),
+        providers=["CPUExecutionProvider"],
+    )
+    x = np.stack(
+        [
+            cv2.resize(
+                cv2.imdecode(np.frombuffer(ds.lake.get(r["resized_key"]), np.uint8), 0),
+                (size, size),
+                interpolation=cv2.INTER_AREA,
+            )[None].astype(np.float32)
+            / 255.0
+            for r in rows
+        ]
+    )
+    expected = session.run(None, {"image": x})[0]
+    assert [g["class"] for g in got] == [model["classes"][int(i)] for i in expected.argmax(1)]
+    assert np.allclose([g["logits"] for g in got], expected, atol=1e-3)
+    assert [g["image"] for g in got] == [str(p) for p in paths]
+
+    out = CliRunner().invoke(cli, ["predict", DIGITS_MODEL, str(paths[0]), "--format", "onnx_int8"])
+    assert out.exit_code == 0 and out.output.startswith(f"{paths[0]}: ")
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not an image")
+    out = CliRunner().invoke(cli, ["predict", DIGITS_MODEL, str(junk)])
+    assert out.exit_code == 1 and out.output.startswith(
+        f"Error: not an image the model can read: {junk}: undecodable image"
+    )
+    assert len(out.output.splitlines()) == 1

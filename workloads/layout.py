@@ -225,6 +225,7 @@ def checkpoints_dir(model_key: str, base_job: str) -> str:
 def export_keys(key: str) -> dict[str, str]:
     return {
         **{f: f"exports/{key}/{p}" for f, p in EXPORT_FILES.items()},
+        "preprocess": f"exports/{key}/preprocess.json",
         "record": record_key("export", key),
     }
 

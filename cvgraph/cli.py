@@ -67,18 +67,24 @@ def upload(path: Path, name: str | None) -> None:
 @main.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="pack name (default: the file name without .zip)")
+@click.option("--wait", is_flag=True, help="then sync, so its images are queryable on return")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def ingest(path: Path, name: str | None, as_json: bool) -> None:
+def ingest(path: Path, name: str | None, wait: bool, as_json: bool) -> None:
     """Upload a pack and materialise its raw_packs partition now."""
     from cvgraph.sdk import PackNotIngested
+    from cvgraph.terminal import echo_range
 
+    ds = _ds()
     try:
-        report = _ds().ingest(path, name)
+        report = ds.ingest(path, name)
     except PackNotIngested as e:
         if as_json:
             _print_json({"pack_id": e.pack_id, "error": str(e)})
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    if wait and not report["queryable"]:
+        ds.sync(on_run=None if as_json else echo_range)
+        report["queryable"] = not ds.waiting(report["pack_id"])
     if as_json:
         _print_json(report)
     else:
@@ -89,6 +95,11 @@ def ingest(path: Path, name: str | None, as_json: bool) -> None:
         )
         for r in report["rejected"]:
             click.echo(f"  rejected {r['member']!r}: {r['reason']}")
+        click.echo(
+            "  its images are queryable"
+            if report["queryable"]
+            else "  not queryable yet: `cvgraph sync` (or ingest --wait) indexes it; under `make ui` the daemon's automation does"
+        )
 
 
 @main.command()

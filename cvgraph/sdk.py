@@ -188,7 +188,19 @@ class Datasets:
             raise PackNotIngested(
                 up.pack_id, f"pack {up.pack_id} ({path}) was not ingested: {message}"
             )
-        return {**self.pack_report(up.pack_id), "unchanged": known and not up.uploaded}
+        return {
+            **self.pack_report(up.pack_id),
+            "unchanged": known and not up.uploaded,
+            "queryable": not self.waiting(up.pack_id),
+        }
+
+    def waiting(self, pack_id: str | None = None) -> bool:
+        """Whether ingested images (of ``pack_id``, else of any pack) are not in the tables yet:
+        their index or table step has still to run (``sync``, or the daemon's automation)."""
+        from workloads.layout import PENDING_RAW, PENDING_TABLES, pending_raw_pack
+
+        raw = [pending_raw_pack(k) for k in self.lake.keys(PENDING_RAW)]
+        return (pack_id in raw if pack_id else bool(raw)) or bool(self.lake.keys(PENDING_TABLES))
 
     def pack_report(self, pack_id: str) -> dict:
         """``{"pack_id", "accepted", "duplicates", "rejected": [{"member", "reason"}]}`` of an ingested pack."""

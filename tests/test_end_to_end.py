@@ -449,6 +449,7 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
         "duplicates": 1,
         "rejected": [{"member": "readme.md", "reason": "not an image: extension .md"}],
         "unchanged": False,
+        "queryable": False,  # its one new image waits for sync
     }
     out = CliRunner().invoke(
         cli, ["ingest", str(pack)]
@@ -457,6 +458,7 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
         out.exit_code == 0
         and out.output
         == "pack extra: unchanged (these bytes were ingested before): 1 accepted, 1 duplicates, 1 rejected\n  rejected 'readme.md': not an image: extension .md\n"
+        "  not queryable yet: `cvgraph sync` (or ingest --wait) indexes it; under `make ui` the daemon's automation does\n"
     ), out.output
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"PK\x03\x04 definitely truncated")
@@ -476,9 +478,15 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     ]
     out = CliRunner().invoke(cli, ["query", "DELETE FROM images"])
     assert out.exit_code != 0 and "only read-only SELECT" in out.output
-    out = CliRunner().invoke(cli, ["sync"])  # the new pack is indexed by automation
+    # --wait: the pack is synced before the command returns, and its rows are there
+    out = CliRunner().invoke(cli, ["ingest", str(pack), "--wait", "--json"])
     assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["queryable"] is True
     assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1812}]
+    out = CliRunner().invoke(cli, ["sync"])  # nothing left for automation
+    assert out.exit_code == 0 and out.output.endswith("0 new pack(s), 0 prefix run(s)\n"), (
+        out.output
+    )
 
 
 def test_freeze_keys_and_columns_cannot_point_outside_the_lake(demo):
@@ -597,7 +605,8 @@ def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
     code, text = _cli("ingest", str(ds.lake.path("incoming/digits.zip")), "--name", "digits")
     assert (code, text) == (
         0,
-        "pack digits: unchanged (these bytes were ingested before): 1797 accepted, 0 duplicates, 0 rejected\n",
+        "pack digits: unchanged (these bytes were ingested before): 1797 accepted, 0 duplicates, 0 rejected\n"
+        "  its images are queryable\n",
     )
 
 

@@ -215,6 +215,15 @@ def predict(key: str, images: tuple[Path, ...], fmt: str, as_json: bool) -> None
 
 
 @main.command()
+@click.argument("kind", type=click.Choice(["subset", "model", "export"]))
+@click.argument("key")
+def forget(kind: str, key: str) -> None:
+    """Remove subset, model or export KEY and its records (refused while something uses it)."""
+    removed = _ds().forget(kind, key)
+    click.echo(f"forgot {kind} {key} ({removed} objects)")
+
+
+@main.command()
 @click.argument("key")
 @click.option("--json", "as_json", is_flag=True, help="print the whole tree as JSON")
 @click.option("--prefixes", is_flag=True, help="list every prefix partition and its data versions")

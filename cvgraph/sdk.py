@@ -334,6 +334,39 @@ class Datasets:
                 raise InvalidRequest(f"not an image the model can read: {e}") from None
         return out
 
+    def forget(self, kind: str, key: str) -> int:
+        """Remove subset, model or export ``key``: its lake objects (the record, its commit
+        marker, first) and its Dagster partition; refused while a model is trained on the subset
+        or the model has exports. Returns the number of objects removed. Run history (Dagster's,
+        MLflow's) stays."""
+        from partitions import model_partitions_def, subset_partitions_def
+        from workloads.layout import RECORDS, record_key, recorded
+
+        if kind not in ("subset", "model", "export"):
+            raise InvalidRequest(f"forget {kind!r}: expected subset, model or export")
+        self._check_key(kind, key)
+        self._record(kind, key)
+        users = {
+            "subset": [
+                m for m in recorded(self.lake, "model") if self._record("model", m)["subset"] == key
+            ],
+            "model": [key] if self.lake.exists(record_key("export", key)) else [],
+            "export": [],
+        }[kind]
+        if users:
+            user = "model(s)" if kind == "subset" else "exports of"
+            raise InvalidRequest(
+                f"{kind} {key!r} is used by {user} {', '.join(users)}: forget that first"
+            )
+        record = record_key(kind, key)
+        rest = [k for k in self.lake.keys(f"{RECORDS[kind][0]}{key}/") if k != record]
+        for k in [record, *rest]:
+            self.lake.delete(k)
+        partitions = {"subset": subset_partitions_def, "model": model_partitions_def}.get(kind)
+        if partitions and self.instance.has_dynamic_partition(partitions.name, key):
+            self.instance.delete_dynamic_partition(partitions.name, key)
+        return 1 + len(rest)
+
     @staticmethod
     def _check_key(kind: str, key: str) -> None:
         from workloads.layout import check_name

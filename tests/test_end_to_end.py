@@ -658,3 +658,30 @@ def test_predict_runs_an_export_on_image_files_as_training_saw_them(demo, tmp_pa
         f"Error: not an image the model can read: {junk}: undecodable image"
     )
     assert len(out.output.splitlines()) == 1
+
+
+def test_forget_removes_a_key_and_refuses_while_something_uses_it(demo):
+    ds, _, _ = demo
+    lake, inst = ds.lake, ds.instance
+    ds.freeze_dataset("forget_me_v1", "SELECT * FROM images WHERE label = '9'")
+    made = lake.keys("subsets/forget_me_v1/")
+    assert "subsets/forget_me_v1/subset.json" in made
+    assert _cli("forget", "subset", "forget_me_v1") == (
+        0,
+        f"forgot subset forget_me_v1 ({len(made)} objects)\n",
+    )
+    assert lake.keys("subsets/forget_me_v1/") == []
+    assert "forget_me_v1" not in inst.get_dynamic_partitions("subsets")
+    code, text = _cli("forget", "subset", "forget_me_v1")
+    assert code == 1 and text.startswith("Error: no frozen subset 'forget_me_v1' (frozen subsets: ")
+
+    assert _cli("forget", "subset", DIGITS_SUBSET) == (
+        1,
+        f"Error: subset '{DIGITS_SUBSET}' is used by model(s) {DIGITS_MODEL}: forget that first\n",
+    )
+    assert _cli("forget", "model", DIGITS_MODEL) == (
+        1,
+        f"Error: model '{DIGITS_MODEL}' is used by exports of {DIGITS_MODEL}: forget that first\n",
+    )
+    assert lake.exists(f"models/{DIGITS_MODEL}/model.json")
+    assert lake.exists(f"subsets/{DIGITS_SUBSET}/subset.json")

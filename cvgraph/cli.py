@@ -58,9 +58,12 @@ def main() -> None:
 @main.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="pack name (default: the file name without .zip)")
-def upload(path: Path, name: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help='print {"key", "pack_id", "uploaded"}')
+def upload(path: Path, name: str | None, as_json: bool) -> None:
     """Upload a pack to incoming/; the sensor (or `cvgraph sync`) takes it from there."""
     up = _ds().upload(path, name)
+    if as_json:
+        return _print_json({"key": up.key, "pack_id": up.pack_id, "uploaded": up.uploaded})
     click.echo(f"{'uploaded' if up.uploaded else 'already there'}: {up.key} (pack {up.pack_id})")
 
 
@@ -103,13 +106,16 @@ def ingest(path: Path, name: str | None, wait: bool, as_json: bool) -> None:
 
 
 @main.command()
-def sync() -> None:
+@click.option("--json", "as_json", is_flag=True, help='print {"packs", "runs"} when done')
+def sync(as_json: bool) -> None:
     """Materialise every image partition that is missing or stale (what automation would do)."""
     from cvgraph.terminal import echo_ingest, echo_range
 
     ds = _ds()
-    packs_run = ds.tick_incoming(on_run=echo_ingest)
-    launched = ds.sync(on_run=echo_range)
+    packs_run = ds.tick_incoming(on_run=None if as_json else echo_ingest)
+    launched = ds.sync(on_run=None if as_json else echo_range)
+    if as_json:
+        return _print_json({"packs": packs_run, "runs": launched})
     click.echo(f"{len(packs_run)} new pack(s), {len(launched)} prefix run(s)")
 
 
@@ -217,9 +223,12 @@ def predict(key: str, images: tuple[Path, ...], fmt: str, as_json: bool) -> None
 @main.command()
 @click.argument("kind", type=click.Choice(["subset", "model", "export"]))
 @click.argument("key")
-def forget(kind: str, key: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help='print {"kind", "key", "objects"}')
+def forget(kind: str, key: str, as_json: bool) -> None:
     """Remove subset, model or export KEY and its records (refused while something uses it)."""
     removed = _ds().forget(kind, key)
+    if as_json:
+        return _print_json({"kind": kind, "key": key, "objects": removed})
     click.echo(f"forgot {kind} {key} ({removed} objects)")
 
 

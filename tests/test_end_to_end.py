@@ -483,10 +483,8 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["queryable"] is True
     assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1812}]
-    out = CliRunner().invoke(cli, ["sync"])  # nothing left for automation
-    assert out.exit_code == 0 and out.output.endswith("0 new pack(s), 0 prefix run(s)\n"), (
-        out.output
-    )
+    out = CliRunner().invoke(cli, ["sync", "--json"])  # nothing left for automation
+    assert out.exit_code == 0 and json.loads(out.stdout) == {"packs": [], "runs": []}, out.output
 
 
 def test_freeze_keys_and_columns_cannot_point_outside_the_lake(demo):
@@ -672,6 +670,13 @@ def test_forget_removes_a_key_and_refuses_while_something_uses_it(demo):
     )
     assert lake.keys("subsets/forget_me_v1/") == []
     assert "forget_me_v1" not in inst.get_dynamic_partitions("subsets")
+    ds.freeze_dataset("forget_me_v2", "SELECT * FROM images WHERE label = '9'")
+    code, text = _cli("forget", "subset", "forget_me_v2", "--json")
+    assert code == 0 and json.loads(text) == {
+        "kind": "subset",
+        "key": "forget_me_v2",
+        "objects": len(made),
+    }
     code, text = _cli("forget", "subset", "forget_me_v1")
     assert code == 1 and text.startswith("Error: no frozen subset 'forget_me_v1' (frozen subsets: ")
 

@@ -55,6 +55,11 @@ def test_help_and_upload_import_neither_dagster_nor_torch(tmp_path):
     status, text = _cli(home, "upload", str(pack))
     assert status == {"code": 0, "heavy": []}
     assert text == "already there: incoming/cats.zip (pack cats)"
+    status, text = _cli(home, "upload", str(pack), "--name", "more cats", "--json")
+    assert status == {"code": 0, "heavy": []}
+    got = json.loads(text)
+    assert got["key"] == "incoming/more cats.zip" and got["uploaded"] is True
+    assert got["pack_id"].startswith("more_cats-")
 
 
 SDK_REFUSAL = """

@@ -38,7 +38,7 @@ def _print_json(obj) -> None:
 
 class _Commands(click.Group):
     """A user's mistake or a failed run (``CvgraphError``) is one line on stderr and exit 1, never
-    a traceback."""
+    a traceback, unless ``--debug`` asks for it (and for a failed run's whole messages)."""
 
     def invoke(self, ctx: click.Context):
         from cvgraph.sdk import CvgraphError
@@ -46,12 +46,16 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except CvgraphError as e:
+            if ctx.params.get("debug"):
+                click.echo(getattr(e, "details", str(e)), err=True)
+                raise
             raise click.ClickException(str(e)) from None
 
 
 @click.group(cls=_Commands)
 @click.version_option(package_name="cvgraph", prog_name="cvgraph")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="on an error, the traceback and whole run messages")
+def main(debug: bool) -> None:
     """cvgraph: image packs → originals → resized → edges → tables → frozen subsets → models → exports."""
 
 

@@ -33,7 +33,12 @@ class FreezeRefused(CvgraphError):
 
 
 class RunFailed(CvgraphError):
-    """A Dagster run the SDK started failed; the message names the step and the reason."""
+    """A Dagster run the SDK started failed; the message names the step and the reason (each
+    failed step's first line), ``details`` has the steps' whole messages."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details or message
 
 
 class PackNotIngested(CvgraphError):
@@ -113,7 +118,10 @@ class Datasets:
 
     def _failed(self, e) -> RunFailed:
         """The SDK's one-line error of a failed run (each failed step's first line)."""
-        return RunFailed(self._runs.failure_message(e.result, first_lines=True))
+        result = e.result
+        return RunFailed(
+            self._runs.failure_message(result, first_lines=True), self._runs.failure_message(result)
+        )
 
     def ensure_partition(self, partitions_def, key: str) -> None:
         self._runs.ensure_partition(self.instance, partitions_def, key)

@@ -534,6 +534,10 @@ def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
         1,
         f"Error: model key 'my model' {key_rule}\n",
     )
+    # --debug: the exception itself (a traceback at a terminal), after its message
+    out = CliRunner().invoke(cli, ["--debug", "train", "my model", "--subset", DIGITS_SUBSET])
+    assert out.exit_code == 1 and type(out.exception).__name__ == "InvalidRequest"
+    assert out.output == f"model key 'my model' {key_rule}\n"
     assert _cli("train", "ghost_cnn") == (
         1,
         "Error: model 'ghost_cnn' is new: give the frozen subset to train it on (--subset)\n",

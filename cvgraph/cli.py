@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +17,8 @@ def _quiet() -> None:
     # Dagster's own chatter (automation fallbacks, resource init) is not for this terminal.
     logging.getLogger("dagster").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # mlflow sets its loggers' level from this when it loads, after the line above
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

@@ -19,7 +19,7 @@ from resources.catalog import Catalog, ensure_select, normalised_sql
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.lake import parquet_table, write_parquet
-from workloads.layout import PENDING_RAW, pending_raw_pack, subset_keys
+from workloads.layout import pending_packs, subset_keys
 from workloads.versions import sha256_hex, table_hash
 
 REQUIRED = (
@@ -144,7 +144,7 @@ def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tupl
     keys = subset_keys(key)
     manifest = query_manifest(catalog, sql)
     if manifest.num_rows == 0:
-        waiting = {pending_raw_pack(k) for k in store.keys(PENDING_RAW)}
+        waiting = pending_packs(store)
         raise dg.Failure(
             description=f"subset {key}: the query matched no images; nothing was frozen"
             + (

@@ -58,8 +58,12 @@ class InvalidRequest(CvgraphError):
     model cannot learn from."""
 
 
-NOUNS = {"pack": "ingested pack", "subset": "frozen subset", "model": "trained model"}
-NOUNS["export"] = "exported model"
+NOUNS = {
+    "pack": "ingested pack",
+    "subset": "frozen subset",
+    "model": "trained model",
+    "export": "exported model",
+}
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,10 @@ class Datasets:
     def ensure_partition(self, partitions_def, key: str) -> None:
         self._runs.ensure_partition(self.instance, partitions_def, key)
 
-    def _run_new(self, partitions_def, key: str, asset, **kw):
+    def _run_new(self, partitions_def, key: str, asset, undo: Callable | None = None, **kw):
         """Materialise ``asset``'s partition ``key``; a partition this call added is removed again
-        when the run fails, so a failed command leaves no key behind (the run stays in the
-        instance's history)."""
+        when the run fails, and ``undo()`` run, so a failed command leaves no key behind (the run
+        stays in the instance's history)."""
         new = not self.instance.has_dynamic_partition(partitions_def.name, key)
         self.ensure_partition(partitions_def, key)
         try:
@@ -137,6 +141,8 @@ class Datasets:
         except RunFailed:
             if new:
                 self.instance.delete_dynamic_partition(partitions_def.name, key)
+                if undo:
+                    undo()
             raise
 
     def _record(self, kind: str, key: str) -> dict:
@@ -179,23 +185,18 @@ class Datasets:
 
         up = self.upload(path, name)
         known = self.lake.exists(record_key("pack", up.pack_id))
-        new = not self.instance.has_dynamic_partition(pack_partitions_def.name, up.pack_id)
-        self.ensure_partition(pack_partitions_def, up.pack_id)
-        result = self.materialize(
-            [raw_packs.key],
-            partition_key=up.pack_id,
-            tags={PACK_KEY_TAG: up.key},
-            raise_on_error=False,
-        )
-        if not result.success:
-            if new and not known:  # nothing of this pack stays: not its upload, nor its reasons
-                self.instance.delete_dynamic_partition(pack_partitions_def.name, up.pack_id)
+
+        def undo() -> None:  # a pack never ingested keeps nothing: not its upload, nor its reasons
+            if not known:
                 for key in [up.key] * up.uploaded + self.lake.keys(f"{PACKS}{up.pack_id}/"):
                     self.lake.delete(key)
-            message = self._runs.failure_message(result, first_lines=True)
-            raise PackNotIngested(
-                up.pack_id, f"pack {up.pack_id} ({path}) was not ingested: {message}"
-            )
+
+        tags = {PACK_KEY_TAG: up.key}
+        try:
+            self._run_new(pack_partitions_def, up.pack_id, raw_packs, undo=undo, tags=tags)
+        except RunFailed as e:
+            message = f"pack {up.pack_id} ({path}) was not ingested: {e}"
+            raise PackNotIngested(up.pack_id, message) from None
         return {
             **self.pack_report(up.pack_id),
             "unchanged": known and not up.uploaded,
@@ -205,9 +206,9 @@ class Datasets:
     def waiting(self, pack_id: str | None = None) -> bool:
         """Whether ingested images (of ``pack_id``, else of any pack) are not in the tables yet:
         their index or table step has still to run (``sync``, or the daemon's automation)."""
-        from workloads.layout import PENDING_RAW, PENDING_TABLES, pending_raw_pack
+        from workloads.layout import PENDING_TABLES, pending_packs
 
-        raw = [pending_raw_pack(k) for k in self.lake.keys(PENDING_RAW)]
+        raw = pending_packs(self.lake)
         return (pack_id in raw if pack_id else bool(raw)) or bool(self.lake.keys(PENDING_TABLES))
 
     def pack_report(self, pack_id: str) -> dict:
@@ -354,13 +355,12 @@ class Datasets:
             raise InvalidRequest(f"forget {kind!r}: expected subset, model or export")
         self._check_key(kind, key)
         self._record(kind, key)
-        users = {
-            "subset": [
-                m for m in recorded(self.lake, "model") if self._record("model", m)["subset"] == key
-            ],
-            "model": [key] if self.lake.exists(record_key("export", key)) else [],
-            "export": [],
-        }[kind]
+        users = []  # read only what this kind can be used by
+        if kind == "subset":
+            models = recorded(self.lake, "model")
+            users = [m for m in models if self._record("model", m)["subset"] == key]
+        elif kind == "model" and self.lake.exists(record_key("export", key)):
+            users = [key]
         if users:
             user = "model(s)" if kind == "subset" else "exports of"
             raise InvalidRequest(

@@ -25,6 +25,7 @@ import time
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -112,8 +113,9 @@ class IngestResult:
         return dataclasses.asdict(self)
 
 
-def inspect_image(path: str, max_pixels: int) -> tuple[str, int, int]:
-    """(format, width, height as displayed) of a decodable image, else BadMember(reason).
+def inspect_image(path: str | BinaryIO, max_pixels: int) -> tuple[str, int, int]:
+    """(format, width, height as displayed) of a decodable image (a file or its open bytes), else
+    BadMember(reason).
 
     The pixel count is checked from the header, before anything is decoded.
     """

@@ -92,9 +92,9 @@ def pending_raw_prefix(key: str) -> str:
     return key.removeprefix(PENDING_RAW).split("/")[0]
 
 
-def pending_raw_pack(key: str) -> str:
-    """The pack of a ``pending_raw_key``."""
-    return key.rsplit("/", 1)[1].removesuffix(".json")
+def pending_packs(lake) -> set[str]:
+    """The packs with rows an index has not absorbed yet: one listing of their markers."""
+    return {k.rsplit("/", 1)[1].removesuffix(".json") for k in lake.keys(PENDING_RAW)}
 
 
 # -- originals and the raw index -------------------------------------------------

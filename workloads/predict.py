@@ -4,8 +4,8 @@ kernels that made the training images, then onnxruntime. Free of torch and dagst
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
-import tempfile
 
 import cv2
 import numpy as np
@@ -45,10 +45,7 @@ def model_input(data: bytes, pre: dict) -> np.ndarray:
     """One image file's bytes as the model's (1, S, S) input, by ``pre``'s steps."""
     from workloads.ingest import inspect_image  # the format and the displayed size, as ingest
 
-    with tempfile.NamedTemporaryFile(suffix=".img") as f:
-        f.write(data)
-        f.flush()
-        fmt, width, height = inspect_image(f.name, max_pixels=1 << 28)
+    fmt, width, height = inspect_image(io.BytesIO(data), max_pixels=1 << 28)
     if pre["variant"] != "original":
         data = resize_bytes(data, fmt, width, height, ResizeParams(**pre["resize"]))
         if pre["variant"] == "edges":

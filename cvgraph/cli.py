@@ -25,8 +25,9 @@ def _quiet() -> None:
 def _ds():
     _quiet()
     from cvgraph.sdk import Datasets
+    from cvgraph.terminal import echo_progress
 
-    return Datasets()
+    return Datasets(progress=echo_progress)
 
 
 def _spec_help(field: str, what: str) -> str:

@@ -77,11 +77,13 @@ class Datasets:
     """Entry point of the SDK; the profile and CVGRAPH_HOME come from the environment.
 
     Dagster (the definitions, the instance) is loaded on first use: ``upload`` needs only the
-    lake."""
+    lake. ``progress``, if given, hears each run's log lines as the run goes (``"<step>:
+    <message>"``: prefixes done, Batch states, training epochs), e.g. ``progress=print``."""
 
-    def __init__(self, home: str | None = None):
+    def __init__(self, home: str | None = None, progress: Callable[[str], None] | None = None):
         if home:
             os.environ["CVGRAPH_HOME"] = str(home)
+        self.progress = progress
         self.lake_url = lake_url()
         self.lake = open_lake(self.lake_url, endpoint_url=endpoint_url())
 
@@ -116,7 +118,9 @@ class Datasets:
         """Materialise ``keys`` in one run (``partition_key=`` or ``partition_range=``); raises
         ``RunFailed`` naming the failed step unless ``raise_on_error=False``."""
         try:
-            return self._runs.materialize(self.instance, keys, definitions=self.definitions, **kw)
+            return self._runs.materialize(
+                self.instance, keys, definitions=self.definitions, on_log=self.progress, **kw
+            )
         except self._runs.RunFailed as e:
             raise self._failed(e) from None
 
@@ -223,13 +227,17 @@ class Datasets:
 
     def tick_incoming(self, on_run: Callable | None = None) -> list[str]:
         """One tick of the incoming-packs sensor, and the ingest runs it requests; returns pack ids."""
-        return self._runs.tick_incoming(self.instance, on_run=on_run, definitions=self.definitions)
+        return self._runs.tick_incoming(
+            self.instance, on_run=on_run, definitions=self.definitions, on_log=self.progress
+        )
 
     def sync(self, on_run: Callable | None = None) -> list[dict]:
         """Materialise every image partition automation requests or that is missing, as ranged
         runs; ``on_run(asset names, (first, last prefix), result)`` after each."""
         try:
-            return self._runs.sync(self.instance, on_run=on_run, definitions=self.definitions)
+            return self._runs.sync(
+                self.instance, on_run=on_run, definitions=self.definitions, on_log=self.progress
+            )
         except self._runs.RunFailed as e:
             raise self._failed(e) from None
 

@@ -1,8 +1,19 @@
-"""What the CLI and the demo print while runs go: one line per run, as it ends."""
+"""What the CLI and the demo print while runs go: their log lines as they come (stderr), and
+one line per run as it ends."""
 
 from __future__ import annotations
 
+import sys
+
 import click
+
+
+def echo_progress(line: str) -> None:
+    """``progress`` of ``Datasets``: a run's log line on stderr, above any progress bar (tqdm's,
+    on a terminal), so stdout stays the command's result."""
+    from tqdm import tqdm
+
+    tqdm.write(f"  {line}", file=sys.stderr)
 
 
 def echo_ingest(pack_id: str, run) -> None:

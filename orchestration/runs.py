@@ -8,6 +8,8 @@ request, grouped into ranged single runs as the automation daemon does.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Callable, Sequence
 
 import dagster as dg
@@ -26,6 +28,21 @@ AUTOMATION_CURSOR = "cvgraph/automation/cursor"
 # caller prints, and a failed run reaches it as one line (RunFailed, failure_message), not as
 # Dagster's console log of the step's stack trace.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+RUN_JOB = "__ephemeral_asset_job__"  # dg.materialize's name for the job it builds
+
+
+def log_lines(on_log: Callable[[str], None]) -> Callable:
+    """An event listener passing each user log line of INFO or above (``context.log``, and a
+    Pipes process's log, as the run goes) to ``on_log`` as ``"<step>: <message>"``."""
+
+    def listen(entry) -> None:
+        if entry.dagster_event is None and entry.level >= logging.INFO:
+            # Pipes' own "[pipes] ... opened" notes say nothing about the work; its warnings do
+            if entry.level == logging.INFO and entry.user_message.startswith("[pipes]"):
+                return
+            on_log(f"{entry.step_key or 'run'}: {entry.user_message}")
+
+    return listen
 
 
 class RunFailed(Exception):
@@ -68,21 +85,30 @@ def materialize(
     tags: dict | None = None,
     raise_on_error: bool = True,
     definitions: dg.Definitions | None = None,
+    on_log: Callable[[str], None] | None = None,
 ) -> dg.ExecuteInProcessResult:
+    """``dg.materialize`` of ``keys``, with the run's id known before it starts so that
+    ``on_log`` hears its log lines live (``log_lines``)."""
     tags = dict(tags or {})
     if partition_range:
         tags[RANGE_START], tags[RANGE_END] = partition_range
     config = {**QUIET, **(run_config or {})}
     definitions = definitions or defs
-    result = dg.materialize(
-        ASSETS,
-        instance=inst,
+    job = dg.Definitions(
+        jobs=[dg.define_asset_job(RUN_JOB, selection=list(keys))],
+        assets=ASSETS,
         resources=definitions.resources,
-        selection=list(keys),
-        partition_key=partition_key,
+    ).resolve_job_def(RUN_JOB)
+    run_id = str(uuid.uuid4())
+    if on_log:
+        inst.add_event_listener(run_id, log_lines(on_log))
+    result = job.execute_in_process(
         run_config=config,
-        tags=tags,
+        instance=inst,
+        partition_key=partition_key,
         raise_on_error=False,
+        tags=tags,
+        run_id=run_id,
     )
     if raise_on_error and not result.success:
         raise RunFailed(failure_message(result), result)
@@ -111,6 +137,7 @@ def tick_incoming(
     on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
     definitions: dg.Definitions | None = None,
     sensor: dg.SensorDefinition = incoming_packs_sensor,
+    on_log: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Evaluate an incoming-packs sensor once and run what it requests; returns pack ids."""
     definitions = definitions or defs
@@ -132,6 +159,7 @@ def tick_incoming(
             tags=dict(rr.tags),
             raise_on_error=False,
             definitions=definitions,
+            on_log=on_log,
         )
         pack_ids.append(rr.partition_key)
         if on_run:
@@ -161,6 +189,7 @@ def sync(
     on_run: Callable[[list[str], tuple[str, str], dg.ExecuteInProcessResult], None] | None = None,
     max_rounds: int = 6,
     definitions: dg.Definitions | None = None,
+    on_log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Evaluate the automation conditions and run what they request until nothing is requested."""
     definitions = definitions or defs
@@ -192,7 +221,9 @@ def sync(
         union = set().union(*requested.values())
         keys = sorted(requested, key=lambda k: k.to_user_string())
         for rng in contiguous_ranges(union):
-            run = materialize(inst, keys, partition_range=rng, definitions=definitions)
+            run = materialize(
+                inst, keys, partition_range=rng, definitions=definitions, on_log=on_log
+            )
             launched.append(
                 {"assets": [k.to_user_string() for k in keys], "range": rng, "run_id": run.run_id}
             )

@@ -142,14 +142,17 @@ WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_":
 
 class Progress:
     """Progress of a local run from the result lines its workers print: a bar on a terminal and,
-    every 32nd prefix, a line in the run's log (each line is an event, written by this process
-    while the workers want both cores)."""
+    for each stage, a line in the run's log every 32nd prefix and at its last (each line is an
+    event, written by this process while the workers want both cores)."""
 
-    def __init__(self, context, name: str, total: int):
-        self.context, self.name, self.total, self.done = context, name, total, 0
+    def __init__(self, context, name: str, prefixes: int, per_prefix: int = 1):
+        self.context, self.name, self.prefixes = context, name, prefixes
+        self.done: dict[str, int] = {}  # result lines per stage
         self._lock = threading.Lock()
         # disable=None: no bar when stderr is not a TTY
-        self._bar = tqdm(total=total, desc=name, unit="prefix", disable=None, leave=False)
+        self._bar = tqdm(
+            total=prefixes * per_prefix, desc=name, unit="prefix", disable=None, leave=False
+        )
 
     def __call__(self, line: str) -> None:
         try:
@@ -157,13 +160,13 @@ class Progress:
         except ValueError:
             self.context.log.debug(line)
             return
+        stage = rec.get("stage", self.name)
         with self._lock:
-            self.done += 1
-            n = self.done
+            n = self.done[stage] = self.done.get(stage, 0) + 1
             self._bar.update(1)
-        if n % 32 == 0 or n == self.total:
+        if n % 32 == 0 or n == self.prefixes:
             self.context.log.info(
-                f"[{n}/{self.total}] {rec.get('stage', self.name)} {rec.get('prefix')}: "
+                f"[{n}/{self.prefixes}] {stage} {rec.get('prefix')}: "
                 + ", ".join(
                     f"{k} {rec[k]}"
                     for k in ("processed", "skipped", "changed", "seconds")
@@ -240,7 +243,7 @@ class LocalProcessPool(ImageCompute):
         redone, so the run converges as a Batch retry does. An exit with an error code fails."""
         if not prefixes:  # nothing to do: no process to start
             return
-        progress = Progress(context, name, len(prefixes) * per_prefix)
+        progress = Progress(context, name, len(prefixes), per_prefix)
         shards = _shard(prefixes, self.max_workers)
         context.log.info(
             f"{len(shards)} local worker(s) for {name} over {len(prefixes)} prefix(es)"

@@ -3,6 +3,7 @@ the SDK, CLI and lineage against what it made. Asserts content, not just success
 
 import io
 import json
+import re
 
 import cv2
 import numpy as np
@@ -454,9 +455,10 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     out = CliRunner().invoke(
         cli, ["ingest", str(pack)]
     )  # again, as text: the same pack, nothing new
+    assert out.stderr == "  raw_packs: pack extra: rejected 'readme.md': not an image: extension .md\n"
     assert (
         out.exit_code == 0
-        and out.output
+        and out.stdout
         == "pack extra: unchanged (these bytes were ingested before): 1 accepted, 1 duplicates, 1 rejected\n  rejected 'readme.md': not an image: extension .md\n"
         "  not queryable yet: `cvgraph sync` (or ingest --wait) indexes it; under `make ui` the daemon's automation does\n"
     ), out.output
@@ -482,6 +484,15 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     out = CliRunner().invoke(cli, ["ingest", str(pack), "--wait", "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["queryable"] is True
+    # the sync's progress, as each stage finishes its prefixes, on stderr (stdout is the JSON)
+    done = re.findall(r"^  (\w+): \[(\d+)/(\d+)\] (\w+) [0-9a-f]{2}:", out.stderr, re.M)
+    assert {(step, stage) for step, _, _, stage in done} == {
+        ("raw_images", "index"),
+        ("image_stages", "resize"),
+        ("image_stages", "edges"),
+        ("image_tables", "tables"),
+    }, out.stderr
+    assert all(n == total for _, n, total, _ in done)  # the one prefix with the new image
     assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1812}]
     out = CliRunner().invoke(cli, ["sync", "--json"])  # nothing left for automation
     assert out.exit_code == 0 and json.loads(out.stdout) == {"packs": [], "runs": []}, out.output
@@ -694,3 +705,30 @@ def test_forget_removes_a_key_and_refuses_while_something_uses_it(demo):
     )
     assert lake.exists(f"models/{DIGITS_MODEL}/model.json")
     assert lake.exists(f"subsets/{DIGITS_SUBSET}/subset.json")
+
+
+def test_training_reports_each_epoch_while_it_runs(demo):
+    """The training entry's epoch lines reach ``progress`` (the CLI's stderr) while the run goes:
+    each arrives before the model's record exists."""
+    from cvgraph.sdk import Datasets
+
+    ds, _, _ = demo
+    heard = []
+    live = Datasets(progress=lambda line: heard.append((line, ds.lake.exists(record))))
+    record = "models/progress_cnn/model.json"
+    rec = live.train("progress_cnn", DIGITS_SUBSET, epochs=2, width=8)
+    epochs = [(line, made) for line, made in heard if "epoch=" in line]
+    assert [line.split(" ")[1] for line, _ in epochs] == ["epoch=1", "epoch=2"]
+    assert all(line.startswith("trained_models: epoch=") and not made for line, made in epochs)
+    assert heard[-1] == (
+        f"trained_models: model progress_cnn: test accuracy {rec['test_accuracy']:.4f} on "
+        f"{rec['counts']['test']} held-out images",
+        True,  # said once the record is written
+    )
+    # the CLI prints them on stderr; trained already, the run says so and stdout is the result
+    out = CliRunner().invoke(cli, ["train", "progress_cnn"])
+    assert out.exit_code == 0 and out.stderr == (
+        "  trained_models: model progress_cnn already trained on this subset and spec; nothing to do\n"
+    )
+    assert out.stdout.startswith("model progress_cnn: test accuracy ")
+    assert _cli("forget", "model", "progress_cnn")[0] == 0

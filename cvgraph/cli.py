@@ -55,8 +55,30 @@ class _Commands(click.Group):
                 raise
             raise click.ClickException(str(e)) from None
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Click's usage errors (a missing argument, a bad choice, an unknown command) as one
+        line with the help to read, not the usage block; exit 2 as click has it."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `cvgraph`: the help, as click does
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+            click.echo(f"Error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # --help and --version return their exit code
 
-@click.group(cls=_Commands)
+
+@click.group(cls=_Commands, name="cvgraph")
 @click.version_option(package_name="cvgraph", prog_name="cvgraph")
 @click.option("--debug", is_flag=True, help="on an error, the traceback and whole run messages")
 def main(debug: bool) -> None:

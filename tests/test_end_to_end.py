@@ -455,7 +455,9 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     out = CliRunner().invoke(
         cli, ["ingest", str(pack)]
     )  # again, as text: the same pack, nothing new
-    assert out.stderr == "  raw_packs: pack extra: rejected 'readme.md': not an image: extension .md\n"
+    assert (
+        out.stderr == "  raw_packs: pack extra: rejected 'readme.md': not an image: extension .md\n"
+    )
     assert (
         out.exit_code == 0
         and out.stdout

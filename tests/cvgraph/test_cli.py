@@ -12,7 +12,7 @@ SCRIPT = """
 import json, sys
 from cvgraph.cli import main
 try:
-    main(sys.argv[1:])
+    main(sys.argv[1:], prog_name="cvgraph")
 except SystemExit as e:
     code = e.code
 print(json.dumps({"code": code, "heavy": sorted(m for m in HEAVY if m in sys.modules)}))
@@ -88,3 +88,27 @@ def test_the_sdk_refuses_quietly_and_keeps_no_key(tmp_path):
         "freeze of 'first_v1' failed: frozen_subsets: subset first_v1: the query matched no "
         "images; nothing was frozen\n[] []\n"
     )
+
+
+def test_usage_mistakes_are_one_line_naming_the_help_to_read(tmp_path):
+    """Click's own errors (missing argument, bad choice or number, unknown command, missing
+    file): one line on stderr, exit 2, and no Dagster loaded to say it."""
+    cases = {
+        ("freeze", "x_v1"): "Missing argument 'SQL'. (see `cvgraph freeze --help`)",
+        ("train", "x", "--variant", "foo"): "Invalid value for '--variant': 'foo' is not one "
+        "of 'resized', 'edges', 'original'. (see `cvgraph train --help`)",
+        ("train", "x", "--epochs", "two"): "Invalid value for '--epochs': 'two' is not a valid "
+        "integer. (see `cvgraph train --help`)",
+        ("trian",): "No such command 'trian'. Did you mean 'train'? (see `cvgraph --help`)",
+        ("predict", "m", str(tmp_path / "no.png")): "Invalid value for 'IMAGES...': File "
+        f"'{tmp_path / 'no.png'}' does not exist. (see `cvgraph predict --help`)",
+    }
+    for args, line in cases.items():
+        out = subprocess.run(
+            [sys.executable, "-c", SCRIPT, *args], env=_env(tmp_path), capture_output=True, text=True
+        )
+        assert out.stderr == f"Error: {line}\n", args
+        assert json.loads(out.stdout) == {"code": 2, "heavy": []}, args
+    # bare `cvgraph`: the help, as click gives it
+    got, printed = _cli(tmp_path)
+    assert got["code"] == 2 and printed == ""

@@ -78,7 +78,7 @@ def raw_images(
     work = sorted(pending & set(prefixes))
     # The label counts stay in the index's state and the merged packs in the result record: the
     # version records hold what the steps decide by, a few hundred bytes a prefix.
-    drop = ("stage", "seconds", "labels", "packs_merged")
+    drop = ("stage", "seconds", "labels", "packs_merged", "packs_dropped")
     run_tasks(
         store,
         run_id,
@@ -96,12 +96,12 @@ def raw_images(
     stats = {
         p: results.get(p)
         or kept.get(p)
-        or {**empty_index_stats(), "packs_merged": [], "changed": 0}
+        or {**empty_index_stats(), "packs_merged": [], "packs_dropped": [], "changed": 0}
         for p in prefixes
     }
     total = sum(s["images"] for s in stats.values())
     context.log.info(
-        f"{len(work)} of {len(prefixes)} prefixes had packs to absorb; {total} originals indexed"
+        f"{len(work)} of {len(prefixes)} prefixes had packs to absorb or drop; {total} originals indexed"
     )
     changed = {p for p in work if results[p]["changed"]} | {
         p for p in prefixes if p not in results and p not in kept

@@ -251,11 +251,12 @@ def predict(key: str, images: tuple[Path, ...], fmt: str, as_json: bool) -> None
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["subset", "model", "export"]))
+@click.argument("kind", type=click.Choice(["pack", "subset", "model", "export"]))
 @click.argument("key")
 @click.option("--json", "as_json", is_flag=True, help='print {"kind", "key", "objects"}')
 def forget(kind: str, key: str, as_json: bool) -> None:
-    """Remove subset, model or export KEY and its records (refused while something uses it)."""
+    """Remove pack, subset, model or export KEY and its records, refused while something made
+    from it is kept. A pack's images leave the tables; originals no other pack holds are deleted."""
     removed = _ds().forget(kind, key)
     if as_json:
         return _print_json({"kind": kind, "key": key, "objects": removed})

@@ -17,53 +17,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cvgraph.errors import (  # noqa: F401  (the SDK's exceptions are imported from here too)
+    NOUNS,
+    CvgraphError,
+    FreezeRefused,
+    InvalidRequest,
+    PackNotIngested,
+    RunFailed,
+    UnknownKey,
+)
 from orchestration.settings import endpoint_url, lake_url
 from workloads.lake import open_lake
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-
-class CvgraphError(Exception):
-    """A failure the user can act on; the message is one line that names it."""
-
-
-class FreezeRefused(CvgraphError):
-    """The freeze did not happen (bad SQL, a different query under a frozen key, ...)."""
-
-
-class RunFailed(CvgraphError):
-    """A Dagster run the SDK started failed; the message names the step and the reason (each
-    failed step's first line), ``details`` has the steps' whole messages."""
-
-    def __init__(self, message: str, details: str = ""):
-        super().__init__(message)
-        self.details = details or message
-
-
-class PackNotIngested(CvgraphError):
-    """A pack's ingest run failed (not a readable zip, ...)."""
-
-    def __init__(self, pack_id: str, message: str):
-        super().__init__(message)
-        self.pack_id = pack_id
-
-
-class UnknownKey(CvgraphError):
-    """No pack, subset or model has this key; the message names those there are."""
-
-
-class InvalidRequest(CvgraphError):
-    """Refused before anything ran or was made: an invalid key, a number out of range, a subset a
-    model cannot learn from."""
-
-
-NOUNS = {
-    "pack": "ingested pack",
-    "subset": "frozen subset",
-    "model": "trained model",
-    "export": "exported model",
-}
 
 
 @dataclass(frozen=True)
@@ -149,7 +116,7 @@ class Datasets:
                     undo()
             raise
 
-    def _record(self, kind: str, key: str) -> dict:
+    def record(self, kind: str, key: str) -> dict:
         """The record of pack/subset/model/export ``key``; ``UnknownKey`` names those there are."""
         from workloads.layout import record_key, recorded
 
@@ -217,7 +184,7 @@ class Datasets:
 
     def pack_report(self, pack_id: str) -> dict:
         """``{"pack_id", "accepted", "duplicates", "rejected": [{"member", "reason"}]}`` of an ingested pack."""
-        rec = self._record("pack", pack_id)
+        rec = self.record("pack", pack_id)
         return {
             "pack_id": pack_id,
             "accepted": rec["accepted"],
@@ -268,13 +235,13 @@ class Datasets:
             self._run_new(subset_partitions_def, key, frozen_subsets, run_config=run_config)
         except RunFailed as e:
             raise FreezeRefused(f"freeze of {key!r} failed: {e}") from None
-        return self._record("subset", key)
+        return self.record("subset", key)
 
     def subset(self, key: str) -> dict:
         """The record of frozen subset ``key``, after checking its manifest is what was frozen."""
         from assets.subsets import verify_subset
 
-        self._record("subset", key)
+        self.record("subset", key)
         return verify_subset(self.lake, key)
 
     # -- models -------------------------------------------------------------------------------
@@ -288,7 +255,7 @@ class Datasets:
         from partitions import model_partitions_def
         from workloads.spec import check_spec
 
-        self._check_key("model", key)
+        self.check_key("model", key)
         given = {k: v for k, v in {"epochs": epochs, **spec}.items() if v is not None}
         try:
             check_spec(given)
@@ -297,12 +264,12 @@ class Datasets:
         trains_on = subset
         if trains_on is None:  # the model's previous subset (and spec: the asset reads them)
             try:
-                trains_on = self._record("model", key)["subset"]
+                trains_on = self.record("model", key)["subset"]
             except UnknownKey:
                 raise InvalidRequest(
                     f"model {key!r} is new: give the frozen subset to train it on (--subset)"
                 ) from None
-        classes = [c for c in self._record("subset", trains_on)["labels"] if c != "None"]
+        classes = [c for c in self.record("subset", trains_on)["labels"] if c != "None"]
         if len(classes) < 2:
             raise InvalidRequest(
                 f"subset {trains_on!r} has {len(classes)} labelled class(es) ({', '.join(classes)}): "
@@ -311,17 +278,17 @@ class Datasets:
         cfg = {**given, **({"subset": subset} if subset else {})}
         run_config = {"ops": {"trained_models": {"config": cfg}}}
         self._run_new(model_partitions_def, key, trained_models, run_config=run_config)
-        return self._record("model", key)
+        return self.record("model", key)
 
     def export(self, key: str) -> dict:
         """TorchScript, ONNX and ONNX int8 of model ``key``, each checked against it; returns the
         exports record (``formats``: key, bytes, max_abs_error, top1_agreement per format)."""
         from assets.exports import exported_models
 
-        self._check_key("model", key)
-        self._record("model", key)
+        self.check_key("model", key)
+        self.record("model", key)
         self.materialize([exported_models.key], partition_key=key)
-        return self._record("export", key)
+        return self.record("export", key)
 
     def predict(self, key: str, images: list[str | Path], fmt: str = "onnx") -> list[dict]:
         """Run model ``key``'s export (``onnx`` or ``onnx_int8``) on image files, preprocessed as
@@ -333,8 +300,8 @@ class Datasets:
 
         if fmt not in ("onnx", "onnx_int8"):
             raise InvalidRequest(f"format {fmt!r}: expected onnx or onnx_int8")
-        self._check_key("model", key)
-        self._record("export", key)
+        self.check_key("model", key)
+        self.record("export", key)
         keys = export_keys(key)
         if not self.lake.exists(keys["preprocess"]):
             raise InvalidRequest(
@@ -352,39 +319,15 @@ class Datasets:
         return out
 
     def forget(self, kind: str, key: str) -> int:
-        """Remove subset, model or export ``key``: its lake objects (the record, its commit
-        marker, first) and its Dagster partition; refused while a model is trained on the subset
-        or the model has exports. Returns the number of objects removed. Run history (Dagster's,
-        MLflow's) stays."""
-        from partitions import model_partitions_def, subset_partitions_def
-        from workloads.layout import RECORDS, record_key, recorded
+        """Remove pack, subset, model or export ``key`` and its records (``cvgraph.forget``);
+        refused while something made from it is kept. Returns the lake objects removed."""
+        from cvgraph.forget import forget
 
-        if kind not in ("subset", "model", "export"):
-            raise InvalidRequest(f"forget {kind!r}: expected subset, model or export")
-        self._check_key(kind, key)
-        self._record(kind, key)
-        users = []  # read only what this kind can be used by
-        if kind == "subset":
-            models = recorded(self.lake, "model")
-            users = [m for m in models if self._record("model", m)["subset"] == key]
-        elif kind == "model" and self.lake.exists(record_key("export", key)):
-            users = [key]
-        if users:
-            user = "model(s)" if kind == "subset" else "exports of"
-            raise InvalidRequest(
-                f"{kind} {key!r} is used by {user} {', '.join(users)}: forget that first"
-            )
-        record = record_key(kind, key)
-        rest = [k for k in self.lake.keys(f"{RECORDS[kind][0]}{key}/") if k != record]
-        for k in [record, *rest]:
-            self.lake.delete(k)
-        partitions = {"subset": subset_partitions_def, "model": model_partitions_def}.get(kind)
-        if partitions and self.instance.has_dynamic_partition(partitions.name, key):
-            self.instance.delete_dynamic_partition(partitions.name, key)
-        return 1 + len(rest)
+        return forget(self, kind, key)
 
     @staticmethod
-    def _check_key(kind: str, key: str) -> None:
+    def check_key(kind: str, key: str) -> None:
+        """``InvalidRequest`` unless ``key`` is a valid ``kind`` key (before anything is made)."""
         from workloads.layout import check_name
 
         try:

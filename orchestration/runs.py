@@ -15,10 +15,12 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 from dagster._serdes import deserialize_value, serialize_value
 
+from assets.images import raw_images
 from assets.packs import raw_packs
 from orchestration.definitions import ASSETS, defs
 from orchestration.sensors import incoming_packs_sensor
 from partitions import hash_prefix_partitions_def
+from workloads.layout import PENDING_RAW, pending_raw_prefix
 from workloads.versions import HASH_PREFIXES
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
@@ -169,6 +171,11 @@ def tick_incoming(
     return pack_ids
 
 
+def forgotten_prefixes(lake) -> set[str]:
+    """Prefixes whose index has a pack to drop (``cvgraph forget pack``): one listing."""
+    return {pending_raw_prefix(k) for k in lake.keys(PENDING_RAW) if k.endswith(".forget")}
+
+
 def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
     """Sorted runs of consecutive hash prefixes: one single-run backfill range each."""
     ranges, start, prev = [], None, None
@@ -210,6 +217,10 @@ def sync(
             for k in prefix_keys
             if result.get_num_requested(k)
         }
+        # Prefixes with a pack to forget: no materialisation tells automation of those.
+        dropping = forgotten_prefixes(definitions.resources["lake"].lake())
+        if dropping:
+            requested.setdefault(raw_images.key, set()).update(dropping)
         if any(inst.get_materialized_partitions(raw_packs.key)):
             # Never-materialised prefixes too: automation only reacts to changes it has seen.
             for k in prefix_keys:

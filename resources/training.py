@@ -59,6 +59,16 @@ class LocalTrainer(Trainer):
             )
         job = Path(self.work_dir) / job_name
         shutil.rmtree(job, ignore_errors=True)
+        try:
+            return self._train_in(
+                job, context, lake, job_name, manifest_key, model_key, hyperparameters
+            )
+        finally:  # the job's scratch (its copy of the manifest, checkpoints) is not kept, run or fail
+            shutil.rmtree(job, ignore_errors=True)
+
+    def _train_in(
+        self, job: Path, context, lake, job_name, manifest_key, model_key, hyperparameters
+    ):
         dirs = {
             name: job / name
             for name in (

@@ -713,6 +713,7 @@ def test_training_reports_each_epoch_while_it_runs(demo):
     """The training entry's epoch lines reach ``progress`` (the CLI's stderr) while the run goes:
     each arrives before the model's record exists."""
     from cvgraph.sdk import Datasets
+    from orchestration.settings import home
 
     ds, _, _ = demo
     heard = []
@@ -734,3 +735,84 @@ def test_training_reports_each_epoch_while_it_runs(demo):
     )
     assert out.stdout.startswith("model progress_cnn: test accuracy ")
     assert _cli("forget", "model", "progress_cnn")[0] == 0
+    # no training job keeps its scratch (the model and metrics are in the lake)
+    assert list((home() / "training").iterdir()) == []
+
+
+def _pixel_changed(name: str, value: int) -> bytes:
+    """A bundled photo with one pixel changed: an image no demo pack holds."""
+    im = cv2.imdecode(np.frombuffer(sample_image(name), np.uint8), cv2.IMREAD_COLOR)
+    im[0, 0] = value
+    return cv2.imencode(".png", im)[1].tobytes()
+
+
+def test_forget_pack_takes_its_images_out_and_every_prefix_back_to_its_versions(demo, tmp_path):
+    """A pack of two new images and one the demo's photos pack holds, ingested, then forgotten:
+    its originals and variants are deleted, the shared image keeps its row (as the photos pack
+    labels it), and every index, hash index, table row and Dagster data version is what it was
+    before the pack came."""
+    ds, _, _ = demo
+    lake, inst = ds.lake, ds.instance
+    kept_areas = ("raw/", "resized/", "edges/", "index/raw/", "index/resized/", "index/edges/")
+
+    def lake_state() -> dict:
+        return {k: sha256_hex(lake.get(k)) for a in kept_areas for k in lake.keys(a)}
+
+    def versions() -> dict:
+        """Each prefix's own data version (a ranged run's version is the range's merkle root)."""
+        import dagster as dg
+
+        out = {}
+        for asset in PREFIX_ASSETS:
+            records, cursor, more = [], None, True
+            while more:
+                page = inst.fetch_materializations(dg.AssetKey(asset), limit=10000, cursor=cursor)
+                records, cursor, more = records + list(page.records), page.cursor, page.has_more
+            for r in sorted(records, key=lambda r: r.storage_id):
+                mat = r.event_log_entry.asset_materialization
+                out[asset, mat.partition] = mat.metadata["prefix_data_version"].value
+        return out
+
+    rows_sql = "SELECT sha256, label, packs FROM images ORDER BY sha256"
+    before = (lake_state(), versions(), ds.sql_query(rows_sql).to_pylist())
+    pack = tmp_path / "passing.zip"
+    shared = sample_image("chelsea.png")  # in the demo's photos pack
+    pack.write_bytes(
+        zip_bytes(
+            {
+                "cat/a.png": _pixel_changed("chelsea.png", 7),
+                "mug/b.png": _pixel_changed("coffee.png", 9),
+                "cat/c.png": shared,
+            }
+        )
+    )
+    assert _cli("ingest", str(pack), "--wait")[0] == 0
+    new = [
+        sha256_hex(b) for b in (_pixel_changed("chelsea.png", 7), _pixel_changed("coffee.png", 9))
+    ]
+    held = ds.sql_query("SELECT sha256, packs FROM images WHERE list_contains(packs, 'passing')")
+    assert sorted(r["sha256"] for r in held.to_pylist()) == sorted([*new, sha256_hex(shared)])
+    assert lake.exists("incoming/passing.zip") and "passing" in inst.get_dynamic_partitions("packs")
+
+    # a pack a frozen subset holds images of is refused; an unknown one names those there are
+    code, text = _cli("forget", "pack", "digits")
+    assert code == 1 and text.startswith(
+        f"Error: pack 'digits' is used by subset(s) {DIGITS_SUBSET}"
+    )
+    assert text.endswith(": forget that first\n") and len(text.splitlines()) == 1
+    code, text = _cli("forget", "pack", "no_such_pack")
+    assert code == 1 and text.startswith("Error: no ingested pack 'no_such_pack' (ingested packs: ")
+
+    own = len(lake.keys("packs/passing/")) + 1  # and its upload
+    out = CliRunner().invoke(cli, ["forget", "pack", "passing"])
+    assert (out.exit_code, out.stdout) == (0, f"forgot pack passing ({own} objects)\n"), out.output
+    assert "raw_images: [1/1] index " in out.stderr  # the index dropped it, prefix by prefix
+    assert (lake_state(), versions(), ds.sql_query(rows_sql).to_pylist()) == before
+    assert not lake.keys("packs/passing/") and not lake.exists("incoming/passing.zip")
+    assert "passing" not in inst.get_dynamic_partitions("packs")
+    assert not lake.keys("_pending/raw_images/")
+    # forgotten, it can come back: the same zip is a new pack again
+    code, text = _cli("ingest", str(pack))
+    assert code == 0 and text.startswith("pack passing: 2 accepted, 1 duplicates, 0 rejected\n")
+    assert ds.forget("pack", "passing") == own
+    assert (lake_state(), versions()) == before[:2]

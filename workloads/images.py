@@ -93,7 +93,15 @@ def process_prefix(
             seconds,
         )
         _save_hashes(
-            lake, stage, params, prefix, shard, hashes[stage], fresh[stage], index_shas[stage]
+            lake,
+            stage,
+            params,
+            prefix,
+            shard,
+            hashes[stage],
+            fresh[stage],
+            index_shas[stage],
+            {im["sha256"] for im in images},
         )
         lake.delete(inflight_key(stage, params, prefix, shard))
         before = _put_record(
@@ -202,12 +210,14 @@ def _save_hashes(
     known: dict[str, str],
     fresh: dict[str, str],
     index_shas: set[str],
+    present: set[str],
 ) -> None:
     """This run's output hashes: into the prefix's hash index, or for a shard into its own hash
-    table (all it has made that the index lacks): the merge folds them in."""
+    table (all it has made that the index lacks): the merge folds them in. ``present``: the
+    images the task read from the raw index (for the whole prefix unless a shard)."""
     s_, n_ = shard
     if n_ == 1:
-        update_hashes(lake, stage, params, prefix, known, fresh)
+        update_hashes(lake, stage, params, prefix, known, fresh, present)
         return
     write_hash_table(
         lake,
@@ -265,7 +275,7 @@ def merge_shards(
     records = {}
     for stage in stages:
         shards = _shard_records(lake, run_id, stage, prefix)
-        deltas = _fold_shard_hashes(lake, stage, params, prefix)
+        deltas = _fold_shard_hashes(lake, stage, params, prefix, set(present))
         failed = [f for r in shards for f in r["failed"]]
         kept = [sha for sha in present if sha not in {f["sha256"] for f in failed}]
         processed = sum(r["processed"] for r in shards)
@@ -310,9 +320,11 @@ def _shard_records(lake, run_id: str, stage: str, prefix: str) -> list[dict]:
     return [json.loads(lake.get(found[t])) for t in sorted(found)]
 
 
-def _fold_shard_hashes(lake, stage: str, params: ImageParams, prefix: str) -> list[str]:
-    """Merge every shard hash table of the prefix into its hash index; returns their keys, to
-    drop once the prefix's record is built."""
+def _fold_shard_hashes(
+    lake, stage: str, params: ImageParams, prefix: str, present: set[str]
+) -> list[str]:
+    """Merge every shard hash table of the prefix into its hash index (without images no
+    longer ``present``); returns their keys, to drop once the prefix's record is built."""
     deltas = [
         k
         for k in lake.keys(hashes_key(stage, params, prefix)[: -len(".parquet")] + ".shard-")
@@ -320,7 +332,7 @@ def _fold_shard_hashes(lake, stage: str, params: ImageParams, prefix: str) -> li
     ]
     old = read_hashes(lake, stage, params, prefix)
     fresh = {sha: h for k in deltas for sha, h in read_hash_table(lake, k).items()}
-    update_hashes(lake, stage, params, prefix, old, fresh)
+    update_hashes(lake, stage, params, prefix, old, fresh, present)
     return deltas
 
 

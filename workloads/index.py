@@ -20,12 +20,14 @@ from workloads.annotations import BOX_TYPE
 from workloads.lake import get_json, read_parquet, write_parquet
 from workloads.layout import (
     PENDING_RAW,
+    forget_raw_key,
     index_state_key,
     pack_keys,
     pack_prefix_key,
     pending_raw_key,
     pending_tables_key,
     raw_index_key,
+    raw_key,
     recorded,
 )
 from workloads.versions import canonical_json, prefix_version, sha256_hex
@@ -145,72 +147,137 @@ def read_index(lake, prefix: str) -> pa.Table:
     return table.cast(INDEX_SCHEMA) if table.schema.names == INDEX_SCHEMA.names else table
 
 
+def _holders_rows(lake, prefix: str, old: dict, shas: set[str], dropped) -> dict[str, dict]:
+    """The index rows of ``shas`` as the packs that still hold them make them (each holder's
+    manifest rows of the prefix, just those shas): what a rebuild without ``dropped`` gives."""
+    holders = sorted({p for sha in shas if sha in old for p in old[sha]["packs"]} - set(dropped))
+    rows: dict[str, dict] = {}
+    value_set = pa.array(sorted(shas), pa.string())
+    for pack_id in holders:
+        held = read_parquet(lake, pack_prefix_key(pack_id, prefix))
+        held = held.filter(pc.is_in(held["sha256"], value_set=value_set))
+        for r in sorted(held.to_pylist(), key=lambda r: r["member"]):
+            rows[r["sha256"]] = _absorb(rows.get(r["sha256"]), pack_id, r)
+    return rows
+
+
 def merge_prefix(
-    lake, prefix: str, packs: dict[str, list[dict]], index: pa.Table | None = None
-) -> tuple[dict, list[str], list[str]]:
-    """Merge ``{pack id: its manifest rows of prefix}`` into the prefix's index; returns the
-    prefix's stats, the sha256s whose rows changed and those of them that are new to the index.
-    Only the rows of images the packs bring become Python objects; the rest stays in Arrow."""
+    lake,
+    prefix: str,
+    packs: dict[str, list[dict]],
+    index: pa.Table | None = None,
+    dropped: dict[str, list[dict]] | None = None,
+) -> tuple[dict, list[str], list[str], list[str]]:
+    """Merge ``{pack id: its manifest rows of prefix}`` into the prefix's index and take the
+    ``dropped`` packs' rows out of it; returns the prefix's stats, the sha256s whose rows changed
+    (or went), those of them new to the index, and those gone from it (no pack holds them).
+    Only the rows of images the packs bring or drop become Python objects; the rest stays in
+    Arrow, and a dropped image is re-made from the packs that still hold it."""
     index = read_index(lake, prefix) if index is None else index
     if (
         index.schema.names != INDEX_SCHEMA.names
     ):  # written before indexes kept provenance: rebuilt once
         index = rebuild_raw_index(lake, [prefix])[prefix]
-    touched = sorted({r["sha256"] for rows in packs.values() for r in rows})
+    dropped = dropped or {}
+    going = {r["sha256"] for rows in dropped.values() for r in rows}
+    touched = sorted({r["sha256"] for rows in packs.values() for r in rows} | going)
     hit = pc.is_in(index["sha256"], value_set=pa.array(touched, pa.string()))
     old = {r["sha256"]: r for r in index.filter(hit).to_pylist()}
-    rows = {sha: dict(r, boxes_from=r["boxes_from"] or None) for sha, r in old.items()}
+    rows = {
+        sha: dict(r, boxes_from=r["boxes_from"] or None)
+        for sha, r in old.items()
+        if sha not in going
+    }
+    rows.update(_holders_rows(lake, prefix, old, going, dropped) if going else {})
     for pack_id in sorted(packs):
         for r in sorted(packs[pack_id], key=lambda r: r["member"]):
             rows[r["sha256"]] = _absorb(rows.get(r["sha256"]), pack_id, r)
-    changed = []
+    changed = sorted(sha for sha in old if sha not in rows)  # gone from the index
     for sha, row in rows.items():
         row["row_sha256"] = _row_sha(row)
         if sha not in old or old[sha]["row_sha256"] != row["row_sha256"]:
             changed.append(sha)
+    gone = sorted(going - set(rows))
     if not changed:
-        return _stats(index, prefix_version(index["row_sha256"].to_pylist(), "raw")), [], []
-    fresh = pa.Table.from_pylist([rows[s] for s in sorted(changed)], schema=INDEX_SCHEMA)
-    keep = index.filter(pc.invert(pc.is_in(index["sha256"], value_set=fresh["sha256"])))
+        stats = _stats(index, prefix_version(index["row_sha256"].to_pylist(), "raw"))
+        return stats, [], [], gone
+    fresh = pa.Table.from_pylist(
+        [rows[s] for s in sorted(changed) if s in rows], schema=INDEX_SCHEMA
+    )
+    keep = index.filter(
+        pc.invert(pc.is_in(index["sha256"], value_set=pa.array(changed, pa.string())))
+    )
     merged = pa.concat_tables([keep, fresh])
     merged = merged.take(pc.sort_indices(merged, sort_keys=[("sha256", "ascending")]))
     version = prefix_version(merged["row_sha256"].to_pylist(), "raw")
-    write_parquet(lake, raw_index_key(prefix), merged)
-    return _stats(merged, version), sorted(changed), sorted(set(changed) - set(old))
+    if merged.num_rows:
+        write_parquet(lake, raw_index_key(prefix), merged)
+    else:  # its packs forgotten: as if none had come (a missing index reads as empty)
+        lake.delete(raw_index_key(prefix))
+    return _stats(merged, version), sorted(changed), sorted(set(changed) - set(old)), gone
 
 
-def _pending(lake, prefix: str) -> list[str]:
-    """Pack ids pending for ``prefix`` whose ingest committed (an uncommitted one stays pending)."""
-    ids = [
-        k.rsplit("/", 1)[1][: -len(".json")]
-        for k in lake.keys(f"{PENDING_RAW}{prefix}/")
-        if k.endswith(".json")
-    ]
-    return sorted(p for p in ids if lake.exists(pack_keys(p)["record"]))
+def _pending(lake, prefix: str) -> tuple[list[str], list[str]]:
+    """(packs pending for ``prefix`` whose ingest committed, packs being forgotten there), from
+    one listing. An uncommitted pack stays pending; a forgotten one is dropped, not absorbed."""
+    names = [k.rsplit("/", 1)[1] for k in lake.keys(f"{PENDING_RAW}{prefix}/")]
+    forget = sorted(n.removesuffix(".forget") for n in names if n.endswith(".forget"))
+    ids = [n.removesuffix(".json") for n in names if n.endswith(".json")]
+    absorb = [p for p in sorted(ids) if p not in forget and lake.exists(pack_keys(p)["record"])]
+    return absorb, forget
 
 
 def absorb_pending(lake, prefix: str) -> dict:
-    """Bring ``prefix``'s index up to date with its pending packs; returns the prefix's stats
-    (``images``, ``bytes``, ``labels``, ``data_version``, ``packs_merged``, ``changed`` rows).
+    """Bring ``prefix``'s index up to date with its pending packs (absorbed) and forgotten ones
+    (dropped); returns the prefix's stats (``images``, ``bytes``, ``labels``, ``data_version``,
+    ``packs_merged``, ``packs_dropped``, ``changed`` rows).
 
-    Order of writes: the index, the table step's change list, the state record, then the pending
-    markers go. Killed anywhere, a re-run merges the same packs again, which changes nothing."""
+    Order of writes: the index, the table step's change list, the state record, the originals
+    no pack holds any more go, then the markers. Killed anywhere, a re-run does the same merge
+    again, which changes nothing."""
     state_key = index_state_key(prefix)
-    pending = _pending(lake, prefix)
-    if not pending:
-        return {**get_json(lake, state_key, empty_index_stats()), "packs_merged": [], "changed": 0}
+    pending, forget = _pending(lake, prefix)
+    if not pending and not forget:
+        return {
+            **get_json(lake, state_key, empty_index_stats()),
+            "packs_merged": [],
+            "packs_dropped": [],
+            "changed": 0,
+        }
     packs = {p: read_parquet(lake, pack_prefix_key(p, prefix)).to_pylist() for p in pending}
-    stats, changed, new = merge_prefix(lake, prefix, packs)
+    dropped = {p: read_parquet(lake, pack_prefix_key(p, prefix)).to_pylist() for p in forget}
+    stats, changed, new, gone = merge_prefix(lake, prefix, packs, dropped=dropped)
     if changed:
         # "new": rows no table can hold yet (the table step appends them without looking)
         lake.put(
             pending_tables_key(prefix, stats["data_version"]),
             json.dumps({"sha256": changed, "new": new}).encode(),
         )
-    lake.put(state_key, json.dumps(stats, sort_keys=True).encode())
+    if stats["images"]:
+        lake.put(state_key, json.dumps(stats, sort_keys=True).encode())
+    else:  # a missing state reads as empty_index_stats(), which these are
+        lake.delete(state_key)
+    ext = {r["sha256"]: r["ext"] for rows in dropped.values() for r in rows}
+    for sha in gone:
+        lake.delete(raw_key(sha, ext[sha]))
     for p in pending:
         lake.delete(pending_raw_key(prefix, p))
-    return {**stats, "packs_merged": pending, "changed": len(changed)}
+    for p in forget:
+        lake.delete(pending_raw_key(prefix, p))  # an ingest marker it may still have
+        lake.delete(forget_raw_key(prefix, p))
+    return {**stats, "packs_merged": pending, "packs_dropped": forget, "changed": len(changed)}
+
+
+def mark_forgotten(lake, pack_id: str) -> list[str]:
+    """Start forgetting ``pack_id``: a ``.forget`` marker in each prefix it has rows for, then its
+    record goes (from then on it is no ingested pack); returns those prefixes. Each prefix's
+    index step drops its rows (``absorb_pending``); the pack's own objects stay until then."""
+    under = pack_prefix_key(pack_id, "")[: -len(".parquet")]
+    prefixes = sorted(k[len(under) :].removesuffix(".parquet") for k in lake.keys(under))
+    for p in prefixes:
+        lake.put(forget_raw_key(p, pack_id), b"")
+    lake.delete(pack_keys(pack_id)["record"])
+    return prefixes
 
 
 def build_raw_index(lake, prefixes: list[str]) -> dict[str, dict]:

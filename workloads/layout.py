@@ -87,14 +87,24 @@ def pending_raw_key(prefix: str, pack_id: str) -> str:
     return f"{PENDING_RAW}{prefix}/{pack_id}.json"
 
 
+def forget_raw_key(prefix: str, pack_id: str) -> str:
+    """Pack ``pack_id`` is being forgotten: ``prefix``'s index is to drop its rows (and the
+    originals no other pack holds). Beside, never instead of, a ``pending_raw_key``."""
+    return f"{PENDING_RAW}{prefix}/{pack_id}.forget"
+
+
 def pending_raw_prefix(key: str) -> str:
     """The prefix of a ``pending_raw_key``."""
     return key.removeprefix(PENDING_RAW).split("/")[0]
 
 
 def pending_packs(lake) -> set[str]:
-    """The packs with rows an index has not absorbed yet: one listing of their markers."""
-    return {k.rsplit("/", 1)[1].removesuffix(".json") for k in lake.keys(PENDING_RAW)}
+    """The packs with rows an index has not absorbed (or dropped) yet: one listing of their
+    markers."""
+    return {
+        k.rsplit("/", 1)[1].removesuffix(".json").removesuffix(".forget")
+        for k in lake.keys(PENDING_RAW)
+    }
 
 
 # -- originals and the raw index -------------------------------------------------

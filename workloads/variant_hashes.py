@@ -9,7 +9,7 @@ marks its prefix (or shard) in flight so the task after a kill can keep what it 
 from __future__ import annotations
 
 from workloads.lake import read_parquet, write_parquet
-from workloads.layout import hashes_key, inflight_key, output_dir
+from workloads.layout import hashes_key, inflight_key, output_dir, output_key
 from workloads.versions import sha256_hex
 
 
@@ -42,13 +42,25 @@ def write_hash_table(lake, key: str, hashes: dict[str, str]) -> None:
 
 
 def update_hashes(
-    lake, stage: str, params, prefix: str, old: dict[str, str], fresh: dict[str, str]
+    lake,
+    stage: str,
+    params,
+    prefix: str,
+    old: dict[str, str],
+    fresh: dict[str, str],
+    present: set[str],
 ) -> None:
     """Merge this run's output hashes into the prefix's hash index: the record of what is done
     (an output a killed run left without its hash is not done, and is written again, with the
-    same bytes)."""
+    same bytes). Outputs of images no longer ``present`` in the raw index (their pack was
+    forgotten) are deleted first, then left out of the index."""
     known = {**old, **fresh}
-    if known != old:
+    for sha in sorted(set(known) - present):
+        lake.delete(output_key(stage, params, prefix, sha))
+        del known[sha]
+    if not known and old:  # none left: as if none had been made (a missing index reads as empty)
+        lake.delete(hashes_key(stage, params, prefix))
+    elif known != old:
         write_hash_table(lake, hashes_key(stage, params, prefix), known)
 
 

@@ -105,7 +105,11 @@ def test_usage_mistakes_are_one_line_naming_the_help_to_read(tmp_path):
     }
     for args, line in cases.items():
         out = subprocess.run(
-            [sys.executable, "-c", SCRIPT, *args], env=_env(tmp_path), capture_output=True, text=True
+            [sys.executable, "-c", SCRIPT, *args],
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            check=False,  # exit 2 is what is tested
         )
         assert out.stderr == f"Error: {line}\n", args
         assert json.loads(out.stdout) == {"code": 2, "heavy": []}, args

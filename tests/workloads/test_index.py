@@ -13,7 +13,7 @@ import pytest
 from cvgraph.demo_packs import zip_bytes
 from workloads.image_params import ImageParams
 from workloads.images import process_prefix
-from workloads.index import build_raw_index, rebuild_raw_index
+from workloads.index import build_raw_index, mark_forgotten, rebuild_raw_index
 from workloads.ingest import ingest_pack
 from workloads.kernels import EdgeParams, ResizeParams
 from workloads.lake import LocalLake, parquet_table
@@ -346,3 +346,43 @@ def test_rows_still_missing_a_variant_are_not_rewritten_until_one_arrives(tmp_pa
         r["resized_key"] and r["edges_key"]
         for r in read_prefix_table(lake, "images", "ef").to_pylist()
     )
+
+
+def test_forgetting_packs_equals_never_having_ingested_them(tmp_path, reference):
+    """Three packs forgotten (one whose labels.csv names images others hold, one whose COCO boxes
+    do): the index, hash indexes, variants, originals and tables are those of a lake that only
+    ever held the other packs, bytes and versions."""
+    all_packs, _ = reference
+    lake = LocalLake(tmp_path / "lake")
+    for pack_id in sorted(all_packs):
+        lake.put(f"incoming/{pack_id}.zip", zip_bytes(all_packs[pack_id]))
+        ingest_pack(lake, pack_id, f"incoming/{pack_id}.zip")
+    stats = build_raw_index(lake, list(HASH_PREFIXES))
+    for p in [p for p, s in stats.items() if s["images"]]:
+        process_prefix(lake, p, ["resize", "edges"], PARAMS, "before")
+    for p in HASH_PREFIXES:
+        write_prefix_tables(lake, p, PARAMS)
+
+    gone = ["pack00", "pack01", "pack05"]
+    touched = sorted({p for g in gone for p in mark_forgotten(lake, g)})
+    index = build_raw_index(lake, list(HASH_PREFIXES))
+    assert {p for p, s in index.items() if s["packs_dropped"]} == set(touched)
+    for p in sorted({p for p, s in index.items() if s["images"]} | set(touched)):
+        process_prefix(lake, p, ["resize", "edges"], PARAMS, "after")  # as plan_tasks picks them
+    tables = {p: write_prefix_tables(lake, p, PARAMS) for p in HASH_PREFIXES}
+
+    kept, kept_index, kept_tables = scratch(
+        tmp_path, {k: v for k, v in all_packs.items() if k not in gone}
+    )
+    areas = ("raw/", "resized/", "edges/", "index/raw/", "index/resized/", "index/edges/")
+    objects = lambda lk: {k: sha256_hex(lk.get(k)) for a in areas for k in lk.keys(a)}
+    assert objects(lake) == objects(kept)
+    summary = lambda stats: {
+        p: {k: s[k] for k in ("images", "bytes", "labels", "data_version")}
+        for p, s in stats.items()
+    }
+    assert summary(index) == summary(kept_index)
+    assert tables == kept_tables
+    for name in ("images", "objects"):
+        assert table_rows(lake, name) == table_rows(kept, name)
+    assert not lake.keys(PENDING_RAW) and not lake.keys(PENDING_TABLES)

@@ -1,0 +1,106 @@
+"""``Datasets.forget``: remove a pack, subset, model or export and its records, refused while
+something made from it (a subset of the pack's images, a model of the subset, exports of the
+model) is kept. Run history (Dagster's, MLflow's) stays."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cvgraph.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from cvgraph.sdk import Datasets
+
+KINDS = ("pack", "subset", "model", "export")
+
+
+def users(ds: Datasets, kind: str, key: str) -> tuple[str, list[str]]:
+    """What keeps ``key`` from being forgotten: (what they are, their keys). Reads only what can
+    use this kind: subset records for a pack, model records for a subset."""
+    from workloads.layout import record_key, recorded
+
+    if kind == "pack":
+        subsets = recorded(ds.lake, "subset")
+        return "subset(s)", [s for s in subsets if key in ds.record("subset", s)["packs"]]
+    if kind == "subset":
+        models = recorded(ds.lake, "model")
+        return "model(s)", [m for m in models if ds.record("model", m)["subset"] == key]
+    if kind == "model" and ds.lake.exists(record_key("export", key)):
+        return "exports of", [key]
+    return "", []
+
+
+def forget(ds: Datasets, kind: str, key: str) -> int:
+    """Remove ``key`` of ``kind``; returns the number of lake objects removed (for a pack, its
+    own objects and upload; the originals only it held go too, and its images' rows)."""
+    from partitions import model_partitions_def, subset_partitions_def
+    from workloads.layout import RECORDS, record_key
+
+    if kind not in KINDS:
+        raise InvalidRequest(f"forget {kind!r}: expected one of {', '.join(KINDS)}")
+    ds.check_key(kind, key)
+    if kind == "pack":
+        return forget_pack(ds, key)
+    ds.record(kind, key)
+    _refuse_if_used(ds, kind, key)
+    record = record_key(kind, key)
+    rest = [k for k in ds.lake.keys(f"{RECORDS[kind][0]}{key}/") if k != record]
+    for k in [record, *rest]:  # the record (the commit marker) first: no reader takes it as kept
+        ds.lake.delete(k)
+    partitions = {"subset": subset_partitions_def, "model": model_partitions_def}.get(kind)
+    if partitions and ds.instance.has_dynamic_partition(partitions.name, key):
+        ds.instance.delete_dynamic_partition(partitions.name, key)
+    return 1 + len(rest)
+
+
+def _refuse_if_used(ds: Datasets, kind: str, key: str) -> None:
+    what, found = users(ds, kind, key)
+    if found:
+        raise InvalidRequest(
+            f"{kind} {key!r} is used by {what} {', '.join(found)}: forget that first"
+        )
+
+
+def forget_pack(ds: Datasets, pack_id: str) -> int:
+    """Forget an ingested pack: its images leave the index and the tables (an image another
+    pack also holds stays, labelled as that pack says), the originals and variants no other
+    pack holds are deleted, then the pack's own objects, its upload and its partition.
+
+    The index step does the dropping: ``.forget`` markers, which ``sync`` runs the prefixes'
+    index for, then their variants and tables, the same versioned steps as an ingest, so each
+    prefix converges to the data versions it had without the pack. Killed part way, the same
+    command (or a ``sync``) finishes it."""
+    from partitions import pack_partitions_def
+    from workloads.index import mark_forgotten
+    from workloads.layout import PACKS, pack_keys, pending_packs
+
+    lake = ds.lake
+    own = lake.keys(f"{PACKS}{pack_id}/")
+    if not lake.exists(pack_keys(pack_id)["record"]) and not own:
+        ds.record("pack", pack_id)  # UnknownKey, naming the packs there are
+    _refuse_if_used(ds, "pack", pack_id)
+    waiting = sorted(pending_packs(lake) - {pack_id})
+    if waiting:
+        raise InvalidRequest(
+            f"pack(s) {', '.join(waiting)} wait for `cvgraph sync`: sync first, then forget {pack_id!r}"
+        )
+    mark_forgotten(lake, pack_id)  # from here the pack is not an ingested pack
+    removed = [k for k in _uploads_of(lake, pack_id) if lake.exists(k)]
+    for k in removed:  # else the sensor's next relist would ingest it again
+        lake.delete(k)
+    if ds.instance.has_dynamic_partition(pack_partitions_def.name, pack_id):
+        ds.instance.delete_dynamic_partition(pack_partitions_def.name, pack_id)
+    ds.sync()  # runs the index of the marked prefixes, then their variants and tables
+    for k in own:
+        lake.delete(k)
+    return len(own) + len(removed)
+
+
+def _uploads_of(lake, pack_id: str) -> list[str]:
+    """The ``incoming/`` keys that are this pack: ``incoming/<pack id>.zip`` unless the name had
+    to be cleaned, then by one listing."""
+    from workloads.layout import INCOMING, incoming_key, pack_id_for
+
+    if pack_id_for(incoming_key(pack_id)) == pack_id and lake.exists(incoming_key(pack_id)):
+        return [incoming_key(pack_id)]
+    return [k for k in lake.keys(INCOMING) if pack_id_for(k) == pack_id]

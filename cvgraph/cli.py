@@ -229,9 +229,7 @@ def export(key: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("key")
-@click.argument(
-    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
-)
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--format",
     "fmt",
@@ -242,7 +240,8 @@ def export(key: str, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per image")
 def predict(key: str, images: tuple[Path, ...], fmt: str, as_json: bool) -> None:
-    """Classify IMAGES with model KEY's export (onnxruntime), preprocessed as its preprocess.json says."""
+    """Classify IMAGES (files, or directories of them) with model KEY's export (onnxruntime),
+    preprocessed as its preprocess.json says."""
     rows = _ds().predict(key, list(images), fmt)
     if as_json:
         return _print_json(rows)

@@ -291,11 +291,13 @@ class Datasets:
         return self.record("export", key)
 
     def predict(self, key: str, images: list[str | Path], fmt: str = "onnx") -> list[dict]:
-        """Run model ``key``'s export (``onnx`` or ``onnx_int8``) on image files, preprocessed as
-        its ``preprocess.json`` says: ``[{"image", "class", "probability", "logits"}]``."""
+        """Run model ``key``'s export (``onnx`` or ``onnx_int8``) on image files (a directory:
+        the image files in it, by name), preprocessed as its ``preprocess.json`` says:
+        ``[{"image", "class", "probability", "logits"}]``."""
         import tempfile
 
         from workloads.layout import export_keys
+        from workloads.member_names import IMAGE_EXTS
         from workloads.predict import predict
 
         if fmt not in ("onnx", "onnx_int8"):
@@ -308,7 +310,15 @@ class Datasets:
                 f"model {key!r} was exported before preprocess.json: export it again"
             )
         pre = json.loads(self.lake.get(keys["preprocess"]))
-        data = {str(p): Path(p).read_bytes() for p in images}
+        files = [
+            f
+            for p in map(Path, images)
+            for f in (sorted(p.iterdir()) if p.is_dir() else [p])
+            if not p.is_dir() or (f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        ]
+        if not files:
+            raise InvalidRequest(f"no image files in {', '.join(map(str, images))}")
+        data = {str(p): p.read_bytes() for p in files}
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "model.onnx"
             model.write_bytes(self.lake.get(keys[fmt]))

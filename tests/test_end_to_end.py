@@ -628,6 +628,8 @@ def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
 def test_predict_runs_an_export_on_image_files_as_training_saw_them(demo, tmp_path):
     """preprocess.json says how an image becomes the input; predict applies it to original
     files and gets what the model gives the lake's own resized images (same kernel, same bytes)."""
+    from cvgraph.errors import InvalidRequest
+
     ds, _, _ = demo
     pre = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/preprocess.json"))
     model = json.loads(ds.lake.get(f"models/{DIGITS_MODEL}/model.json"))
@@ -666,6 +668,12 @@ def test_predict_runs_an_export_on_image_files_as_training_saw_them(demo, tmp_pa
 
     out = CliRunner().invoke(cli, ["predict", DIGITS_MODEL, str(paths[0]), "--format", "onnx_int8"])
     assert out.exit_code == 0 and out.output.startswith(f"{paths[0]}: ")
+    # a directory: its image files, by name (nothing else in it is read)
+    (tmp_path / "notes.md").write_text("not an image, not read")
+    assert ds.predict(DIGITS_MODEL, [tmp_path]) == sorted(got, key=lambda g: g["image"])
+    with pytest.raises(InvalidRequest, match=f"^no image files in {tmp_path / 'empty'}$"):
+        (tmp_path / "empty").mkdir()
+        ds.predict(DIGITS_MODEL, [tmp_path / "empty"])
     junk = tmp_path / "notes.txt"
     junk.write_text("not an image")
     out = CliRunner().invoke(cli, ["predict", DIGITS_MODEL, str(junk)])

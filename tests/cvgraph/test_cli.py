@@ -100,7 +100,7 @@ def test_usage_mistakes_are_one_line_naming_the_help_to_read(tmp_path):
         ("train", "x", "--epochs", "two"): "Invalid value for '--epochs': 'two' is not a valid "
         "integer. (see `cvgraph train --help`)",
         ("trian",): "No such command 'trian'. Did you mean 'train'? (see `cvgraph --help`)",
-        ("predict", "m", str(tmp_path / "no.png")): "Invalid value for 'IMAGES...': File "
+        ("predict", "m", str(tmp_path / "no.png")): "Invalid value for 'IMAGES...': Path "
         f"'{tmp_path / 'no.png'}' does not exist. (see `cvgraph predict --help`)",
     }
     for args, line in cases.items():

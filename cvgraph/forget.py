@@ -1,20 +1,16 @@
 """``Datasets.forget``: remove a pack, subset, model or export and its records, refused while
 something made from it (a subset of the pack's images, a model of the subset, exports of the
-model) is kept. Run history (Dagster's, MLflow's) stays."""
+model) is kept. Run history (Dagster's, MLflow's) stays. ``ds``: the ``cvgraph.sdk.Datasets``
+asking (this module does not import it: the SDK imports this)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cvgraph.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from cvgraph.sdk import Datasets
 
 KINDS = ("pack", "subset", "model", "export")
 
 
-def users(ds: Datasets, kind: str, key: str) -> tuple[str, list[str]]:
+def users(ds, kind: str, key: str) -> tuple[str, list[str]]:
     """What keeps ``key`` from being forgotten: (what they are, their keys). Reads only what can
     use this kind: subset records for a pack, model records for a subset."""
     from workloads.layout import record_key, recorded
@@ -30,7 +26,7 @@ def users(ds: Datasets, kind: str, key: str) -> tuple[str, list[str]]:
     return "", []
 
 
-def forget(ds: Datasets, kind: str, key: str) -> int:
+def forget(ds, kind: str, key: str) -> int:
     """Remove ``key`` of ``kind``; returns the number of lake objects removed (for a pack, its
     own objects and upload; the originals only it held go too, and its images' rows)."""
     from partitions import model_partitions_def, subset_partitions_def
@@ -53,7 +49,7 @@ def forget(ds: Datasets, kind: str, key: str) -> int:
     return 1 + len(rest)
 
 
-def _refuse_if_used(ds: Datasets, kind: str, key: str) -> None:
+def _refuse_if_used(ds, kind: str, key: str) -> None:
     what, found = users(ds, kind, key)
     if found:
         raise InvalidRequest(
@@ -61,7 +57,7 @@ def _refuse_if_used(ds: Datasets, kind: str, key: str) -> None:
         )
 
 
-def forget_pack(ds: Datasets, pack_id: str) -> int:
+def forget_pack(ds, pack_id: str) -> int:
     """Forget an ingested pack: its images leave the index and the tables (an image another
     pack also holds stays, labelled as that pack says), the originals and variants no other
     pack holds are deleted, then the pack's own objects, its upload and its partition.

@@ -69,6 +69,14 @@ def table_rows(lake, name: str) -> dict[str, list[dict]]:
     }
 
 
+def summary(stats: dict) -> dict:
+    """Each prefix's index stats that a rebuild must equal."""
+    return {
+        p: {k: s[k] for k in ("images", "bytes", "labels", "data_version")}
+        for p, s in stats.items()
+    }
+
+
 def scratch(tmp_path, all_packs) -> tuple[LocalLake, dict, dict]:
     """Every pack ingested, then one absorb, stages and tables: the reference."""
     lake = LocalLake(tmp_path / "scratch")
@@ -123,10 +131,6 @@ def test_incremental_index_and_tables_equal_a_rebuild_in_any_order(tmp_path, ref
         if ref.exists(raw_index_key(p)):
             assert lake.get(raw_index_key(p)) == ref.get(raw_index_key(p)), p
             assert parquet_table(ref.get(raw_index_key(p))).equals(rebuilt[p]), p
-    summary = lambda stats: {
-        p: {k: s[k] for k in ("images", "bytes", "labels", "data_version")}
-        for p, s in stats.items()
-    }
     assert summary(index) == summary(ref_index)
     assert tables == ref_tables
     for name in ("images", "objects"):
@@ -377,10 +381,6 @@ def test_forgetting_packs_equals_never_having_ingested_them(tmp_path, reference)
     areas = ("raw/", "resized/", "edges/", "index/raw/", "index/resized/", "index/edges/")
     objects = lambda lk: {k: sha256_hex(lk.get(k)) for a in areas for k in lk.keys(a)}
     assert objects(lake) == objects(kept)
-    summary = lambda stats: {
-        p: {k: s[k] for k in ("images", "bytes", "labels", "data_version")}
-        for p, s in stats.items()
-    }
     assert summary(index) == summary(kept_index)
     assert tables == kept_tables
     for name in ("images", "objects"):

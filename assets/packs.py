@@ -4,7 +4,7 @@ import json
 
 import dagster as dg
 
-from assets.versioning import request_metadata
+from assets.versioning import md_table, request_metadata
 from partitions import pack_partitions_def
 from resources.compute import ImageCompute
 from resources.storage import LakeResource
@@ -18,16 +18,6 @@ PACK_KEY_TAG = "cvgraph/pack_key"
 def pack_zip_key(context: dg.AssetExecutionContext, pack_id: str) -> str:
     """The zip the run's sensor saw (its tag), else the default upload key of ``pack_id``."""
     return context.run.tags.get(PACK_KEY_TAG, incoming_key(pack_id))
-
-
-def _md_table(rows: list[dict], cols: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += [
-        "| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows
-    ]
-    return "\n".join(lines)
 
 
 @dg.asset(
@@ -65,6 +55,10 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
     rejects = result["rejected"]
     for r in rejects:
         context.log.warning(f"pack {pack_id}: rejected {r['member']!r}: {r['reason']}")
+    for c in result.get("label_conflicts", []):
+        context.log.warning(
+            f"pack {pack_id}: {c['member']!r} is labelled {c['labels']}; the index keeps {c['kept']!r}"
+        )
     # The ingest record says what its manifest holds: this process reads records, not manifests.
     manifest_rows = (
         result["manifest_rows"]
@@ -79,19 +73,31 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
             "duplicates": result["duplicates"],
             "rejected": len(rejects),
             "skipped_os_junk": result["skipped"],
+            "boxes_accepted": result.get("boxes", {}).get("accepted", 0),
+            "boxes_rejected": result.get("boxes", {}).get("rejected", 0),
             "bytes_stored": result["bytes_stored"],
-            "rejects": dg.MetadataValue.md(_md_table(rejects[:50], ["member", "reason"])),
+            "rejects": dg.MetadataValue.md(md_table(rejects[:50], ["member", "reason"])),
             "labels": dg.MetadataValue.md(
-                _md_table(
+                md_table(
                     [{"label": k, "images": v} for k, v in result["labels"].items()],
                     ["label", "images"],
+                )
+            ),
+            "label_conflicts": dg.MetadataValue.md(
+                md_table(
+                    [
+                        {"member": c["member"], "labels": c["labels"], "kept": c["kept"]}
+                        for c in result.get("label_conflicts", [])[:50]
+                    ],
+                    ["member", "labels", "kept"],
                 )
             ),
             "manifest": pack_keys(pack_id)["manifest"],
             "prefixes_touched": len(result.get("prefixes", {})),
             **request_metadata({}, [task]),
         },
-        data_version=dg.DataVersion(result["zip_sha256"][:24]),
+        # the zip and how it was read: another reader (new formats, rules) is another version
+        data_version=dg.DataVersion(f"{result['zip_sha256'][:24]}.r{result.get('reader', 1)}"),
     )
     expected = result["accepted"] + result["duplicates"]
     split = sum(result.get("prefixes", {}).values()) if "prefixes" in result else manifest_rows

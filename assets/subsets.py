@@ -5,6 +5,7 @@ Immutable: once frozen, a key always returns the same manifest (re-materialising
 it); a different query under the same key is refused.
 """
 
+import itertools
 import json
 
 import dagster as dg
@@ -13,11 +14,12 @@ import pyarrow.compute as pc
 
 from assets.keys import require_key
 from assets.tables import image_tables
-from assets.versioning import lake_merkle_root, read_prefix_versions
+from assets.versioning import lake_merkle_root, md_table, read_prefix_versions
 from partitions import subset_partitions_def
 from resources.catalog import Catalog, ensure_select, normalised_sql
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
+from workloads.annotations import BOX_TYPE
 from workloads.lake import parquet_table, write_parquet
 from workloads.layout import pending_packs, subset_keys
 from workloads.versions import sha256_hex, table_hash
@@ -33,7 +35,10 @@ REQUIRED = (
     "edges_key",
     "resized_sha256",
     "edges_sha256",
+    "width",  # the original's size: what a detection target is mapped from
+    "height",
 )
+BOXES = "objects"  # the manifest's column of each image's boxes (from the `objects` table)
 PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
 
 
@@ -51,11 +56,32 @@ def query_manifest(catalog: Catalog, sql: str):
         raise dg.Failure(
             description="a freeze query must return a `sha256` column (e.g. SELECT * FROM images WHERE ...)"
         )
-    own = [f'q."{c}"' for c in cols if c not in REQUIRED]
+    own = [f'q."{c}"' for c in cols if c not in (*REQUIRED, BOXES)]
     select = ", ".join([*(f"i.{c}" for c in REQUIRED), *own])
-    return catalog.query(
+    manifest = catalog.query(
         f"SELECT {select} FROM {inner} JOIN images AS i ON q.sha256 = i.sha256 ORDER BY i.sha256"
     )
+    boxes = catalog.query(
+        "SELECT o.sha256, o.box, o.category, o.x, o.y, o.w, o.h FROM objects AS o "
+        f"WHERE o.sha256 IN (SELECT q.sha256 FROM {inner})"
+    )
+    return manifest.append_column(BOXES, _boxes_of(manifest["sha256"], boxes))
+
+
+def _boxes_of(shas, objects: pa.Table) -> pa.ChunkedArray:
+    """Each image's boxes (``objects`` rows, in box order) as a list column aligned to ``shas``."""
+    objects = objects.sort_by([("sha256", "ascending"), ("box", "ascending")])
+    boxes = pa.StructArray.from_arrays(
+        [objects[f].combine_chunks().cast(BOX_TYPE.field(f).type) for f in BOX_TYPE.names],
+        fields=list(BOX_TYPE),
+    )
+    # sorted by image: one list per run of equal sha256s, the runs in sha256 order
+    counts = pc.value_counts(objects["sha256"])
+    runs = pc.take(counts, pc.sort_indices(counts.field("values"))).flatten()
+    offsets = pa.array([0, *itertools.accumulate(runs[1].to_pylist())], pa.int32())
+    listed = pa.ListArray.from_arrays(offsets, boxes, type=pa.list_(BOX_TYPE))
+    listed = pc.take(listed, pc.index_in(shas, value_set=runs[0]))
+    return pc.fill_null(listed, pa.scalar([], pa.list_(BOX_TYPE)))
 
 
 def _packs_of(manifest) -> list[str]:
@@ -66,6 +92,15 @@ def _packs_of(manifest) -> list[str]:
         else manifest["pack_id"]
     )
     return sorted(v for v in pc.unique(col).to_pylist() if v is not None)
+
+
+def _box_counts(manifest) -> tuple[dict[str, int], int]:
+    """(boxes per category, images with no box) of a manifest."""
+    boxes = manifest[BOXES]
+    categories = pc.struct_field(pc.list_flatten(boxes), "category")
+    return _counts(categories) if len(categories) else {}, pc.sum(
+        pc.equal(pc.fill_null(pc.list_value_length(boxes), 0), 0)
+    ).as_py() or 0
 
 
 def _counts(column) -> dict[str, int]:
@@ -111,9 +146,16 @@ def _metadata(record: dict) -> dict:
         "prefixes": len(record["prefix_versions"]),
         "splits": dg.MetadataValue.json(record["splits"]),
         "labels": dg.MetadataValue.md(
-            "| label | rows |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in labels.items())
+            md_table([{"label": k, "rows": v} for k, v in labels.items()], ["label", "rows"])
         ),
         "label_balance_png": record.get("label_plot", ""),
+        "boxes": dg.MetadataValue.md(
+            md_table(
+                [{"category": k, "boxes": v} for k, v in record.get("boxes", {}).items()],
+                ["category", "boxes"],
+            )
+        ),
+        "images_without_boxes": record.get("images_without_boxes", 0),
     }
 
 
@@ -157,6 +199,7 @@ def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tupl
     versions = {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}
     prefixes = sorted(pc.unique(manifest["prefix"]).to_pylist())
     labels = _counts(manifest["label"])
+    boxes, unboxed = _box_counts(manifest)
     # lz4: manifests are written once and read by every dataset and check (zstd reads 2-3x slower)
     data = write_parquet(store, keys["manifest"], manifest, compression="lz4")
     record = {
@@ -166,6 +209,8 @@ def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tupl
         "manifest_sha256": sha256_hex(data),
         "manifest_hash_of": "object",
         "labels": labels,
+        "boxes": boxes,
+        "images_without_boxes": unboxed,
         "splits": _counts(manifest["split"]),
         "input_merkle_root": root,
         "prefix_versions": {

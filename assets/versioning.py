@@ -119,6 +119,17 @@ def record_prefixes(
     )
 
 
+def md_table(rows: list[dict], cols: list[str]) -> str:
+    """A markdown table of ``rows`` (the Dagster UI renders it in the metadata panel)."""
+    if not rows:
+        return "(none)"
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += [
+        "| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def request_metadata(orchestrator: dict[str, int], workers: list[dict]) -> dict:
     """The step's lake requests and bytes, split by who made them: this process (records only)
     and the workload tasks (summed from their result records)."""

@@ -126,8 +126,16 @@ def ingest(path: Path, name: str | None, wait: bool, as_json: bool) -> None:
             + ("unchanged (these bytes were ingested before): " if report["unchanged"] else "")
             + f"{report['accepted']} accepted, {report['duplicates']} duplicates, {len(report['rejected'])} rejected"
         )
+        labels = ", ".join(f"{k} {v}" for k, v in report["labels"].items())
+        boxes = report["boxes"]
+        click.echo(
+            f"  labels: {labels or '(none)'}; boxes: {boxes['accepted']} accepted, {boxes['rejected']} rejected"
+        )
         for r in report["rejected"]:
             click.echo(f"  rejected {r['member']!r}: {r['reason']}")
+        for c in report["label_conflicts"]:
+            given = ", ".join(f"{label!r} by {origin}" for origin, label in c["labels"].items())
+            click.echo(f"  label conflict on {c['member']!r}: {given}; keeps {c['kept']!r}")
         click.echo(
             "  its images are queryable"
             if report["queryable"]

@@ -183,13 +183,18 @@ class Datasets:
         return (pack_id in raw if pack_id else bool(raw)) or bool(self.lake.keys(PENDING_TABLES))
 
     def pack_report(self, pack_id: str) -> dict:
-        """``{"pack_id", "accepted", "duplicates", "rejected": [{"member", "reason"}]}`` of an ingested pack."""
+        """``{"pack_id", "accepted", "duplicates", "rejected": [{"member", "reason"}], "labels":
+        {label: images}, "boxes": {"accepted", "rejected"}, "label_conflicts": [{"sha256",
+        "member", "labels": {"pack/member": label}, "kept"}]}`` of an ingested pack."""
         rec = self.record("pack", pack_id)
         return {
             "pack_id": pack_id,
             "accepted": rec["accepted"],
             "duplicates": rec["duplicates"],
             "rejected": rec["rejected"],
+            "labels": rec["labels"],
+            "boxes": rec.get("boxes", {"accepted": 0, "rejected": 0}),
+            "label_conflicts": rec.get("label_conflicts", []),
         }
 
     def tick_incoming(self, on_run: Callable | None = None) -> list[str]:

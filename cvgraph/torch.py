@@ -10,17 +10,52 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
+from workloads.kernels import crop_geometry
 from workloads.layout import VARIANT_COLUMNS, VARIANT_HASHES
 from workloads.versions import SPLITS, sha256_hex
+
+TARGETS = ("class", "detection")
 
 
 class SubsetIntegrityError(ValueError):
     """The subset's manifest or an image's bytes are not what was frozen."""
 
 
+def variant_boxes(
+    boxes: list[dict], width: int, height: int, variant: str, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(xyxy, which of ``boxes`` they are): ``boxes`` (x, y, w, h in the original's ``width`` x
+    ``height`` pixels) in the pixels of ``variant``. As they are for ``original``; for
+    ``resized`` and ``edges`` (the short side resized to ``size``, then a centre crop to ``size``
+    x ``size``) scaled, shifted, clipped to the crop, and left out when nothing of them is in it."""
+    xyxy = np.array(
+        [[b["x"], b["y"], b["x"] + b["w"], b["y"] + b["h"]] for b in boxes], np.float64
+    ).reshape(-1, 4)
+    if variant == "original":
+        return xyxy, np.arange(len(xyxy))
+    nw, nh, x0, y0 = crop_geometry(width, height, size)
+    scale, shift = np.array([nw / width, nh / height] * 2), np.array([x0, y0] * 2)
+    xyxy = np.clip(xyxy * scale - shift, 0, size)
+    kept = np.flatnonzero((xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]))
+    return xyxy[kept], kept
+
+
+def collate_detection(batch):
+    """A ``DataLoader``'s ``collate_fn`` for ``target="detection"``: (images, targets) as tuples,
+    since each image has its own number of boxes (what torchvision's detection models take)."""
+    return tuple(zip(*batch))
+
+
 class FrozenSubsetDataset(Dataset):
-    """Items are ``(image, label_index)``; ``image`` is ``transform(HxWx3 uint8 RGB array)``
-    or, with no transform, a float tensor (3, H, W) in [0, 1]. ``classes`` lists the labels."""
+    """Items are ``(image, target)``; ``image`` is ``transform(HxWx3 uint8 RGB array)`` or, with
+    no transform, a float tensor (3, H, W) in [0, 1].
+
+    ``target="class"``: the label's index in ``classes`` (the subset's labels; -1 unlabelled).
+    ``target="detection"``: ``{"boxes": FloatTensor[N, 4] xyxy in the returned image's pixels,
+    "labels": Int64Tensor[N]}``, indexes in ``classes`` (the subset's box categories; a
+    torchvision detector reserves 0 for background: give it ``len(classes) + 1`` classes and
+    ``labels + 1``). A ``transform`` sees the image only: boxes follow the variant's geometry,
+    not the transform's. Batch with ``collate_fn=collate_detection``."""
 
     def __init__(
         self,
@@ -29,6 +64,7 @@ class FrozenSubsetDataset(Dataset):
         split: str | None = "train",
         transform=None,
         home: str | None = None,
+        target: str = "class",
     ):
         from assets.subsets import load_subset
         from cvgraph.sdk import Datasets
@@ -37,39 +73,50 @@ class FrozenSubsetDataset(Dataset):
             raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANT_COLUMNS)}")
         if split is not None and split not in SPLITS:
             raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)} or None (all)")
+        if target not in TARGETS:
+            raise ValueError(f"target {target!r}: expected one of {', '.join(TARGETS)}")
         self.lake = Datasets(home).lake
         try:
             self.record, manifest = load_subset(self.lake, key)
         except ValueError as e:
             raise SubsetIntegrityError(str(e)) from None
-        self.classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
+        if target == "detection" and not {"objects", "width", "height"} <= set(
+            manifest.schema.names
+        ):
+            raise ValueError(
+                f"subset {key} was frozen without boxes and image sizes: freeze it under a new key"
+            )
+        self.key, self.variant, self.split = key, variant, split
+        self.transform, self.target = transform, target
+        self.classes = (
+            sorted({b["category"] for bs in manifest["objects"].to_pylist() for b in bs or []})
+            if target == "detection"
+            else sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
+        )
         if split is not None:
             manifest = manifest.filter(pc.equal(manifest["split"], split))
-        self.rows = manifest.select(
-            list(
-                dict.fromkeys(
-                    ["sha256", "label", VARIANT_COLUMNS[variant], VARIANT_HASHES[variant]]
-                )
-            )
-        ).to_pylist()
-        self.key, self.variant, self.split, self.transform = key, variant, split, transform
-        index = {c: i for i, c in enumerate(self.classes)}
         col, digest = VARIANT_COLUMNS[variant], VARIANT_HASHES[variant]
-        # (object key, frozen sha256, label index) per item: __getitem__ does only I/O and decode
+        extra = ["objects", "width", "height"] if target == "detection" else []
+        self.rows = manifest.select(
+            list(dict.fromkeys(["sha256", "label", col, digest, *extra]))
+        ).to_pylist()
+        index = {c: i for i, c in enumerate(self.classes)}
+        # (object key, frozen sha256, target) per item: __getitem__ does only I/O and decode
         self._items = [
-            (
-                r[col],
-                bytes.fromhex(r[digest] or ""),
-                index[str(r["label"])] if r["label"] is not None else -1,
-            )
-            for r in self.rows
+            (r[col], bytes.fromhex(r[digest] or ""), self._target(r, index)) for r in self.rows
         ]
+
+    def _target(self, row: dict, index: dict[str, int]):
+        if self.target == "class":
+            return index[str(row["label"])] if row["label"] is not None else -1
+        boxes = row["objects"] or []
+        return boxes, [index[b["category"]] for b in boxes], row["width"], row["height"]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        obj, frozen, label = self._items[i]
+        obj, frozen, target = self._items[i]
         data = self.lake.get(obj)
         if hashlib.sha256(data).digest() != frozen:  # the bytes are what was frozen, or nothing
             raise SubsetIntegrityError(
@@ -79,6 +126,16 @@ class FrozenSubsetDataset(Dataset):
         if img is None:
             raise SubsetIntegrityError(f"subset {self.key}: {obj} is not decodable")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if self.target == "detection":
+            target = self._detection(target, img.shape[0])
         if self.transform is not None:
-            return self.transform(img), label
-        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), label
+            return self.transform(img), target
+        return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0), target
+
+    def _detection(self, target, size: int) -> dict:
+        boxes, labels, width, height = target
+        xyxy, kept = variant_boxes(boxes, width, height, self.variant, size)
+        return {
+            "boxes": torch.from_numpy(xyxy.astype(np.float32)),
+            "labels": torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(kept)],
+        }

@@ -402,6 +402,10 @@ def test_the_sdk_does_what_the_cli_does_and_names_what_went_wrong(demo, tmp_path
         "accepted": 1797,
         "duplicates": 0,
         "rejected": [],
+        # scikit-learn's digits per class, each from its folder
+        "labels": dict(zip("0123456789", [178, 182, 177, 183, 181, 182, 181, 179, 174, 180])),
+        "boxes": {"accepted": 0, "rejected": 0},
+        "label_conflicts": [],
     }
     assert ds.lineage(DIGITS_MODEL)["model"]["key"] == DIGITS_MODEL
     with pytest.raises(UnknownKey, match="'nope' is neither a trained model nor a frozen subset"):
@@ -449,6 +453,9 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
         "accepted": 1,
         "duplicates": 1,
         "rejected": [{"member": "readme.md", "reason": "not an image: extension .md"}],
+        "labels": {"cat": 1, "x": 1},
+        "boxes": {"accepted": 0, "rejected": 0},
+        "label_conflicts": [],  # chelsea is a cat in the photos pack too
         "unchanged": False,
         "queryable": False,  # its one new image waits for sync
     }
@@ -461,7 +468,9 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     assert (
         out.exit_code == 0
         and out.stdout
-        == "pack extra: unchanged (these bytes were ingested before): 1 accepted, 1 duplicates, 1 rejected\n  rejected 'readme.md': not an image: extension .md\n"
+        == "pack extra: unchanged (these bytes were ingested before): 1 accepted, 1 duplicates, 1 rejected\n"
+        "  labels: cat 1, x 1; boxes: 0 accepted, 0 rejected\n"
+        "  rejected 'readme.md': not an image: extension .md\n"
         "  not queryable yet: `cvgraph sync` (or ingest --wait) indexes it; under `make ui` the daemon's automation does\n"
     ), out.output
     bad = tmp_path / "bad.zip"
@@ -621,6 +630,8 @@ def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
     assert (code, text) == (
         0,
         "pack digits: unchanged (these bytes were ingested before): 1797 accepted, 0 duplicates, 0 rejected\n"
+        "  labels: 0 178, 1 182, 2 177, 3 183, 4 181, 5 182, 6 181, 7 179, 8 174, 9 180; "
+        "boxes: 0 accepted, 0 rejected\n"
         "  its images are queryable\n",
     )
 
@@ -824,3 +835,61 @@ def test_forget_pack_takes_its_images_out_and_every_prefix_back_to_its_versions(
     assert code == 0 and text.startswith("pack passing: 2 accepted, 1 duplicates, 0 rejected\n")
     assert ds.forget("pack", "passing") == own
     assert (lake_state(), versions()) == before[:2]
+
+
+def test_detection_targets_follow_the_variant_geometry(demo):
+    """The photos pack's COCO boxes, frozen, come back as xyxy in each variant's pixels: as
+    annotated for ``original``, through the short-side resize and centre crop for ``resized``
+    (computed here from the annotation and the image's size), clipped or left out by the crop."""
+    from torch.utils.data import DataLoader
+
+    from cvgraph.demo_packs import PHOTOS
+    from cvgraph.torch import FrozenSubsetDataset, collate_detection
+
+    ds, _, _ = demo
+    rec = ds.freeze_dataset("photo_boxes_v1", "SELECT * FROM images WHERE pack_id = 'photos'")
+    by_sha = {sha256_hex(sample_image(name)): (cat, b) for name, _, cat, b in PHOTOS}
+    manifest = parquet_table(ds.lake.get("subsets/photo_boxes_v1/manifest.parquet")).to_pylist()
+    expected = {}
+    for r in manifest:
+        cat, b = by_sha[r["sha256"]]
+        expected.setdefault(cat, 0)
+        expected[cat] += 1
+    assert rec["boxes"] == dict(sorted(expected.items()))
+    assert rec["images_without_boxes"] == 0
+
+    original = FrozenSubsetDataset(
+        "photo_boxes_v1", variant="original", split=None, target="detection"
+    )
+    resized = FrozenSubsetDataset(
+        "photo_boxes_v1", variant="resized", split=None, target="detection"
+    )
+    assert original.classes == resized.classes == sorted(expected)
+    size = 64  # the resize settings' side
+    for i, r in enumerate(original.rows):
+        cat, (x, y, w, h) = by_sha[r["sha256"]]
+        img, target = original[i]
+        assert target["labels"].tolist() == [original.classes.index(cat)]
+        assert target["boxes"].tolist() == [[x, y, x + w, y + h]]
+        W, H = r["width"], r["height"]
+        assert tuple(img.shape) == (3, H, W)
+        # independently: scale the short side to 64, centre-crop the long one
+        s = size / min(W, H)
+        nw, nh = max(size, round(W * s)), max(size, round(H * s))
+        ox, oy = (nw - size) // 2, (nh - size) // 2
+        x0, x1 = [min(max(v * nw / W - ox, 0), size) for v in (x, x + w)]
+        y0, y1 = [min(max(v * nh / H - oy, 0), size) for v in (y, y + h)]
+        img, target = resized[i]
+        assert tuple(img.shape) == (3, size, size)
+        if x1 > x0 and y1 > y0:
+            assert target["boxes"].numpy() == pytest.approx(np.array([[x0, y0, x1, y1]]), abs=1e-4)
+            assert target["labels"].tolist() == [resized.classes.index(cat)]
+        else:  # the crop left nothing of it
+            assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    images, targets = next(iter(DataLoader(resized, batch_size=4, collate_fn=collate_detection)))
+    assert len(images) == len(targets) == 4 and all(
+        t["boxes"].dtype == torch.float32 for t in targets
+    )
+    with pytest.raises(ValueError, match="target 'boxes': expected one of class, detection"):
+        FrozenSubsetDataset("photo_boxes_v1", target="boxes")
+    assert _cli("forget", "subset", "photo_boxes_v1")[0] == 0

@@ -58,9 +58,10 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def _label_rank(source: str | None) -> int:
-    """An explicit label (labels.csv, COCO) beats a folder name, which beats none."""
-    return {None: 0, "folder": 1}.get(source, 2)
+def label_order(source: str | None, origin: list[str]) -> tuple:
+    """Which of an image's labels the index keeps: the smallest. An explicit label (labels.csv,
+    a box format) beats a folder name, which beats none; ties go to the first [pack, member]."""
+    return (-{None: 0, "folder": 1}.get(source, 2), origin)
 
 
 def committed_packs(lake) -> list[str]:
@@ -100,10 +101,7 @@ def _absorb(row: dict | None, pack_id: str, r: dict) -> dict:
         return row
     row["members"] = sorted([*row["members"], member])
     row["packs"] = sorted({*row["packs"], pack_id})
-    if (-_label_rank(r["label_source"]), origin) < (
-        -_label_rank(row["label_source"]),
-        row["label_from"],
-    ):
+    if label_order(r["label_source"], origin) < label_order(row["label_source"], row["label_from"]):
         row["label"], row["label_source"], row["label_from"] = r["label"], r["label_source"], origin
     if r["boxes"] and (row["boxes_from"] is None or origin < row["boxes_from"]):
         row["boxes"], row["boxes_from"] = r["boxes"], origin

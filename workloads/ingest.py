@@ -30,18 +30,17 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from workloads.annotations import ANNOTATION_FILES, BOX_TYPE, label_for, read_annotations
+from workloads.annotations import BOX_TYPE, read_annotations
 from workloads.lake import open_lake, parquet_table, write_parquet
 from workloads.layout import (
-    PENDING_RAW,
     pack_keys,
     pack_prefix_key,
     pending_raw_key,
-    raw_index_key,
     raw_key,
     result_key,
 )
 from workloads.member_names import is_junk, kind_reason, unsafe_reason
+from workloads.pack_claims import claims_elsewhere, label_conflicts
 from workloads.pack_zip import (
     BadMember,
     IngestLimits,
@@ -85,6 +84,11 @@ MANIFEST_SCHEMA = pa.schema(
 REJECTS_SCHEMA = pa.schema([("member", pa.string()), ("reason", pa.string())])
 
 
+# 2: annotation files found by content (COCO anywhere, VOC, YOLO), layout and wrapping folders
+# are no classes, boxes checked against their image
+READER = 2
+
+
 @dataclass
 class IngestResult:
     pack_id: str
@@ -105,6 +109,9 @@ class IngestResult:
     limits: dict = field(
         default_factory=dict
     )  # the limits it ran with: changed limits re-run the ingest
+    boxes: dict = field(default_factory=lambda: {"accepted": 0, "rejected": 0})
+    label_conflicts: list = field(default_factory=list)  # pack_claims.label_conflicts
+    reader: int = READER  # how packs were read: a record of another reader is read again
 
     def reject(self, member: str, reason: str) -> None:
         self.rejected.append({"member": member, "reason": reason})
@@ -144,38 +151,16 @@ def inspect_image(path: str | BinaryIO, max_pixels: int) -> tuple[str, int, int]
         raise BadMember(f"undecodable image: {type(e).__name__}: {e}") from None
 
 
-def _claimed_elsewhere(lake, pack_id: str, shas: set[str]) -> set[str]:
-    """Those of ``shas`` that a committed pack other than ``pack_id`` lists: per prefix of them,
-    its index (packs merged) and its pending committed packs (not merged yet). Reads what those
-    prefixes hold, never every pack's manifest."""
-    claimed: set[str] = set()
-    by_prefix: dict[str, set[str]] = {}
-    for sha in shas:
-        by_prefix.setdefault(sha[:2], set()).add(sha)
-    for prefix, wanted in sorted(by_prefix.items()):
-        value_set = pa.array(sorted(wanted), pa.string())
-        if lake.exists(raw_index_key(prefix)):
-            index = parquet_table(lake.get(raw_index_key(prefix)), columns=["sha256", "packs"])
-            for r in index.filter(pc.is_in(index["sha256"], value_set=value_set)).to_pylist():
-                if set(r["packs"]) - {pack_id}:
-                    claimed.add(r["sha256"])
-        for key in lake.keys(f"{PENDING_RAW}{prefix}/"):
-            other = key.rsplit("/", 1)[1][: -len(".json")]
-            if other == pack_id or not lake.exists(pack_keys(other)["record"]):
-                continue
-            col = parquet_table(
-                lake.get(pack_prefix_key(other, prefix)), columns=["sha256"]
-            ).column("sha256")
-            claimed.update(col.filter(pc.is_in(col, value_set=value_set)).to_pylist())
-    return claimed
-
-
 def _prior_result(lake, keys: dict, zip_sha: str, limits: IngestLimits) -> IngestResult | None:
     """The committed result of this very zip under these limits, if any."""
     if not lake.exists(keys["record"]):
         return None
     prior = json.loads(lake.get(keys["record"]))
-    if prior.get("zip_sha256") == zip_sha and prior.get("limits") == dataclasses.asdict(limits):
+    if (
+        prior.get("zip_sha256") == zip_sha
+        and prior.get("limits") == dataclasses.asdict(limits)
+        and prior.get("reader") == READER
+    ):
         return IngestResult(
             **{k: prior[k] for k in IngestResult.__dataclass_fields__ if k in prior}
         )
@@ -226,7 +211,7 @@ def _store_images(
     stored object not yet told apart) and the shas the lake already held."""
     infos = zf.infolist()
     overlapping = overlapping_members(infos)
-    labels, boxes = read_annotations(zf, infos, limits, result.reject)
+    annotations = read_annotations(zf, infos, limits, result.reject)
     rows: list[dict] = []
     seen: set[str] = set()
     already_stored: set[str] = set()
@@ -235,7 +220,7 @@ def _store_images(
         if progress:
             progress(n, len(infos))
         name = info.filename
-        if is_dir(info) or name in ANNOTATION_FILES:
+        if is_dir(info) or name in annotations.consumed:
             continue
         if is_junk(name):
             result.skipped += 1
@@ -256,7 +241,7 @@ def _store_images(
         if status is None and not lake.put_file_if_absent(raw_key(sha, ext), tmp_path):
             already_stored.add(sha)
         seen.add(sha)
-        label, label_source = label_for(name, labels)
+        label, label_source, boxes = annotations.image(name, width, height, result.reject)
         rows.append(
             {
                 "member": name,
@@ -270,9 +255,10 @@ def _store_images(
                 "label": label,
                 "label_source": label_source,
                 "status": status,
-                "boxes": boxes.get(name, []),
+                "boxes": boxes,
             }
         )
+    result.boxes = {"accepted": annotations.accepted, "rejected": annotations.rejected}
     return rows, already_stored
 
 
@@ -286,7 +272,8 @@ def _settle_statuses(
     kill then writes exactly what a clean run writes. (Two packs ingesting the same new
     image at the same moment may both count it new; it is still stored once.)
     """
-    claimed = _claimed_elsewhere(lake, pack_id, already_stored)
+    claims = claims_elsewhere(lake, pack_id, already_stored)
+    claimed = set(claims)
     for r in rows:
         if r["status"] is None:
             r["status"] = "duplicate" if r["sha256"] in claimed else "new"
@@ -295,6 +282,7 @@ def _settle_statuses(
     result.bytes_stored = sum(r["bytes"] for r in new)
     rows.sort(key=lambda r: (r["sha256"], r["member"]))
     result.labels = dict(sorted(Counter(r["label"] or "(none)" for r in rows).items()))
+    result.label_conflicts = label_conflicts(pack_id, rows, claims)
 
 
 def _write_pack(lake, pack_id: str, keys: dict, rows: list[dict], result: IngestResult) -> None:

@@ -135,13 +135,19 @@ def decode(
     return _decode_with_pillow(buf)
 
 
+def crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop x0, crop y0) of ``resize_center_crop`` for an image
+    of ``width`` x ``height``: what maps a box of the original into the crop."""
+    scale = size / min(height, width)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
+    return nw, nh, (nw - size) // 2, (nh - size) // 2
+
+
 def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
-    scale = size / min(h, w)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    nw, nh, x0, y0 = crop_geometry(w, h, size)
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
     resized = cv2.resize(img, (nw, nh), interpolation=interp)
-    y0, x0 = (nh - size) // 2, (nw - size) // 2
     return np.ascontiguousarray(resized[y0 : y0 + size, x0 : x0 + size])
 
 

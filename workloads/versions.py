@@ -64,7 +64,11 @@ def table_hash(table) -> str:
     cols = []
     for name in table.schema.names:
         col = table[name]
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        if (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) and pa.types.is_struct(
+            col.type.value_type
+        ):  # boxes: each list as canonical JSON (no CSV form; only subsets' manifests have them)
+            col = pa.array([canonical_json(v).decode() for v in col.to_pylist()], pa.string())
+        elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
             col = pc.binary_join(pc.cast(col, pa.list_(pa.string())), "\x1f")
         cols.append(col)
     buf = io.BytesIO()

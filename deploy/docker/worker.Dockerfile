@@ -33,6 +33,7 @@ RUN pip install -c /opt/cvgraph/requirements.lock \
         pillow \
         numpy \
         pyarrow \
+        pyyaml \
         boto3
 
 # The workloads package is self-contained (it imports nothing else of cvgraph and no dagster).

@@ -440,6 +440,7 @@ DISTRIBUTION = {
     "pyarrow": "pyarrow",
     "boto3": "boto3",
     "botocore": "boto3",
+    "yaml": "pyyaml",
     "torch": "torch",
     "dagster_pipes": "dagster-pipes",
 }
@@ -469,7 +470,7 @@ def test_worker_image_installs_what_the_batch_workloads_import_from_the_lock(loc
     [install] = pip_installs(instructions)
     constraints, names = constraints_and_names(install)
     assert constraints == [lock_path_in_image(instructions)]
-    assert set(names) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "boto3"}
+    assert set(names) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "pyyaml", "boto3"}
     needed = set().union(
         *(third_party_imports(f"workloads.{m}") for m in ("images", "ingest", "index", "tables"))
     )

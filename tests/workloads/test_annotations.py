@@ -82,6 +82,32 @@ def test_coco_where_cvat_and_roboflow_write_it(lake, put_pack):
         ("notes.json", "not an image: extension .json"),
     }
     assert result.boxes == {"accepted": 3, "rejected": 3}
+    # through the index to the `objects` table: one row per box, in the original's pixels
+    assert objects_rows(lake) == [
+        ("cat", 60.0, 10.0, 300.0, 290.0, "cat"),
+        ("ear", 80.5, 20.25, 40.0, 30.0, "cat"),
+        ("cup", 80.0, 20.0, 460.0, 360.0, "cup"),
+    ]
+
+
+def objects_rows(lake) -> list[tuple]:
+    """The `objects` table's rows (category, x, y, w, h, image label), by image then box."""
+    from workloads.image_params import ImageParams
+    from workloads.index import build_raw_index
+    from workloads.kernels import EdgeParams, ResizeParams
+    from workloads.tables import read_prefix_table, write_prefix_tables
+    from workloads.versions import HASH_PREFIXES
+
+    params = ImageParams(ResizeParams(size=16), EdgeParams())
+    build_raw_index(lake, list(HASH_PREFIXES))
+    rows = []
+    for p in HASH_PREFIXES:
+        write_prefix_tables(lake, p, params)
+        rows += read_prefix_table(lake, "objects", p).to_pylist()
+    key = lambda r: (r["label"] != "cat", r["box"])  # chelsea's boxes first
+    return [
+        (r["category"], r["x"], r["y"], r["w"], r["h"], r["label"]) for r in sorted(rows, key=key)
+    ]
 
 
 def yolo_line(cls: int, b: tuple, w: int, h: int) -> str:

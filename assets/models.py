@@ -9,6 +9,7 @@ import dagster as dg
 
 from assets.keys import require_key
 from assets.subsets import frozen_subsets, verify_subset
+from assets.versioning import picture
 from partitions import model_partitions_def
 from resources.storage import LakeResource
 from resources.tracking import MLflowTracking
@@ -55,8 +56,9 @@ def _plot_curves(history: list[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
-def _metadata(record: dict) -> dict:
+def _metadata(record: dict, curves_png: bytes | None = None) -> dict:
     return {
+        **({"training_curves": picture("training curves", curves_png)} if curves_png else {}),
         "subset": record["subset"],
         "subset_manifest_sha256": record["subset_manifest_sha256"],
         "test_accuracy": record["test_accuracy"],
@@ -123,14 +125,18 @@ def trained_models(
     ):
         context.log.info(f"model {key} already trained on this subset and spec; nothing to do")
         return dg.MaterializeResult(
-            metadata=_metadata(prior), data_version=dg.DataVersion(prior["model_sha256"][:24])
+            metadata=_metadata(
+                prior, store.get(keys["curves"]) if store.exists(keys["curves"]) else None
+            ),
+            data_version=dg.DataVersion(prior["model_sha256"][:24]),
         )
 
     job_name = (
         f"cvgraph-{key}-{sha256_hex(canonical_json([spec, subset_record['manifest_sha256']]))[:8]}"
     )
     metrics = trainer.train(context, store, job_name, subset_keys(subset)["manifest"], key, spec)
-    store.put(keys["curves"], _plot_curves(metrics["history"], f"{key} on {subset}"))
+    curves = _plot_curves(metrics["history"], f"{key} on {subset}")
+    store.put(keys["curves"], curves)
     model_sha = sha256_hex(store.get(keys["model"]))
     with tempfile.TemporaryDirectory() as tmp:
         paths = [
@@ -159,5 +165,5 @@ def trained_models(
         f"model {key}: test accuracy {metrics['test_accuracy']:.4f} on {metrics['counts']['test']} held-out images"
     )
     return dg.MaterializeResult(
-        metadata=_metadata(record), data_version=dg.DataVersion(model_sha[:24])
+        metadata=_metadata(record, curves), data_version=dg.DataVersion(model_sha[:24])
     )

@@ -7,6 +7,7 @@ it); a different query under the same key is refused.
 
 import itertools
 import json
+import math
 
 import dagster as dg
 import pyarrow as pa
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 
 from assets.keys import require_key
 from assets.tables import image_tables
-from assets.versioning import lake_merkle_root, md_table, read_prefix_versions
+from assets.versioning import lake_merkle_root, md_table, picture, read_prefix_versions
 from partitions import subset_partitions_def
 from resources.catalog import Catalog, ensure_select, normalised_sql
 from resources.settings import ImageSettings
@@ -136,7 +137,19 @@ def verify_subset(lake, key: str) -> dict:
     return load_subset(lake, key)[0]
 
 
-def _metadata(record: dict) -> dict:
+def balance_score(labels: dict[str, int]) -> float:
+    """How evenly the labelled images spread over their labels: the Shannon entropy of the label
+    distribution over its maximum, ln(number of labels). 1: every label has as many images; 0:
+    one label (or none). Unlabelled images ("None") are counted apart, not as a label."""
+    counts = [n for label, n in labels.items() if label != "None" and n > 0]
+    if len(counts) < 2:
+        return 0.0
+    total = sum(counts)
+    entropy = -sum(n / total * math.log(n / total) for n in counts)
+    return round(entropy / math.log(len(counts)), 6)
+
+
+def _metadata(record: dict, label_png: bytes | None) -> dict:
     labels = record["labels"]
     return {
         "rows": record["rows"],
@@ -149,6 +162,9 @@ def _metadata(record: dict) -> dict:
             md_table([{"label": k, "rows": v} for k, v in labels.items()], ["label", "rows"])
         ),
         "label_balance_png": record.get("label_plot", ""),
+        **({"label_balance": picture("label balance", label_png)} if label_png else {}),
+        "balance_score": record.get("balance", {}).get("score", balance_score(labels)),
+        "unlabelled_images": labels.get("None", 0),
         "boxes": dg.MetadataValue.md(
             md_table(
                 [{"category": k, "boxes": v} for k, v in record.get("boxes", {}).items()],
@@ -157,6 +173,13 @@ def _metadata(record: dict) -> dict:
         ),
         "images_without_boxes": record.get("images_without_boxes", 0),
     }
+
+
+def _label_png(store, record: dict) -> bytes | None:
+    try:
+        return store.get(record["label_plot"]) if record.get("label_plot") else None
+    except FileNotFoundError:
+        return None
 
 
 def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
@@ -211,6 +234,11 @@ def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tupl
         "labels": labels,
         "boxes": boxes,
         "images_without_boxes": unboxed,
+        "balance": {
+            "score": balance_score(labels),
+            "labelled": sum(n for k, n in labels.items() if k != "None"),
+            "unlabelled": labels.get("None", 0),
+        },
         "splits": _counts(manifest["split"]),
         "input_merkle_root": root,
         "prefix_versions": {
@@ -266,7 +294,8 @@ def frozen_subsets(
             )
         record, manifest = freeze(context, store, catalog, key, config.sql, image_settings.params())
     yield dg.MaterializeResult(
-        metadata=_metadata(record), data_version=dg.DataVersion(record["manifest_sha256"][:24])
+        metadata=_metadata(record, _label_png(store, record)),
+        data_version=dg.DataVersion(record["manifest_sha256"][:24]),
     )
     count, first = _missing_variants(store, manifest)  # the manifest in memory: no second read
     yield dg.AssetCheckResult(

@@ -130,6 +130,15 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def picture(title: str, png: bytes) -> dg.MetadataValue:
+    """A PNG shown in the Dagster UI's metadata panel (Markdown with the image inline)."""
+    import base64
+
+    return dg.MetadataValue.md(
+        f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
+    )
+
+
 def request_metadata(orchestrator: dict[str, int], workers: list[dict]) -> dict:
     """The step's lake requests and bytes, split by who made them: this process (records only)
     and the workload tasks (summed from their result records)."""

@@ -193,6 +193,13 @@ def freeze(key: str, sql: str, as_json: bool) -> None:
     click.echo(
         f"subset {key}: {rec['rows']} rows, manifest {rec['manifest_sha256'][:16]}, splits {rec['splits']}"
     )
+    if "balance" in rec:
+        b = rec["balance"]
+        click.echo(
+            f"  balance score {b['score']:.3f} over {len(rec['labels']) - ('None' in rec['labels'])} "
+            f"label(s) ({b['unlabelled']} unlabelled); boxes {sum(rec['boxes'].values())} "
+            f"over {len(rec['boxes'])} categor(ies), {rec['images_without_boxes']} image(s) without"
+        )
 
 
 @main.command()

@@ -45,6 +45,7 @@ def summary(ds, pack_ids: list[str], subset: dict, model: dict, exports: dict) -
         + ", ".join(f"{k} {v}/256" for k, v in sorted(materialised.items())),
         f"tables merkle root:   {root}",
         f"subset {DIGITS_SUBSET}:     {subset['rows']} rows, manifest sha256 {subset['manifest_sha256'][:16]}, splits {subset['splits']}",
+        f"balance score:        {subset['balance']['score']:.4f} (entropy of the label counts / ln {len(subset['labels'])})",
         f"model {DIGITS_MODEL}:     test accuracy {model['test_accuracy']:.4f} on {model['counts']['test']} held-out images (mlflow run {model['mlflow_run_id'][:12]})",
         "exports:",
         *(

@@ -3,6 +3,7 @@ the SDK, CLI and lineage against what it made. Asserts content, not just success
 
 import io
 import json
+import math
 import re
 
 import cv2
@@ -215,6 +216,44 @@ def test_subset_is_zero_copy_immutable_and_verified(demo):
     with pytest.raises(FreezeRefused, match="SELECT"):
         ds.freeze_dataset("evil", "DROP TABLE images")
     assert ds.freeze_dataset(DIGITS_SUBSET, rec["sql"])["manifest_sha256"] == rec["manifest_sha256"]
+    # the balance score: the entropy of the ten digits' counts over ln 10
+    counts = list(rec["labels"].values())
+    entropy = -sum(n / 1797 * math.log(n / 1797) for n in counts)
+    assert rec["balance"] == {
+        "score": pytest.approx(entropy / math.log(10), abs=1e-6),
+        "labelled": 1797,
+        "unlabelled": 0,
+    }
+    assert 0.999 < rec["balance"]["score"] < 1  # sklearn's digits are nearly even
+    assert rec["boxes"] == {} and rec["images_without_boxes"] == 1797
+
+
+def latest_metadata(instance, asset: str, partition: str) -> dict:
+    import dagster as dg
+
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    return records[0].event_log_entry.asset_materialization.metadata
+
+
+def shown_png(value) -> bytes:
+    """The PNG a Markdown metadata value shows inline."""
+    import base64
+
+    prefix = "data:image/png;base64,"
+    return base64.b64decode(value.value.split(prefix, 1)[1].rstrip(")"))
+
+
+def test_pictures_are_shown_in_the_dagster_ui(demo):
+    """Label balance and training curves are images in the assets' metadata, the lake's bytes."""
+    ds, _, _ = demo
+    subset = latest_metadata(ds.instance, "frozen_subsets", DIGITS_SUBSET)
+    assert subset["label_balance"].value.startswith("![label balance](data:image/png;base64,")
+    assert shown_png(subset["label_balance"]) == ds.lake.get(f"subsets/{DIGITS_SUBSET}/labels.png")
+    assert subset["balance_score"].value == ds.subset(DIGITS_SUBSET)["balance"]["score"]
+    model = latest_metadata(ds.instance, "trained_models", DIGITS_MODEL)
+    assert shown_png(model["training_curves"]) == ds.lake.get(f"models/{DIGITS_MODEL}/curves.png")
 
 
 def test_frozen_subset_dataset_through_a_dataloader(demo):

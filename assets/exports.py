@@ -6,11 +6,14 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow.compute as pc
+from dagster_mlflow import end_mlflow_on_run_finished
+from dagster_mlflow.resources import MlFlow
 
 from assets.models import trained_models
 from partitions import model_partitions_def
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
+from resources.tracking import discard_run, log_exports
 from workloads.lake import read_parquet
 from workloads.layout import EXPORT_FILES, VARIANT_COLUMNS, export_keys, model_keys, subset_keys
 from workloads.versions import sha256_hex
@@ -65,8 +68,9 @@ def preprocess_of(store, model_record: dict, image_settings: ImageSettings) -> d
     deps=[trained_models],
     code_version="1",
     group_name="models",
-    kinds={"onnx", "pytorch"},
-    description="TorchScript, ONNX and ONNX int8 exports, each checked against the trained model on held-out images.",
+    kinds={"onnx", "pytorch", "mlflow"},
+    description="TorchScript, ONNX and ONNX int8 exports, each checked against the trained model on held-out images; logged with the model's registered version.",
+    hooks={end_mlflow_on_run_finished},
     check_specs=[
         dg.AssetCheckSpec(
             "parity",
@@ -76,7 +80,10 @@ def preprocess_of(store, model_record: dict, image_settings: ImageSettings) -> d
     ],
 )
 def exported_models(
-    context: dg.AssetExecutionContext, lake: LakeResource, image_settings: ImageSettings
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    image_settings: ImageSettings,
+    mlflow: dg.ResourceParam[MlFlow],
 ):
     # torch and ONNX load when a step exports, not with the code location
     from workloads.export import export_all
@@ -96,6 +103,7 @@ def exported_models(
     ):
         record = prior
         context.log.info(f"exports of {key} are current for model {record['model_sha256'][:12]}")
+        discard_run(mlflow)
     else:
         preprocess = preprocess_of(store, model_record, image_settings)  # before the work
         with tempfile.TemporaryDirectory() as scratch:
@@ -107,16 +115,25 @@ def exported_models(
                 store.put_file(keys[fmt], tmp / "out" / EXPORT_FILES[fmt])
                 report[fmt]["key"] = keys[fmt]
                 report[fmt]["sha256"] = sha256_hex((tmp / "out" / EXPORT_FILES[fmt]).read_bytes())
+            version = model_record.get("mlflow_model_version", "")
+            files = {fmt: str(tmp / "out" / EXPORT_FILES[fmt]) for fmt in EXPORT_FILES}
+            run_id = (
+                log_exports(mlflow, key, version, files)
+                if version
+                else discard_run(mlflow)  # a model trained before the registry
+            )
         store.put(keys["preprocess"], json.dumps(preprocess, indent=2, sort_keys=True).encode())
         record = {
             "key": key,
             "model_sha256": model_record["model_sha256"],
+            "model_version": version,
+            "mlflow_run_id": run_id,
             "formats": report,
             "preprocess": keys["preprocess"],
         }
         store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
     formats = record["formats"]
-    version = "".join(formats[f]["sha256"][:8] for f in sorted(formats))
+    data_version = "".join(formats[f]["sha256"][:8] for f in sorted(formats))
     yield dg.MaterializeResult(
         metadata={
             **{f"{f}_max_abs_error": formats[f]["max_abs_error"] for f in formats},
@@ -124,8 +141,9 @@ def exported_models(
             **{f"{f}_bytes": formats[f]["bytes"] for f in formats},
             "files": dg.MetadataValue.json({f: formats[f]["key"] for f in formats}),
             "model_sha256": record["model_sha256"],
+            "model_version": record.get("model_version", ""),
         },
-        data_version=dg.DataVersion(version),
+        data_version=dg.DataVersion(data_version),
     )
     float_ok = all(formats[f]["max_abs_error"] <= MAX_FLOAT_ERROR for f in ("torchscript", "onnx"))
     int8_ok = formats["onnx_int8"]["top1_agreement"] >= MIN_INT8_AGREEMENT

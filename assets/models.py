@@ -6,13 +6,15 @@ import tempfile
 from pathlib import Path
 
 import dagster as dg
+from dagster_mlflow import end_mlflow_on_run_finished
+from dagster_mlflow.resources import MlFlow
 
 from assets.keys import require_key
 from assets.subsets import frozen_subsets, verify_subset
 from assets.versioning import picture
 from partitions import model_partitions_def
 from resources.storage import LakeResource
-from resources.tracking import MLflowTracking
+from resources.tracking import discard_run, log_training, register_version
 from resources.training import Trainer
 from workloads.layout import model_keys, subset_keys
 from workloads.spec import TRAIN_SPEC, check_spec
@@ -66,6 +68,7 @@ def _metadata(record: dict, curves_png: bytes | None = None) -> dict:
         "epochs": record["spec"]["epochs"],
         "model_sha256": record["model_sha256"],
         "mlflow_run_id": record["mlflow_run_id"],
+        "mlflow_model_version": record.get("mlflow_model_version", ""),
         "curves_png": record["curves"],
     }
 
@@ -98,15 +101,17 @@ def local_copy(store, key: str, directory: Path) -> str:
     code_version="1",
     group_name="models",
     kinds={"pytorch", "sagemaker", "mlflow"},
-    description="A small CNN trained on a frozen subset: models/<key>/model.pt, model.json, curves.png.",
+    description="A small CNN trained on a frozen subset: models/<key>/model.pt, model.json, curves.png; each training a version of the MLflow registered model <key>.",
+    hooks={end_mlflow_on_run_finished},  # a failed step ends its MLflow run as FAILED
 )
 def trained_models(
     context: dg.AssetExecutionContext,
     config: TrainConfig,
     lake: LakeResource,
     trainer: Trainer,
-    tracking: MLflowTracking,
+    mlflow: dg.ResourceParam[MlFlow],
 ) -> dg.MaterializeResult:
+    mlf = mlflow
     key = require_key("model", context.partition_key)
     store = lake.lake()
     keys = model_keys(key)
@@ -124,6 +129,7 @@ def trained_models(
         and store.exists(keys["model"])
     ):
         context.log.info(f"model {key} already trained on this subset and spec; nothing to do")
+        discard_run(mlf)
         return dg.MaterializeResult(
             metadata=_metadata(
                 prior, store.get(keys["curves"]) if store.exists(keys["curves"]) else None
@@ -142,9 +148,21 @@ def trained_models(
         paths = [
             local_copy(store, keys[name], Path(tmp)) for name in ("model", "metrics", "curves")
         ]
-        run_id = tracking.log_training(
-            key, subset_record["manifest_sha256"], {**spec, "subset": subset}, metrics, paths
+        run_id = log_training(
+            mlf, key, subset_record["manifest_sha256"], {**spec, "subset": subset}, metrics, paths
         )
+    version = register_version(
+        mlf,
+        key,
+        run_id,
+        {
+            "subset": subset,
+            "subset_manifest_sha256": subset_record["manifest_sha256"],
+            "input_merkle_root": subset_record["input_merkle_root"],
+            "dagster_run_id": context.run.run_id,
+            "training_job": job_name,
+        },
+    )
     record = {
         "key": key,
         "spec": spec,
@@ -156,6 +174,7 @@ def trained_models(
         "counts": metrics["counts"],
         "model_sha256": model_sha,
         "mlflow_run_id": run_id,
+        "mlflow_model_version": version,
         "curves": keys["curves"],
         "training_job": job_name,
         "dagster_run_id": context.run.run_id,

@@ -41,6 +41,9 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
                 "key": key,
                 "formats": exports["formats"],
                 "model_sha256": exports["model_sha256"],
+                "model_version": exports.get("model_version", ""),
+                # made from another training of the key than the one it holds now
+                "stale": exports["model_sha256"] != model["model_sha256"],
                 "dagster": _dagster(inst, "exported_models", key),
             }
         tree["model"] = {
@@ -55,6 +58,7 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
                 "counts",
             )
         }
+        tree["model"]["version"] = model.get("mlflow_model_version", "")
         tree["model"]["dagster"] = _dagster(inst, "trained_models", key)
         subset_key = model["subset"]
     subset = _json(lake, subset_keys(subset_key)["record"])
@@ -88,7 +92,13 @@ def render(tree: dict, prefixes: bool = False) -> str:
     indent = 0
     if "export" in tree:
         e = tree["export"]
-        out.append(f"export {e['key']}  (model {e['model_sha256'][:12]})")
+        version = f" v{e['model_version']}" if e.get("model_version") else ""
+        out.append(f"export {e['key']}  (model{version} {e['model_sha256'][:12]})")
+        if e.get("stale"):
+            out.append(
+                f"  STALE: made from an older training of {e['key']} than the model below; "
+                f"`cvgraph export {e['key']}` makes them again"
+            )
         for fmt, r in e["formats"].items():
             out.append(
                 f"  {fmt:12s} {r['key']}  sha256 {r['sha256'][:12]}  max |Δlogit| {r['max_abs_error']:.1e}  top-1 agreement {r['top1_agreement']:.3f}"
@@ -98,7 +108,7 @@ def render(tree: dict, prefixes: bool = False) -> str:
         m = tree["model"]
         p = "  " * indent
         out.append(
-            f"{p}└─ model {m['key']}  sha256 {m['model_sha256'][:12]}  test accuracy {m['test_accuracy']:.4f}  mlflow run {m['mlflow_run_id']}  job {m['training_job']}"
+            f"{p}└─ model {m['key']}{' v' + m['version'] if m.get('version') else ''}  sha256 {m['model_sha256'][:12]}  test accuracy {m['test_accuracy']:.4f}  mlflow run {m['mlflow_run_id']}  job {m['training_job']}"
         )
         indent += 1
     s = tree["subset"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestration.settings import endpoint_url, env, home, lake_url, profile
+import dagster as dg
+
+from orchestration.settings import endpoint_url, env, home, lake_url, mlflow_tracking_uri, profile
 from resources.batch import BatchArrayClient
 from resources.catalog import AthenaCatalog, DuckDBCatalog
 from resources.compute import ImageCompute, LocalProcessPool
@@ -16,7 +18,7 @@ from resources.events import IncomingListing, PackEvents
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from resources.tables import PyArrowTableWriter, TableWriter
-from resources.tracking import MLflowTracking
+from resources.tracking import mlflow_tracking
 from resources.training import LocalTrainer, SageMakerTrainer
 
 
@@ -39,10 +41,16 @@ def _required(*names: str) -> dict[str, str]:
     return {n: os.environ[n] for n in names}
 
 
-def _tracking(h: Path) -> MLflowTracking:
-    return MLflowTracking(
-        tracking_uri=env("MLFLOW_TRACKING_URI", f"sqlite:///{h / 'mlflow' / 'mlflow.db'}"),
-        artifact_location=env("CVGRAPH_MLFLOW_ARTIFACTS", (h / "mlflow" / "artifacts").as_uri()),
+def _tracking(h: Path) -> dg.ResourceDefinition:
+    """dagster-mlflow's resource (``resources.tracking.mlflow_tracking``), configured."""
+    return mlflow_tracking.configured(
+        {
+            "experiment_name": env("CVGRAPH_MLFLOW_EXPERIMENT", "cvgraph"),
+            "mlflow_tracking_uri": mlflow_tracking_uri(),
+            "artifact_location": env(
+                "CVGRAPH_MLFLOW_ARTIFACTS", (h / "mlflow" / "artifacts").as_uri()
+            ),
+        }
     )
 
 
@@ -84,7 +92,7 @@ def local_resources() -> dict:
         "table_writer": table_writer(compute),
         "trainer": LocalTrainer(work_dir=str(h / "training")),
         "catalog": DuckDBCatalog(lake=lake),
-        "tracking": _tracking(h),
+        "mlflow": _tracking(h),
         "image_settings": image_settings(),
         # A scan of a local directory is cheap: every tick, so a new zip never waits for a relist.
         "incoming_listing": IncomingListing(
@@ -132,7 +140,7 @@ def aws_resources() -> dict:
             output_location=os.environ.get("CVGRAPH_ATHENA_OUTPUT") or None,
             poll_seconds=float(env("CVGRAPH_ATHENA_POLL_SECONDS", "1")),
         ),
-        "tracking": _tracking(home()),
+        "mlflow": _tracking(home()),
         "image_settings": image_settings(),
         # SQS notifications are the primary path on AWS; the full listing is the safety net.
         "incoming_listing": IncomingListing(

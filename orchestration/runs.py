@@ -30,7 +30,8 @@ AUTOMATION_CURSOR = "cvgraph/automation/cursor"
 # caller prints, and a failed run reaches it as one line (RunFailed, failure_message), not as
 # Dagster's console log of the step's stack trace.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-RUN_JOB = "__ephemeral_asset_job__"  # dg.materialize's name for the job it builds
+RUN_JOB = "__ephemeral_asset_job__"
+LIBRARY_NOTES = ("[pipes]", "Starting a new mlflow run")  # dg.materialize's name for the job it builds
 
 
 def log_lines(on_log: Callable[[str], None]) -> Callable:
@@ -39,8 +40,9 @@ def log_lines(on_log: Callable[[str], None]) -> Callable:
 
     def listen(entry) -> None:
         if entry.dagster_event is None and entry.level >= logging.INFO:
-            # Pipes' own "[pipes] ... opened" notes say nothing about the work; its warnings do
-            if entry.level == logging.INFO and entry.user_message.startswith("[pipes]"):
+            # The libraries' own notes (Pipes opened, dagster-mlflow started its run) say nothing
+            # about the work; their warnings do
+            if entry.level == logging.INFO and entry.user_message.startswith(LIBRARY_NOTES):
                 return
             on_log(f"{entry.step_key or 'run'}: {entry.user_message}")
 

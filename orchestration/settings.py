@@ -40,3 +40,9 @@ def lake_url(profile_name: str | None = None) -> str:
 def endpoint_url() -> str | None:
     """AWS_ENDPOINT_URL: where boto3 sends AWS requests (unset: AWS itself)."""
     return os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def mlflow_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI: MLflow's tracking store and model registry (default: SQLite under
+    CVGRAPH_HOME/mlflow)."""
+    return env("MLFLOW_TRACKING_URI", f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}")

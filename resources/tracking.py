@@ -1,60 +1,128 @@
-"""Tracking role: MLflow (a local SQLite store, or a tracking server)."""
+"""Tracking role: MLflow through dagster-mlflow, and the model registry.
+
+``mlflow_tracking`` is dagster-mlflow's resource (``dagster_mlflow.resources.MlFlow``: it sets the
+tracking URI and experiment and opens this Dagster run's MLflow run, tagged ``dagster_run_id``),
+after making sure the experiment exists with its artifact location (MLflow would otherwise put
+artifacts under the working directory). What dagster-mlflow does not do is here: a training
+already logged by an earlier Dagster run is reused, not logged twice (the run this Dagster run
+opened is then discarded), and each new training is a version of the registered model named
+after the model key, tagged with what it was made from.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import dagster as dg
+from dagster_mlflow.resources import CONFIG_SCHEMA, MlFlow
+
+TAG = "cvgraph."  # the prefix of this project's MLflow tags
 
 
-class MLflowTracking(dg.ConfigurableResource):
-    tracking_uri: str
-    experiment: str = "cvgraph"
-    artifact_location: str | None = None
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created with ``artifact_location`` if it does not exist yet."""
+    import mlflow
 
-    def _client(self):
-        import mlflow
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
 
-        if self.tracking_uri.startswith("sqlite:///"):
-            from pathlib import Path
 
-            Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        exp = mlflow.get_experiment_by_name(self.experiment)
-        if exp is None:
-            exp = mlflow.get_experiment(
-                mlflow.create_experiment(self.experiment, artifact_location=self.artifact_location)
-            )
-        return mlflow.MlflowClient(self.tracking_uri), exp.experiment_id
+@dg.resource(
+    config_schema={
+        **CONFIG_SCHEMA,
+        "artifact_location": dg.Field(dg.Noneable(str), default_value=None, is_required=False),
+    },
+    description="dagster-mlflow's MLflow run of this Dagster run (experiment made first).",
+)
+def mlflow_tracking(init_context) -> MlFlow:
+    cfg = init_context.resource_config
+    ensure_experiment(cfg["mlflow_tracking_uri"], cfg["experiment_name"], cfg["artifact_location"])
+    return MlFlow(init_context)
 
-    def log_training(
-        self, model_key: str, subset_hash: str, params: dict, metrics: dict, artifacts: list[str]
-    ) -> str:
-        """One MLflow run per (model, subset manifest, spec); logging again returns the same run."""
-        import hashlib
-        import json
 
-        client, exp_id = self._client()
-        spec_hash = hashlib.sha256(
-            json.dumps(params, sort_keys=True, default=str).encode()
-        ).hexdigest()[:16]
-        tags = {
-            "cvgraph.model": model_key,
-            "cvgraph.subset_hash": subset_hash,
-            "cvgraph.spec_hash": spec_hash,
-        }
-        found = client.search_runs(
-            [exp_id], " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        )  # keys are validated: no quotes
-        if found:
-            return found[0].info.run_id
-        run = client.create_run(exp_id, run_name=model_key, tags=tags)
-        rid = run.info.run_id
-        for k, v in sorted(params.items()):
-            client.log_param(rid, k, v)
-        for rec in metrics["history"]:
-            for k in ("train_loss", "val_loss", "val_accuracy"):
-                client.log_metric(rid, k, rec[k], step=rec["epoch"])
-        client.log_metric(rid, "test_accuracy", metrics["test_accuracy"])
-        for path in artifacts:
-            client.log_artifact(rid, path)
-        client.set_terminated(rid)
-        return rid
+def _training_tags(model_key: str, subset_hash: str, params: dict) -> dict[str, str]:
+    spec_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+    return {
+        f"{TAG}model": model_key,
+        f"{TAG}subset_hash": subset_hash,
+        f"{TAG}spec_hash": spec_hash[:16],
+    }
+
+
+def log_training(
+    mlf: MlFlow, model_key: str, subset_hash: str, params: dict, metrics: dict, artifacts: list[str]
+) -> str:
+    """Log a training into this Dagster run's MLflow run and return its id, or, if an earlier run
+    logged this very training (model, subset manifest, spec), discard this one and return that."""
+    client, run_id = mlf.tracking_client, mlf.active_run().info.run_id
+    tags = _training_tags(model_key, subset_hash, params)
+    found = [
+        r.info.run_id
+        for r in client.search_runs(
+            [mlf.experiment.experiment_id],
+            " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
+        )  # keys are validated names: no quotes in them
+        if r.info.run_id != run_id
+    ]
+    if found:
+        discard_run(mlf)
+        return found[0]
+    client.set_tag(run_id, "mlflow.runName", model_key)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    for k, v in sorted(params.items()):
+        client.log_param(run_id, k, v)
+    for rec in metrics["history"]:
+        for k in ("train_loss", "val_loss", "val_accuracy"):
+            client.log_metric(run_id, k, rec[k], step=rec["epoch"])
+    client.log_metric(run_id, "test_accuracy", metrics["test_accuracy"])
+    for path in artifacts:
+        client.log_artifact(run_id, path)
+    mlf.end_run()
+    return run_id
+
+
+def discard_run(mlf: MlFlow) -> str:
+    """End and delete this Dagster run's MLflow run, unless something was logged in it (a step
+    before this one of the same Dagster run trained in it): nothing was made here. Returns ""."""
+    run_id = mlf.active_run().info.run_id
+    mlf.end_run()
+    if f"{TAG}spec_hash" not in mlf.tracking_client.get_run(run_id).data.tags:
+        mlf.tracking_client.delete_run(run_id)
+    return ""
+
+
+def register_version(mlf: MlFlow, name: str, run_id: str, tags: dict[str, str]) -> str:
+    """The registered model ``name``'s version made from ``run_id`` (created, with ``tags``, the
+    first time): each training of a model key is one version."""
+    client = mlf.tracking_client
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, tags={f"{TAG}model": name})
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        return str(found[0].version)
+    tags = {f"{TAG}{k}": str(v) for k, v in tags.items()}
+    version = client.create_model_version(name, f"runs:/{run_id}", run_id=run_id, tags=tags)
+    return str(version.version)
+
+
+def log_exports(mlf: MlFlow, name: str, version: str, files: dict[str, str]) -> str:
+    """Log the export files (``{format: local path}``) in this Dagster run's MLflow run, tagged
+    with the model version they were made from, and tag the version with that run; returns it."""
+    client, run_id = mlf.tracking_client, mlf.active_run().info.run_id
+    if f"{TAG}spec_hash" not in client.get_run(run_id).data.tags:  # not the training's own run
+        client.set_tag(run_id, "mlflow.runName", f"{name} v{version} exports")
+        client.set_tag(run_id, f"{TAG}model", name)
+    client.set_tag(run_id, f"{TAG}model_version", version)
+    for fmt, path in sorted(files.items()):
+        client.log_artifact(run_id, path, artifact_path=fmt)
+    client.set_model_version_tag(name, version, f"{TAG}exports_run", run_id)
+    mlf.end_run()
+    return run_id

@@ -339,12 +339,14 @@ def test_frozen_subset_dataset_through_a_dataloader(demo):
 def test_model_accuracy_mlflow_and_export_parity(demo):
     import mlflow
 
+    from orchestration.settings import mlflow_tracking_uri
+
     ds, _, _ = demo
     model = json.loads(ds.lake.get(f"models/{DIGITS_MODEL}/model.json"))
     assert model["test_accuracy"] >= 0.90
     assert model["subset_manifest_sha256"] == ds.subset(DIGITS_SUBSET)["manifest_sha256"]
     assert model["model_sha256"] == sha256_hex(ds.lake.get(f"models/{DIGITS_MODEL}/model.pt"))
-    client = mlflow.MlflowClient(ds.resources["tracking"].tracking_uri)
+    client = mlflow.MlflowClient(mlflow_tracking_uri())
     run = client.get_run(model["mlflow_run_id"])
     assert run.data.tags["cvgraph.subset_hash"] == model["subset_manifest_sha256"]
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 6
@@ -355,6 +357,34 @@ def test_model_accuracy_mlflow_and_export_parity(demo):
         "curves.png",
     }
     assert ds.lake.get(f"models/{DIGITS_MODEL}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    # dagster-mlflow's run of the training's Dagster run; the demo's second run trained nothing
+    # and left no MLflow run behind
+    assert run.data.tags["dagster_run_id"] == model["dagster_run_id"]
+    runs = client.search_runs([run.info.experiment_id], f"tags.`cvgraph.model` = '{DIGITS_MODEL}'")
+    assert [r.info.run_id for r in runs if "cvgraph.spec_hash" in r.data.tags] == [run.info.run_id]
+    # the registry: the training is version 1 of the registered model named after the key, with
+    # what it was made from in its tags; its exports are logged with it
+    version = client.get_model_version(DIGITS_MODEL, model["mlflow_model_version"])
+    assert (str(version.version), version.run_id) == ("1", run.info.run_id)
+    subset = ds.subset(DIGITS_SUBSET)
+    assert {k: v for k, v in version.tags.items() if k != "cvgraph.exports_run"} == {
+        "cvgraph.subset": DIGITS_SUBSET,
+        "cvgraph.subset_manifest_sha256": subset["manifest_sha256"],
+        "cvgraph.input_merkle_root": subset["input_merkle_root"],
+        "cvgraph.dagster_run_id": model["dagster_run_id"],
+        "cvgraph.training_job": model["training_job"],
+    }
+    exports_run = version.tags["cvgraph.exports_run"]
+    exported = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/exports.json"))
+    assert (exported["model_version"], exported["mlflow_run_id"]) == ("1", exports_run)
+    logged = {a.path for a in client.list_artifacts(exports_run, "onnx")}
+    assert logged == {"onnx/model.onnx"}
+    onnx = client.download_artifacts(exports_run, "onnx/model.onnx")
+    assert sha256_hex(open(onnx, "rb").read()) == exported["formats"]["onnx"]["sha256"]
+    # from the version's tags alone, back to the packs
+    tree = ds.lineage(version.tags["cvgraph.subset"])
+    assert tree["subset"]["manifest_sha256"] == version.tags["cvgraph.subset_manifest_sha256"]
+    assert [p["pack_id"] for p in tree["packs"]] == ["digits"]
     # the training entry's log lines reached the Dagster run through Pipes
     lines = [e.user_message for e in ds.instance.all_logs(model["dagster_run_id"])]
     assert any(m.startswith("epoch=6 ") for m in lines) and any(
@@ -932,3 +962,45 @@ def test_detection_targets_follow_the_variant_geometry(demo):
     with pytest.raises(ValueError, match="target 'boxes': expected one of class, detection"):
         FrozenSubsetDataset("photo_boxes_v1", target="boxes")
     assert _cli("forget", "subset", "photo_boxes_v1")[0] == 0
+
+
+def test_each_training_of_a_key_is_a_registered_version_and_older_exports_are_flagged(demo):
+    import mlflow
+
+    from orchestration.settings import mlflow_tracking_uri
+
+    ds, _, _ = demo
+    client = mlflow.MlflowClient(mlflow_tracking_uri())
+    ds.freeze_dataset(
+        "zero_one_v1", "SELECT * FROM images WHERE pack_id = 'digits' AND label IN ('0', '1')"
+    )
+    first = ds.train("retrain_cnn", DIGITS_SUBSET, epochs=1, width=4)
+    ds.export("retrain_cnn")
+    second = ds.train("retrain_cnn", "zero_one_v1", epochs=1, width=4)
+    assert (first["mlflow_model_version"], second["mlflow_model_version"]) == ("1", "2")
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'retrain_cnn'")}
+    assert {k: v.tags["cvgraph.subset"] for k, v in versions.items()} == {
+        "1": DIGITS_SUBSET,
+        "2": "zero_one_v1",
+    }
+    assert (
+        versions["1"].tags["cvgraph.exports_run"]
+        and "cvgraph.exports_run" not in versions["2"].tags
+    )
+    # the exports are version 1's: lineage says so, and what makes them again
+    text = _cli("lineage", "retrain_cnn")[1]
+    assert f"export retrain_cnn  (model v1 {first['model_sha256'][:12]})" in text
+    assert "STALE: made from an older training of retrain_cnn than the model below" in text
+    assert f"└─ model retrain_cnn v2  sha256 {second['model_sha256'][:12]}" in text
+    assert json.loads(CliRunner().invoke(cli, ["lineage", "retrain_cnn", "--json"]).stdout)[
+        "export"
+    ]["stale"]
+    ds.export("retrain_cnn")
+    assert not ds.lineage("retrain_cnn")["export"]["stale"]
+    assert ds.record("export", "retrain_cnn")["model_version"] == "2"
+    for kind, key in (
+        ("export", "retrain_cnn"),
+        ("model", "retrain_cnn"),
+        ("subset", "zero_one_v1"),
+    ):
+        assert _cli("forget", kind, key)[0] == 0

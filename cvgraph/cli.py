@@ -278,18 +278,41 @@ def forget(kind: str, key: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("key")
+@click.argument("key", required=False)
+@click.option("--pack", help="instead: every subset, model and export made from this pack")
+@click.option("--image", help="instead: every subset, model and export holding this image (sha256)")
 @click.option("--json", "as_json", is_flag=True, help="print the whole tree as JSON")
 @click.option("--prefixes", is_flag=True, help="list every prefix partition and its data versions")
-def lineage(key: str, as_json: bool, prefixes: bool) -> None:
-    """Lineage of a model/export or subset KEY: export → model → subset → prefix versions → packs."""
+def lineage(
+    key: str | None, pack: str | None, image: str | None, as_json: bool, prefixes: bool
+) -> None:
+    """Lineage of a model/export or subset KEY: export → model → subset → packs → prefix
+    versions; or, with --pack or --image, what was made from that pack or image."""
+    from cvgraph.errors import InvalidRequest
     from cvgraph.lineage import render
+    from cvgraph.listing import render_made_from
 
-    tree = _ds().lineage(key)
+    if (key is None) == (pack is None and image is None):
+        raise InvalidRequest("give a model or subset KEY, or one of --pack / --image")
+    ds = _ds()
+    tree = ds.lineage(key) if key else ds.made_from(pack=pack, image=image)
     if as_json:
         _print_json(tree)
     else:
-        click.echo(render(tree, prefixes=prefixes))
+        click.echo(render(tree, prefixes=prefixes) if key else render_made_from(tree))
+
+
+@main.command(name="ls")
+@click.argument("kind", type=click.Choice(["packs", "subsets", "models"]))
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object each")
+def list_(kind: str, as_json: bool) -> None:
+    """List the packs, subsets or models there are, one line each."""
+    from cvgraph.listing import render_listing
+
+    rows = _ds().ls(kind)
+    if as_json:
+        return _print_json(rows)
+    click.echo(render_listing(kind, rows))
 
 
 @main.command()

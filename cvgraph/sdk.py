@@ -353,6 +353,32 @@ class Datasets:
     def __repr__(self) -> str:
         return f"Datasets(lake={self.lake_url!r})"
 
+    def ls(self, kind: str) -> list[dict]:
+        """One summary per ``packs``, ``subsets`` or ``models`` there are (``cvgraph.listing``)."""
+        from cvgraph.listing import KINDS, listing
+
+        if kind not in KINDS:
+            raise InvalidRequest(f"ls {kind!r}: expected one of {', '.join(KINDS)}")
+        return listing(self.lake, kind)
+
+    def made_from(self, pack: str | None = None, image: str | None = None) -> dict:
+        """Reverse lineage of pack ``pack`` or image ``image`` (its sha256): every subset that
+        holds it, and the models and exports made from those."""
+        import re
+
+        from cvgraph.listing import made_from
+        from workloads.index import read_index
+
+        if (pack is None) == (image is None):
+            raise InvalidRequest("give one of a pack (--pack) or an image's sha256 (--image)")
+        if pack is not None:
+            self.record("pack", pack)
+        elif not re.fullmatch(r"[0-9a-f]{64}", image):
+            raise InvalidRequest(f"image {image!r}: expected a sha256 (64 lower-case hex digits)")
+        elif image not in set(read_index(self.lake, image[:2])["sha256"].to_pylist()):
+            raise UnknownKey(f"no image {image} in the index (prefix {image[:2]})")
+        return made_from(self.lake, pack=pack, image=image)
+
     def lineage(self, key: str) -> dict:
         """Export → model → subset → prefix versions → packs of a model or subset ``key``."""
         from cvgraph.lineage import lineage_of

@@ -31,7 +31,10 @@ AUTOMATION_CURSOR = "cvgraph/automation/cursor"
 # Dagster's console log of the step's stack trace.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 RUN_JOB = "__ephemeral_asset_job__"
-LIBRARY_NOTES = ("[pipes]", "Starting a new mlflow run")  # dg.materialize's name for the job it builds
+LIBRARY_NOTES = (
+    "[pipes]",
+    "Starting a new mlflow run",
+)  # dg.materialize's name for the job it builds
 
 
 def log_lines(on_log: Callable[[str], None]) -> Callable:

@@ -1004,3 +1004,39 @@ def test_each_training_of_a_key_is_a_registered_version_and_older_exports_are_fl
         ("subset", "zero_one_v1"),
     ):
         assert _cli("forget", kind, key)[0] == 0
+
+
+def test_ls_and_what_was_made_from_a_pack_or_an_image(demo):
+    ds, _, _ = demo
+    code, text = _cli("ls", "models")
+    assert code == 0 and f"{DIGITS_MODEL} v1  test accuracy " in text
+    assert f"subset {DIGITS_SUBSET}  exports current" in text
+    rows = json.loads(CliRunner().invoke(cli, ["ls", "subsets", "--json"]).stdout)
+    digits = next(r for r in rows if r["key"] == DIGITS_SUBSET)
+    assert digits == {
+        "key": DIGITS_SUBSET,
+        "rows": 1797,
+        "balance": ds.subset(DIGITS_SUBSET)["balance"]["score"],
+        "packs": ["digits"],
+    }
+    packs = {r["pack_id"]: r for r in ds.ls("packs")}
+    assert packs["digits"]["accepted"] == 1797 and packs["digits"]["labels"] == 10
+    assert packs["photos"]["boxes"] == 14  # one COCO box per photo
+    # reverse lineage: from a pack, and from one image of it
+    made = json.loads(CliRunner().invoke(cli, ["lineage", "--pack", "digits", "--json"]).stdout)
+    assert made["pack"] == "digits" and DIGITS_SUBSET in made["subsets"]
+    assert DIGITS_MODEL in made["models"] and DIGITS_MODEL in made["exports"]
+    sha = parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))["sha256"][
+        0
+    ].as_py()
+    assert ds.made_from(image=sha)["subsets"] == [
+        s
+        for s in made["subsets"]
+        if sha in parquet_table(ds.lake.get(f"subsets/{s}/manifest.parquet"))["sha256"].to_pylist()
+    ]
+    assert _cli("lineage", "--image", "0" * 64) == (
+        1,
+        f"Error: no image {'0' * 64} in the index (prefix 00)\n",
+    )
+    assert _cli("lineage", "--pack", "nope")[1].startswith("Error: no ingested pack 'nope'")
+    assert _cli("lineage") == (1, "Error: give a model or subset KEY, or one of --pack / --image\n")

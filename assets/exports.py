@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 from dagster_mlflow import end_mlflow_on_run_finished
 from dagster_mlflow.resources import MlFlow
 
-from assets.models import trained_models
+from assets.models import model_version, trained_models
 from partitions import model_partitions_def
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
@@ -115,13 +115,9 @@ def exported_models(
                 store.put_file(keys[fmt], tmp / "out" / EXPORT_FILES[fmt])
                 report[fmt]["key"] = keys[fmt]
                 report[fmt]["sha256"] = sha256_hex((tmp / "out" / EXPORT_FILES[fmt]).read_bytes())
-            version = model_record.get("mlflow_model_version", "")
+            version = model_version(mlflow, store, model_record)
             files = {fmt: str(tmp / "out" / EXPORT_FILES[fmt]) for fmt in EXPORT_FILES}
-            run_id = (
-                log_exports(mlflow, key, version, files)
-                if version
-                else discard_run(mlflow)  # a model trained before the registry
-            )
+            run_id = log_exports(mlflow, key, version, files)
         store.put(keys["preprocess"], json.dumps(preprocess, indent=2, sort_keys=True).encode())
         record = {
             "key": key,

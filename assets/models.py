@@ -73,6 +73,35 @@ def _metadata(record: dict, curves_png: bytes | None = None) -> dict:
     }
 
 
+def version_tags(subset: str, subset_record: dict, dagster_run_id: str, job: str) -> dict:
+    """What a registered version was made from: enough to go back to the packs."""
+    return {
+        "subset": subset,
+        "subset_manifest_sha256": subset_record["manifest_sha256"],
+        "input_merkle_root": subset_record["input_merkle_root"],
+        "dagster_run_id": dagster_run_id,
+        "training_job": job,
+    }
+
+
+def model_version(mlf: MlFlow, store, record: dict) -> str:
+    """The registered version of a trained model; a model trained before the registry is
+    registered now, from its record (which then names its version)."""
+    if record.get("mlflow_model_version"):
+        return record["mlflow_model_version"]
+    subset_record = verify_subset(store, record["subset"])
+    tags = version_tags(
+        record["subset"], subset_record, record["dagster_run_id"], record["training_job"]
+    )
+    record["mlflow_model_version"] = register_version(
+        mlf, record["key"], record["mlflow_run_id"], tags
+    )
+    store.put(
+        model_keys(record["key"])["record"], json.dumps(record, indent=2, sort_keys=True).encode()
+    )
+    return record["mlflow_model_version"]
+
+
 def training_spec(key: str, config: TrainConfig, prior: dict | None) -> tuple[str, dict]:
     """(subset, spec) of a training: what the config sets, over the model's previous subset and
     spec (so a re-run is the same training, and nothing to do), else the defaults."""
@@ -155,13 +184,7 @@ def trained_models(
         mlf,
         key,
         run_id,
-        {
-            "subset": subset,
-            "subset_manifest_sha256": subset_record["manifest_sha256"],
-            "input_merkle_root": subset_record["input_merkle_root"],
-            "dagster_run_id": context.run.run_id,
-            "training_job": job_name,
-        },
+        version_tags(subset, subset_record, context.run.run_id, job_name),
     )
     record = {
         "key": key,

@@ -243,6 +243,25 @@ def export(key: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("model")
+@click.argument("subset")
+@click.option("--json", "as_json", is_flag=True, help="print the evaluation record as JSON")
+def evaluate(model: str, subset: str, as_json: bool) -> None:
+    """Score MODEL on SUBSET (rows it never trained on): accuracy, per-class F1, confusion matrix,
+    worst misclassified; the champion alias moves if it wins."""
+    rec = _ds().evaluate(model, subset)
+    if as_json:
+        return _print_json(rec)
+    s = rec["scores"]
+    click.echo(
+        f"{model} v{rec['model_version']} on {subset}: accuracy {s['accuracy']:.4f}, macro F1 "
+        f"{s['macro_f1']:.4f} over {s['scored']} unseen rows ({s['unknown_labels']} with labels it does not know)"
+    )
+    click.echo(f"  champion: {rec['champion']['reason']}")
+    click.echo(f"  pictures: {rec['confusion']}, {rec['worst']}")
+
+
+@main.command()
 @click.argument("key")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(

@@ -14,7 +14,9 @@ DIGITS_MODEL = "digits_cnn"
 MIN_ACCURACY = 0.90
 
 
-def summary(ds, pack_ids: list[str], subset: dict, model: dict, exports: dict) -> str:
+def summary(
+    ds, pack_ids: list[str], subset: dict, model: dict, exports: dict, evaluation: dict
+) -> str:
     """What the demo made, where it is, and what to look at next."""
     from assets.versioning import lake_merkle_root
     from partitions import hash_prefix_partitions_def
@@ -47,6 +49,10 @@ def summary(ds, pack_ids: list[str], subset: dict, model: dict, exports: dict) -
         f"subset {DIGITS_SUBSET}:     {subset['rows']} rows, manifest sha256 {subset['manifest_sha256'][:16]}, splits {subset['splits']}",
         f"balance score:        {subset['balance']['score']:.4f} (entropy of the label counts / ln {len(subset['labels'])})",
         f"model {DIGITS_MODEL}:     test accuracy {model['test_accuracy']:.4f} on {model['counts']['test']} held-out images (mlflow run {model['mlflow_run_id'][:12]})",
+        f"registered model:     {DIGITS_MODEL} version {model['mlflow_model_version']} (MLflow registry)",
+        f"evaluation:           accuracy {evaluation['scores']['accuracy']:.4f}, macro F1 "
+        f"{evaluation['scores']['macro_f1']:.4f} on {evaluation['scores']['scored']} unseen rows; "
+        f"champion: {evaluation['champion']['reason']}",
         "exports:",
         *(
             f"    {r['key']:40s} {r['bytes']:>8d} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}"
@@ -88,8 +94,10 @@ def run_demo(epochs: int = 8) -> int:
     model = ds.train(DIGITS_MODEL, DIGITS_SUBSET, epochs)
     step("exporting TorchScript, ONNX, ONNX int8 and checking parity with onnxruntime")
     exports = ds.export(DIGITS_MODEL)
+    step(f"evaluating {DIGITS_MODEL} on the held-out rows of {DIGITS_SUBSET}")
+    evaluation = ds.evaluate(DIGITS_MODEL, DIGITS_SUBSET)
 
-    click.echo(summary(ds, list(packs), subset, model, exports))
+    click.echo(summary(ds, list(packs), subset, model, exports, evaluation))
     click.echo(f"done in {time.perf_counter() - t0:.1f}s")
     ok = model["test_accuracy"] >= MIN_ACCURACY
     if not ok:

@@ -295,6 +295,23 @@ class Datasets:
         self.materialize([exported_models.key], partition_key=key)
         return self.record("export", key)
 
+    def evaluate(self, model: str, subset: str) -> dict:
+        """Score model ``model`` on subset ``subset`` (its test split if it is the model's own, else
+        every row it did not train on) and apply the promotion rule; returns the evaluation
+        record (``scores``, ``champion``, ``model_version``, pictures' keys)."""
+        import dagster as dg
+
+        from assets.evaluations import model_evaluations
+        from workloads.layout import evaluation_keys
+
+        self.check_key("model", model)
+        self.check_key("subset", subset)
+        self.record("model", model)
+        self.record("subset", subset)
+        key = dg.MultiPartitionKey({"model": model, "subset": subset})
+        self.materialize([model_evaluations.key], partition_key=key)
+        return json.loads(self.lake.get(evaluation_keys(model, subset)["record"]))
+
     def predict(self, key: str, images: list[str | Path], fmt: str = "onnx") -> list[dict]:
         """Run model ``key``'s export (``onnx`` or ``onnx_int8``) on image files (a directory:
         the image files in it, by name), preprocessed as its ``preprocess.json`` says:

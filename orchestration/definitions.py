@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.evaluations import model_evaluations
 from assets.exports import exported_models
 from assets.images import image_stages, raw_images
 from assets.models import trained_models
@@ -20,6 +21,7 @@ ASSETS = [
     frozen_subsets,
     trained_models,
     exported_models,
+    model_evaluations,
 ]
 
 

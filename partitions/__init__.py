@@ -9,3 +9,7 @@ hash_prefix_partitions_def = dg.StaticPartitionsDefinition(list(HASH_PREFIXES))
 pack_partitions_def = dg.DynamicPartitionsDefinition(name="packs")
 subset_partitions_def = dg.DynamicPartitionsDefinition(name="subsets")
 model_partitions_def = dg.DynamicPartitionsDefinition(name="models")
+# a model scored on a subset: one partition per (model, subset) pair
+evaluation_partitions_def = dg.MultiPartitionsDefinition(
+    {"model": model_partitions_def, "subset": subset_partitions_def}
+)

@@ -126,3 +126,72 @@ def log_exports(mlf: MlFlow, name: str, version: str, files: dict[str, str]) -> 
     client.set_model_version_tag(name, version, f"{TAG}exports_run", run_id)
     mlf.end_run()
     return run_id
+
+
+CHAMPION = "champion"
+
+
+def log_evaluation(
+    mlf: MlFlow, name: str, version: str, subset: str, scores: dict, files: list[str]
+) -> str:
+    """Log an evaluation of version ``version`` on ``subset`` in this Dagster run's MLflow run
+    (metrics, per-class F1, the pictures and record), tagged with both; returns the run id."""
+    client, run_id = mlf.tracking_client, mlf.active_run().info.run_id
+    for k, v in {
+        "mlflow.runName": f"{name} v{version} on {subset}",
+        f"{TAG}model": name,
+        f"{TAG}model_version": version,
+        f"{TAG}eval_subset": subset,
+    }.items():
+        client.set_tag(run_id, k, v)
+    client.log_metric(run_id, "accuracy", scores["accuracy"])
+    client.log_metric(run_id, "macro_f1", scores["macro_f1"])
+    for c, m in scores["per_class"].items():
+        client.log_metric(run_id, f"f1_{c}", m["f1"])
+    for path in files:
+        client.log_artifact(run_id, path)
+    client.set_model_version_tag(name, version, f"{TAG}eval.{subset}.accuracy", scores["accuracy"])
+    mlf.end_run()
+    return run_id
+
+
+def promote(mlf: MlFlow, name: str, version: str, subset: str, accuracy: float) -> dict:
+    """The promotion rule: the alias ``champion`` moves to ``version`` when there is no champion
+    yet, or the champion's accuracy on the same ``subset`` is lower. Returns the decision
+    (``before``, ``after``, ``moved``, ``reason``)."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlf.tracking_client
+    try:
+        current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        current = None
+    theirs = (
+        client.get_model_version(name, current).tags.get(f"{TAG}eval.{subset}.accuracy")
+        if current and current != version
+        else None
+    )
+    if current is None:
+        moved, reason = True, "no champion yet"
+    elif current == version:
+        moved, reason = False, f"v{version} is the champion"
+    elif theirs is None:
+        moved, reason = False, f"champion v{current} has no evaluation on {subset} to compare"
+    elif accuracy > float(theirs):
+        moved, reason = (
+            True,
+            f"{accuracy:.4f} beats champion v{current}'s {float(theirs):.4f} on {subset}",
+        )
+    else:
+        moved, reason = (
+            False,
+            f"{accuracy:.4f} does not beat champion v{current}'s {float(theirs):.4f} on {subset}",
+        )
+    if moved:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return {
+        "before": current,
+        "after": version if moved else current,
+        "moved": moved,
+        "reason": reason,
+    }

@@ -240,6 +240,19 @@ def export_keys(key: str) -> dict[str, str]:
     }
 
 
+EVALUATIONS = "evaluations/"
+
+
+def evaluation_keys(model: str, subset: str) -> dict[str, str]:
+    """Model ``model`` scored on subset ``subset``: its record and pictures."""
+    base = f"{EVALUATIONS}{model}/{subset}"
+    return {
+        "record": f"{base}/evaluation.json",
+        "confusion": f"{base}/confusion.png",
+        "worst": f"{base}/worst.png",
+    }
+
+
 # -- bookkeeping -----------------------------------------------------------------
 PIPES = "_pipes"
 

@@ -1,0 +1,140 @@
+"""model_evaluations: a trained model scored on a frozen subset, on the rows it never trained on,
+with the champion alias moved by the promotion rule."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+from dagster_mlflow import end_mlflow_on_run_finished
+from dagster_mlflow.resources import MlFlow
+
+from assets.models import model_version, trained_models
+from assets.subsets import frozen_subsets
+from assets.versioning import md_table, picture
+from partitions import evaluation_partitions_def
+from resources.storage import LakeResource
+from resources.tracking import discard_run, log_evaluation, promote
+from workloads.lake import parquet_table
+from workloads.layout import evaluation_keys, model_keys, subset_keys
+
+
+def unseen_rows(store, model_record: dict, subset: str) -> list[dict]:
+    """The rows of ``subset`` the model never trained on: its test split when it is the model's
+    own subset, else every row whose image is not in the train or val split the model learnt from."""
+    rows = parquet_table(store.get(subset_keys(subset)["manifest"])).to_pylist()
+    if subset == model_record["subset"]:
+        return [r for r in rows if r["split"] == "test"]
+    own = parquet_table(store.get(subset_keys(model_record["subset"])["manifest"])).to_pylist()
+    seen = {r["sha256"] for r in own if r["split"] in ("train", "val")}
+    return [r for r in rows if r["sha256"] not in seen]
+
+
+def _metadata(record: dict, pictures: dict[str, bytes]) -> dict:
+    scores = record["scores"]
+    per_class = [
+        {"class": c, **{k: round(v, 4) for k, v in m.items()}}
+        for c, m in scores["per_class"].items()
+    ]
+    return {
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
+        "rows_scored": scores["scored"],
+        "rows_with_unknown_labels": scores["unknown_labels"],
+        "model_version": record["model_version"],
+        "champion": record["champion"]["reason"],
+        "per_class": dg.MetadataValue.md(
+            md_table(per_class, ["class", "precision", "recall", "f1", "support"])
+        ),
+        **{k: picture(k.replace("_", " "), png) for k, png in pictures.items()},
+    }
+
+
+@dg.asset(
+    partitions_def=evaluation_partitions_def,
+    deps=[
+        dg.AssetDep(
+            trained_models,
+            partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
+                partition_dimension_name="model"
+            ),
+        ),
+        dg.AssetDep(
+            frozen_subsets,
+            partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
+                partition_dimension_name="subset"
+            ),
+        ),
+    ],
+    code_version="1",
+    group_name="models",
+    kinds={"pytorch", "mlflow"},
+    description="A trained model scored on a frozen subset's unseen rows: accuracy, per-class F1, confusion matrix, worst misclassified; the champion alias moved by the promotion rule.",
+    hooks={end_mlflow_on_run_finished},
+)
+def model_evaluations(
+    context: dg.AssetExecutionContext, lake: LakeResource, mlflow: dg.ResourceParam[MlFlow]
+) -> dg.MaterializeResult:
+    from workloads.evaluate import confusion_png, score, worst_png  # torch loads here
+
+    dims = context.partition_key.keys_by_dimension
+    model, subset = dims["model"], dims["subset"]
+    store = lake.lake()
+    keys = evaluation_keys(model, subset)
+    model_record = json.loads(store.get(model_keys(model)["record"]))
+    subset_record = json.loads(store.get(subset_keys(subset)["record"]))
+    prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None
+    if (
+        prior
+        and prior["model_sha256"] == model_record["model_sha256"]
+        and prior["subset_manifest_sha256"] == subset_record["manifest_sha256"]
+    ):
+        context.log.info(f"{model} v{prior['model_version']} is already scored on {subset}")
+        discard_run(mlflow)
+        record = prior
+    else:
+        rows = unseen_rows(store, model_record, subset)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.pt"
+            path.write_bytes(store.get(model_keys(model)["model"]))
+            scores, worst = score(str(path), rows, store.get)
+            version = model_version(mlflow, store, model_record)
+            title = f"{model} v{version} on {subset}"
+            pngs = {"confusion": confusion_png(scores, title), "worst": worst_png(worst, title)}
+            files = []
+            for name, png in pngs.items():
+                store.put(keys[name], png)
+                files.append(str(Path(tmp) / f"{name}.png"))
+                Path(files[-1]).write_bytes(png)
+            (Path(tmp) / "evaluation.json").write_text(json.dumps(scores, indent=2))
+            run_id = log_evaluation(
+                mlflow, model, version, subset, scores, [*files, str(Path(tmp) / "evaluation.json")]
+            )
+        champion = promote(mlflow, model, version, subset, scores["accuracy"])
+        context.log.info(
+            f"{model} v{version} on {subset}: accuracy {scores['accuracy']:.4f}; champion: {champion['reason']}"
+        )
+        record = {
+            "model": model,
+            "model_version": version,
+            "model_sha256": model_record["model_sha256"],
+            "subset": subset,
+            "subset_manifest_sha256": subset_record["manifest_sha256"],
+            "scores": scores,
+            "champion": champion,
+            "mlflow_run_id": run_id,
+            "confusion": keys["confusion"],
+            "worst": keys["worst"],
+            "dagster_run_id": context.run.run_id,
+        }
+        store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
+    pictures = {
+        "confusion_matrix": store.get(keys["confusion"]),
+        "worst_misclassified": store.get(keys["worst"]),
+    }
+    return dg.MaterializeResult(
+        metadata=_metadata(record, pictures),
+        data_version=dg.DataVersion(
+            f"{record['model_sha256'][:12]}{record['subset_manifest_sha256'][:12]}"
+        ),
+    )

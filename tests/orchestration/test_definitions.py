@@ -2,7 +2,7 @@ import dagster as dg
 import pytest
 
 from orchestration.definitions import defs
-from partitions import hash_prefix_partitions_def
+from partitions import evaluation_partitions_def, hash_prefix_partitions_def
 
 ASSETS = {
     "raw_packs",
@@ -13,6 +13,7 @@ ASSETS = {
     "frozen_subsets",
     "trained_models",
     "exported_models",
+    "model_evaluations",
 }
 PREFIX_ASSETS = {"raw_images", "resized_images", "edge_maps", "image_tables"}
 
@@ -21,7 +22,7 @@ def test_definitions_load():
     dg.Definitions.validate_loadable(defs)
 
 
-def test_all_eight_assets_with_code_versions_and_partitions():
+def test_all_nine_assets_with_code_versions_and_partitions():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == ASSETS
@@ -32,6 +33,9 @@ def test_all_eight_assets_with_code_versions_and_partitions():
             assert node.partitions_def == hash_prefix_partitions_def
             assert node.backfill_policy == dg.BackfillPolicy.single_run()
             assert node.automation_condition is not None
+    evaluations = graph.get(dg.AssetKey("model_evaluations")).partitions_def
+    assert evaluations == evaluation_partitions_def
+    assert [d.name for d in evaluations.partitions_defs] == ["model", "subset"]
 
 
 def test_sensors_and_checks_are_registered():

@@ -14,9 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
-from dagster_mlflow.resources import CONFIG_SCHEMA, MlFlow
+
+if TYPE_CHECKING:  # dagster-mlflow imports mlflow (~0.7 s): a query needs neither
+    from dagster_mlflow.resources import MlFlow
 
 TAG = "cvgraph."  # the prefix of this project's MLflow tags
 
@@ -35,13 +38,17 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
 
 
 @dg.resource(
+    # the part of dagster-mlflow's CONFIG_SCHEMA cvgraph sets (its MlFlow reads the rest as unset)
     config_schema={
-        **CONFIG_SCHEMA,
+        "experiment_name": dg.Field(str),
+        "mlflow_tracking_uri": dg.Field(str),
         "artifact_location": dg.Field(dg.Noneable(str), default_value=None, is_required=False),
     },
     description="dagster-mlflow's MLflow run of this Dagster run (experiment made first).",
 )
 def mlflow_tracking(init_context) -> MlFlow:
+    from dagster_mlflow.resources import MlFlow
+
     cfg = init_context.resource_config
     ensure_experiment(cfg["mlflow_tracking_uri"], cfg["experiment_name"], cfg["artifact_location"])
     return MlFlow(init_context)

@@ -30,11 +30,8 @@ AUTOMATION_CURSOR = "cvgraph/automation/cursor"
 # caller prints, and a failed run reaches it as one line (RunFailed, failure_message), not as
 # Dagster's console log of the step's stack trace.
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-RUN_JOB = "__ephemeral_asset_job__"
-LIBRARY_NOTES = (
-    "[pipes]",
-    "Starting a new mlflow run",
-)  # dg.materialize's name for the job it builds
+RUN_JOB = "__ephemeral_asset_job__"  # dg.materialize's name for the job it builds
+LIBRARY_NOTES = ("[pipes]", "Starting a new mlflow run")  # the libraries' own INFO notes
 
 
 def log_lines(on_log: Callable[[str], None]) -> Callable:

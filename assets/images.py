@@ -7,6 +7,8 @@ in the workload CLIs, and only on the prefixes that have work: the rest keep the
 """
 
 import json
+import math
+from collections import Counter
 
 import dagster as dg
 
@@ -20,8 +22,9 @@ from assets.versioning import (
 )
 from partitions import hash_prefix_partitions_def
 from resources.compute import ImageCompute, WorkloadFailed, index_command, merge_shards_command
-from resources.settings import ImageSettings
+from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
+from workloads.costs import Estimate, images_estimate, index_estimate
 from workloads.images import empty_stage_record
 from workloads.index import empty_index_stats
 from workloads.lake import get_many
@@ -68,14 +71,25 @@ def task_results(
     description="Index of the originals whose sha256 starts with the prefix: labels, boxes and the packs they came from.",
 )
 def raw_images(
-    context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    image_compute: ImageCompute,
+    cost_settings: CostSettings,
 ) -> dg.MaterializeResult:
     store = lake.lake()
     before = dict(store.counters)
     prefixes, run_id = list(context.partition_keys), context.run.run_id
     # One listing of the pending markers tells which prefixes have packs to absorb.
-    pending = {pending_raw_prefix(k) for k in store.keys(PENDING_RAW)}
-    work = sorted(pending & set(prefixes))
+    markers = Counter(pending_raw_prefix(k) for k in store.keys(PENDING_RAW))
+    work = sorted(set(markers) & set(prefixes))
+    prior = prefix_records(store, "raw_images", prefixes)
+    estimate = cost_settings.log_estimate(
+        context,
+        index_estimate(
+            [(1, markers[p], (prior.get(p) or {}).get("images", 0)) for p in work],
+            cost_settings.rates(),
+        ),
+    )
     # The label counts stay in the index's state and the merged packs in the result record: the
     # version records hold what the steps decide by, a few hundred bytes a prefix.
     drop = ("stage", "seconds", "labels", "packs_merged", "packs_dropped")
@@ -92,7 +106,7 @@ def raw_images(
         ),
     )
     results = task_results(context, store, run_id, "index", work)
-    kept = prefix_records(store, "raw_images", [p for p in prefixes if p not in results])
+    kept = {p: r for p, r in prior.items() if p not in results}
     stats = {
         p: results.get(p)
         or kept.get(p)
@@ -113,7 +127,7 @@ def raw_images(
         {p: version_record(s, drop) for p, s in stats.items()},
         ("images", "bytes", "changed"),
         changed,
-        request_metadata(store.counters.since(before), list(results.values())),
+        {**request_metadata(store.counters.since(before), list(results.values())), **estimate},
     )
 
 
@@ -146,20 +160,30 @@ def pending_count(prior: dict | None, raw: dict | None, params_id: str) -> int:
 
 
 def plan_tasks(
-    prior: dict, raw: dict, selected: list, prefixes: list[str], params, shard_images: int
-) -> tuple[list[str], list[str], list[str]]:
-    """(prefixes with work, their tasks, the prefixes split into shards). A prefix with more
-    than ``shard_images`` pending images (from the records) becomes (prefix, shard) tasks,
-    folded back into the prefix by a merge task."""
+    prior: dict,
+    raw: dict,
+    selected: list,
+    prefixes: list[str],
+    params,
+    shard_images: int,
+    arriving: dict[str, int] | None = None,
+) -> tuple[list[str], list[str], list[str], dict[str, int]]:
+    """(prefixes with work, their tasks, the prefixes split into shards, pending images of each
+    prefix with work). A prefix with more than ``shard_images`` pending images (from the records)
+    becomes (prefix, shard) tasks, folded back into the prefix by a merge task. ``arriving``: rows
+    an index step has yet to bring in (a plan's look ahead)."""
+    arriving = arriving or {}
     work = [
         p
         for p in prefixes
-        if any(
+        if arriving.get(p)
+        or any(
             stage_work(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected
         )
     ]
     pending = {
-        p: max(
+        p: arriving.get(p, 0)
+        + max(
             pending_count(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k]))
             for k in selected
         )
@@ -167,12 +191,32 @@ def plan_tasks(
     }
     tasks = shard_tasks(pending, shard_images)
     sharded = sorted({parse_task(t)[0] for t in tasks if parse_task(t)[2] > 1})
-    return work, tasks, sharded
+    return work, tasks, sharded, pending
 
 
-def stage_outputs(context, store, key, params, raw, prior, inputs, work, orchestrator):
+def mean_bytes(record: dict | None) -> float:
+    """The mean size of a prefix's originals, from its raw_images record."""
+    return (record or {}).get("bytes", 0) / max(1, (record or {}).get("images", 0))
+
+
+def image_work_estimate(
+    work: dict[str, tuple[float, float, float]], shard_images: int, size: int, rates, split: int
+) -> Estimate:
+    """The image stages' estimate of ``work``: {prefix: (weight, pending images, mean bytes of
+    one)}, each prefix split into shards as ``plan_tasks`` splits it; ``split``: tasks per
+    prefix task (``ImageCompute.tasks_per_image_task``)."""
+    tasks, merges = [], 0.0
+    for weight, images, mean in work.values():
+        shards = max(1, math.ceil(images / max(1, shard_images)))
+        merges += weight if shards > 1 else 0
+        tasks += [(weight, images / shards, images / shards * mean)] * shards
+    return images_estimate(tasks, sum(w for w, _, _ in work.values()), merges, size, rates, split)
+
+
+def stage_outputs(context, store, key, params, raw, prior, inputs, work, orchestrator, estimate):
     """The materialisation of one stage's asset over the run's prefixes, and its check.
-    ``orchestrator()``: the step's own requests so far (reported once, with the first asset)."""
+    ``orchestrator()``: the step's own requests so far, and ``estimate`` (each reported once,
+    with the first asset)."""
     stage, prefixes = STAGE_OF[key], list(context.partition_keys)
     results = task_results(context, store, context.run.run_id, stage, work)
     stats = {
@@ -191,7 +235,7 @@ def stage_outputs(context, store, key, params, raw, prior, inputs, work, orchest
         stats,
         ("images", "processed", "skipped", "bytes_written", "seconds", "params_id"),
         set(work) | {p for p in prefixes if p not in prior},
-        request_metadata(orchestrator(), list(results.values())),
+        {**request_metadata(orchestrator(), list(results.values())), **estimate},
     )
     raw_images_of = {p: (raw.get(p) or {}).get("images", 0) for p in prefixes}
     mismatched = {
@@ -258,6 +302,7 @@ def image_stages(
     lake: LakeResource,
     image_compute: ImageCompute,
     image_settings: ImageSettings,
+    cost_settings: CostSettings,
 ):
     """resize and edges; fused into one pass (one download, two outputs) when both are selected."""
     store = lake.lake()
@@ -268,8 +313,18 @@ def image_stages(
     prefixes, run_id = list(context.partition_keys), context.run.run_id
     raw = prefix_records(store, "raw_images", prefixes)
     prior = {k: prefix_records(store, k.to_user_string(), prefixes) for k in selected}
-    work, tasks, sharded = plan_tasks(
+    work, tasks, sharded, pending = plan_tasks(
         prior, raw, selected, prefixes, params, image_settings.shard_images
+    )
+    estimate = cost_settings.log_estimate(
+        context,
+        image_work_estimate(
+            {p: (1, n, mean_bytes(raw.get(p))) for p, n in pending.items()},
+            image_settings.shard_images,
+            params.resize.size,
+            cost_settings.rates(),
+            image_compute.tasks_per_image_task(stages),
+        ),
     )
     context.log.info(f"{len(work)} of {len(prefixes)} prefixes have {'/'.join(stages)} work")
     if sharded:
@@ -306,4 +361,5 @@ def image_stages(
             inputs,
             work,
             lambda first=first: store.counters.since(before) if first else {},
+            estimate if first else {},
         )

@@ -7,9 +7,12 @@ import dagster as dg
 from assets.versioning import md_table, request_metadata
 from partitions import pack_partitions_def
 from resources.compute import ImageCompute
+from resources.settings import CostSettings
 from resources.storage import LakeResource
+from workloads.costs import ingest_estimate
 from workloads.lake import get_json, read_parquet
 from workloads.layout import incoming_key, pack_keys, result_key
+from workloads.pack_zip import image_members
 from workloads.tasks import PACK_UNREADABLE
 
 PACK_KEY_TAG = "cvgraph/pack_key"
@@ -34,7 +37,12 @@ def pack_zip_key(context: dg.AssetExecutionContext, pack_id: str) -> str:
         )
     ],
 )
-def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compute: ImageCompute):
+def raw_packs(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    image_compute: ImageCompute,
+    cost_settings: CostSettings,
+):
     pack_id = context.partition_key
     key = pack_zip_key(context, pack_id)
     store = lake.lake()
@@ -42,6 +50,10 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
         raise dg.Failure(
             description=f"pack {pack_id}: {key} is not in the lake", metadata={"key": key}
         )
+    images, image_bytes = image_members(store, key)
+    estimate = cost_settings.log_estimate(
+        context, ingest_estimate([(images, store.size(key), image_bytes)], cost_settings.rates())
+    )
     code = image_compute.run_ingest(context, lake.url, pack_id, key)
     if code == PACK_UNREADABLE:
         reasons = read_parquet(store, pack_keys(pack_id)["rejects"]).to_pylist()
@@ -95,6 +107,7 @@ def raw_packs(context: dg.AssetExecutionContext, lake: LakeResource, image_compu
             "manifest": pack_keys(pack_id)["manifest"],
             "prefixes_touched": len(result.get("prefixes", {})),
             **request_metadata({}, [task]),
+            **estimate,
         },
         # the zip and how it was read: another reader (new formats, rules) is another version
         data_version=dg.DataVersion(f"{result['zip_sha256'][:24]}.r{result.get('reader', 1)}"),

@@ -22,9 +22,10 @@ from assets.versioning import (
 )
 from partitions import hash_prefix_partitions_def
 from resources.catalog import Catalog
-from resources.settings import ImageSettings
+from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
 from resources.tables import TableWriter
+from workloads.costs import tables_estimate
 from workloads.tables import empty_tables_stats
 
 INPUTS = ("raw_images", "resized_images", "edge_maps")
@@ -46,6 +47,18 @@ def rows_match_images(stats: dict, raw_records: dict) -> dg.AssetCheckResult:
             "mismatched": json.dumps(dict(list(bad.items())[:20])),
         },
     )
+
+
+def tables_work(prior: dict | None, raw: dict | None, inputs: dict) -> bool:
+    """A prefix's tables change only when an input's version did, or rows still lack a variant."""
+    if prior is None:
+        return bool((raw or {}).get("images"))
+    return prior.get("inputs") != inputs or bool(prior["missing_variants"])
+
+
+def new_rows(prior: dict | None, raw: dict | None) -> int:
+    """Rows a prefix's tables are to gain (its originals not in them yet)."""
+    return max(0, (raw or {}).get("images", 0) - (prior or {}).get("images", 0))
 
 
 @dg.asset(
@@ -71,6 +84,7 @@ def image_tables(
     image_settings: ImageSettings,
     catalog: Catalog,
     table_writer: TableWriter,
+    cost_settings: CostSettings,
 ):
     store = lake.lake()
     before = dict(store.counters)
@@ -81,13 +95,16 @@ def image_tables(
         p: {a: (upstream[a].get(p) or {}).get("data_version") for a in INPUTS} for p in prefixes
     }
     prior = prefix_records(store, "image_tables", prefixes)
-    # A prefix's tables change only when an input's version did, or rows still lack a variant.
     work = [
-        p
-        for p in prefixes
-        if (p not in prior and (upstream["raw_images"].get(p) or {}).get("images"))
-        or (p in prior and (prior[p].get("inputs") != inputs[p] or prior[p]["missing_variants"]))
+        p for p in prefixes if tables_work(prior.get(p), upstream["raw_images"].get(p), inputs[p])
     ]
+    estimate = cost_settings.log_estimate(
+        context,
+        tables_estimate(
+            [(1, new_rows(prior.get(p), upstream["raw_images"].get(p))) for p in work],
+            cost_settings.rates(),
+        ),
+    )
     context.log.info(f"{len(work)} of {len(prefixes)} prefixes have table rows to update")
     drop = ("stage", "seconds", "prefix")
     run_tasks(
@@ -117,6 +134,6 @@ def image_tables(
         stats,
         ("images", "objects", "missing_variants"),
         set(work) | {p for p in prefixes if p not in prior},
-        request_metadata(store.counters.since(before), list(results.values())),
+        {**request_metadata(store.counters.since(before), list(results.values())), **estimate},
     )
     yield rows_match_images(stats, upstream["raw_images"])

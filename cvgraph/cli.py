@@ -158,6 +158,18 @@ def sync(as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--prefixes", help="a backfill of these prefixes instead (00-3f, or a0,b1-b4)")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def plan(prefixes: str | None, as_json: bool) -> None:
+    """What a sync (or a backfill of --prefixes) would do and cost, before anything runs: per
+    stage, prefixes, images, Batch tasks, vCPU-hours, lake requests and bytes, dollars."""
+    from cvgraph.plan import render
+
+    p = _ds().plan(prefixes)
+    click.echo(json.dumps(p, indent=2, sort_keys=True) if as_json else render(p))
+
+
+@main.command()
 @click.argument("sql")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list of row objects")
 def query(sql: str, as_json: bool) -> None:
@@ -298,8 +310,13 @@ def forget(kind: str, key: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("key", required=False)
-@click.option("--pack", help="instead: every subset, model and export made from this pack")
-@click.option("--image", help="instead: every subset, model and export holding this image (sha256)")
+@click.option(
+    "--pack", help="instead: every subset, model, export and evaluation made from this pack"
+)
+@click.option(
+    "--image",
+    help="instead: every subset, model, export and evaluation holding this image (sha256)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the whole tree as JSON")
 @click.option("--prefixes", is_flag=True, help="list every prefix partition and its data versions")
 def lineage(

@@ -1,6 +1,7 @@
 """``Datasets.forget``: remove a pack, subset, model or export and its records, refused while
 something made from it (a subset of the pack's images, a model of the subset, exports of the
-model) is kept. Run history (Dagster's, MLflow's) stays. ``ds``: the ``cvgraph.sdk.Datasets``
+model) is kept; evaluations of a model, or on a subset, go with it. Run history (Dagster's,
+MLflow's) stays. ``ds``: the ``cvgraph.sdk.Datasets``
 asking (this module does not import it: the SDK imports this)."""
 
 from __future__ import annotations
@@ -43,10 +44,29 @@ def forget(ds, kind: str, key: str) -> int:
     rest = [k for k in ds.lake.keys(f"{RECORDS[kind][0]}{key}/") if k != record]
     for k in [record, *rest]:  # the record (the commit marker) first: no reader takes it as kept
         ds.lake.delete(k)
+    scores = scores_of(ds.lake, kind, key)
+    for k in scores:
+        ds.lake.delete(k)
     partitions = {"subset": subset_partitions_def, "model": model_partitions_def}.get(kind)
     if partitions and ds.instance.has_dynamic_partition(partitions.name, key):
         ds.instance.delete_dynamic_partition(partitions.name, key)
-    return 1 + len(rest)
+    return 1 + len(rest) + len(scores)
+
+
+def scores_of(lake, kind: str, key: str) -> list[str]:
+    """The objects of the evaluations of model ``key``, or on subset ``key``: nothing is made
+    from an evaluation, so it goes with what it scored (each record first)."""
+    from workloads.layout import evaluation_keys, evaluations
+
+    if kind not in ("model", "subset"):
+        return []
+    pairs = [
+        e
+        for e in evaluations(lake, key if kind == "model" else None)
+        if kind == "model" or e[1] == key
+    ]
+    keys = [evaluation_keys(m, s) for m, s in pairs]
+    return [k[f] for k in keys for f in ("record", "confusion", "worst") if lake.exists(k[f])]
 
 
 def _refuse_if_used(ds, kind: str, key: str) -> None:

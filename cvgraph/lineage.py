@@ -29,7 +29,14 @@ def _dagster(inst: dg.DagsterInstance, asset: str, partition: str) -> dict | Non
 
 def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
     """The lineage tree of a model (with its exports) or a subset ``key``; KeyError if neither."""
-    from workloads.layout import export_keys, model_keys, pack_keys, subset_keys
+    from workloads.layout import (
+        evaluation_keys,
+        evaluations,
+        export_keys,
+        model_keys,
+        pack_keys,
+        subset_keys,
+    )
 
     tree: dict = {}
     model = _json(lake, model_keys(key)["record"])
@@ -60,6 +67,18 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
         }
         tree["model"]["version"] = model.get("mlflow_model_version", "")
         tree["model"]["dagster"] = _dagster(inst, "trained_models", key)
+        tree["evaluations"] = []
+        for _, on in evaluations(lake, key):
+            ev = _json(lake, evaluation_keys(key, on)["record"]) or {}
+            tree["evaluations"].append(
+                {
+                    "subset": on,
+                    "model_version": ev.get("model_version", ""),
+                    "accuracy": ev.get("scores", {}).get("accuracy"),
+                    # scored another training of the key than the one it holds now
+                    "stale": ev.get("model_sha256") != model["model_sha256"],
+                }
+            )
         subset_key = model["subset"]
     subset = _json(lake, subset_keys(subset_key)["record"])
     if subset is None:
@@ -107,6 +126,16 @@ def render(tree: dict, prefixes: bool = False) -> str:
     if "model" in tree:
         m = tree["model"]
         p = "  " * indent
+        for ev in tree.get("evaluations", []):
+            version = f" v{ev['model_version']}" if ev.get("model_version") else ""
+            out.append(
+                f"{p}evaluation {m['key']}{version} on {ev['subset']}  accuracy {ev['accuracy']:.4f}"
+                + (
+                    f"  STALE: of an older training; `cvgraph evaluate {m['key']} {ev['subset']}` scores this one"
+                    if ev["stale"]
+                    else ""
+                )
+            )
         out.append(
             f"{p}└─ model {m['key']}{' v' + m['version'] if m.get('version') else ''}  sha256 {m['model_sha256'][:12]}  test accuracy {m['test_accuracy']:.4f}  mlflow run {m['mlflow_run_id']}  job {m['training_job']}"
         )

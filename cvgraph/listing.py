@@ -1,6 +1,6 @@
 """What exists and what was made from what, read from the lake's records: ``cvgraph ls`` (one
 line per pack, subset or model) and the reverse lineage of a pack or an image (every subset that
-holds it, and the models and exports made from those)."""
+holds it, and the models, exports and evaluations made from those)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from workloads.lake import parquet_table
-from workloads.layout import record_key, recorded, subset_keys
+from workloads.layout import evaluations, record_key, recorded, subset_keys
 
 KINDS = ("packs", "subsets", "models")
 
@@ -97,11 +97,16 @@ def made_from(lake, pack: str | None = None, image: str | None = None) -> dict:
             if pc.any(pc.equal(shas["sha256"], pa.scalar(image, pa.string()))).as_py():
                 subsets.append(s)
     models = [m for m in listing(lake, "models") if m["subset"] in subsets]
+    trained = {m["key"] for m in models}
     return {
         **({"pack": pack} if pack is not None else {"image": image}),
         "subsets": subsets,
         "models": [m["key"] for m in models],
         "exports": [m["key"] for m in models if m["exports"] != "none"],
+        # a model trained on them, or any model scored on them
+        "evaluations": [
+            f"{m} on {s}" for m, s in evaluations(lake) if m in trained or s in subsets
+        ],
     }
 
 
@@ -113,5 +118,6 @@ def render_made_from(tree: dict) -> str:
             f"  subsets: {', '.join(tree['subsets']) or '(none)'}",
             f"  models:  {', '.join(tree['models']) or '(none)'}",
             f"  exports: {', '.join(tree['exports']) or '(none)'}",
+            f"  evaluations: {', '.join(tree['evaluations']) or '(none)'}",
         ]
     )

@@ -367,6 +367,18 @@ class Datasets:
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
 
+    def plan(self, prefixes: str | list[str] | None = None) -> dict:
+        """What a sync (``prefixes`` None) or a backfill of ``prefixes`` (``"00-3f"``, or a list)
+        would do and cost, per stage, before anything runs (``cvgraph.plan``)."""
+        from cvgraph.plan import parse_prefixes, plan
+
+        if isinstance(prefixes, str):
+            try:
+                prefixes = parse_prefixes(prefixes)
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
+        return plan(self.instance, self.definitions, prefixes)
+
     def __repr__(self) -> str:
         return f"Datasets(lake={self.lake_url!r})"
 

@@ -15,7 +15,7 @@ from resources.batch import BatchArrayClient
 from resources.catalog import AthenaCatalog, DuckDBCatalog
 from resources.compute import ImageCompute, LocalProcessPool
 from resources.events import IncomingListing, PackEvents
-from resources.settings import ImageSettings
+from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
 from resources.tables import PyArrowTableWriter, TableWriter
 from resources.tracking import mlflow_tracking
@@ -29,6 +29,22 @@ def image_settings() -> ImageSettings:
         edge_low=int(env("CVGRAPH_EDGE_LOW", "50")),
         edge_high=int(env("CVGRAPH_EDGE_HIGH", "150")),
         shard_images=int(env("CVGRAPH_SHARD_IMAGES", "20000")),
+    )
+
+
+def cost_settings() -> CostSettings:
+    """Rates and prices of estimates; defaults: ``workloads.costs`` (README, Cost before work)."""
+    d = CostSettings()
+    num = lambda name, default: float(env(name, str(default)))
+    return CostSettings(
+        images_per_vcpu_s=num("CVGRAPH_PLAN_IMAGES_PER_VCPU_S", d.images_per_vcpu_s),
+        task_start_s=num("CVGRAPH_PLAN_TASK_START_S", d.task_start_s),
+        task_vcpus=num("CVGRAPH_PLAN_TASK_VCPUS", d.task_vcpus),
+        task_memory_gb=num("CVGRAPH_PLAN_TASK_MEMORY_GB", d.task_memory_gb),
+        vcpu_hour_usd=num("CVGRAPH_PRICE_VCPU_HOUR", d.vcpu_hour_usd),
+        gb_hour_usd=num("CVGRAPH_PRICE_GB_HOUR", d.gb_hour_usd),
+        s3_put_per_1000_usd=num("CVGRAPH_PRICE_S3_PUT_1000", d.s3_put_per_1000_usd),
+        s3_get_per_1000_usd=num("CVGRAPH_PRICE_S3_GET_1000", d.s3_get_per_1000_usd),
     )
 
 
@@ -94,6 +110,7 @@ def local_resources() -> dict:
         "catalog": DuckDBCatalog(lake=lake),
         "mlflow": _tracking(h),
         "image_settings": image_settings(),
+        "cost_settings": cost_settings(),
         # A scan of a local directory is cheap: every tick, so a new zip never waits for a relist.
         "incoming_listing": IncomingListing(
             relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "0"))
@@ -142,6 +159,7 @@ def aws_resources() -> dict:
         ),
         "mlflow": _tracking(home()),
         "image_settings": image_settings(),
+        "cost_settings": cost_settings(),
         # SQS notifications are the primary path on AWS; the full listing is the safety net.
         "incoming_listing": IncomingListing(
             relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "300"))

@@ -237,6 +237,10 @@ class BatchArrayClient(ImageCompute, AwsResource):
             for i in range(0, len(prefixes), self.max_array_size)
         ]
 
+    def tasks_per_image_task(self, stages: list[str]) -> int:
+        """A child per stage: an array job each."""
+        return len(stages)
+
     def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
         """One array job per stage (and per chunk of ``max_array_size`` prefixes), each stage
         N_TO_N on the one before: child i of edges starts when child i of resize is done."""

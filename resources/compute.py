@@ -98,6 +98,10 @@ class ImageCompute(dg.ConfigurableResource, ABC):
     local processes or AWS Batch. Each prefix task leaves its result record in the lake; the
     step reads those records, never the data."""
 
+    def tasks_per_image_task(self, stages: list[str]) -> int:
+        """Tasks one prefix (or shard) task of ``stages`` runs as: one, both stages fused."""
+        return 1
+
     @abstractmethod
     def run_image_stages(
         self,

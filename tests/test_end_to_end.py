@@ -986,6 +986,8 @@ def test_each_training_of_a_key_is_a_registered_version_and_older_exports_are_fl
     )
     first = ds.train("retrain_cnn", DIGITS_SUBSET, epochs=1, width=4)
     ds.export("retrain_cnn")
+    scored = ds.evaluate("retrain_cnn", DIGITS_SUBSET)
+    assert not ds.lineage("retrain_cnn")["evaluations"][0]["stale"]
     second = ds.train("retrain_cnn", "zero_one_v1", epochs=1, width=4)
     assert (first["mlflow_model_version"], second["mlflow_model_version"]) == ("1", "2")
     versions = {str(v.version): v for v in client.search_model_versions("name = 'retrain_cnn'")}
@@ -1002,6 +1004,13 @@ def test_each_training_of_a_key_is_a_registered_version_and_older_exports_are_fl
     assert f"export retrain_cnn  (model v1 {first['model_sha256'][:12]})" in text
     assert "STALE: made from an older training of retrain_cnn than the model below" in text
     assert f"└─ model retrain_cnn v2  sha256 {second['model_sha256'][:12]}" in text
+    # so is the evaluation, and the reverse lineage of its pack names it
+    assert (
+        f"evaluation retrain_cnn v1 on {DIGITS_SUBSET}  accuracy {scored['scores']['accuracy']:.4f}"
+        f"  STALE: of an older training; `cvgraph evaluate retrain_cnn {DIGITS_SUBSET}` scores this one"
+    ) in text
+    assert f"retrain_cnn on {DIGITS_SUBSET}" in ds.made_from(pack="digits")["evaluations"]
+    assert "zero_one_v1" in ds.made_from(pack="digits")["subsets"]
     assert json.loads(CliRunner().invoke(cli, ["lineage", "retrain_cnn", "--json"]).stdout)[
         "export"
     ]["stale"]
@@ -1014,6 +1023,9 @@ def test_each_training_of_a_key_is_a_registered_version_and_older_exports_are_fl
         ("subset", "zero_one_v1"),
     ):
         assert _cli("forget", kind, key)[0] == 0
+    # the model's evaluations went with it
+    assert ds.lake.keys("evaluations/retrain_cnn/") == []
+    assert f"retrain_cnn on {DIGITS_SUBSET}" not in ds.made_from(pack="digits")["evaluations"]
 
 
 def test_ls_and_what_was_made_from_a_pack_or_an_image(demo):

@@ -253,6 +253,17 @@ def evaluation_keys(model: str, subset: str) -> dict[str, str]:
     }
 
 
+def evaluations(lake, model: str | None = None) -> list[tuple[str, str]]:
+    """(model, subset) of every evaluation there is (of ``model``): one listing."""
+    under = f"{EVALUATIONS}{model}/" if model else EVALUATIONS
+    found = []
+    for k in lake.keys(under):
+        parts = k.removeprefix(EVALUATIONS).split("/")
+        if len(parts) == 3 and k == evaluation_keys(parts[0], parts[1])["record"]:
+            found.append((parts[0], parts[1]))
+    return sorted(found)
+
+
 # -- bookkeeping -----------------------------------------------------------------
 PIPES = "_pipes"
 

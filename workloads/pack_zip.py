@@ -170,3 +170,22 @@ def open_zip(f, limits: IngestLimits) -> zipfile.ZipFile:
         zf.close()
         raise PackUnreadable(f"zip bomb: {n} members > limit {limits.max_members}")
     return zf
+
+
+def image_members(lake, key: str) -> tuple[int, int]:
+    """(members named as images, their uncompressed bytes) of the zip at ``key``, from its
+    central directory alone: a few ranged reads, whatever the zip's size (what a plan reads).
+    A zip that is no readable zip counts as (0, 0): its ingest records why."""
+    from workloads.member_names import is_junk, kind_reason
+
+    fs, base = lake.arrow_filesystem()
+    try:
+        with fs.open_input_file(f"{base}/{key}") as f, zipfile.ZipFile(f) as zf:
+            infos = [
+                i
+                for i in zf.infolist()
+                if not is_dir(i) and not is_junk(i.filename) and kind_reason(i.filename) is None
+            ]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return 0, 0
+    return len(infos), sum(i.file_size for i in infos)

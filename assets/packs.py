@@ -50,10 +50,17 @@ def raw_packs(
         raise dg.Failure(
             description=f"pack {pack_id}: {key} is not in the lake", metadata={"key": key}
         )
-    images, image_bytes = image_members(store, key)
-    estimate = cost_settings.log_estimate(
-        context, ingest_estimate([(images, store.size(key), image_bytes)], cost_settings.rates())
-    )
+    # The estimate of a first ingest. A pack ingested before is hashed first and costs more only
+    # if its bytes changed, which nothing knows before the hash; what is no zip fails with its
+    # reason, and that is all its step says.
+    members = None if store.exists(pack_keys(pack_id)["record"]) else image_members(store, key)
+    estimate = {}
+    if members:
+        images, image_bytes = members
+        estimate = cost_settings.log_estimate(
+            context,
+            ingest_estimate([(images, store.size(key), image_bytes)], cost_settings.rates()),
+        )
     code = image_compute.run_ingest(context, lake.url, pack_id, key)
     if code == PACK_UNREADABLE:
         reasons = read_parquet(store, pack_keys(pack_id)["rejects"]).to_pylist()

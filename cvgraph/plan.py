@@ -46,7 +46,7 @@ def _incoming(lake, inst: dg.DagsterInstance) -> list[dict]:
     found, _ = new_packs(lake, inst, None)
     out = []
     for pack_id, key in found:
-        images, image_bytes = image_members(lake, key)
+        images, image_bytes = image_members(lake, key) or (0, 0)  # no zip: its ingest says why
         out.append(
             {
                 "pack_id": pack_id,

@@ -527,6 +527,8 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     )
     out = CliRunner().invoke(cli, ["ingest", str(pack), "--json"])
     assert out.exit_code == 0, out.output
+    # a first ingest: the step's estimate first (two images, one Batch task), on stderr
+    assert out.stderr.startswith("  raw_packs: estimate ingest: 2 prefixes, 2 images, 1 task, ")
     assert json.loads(out.stdout) == {
         "pack_id": "extra",
         "accepted": 1,
@@ -541,6 +543,7 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     out = CliRunner().invoke(
         cli, ["ingest", str(pack)]
     )  # again, as text: the same pack, nothing new
+    # a pack ingested before: no estimate (its hash decides whether it costs anything)
     assert (
         out.stderr == "  raw_packs: pack extra: rejected 'readme.md': not an image: extension .md\n"
     )

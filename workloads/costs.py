@@ -36,7 +36,9 @@ REQUESTS = {
         "task": {"get": 3, "head": 3, "put": 6, "delete": 2},  # a prefix, or a shard of one
         "merge": {"get": 15, "head": 1, "list": 4, "put": 4, "delete": 4},  # a sharded prefix's
         "image": {"get": 1, "put": 2},
-        "split_image": {"get": 1},  # a stage of its own reads the resized image back
+        # each stage a task of its own: both read their records; edges reads the resized image back
+        "split_task": {"get": 2, "head": 1},
+        "split_image": {"get": 1},
     },
     "tables": {
         "step": {"get": 4, "list": 1},
@@ -193,6 +195,7 @@ def images_estimate(
         + _scaled(unit["prefix"], prefixes)
         + _scaled(unit["task"], units)
         + _scaled(unit["merge"], merges)
+        + _scaled(unit["split_task"], units * (split - 1))
     )
     resized = size * size * OUTPUT_BYTES_PER_PIXEL * RESIZED_SHARE
     for weight, images, image_bytes in tasks:
@@ -234,8 +237,9 @@ def summary_line(est: Estimate, prices: Prices, rates: Rates) -> str:
     c = est.cost(prices, rates)
     requests = sum(est.requests.values())
     images = f"{est.images:,.0f} images, " if round(est.images) else ""
+    tasks = f"{est.tasks:,.0f} task" + ("" if round(est.tasks) == 1 else "s")
     return (
-        f"{est.stage}: {est.prefixes:,.0f} prefixes, {images}{est.tasks:,.0f} tasks, "
+        f"{est.stage}: {est.prefixes:,.0f} prefixes, {images}{tasks}, "
         f"{est.vcpu_s / 3600:.3f} vCPU-h, {requests:,.0f} lake requests, "
         f"{est.bytes_read / 1e6:,.1f} MB read, {est.bytes_written / 1e6:,.1f} MB written, "
         f"${c['usd']:.4f}"

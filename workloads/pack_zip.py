@@ -172,10 +172,10 @@ def open_zip(f, limits: IngestLimits) -> zipfile.ZipFile:
     return zf
 
 
-def image_members(lake, key: str) -> tuple[int, int]:
+def image_members(lake, key: str) -> tuple[int, int] | None:
     """(members named as images, their uncompressed bytes) of the zip at ``key``, from its
     central directory alone: a few ranged reads, whatever the zip's size (what a plan reads).
-    A zip that is no readable zip counts as (0, 0): its ingest records why."""
+    None for what is no readable zip: its ingest records why."""
     from workloads.member_names import is_junk, kind_reason
 
     fs, base = lake.arrow_filesystem()
@@ -187,5 +187,5 @@ def image_members(lake, key: str) -> tuple[int, int]:
                 if not is_dir(i) and not is_junk(i.filename) and kind_reason(i.filename) is None
             ]
     except (zipfile.BadZipFile, OSError, ValueError):
-        return 0, 0
+        return None
     return len(infos), sum(i.file_size for i in infos)

@@ -58,6 +58,11 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         )
 
     with dg.instance_for_test() as inst:
+        from cvgraph.plan import plan
+
+        # the zip's central directory, read with ranged requests from S3
+        before = plan(inst, defs)
+        assert [(p["pack_id"], p["images"]) for p in before["packs_to_ingest"]] == [("digits", 60)]
         assert runs.tick_incoming(inst, definitions=defs, sensor=incoming_packs_sqs_sensor) == [
             "digits"
         ]
@@ -68,6 +73,7 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         assert (pack["accepted"], pack["duplicates"], pack["rejected"]) == (60, 0, [])
         assert len(parent_jobs()) == 1 and parent_jobs()[0].endswith("ingest-digits-digits")
 
+        indexing = {s["stage"]: s for s in plan(inst, defs)["stages"]}
         launched = runs.sync(inst, definitions=defs)
         assert [r["range"] for r in launched] == [
             ("00", "ff")
@@ -94,6 +100,26 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         print(
             f"S3 requests for a 60-image pack into an empty lake: {requests} ({requests / 60:.1f} per new image)"
         )
+        # The plan told them, stage by stage: on Batch each image stage is a child of its own.
+        touched = len(pack["prefixes"])
+        assert indexing["images"]["tasks"] == 2 * touched and indexing["images"]["images"] == 60
+        counted = {
+            stage: sum(
+                m["lake_requests"].value
+                for a in assets
+                for m in {
+                    r.run_id: r.asset_materialization.metadata
+                    for r in inst.fetch_materializations(dg.AssetKey(a), limit=1000).records
+                }.values()
+            )
+            for stage, assets in {
+                "index": ["raw_images"],
+                "images": ["resized_images", "edge_maps"],
+                "tables": ["image_tables"],
+            }.items()
+        }
+        for stage, n in counted.items():
+            assert abs(indexing[stage]["requests_total"] - n) <= 0.05 * n, (stage, n)
         assert 60 * 4 < requests < 60 * 150  # at least the per-image puts; the rest is per prefix
         # this process (the orchestrator) read records only: no manifest, index, image or table object
         assert read_here and all(

@@ -22,7 +22,7 @@ from assets.versioning import asset_records
 from orchestration.sensors import new_packs
 from workloads.costs import index_estimate, ingest_estimate, summary_line, tables_estimate
 from workloads.lake import get_many
-from workloads.layout import PENDING_RAW, pack_keys, pending_raw_prefix
+from workloads.layout import PENDING_RAW, marker_pack, pack_keys, pending_raw_prefix
 from workloads.pack_zip import image_members
 from workloads.versions import HASH_PREFIXES
 
@@ -66,9 +66,9 @@ def _pending(lake) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str,
     markers: dict[str, int] = {}
     for k in keys:
         markers[pending_raw_prefix(k)] = markers.get(pending_raw_prefix(k), 0) + 1
-    names = {k.rsplit("/", 1)[1] for k in keys}
-    forgotten = sorted({n.removesuffix(".forget") for n in names if n.endswith(".forget")})
-    ids = {n.removesuffix(".json") for n in names if n.endswith(".json")} - set(forgotten)
+    found = {m for k in keys if (m := marker_pack(k))}
+    forgotten = sorted({p for p, forgetting in found if forgetting})
+    ids = {p for p, forgetting in found if not forgetting} - set(forgotten)
     records = get_many(lake, {p: pack_keys(p)["record"] for p in ids})
     arriving: dict[str, dict[str, int]] = {}
     for pack_id, rec in records.items():

@@ -20,7 +20,7 @@ from assets.packs import raw_packs
 from orchestration.definitions import ASSETS, defs
 from orchestration.sensors import incoming_packs_sensor
 from partitions import hash_prefix_partitions_def
-from workloads.layout import PENDING_RAW, pending_raw_prefix
+from workloads.layout import PENDING_RAW, marker_pack, pending_raw_prefix
 from workloads.versions import HASH_PREFIXES
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
@@ -175,7 +175,7 @@ def tick_incoming(
 
 def forgotten_prefixes(lake) -> set[str]:
     """Prefixes whose index has a pack to drop (``cvgraph forget pack``): one listing."""
-    return {pending_raw_prefix(k) for k in lake.keys(PENDING_RAW) if k.endswith(".forget")}
+    return {pending_raw_prefix(k) for k in lake.keys(PENDING_RAW) if (m := marker_pack(k)) and m[1]}
 
 
 def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ from workloads.layout import (
     PENDING_RAW,
     forget_raw_key,
     index_state_key,
+    marker_pack,
     pack_keys,
     pack_prefix_key,
     pending_raw_key,
@@ -218,9 +219,9 @@ def merge_prefix(
 def _pending(lake, prefix: str) -> tuple[list[str], list[str]]:
     """(packs pending for ``prefix`` whose ingest committed, packs being forgotten there), from
     one listing. An uncommitted pack stays pending; a forgotten one is dropped, not absorbed."""
-    names = [k.rsplit("/", 1)[1] for k in lake.keys(f"{PENDING_RAW}{prefix}/")]
-    forget = sorted(n.removesuffix(".forget") for n in names if n.endswith(".forget"))
-    ids = [n.removesuffix(".json") for n in names if n.endswith(".json")]
+    markers = [m for k in lake.keys(f"{PENDING_RAW}{prefix}/") if (m := marker_pack(k))]
+    forget = sorted(p for p, forgetting in markers if forgetting)
+    ids = [p for p, forgetting in markers if not forgetting]
     absorb = [p for p in sorted(ids) if p not in forget and lake.exists(pack_keys(p)["record"])]
     return absorb, forget
 

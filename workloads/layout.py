@@ -94,17 +94,24 @@ def forget_raw_key(prefix: str, pack_id: str) -> str:
 
 
 def pending_raw_prefix(key: str) -> str:
-    """The prefix of a ``pending_raw_key``."""
+    """The prefix of a ``pending_raw_key`` or ``forget_raw_key``."""
     return key.removeprefix(PENDING_RAW).split("/")[0]
+
+
+def marker_pack(key: str) -> tuple[str, bool] | None:
+    """(pack id, whether it is being forgotten) of a ``pending_raw_key`` or ``forget_raw_key``;
+    None for anything else under ``PENDING_RAW``."""
+    name = key.rsplit("/", 1)[1]
+    for suffix, forgetting in ((".json", False), (".forget", True)):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), forgetting
+    return None
 
 
 def pending_packs(lake) -> set[str]:
     """The packs with rows an index has not absorbed (or dropped) yet: one listing of their
     markers."""
-    return {
-        k.rsplit("/", 1)[1].removesuffix(".json").removesuffix(".forget")
-        for k in lake.keys(PENDING_RAW)
-    }
+    return {m[0] for k in lake.keys(PENDING_RAW) if (m := marker_pack(k))}
 
 
 # -- originals and the raw index -------------------------------------------------

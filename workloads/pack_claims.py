@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from workloads.index import label_order
 from workloads.lake import parquet_table
-from workloads.layout import PENDING_RAW, pack_keys, pack_prefix_key, raw_index_key
+from workloads.layout import PENDING_RAW, marker_pack, pack_keys, pack_prefix_key, raw_index_key
 
 # (label, its source, [pack, member] it came from)
 Claim = tuple[str | None, str | None, list[str]]
@@ -35,9 +35,10 @@ def claims_elsewhere(lake, pack_id: str, shas: set[str]) -> dict[str, list[Claim
                         (r["label"], r["label_source"], list(r["label_from"] or []))
                     )
         for key in lake.keys(f"{PENDING_RAW}{prefix}/"):
-            other = key.rsplit("/", 1)[1].removesuffix(".json")
-            if not key.endswith(".json") or other == pack_id:
+            marker = marker_pack(key)
+            if marker is None or marker[1] or marker[0] == pack_id:
                 continue
+            other = marker[0]
             if not lake.exists(pack_keys(other)["record"]):  # uncommitted, or being forgotten
                 continue
             rows = parquet_table(

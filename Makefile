@@ -22,6 +22,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	@# Spark (the optional table writer, and its test) needs a JVM.
 	command -v java >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends openjdk-17-jre-headless)
+	@# The tests run Dagster's instance on a throwaway PostgreSQL cluster too (tests/conftest.py).
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q --no-install-recommends postgresql)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 	$(BIN)/pip install --quiet -c $(LOCK) torch==2.13.0

@@ -17,27 +17,59 @@ DAGSTER_ENV = {
     "DAGSTER_EVENT_BATCH_SIZE": "1024",
 }
 
-# What earlier versions wrote: such a file is ours to replace.
-_OLD_INSTANCE_YAML = "telemetry:\n  enabled: false\n"
+# Files this module wrote, which it rewrites when the settings change; a dagster.yaml someone
+# else wrote is left as it is. The first two are what earlier versions wrote, without the mark.
+MARK = "# Written by cvgraph (orchestration/instance.py) from the environment; edit it and it is yours.\n"
+_TELEMETRY = "telemetry:\n  enabled: false\n"
+_SQLITE = "event_log_storage:\n  module: orchestration.event_log\n  class: LocalEventLogStorage\n"
+_OLD_INSTANCE_YAML = (_TELEMETRY, _TELEMETRY + _SQLITE)
+PG_VARS = ("DAGSTER_PG_USERNAME", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_HOST", "DAGSTER_PG_DB")
 
 
-def instance_yaml() -> str:
-    """dagster.yaml for the local instance: SQLite storage whose event log stays open
-    (orchestration.event_log), under $DAGSTER_HOME/history/runs like Dagster's default."""
-    return (
-        f"{_OLD_INSTANCE_YAML}event_log_storage:\n"
-        "  module: orchestration.event_log\n"
-        "  class: LocalEventLogStorage\n"
+def storage_yaml() -> str:
+    """Runs, event log and schedules: on PostgreSQL (dagster-postgres, through
+    ``orchestration.postgres_storage``) when CVGRAPH_DAGSTER_PG_URL or Dagster's DAGSTER_PG_*
+    variables are set, else SQLite under $DAGSTER_HOME/history whose event log stays open
+    (orchestration.event_log). The file names the variables, never their values, so no password
+    is written to disk."""
+    if os.environ.get("CVGRAPH_DAGSTER_PG_URL"):
+        config = "    postgres_url:\n      env: CVGRAPH_DAGSTER_PG_URL\n"
+    elif all(os.environ.get(v) for v in PG_VARS):
+        fields = dict(zip(("username", "password", "hostname", "db_name"), PG_VARS))
+        if os.environ.get("DAGSTER_PG_PORT"):
+            fields["port"] = "DAGSTER_PG_PORT"
+        config = "    postgres_db:\n" + "".join(
+            f"      {k}:\n        env: {v}\n" for k, v in fields.items()
+        )
+    else:
+        return _SQLITE
+    return "".join(
+        f"{key}:\n  module: orchestration.postgres_storage\n  class: {cls}\n  config:\n{config}"
+        for key, cls in (
+            ("run_storage", "PostgresRunStorage"),
+            ("event_log_storage", "PostgresEventLogStorage"),
+            ("schedule_storage", "PostgresScheduleStorage"),
+        )
     )
 
 
+def instance_yaml() -> str:
+    """dagster.yaml for cvgraph's instance: its storage (``storage_yaml``), no telemetry."""
+    return MARK + _TELEMETRY + storage_yaml()
+
+
 def dagster_home() -> Path:
-    """The instance directory (DAGSTER_HOME, default CVGRAPH_HOME/dagster), created with a
-    dagster.yaml. A dagster.yaml someone wrote is left as it is."""
+    """The instance directory (DAGSTER_HOME, default CVGRAPH_HOME/dagster), with a dagster.yaml
+    for the settings as they are now. A dagster.yaml someone wrote is left as it is."""
     d = Path(env("DAGSTER_HOME", str(home() / "dagster"))).resolve()
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / "dagster.yaml"
-    if not cfg.exists() or cfg.read_text() == _OLD_INSTANCE_YAML:
+    text = cfg.read_text() if cfg.exists() else None
+    if (
+        text is None
+        or text in _OLD_INSTANCE_YAML
+        or (text.startswith(MARK) and text != instance_yaml())
+    ):
         cfg.write_text(instance_yaml())
     return d
 

@@ -1108,3 +1108,42 @@ def test_evaluation_scores_unseen_rows_and_moves_the_champion_by_its_rule(demo):
     )
     code, text = _cli("evaluate", DIGITS_MODEL, DIGITS_SUBSET)
     assert code == 0 and text.startswith(f"{DIGITS_MODEL} v2 on {DIGITS_SUBSET}: accuracy ")
+
+
+def test_the_demo_on_a_postgres_instance_gives_the_sqlite_instances_versions(
+    demo, postgres_database, tmp_path, monkeypatch
+):
+    """The same demo, its Dagster instance on a real PostgreSQL server (CVGRAPH_DAGSTER_PG_URL):
+    every prefix partition and the subset get the data versions the SQLite instance gave them,
+    and nothing of the instance is on disk."""
+    import os
+    import subprocess
+    import sys
+
+    import dagster as dg
+
+    _, first, _ = demo
+    url = postgres_database("demo")
+    home = tmp_path / "home"
+    # a user's own home: its lake, MLflow store and instance (dagster-mlflow exports the
+    # tracking URI of this process's runs, so that goes too)
+    mine = ("DAGSTER_HOME", "CVGRAPH_LAKE_URL", "MLFLOW_TRACKING_URI", "CVGRAPH_MLFLOW_ARTIFACTS")
+    env = {k: v for k, v in os.environ.items() if k not in mine}
+    env.update(CVGRAPH_HOME=str(home), CVGRAPH_DAGSTER_PG_URL=url, CVGRAPH_PROFILE="local")
+    out = subprocess.run(
+        [sys.executable, "-m", "cvgraph.cli", "demo", "--epochs", "2"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "registered model:     digits_cnn version 1 " in out.stdout
+    monkeypatch.setenv("CVGRAPH_DAGSTER_PG_URL", url)  # dagster.yaml names the variable
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as inst:
+        assert type(inst.run_storage).__name__ == "PostgresRunStorage"
+        state = dagster_state(inst)
+    for asset in (*PREFIX_ASSETS, "frozen_subsets"):
+        assert state[asset]["versions"] == first["dagster"][asset]["versions"], asset
+    assert len(state["raw_images"]["versions"]) == 256
+    assert not (home / "dagster" / "history").exists()

@@ -45,6 +45,9 @@ def _close(estimated: float, counted: float, within: float = 0.02) -> bool:
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("CVGRAPH_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("CVGRAPH_LAKE_URL", raising=False)
+    # this home's instance, and the suite's back after (orchestration.instance sets the variable;
+    # a delenv of an unset one would not be undone)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home" / "dagster"))
     return tmp_path / "home"
 
 

@@ -293,9 +293,11 @@ class DagsterDev:
         return run
 
 
-@pytest.fixture(scope="module")
-def dagster_dev(tmp_path_factory) -> Iterator[DagsterDev]:
-    base = tmp_path_factory.mktemp("dagster_dev")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def dagster_dev(tmp_path_factory, request) -> Iterator[DagsterDev]:
+    """``dagster dev`` on each storage: the default SQLite instance, and one on a real PostgreSQL
+    server (``CVGRAPH_DAGSTER_PG_URL``), as a team's shared instance would be."""
+    base = tmp_path_factory.mktemp(f"dagster_dev_{request.param}")
     home, dagster_home = base / "cvgraph", base / "dagster"
     (home / "lake" / "incoming").mkdir(parents=True)
     env = {
@@ -311,8 +313,11 @@ def dagster_dev(tmp_path_factory) -> Iterator[DagsterDev]:
         "CVGRAPH_PROFILE",
         "MLFLOW_TRACKING_URI",
         "CVGRAPH_MLFLOW_ARTIFACTS",
+        "CVGRAPH_DAGSTER_PG_URL",
     ):
         env.pop(var, None)
+    if request.param == "postgres":
+        env["CVGRAPH_DAGSTER_PG_URL"] = request.getfixturevalue("postgres_database")("dagster_dev")
     # The instance as `make ui` sets it up (orchestration.profiles writes its dagster.yaml).
     subprocess.run(
         [

@@ -140,13 +140,22 @@ def bare(
 
 
 def orchestrated(
-    home: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")
+    home: Path,
+    workers: int,
+    threads: int,
+    size: int,
+    rng: tuple[str, str] = ("00", "ff"),
+    pg_url: str | None = None,
 ) -> dict:
+    """The ranged run in a process of its own; ``pg_url``: its instance on PostgreSQL."""
     from bench.common import run_json
 
+    env = settings_env(home, workers, threads, size)
+    if pg_url:
+        env["CVGRAPH_DAGSTER_PG_URL"] = pg_url
     return run_json(
         ["bench.pipeline", "orchestrate", "--home", str(home), "--range", f"{rng[0]}:{rng[1]}"],
-        extra_env=settings_env(home, workers, threads, size),
+        extra_env=env,
         drop=("DAGSTER_HOME", "CVGRAPH_LAKE_URL"),
     )
 
@@ -216,28 +225,41 @@ def bench(
     size: int = 64,
     rng: tuple[str, str] = ("00", "ff"),
 ) -> dict:
-    """Interleaved trials (bare, orchestrated, ...), each from a fresh clone of the same lake."""
+    """Interleaved trials (bare, orchestrated on SQLite, orchestrated on PostgreSQL, ...), each
+    from a fresh clone of the same lake; the PostgreSQL instance on a throwaway local server."""
+    from bench.postgres import cluster, new_database
+
     prep = prepare(work, n)
     log(f"pipeline: {n} images ingested in {prep['ingest_s']} s")
     lake0 = Path(prep["lake"])
-    out = {"bare": [], "orchestrated": []}
+    out = {"bare": [], "orchestrated": [], "orchestrated_postgres": []}
     last_home = None
-    for t in range(trials):
-        b = work / f"bare_{t}" / "lake"
-        clone(lake0, b)
-        out["bare"].append(bare(b, workers, threads, size, rng))
-        shutil.rmtree(b.parent, ignore_errors=True)
-        home = work / f"home_{t}"
-        clone(lake0, home / "lake")
-        out["orchestrated"].append(orchestrated(home, workers, threads, size, rng))
-        if last_home:
-            shutil.rmtree(last_home, ignore_errors=True)
-        last_home = home
-        log(
-            f"pipeline trial {t}: bare {out['bare'][-1]['wall_s']} s, orchestrated {out['orchestrated'][-1]['wall_s']} s"
-        )
+    with cluster() as server:
+        for t in range(trials):
+            b = work / f"bare_{t}" / "lake"
+            clone(lake0, b)
+            out["bare"].append(bare(b, workers, threads, size, rng))
+            shutil.rmtree(b.parent, ignore_errors=True)
+            home = work / f"home_{t}"
+            clone(lake0, home / "lake")
+            out["orchestrated"].append(orchestrated(home, workers, threads, size, rng))
+            if last_home:
+                shutil.rmtree(last_home, ignore_errors=True)
+            last_home = home
+            pg_home = work / f"pg_home_{t}"
+            clone(lake0, pg_home / "lake")
+            url = new_database(server, f"bench_{t}")
+            out["orchestrated_postgres"].append(
+                orchestrated(pg_home, workers, threads, size, rng, pg_url=url)
+            )
+            shutil.rmtree(pg_home, ignore_errors=True)
+            log(
+                f"pipeline trial {t}: bare {out['bare'][-1]['wall_s']} s, orchestrated "
+                f"{out['orchestrated'][-1]['wall_s']} s (SQLite), "
+                f"{out['orchestrated_postgres'][-1]['wall_s']} s (PostgreSQL)"
+            )
     expected = sum(prep["per_prefix"].get(p, 0) for p in prefixes_in(rng))
-    for r in out["bare"] + out["orchestrated"]:
+    for r in out["bare"] + out["orchestrated"] + out["orchestrated_postgres"]:
         assert r["processed"] == expected, f"a run processed {r['processed']} of {expected} images"
         assert r["table_rows"] == expected, (
             f"a run wrote {r['table_rows']} table rows for {expected} images"

@@ -285,6 +285,16 @@ def bench_pipeline(cfg: dict, work: Path) -> tuple[dict, str]:
         }
         for b, o in zip(r["bare"], r["orchestrated"])
     ]
+    on_pg = [
+        {
+            "bare_s": b["wall_s"],
+            "orchestrated_s": o["wall_s"],
+            "ratio": round(o["wall_s"] / b["wall_s"], 3),
+            "orchestrated_outside_steps_s": round(o["wall_s"] - sum(o["steps_s"].values()), 2),
+        }
+        for b, o in zip(r["bare"], r["orchestrated_postgres"])
+    ]
+    pg_used = sorted(on_pg, key=lambda t: t["ratio"])[len(on_pg) // 2]
     # The median trial (each trial is a bare run and an orchestrated run back to back): single
     # trials swing with the disk (every step fsyncs) more than the load meter can see.
     used = sorted(trials, key=lambda t: t["ratio"])[len(trials) // 2]
@@ -305,6 +315,8 @@ def bench_pipeline(cfg: dict, work: Path) -> tuple[dict, str]:
         external_load_cores=used["external_load_cores"],
         trials=trials,
         trial_used="the median ratio",
+        # the same runs with the instance on PostgreSQL (a local throwaway server), same trials
+        postgres={"ratio": pg_used["ratio"], **pg_used, "trials": on_pg},
         prepare=r["prepare"],
         **_fixed_overhead(used, r["images_in_range"]),
     )
@@ -491,6 +503,11 @@ def details(results: dict) -> str:
             f"with other load {[t['external_load_cores'] for t in k['trials']]} cores (used: {k['trial_used']}); "
             f"overhead {k['overhead_s']} s, 15% of the bare time from ~{k['images_for_target_derived']:,} such images (derived)"
         )
+        if pg := k.get("postgres"):
+            out.append(
+                f"pipeline on a PostgreSQL instance: orchestrated {pg['orchestrated_s']} s, x{pg['ratio']} of bare "
+                f"(trials {[t['ratio'] for t in pg['trials']]}; SQLite x{k['value']})"
+            )
     if (k := g("ingest_peak_rss_mb")) and not k.get("error"):
         pool = k.get("local_pool_env", {})
         out.append(

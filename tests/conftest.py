@@ -72,93 +72,26 @@ def put_pack(lake):
     return _put
 
 
-def _pg_program(name: str) -> str:
-    """A PostgreSQL server program: on PATH, else Debian's /usr/lib/postgresql/<major>/bin."""
-    import glob
-    import shutil
-
-    found = (
-        shutil.which(name)
-        or sorted(
-            glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4])
-        )[-1:]
-    )
-    assert found, f"{name} not found: `make install` installs Debian's postgresql"
-    return found if isinstance(found, str) else found[0]
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throwaway PostgreSQL cluster (``initdb`` + ``pg_ctl`` in a temp dir, a free port on
-    127.0.0.1, trust auth for its one user), stopped and removed with the session. As root, the
-    server runs as the ``postgres`` user Debian's package made (it refuses to run as root)."""
-    import shutil
-    import socket
-    import subprocess
+    """A throwaway PostgreSQL server for the session (``bench.postgres.cluster``)."""
+    from bench.postgres import cluster
 
-    base = Path(tempfile.mkdtemp(prefix="cvgraph-pg-"))
-    base.chmod(0o755)
-    as_root = os.geteuid() == 0
-    if as_root:
-        shutil.chown(base, "postgres", "postgres")
-    as_server = ["runuser", "-u", "postgres", "--"] if as_root else []
-
-    def run(*cmd):
-        return subprocess.run(
-            [*as_server, *map(str, cmd)], check=True, capture_output=True, text=True
-        )
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = base / "data"
-    run(
-        _pg_program("initdb"),
-        "-D",
-        data,
-        "-U",
-        "cvgraph",
-        "--auth=trust",
-        "-E",
-        "UTF8",
-        "--no-sync",
-    )
-    # No durability for a throwaway cluster: fsync off; the socket in its own dir, TCP on loopback.
-    options = f"-p {port} -h 127.0.0.1 -k {base} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    run(_pg_program("pg_ctl"), "-D", data, "-o", options, "-l", base / "server.log", "-w", "start")
-    try:
-        yield {"host": "127.0.0.1", "port": port, "user": "cvgraph"}
-    finally:
-        run(_pg_program("pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def new_database(server: dict, name: str) -> str:
-    """The URL of a new, empty database ``name`` on ``server`` (``postgres_server``)."""
-    import psycopg2
-
-    conn = psycopg2.connect(
-        host=server["host"], port=server["port"], user=server["user"], dbname="postgres"
-    )
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    return f"postgresql://{server['user']}@{server['host']}:{server['port']}/{name}"
+    with cluster() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def postgres_database(postgres_server):
     """``postgres_database(name)``: the URL of a new, empty database on the session's server."""
+    from bench.postgres import new_database
+
     return lambda name: new_database(postgres_server, name)
 
 
 @pytest.fixture
-def postgres_url(postgres_server, request) -> str:
+def postgres_url(postgres_database, request) -> str:
     """A new, empty database on the session's server, for one test."""
     import re
 
-    return new_database(
-        postgres_server, "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
-    )
+    return postgres_database("t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50])

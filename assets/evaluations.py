@@ -4,17 +4,16 @@ with the champion alias moved by the promotion rule."""
 import json
 import tempfile
 from pathlib import Path
+from typing import Any  # the mlflow resource: dagster-mlflow's MlFlow, imported when it starts
 
 import dagster as dg
-from dagster_mlflow import end_mlflow_on_run_finished
-from dagster_mlflow.resources import MlFlow
 
 from assets.models import model_version, trained_models
 from assets.subsets import frozen_subsets
 from assets.versioning import md_table, picture
 from partitions import evaluation_partitions_def
 from resources.storage import LakeResource
-from resources.tracking import discard_run, log_evaluation, promote
+from resources.tracking import discard_run, end_mlflow_on_run_finished, log_evaluation, promote
 from workloads.lake import parquet_table
 from workloads.layout import evaluation_keys, model_keys, subset_keys
 
@@ -73,7 +72,7 @@ def _metadata(record: dict, pictures: dict[str, bytes]) -> dict:
     hooks={end_mlflow_on_run_finished},
 )
 def model_evaluations(
-    context: dg.AssetExecutionContext, lake: LakeResource, mlflow: dg.ResourceParam[MlFlow]
+    context: dg.AssetExecutionContext, lake: LakeResource, mlflow: dg.ResourceParam[Any]
 ) -> dg.MaterializeResult:
     from workloads.evaluate import confusion_png, score, worst_png  # torch loads here
 

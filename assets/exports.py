@@ -3,17 +3,16 @@
 import json
 import tempfile
 from pathlib import Path
+from typing import Any  # the mlflow resource: dagster-mlflow's MlFlow, imported when it starts
 
 import dagster as dg
 import pyarrow.compute as pc
-from dagster_mlflow import end_mlflow_on_run_finished
-from dagster_mlflow.resources import MlFlow
 
 from assets.models import model_version, trained_models
 from partitions import model_partitions_def
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
-from resources.tracking import discard_run, log_exports
+from resources.tracking import discard_run, end_mlflow_on_run_finished, log_exports
 from workloads.lake import read_parquet
 from workloads.layout import EXPORT_FILES, VARIANT_COLUMNS, export_keys, model_keys, subset_keys
 from workloads.versions import sha256_hex
@@ -83,7 +82,7 @@ def exported_models(
     context: dg.AssetExecutionContext,
     lake: LakeResource,
     image_settings: ImageSettings,
-    mlflow: dg.ResourceParam[MlFlow],
+    mlflow: dg.ResourceParam[Any],
 ):
     # torch and ONNX load when a step exports, not with the code location
     from workloads.export import export_all

@@ -4,17 +4,21 @@ import io
 import json
 import tempfile
 from pathlib import Path
+from typing import Any  # the mlflow resource: dagster-mlflow's MlFlow, imported when it starts
 
 import dagster as dg
-from dagster_mlflow import end_mlflow_on_run_finished
-from dagster_mlflow.resources import MlFlow
 
 from assets.keys import require_key
 from assets.subsets import frozen_subsets, verify_subset
 from assets.versioning import picture
 from partitions import model_partitions_def
 from resources.storage import LakeResource
-from resources.tracking import discard_run, log_training, register_version
+from resources.tracking import (
+    discard_run,
+    end_mlflow_on_run_finished,
+    log_training,
+    register_version,
+)
 from resources.training import Trainer
 from workloads.layout import model_keys, subset_keys
 from workloads.spec import TRAIN_SPEC, check_spec
@@ -84,7 +88,7 @@ def version_tags(subset: str, subset_record: dict, dagster_run_id: str, job: str
     }
 
 
-def model_version(mlf: MlFlow, store, record: dict) -> str:
+def model_version(mlf, store, record: dict) -> str:
     """The registered version of a trained model; a model trained before the registry is
     registered now, from its record (which then names its version)."""
     if record.get("mlflow_model_version"):
@@ -138,7 +142,7 @@ def trained_models(
     config: TrainConfig,
     lake: LakeResource,
     trainer: Trainer,
-    mlflow: dg.ResourceParam[MlFlow],
+    mlflow: dg.ResourceParam[Any],
 ) -> dg.MaterializeResult:
     mlf = mlflow
     key = require_key("model", context.partition_key)

@@ -54,6 +54,23 @@ def mlflow_tracking(init_context) -> MlFlow:
     return MlFlow(init_context)
 
 
+def _end_mlflow_run(context, event_list):
+    from dagster_mlflow import end_mlflow_on_run_finished as hook
+
+    return hook.hook_fn(context, event_list)
+
+
+# dagster-mlflow's hook of that name (a failed step ends its MLflow run as FAILED, the last one
+# ends it), imported when it runs: loading the definitions, as every `cvgraph` command does, then
+# imports no mlflow (`cvgraph sync` with nothing to do: see the README's benchmarks).
+end_mlflow_on_run_finished = dg.HookDefinition(
+    name="end_mlflow_on_run_finished",
+    hook_fn=_end_mlflow_run,
+    required_resource_keys={"mlflow"},
+    decorated_fn=_end_mlflow_run,
+)
+
+
 def _training_tags(model_key: str, subset_hash: str, params: dict) -> dict[str, str]:
     spec_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
     return {

@@ -36,31 +36,52 @@ def program(name: str) -> str:
 @contextmanager
 def cluster() -> Iterator[dict]:
     """``{"host", "port", "user"}`` of a running throwaway server, stopped and removed after."""
-    base = Path(tempfile.mkdtemp(prefix="cvgraph-pg-"))
-    base.chmod(0o755)
     as_root = os.geteuid() == 0
+    # As root, TMPDIR may sit under a dir only root can enter (pytest's tmp_path is 0700), so
+    # the server's dir goes straight in /tmp, which every user can reach.
+    base = Path(tempfile.mkdtemp(prefix="cvgraph-pg-", dir="/tmp" if as_root else None))
+    base.chmod(0o755)
     if as_root:
         shutil.chown(base, "postgres", "postgres")
     as_server = ["runuser", "-u", "postgres", "--"] if as_root else []
 
     def run(*cmd) -> None:
-        subprocess.run([*as_server, *map(str, cmd)], check=True, capture_output=True, text=True)
+        done = subprocess.run(
+            [*as_server, *map(str, cmd)], check=False, capture_output=True, text=True
+        )
+        if done.returncode:
+            said = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(
+                f"{Path(str(cmd[0])).name} exited {done.returncode} in {base}: {said[0]}"
+            )
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = base / "data"
-    run(program("initdb"), "-D", data, "-U", "cvgraph", "--auth=trust", "-E", "UTF8", "--no-sync")
-    # The socket in its own dir, TCP on loopback only; no durability for a throwaway cluster.
-    options = (
-        f"-p {port} -h 127.0.0.1 -k {base} "
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    )
-    run(program("pg_ctl"), "-D", data, "-o", options, "-l", base / "server.log", "-w", "start")
     try:
-        yield {"host": "127.0.0.1", "port": port, "user": "cvgraph"}
+        run(
+            program("initdb"),
+            "-D",
+            data,
+            "-U",
+            "cvgraph",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        # The socket in its own dir, TCP on loopback only; no durability for a throwaway cluster.
+        options = (
+            f"-p {port} -h 127.0.0.1 -k {base} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        run(program("pg_ctl"), "-D", data, "-o", options, "-l", base / "server.log", "-w", "start")
+        try:
+            yield {"host": "127.0.0.1", "port": port, "user": "cvgraph"}
+        finally:
+            run(program("pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop")
     finally:
-        run(program("pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)
 
 

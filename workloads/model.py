@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 from torch import nn
 
@@ -39,9 +41,23 @@ def build_model(arch: dict) -> SmallCNN:
     )
 
 
+class UnsafeRecord(ValueError):
+    """A ``.pt`` file that holds more than tensors and plain types: refused, never run."""
+
+
+def load_record(path) -> dict:
+    """A record the training entry saved (tensors, dicts, lists, numbers, strings). Loaded with
+    ``weights_only=True``: a pickle planted in the lake that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeRecord(f"{path}: refused, not a weights-only record ({first})") from None
+
+
 def load_checkpoint(path) -> tuple[SmallCNN, dict]:
     """(model in eval mode, saved record) from a ``model.pt`` written by the training entry."""
-    record = torch.load(path, map_location="cpu", weights_only=False)
+    record = load_record(path)
     model = build_model(record["arch"])
     model.load_state_dict(record["state_dict"])
     model.eval()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from workloads.layout import VARIANT_COLUMNS
-from workloads.model import build_model
+from workloads.model import build_model, load_record
 from workloads.spec import TRAIN_SPEC
 
 DEFAULTS = {**TRAIN_SPEC, "checkpoint_dir": "/opt/ml/checkpoints"}
@@ -238,7 +238,7 @@ def _resume(ckpt_path: Path, model: nn.Module, opt, say) -> tuple[list[dict], in
     """(history, epochs done): from the checkpoint if a spot reclaim restarted the job."""
     if not ckpt_path.exists():
         return [], 0
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_record(ckpt_path)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])

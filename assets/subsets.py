@@ -17,7 +17,7 @@ from assets.keys import require_key
 from assets.tables import image_tables
 from assets.versioning import lake_merkle_root, md_table, picture, read_prefix_versions
 from partitions import subset_partitions_def
-from resources.catalog import Catalog, ensure_select, normalised_sql
+from resources.catalog import Catalog, QueryError, ensure_select, normalised_sql
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.annotations import BOX_TYPE
@@ -207,7 +207,10 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
 def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tuple[dict, object]:
     """Run the query, write the manifest, then the record (the commit marker): (record, manifest)."""
     keys = subset_keys(key)
-    manifest = query_manifest(catalog, sql)
+    try:
+        manifest = query_manifest(catalog, sql)
+    except QueryError as e:  # the user's SQL: its one line, not a traceback
+        raise dg.Failure(description=f"subset {key}: {e}") from None
     if manifest.num_rows == 0:
         waiting = pending_packs(store)
         raise dg.Failure(

@@ -11,6 +11,11 @@ class FreezeRefused(CvgraphError):
     """The freeze did not happen (bad SQL, a different query under a frozen key, ...)."""
 
 
+class BadQuery(CvgraphError):
+    """The SQL gave no rows: refused (not one read-only SELECT, or it reaches outside the
+    tables) or failed (a typo, an unknown column); the message is the engine's, on one line."""
+
+
 class RunFailed(CvgraphError):
     """A Dagster run the SDK started failed; the message names the step and the reason (each
     failed step's first line), ``details`` has the steps' whole messages."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from cvgraph.errors import (  # noqa: F401  (the SDK's exceptions are imported from here too)
     NOUNS,
+    BadQuery,
     CvgraphError,
     FreezeRefused,
     InvalidRequest,
@@ -215,8 +216,14 @@ class Datasets:
 
     # -- tables and subsets -------------------------------------------------------------------
     def sql_query(self, sql: str) -> pa.Table:
-        """Run one read-only SELECT over ``images`` and ``objects``; returns an Arrow table."""
-        return self.resources["catalog"].query(sql)
+        """Run one read-only SELECT over ``images`` and ``objects``; returns an Arrow table.
+        ``BadQuery`` says, on one line, why a query gave no rows."""
+        from resources.catalog import QueryError
+
+        try:
+            return self.resources["catalog"].query(sql)
+        except QueryError as e:
+            raise BadQuery(str(e)) from None
 
     def freeze_dataset(self, key: str, sql: str) -> dict:
         """Materialise the ``frozen_subsets`` partition ``key`` from ``sql``; returns its record.

@@ -156,6 +156,7 @@ def aws_resources() -> dict:
             workgroup=env("CVGRAPH_ATHENA_WORKGROUP", "primary"),
             output_location=os.environ.get("CVGRAPH_ATHENA_OUTPUT") or None,
             poll_seconds=float(env("CVGRAPH_ATHENA_POLL_SECONDS", "1")),
+            timeout_seconds=float(env("CVGRAPH_ATHENA_TIMEOUT_SECONDS", "1800")),
         ),
         "mlflow": _tracking(home()),
         "image_settings": image_settings(),

@@ -62,20 +62,34 @@ class AwsResource(dg.ConfigurableResource):
             return self._clients[service]
 
 
+class PollTimedOut(TimeoutError):
+    """The remote work was still not done when the poll's time ran out; ``state`` is the last
+    description."""
+
+    def __init__(self, state, seconds: float):
+        super().__init__(f"not done after {seconds:g} s")
+        self.state = state
+
+
 def poll(
     describe: Callable[[], T],
     done: Callable[[T], bool],
     interval: float,
     on_tick: Callable[[T], None] | None = None,
+    timeout: float | None = None,
 ) -> T:
     """``describe()`` every ``interval`` seconds until ``done`` is true of it; returns that
-    description. Each description goes to ``on_tick`` first (to log a change of state)."""
+    description. Each description goes to ``on_tick`` first (to log a change of state). Past
+    ``timeout`` seconds (None: never) raises ``PollTimedOut``: what to stop is the caller's call."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         state = describe()
         if on_tick is not None:
             on_tick(state)
         if done(state):
             return state
+        if deadline is not None and time.monotonic() >= deadline:
+            raise PollTimedOut(state, timeout)
         time.sleep(interval)
 
 

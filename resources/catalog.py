@@ -11,15 +11,41 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from resources.aws import AwsResource, poll, stopped_on_interrupt
+from resources.aws import AwsResource, PollTimedOut, poll, stopped_on_interrupt
 from resources.storage import LakeResource
 from workloads.layout import part_pattern, table_root
 from workloads.table_rows import TABLES
 from workloads.tables import table_keys
 
 
-class QueryRefused(ValueError):
-    """The SQL is not a single read-only SELECT."""
+class QueryError(ValueError):
+    """The query did not give rows; the message is one line that says why."""
+
+
+class QueryRefused(QueryError):
+    """The SQL is not a single read-only SELECT, or the engine's sandbox refused what it reads."""
+
+
+class QueryFailed(QueryError):
+    """The engine could not run the SELECT: a typo, an unknown table or column, a bad cast."""
+
+
+def _one_line(e: Exception) -> str:
+    """DuckDB's message up to its caret block (``LINE 1: ...``), on one line."""
+    head = []
+    for line in str(e).splitlines():
+        if line.startswith("LINE "):
+            break
+        head.append(line.strip())
+    return " ".join(filter(None, head)) or type(e).__name__
+
+
+def engine_error(e: Exception) -> QueryError:
+    """What a DuckDB error says to the user: its sandbox refused, or the query failed."""
+    said = _one_line(e)
+    if isinstance(e, duckdb.PermissionException):
+        return QueryRefused(f"refused by the sandbox: {said}")
+    return QueryFailed(f"query failed: {said}")
 
 
 def ensure_select(sql: str) -> str:
@@ -27,7 +53,7 @@ def ensure_select(sql: str) -> str:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise QueryRefused(f"SQL does not parse: {e}") from None
+        raise QueryRefused(f"SQL does not parse: {_one_line(e)}") from None
     if len(statements) != 1:
         raise QueryRefused(f"expected exactly one SELECT statement, got {len(statements)}")
     kind = statements[0].type
@@ -102,6 +128,10 @@ class DuckDBCatalog(Catalog):
         con = self._connect()
         try:
             return con.sql(sql).to_arrow_table()
+        except duckdb.InternalException:
+            raise  # DuckDB's own bug: its traceback is what a report needs
+        except duckdb.Error as e:
+            raise engine_error(e) from None
         finally:
             con.close()
 
@@ -192,6 +222,7 @@ class AthenaCatalog(Catalog, AwsResource):
     workgroup: str = "primary"
     output_location: str | None = None  # None: the workgroup's enforced output location
     poll_seconds: float = 1.0
+    timeout_seconds: float = 1800.0  # 0: none; Athena's own limit is 30 min by default
 
     def register_tables(self) -> None:
         """Create the Glue database and tables, or update them to the current schema."""
@@ -218,18 +249,26 @@ class AthenaCatalog(Catalog, AwsResource):
         if self.output_location:
             kw["ResultConfiguration"] = {"OutputLocation": self.output_location}
         qid = athena.start_query_execution(**kw)["QueryExecutionId"]
-        with stopped_on_interrupt(lambda: athena.stop_query_execution(QueryExecutionId=qid)):
-            state = poll(
-                lambda: athena.get_query_execution(QueryExecutionId=qid)["QueryExecution"][
-                    "Status"
-                ],
-                lambda s: s["State"] in ("SUCCEEDED", "FAILED", "CANCELLED"),
-                self.poll_seconds,
-            )
+        stop = lambda: athena.stop_query_execution(QueryExecutionId=qid)
+        with stopped_on_interrupt(stop):
+            try:
+                state = poll(
+                    lambda: athena.get_query_execution(QueryExecutionId=qid)["QueryExecution"][
+                        "Status"
+                    ],
+                    lambda s: s["State"] in ("SUCCEEDED", "FAILED", "CANCELLED"),
+                    self.poll_seconds,
+                    timeout=self.timeout_seconds or None,
+                )
+            except PollTimedOut as e:
+                stop()
+                raise QueryFailed(
+                    f"Athena query {qid} still {e.state['State']} after {self.timeout_seconds:g} s "
+                    "(CVGRAPH_ATHENA_TIMEOUT_SECONDS): stopped"
+                ) from None
         if state["State"] != "SUCCEEDED":
-            raise ValueError(
-                f"Athena query {qid} {state['State']}: {state.get('StateChangeReason', '')}\n{sql}"
-            )
+            reason = " ".join(state.get("StateChangeReason", "").split()) or "no reason given"
+            raise QueryFailed(f"Athena query {qid} {state['State']}: {reason}")
         return qid
 
     def query(self, sql: str) -> pa.Table:

@@ -346,96 +346,121 @@ def _stop_training_job(self):
 
 
 # -- Athena -------------------------------------------------------------------------
-def _athena_results(original):
-    def get_query_results(self, exec_id):
-        import duckdb
-        import pyarrow as pa
-        import pyarrow.dataset as pads
-        import pyarrow.fs as pafs
-        from moto.athena.models import QueryResults
-        from moto.glue.models import glue_backends
+def _athena_run(backend, execution):
+    """Run an execution's query as Athena would, over the Glue tables' files: its
+    ``QueryResults``; DuckDB's errors propagate (the caller marks the query FAILED)."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+    from moto.athena.models import QueryResults
+    from moto.glue.models import glue_backends
 
-        if exec_id in self.query_results:
-            return self.query_results[exec_id]
-        execution = self.executions[exec_id]
-        HARNESS.athena_queries.append(execution.query)
-        glue = glue_backends[self.account_id][self.region_name]
-        host = HARNESS.endpoint.split("://", 1)[1]
-        fs = pafs.S3FileSystem(
-            endpoint_override=host,
-            scheme="http",
-            access_key="testing",
-            secret_key="testing",
-            region=REGION,
+    HARNESS.athena_queries.append(execution.query)
+    glue = glue_backends[backend.account_id][backend.region_name]
+    host = HARNESS.endpoint.split("://", 1)[1]
+    fs = pafs.S3FileSystem(
+        endpoint_override=host,
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region=REGION,
+    )
+    con = duckdb.connect()
+    for name in ("images", "objects"):
+        database = (
+            execution.context["Database"]
+            if isinstance(execution.context, dict)
+            else execution.context
         )
-        con = duckdb.connect()
-        for name in ("images", "objects"):
-            database = (
-                execution.context["Database"]
-                if isinstance(execution.context, dict)
-                else execution.context
+        table = glue.get_table(database, name)
+        location = table.get_version(str(table._current_version))["StorageDescriptor"][
+            "Location"
+        ].replace("s3://", "")
+        part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
+        try:
+            files = [
+                f.path
+                for f in fs.get_file_info(pafs.FileSelector(location, recursive=True))
+                if f.path.endswith(".parquet")
+            ]
+        except FileNotFoundError:
+            files = []
+        if files:
+            con.register(
+                name,
+                pads.dataset(
+                    files,
+                    filesystem=fs,
+                    format="parquet",
+                    partitioning=part,
+                    partition_base_dir=location.rstrip("/"),
+                ),
             )
-            table = glue.get_table(database, name)
-            location = table.get_version(str(table._current_version))["StorageDescriptor"][
-                "Location"
-            ].replace("s3://", "")
-            part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
+        else:  # as Athena reads a Glue table with no files yet: no rows
+            from workloads.table_rows import TABLES
+
+            con.register(name, TABLES[name].empty_table())
+    result = con.sql(execution.query).to_arrow_table()
+    types = {
+        pa.int32(): "integer",
+        pa.int64(): "bigint",
+        pa.float64(): "double",
+        pa.bool_(): "boolean",
+    }
+
+    def athena_type(t):
+        return "array" if pa.types.is_list(t) else types.get(t, "varchar")
+
+    def render(v):
+        if v is None:
+            return {}
+        if isinstance(v, list):
+            return {"VarCharValue": "[" + ", ".join(map(str, v)) + "]"}
+        if isinstance(v, bool):
+            return {"VarCharValue": "true" if v else "false"}
+        return {"VarCharValue": str(v)}
+
+    info = [{"Name": f.name, "Label": f.name, "Type": athena_type(f.type)} for f in result.schema]
+    rows = [{"Data": [{"VarCharValue": f.name} for f in result.schema]}]
+    rows += [{"Data": [render(r[f.name]) for f in result.schema]} for r in result.to_pylist()]
+    return QueryResults(rows=rows, column_info=info)
+
+
+def _athena_get_query_execution(original):
+    """The query runs when it reaches SUCCEEDED (moto's state manager can hold it in QUEUED or
+    RUNNING first); an error the engine raises makes it FAILED, with the engine's message as
+    ``StateChangeReason``."""
+
+    def get_query_execution(self, exec_id):
+        import duckdb
+        from moto.glue.exceptions import EntityNotFoundException
+
+        execution = original(self, exec_id)
+        if execution.status == "SUCCEEDED" and exec_id not in self.query_results:
             try:
-                files = [
-                    f.path
-                    for f in fs.get_file_info(pafs.FileSelector(location, recursive=True))
-                    if f.path.endswith(".parquet")
-                ]
-            except FileNotFoundError:
-                files = []
-            if files:
-                con.register(
-                    name,
-                    pads.dataset(
-                        files,
-                        filesystem=fs,
-                        format="parquet",
-                        partitioning=part,
-                        partition_base_dir=location.rstrip("/"),
-                    ),
-                )
-            else:  # as Athena reads a Glue table with no files yet: no rows
-                from workloads.table_rows import TABLES
+                self.query_results[exec_id] = _athena_run(self, execution)
+            except (duckdb.Error, EntityNotFoundException) as e:  # a missing database fails too
+                execution.status, execution.reason = "FAILED", str(e)
+        return execution
 
-                con.register(name, TABLES[name].empty_table())
-        result = con.sql(execution.query).to_arrow_table()
-        types = {
-            pa.int32(): "integer",
-            pa.int64(): "bigint",
-            pa.float64(): "double",
-            pa.bool_(): "boolean",
-        }
+    return get_query_execution
 
-        def athena_type(t):
-            return "array" if pa.types.is_list(t) else types.get(t, "varchar")
 
-        def render(v):
-            if v is None:
-                return {}
-            if isinstance(v, list):
-                return {"VarCharValue": "[" + ", ".join(map(str, v)) + "]"}
-            if isinstance(v, bool):
-                return {"VarCharValue": "true" if v else "false"}
-            return {"VarCharValue": str(v)}
+def _athena_reason(original):
+    def get_query_execution(self):
+        out = json.loads(original(self))
+        execution = self.athena_backend.executions[self._get_param("QueryExecutionId")]
+        if getattr(execution, "reason", None):
+            out["QueryExecution"]["Status"]["StateChangeReason"] = execution.reason
+        return json.dumps(out)
 
-        info = [
-            {"Name": f.name, "Label": f.name, "Type": athena_type(f.type)} for f in result.schema
-        ]
-        rows = [{"Data": [{"VarCharValue": f.name} for f in result.schema]}]
-        rows += [{"Data": [render(r[f.name]) for f in result.schema]} for r in result.to_pylist()]
-        self.query_results[exec_id] = QueryResults(rows=rows, column_info=info)
-        return self.query_results[exec_id]
-
-    return get_query_results
+    return get_query_execution
 
 
 def _install_executors() -> None:
     from moto.athena.models import AthenaBackend
+    from moto.athena.responses import AthenaResponse
     from moto.batch.models import BatchBackend, Job
     from moto.sagemaker.models import SageMakerModelBackend
     from moto.sagemaker.responses import SageMakerResponse
@@ -448,7 +473,10 @@ def _install_executors() -> None:
         SageMakerModelBackend.create_training_job
     )
     SageMakerResponse.stop_training_job = _stop_training_job
-    AthenaBackend.get_query_results = _athena_results(AthenaBackend.get_query_results)
+    AthenaBackend.get_query_execution = _athena_get_query_execution(
+        AthenaBackend.get_query_execution
+    )
+    AthenaResponse.get_query_execution = _athena_reason(AthenaResponse.get_query_execution)
 
 
 @pytest.fixture(scope="session")

@@ -5,21 +5,30 @@ import dagster as dg
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from resources.catalog import AthenaCatalog, DuckDBCatalog, QueryRefused
+from resources.catalog import AthenaCatalog, DuckDBCatalog, QueryFailed, QueryRefused
 from resources.events import PackEvents, parse_s3_event
 from resources.storage import LakeResource
 
 LAKE_URL = "s3://cvgraph-lake/lake"
 
 
-def athena() -> AthenaCatalog:
+def athena(**kw) -> AthenaCatalog:
     return AthenaCatalog(
         lake=LakeResource(url=LAKE_URL),
         database="cvgraph",
         workgroup="primary",
         output_location="s3://cvgraph-lake/athena-results/",
         poll_seconds=0.05,
+        **kw,
     )
+
+
+def executions() -> list[dict]:
+    athena_client = boto3.client("athena")
+    return [
+        athena_client.get_query_execution(QueryExecutionId=q)["QueryExecution"]["Status"]
+        for q in athena_client.list_query_executions()["QueryExecutionIds"]
+    ]
 
 
 def test_glue_tables_use_partition_projection(aws):
@@ -82,6 +91,40 @@ def test_only_a_cancel_stops_the_athena_query_not_a_failed_poll(aws, error, canc
     [qid] = boto3.client("athena").list_query_executions()["QueryExecutionIds"]
     state = boto3.client("athena").get_query_execution(QueryExecutionId=qid)["QueryExecution"]
     assert (state["Status"]["State"] == "CANCELLED") is cancelled
+
+
+def test_a_failed_athena_query_is_one_line_with_athenas_reason_and_the_gate_starts_none(
+    subset_on_s3, aws
+):
+    athena().register_tables()
+    with pytest.raises(QueryFailed) as e:
+        athena().query("SELECT labelx FROM images")
+    message = str(e.value)
+    assert message.startswith("Athena query ") and "\n" not in message
+    assert 'FAILED: Binder Error: Referenced column "labelx" not found' in message
+    [state] = executions()
+    assert state["State"] == "FAILED" and "labelx" in state["StateChangeReason"]
+    for sql in ("SELECT 1; DROP TABLE images", "COPY images TO 's3://cvgraph-lake/x.csv'"):
+        with pytest.raises(QueryRefused):
+            athena().query(sql)
+    assert len(executions()) == 1  # refused before Athena saw it
+
+
+def test_an_athena_query_past_its_timeout_is_stopped_and_fails_naming_the_setting(aws):
+    from moto.moto_api import state_manager
+
+    # Athena holds the query (no capacity, a huge scan): it never leaves QUEUED by itself.
+    state_manager.set_transition("athena::execution", {"progression": "manual", "times": 10**9})
+    try:
+        with pytest.raises(QueryFailed) as e:
+            athena(timeout_seconds=0.3).query("SELECT 1 AS one")
+    finally:
+        state_manager.unset_transition("athena::execution")
+    [state] = executions()
+    assert state["State"] == "CANCELLED"
+    assert str(e.value).endswith(
+        "still QUEUED after 0.3 s (CVGRAPH_ATHENA_TIMEOUT_SECONDS): stopped"
+    )
 
 
 def test_s3_event_parsing_decodes_keys_and_skips_test_events():

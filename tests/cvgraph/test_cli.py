@@ -116,3 +116,54 @@ def test_usage_mistakes_are_one_line_naming_the_help_to_read(tmp_path):
     # bare `cvgraph`: the help, as click gives it
     got, printed = _cli(tmp_path)
     assert got["code"] == 2 and printed == ""
+
+
+# Each command in one process, as the console script runs it: its exit code and its stderr.
+COMMANDS = """
+import contextlib, io, json, sys
+from cvgraph.cli import main
+out = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(args, prog_name="cvgraph")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    out.append({"code": code, "stderr": err.getvalue()})
+print(json.dumps(out))
+"""
+
+BAD_SQL = {
+    "SELECT 1; DROP TABLE images": "expected exactly one SELECT statement, got 2",
+    "COPY images TO '/tmp/x.csv'": "only read-only SELECT queries are allowed, got COPY",
+    "SELECT * FROM read_csv('/etc/passwd')": "refused by the sandbox: Permission Error: Cannot "
+    'access file "/etc/passwd" - file system operations are disabled by configuration',
+    "SELECT labelx FROM images": 'query failed: Binder Error: Referenced column "labelx" not '
+    'found in FROM clause! Candidate bindings: "label", "boxes", "bytes", "prefix", '
+    '"original_key"',
+}
+
+
+def test_hostile_or_mistaken_sql_in_query_and_freeze_is_one_line_and_exit_1(tmp_path):
+    """`cvgraph query` and `cvgraph freeze` (which runs the query in a Dagster run): the
+    engine's reason on one line, exit 1, no traceback, and no subset kept."""
+    commands = [["query", sql] for sql in BAD_SQL] + [["freeze", "bad_v1", sql] for sql in BAD_SQL]
+    out = subprocess.run(
+        [sys.executable, "-c", COMMANDS, json.dumps(commands)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    got = json.loads(out.stdout)
+    refused_before_running = list(BAD_SQL)[:2]  # the gate: no run is started
+    for (cmd, *args), result in zip(commands, got):
+        sql = args[-1]
+        said = BAD_SQL[sql]
+        if cmd == "freeze" and sql not in refused_before_running:
+            said = f"freeze of 'bad_v1' failed: frozen_subsets: subset bad_v1: {said}"
+        assert result == {"code": 1, "stderr": f"Error: {said}\n"}, (cmd, sql)
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "lake" / "subsets").exists()

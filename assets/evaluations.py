@@ -2,7 +2,6 @@
 with the champion alias moved by the promotion rule."""
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any  # the mlflow resource: dagster-mlflow's MlFlow, imported when it starts
 
@@ -16,6 +15,7 @@ from resources.storage import LakeResource
 from resources.tracking import discard_run, end_mlflow_on_run_finished, log_evaluation, promote
 from workloads.lake import parquet_table
 from workloads.layout import evaluation_keys, model_keys, subset_keys
+from workloads.staging import staging
 
 
 def unseen_rows(store, model_record: dict, subset: str) -> list[dict]:
@@ -93,7 +93,7 @@ def model_evaluations(
         record = prior
     else:
         rows = unseen_rows(store, model_record, subset)
-        with tempfile.TemporaryDirectory() as tmp:
+        with staging(store, "evaluate", on_sweep=lambda s: context.log.info(str(s))) as tmp:
             path = Path(tmp) / "model.pt"
             path.write_bytes(store.get(model_keys(model)["model"]))
             scores, worst = score(str(path), rows, store.get)

@@ -1,7 +1,6 @@
 """exported_models: TorchScript, ONNX and ONNX int8 of a trained model, parity-checked."""
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any  # the mlflow resource: dagster-mlflow's MlFlow, imported when it starts
 
@@ -15,6 +14,7 @@ from resources.storage import LakeResource
 from resources.tracking import discard_run, end_mlflow_on_run_finished, log_exports
 from workloads.lake import read_parquet
 from workloads.layout import EXPORT_FILES, VARIANT_COLUMNS, export_keys, model_keys, subset_keys
+from workloads.staging import staging
 from workloads.versions import sha256_hex
 
 PARITY_SAMPLES = 256
@@ -105,7 +105,7 @@ def exported_models(
         discard_run(mlflow)
     else:
         preprocess = preprocess_of(store, model_record, image_settings)  # before the work
-        with tempfile.TemporaryDirectory() as scratch:
+        with staging(store, "export", on_sweep=lambda s: context.log.info(str(s))) as scratch:
             tmp = Path(scratch)
             (tmp / "model.pt").write_bytes(store.get(mkeys["model"]))
             samples = _samples(store, model_record, tmp / "samples")

@@ -2,7 +2,6 @@
 
 import io
 import json
-import tempfile
 from pathlib import Path
 from typing import Any  # the mlflow resource: dagster-mlflow's MlFlow, imported when it starts
 
@@ -22,6 +21,7 @@ from resources.tracking import (
 from resources.training import Trainer
 from workloads.layout import model_keys, subset_keys
 from workloads.spec import TRAIN_SPEC, check_spec
+from workloads.staging import staging
 from workloads.versions import canonical_json, sha256_hex
 
 
@@ -177,7 +177,7 @@ def trained_models(
     curves = _plot_curves(metrics["history"], f"{key} on {subset}")
     store.put(keys["curves"], curves)
     model_sha = sha256_hex(store.get(keys["model"]))
-    with tempfile.TemporaryDirectory() as tmp:
+    with staging(store, "train", on_sweep=lambda s: context.log.info(str(s))) as tmp:
         paths = [
             local_copy(store, keys[name], Path(tmp)) for name in ("model", "metrics", "curves")
         ]

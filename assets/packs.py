@@ -71,6 +71,12 @@ def raw_packs(
         )
     result = json.loads(store.get(pack_keys(pack_id)["record"]))
     task = get_json(store, result_key(context.run.run_id, "ingest", pack_id), {})
+    swept = task.get("swept", {"entries": 0, "bytes": 0})
+    if swept["entries"]:
+        context.log.info(
+            f"pack {pack_id}: removed {swept['entries']} staging entries killed ingests left "
+            f"({swept['bytes']:,} B)"
+        )
     rejects = result["rejected"]
     for r in rejects:
         context.log.warning(f"pack {pack_id}: rejected {r['member']!r}: {r['reason']}")
@@ -113,6 +119,7 @@ def raw_packs(
             ),
             "manifest": pack_keys(pack_id)["manifest"],
             "prefixes_touched": len(result.get("prefixes", {})),
+            "staging_swept": swept["entries"],
             **request_metadata({}, [task]),
             **estimate,
         },

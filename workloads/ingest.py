@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from collections import Counter
@@ -53,6 +52,7 @@ from workloads.pack_zip import (
     open_zip,
     overlapping_members,
 )
+from workloads.staging import staging
 from workloads.tasks import PACK_UNREADABLE
 
 FORMAT_EXT = {
@@ -311,12 +311,19 @@ def _write_pack(lake, pack_id: str, keys: dict, rows: list[dict], result: Ingest
 
 
 def ingest_pack(
-    lake, pack_id: str, key: str, limits: IngestLimits | None = None, progress=None
+    lake,
+    pack_id: str,
+    key: str,
+    limits: IngestLimits | None = None,
+    progress=None,
+    on_sweep=None,
 ) -> IngestResult:
+    """Ingest the zip at ``key`` as pack ``pack_id``. Members are staged in the lake's staging
+    area, which first loses what killed ingests left there (``on_sweep`` hears of it)."""
     limits = limits or IngestLimits()
     keys = pack_keys(pack_id)
     t0 = time.perf_counter()
-    with lake.open_read(key) as f, tempfile.TemporaryDirectory(prefix="cvgraph-ingest-") as tmpdir:
+    with lake.open_read(key) as f, staging(lake, "ingest", on_sweep=on_sweep) as tmpdir:
         zip_sha = hash_zip(f)
         prior = _prior_result(lake, keys, zip_sha, limits)
         if prior is not None:
@@ -347,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lake = open_lake(args.lake, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
     t0 = time.perf_counter()
+    swept = []
     try:
-        result = ingest_pack(lake, args.pack_id, args.key, IngestLimits.from_env())
+        result = ingest_pack(
+            lake, args.pack_id, args.key, IngestLimits.from_env(), on_sweep=swept.append
+        )
     except PackUnreadable as e:
         print(json.dumps({"pack_id": args.pack_id, "error": str(e)}))
         print(str(e), file=sys.stderr)
@@ -358,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             "pack_id": args.pack_id,
             "seconds": round(time.perf_counter() - t0, 3),
             "requests": lake.counters.since({}),
+            **({"swept": dataclasses.asdict(swept[0])} if swept else {}),
         }
         lake.put(
             result_key(args.run_id, "ingest", args.pack_id),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from workloads.objects import Counters, ObjectInfo, check_key
+from workloads.staging import STAGING
 
 
 class LocalLake:
@@ -144,9 +145,17 @@ class LocalLake:
 
     # -- writes ----------------------------------------------------------------
     def _tmp(self, key: str) -> tuple[Path, Path]:
+        """``key``'s path and a new temp file to write it in, renamed into place when whole. The
+        temp files all sit in the staging dir (same filesystem), where the next step's sweep
+        finds what a killed write left, without listing the lake (``workloads/staging.py``)."""
         dest = self._write_path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        staging = self.root / STAGING
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=staging)
+        except FileNotFoundError:
+            staging.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=staging)
         os.close(fd)
         return dest, Path(tmp)
 

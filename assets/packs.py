@@ -13,7 +13,7 @@ from workloads.costs import ingest_estimate
 from workloads.lake import get_json, read_parquet
 from workloads.layout import incoming_key, pack_keys, result_key
 from workloads.pack_zip import image_members
-from workloads.tasks import PACK_UNREADABLE
+from workloads.tasks import PACK_REPLACED, PACK_UNREADABLE
 
 PACK_KEY_TAG = "cvgraph/pack_key"
 
@@ -62,6 +62,10 @@ def raw_packs(
             ingest_estimate([(images, store.size(key), image_bytes)], cost_settings.rates()),
         )
     code = image_compute.run_ingest(context, lake.url, pack_id, key)
+    if code == PACK_REPLACED:  # the task's record has the reason (also under packs/<id>/replaced/)
+        task = get_json(store, result_key(context.run.run_id, "ingest", pack_id), {})
+        reason = task.get("error", f"pack {pack_id}: {key} was replaced; refused")
+        raise dg.Failure(description=reason, metadata={"pack": pack_id, "key": key})
     if code == PACK_UNREADABLE:
         reasons = read_parquet(store, pack_keys(pack_id)["rejects"]).to_pylist()
         reason = reasons[0]["reason"] if reasons else "not a readable zip"

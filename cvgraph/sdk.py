@@ -132,20 +132,26 @@ class Datasets:
     def upload(self, path: str | Path, name: str | None = None) -> Upload:
         """Put the zip at ``incoming/<name>.zip`` (default name: the file's stem) unless the same
         bytes are already there; the sensor, or ``sync``, takes it from there."""
-        from workloads.layout import incoming_key, pack_id_for
+        from workloads.layout import incoming_key, pack_id_for, record_key
 
         path = Path(path)
         key = incoming_key(name or path.stem)
         lake = self.lake
+        pack_id = pack_id_for(key)
         # the same bytes already there: compare sizes (one HEAD) before reading the object
+        there = lake.exists(key)
         uploaded = not (
-            lake.exists(key)
-            and lake.size(key) == path.stat().st_size
-            and lake.get(key) == path.read_bytes()
+            there and lake.size(key) == path.stat().st_size and lake.get(key) == path.read_bytes()
         )
+        if uploaded and there and lake.exists(record_key("pack", pack_id)):
+            # an ingested pack is immutable: its zip is not overwritten (ingest would refuse it)
+            raise InvalidRequest(
+                f"{key} holds ingested pack {pack_id}, and {path} has other bytes: upload it "
+                f"under a new name (--name), or `cvgraph forget pack {pack_id}` first"
+            )
         if uploaded:
             lake.put_file(key, path)
-        return Upload(key, pack_id_for(key), uploaded)
+        return Upload(key, pack_id, uploaded)
 
     def ingest(self, path: str | Path, name: str | None = None) -> dict:
         """Upload the zip and materialise its ``raw_packs`` partition now; returns its report

@@ -29,18 +29,31 @@ def new_packs(
 
 
 def pack_sensor_result(
-    context: dg.SensorEvaluationContext, found: list[tuple[str, str]], cursor: str, source: str
+    context: dg.SensorEvaluationContext,
+    found: list[tuple[str, str]],
+    cursor: str,
+    source: str,
+    replaced: list[tuple[str, str, str]] = (),
 ) -> dg.SensorResult:
-    """Each new (pack id, key): a ``packs`` partition and an ingest run (run key = object key)."""
+    """Each new (pack id, key): a ``packs`` partition and an ingest run (run key = object key).
+    Each (pack id, key, ETag) of an event for an ingested pack's key: an ingest run, a no-op for
+    the same bytes and a recorded refusal for others (run key = key@ETag: once per upload)."""
     if found:
         context.log.info(f"new packs from {source}: {[p for p, _ in found]}")
+    if replaced:
+        context.log.info(f"ingested packs' keys written again: {[k for _, k, _ in replaced]}")
+
+    def request(pack_id: str, key: str, run_key: str) -> dg.RunRequest:
+        return dg.RunRequest(
+            run_key=run_key,
+            partition_key=pack_id,
+            asset_selection=[raw_packs.key],
+            tags={PACK_KEY_TAG: key},
+        )
+
     return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=k, partition_key=p, asset_selection=[raw_packs.key], tags={PACK_KEY_TAG: k}
-            )
-            for p, k in found
-        ],
+        run_requests=[request(p, k, k) for p, k in found]
+        + [request(p, k, f"{k}@{etag}") for p, k, etag in replaced],
         dynamic_partitions_requests=[pack_partitions_def.build_add_request([p for p, _ in found])]
         if found
         else [],
@@ -96,6 +109,7 @@ def incoming_packs_sqs_sensor(
     messages = pack_events.receive()
     seen: set[tuple[str, str]] = set()
     found: list[tuple[str, str]] = []
+    replaced: list[tuple[str, str, str]] = []
     for msg in messages:
         for _bucket, s3_key, etag in msg["objects"]:
             key = (
@@ -111,12 +125,18 @@ def incoming_packs_sqs_sensor(
                 continue
             seen.add((key, etag))  # a multipart upload can notify twice
             pack_id = pack_id_for(key)
-            if not context.instance.has_dynamic_partition(
-                pack_partitions_def.name, pack_id
-            ) and pack_id not in {p for p, _ in found}:
+            if pack_id in {p for p, _ in found}:
+                continue
+            if not context.instance.has_dynamic_partition(pack_partitions_def.name, pack_id):
                 found.append((pack_id, key))
+            elif etag:  # an ingested pack's key written again: other bytes are refused
+                replaced.append((pack_id, key, etag))
     return pack_sensor_result(
-        context, found, json.dumps({"delete": [m["receipt"] for m in messages]}), "S3 events"
+        context,
+        found,
+        json.dumps({"delete": [m["receipt"] for m in messages]}),
+        "S3 events",
+        replaced,
     )
 
 

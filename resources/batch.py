@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from resources.aws import AwsResource, poll, stopped_on_interrupt
 from resources.compute import ImageCompute, WorkloadFailed, images_command, ingest_command
-from workloads.tasks import PACK_UNREADABLE
+from workloads.tasks import VERDICTS
 
 # Spot reclaims (the host went away) are retried; a non-zero exit of our code is not.
 BATCH_RETRY = {
@@ -267,6 +267,6 @@ class BatchArrayClient(ImageCompute, AwsResource):
         failures = self._run_jobs(context, [("ingest", command, [pack_id])], run_id)
         if not failures:
             return 0
-        if [f.exit_code for f in failures] == [PACK_UNREADABLE]:  # the pack's verdict, no failure
-            return PACK_UNREADABLE
+        if len(failures) == 1 and failures[0].exit_code in VERDICTS:  # the pack's, no failure
+            return failures[0].exit_code
         raise BatchChildrenFailed(failures, f"ingest of pack {pack_id} ({key}) failed on Batch")

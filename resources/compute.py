@@ -14,7 +14,7 @@ import dagster as dg
 from tqdm import tqdm
 
 from workloads.image_params import ImageParams
-from workloads.tasks import PACK_UNREADABLE
+from workloads.tasks import VERDICTS
 
 
 class WorkloadFailed(Exception):
@@ -129,7 +129,8 @@ class ImageCompute(dg.ConfigurableResource, ABC):
     def run_ingest(
         self, context: dg.AssetExecutionContext, lake_url: str, pack_id: str, key: str
     ) -> int:
-        """Ingest one pack; returns the workload's exit code: 0 (read) or PACK_UNREADABLE.
+        """Ingest one pack; returns the workload's exit code: 0 (read) or a verdict on the pack
+        (``VERDICTS``: not a readable zip, or other bytes under an ingested pack's key).
 
         Outcomes are read from the lake (``pack.json``, ``rejects.parquet``), not from here."""
 
@@ -294,6 +295,6 @@ class LocalProcessPool(ImageCompute):
     def run_ingest(self, context, lake_url, pack_id, key):
         cmd = [sys.executable, *ingest_command(lake_url, pack_id, key, context.run.run_id)[1:]]
         [(code, err)] = self._run_all(context, [cmd], context.log.debug)
-        if code not in (0, PACK_UNREADABLE):
+        if code not in (0, *VERDICTS):
             raise WorkloadFailed(f"ingest of pack {pack_id} ({key}) exited {code}:\n{err}")
         return code

@@ -36,6 +36,7 @@ from workloads.layout import (
     pack_prefix_key,
     pending_raw_key,
     raw_key,
+    replaced_key,
     result_key,
 )
 from workloads.member_names import is_junk, kind_reason, unsafe_reason
@@ -53,7 +54,7 @@ from workloads.pack_zip import (
     overlapping_members,
 )
 from workloads.staging import staging
-from workloads.tasks import PACK_UNREADABLE
+from workloads.tasks import PACK_REPLACED, PACK_UNREADABLE
 
 FORMAT_EXT = {
     "JPEG": "jpg",
@@ -151,20 +152,35 @@ def inspect_image(path: str | BinaryIO, max_pixels: int) -> tuple[str, int, int]
         raise BadMember(f"undecodable image: {type(e).__name__}: {e}") from None
 
 
-def _prior_result(lake, keys: dict, zip_sha: str, limits: IngestLimits) -> IngestResult | None:
-    """The committed result of this very zip under these limits, if any."""
+class PackReplaced(Exception):
+    """Other bytes under an ingested pack's key: refused, the ingested pack kept as it is."""
+
+
+def _prior_result(
+    lake, keys: dict, zip_sha: str, limits: IngestLimits, pack_id: str, key: str
+) -> IngestResult | None:
+    """The committed result of this very zip under these limits, if any. A pack is immutable
+    once ingested: other bytes under its key are refused (``PackReplaced``), with the reason
+    recorded at ``packs/<id>/replaced/<sha256>.json``; subsets frozen from it stay valid."""
     if not lake.exists(keys["record"]):
         return None
     prior = json.loads(lake.get(keys["record"]))
-    if (
-        prior.get("zip_sha256") == zip_sha
-        and prior.get("limits") == dataclasses.asdict(limits)
-        and prior.get("reader") == READER
-    ):
+    if prior.get("zip_sha256") != zip_sha:
+        reason = (
+            f"pack {pack_id}: {key} was replaced by other bytes (sha256 {zip_sha[:12]}…, "
+            f"ingested {prior.get('zip_sha256', '?')[:12]}…); refused, the ingested pack is kept. "
+            "Upload the new zip under a new name, or `cvgraph forget pack "
+            f"{pack_id}` and ingest it again"
+        )
+        refusal = {"pack_id": pack_id, "key": key, "zip_sha256": zip_sha, "reason": reason}
+        refusal["ingested_zip_sha256"] = prior.get("zip_sha256")
+        lake.put(replaced_key(pack_id, zip_sha), json.dumps(refusal, sort_keys=True).encode())
+        raise PackReplaced(reason)
+    if prior.get("limits") == dataclasses.asdict(limits) and prior.get("reader") == READER:
         return IngestResult(
             **{k: prior[k] for k in IngestResult.__dataclass_fields__ if k in prior}
         )
-    # Another zip (or other limits) under this id: un-commit the old pack first, so
+    # The same zip under other limits or a newer reader: un-commit the old reading first, so
     # no reader pairs the old record with a half-written new manifest.
     lake.delete(keys["record"])
     return None
@@ -325,7 +341,7 @@ def ingest_pack(
     t0 = time.perf_counter()
     with lake.open_read(key) as f, staging(lake, "ingest", on_sweep=on_sweep) as tmpdir:
         zip_sha = hash_zip(f)
-        prior = _prior_result(lake, keys, zip_sha, limits)
+        prior = _prior_result(lake, keys, zip_sha, limits, pack_id, key)
         if prior is not None:
             return prior
         zf = _open_pack(lake, keys, f, limits, pack_id, key)
@@ -355,25 +371,30 @@ def main(argv: list[str] | None = None) -> int:
     lake = open_lake(args.lake, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
     t0 = time.perf_counter()
     swept = []
+    error, code = None, 0
     try:
         result = ingest_pack(
             lake, args.pack_id, args.key, IngestLimits.from_env(), on_sweep=swept.append
         )
-    except PackUnreadable as e:
-        print(json.dumps({"pack_id": args.pack_id, "error": str(e)}))
-        print(str(e), file=sys.stderr)
-        return PACK_UNREADABLE
+    except (PackUnreadable, PackReplaced) as e:
+        error = str(e)
+        code = PACK_UNREADABLE if isinstance(e, PackUnreadable) else PACK_REPLACED
     if args.run_id:
         record = {
             "pack_id": args.pack_id,
             "seconds": round(time.perf_counter() - t0, 3),
             "requests": lake.counters.since({}),
             **({"swept": dataclasses.asdict(swept[0])} if swept else {}),
+            **({"error": error} if error else {}),
         }
         lake.put(
             result_key(args.run_id, "ingest", args.pack_id),
             json.dumps(record, sort_keys=True).encode(),
         )
+    if error:
+        print(json.dumps({"pack_id": args.pack_id, "error": error}))
+        print(error, file=sys.stderr)
+        return code
     print(json.dumps(result.to_json(), sort_keys=True))
     return 0
 

@@ -77,6 +77,11 @@ def pack_keys(pack_id: str) -> dict[str, str]:
     }
 
 
+def replaced_key(pack_id: str, zip_sha256: str) -> str:
+    """Why other bytes under pack ``pack_id``'s key were refused (one record per such zip)."""
+    return f"{PACKS}{pack_id}/replaced/{zip_sha256}.json"
+
+
 def pack_prefix_key(pack_id: str, prefix: str) -> str:
     """The manifest rows of one prefix: what that prefix's index reads of this pack."""
     return f"{PACKS}{pack_id}/prefixes/{prefix}.parquet"

@@ -17,6 +17,9 @@ from workloads.layout import result_key
 # The exit code of ``python -m workloads.ingest`` for a pack that is not a readable zip: a
 # verdict on the input, not a failure of the task.
 PACK_UNREADABLE = 3
+# ... for a zip that replaced an ingested pack's bytes under its key: refused, the pack kept.
+PACK_REPLACED = 4
+VERDICTS = (PACK_UNREADABLE, PACK_REPLACED)
 
 
 def task_token(prefix: str, shard: int = 0, shards: int = 1) -> str:

@@ -195,3 +195,37 @@ def test_sqs_sensor_turns_uploads_into_runs_and_deletes_messages_one_tick_later(
         )
         assert second.run_requests == [] and in_flight() == 0
         assert json.loads(second.cursor) == {"delete": []}
+
+
+def test_sqs_sensor_sends_a_replaced_zip_of_an_ingested_pack_to_a_run_once_per_upload(
+    aws, small_digits_pack
+):
+    """An event for an ingested pack's key: an ingest run keyed by key@ETag (which refuses other
+    bytes and records why), no new partition; the same upload redelivered is the same run key."""
+    from orchestration.sensors import incoming_packs_sqs_sensor
+
+    s3 = boto3.client("s3")
+    resources = {
+        "lake": LakeResource(url=LAKE_URL),
+        "pack_events": PackEvents(queue_url=aws.queue_url, visibility_timeout=300),
+    }
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("packs", ["second"])
+        etag = s3.put_object(
+            Bucket="cvgraph-lake", Key="lake/incoming/second.zip", Body=small_digits_pack(3)
+        )["ETag"].strip('"')
+        tick = incoming_packs_sqs_sensor(
+            dg.build_sensor_context(instance=instance, resources=resources)
+        )
+        assert [(r.run_key, r.partition_key) for r in tick.run_requests] == [
+            (f"incoming/second.zip@{etag}", "second")
+        ]
+        assert tick.dynamic_partitions_requests == []
+        # the same bytes uploaded again: another event, the same run key (Dagster runs it once)
+        s3.put_object(
+            Bucket="cvgraph-lake", Key="lake/incoming/second.zip", Body=small_digits_pack(3)
+        )
+        again = incoming_packs_sqs_sensor(
+            dg.build_sensor_context(instance=instance, resources=resources, cursor=tick.cursor)
+        )
+        assert [r.run_key for r in again.run_requests] == [f"incoming/second.zip@{etag}"]

@@ -154,3 +154,37 @@ def test_reingest_of_the_same_pack_converges(lake, put_pack):
     again = ingest_pack(lake, "same", key)
     assert again.to_json() == first.to_json()
     assert {k: lake.get(k) for k in pack_keys("same").values()} == before
+
+
+def test_a_replaced_zip_is_refused_with_a_recorded_reason_and_the_pack_kept(lake, put_pack):
+    from workloads.ingest import PackReplaced
+    from workloads.layout import replaced_key
+
+    key = put_pack("cups", {"cup/coffee.png": photo("coffee.png")})
+    first = ingest_pack(lake, "cups", key)
+    before = {k: lake.get(k) for k in [*pack_keys("cups").values(), *lake.keys("raw/")]}
+    other = zip_bytes(
+        {"cup/coffee.png": photo("coffee.png"), "cat/chelsea.png": photo("chelsea.png")}
+    )
+    lake.put(key, other)  # overwritten in place, as `aws s3 cp` would
+    with pytest.raises(PackReplaced, match=r"pack cups: incoming/cups.zip was replaced by other"):
+        ingest_pack(lake, "cups", key)
+    refusal = json.loads(lake.get(replaced_key("cups", sha(other))))
+    assert refusal == {
+        "pack_id": "cups",
+        "key": key,
+        "zip_sha256": sha(other),
+        "ingested_zip_sha256": first.zip_sha256,
+        "reason": refusal["reason"],
+    }
+    assert "refused, the ingested pack is kept" in refusal["reason"]
+    # nothing of the ingested pack changed, and nothing of the new zip was stored
+    assert {k: lake.get(k) for k in before} == before
+    assert sorted(lake.keys("raw/")) == sorted(k for k in before if k.startswith("raw/"))
+    # refused again the same way: the same record, byte for byte
+    with pytest.raises(PackReplaced):
+        ingest_pack(lake, "cups", key)
+    assert lake.keys("packs/cups/replaced/") == [replaced_key("cups", sha(other))]
+    # the original bytes back: the pack is as it was
+    lake.put(key, zip_bytes({"cup/coffee.png": photo("coffee.png")}))
+    assert ingest_pack(lake, "cups", key).to_json() == first.to_json()

@@ -134,6 +134,7 @@ def aws_resources() -> dict:
         job_queue=v["CVGRAPH_BATCH_JOB_QUEUE"],
         job_definition=v["CVGRAPH_BATCH_JOB_DEFINITION"],
         poll_seconds=float(env("CVGRAPH_BATCH_POLL_SECONDS", "10")),
+        start_timeout_seconds=float(env("CVGRAPH_BATCH_START_TIMEOUT_SECONDS", "3600")),
     )
     return {
         "lake": lake,
@@ -148,6 +149,7 @@ def aws_resources() -> dict:
             use_spot=env("CVGRAPH_TRAINING_SPOT", "true").lower() == "true",
             max_runtime_seconds=int(env("CVGRAPH_TRAINING_MAX_RUNTIME", "3600")),
             poll_seconds=float(env("CVGRAPH_SAGEMAKER_POLL_SECONDS", "15")),
+            start_timeout_seconds=float(env("CVGRAPH_SAGEMAKER_START_TIMEOUT_SECONDS", "3600")),
             pipes_interval=float(env("CVGRAPH_PIPES_INTERVAL", "10")),
         ),
         "catalog": AthenaCatalog(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from resources.aws import AwsResource, poll, stopped_on_interrupt
@@ -55,6 +56,22 @@ def _batches(items: list, n: int = 100):
         yield items[i : i + n]
 
 
+class JobsNeverStarted(WorkloadFailed):
+    """Batch jobs sat RUNNABLE/STARTING past the bound with nothing started; terminated."""
+
+
+def _start_counts(d: dict) -> tuple[int, int]:
+    """(children waiting to be placed or started, children that did start) of job ``d``
+    (the job itself if it is no array). PENDING is not waiting: it waits on a dependency."""
+    summary = d.get("arrayProperties", {}).get("statusSummary")
+    if summary is None:
+        return int(d["status"] in ("RUNNABLE", "STARTING")), int(
+            d["status"] in ("RUNNING", *TERMINAL)
+        )
+    started = sum(summary.get(s, 0) for s in ("RUNNING", *TERMINAL))
+    return summary.get("RUNNABLE", 0) + summary.get("STARTING", 0), started
+
+
 def _finished(d: dict) -> bool:
     """A job is over, or an array whose children all are (its own status can lag behind)."""
     summary = d.get("arrayProperties", {}).get("statusSummary")
@@ -74,6 +91,9 @@ class BatchArrayClient(ImageCompute, AwsResource):
     job_queue: str
     job_definition: str
     poll_seconds: float = 10.0
+    # How long a job may wait RUNNABLE/STARTING with none of its children starting (no capacity,
+    # a misconfigured compute environment); past it the run's jobs are terminated. 0: no bound.
+    start_timeout_seconds: float = 3600.0
     threads_per_job: int = 4
     max_array_size: int = 10_000
 
@@ -122,9 +142,13 @@ class BatchArrayClient(ImageCompute, AwsResource):
             for d in batch.describe_jobs(jobs=chunk)["jobs"]
         }
 
-    def _wait(self, context, jobs: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
-        """Poll ``describe_jobs`` (100 ids a call) until every job is terminal."""
+    def _wait(
+        self, context, jobs: dict[str, tuple[str, list[str]]], run_id: str
+    ) -> dict[str, dict]:
+        """Poll ``describe_jobs`` (100 ids a call) until every job is terminal; terminate them
+        all if one waits to start past ``start_timeout_seconds`` with no child starting."""
         last: dict[str, str] = {}
+        waiting_since: dict[str, tuple[int, float]] = {}  # job → (children started, since when)
 
         def log_changes(descs: dict[str, dict]) -> None:
             for jid, d in descs.items():
@@ -135,6 +159,7 @@ class BatchArrayClient(ImageCompute, AwsResource):
                         f"batch job {jid} ({jobs[jid][0]}, {len(jobs[jid][1])} prefixes): {state}"
                     )
                     last[jid] = state
+            self._check_started(context, run_id, jobs, descs, waiting_since)
 
         return poll(
             lambda: self._describe(list(jobs)),
@@ -148,7 +173,49 @@ class BatchArrayClient(ImageCompute, AwsResource):
     def _name_prefix(run_id: str) -> str:
         return f"cvgraph-{run_id[:8]}-"
 
-    def _terminate(self, context, run_id: str, jobs: dict) -> None:
+    def _check_started(self, context, run_id, jobs, descs, waiting_since) -> None:
+        """Raise ``JobsNeverStarted`` (the run's jobs terminated) once a job has had children
+        waiting to start for ``start_timeout_seconds`` while none of them started."""
+        if not self.start_timeout_seconds:
+            return
+        now = time.monotonic()
+        stuck = []
+        for jid, d in descs.items():
+            waiting, started = _start_counts(d)
+            if not waiting:
+                waiting_since.pop(jid, None)
+                continue
+            seen = waiting_since.get(jid)
+            if seen is None or seen[0] != started:  # a child started: the wait begins anew
+                waiting_since[jid] = (started, now)
+            elif now - seen[1] >= self.start_timeout_seconds:
+                stuck.append(jid)
+        if not stuck:
+            return
+        reasons = sorted({self._waiting_reason(jid, descs[jid]) for jid in stuck})
+        self._terminate(context, run_id, jobs, "not started in time")
+        raise JobsNeverStarted(
+            f"batch jobs {', '.join(stuck)} on queue {self.job_queue} waited RUNNABLE/STARTING "
+            f"{self.start_timeout_seconds:g} s with none started "
+            f"(CVGRAPH_BATCH_START_TIMEOUT_SECONDS); Batch says: {'; '.join(reasons)}; "
+            "the run's jobs were terminated"
+        )
+
+    def _waiting_reason(self, jid: str, d: dict) -> str:
+        """Batch's status reason for a waiting job: its own, or a waiting child's for an array."""
+        if d.get("statusReason") or "arrayProperties" not in d:
+            return d.get("statusReason") or "no status reason given"
+        batch = self._client("batch")
+        for status in ("RUNNABLE", "STARTING"):
+            page = batch.list_jobs(arrayJobId=jid, jobStatus=status, maxResults=1)
+            for j in page.get("jobSummaryList", []):
+                if j.get("statusReason"):
+                    return j["statusReason"]
+        return "no status reason given"
+
+    def _terminate(
+        self, context, run_id: str, jobs: dict, why: str = "Dagster run cancelled"
+    ) -> None:
         """Terminate this run's jobs: those submitted, and by name any whose submit_job was in
         flight when the cancel landed."""
         batch = self._client("batch")
@@ -159,8 +226,8 @@ class BatchArrayClient(ImageCompute, AwsResource):
         ):
             found |= {j["jobId"] for j in page["jobSummaryList"] if j["status"] not in TERMINAL}
         for jid in sorted(found):
-            batch.terminate_job(jobId=jid, reason="Dagster run cancelled")
-        context.log.warning(f"run cancelled: terminated batch jobs {sorted(found)}")
+            batch.terminate_job(jobId=jid, reason=why)
+        context.log.warning(f"{why}: terminated batch jobs {sorted(found)}")
 
     def _run_jobs(
         self, context, submissions: list[tuple[str, list[str], list[str]]], run_id: str
@@ -190,7 +257,7 @@ class BatchArrayClient(ImageCompute, AwsResource):
                 context.log.info(
                     f"submitted {stage} as batch job {previous} ({len(prefixes)} children)"
                 )
-            descs = self._wait(context, jobs)
+            descs = self._wait(context, jobs, run_id)
         return self._failures(jobs, descs)
 
     def _failed_children(self, d: dict) -> list[dict]:

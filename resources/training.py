@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -188,6 +189,9 @@ class SageMakerTrainer(Trainer, AwsResource):
     max_wait_seconds: int = 7200
     volume_gb: int = 10
     poll_seconds: float = 15.0
+    # How long a job may stay Starting (no instance provisioned); past it the job is stopped
+    # and the step fails. 0: no bound.
+    start_timeout_seconds: float = 3600.0
     pipes_interval: float = 10.0  # how often Pipes messages (the job's log lines) reach Dagster
 
     def _request(
@@ -268,15 +272,27 @@ class SageMakerTrainer(Trainer, AwsResource):
         sm = self._client("sagemaker")
         last = {}
 
+        def stop() -> None:
+            sm.stop_training_job(TrainingJobName=name)
+            context.log.warning(f"stopped training job {name}")
+
         def log_change(d: dict) -> None:
             state = (d["TrainingJobStatus"], d.get("SecondaryStatus"))
             if last.get("state") != state:
                 context.log.info(f"training job {name}: {state[0]} / {state[1]}")
-                last["state"] = state
-
-        def stop() -> None:
-            sm.stop_training_job(TrainingJobName=name)
-            context.log.warning(f"stopped training job {name}")
+                last["state"], last["since"] = state, time.monotonic()
+            if (
+                state == ("InProgress", "Starting")
+                and self.start_timeout_seconds
+                and time.monotonic() - last["since"] >= self.start_timeout_seconds
+            ):
+                stop()
+                said = (d.get("SecondaryStatusTransitions") or [{}])[-1].get("StatusMessage")
+                raise TrainingFailed(
+                    f"training job {name} stayed Starting {self.start_timeout_seconds:g} s "
+                    f"(CVGRAPH_SAGEMAKER_START_TIMEOUT_SECONDS): {said or 'no status message'}; "
+                    "stopped"
+                )
 
         with stopped_on_interrupt(stop):
             return poll(

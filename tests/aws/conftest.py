@@ -48,6 +48,10 @@ class Harness:
         self.no_capacity: set[str] = set()  # instance types that fail with a CapacityError
         self.interrupt_after_epochs: int | None = None  # spot reclaim once, after this many epochs
         self.athena_queries: list[str] = []
+        # Batch jobs stay RUNNABLE with this status reason (no capacity, a misconfigured compute
+        # environment) until terminated; SageMaker jobs stay Starting while hold_training is set.
+        self.runnable_reason: str | None = None
+        self.hold_training = False
         self.oom_prefixes: set[str] = (
             set()
         )  # Batch children for these prefixes die as if out of memory
@@ -81,6 +85,12 @@ def _batch_run(self) -> None:
     """Replaces moto.batch.models.Job.run: run the submitted command on this machine."""
     try:
         self.status = "RUNNABLE"
+        while HARNESS.runnable_reason is not None:  # Batch never places it
+            if self.stop:
+                self._mark_stopped(success=False)
+                return
+            self.job_stopped_reason = HARNESS.runnable_reason  # describe's statusReason
+            time.sleep(0.05)
         index = self.array_properties.get("index")
         for dep in self.depends_on or []:
             target = dep["jobId"] + (
@@ -240,6 +250,11 @@ def _train(job) -> None:
         "spot": job.enable_managed_spot_training,
     }
     HARNESS.training_runs.append(record)
+    while HARNESS.hold_training and not job._stop:  # SageMaker never provisions the instance
+        time.sleep(0.05)
+    if job._stop:
+        job.training_job_status, job.secondary_status = "Stopped", "Stopped"
+        return
     try:
         if itype in HARNESS.no_capacity:
             job.failure_reason = "CapacityError: Unable to provision requested ML compute capacity. Please retry using a different ML instance type."

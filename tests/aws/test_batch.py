@@ -268,3 +268,57 @@ def test_only_a_cancel_terminates_the_jobs_not_a_failed_poll(aws, error, termina
     else:  # the job goes on: a describe that failed says nothing about it
         assert job.job_stopped_reason is None and not job.stop
         boto3.client("batch").terminate_job(jobId=job.job_id, reason="test over")
+
+
+REASON = "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs more vCPUs than the environment offers"
+
+
+@pytest.mark.parametrize("prefixes", [["00"], ["00", "01", "02"]], ids=["single", "array"])
+def test_jobs_held_runnable_past_the_start_timeout_are_terminated_and_the_step_names_why(
+    aws, prefixes
+):
+    """Batch never places the jobs (no capacity, a misconfigured environment): past the bound
+    the client terminates them and fails naming the queue, the job ids and Batch's reason."""
+    from resources.batch import JobsNeverStarted
+
+    aws.runnable_reason = REASON
+    compute = client().model_copy(update={"start_timeout_seconds": 1.0})
+    try:
+        with pytest.raises(JobsNeverStarted) as e:
+            compute.run_prefix_tasks(
+                dg.build_asset_context(),
+                "index",
+                lambda ps: ["python", "-c", "print('never runs')"],
+                prefixes,
+                "held1234",
+            )
+    finally:
+        aws.runnable_reason = None
+    [job] = parents()
+    message = str(e.value)
+    assert message.startswith(
+        f"batch jobs {job.job_id} on queue {os.environ['CVGRAPH_BATCH_JOB_QUEUE']} "
+    )
+    assert (
+        "waited RUNNABLE/STARTING 1 s with none started (CVGRAPH_BATCH_START_TIMEOUT_SECONDS)"
+        in message
+    )
+    assert f"Batch says: {REASON}; the run's jobs were terminated" in message
+    assert job.stop and job.job_stopped_reason == "not started in time"
+    assert aws.batch_runs == []  # nothing ran
+
+
+def test_a_job_that_starts_within_the_bound_is_not_stopped(aws):
+    """Waiting less than the bound (here: capacity arrives after a moment) is no failure."""
+    aws.runnable_reason = REASON
+    threading.Timer(0.5, lambda: setattr(aws, "runnable_reason", None)).start()
+    compute = client().model_copy(update={"start_timeout_seconds": 30.0})
+    compute.run_prefix_tasks(
+        dg.build_asset_context(),
+        "index",
+        lambda ps: ["python", "-c", "print('ran')"],
+        ["00"],
+        "late1234",
+    )
+    [job] = parents()
+    assert not job.stop and len(aws.batch_runs) == 1

@@ -261,3 +261,42 @@ class OneObjectPerPage:
                 return paginator.paginate(**kw, PaginationConfig={"PageSize": 1})
 
         return Paged()
+
+
+def test_a_training_job_held_in_starting_past_the_bound_is_stopped_and_the_step_fails(
+    subset_on_s3, aws
+):
+    """SageMaker never provisions the instance: past the bound the job is stopped and the step
+    fails naming the job and the setting; no model is written."""
+    lake, _ = subset_on_s3
+    aws.hold_training = True
+    try:
+        result, out = in_asset(
+            lambda ctx: trainer(use_spot=False, start_timeout_seconds=1.0).train(
+                ctx, lake, "held", "subsets/all/manifest.parquet", "m3", HP
+            )
+        )
+    finally:
+        aws.hold_training = False
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    err = failure.step_failure_data.error
+    while err.cause is not None:  # Dagster's step error wraps the trainer's
+        err = err.cause
+    message = err.message
+    assert message.startswith("resources.training.TrainingFailed: ")
+    assert (
+        "training job held-0 stayed Starting 1 s (CVGRAPH_SAGEMAKER_START_TIMEOUT_SECONDS)"
+        in message
+    )
+    assert message.rstrip().endswith("stopped")
+    sm = boto3.client("sagemaker")
+    deadline = time.time() + 30
+    while (
+        sm.describe_training_job(TrainingJobName="held-0")["TrainingJobStatus"] != "Stopped"
+        and time.time() < deadline
+    ):
+        time.sleep(0.1)
+    assert sm.describe_training_job(TrainingJobName="held-0")["TrainingJobStatus"] == "Stopped"
+    assert [r["name"] for r in aws.training_runs] == ["held-0"]
+    assert not lake.exists("models/m3/model.pt")

@@ -15,11 +15,10 @@ from typing import Any, Self, TypeVar
 import dagster as dg
 from pydantic import PrivateAttr
 
+from workloads.objects import RETRIES
+
 T = TypeVar("T")
 
-# Adaptive: retries with client-side rate limiting, as polling many jobs meets the services'
-# describe throttles; ten attempts, backing off, ride out a burst of them without failing the step.
-RETRIES = {"mode": "adaptive", "max_attempts": 10}
 
 # What a cancelled run raises in its step: Dagster's interrupt, or a bare KeyboardInterrupt
 # where the resource is driven outside a step.
@@ -36,7 +35,7 @@ def aws_client(service: str, region_name: str | None = None):
     from botocore.config import Config
 
     with _CREATING:
-        return boto3.client(service, region_name=region_name, config=Config(retries=RETRIES))
+        return boto3.client(service, region_name=region_name, config=Config(retries=dict(RETRIES)))
 
 
 class AwsResource(dg.ConfigurableResource):

@@ -7,8 +7,8 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import sys
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 

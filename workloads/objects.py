@@ -1,11 +1,17 @@
-"""What every lake shares (``LocalLake``, ``S3Lake``): valid keys, listing entries, and the
-request counters the steps report."""
+"""What every lake shares (``LocalLake``, ``S3Lake``): valid keys, listing entries, the
+request counters the steps report, and the retries every AWS client makes."""
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
 from dataclasses import dataclass
+
+# botocore's retries for every AWS client, the lake's and the orchestrator's (resources/aws.py):
+# adaptive, so a burst of 503 SlowDown or describe throttles slows the client down instead of
+# failing the step; ten attempts, backing off. Reads of a response body that breaks off are
+# retried by the lake itself (S3Lake), which botocore does not do.
+RETRIES = {"mode": "adaptive", "max_attempts": 10}
 
 
 def check_key(key: str) -> str:

@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from urllib3.exceptions import ProtocolError
 
-from workloads.objects import Counters, ObjectInfo, check_key
+from workloads.objects import RETRIES, Counters, ObjectInfo, check_key
 
-# Adaptive retries back off on throttling (SlowDown) across all threads of the process.
-BOTO_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, max_pool_connections=64)
+BOTO_CONFIG = Config(retries=dict(RETRIES), max_pool_connections=64)  # botocore edits the dict
 TRANSFER = TransferConfig(
     multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=8
 )
@@ -46,6 +53,10 @@ REQUEST_KIND = {
     "CompleteMultipartUpload": "put",
     "DeleteObject": "delete",
 }
+
+
+# A response body that broke off mid-read (botocore, urllib3).
+BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ProtocolError)
 
 
 def _missing(e: ClientError) -> bool:
@@ -87,11 +98,26 @@ class S3Lake:
                 return False
             raise
 
+    def _get_object(self, key: str) -> tuple[bytes, str]:
+        """(bytes, ETag) of the object at ``key``. botocore retries a failed request, not a body
+        that breaks off while it is read (a reset connection): that read is retried here, with
+        the same attempts and backoff, as a fresh GET."""
+        for attempt in range(1, RETRIES["max_attempts"] + 1):
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            try:
+                data = r["Body"].read()
+            except BODY_ERRORS:
+                if attempt == RETRIES["max_attempts"]:
+                    raise
+                time.sleep(min(20.0, 0.1 * 2**attempt) * random.random())  # full jitter
+                continue
+            self.counters.add("bytes_read", len(data))
+            return data, r["ETag"]
+        raise AssertionError("unreachable")
+
     def get(self, key: str) -> bytes:
         try:
-            data = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-            self.counters.add("bytes_read", len(data))
-            return data
+            return self._get_object(key)[0]
         except ClientError as e:
             if _missing(e):
                 raise FileNotFoundError(self.uri(key)) from None
@@ -100,14 +126,11 @@ class S3Lake:
     def get_tagged(self, key: str) -> tuple[bytes | None, str | None]:
         """The object at ``key`` and its ETag, or ``(None, None)`` when there is none."""
         try:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return self._get_object(key)
         except ClientError as e:
             if _missing(e):
                 return None, None
             raise
-        data = r["Body"].read()
-        self.counters.add("bytes_read", len(data))
-        return data, r["ETag"]
 
     def size(self, key: str) -> int:
         return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
@@ -183,7 +206,10 @@ class S3Lake:
         """(pyarrow S3 filesystem, base path); pyarrow ignores AWS_ENDPOINT_URL, so pass it."""
         import pyarrow.fs as pafs
 
-        kw = {"region": self.client.meta.region_name}
+        kw = {
+            "region": self.client.meta.region_name,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=RETRIES["max_attempts"]),
+        }
         if self.endpoint_url:
             scheme, _, host = self.endpoint_url.partition("://")
             kw.update(endpoint_override=host, scheme=scheme)

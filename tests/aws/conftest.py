@@ -42,7 +42,8 @@ class Harness:
     """What the executors did, for assertions, and knobs for failure injection."""
 
     def __init__(self, endpoint: str):
-        self.endpoint = endpoint
+        self.endpoint = endpoint  # moto itself: what the executors below call
+        self.client_endpoint = endpoint  # what the workload processes they start call
         self.batch_runs: list[dict] = []  # one per child/job actually executed
         self.training_runs: list[dict] = []  # one per training attempt actually executed
         self.no_capacity: set[str] = set()  # instance types that fail with a CapacityError
@@ -60,7 +61,7 @@ class Harness:
         return {
             **os.environ,
             **CREDENTIALS,
-            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ENDPOINT_URL": self.client_endpoint,
             "PYTHONPATH": str(REPO),
         }
 
@@ -516,6 +517,11 @@ def moto_endpoint():
 def aws(moto_endpoint, monkeypatch, tmp_path):
     """A fresh moto account: the lake bucket with S3→SQS notifications, a Batch queue and
     job definition, and the aws profile's environment."""
+    return fresh_account(moto_endpoint, monkeypatch, tmp_path)
+
+
+def fresh_account(moto_endpoint, monkeypatch, tmp_path) -> Harness:
+    """What the ``aws`` fixture gives, again: moto reset, the resources made anew, a new home."""
     from moto.moto_api import state_manager
 
     requests.post(f"{moto_endpoint}/moto-api/reset", timeout=10)

@@ -205,7 +205,39 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
 
 
 def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tuple[dict, object]:
-    """Run the query, write the manifest, then the record (the commit marker): (record, manifest)."""
+    """Claim the key, run the query, write the manifest, then the record (the commit marker):
+    (record, manifest)."""
+    keys = subset_keys(key)
+    ours = _claim(store, key, sql)
+    try:
+        record, manifest = _freeze_claimed(context, store, catalog, key, sql, params)
+    except BaseException:
+        if ours:  # a failed freeze leaves the key free
+            store.delete(keys["claim"])
+        raise
+    return record, manifest
+
+
+def _claim(store, key: str, sql: str) -> bool:
+    """Claim ``key`` for ``sql`` with a conditional create (S3 If-None-Match; a lock and a rename
+    locally); True if this freeze made the claim. A freeze racing another of the same key with
+    the same query goes on (both write the same bytes); with another query it is refused before
+    it writes anything, so no reader can pair one query's manifest with the other's record."""
+    keys = subset_keys(key)
+    mine = normalised_sql(sql)
+    if store.put_if_match(keys["claim"], json.dumps({"sql": mine}).encode(), None):
+        return True
+    held, _ = store.get_tagged(keys["claim"])
+    theirs = json.loads(held)["sql"] if held else mine
+    if theirs != mine:
+        raise dg.Failure(
+            description=f"subset {key} is being frozen with a different query ({theirs!r}): "
+            "freeze under a new key"
+        )
+    return False
+
+
+def _freeze_claimed(context, store, catalog, key: str, sql: str, params) -> tuple[dict, object]:
     keys = subset_keys(key)
     try:
         manifest = query_manifest(catalog, sql)

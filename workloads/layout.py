@@ -224,6 +224,8 @@ def subset_keys(key: str) -> dict[str, str]:
         "manifest": f"{base}/manifest.parquet",
         "record": record_key("subset", key),
         "labels": f"{base}/labels.png",
+        # written first, conditionally: two freezes of one key race for it (assets/subsets.py)
+        "claim": f"{base}/claim.json",
     }
 
 

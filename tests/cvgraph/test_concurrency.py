@@ -1,0 +1,163 @@
+"""Concurrent writers, as users start them: two `cvgraph freeze` of one key at once (the same
+query, and different ones), two ingests of one zip at once, a freeze that finds another's claim.
+Exactly one subset or pack comes out, whole; the loser of a race over different queries is
+refused in one line; nothing is left half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SETUP = """
+import sys
+from pathlib import Path
+from cvgraph import Datasets
+from cvgraph.demo_packs import digit_members, zip_bytes
+pack = Path(sys.argv[1])
+pack.write_bytes(zip_bytes(digit_members(size=32, limit=40, classes=(0, 1, 2))))
+ds = Datasets()
+ds.ingest(pack)
+ds.sync()
+"""
+CHECK = """
+import json
+from cvgraph import Datasets
+ds = Datasets()
+out = {"subsets": ds.instance.get_dynamic_partitions("subsets"), "keys": ds.lake.keys("subsets/")}
+if ds.lake.exists("subsets/race_v1/subset.json"):
+    out["record"] = ds.subset("race_v1")  # verifies the manifest against the record
+print(json.dumps(out))
+"""
+ZEROS = "SELECT * FROM images WHERE label IN ('0', '1')"
+TWOS = "SELECT * FROM images WHERE label IN ('1', '2')"
+
+
+def _env(home) -> dict:
+    keep = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "CVGRAPH_LAKE_URL")}
+    return {**keep, "CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local"}
+
+
+def _python(home, script, *args) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        env=_env(home),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _together(home, *commands) -> list[subprocess.CompletedProcess]:
+    """Start every ``cvgraph`` command at once; wait for all."""
+    cli = Path(sys.executable).with_name("cvgraph")
+    procs = [
+        subprocess.Popen(
+            [str(cli), *cmd],
+            env=_env(home),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cmd in commands
+    ]
+    return [
+        subprocess.CompletedProcess(p.args, p.wait(timeout=600), p.stdout.read(), p.stderr.read())
+        for p in procs
+    ]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    _python(home, SETUP, home / "digits.zip")
+    return home
+
+
+def _state(home) -> dict:
+    return json.loads(_python(home, CHECK).strip().splitlines()[-1])
+
+
+def test_a_race_of_two_freezes_with_different_queries_gives_one_whole_subset(home):
+    a, b = _together(home, ["freeze", "race_v1", ZEROS], ["freeze", "race_v1", TWOS])
+    assert sorted([a.returncode, b.returncode]) == [0, 1], (a.stderr, b.stderr)
+    winner, loser = (a, b) if a.returncode == 0 else (b, a)
+    sql = ZEROS if winner is a else TWOS
+    assert loser.stderr.count("\n") == 1 and "Traceback" not in loser.stderr
+    assert (
+        "subset race_v1 is being frozen with a different query" in loser.stderr
+        or "subset race_v1 is frozen with a different query" in loser.stderr
+    ), loser.stderr
+    state = _state(home)
+    assert state["subsets"] == ["race_v1"]  # the loser's failure did not take the winner's key
+    assert state["record"]["sql"] == sql  # verified: manifest and record are one freeze's
+    assert sorted(state["keys"]) == [
+        "subsets/race_v1/claim.json",
+        "subsets/race_v1/labels.png",
+        "subsets/race_v1/manifest.parquet",
+        "subsets/race_v1/subset.json",
+    ]
+    # the race over, the same query is the same subset, and the other is refused
+    again = _together(home, ["freeze", "race_v1", sql], ["freeze", "race_v1", sql])
+    assert [p.returncode for p in again] == [0, 0]
+    assert _state(home)["record"]["manifest_sha256"] == state["record"]["manifest_sha256"]
+
+
+def test_two_freezes_of_one_key_with_the_same_query_both_succeed_with_one_subset(home):
+    runs = _together(
+        home, ["freeze", "same_v1", ZEROS, "--json"], ["freeze", "same_v1", ZEROS, "--json"]
+    )
+    assert [p.returncode for p in runs] == [0, 0], [p.stderr for p in runs]
+    shas = {json.loads(p.stdout)["manifest_sha256"] for p in runs}
+    assert len(shas) == 1
+
+
+def test_a_freeze_that_finds_another_queries_claim_is_refused_and_writes_nothing(home):
+    """The loser's side of the race, made certain: a claim for another query is there (as a
+    freeze still running holds it); the freeze is refused before it writes; the claim is kept."""
+    from resources.catalog import normalised_sql
+
+    held = normalised_sql(TWOS)
+    claim = home / "lake" / "subsets" / "held_v1" / "claim.json"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(json.dumps({"sql": held}))
+    [refused] = _together(home, ["freeze", "held_v1", ZEROS])
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        "Error: freeze of 'held_v1' failed: frozen_subsets: subset held_v1 is being frozen with "
+        f"a different query ({held!r}): freeze under a new key\n"
+    )
+    objects = [p.name for p in claim.parent.iterdir() if not p.name.startswith(".tmp-")]
+    assert objects == ["claim.json"]  # (the local lake's lock files are no objects)
+    assert json.loads(claim.read_text()) == {"sql": held}
+    # the query it was claimed for goes on, as the claimer's own re-run would
+    [done] = _together(home, ["freeze", "held_v1", TWOS])
+    assert done.returncode == 0, done.stderr
+
+
+def test_two_ingests_of_one_zip_at_once_give_one_pack(home, tmp_path):
+    from cvgraph.demo_packs import sample_image, zip_bytes
+
+    pack = tmp_path / "photos.zip"
+    pack.write_bytes(
+        zip_bytes({f"{n}/{n}.png": sample_image(f"{n}.png") for n in ("chelsea", "coffee")})
+    )
+    runs = _together(home, ["ingest", str(pack), "--json"], ["ingest", str(pack), "--json"])
+    assert [p.returncode for p in runs] == [0, 0], [p.stderr for p in runs]
+    reports = [json.loads(p.stdout) for p in runs]
+    assert {r["pack_id"] for r in reports} == {"photos"}
+    assert all(r["accepted"] + r["duplicates"] == 2 for r in reports)
+    lake = home / "lake"
+    record = json.loads((lake / "packs" / "photos" / "pack.json").read_text())
+    assert (record["accepted"], record["duplicates"]) == (2, 0)
+    assert not list((lake / ".tmp-staging").glob(".tmp-*"))  # no write left half-done

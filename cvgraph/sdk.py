@@ -106,16 +106,18 @@ class Datasets:
         """Materialise ``asset``'s partition ``key``; a partition this call added is removed again
         when the run fails, and ``undo()`` run, so a failed command leaves no key behind (the run
         stays in the instance's history)."""
-        from workloads.layout import record_key
+        from workloads.layout import record_key, subset_keys
 
         new = not self.instance.has_dynamic_partition(partitions_def.name, key)
         self.ensure_partition(partitions_def, key)
         try:
             return self.materialize([asset.key], partition_key=key, **kw)
         except RunFailed:
-            # Another run may have made the key meanwhile (this one lost a race): then it stays.
+            # Another run may hold the key (this one lost a race): then it stays. A freeze holds
+            # its key by its claim from its start (its record comes last); the others by record.
             kind = partitions_def.name.removesuffix("s")
-            if new and not self.lake.exists(record_key(kind, key)):
+            held = subset_keys(key)["claim"] if kind == "subset" else record_key(kind, key)
+            if new and not self.lake.exists(held):
                 self.instance.delete_dynamic_partition(partitions_def.name, key)
                 if undo:
                     undo()

@@ -248,5 +248,15 @@ def sync(
 def ensure_partition(
     inst: dg.DagsterInstance, partitions_def: dg.DynamicPartitionsDefinition, key: str
 ) -> None:
-    if not inst.has_dynamic_partition(partitions_def.name, key):
+    """Add partition ``key`` unless it is there. Dagster checks, then inserts: two processes
+    adding one key at once can both pass the check, and the second insert breaks the storage's
+    unique constraint; that loser finds the key there, which is all it wanted."""
+    from sqlalchemy.exc import IntegrityError  # what both storages, SQLite and PostgreSQL, raise
+
+    if inst.has_dynamic_partition(partitions_def.name, key):
+        return
+    try:
         inst.add_dynamic_partitions(partitions_def.name, [key])
+    except IntegrityError:
+        if not inst.has_dynamic_partition(partitions_def.name, key):
+            raise

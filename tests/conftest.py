@@ -28,6 +28,20 @@ def _session_home():
 LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
 
 
+@pytest.fixture(scope="session")
+def user_env():
+    """``user_env(home)``: the environment of a user with their own CVGRAPH_HOME, on the local
+    profile (none of the suite's instance or lake), for the processes a test starts."""
+
+    def env(home) -> dict:
+        keep = {
+            k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "CVGRAPH_LAKE_URL")
+        }
+        return {**keep, "CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local"}
+
+    return env
+
+
 def read_lock(path: Path = LOCK) -> dict[str, str]:
     """``{canonical name: version}`` of a pip requirements lock (``name==version`` lines)."""
     from packaging.utils import canonicalize_name

@@ -36,16 +36,6 @@ AREAS = (
     "models/",
     "exports/",
 )
-ASSETS = (
-    "raw_packs",
-    "raw_images",
-    "resized_images",
-    "edge_maps",
-    "image_tables",
-    "frozen_subsets",
-    "trained_models",
-    "exported_models",
-)
 
 
 def _run_free(obj):
@@ -75,14 +65,17 @@ def snapshot(lake) -> dict[str, str]:
 
 
 def data_versions(instance) -> dict:
+    """Each materialised (asset, partition)'s last data version, over every asset of the graph."""
+    from orchestration.definitions import ASSETS
+
     versions = {}
-    for asset in ASSETS:
+    for key in (k for a in ASSETS for k in a.keys):
         records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset)), limit=10000
+            dg.AssetRecordsFilter(asset_key=key), limit=10000
         ).records
         for r in sorted(records, key=lambda r: r.storage_id):
             mat = r.event_log_entry.asset_materialization
-            versions[(asset, mat.partition)] = mat.tags.get("dagster/data_version")
+            versions[(key.to_user_string(), mat.partition)] = mat.tags.get("dagster/data_version")
     return versions
 
 

@@ -28,6 +28,18 @@ def trainer(**kw) -> SageMakerTrainer:
     )
 
 
+def status_after_stop(name: str, seconds: float = 30) -> str:
+    """The job's status once it has left Stopping (or after ``seconds``)."""
+    sm = boto3.client("sagemaker")
+    deadline = time.time() + seconds
+    while (status := sm.describe_training_job(TrainingJobName=name)["TrainingJobStatus"]) in (
+        "InProgress",
+        "Stopping",
+    ) and time.time() < deadline:
+        time.sleep(0.1)
+    return status
+
+
 def in_asset(fn):
     """Run ``fn(context)`` inside a real asset step (Pipes sessions need one); returns (result, value)."""
     out = {}
@@ -188,14 +200,7 @@ def test_cancelling_the_run_stops_the_training_job(subset_on_s3, aws):
         )
     )
     assert not result.success
-    sm = boto3.client("sagemaker")
-    deadline = time.time() + 30
-    while (
-        sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] != "Stopped"
-        and time.time() < deadline
-    ):
-        time.sleep(0.1)
-    assert sm.describe_training_job(TrainingJobName="cancel-me-0")["TrainingJobStatus"] == "Stopped"
+    assert status_after_stop("cancel-me-0") == "Stopped"
     assert not lake.exists("models/m2/model.pt")
 
 
@@ -290,13 +295,6 @@ def test_a_training_job_held_in_starting_past_the_bound_is_stopped_and_the_step_
         in message
     )
     assert message.rstrip().endswith("stopped")
-    sm = boto3.client("sagemaker")
-    deadline = time.time() + 30
-    while (
-        sm.describe_training_job(TrainingJobName="held-0")["TrainingJobStatus"] != "Stopped"
-        and time.time() < deadline
-    ):
-        time.sleep(0.1)
-    assert sm.describe_training_job(TrainingJobName="held-0")["TrainingJobStatus"] == "Stopped"
+    assert status_after_stop("held-0") == "Stopped"
     assert [r["name"] for r in aws.training_runs] == ["held-0"]
     assert not lake.exists("models/m3/model.pt")

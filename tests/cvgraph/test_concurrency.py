@@ -6,7 +6,6 @@ refused in one line; nothing is left half-written."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,15 +37,23 @@ ZEROS = "SELECT * FROM images WHERE label IN ('0', '1')"
 TWOS = "SELECT * FROM images WHERE label IN ('1', '2')"
 
 
-def _env(home) -> dict:
-    keep = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "CVGRAPH_LAKE_URL")}
-    return {**keep, "CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local"}
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
 
 
-def _python(home, script, *args) -> str:
+@pytest.fixture(scope="module")
+def env(home, user_env):
+    """The environment of a user whose home has 40 digits ingested and queryable."""
+    env = user_env(home)
+    _python(env, SETUP, home / "digits.zip")
+    return env
+
+
+def _python(env, script, *args) -> str:
     out = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)],
-        env=_env(home),
+        env=env,
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -57,13 +64,13 @@ def _python(home, script, *args) -> str:
     return out.stdout
 
 
-def _together(home, *commands) -> list[subprocess.CompletedProcess]:
+def _together(env, *commands) -> list[subprocess.CompletedProcess]:
     """Start every ``cvgraph`` command at once; wait for all."""
     cli = Path(sys.executable).with_name("cvgraph")
     procs = [
         subprocess.Popen(
             [str(cli), *cmd],
-            env=_env(home),
+            env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -77,19 +84,12 @@ def _together(home, *commands) -> list[subprocess.CompletedProcess]:
     ]
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    _python(home, SETUP, home / "digits.zip")
-    return home
+def _state(env) -> dict:
+    return json.loads(_python(env, CHECK).strip().splitlines()[-1])
 
 
-def _state(home) -> dict:
-    return json.loads(_python(home, CHECK).strip().splitlines()[-1])
-
-
-def test_a_race_of_two_freezes_with_different_queries_gives_one_whole_subset(home):
-    a, b = _together(home, ["freeze", "race_v1", ZEROS], ["freeze", "race_v1", TWOS])
+def test_a_race_of_two_freezes_with_different_queries_gives_one_whole_subset(env):
+    a, b = _together(env, ["freeze", "race_v1", ZEROS], ["freeze", "race_v1", TWOS])
     assert sorted([a.returncode, b.returncode]) == [0, 1], (a.stderr, b.stderr)
     winner, loser = (a, b) if a.returncode == 0 else (b, a)
     sql = ZEROS if winner is a else TWOS
@@ -98,7 +98,7 @@ def test_a_race_of_two_freezes_with_different_queries_gives_one_whole_subset(hom
         "subset race_v1 is being frozen with a different query" in loser.stderr
         or "subset race_v1 is frozen with a different query" in loser.stderr
     ), loser.stderr
-    state = _state(home)
+    state = _state(env)
     assert state["subsets"] == ["race_v1"]  # the loser's failure did not take the winner's key
     assert state["record"]["sql"] == sql  # verified: manifest and record are one freeze's
     assert sorted(state["keys"]) == [
@@ -108,21 +108,21 @@ def test_a_race_of_two_freezes_with_different_queries_gives_one_whole_subset(hom
         "subsets/race_v1/subset.json",
     ]
     # the race over, the same query is the same subset, and the other is refused
-    again = _together(home, ["freeze", "race_v1", sql], ["freeze", "race_v1", sql])
+    again = _together(env, ["freeze", "race_v1", sql], ["freeze", "race_v1", sql])
     assert [p.returncode for p in again] == [0, 0]
-    assert _state(home)["record"]["manifest_sha256"] == state["record"]["manifest_sha256"]
+    assert _state(env)["record"]["manifest_sha256"] == state["record"]["manifest_sha256"]
 
 
-def test_two_freezes_of_one_key_with_the_same_query_both_succeed_with_one_subset(home):
+def test_two_freezes_of_one_key_with_the_same_query_both_succeed_with_one_subset(env):
     runs = _together(
-        home, ["freeze", "same_v1", ZEROS, "--json"], ["freeze", "same_v1", ZEROS, "--json"]
+        env, ["freeze", "same_v1", ZEROS, "--json"], ["freeze", "same_v1", ZEROS, "--json"]
     )
     assert [p.returncode for p in runs] == [0, 0], [p.stderr for p in runs]
     shas = {json.loads(p.stdout)["manifest_sha256"] for p in runs}
     assert len(shas) == 1
 
 
-def test_a_freeze_that_finds_another_queries_claim_is_refused_and_writes_nothing(home):
+def test_a_freeze_that_finds_another_queries_claim_is_refused_and_writes_nothing(env, home):
     """The loser's side of the race, made certain: a claim for another query is there (as a
     freeze still running holds it); the freeze is refused before it writes; the claim is kept."""
     from resources.catalog import normalised_sql
@@ -131,7 +131,7 @@ def test_a_freeze_that_finds_another_queries_claim_is_refused_and_writes_nothing
     claim = home / "lake" / "subsets" / "held_v1" / "claim.json"
     claim.parent.mkdir(parents=True)
     claim.write_text(json.dumps({"sql": held}))
-    [refused] = _together(home, ["freeze", "held_v1", ZEROS])
+    [refused] = _together(env, ["freeze", "held_v1", ZEROS])
     assert refused.returncode == 1
     assert refused.stderr == (
         "Error: freeze of 'held_v1' failed: frozen_subsets: subset held_v1 is being frozen with "
@@ -141,18 +141,18 @@ def test_a_freeze_that_finds_another_queries_claim_is_refused_and_writes_nothing
     assert objects == ["claim.json"]  # (the local lake's lock files are no objects)
     assert json.loads(claim.read_text()) == {"sql": held}
     # the query it was claimed for goes on, as the claimer's own re-run would
-    [done] = _together(home, ["freeze", "held_v1", TWOS])
+    [done] = _together(env, ["freeze", "held_v1", TWOS])
     assert done.returncode == 0, done.stderr
 
 
-def test_two_ingests_of_one_zip_at_once_give_one_pack(home, tmp_path):
+def test_two_ingests_of_one_zip_at_once_give_one_pack(env, home, tmp_path):
     from cvgraph.demo_packs import sample_image, zip_bytes
 
     pack = tmp_path / "photos.zip"
     pack.write_bytes(
         zip_bytes({f"{n}/{n}.png": sample_image(f"{n}.png") for n in ("chelsea", "coffee")})
     )
-    runs = _together(home, ["ingest", str(pack), "--json"], ["ingest", str(pack), "--json"])
+    runs = _together(env, ["ingest", str(pack), "--json"], ["ingest", str(pack), "--json"])
     assert [p.returncode for p in runs] == [0, 0], [p.stderr for p in runs]
     reports = [json.loads(p.stdout) for p in runs]
     assert {r["pack_id"] for r in reports} == {"photos"}

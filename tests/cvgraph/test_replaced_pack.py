@@ -5,7 +5,6 @@ the recorded reason; the pack, its images and the subsets frozen from it stay as
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -50,12 +49,10 @@ print(json.dumps(out))
 """
 
 
-def test_a_replaced_zip_is_refused_and_the_subsets_frozen_from_it_keep_loading(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "CVGRAPH_LAKE_URL")}
-    env |= {"CVGRAPH_HOME": str(tmp_path / "home"), "CVGRAPH_PROFILE": "local"}
+def test_a_replaced_zip_is_refused_and_the_subsets_frozen_from_it_keep_loading(tmp_path, user_env):
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path)],
-        env=env,
+        env=user_env(tmp_path / "home"),
         capture_output=True,
         text=True,
         check=False,

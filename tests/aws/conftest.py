@@ -520,6 +520,12 @@ def aws(moto_endpoint, monkeypatch, tmp_path):
     return fresh_account(moto_endpoint, monkeypatch, tmp_path)
 
 
+@pytest.fixture
+def fresh_aws(moto_endpoint, monkeypatch):
+    """``fresh_aws(home)``: the ``aws`` fixture's account again, for a test that needs two."""
+    return lambda home: fresh_account(moto_endpoint, monkeypatch, home)
+
+
 def fresh_account(moto_endpoint, monkeypatch, tmp_path) -> Harness:
     """What the ``aws`` fixture gives, again: moto reset, the resources made anew, a new home."""
     from moto.moto_api import state_manager

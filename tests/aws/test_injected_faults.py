@@ -10,7 +10,6 @@ import json
 import re
 
 import dagster as dg
-from conftest import digits_zip, fresh_account
 from fault_proxy import FaultProxy
 
 # What may differ between two runs of the same graph: when, where and by which run things were
@@ -79,7 +78,7 @@ def data_versions(instance) -> dict:
     return versions
 
 
-def run_graph(tmp_path, monkeypatch) -> dict:
+def run_graph(tmp_path, monkeypatch, digits_zip) -> dict:
     from cvgraph.sdk import Datasets
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -103,16 +102,16 @@ def run_graph(tmp_path, monkeypatch) -> dict:
 
 
 def test_the_graph_with_injected_faults_converges_to_the_run_without(
-    moto_endpoint, monkeypatch, tmp_path
+    moto_endpoint, fresh_aws, small_digits_pack, monkeypatch, tmp_path
 ):
-    fresh_account(moto_endpoint, monkeypatch, tmp_path / "clean")
-    clean = run_graph(tmp_path / "clean", monkeypatch)
+    fresh_aws(tmp_path / "clean")
+    clean = run_graph(tmp_path / "clean", monkeypatch, small_digits_pack)
 
     with FaultProxy(moto_endpoint, rate=0.05, seed=7) as proxy:
-        harness = fresh_account(moto_endpoint, monkeypatch, tmp_path / "faulty")
+        harness = fresh_aws(tmp_path / "faulty")
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         harness.client_endpoint = proxy.url  # the Batch and SageMaker workloads too
-        faulty = run_graph(tmp_path / "faulty", monkeypatch)
+        faulty = run_graph(tmp_path / "faulty", monkeypatch, small_digits_pack)
         stats = dict(proxy.stats)
 
     print(f"fault proxy: {stats}")

@@ -204,20 +204,6 @@ def _plot_labels(lake, key: str, labels: dict[str, int]) -> str:
     return out
 
 
-def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tuple[dict, object]:
-    """Claim the key, run the query, write the manifest, then the record (the commit marker):
-    (record, manifest)."""
-    keys = subset_keys(key)
-    ours = _claim(store, key, sql)
-    try:
-        record, manifest = _freeze_claimed(context, store, catalog, key, sql, params)
-    except BaseException:
-        if ours:  # a failed freeze leaves the key free
-            store.delete(keys["claim"])
-        raise
-    return record, manifest
-
-
 def _claim(store, key: str, sql: str) -> bool:
     """Claim ``key`` for ``sql`` with a conditional create (S3 If-None-Match; a lock and a rename
     locally); True if this freeze made the claim. A freeze racing another of the same key with
@@ -237,7 +223,9 @@ def _claim(store, key: str, sql: str) -> bool:
     return False
 
 
-def _freeze_claimed(context, store, catalog, key: str, sql: str, params) -> tuple[dict, object]:
+def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tuple[dict, object]:
+    """Run the query, claim the key, write the manifest, then the record (the commit marker):
+    (record, manifest). A query that gives nothing claims nothing: the key stays free."""
     keys = subset_keys(key)
     try:
         manifest = query_manifest(catalog, sql)
@@ -253,6 +241,17 @@ def _freeze_claimed(context, store, catalog, key: str, sql: str, params) -> tupl
                 else ""
             )
         )
+    ours = _claim(store, key, sql)
+    try:
+        return _write_subset(context, store, key, sql, params, manifest)
+    except BaseException:
+        if ours:  # a failed freeze leaves the key free
+            store.delete(keys["claim"])
+        raise
+
+
+def _write_subset(context, store, key: str, sql: str, params, manifest) -> tuple[dict, object]:
+    keys = subset_keys(key)
     root, _ = lake_merkle_root(store, "image_tables")
     versions = {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}
     prefixes = sorted(pc.unique(manifest["prefix"]).to_pylist())

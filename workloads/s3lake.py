@@ -24,7 +24,6 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
-from urllib3.exceptions import ProtocolError
 
 from workloads.objects import RETRIES, Counters, ObjectInfo, check_key
 
@@ -55,8 +54,8 @@ REQUEST_KIND = {
 }
 
 
-# A response body that broke off mid-read (botocore, urllib3).
-BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ProtocolError)
+# A response body that broke off mid-read, as botocore's StreamingBody raises it.
+BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError)
 
 
 def _missing(e: ClientError) -> bool:

@@ -83,6 +83,8 @@ def run_graph(tmp_path, monkeypatch, digits_zip) -> dict:
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    # Dagster's instance sets DAGSTER_HOME for good: set here, it is the suite's again after.
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home" / "dagster"))
     pack = tmp_path / "digits.zip"
     pack.write_bytes(digits_zip(40))
     ds = Datasets()

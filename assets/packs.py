@@ -13,6 +13,7 @@ from workloads.costs import ingest_estimate
 from workloads.lake import get_json, read_parquet
 from workloads.layout import incoming_key, pack_keys, result_key
 from workloads.pack_zip import image_members
+from workloads.staging import Swept
 from workloads.tasks import PACK_REPLACED, PACK_UNREADABLE
 
 PACK_KEY_TAG = "cvgraph/pack_key"
@@ -75,12 +76,9 @@ def raw_packs(
         )
     result = json.loads(store.get(pack_keys(pack_id)["record"]))
     task = get_json(store, result_key(context.run.run_id, "ingest", pack_id), {})
-    swept = task.get("swept", {"entries": 0, "bytes": 0})
-    if swept["entries"]:
-        context.log.info(
-            f"pack {pack_id}: removed {swept['entries']} staging entries killed ingests left "
-            f"({swept['bytes']:,} B)"
-        )
+    swept = Swept(**task.get("swept", {"entries": 0, "bytes": 0}))
+    if swept.entries:
+        context.log.info(f"pack {pack_id}: {swept}")
     rejects = result["rejected"]
     for r in rejects:
         context.log.warning(f"pack {pack_id}: rejected {r['member']!r}: {r['reason']}")
@@ -123,7 +121,7 @@ def raw_packs(
             ),
             "manifest": pack_keys(pack_id)["manifest"],
             "prefixes_touched": len(result.get("prefixes", {})),
-            "staging_swept": swept["entries"],
+            "staging_swept": swept.entries,
             **request_metadata({}, [task]),
             **estimate,
         },

@@ -101,18 +101,19 @@ class S3Lake:
         """(bytes, ETag) of the object at ``key``. botocore retries a failed request, not a body
         that breaks off while it is read (a reset connection): that read is retried here, with
         the same attempts and backoff, as a fresh GET."""
-        for attempt in range(1, RETRIES["max_attempts"] + 1):
+        attempt = 1
+        while True:
             r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             try:
                 data = r["Body"].read()
+                break
             except BODY_ERRORS:
                 if attempt == RETRIES["max_attempts"]:
                     raise
                 time.sleep(min(20.0, 0.1 * 2**attempt) * random.random())  # full jitter
-                continue
-            self.counters.add("bytes_read", len(data))
-            return data, r["ETag"]
-        raise AssertionError("unreachable")
+                attempt += 1
+        self.counters.add("bytes_read", len(data))
+        return data, r["ETag"]
 
     def get(self, key: str) -> bytes:
         try:

@@ -5,11 +5,11 @@ Immutable: once frozen, a key always returns the same manifest (re-materialising
 it); a different query under the same key is refused.
 """
 
-import itertools
 import json
 import math
 
 import dagster as dg
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -69,20 +69,28 @@ def query_manifest(catalog: Catalog, sql: str):
     return manifest.append_column(BOXES, _boxes_of(manifest["sha256"], boxes))
 
 
-def _boxes_of(shas, objects: pa.Table) -> pa.ChunkedArray:
-    """Each image's boxes (``objects`` rows, in box order) as a list column aligned to ``shas``."""
+def _boxes_of(shas, objects: pa.Table) -> pa.Array:
+    """Each image's boxes (``objects`` rows, in box order) as a list column aligned to ``shas``.
+    Built from offsets in numpy: filling 1M null lists with an empty one took pyarrow 2.4 s."""
     objects = objects.sort_by([("sha256", "ascending"), ("box", "ascending")])
     boxes = pa.StructArray.from_arrays(
         [objects[f].combine_chunks().cast(BOX_TYPE.field(f).type) for f in BOX_TYPE.names],
         fields=list(BOX_TYPE),
     )
-    # sorted by image: one list per run of equal sha256s, the runs in sha256 order
+    # sorted by image: one run of rows per sha256, the runs in sha256 order
     counts = pc.value_counts(objects["sha256"])
     runs = pc.take(counts, pc.sort_indices(counts.field("values"))).flatten()
-    offsets = pa.array([0, *itertools.accumulate(runs[1].to_pylist())], pa.int32())
-    listed = pa.ListArray.from_arrays(offsets, boxes, type=pa.list_(BOX_TYPE))
-    listed = pc.take(listed, pc.index_in(shas, value_set=runs[0]))
-    return pc.fill_null(listed, pa.scalar([], pa.list_(BOX_TYPE)))
+    # per run: (first row, rows); an image without boxes points at the empty run appended last
+    lengths = np.append(runs[1].to_numpy(), 0)
+    starts = np.cumsum(lengths) - lengths
+    run_of = pc.fill_null(pc.index_in(shas, value_set=runs[0]), len(lengths) - 1).to_numpy()
+    lengths, starts = lengths[run_of], starts[run_of]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    # row i's boxes are rows starts[i]..starts[i]+lengths[i] of `boxes`: one gather for all
+    gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), boxes.take(pa.array(gather)), type=pa.list_(BOX_TYPE)
+    )
 
 
 def _packs_of(manifest) -> list[str]:

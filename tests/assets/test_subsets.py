@@ -1,0 +1,58 @@
+"""The manifest's `objects` column: each image's boxes, in box order, aligned to the manifest."""
+
+import random
+
+import pyarrow as pa
+
+from assets.subsets import _boxes_of
+from workloads.annotations import BOX_TYPE
+
+
+def _objects(rows):
+    names = ("sha256", "box", "category", "x", "y", "w", "h")
+    types = (
+        pa.string(),
+        pa.int64(),
+        pa.string(),
+        pa.float64(),
+        pa.float64(),
+        pa.int64(),
+        pa.int64(),
+    )
+    cols = list(zip(*rows)) if rows else [[] for _ in names]
+    return pa.table({n: pa.array(c, t) for n, c, t in zip(names, cols, types)})
+
+
+def test_boxes_follow_the_manifest_rows_repeats_and_gaps_included():
+    rng = random.Random(7)
+    shas = [f"{i:064x}" for i in range(500)]
+    for _ in range(20):
+        rows = [
+            (
+                s,
+                b,
+                rng.choice(["cat", "dog", None]),
+                rng.random(),
+                rng.random(),
+                rng.randint(1, 9),
+                4,
+            )
+            for s in rng.sample(shas, rng.randint(0, 200))
+            for b in rng.sample(range(6), rng.randint(1, 4))  # box numbers with gaps
+        ]
+        rng.shuffle(rows)
+        manifest = sorted(rng.choices(shas, k=rng.randint(0, 120)))  # a query may repeat an image
+        half = len(manifest) // 2
+        column = _boxes_of(
+            pa.chunked_array([manifest[:half], manifest[half:]], pa.string()), _objects(rows)
+        )
+        expected = [
+            [
+                {"category": c, "x": x, "y": y, "w": float(w), "h": float(h)}
+                for _, _, c, x, y, w, h in sorted(r for r in rows if r[0] == sha)
+            ]
+            for sha in manifest
+        ]
+        assert column.type == pa.list_(BOX_TYPE)
+        assert column.null_count == 0
+        assert column.to_pylist() == expected

@@ -110,7 +110,7 @@ def test_a_failed_athena_query_is_one_line_with_athenas_reason_and_the_gate_star
     assert len(executions()) == 1  # refused before Athena saw it
 
 
-def test_an_athena_query_past_its_timeout_is_stopped_and_fails_naming_the_setting(aws):
+def test_fault_an_athena_query_past_its_timeout_is_stopped_and_fails_naming_the_setting(aws):
     from moto.moto_api import state_manager
 
     # Athena holds the query (no capacity, a huge scan): it never leaves QUEUED by itself.

@@ -274,7 +274,7 @@ REASON = "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs more vCPUs t
 
 
 @pytest.mark.parametrize("prefixes", [["00"], ["00", "01", "02"]], ids=["single", "array"])
-def test_jobs_held_runnable_past_the_start_timeout_are_terminated_and_the_step_names_why(
+def test_fault_jobs_held_runnable_past_the_start_timeout_are_terminated_and_the_step_names_why(
     aws, prefixes
 ):
     """Batch never places the jobs (no capacity, a misconfigured environment): past the bound

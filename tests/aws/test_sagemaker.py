@@ -268,7 +268,7 @@ class OneObjectPerPage:
         return Paged()
 
 
-def test_a_training_job_held_in_starting_past_the_bound_is_stopped_and_the_step_fails(
+def test_fault_a_training_job_held_in_starting_past_the_bound_is_stopped_and_the_step_fails(
     subset_on_s3, aws
 ):
     """SageMaker never provisions the instance: past the bound the job is stopped and the step

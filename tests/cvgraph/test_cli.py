@@ -146,7 +146,7 @@ BAD_SQL = {
 }
 
 
-def test_hostile_or_mistaken_sql_in_query_and_freeze_is_one_line_and_exit_1(tmp_path):
+def test_injected_or_mistaken_sql_in_query_and_freeze_is_one_line_and_exit_1(tmp_path):
     """`cvgraph query` and `cvgraph freeze` (which runs the query in a Dagster run): the
     engine's reason on one line, exit 1, no traceback, and no subset kept."""
     commands = [["query", sql] for sql in BAD_SQL] + [["freeze", "bad_v1", sql] for sql in BAD_SQL]

@@ -1,5 +1,6 @@
 """Concurrent writers, as users start them: two `cvgraph freeze` of one key at once (the same
-query, and different ones), two ingests of one zip at once, a freeze that finds another's claim.
+query, and different ones), two ingests of one zip at once, the sensor's run racing a manual
+ingest of the zip it found, a freeze that finds another's claim.
 Exactly one subset or pack comes out, whole; the loser of a race over different queries is
 refused in one line; nothing is left half-written."""
 
@@ -33,6 +34,37 @@ if ds.lake.exists("subsets/race_v1/subset.json"):
     out["record"] = ds.subset("race_v1")  # verifies the manifest against the record
 print(json.dumps(out))
 """
+# What the daemon does with a sensor tick: evaluate it, record its partitions, launch its runs
+# (here when the test says go, so that the manual ingest starts while the tick's run is due).
+SENSOR_TICK = """
+import json
+import sys
+import dagster as dg
+from assets.packs import raw_packs
+from cvgraph import Datasets
+from orchestration.sensors import incoming_packs_sensor
+from partitions import pack_partitions_def
+ds = Datasets()
+context = dg.build_sensor_context(instance=ds.instance, resources=ds.definitions.resources)
+tick = incoming_packs_sensor(context)
+for request in tick.dynamic_partitions_requests:
+    for key in request.partition_keys:
+        ds.ensure_partition(pack_partitions_def, key)
+print(json.dumps([[r.partition_key, r.tags] for r in tick.run_requests]), flush=True)
+sys.stdin.readline()
+for r in tick.run_requests:
+    ds.materialize([raw_packs.key], partition_key=r.partition_key, tags=r.tags)
+"""
+PACKS = """
+import json
+import dagster as dg
+from cvgraph import Datasets
+ds = Datasets()
+print(json.dumps({
+    "partitions": sorted(ds.instance.get_dynamic_partitions("packs")),
+    "ingested": sorted(ds.instance.get_materialized_partitions(dg.AssetKey("raw_packs"))),
+}))
+"""
 ZEROS = "SELECT * FROM images WHERE label IN ('0', '1')"
 TWOS = "SELECT * FROM images WHERE label IN ('1', '2')"
 
@@ -64,24 +96,23 @@ def _python(env, script, *args) -> str:
     return out.stdout
 
 
-def _together(env, *commands) -> list[subprocess.CompletedProcess]:
-    """Start every ``cvgraph`` command at once; wait for all."""
-    cli = Path(sys.executable).with_name("cvgraph")
-    procs = [
-        subprocess.Popen(
-            [str(cli), *cmd],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for cmd in commands
-    ]
+def _start(env, argv, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
+
+
+def _finished(procs) -> list[subprocess.CompletedProcess]:
     return [
         subprocess.CompletedProcess(p.args, p.wait(timeout=600), p.stdout.read(), p.stderr.read())
         for p in procs
     ]
+
+
+def _together(env, *commands) -> list[subprocess.CompletedProcess]:
+    """Start every ``cvgraph`` command at once; wait for all."""
+    cli = Path(sys.executable).with_name("cvgraph")
+    return _finished([_start(env, [str(cli), *cmd]) for cmd in commands])
 
 
 def _state(env) -> dict:
@@ -113,7 +144,7 @@ def test_a_race_of_two_freezes_with_different_queries_gives_one_whole_subset(env
     assert _state(env)["record"]["manifest_sha256"] == state["record"]["manifest_sha256"]
 
 
-def test_two_freezes_of_one_key_with_the_same_query_both_succeed_with_one_subset(env):
+def test_a_race_of_two_freezes_of_one_key_with_the_same_query_gives_one_subset(env):
     runs = _together(
         env, ["freeze", "same_v1", ZEROS, "--json"], ["freeze", "same_v1", ZEROS, "--json"]
     )
@@ -122,7 +153,7 @@ def test_two_freezes_of_one_key_with_the_same_query_both_succeed_with_one_subset
     assert len(shas) == 1
 
 
-def test_a_freeze_that_finds_another_queries_claim_is_refused_and_writes_nothing(env, home):
+def test_a_freeze_that_loses_the_race_to_another_queries_claim_is_refused_and_writes_nothing(env, home):
     """The loser's side of the race, made certain: a claim for another query is there (as a
     freeze still running holds it); the freeze is refused before it writes; the claim is kept."""
     from resources.catalog import normalised_sql
@@ -145,7 +176,7 @@ def test_a_freeze_that_finds_another_queries_claim_is_refused_and_writes_nothing
     assert done.returncode == 0, done.stderr
 
 
-def test_two_ingests_of_one_zip_at_once_give_one_pack(env, home, tmp_path):
+def test_a_race_of_two_ingests_of_one_zip_gives_one_pack(env, home, tmp_path):
     from cvgraph.demo_packs import sample_image, zip_bytes
 
     pack = tmp_path / "photos.zip"
@@ -160,4 +191,33 @@ def test_two_ingests_of_one_zip_at_once_give_one_pack(env, home, tmp_path):
     lake = home / "lake"
     record = json.loads((lake / "packs" / "photos" / "pack.json").read_text())
     assert (record["accepted"], record["duplicates"]) == (2, 0)
+    assert not list((lake / ".tmp-staging").glob(".tmp-*"))  # no write left half-done
+
+
+def test_the_sensors_run_racing_a_manual_ingest_of_its_zip_gives_one_pack(env, home, tmp_path):
+    from cvgraph.demo_packs import sample_image, zip_bytes
+
+    pack = tmp_path / "sensed.zip"
+    members = ("astronaut.png", "camera.png", "rocket.jpg")
+    pack.write_bytes(zip_bytes({f"space/{n}": sample_image(n) for n in members}))
+    [uploaded] = _together(env, ["upload", str(pack)])
+    assert uploaded.returncode == 0, uploaded.stderr
+    daemon = _start(env, [sys.executable, "-c", SENSOR_TICK], stdin=subprocess.PIPE)
+    requested = json.loads(daemon.stdout.readline() or "null")
+    assert requested == [["sensed", {"cvgraph/pack_key": "incoming/sensed.zip"}]], (
+        daemon.stderr.read() if requested is None else requested
+    )
+    cli = Path(sys.executable).with_name("cvgraph")
+    manual = _start(env, [str(cli), "ingest", str(pack), "--json"])
+    daemon.stdin.write("go\n")
+    daemon.stdin.close()
+    ran, ingested = _finished([daemon, manual])
+    assert (ran.returncode, ingested.returncode) == (0, 0), (ran.stderr[-2000:], ingested.stderr)
+    report = json.loads(ingested.stdout)
+    assert report["pack_id"] == "sensed" and report["accepted"] + report["duplicates"] == 3
+    lake = home / "lake"
+    record = json.loads((lake / "packs" / "sensed" / "pack.json").read_text())
+    assert (record["accepted"], record["duplicates"], record["rejected"]) == (3, 0, [])
+    state = json.loads(_python(env, PACKS).strip().splitlines()[-1])
+    assert state["partitions"].count("sensed") == 1 and "sensed" in state["ingested"]
     assert not list((lake / ".tmp-staging").glob(".tmp-*"))  # no write left half-done

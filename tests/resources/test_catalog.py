@@ -51,7 +51,7 @@ MISTAKES = {
 
 
 @pytest.mark.parametrize("sql, said", [*HOSTILE.items(), *MISTAKES.items()])
-def test_hostile_and_mistaken_sql_is_refused_in_one_line_naming_why(tmp_path, sql, said):
+def test_injected_and_mistaken_sql_is_refused_in_one_line_naming_why(tmp_path, sql, said):
     catalog = DuckDBCatalog(lake=LakeResource(url=str(tmp_path)))
     with pytest.raises(QueryError) as e:
         catalog.query(sql)
@@ -61,7 +61,7 @@ def test_hostile_and_mistaken_sql_is_refused_in_one_line_naming_why(tmp_path, sq
     assert not any(Path(p).exists() for p in ("/tmp/x.csv", "/tmp/x", "/tmp/x.db"))
 
 
-def test_a_comment_cannot_smuggle_a_second_statement(tmp_path):
+def test_an_injected_comment_cannot_smuggle_a_second_statement(tmp_path):
     catalog = DuckDBCatalog(lake=LakeResource(url=str(tmp_path)))
     assert catalog.query("SELECT 1 AS one -- ; DROP TABLE images").to_pylist() == [{"one": 1}]
     assert catalog.query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 0}]

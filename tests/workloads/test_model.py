@@ -40,7 +40,7 @@ def test_a_trained_record_loads_weights_only(tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_a_planted_pickle_as_model_pt_is_refused_by_the_load_and_the_exporter(tmp_path):
+def test_an_injected_pickle_as_model_pt_is_refused_by_the_load_and_the_exporter(tmp_path):
     model_pt = tmp_path / "models" / "faces_cnn" / "model.pt"
     marker = tmp_path / "ran"
     plant(model_pt, marker)
@@ -57,7 +57,7 @@ def test_a_planted_pickle_as_model_pt_is_refused_by_the_load_and_the_exporter(tm
     assert marker.exists()
 
 
-def test_a_planted_checkpoint_is_refused_when_training_resumes(tmp_path):
+def test_an_injected_checkpoint_is_refused_when_training_resumes(tmp_path):
     model = build_model(ARCH)
     opt = torch.optim.Adam(model.parameters())
     ckpt = tmp_path / "checkpoint.pt"

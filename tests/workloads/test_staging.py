@@ -43,7 +43,7 @@ def _age(path, seconds):
     os.utime(path, (t, t))
 
 
-def test_a_killed_ingests_staging_and_a_killed_puts_temp_file_are_swept_by_the_next_ingest(
+def test_faults_that_kill_an_ingest_and_a_put_leave_what_the_next_ingest_sweeps(
     lake, put_pack, tmp_path, monkeypatch
 ):
     from cvgraph.demo_packs import sample_image

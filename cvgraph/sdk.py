@@ -114,10 +114,14 @@ class Datasets:
             return self.materialize([asset.key], partition_key=key, **kw)
         except RunFailed:
             # Another run may hold the key (this one lost a race): then it stays. A freeze holds
-            # its key by its claim from its start (its record comes last); the others by record.
+            # its key by its claim once its query is done; any run holds it while it goes on.
             kind = partitions_def.name.removesuffix("s")
             held = subset_keys(key)["claim"] if kind == "subset" else record_key(kind, key)
-            if new and not self.lake.exists(held):
+            if (
+                new
+                and not self.lake.exists(held)
+                and not self._runs.running(self.instance, asset, key)
+            ):
                 self.instance.delete_dynamic_partition(partitions_def.name, key)
                 if undo:
                     undo()

@@ -260,3 +260,18 @@ def ensure_partition(
     except IntegrityError:
         if not inst.has_dynamic_partition(partitions_def.name, key):
             raise
+
+
+def running(inst: dg.DagsterInstance, asset: dg.AssetsDefinition, partition_key: str) -> list[str]:
+    """Ids of the runs not finished yet whose plan executes ``asset``'s step for ``partition_key``
+    (a run of a selection job records no asset selection: its plan names the steps)."""
+    statuses = [s for s in dg.DagsterRunStatus if s.value not in ("SUCCESS", "FAILURE", "CANCELED")]
+    runs = inst.get_runs(
+        filters=dg.RunsFilter(tags={"dagster/partition": partition_key}, statuses=statuses)
+    )
+
+    def steps(run: dg.DagsterRun):
+        plan = run.execution_plan_snapshot_id
+        return (inst.get_execution_plan_snapshot(plan).step_keys_to_execute or ()) if plan else ()
+
+    return [r.run_id for r in runs if asset.node_def.name in steps(r)]

@@ -7,6 +7,7 @@ refused in one line; nothing is left half-written."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,13 @@ ds.sync()
 """
 CHECK = """
 import json
+import sys
 from cvgraph import Datasets
 ds = Datasets()
-out = {"subsets": ds.instance.get_dynamic_partitions("subsets"), "keys": ds.lake.keys("subsets/")}
-if ds.lake.exists("subsets/race_v1/subset.json"):
-    out["record"] = ds.subset("race_v1")  # verifies the manifest against the record
+key = sys.argv[1]
+out = {"subsets": ds.instance.get_dynamic_partitions("subsets"), "keys": ds.lake.keys(f"subsets/{key}/")}
+if ds.lake.exists(f"subsets/{key}/subset.json"):
+    out["record"] = ds.subset(key)  # verifies the manifest against the record
 print(json.dumps(out))
 """
 # What the daemon does with a sensor tick: evaluate it, record its partitions, launch its runs
@@ -45,7 +48,9 @@ from cvgraph import Datasets
 from orchestration.sensors import incoming_packs_sensor
 from partitions import pack_partitions_def
 ds = Datasets()
-context = dg.build_sensor_context(instance=ds.instance, resources=ds.definitions.resources)
+needs = incoming_packs_sensor.required_resource_keys  # the daemon builds only these
+resources = {k: v for k, v in ds.definitions.resources.items() if k in needs}
+context = dg.build_sensor_context(instance=ds.instance, resources=resources)
 tick = incoming_packs_sensor(context)
 for request in tick.dynamic_partitions_requests:
     for key in request.partition_keys:
@@ -65,6 +70,26 @@ print(json.dumps({
     "ingested": sorted(ds.instance.get_materialized_partitions(dg.AssetKey("raw_packs"))),
 }))
 """
+# Prints the ids of the runs of subset partition argv[1] once argv[2] of them have started.
+STARTED = """
+import sys
+import time
+import dagster as dg
+from cvgraph import Datasets
+ds = Datasets()
+while True:
+    runs = ds.instance.get_runs(
+        filters=dg.RunsFilter(
+            tags={"dagster/partition": sys.argv[1]}, statuses=[dg.DagsterRunStatus.STARTED]
+        )
+    )
+    if len(runs) >= int(sys.argv[2]):
+        print(" ".join(r.run_id for r in runs), flush=True)
+        break
+    time.sleep(0.05)
+"""
+# DuckDB cannot fold this away: a second or more of work per evaluation, before any row
+SLOW = "(SELECT sum(hash(range)) FROM range(1000000000)) <> 0"
 ZEROS = "SELECT * FROM images WHERE label IN ('0', '1')"
 TWOS = "SELECT * FROM images WHERE label IN ('1', '2')"
 
@@ -115,8 +140,8 @@ def _together(env, *commands) -> list[subprocess.CompletedProcess]:
     return _finished([_start(env, [str(cli), *cmd]) for cmd in commands])
 
 
-def _state(env) -> dict:
-    return json.loads(_python(env, CHECK).strip().splitlines()[-1])
+def _state(env, key: str = "race_v1") -> dict:
+    return json.loads(_python(env, CHECK, key).strip().splitlines()[-1])
 
 
 def test_a_race_of_two_freezes_with_different_queries_gives_one_whole_subset(env):
@@ -153,7 +178,34 @@ def test_a_race_of_two_freezes_of_one_key_with_the_same_query_gives_one_subset(e
     assert len(shas) == 1
 
 
-def test_a_freeze_that_loses_the_race_to_another_queries_claim_is_refused_and_writes_nothing(env, home):
+def test_a_race_lost_by_a_failing_freeze_keeps_the_partition_of_the_freeze_still_running(env):
+    """The first freeze of a key adds its partition; a second starts while the first still
+    queries; the first's query then matches nothing. Its undo must not take the partition: the
+    second, which has no claim yet (it claims once its query is done), goes on to freeze it.
+    Each process is paused (SIGSTOP) at its run's start, so the order is certain."""
+    cli = str(Path(sys.executable).with_name("cvgraph"))
+    failing = _start(
+        env, [cli, "freeze", "slow_v1", f"SELECT * FROM images WHERE label = 'x' AND {SLOW}"]
+    )
+    _python(env, STARTED, "slow_v1", 1)
+    failing.send_signal(signal.SIGSTOP)
+    going = _start(env, [cli, "freeze", "slow_v1", f"{ZEROS} AND {SLOW}", "--json"])
+    _python(env, STARTED, "slow_v1", 2)
+    going.send_signal(signal.SIGSTOP)
+    failing.send_signal(signal.SIGCONT)
+    [failed] = _finished([failing])
+    going.send_signal(signal.SIGCONT)
+    [frozen] = _finished([going])
+    assert failed.returncode == 1 and "the query matched no images" in failed.stderr, failed.stderr
+    assert frozen.returncode == 0, frozen.stderr
+    state = _state(env, "slow_v1")
+    assert "slow_v1" in state["subsets"]  # the failing freeze's undo left the running one's key
+    assert state["record"]["manifest_sha256"] == json.loads(frozen.stdout)["manifest_sha256"]
+
+
+def test_a_freeze_that_loses_the_race_to_another_queries_claim_is_refused_and_writes_nothing(
+    env, home
+):
     """The loser's side of the race, made certain: a claim for another query is there (as a
     freeze still running holds it); the freeze is refused before it writes; the claim is kept."""
     from resources.catalog import normalised_sql

@@ -226,7 +226,7 @@ def _claim(store, key: str, sql: str) -> bool:
     if theirs != mine:
         raise dg.Failure(
             description=f"subset {key} is being frozen with a different query ({theirs!r}): "
-            "freeze under a new key"
+            f"freeze under a new key (a killed freeze's claim: `cvgraph forget subset {key}`)"
         )
     return False
 

@@ -38,6 +38,10 @@ def forget(ds, kind: str, key: str) -> int:
     ds.check_key(kind, key)
     if kind == "pack":
         return forget_pack(ds, key)
+    if kind == "subset" and not ds.lake.exists(record_key(kind, key)):
+        left = _unfinished_freeze(ds, key)
+        if left:
+            return left
     ds.record(kind, key)
     _refuse_if_used(ds, kind, key)
     record = record_key(kind, key)
@@ -51,6 +55,31 @@ def forget(ds, kind: str, key: str) -> int:
     if partitions and ds.instance.has_dynamic_partition(partitions.name, key):
         ds.instance.delete_dynamic_partition(partitions.name, key)
     return 1 + len(rest) + len(scores)
+
+
+def _unfinished_freeze(ds, key: str) -> int:
+    """What a freeze of ``key`` that never committed left (its claim, maybe a manifest) and its
+    partition, removed, unless such a freeze is still running; 0 if it left nothing."""
+    from assets.subsets import frozen_subsets
+    from orchestration.runs import running
+    from partitions import subset_partitions_def
+    from workloads.layout import subset_keys
+
+    keys = subset_keys(key)
+    if not ds.lake.exists(keys["claim"]):
+        return 0
+    runs = running(ds.instance, frozen_subsets, key)
+    if runs:
+        raise InvalidRequest(
+            f"subset {key!r} is being frozen (run {', '.join(runs)}): wait for it to end, or, if "
+            "its process is gone, terminate the run in the Dagster UI (force) and forget again"
+        )
+    left = [keys[f] for f in ("manifest", "labels", "claim") if ds.lake.exists(keys[f])]
+    for k in left:  # the claim last: until it goes, no other query takes the key
+        ds.lake.delete(k)
+    if ds.instance.has_dynamic_partition(subset_partitions_def.name, key):
+        ds.instance.delete_dynamic_partition(subset_partitions_def.name, key)
+    return len(left)
 
 
 def scores_of(lake, kind: str, key: str) -> list[str]:

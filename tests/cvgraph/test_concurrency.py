@@ -88,6 +88,13 @@ while True:
         break
     time.sleep(0.05)
 """
+# What the Dagster UI's force termination does to a run whose process is gone
+END_RUN = """
+import sys
+from cvgraph import Datasets
+ds = Datasets()
+ds.instance.report_run_canceled(ds.instance.get_run_by_id(sys.argv[1]), message="terminated")
+"""
 # DuckDB cannot fold this away: a second or more of work per evaluation, before any row
 SLOW = "(SELECT sum(hash(range)) FROM range(1000000000)) <> 0"
 ZEROS = "SELECT * FROM images WHERE label IN ('0', '1')"
@@ -218,7 +225,8 @@ def test_a_freeze_that_loses_the_race_to_another_queries_claim_is_refused_and_wr
     assert refused.returncode == 1
     assert refused.stderr == (
         "Error: freeze of 'held_v1' failed: frozen_subsets: subset held_v1 is being frozen with "
-        f"a different query ({held!r}): freeze under a new key\n"
+        f"a different query ({held!r}): freeze under a new key (a killed freeze's claim: "
+        "`cvgraph forget subset held_v1`)\n"
     )
     objects = [p.name for p in claim.parent.iterdir() if not p.name.startswith(".tmp-")]
     assert objects == ["claim.json"]  # (the local lake's lock files are no objects)
@@ -226,6 +234,36 @@ def test_a_freeze_that_loses_the_race_to_another_queries_claim_is_refused_and_wr
     # the query it was claimed for goes on, as the claimer's own re-run would
     [done] = _together(env, ["freeze", "held_v1", TWOS])
     assert done.returncode == 0, done.stderr
+
+
+def test_a_killed_freezes_claim_is_forgotten_once_its_run_is_ended_not_while_it_runs(env, home):
+    """A freeze killed after its claim (SIGKILL: its run stays STARTED in the instance, as
+    Dagster cannot know) holds its key; `cvgraph forget subset` refuses while that run is
+    unfinished, naming it, and frees the key once the run is ended (the UI's force terminate)."""
+    from resources.catalog import normalised_sql
+
+    cli = str(Path(sys.executable).with_name("cvgraph"))
+    freeze = _start(env, [cli, "freeze", "killed_v1", f"{TWOS} AND {SLOW}"])
+    [run_id] = _python(env, STARTED, "killed_v1", 1).split()
+    claim = home / "lake" / "subsets" / "killed_v1" / "claim.json"
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    claim.write_text(json.dumps({"sql": normalised_sql(f"{TWOS} AND {SLOW}")}))  # its claim
+    freeze.kill()
+    freeze.wait(timeout=60)
+    [refused] = _together(env, ["forget", "subset", "killed_v1"])
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        f"Error: subset 'killed_v1' is being frozen (run {run_id}): wait for it to end, or, if "
+        "its process is gone, terminate the run in the Dagster UI (force) and forget again\n"
+    )
+    assert claim.exists()
+    _python(env, END_RUN, run_id)
+    [forgot] = _together(env, ["forget", "subset", "killed_v1"])
+    assert forgot.returncode == 0, forgot.stderr
+    state = _state(env, "killed_v1")
+    assert "killed_v1" not in state["subsets"] and state["keys"] == []
+    [frozen] = _together(env, ["freeze", "killed_v1", ZEROS])  # any query may take the key now
+    assert frozen.returncode == 0, frozen.stderr
 
 
 def test_a_race_of_two_ingests_of_one_zip_gives_one_pack(env, home, tmp_path):

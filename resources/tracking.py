@@ -213,6 +213,7 @@ def promote(mlf: MlFlow, name: str, version: str, subset: str, accuracy: float) 
         )
     if moved:
         client.set_registered_model_alias(name, CHAMPION, version)
+        reason = f"{reason}: v{version} is now the champion"
     return {
         "before": current,
         "after": version if moved else current,

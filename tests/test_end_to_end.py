@@ -1089,7 +1089,7 @@ def test_evaluation_scores_unseen_rows_and_moves_the_champion_by_its_rule(demo):
         "before": None,
         "after": "1",
         "moved": True,
-        "reason": "no champion yet",
+        "reason": "no champion yet: v1 is now the champion",
     }
     meta = latest_metadata(ds.instance, "model_evaluations", f"{DIGITS_MODEL}|{DIGITS_SUBSET}")
     assert shown_png(meta["confusion_matrix"]) == ds.lake.get(rec["confusion"])

@@ -56,6 +56,8 @@ REQUEST_KIND = {
 
 # A response body that broke off mid-read, as botocore's StreamingBody raises it.
 BODY_ERRORS = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError)
+# a conditional put refused: 412, or 409 when another conditional put of the key was under way
+REFUSED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 def _missing(e: ClientError) -> bool:
@@ -183,20 +185,30 @@ class S3Lake:
 
     def _put_conditional(self, key: str, body, size: int, **condition) -> bool:
         """A put that S3 refuses (412, or 409 for a concurrent conditional put; 404 when an
-        If-Match object is gone) unless ``condition`` holds; False when refused."""
+        If-Match object is gone) unless ``condition`` holds; False when refused. A refusal of a
+        retry whose earlier attempt's answer was lost may be that attempt's own write: stored,
+        if the object holds exactly these bytes."""
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, **condition)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in (
-                "PreconditionFailed",
-                "412",
-                "ConditionalRequestConflict",
-                "409",
-            ) or _missing(e):
+            if _missing(e):
                 return False
-            raise
+            if e.response.get("Error", {}).get("Code") not in REFUSED:
+                raise
+            retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+            if not (retried and self._holds(key, body)):
+                return False
         self.counters.add("bytes_written", size)
         return True
+
+    def _holds(self, key: str, body) -> bool:
+        if hasattr(body, "seek"):
+            body.seek(0)
+            body = body.read()
+        try:
+            return self.get(key) == body
+        except FileNotFoundError:
+            return False
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -2,7 +2,9 @@
 
 Every request is forwarded, unless it draws a fault: S3's ``503 SlowDown`` or ``500
 InternalError`` (the JSON services' equivalents for Batch, SageMaker, Athena, Glue, SQS) answered
-before moto sees it, a response cut off mid-body with a TCP reset (a GET's), or a delay. Which
+before moto sees it, a response cut off mid-body with a TCP reset (a GET's), a response lost
+after S3 did the work (an S3 PUT's or DELETE's: the connection reset before its status line, so
+the client retries what already happened, a conditional put meeting its own write), or a delay. Which
 request draws what is a function of the seed and the request itself (method, path, the how-manyth
 time it is made), not of thread timing, so a run with the same seed meets the same faults.
 ``stats`` counts requests, faults by kind, and retries (botocore numbers its attempts in the
@@ -29,14 +31,16 @@ JSON_ERRORS = {
     "slowdown": (503, "ServiceUnavailableException", "Service is unavailable, try again."),
     "internal": (500, "InternalFailure", "The request failed due to an internal error."),
 }
-KINDS = ("slowdown", "internal", "reset", "delay")
+KINDS = ("slowdown", "internal", "reset", "delay", "lost")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0):
+    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, faults=None):
+        """``faults(method, path, nth)``, if given, names each request's fault (or None) in
+        place of the seeded draw: for a test that needs one fault at one place."""
         self.upstream = urlsplit(upstream)
-        self.rate, self.seed = rate, seed
+        self.rate, self.seed, self.faults = rate, seed, faults
         self.stats: Counter = Counter()
         self._seen: Counter = Counter()
         self._lock = threading.Lock()
@@ -67,6 +71,14 @@ class FaultProxy:
                 if kind == "delay":
                     time.sleep(0.2)
                 status, headers, data = proxy.forward(self.command, self.path, self.headers, body)
+                if kind == "lost":
+                    # S3 single-object writes only: a lost answer to a JSON API's create (a job
+                    # submitted twice) or to a multipart completion is another fault, not this one
+                    json_api = "X-Amz-Target" in self.headers or self.path.startswith("/v1/")
+                    multipart = "uploadId" in self.path or "uploads" in self.path
+                    if self.command in ("PUT", "DELETE") and not json_api and not multipart:
+                        return self._reset()
+                    proxy.count("lost_not_applicable")
                 cut = kind == "reset" and self.command == "GET" and status == 200 and len(data) > 1
                 if kind == "reset" and not cut:  # nothing to cut: count it as what it became
                     proxy.count("reset_not_applicable")
@@ -78,15 +90,17 @@ class FaultProxy:
                 self.end_headers()
                 if cut:
                     self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    # SO_LINGER 0: the close is a reset, as a dropped connection looks
-                    self.connection.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                    )
-                    self.close_connection = True
-                    return
+                    return self._reset()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+
+            def _reset(self):
+                self.wfile.flush()
+                # SO_LINGER 0: the close is a reset, as a dropped connection looks
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.close_connection = True
 
             def _error(self, kind: str):
                 json_api = "X-Amz-Target" in self.headers or self.path.startswith("/v1/")
@@ -137,11 +151,14 @@ class FaultProxy:
                 self.stats["retries"] += 1
             self._seen[request] += 1
             nth = self._seen[request]
-        digest = hashlib.sha256(f"{self.seed}|{'|'.join(request)}|{nth}".encode()).digest()
-        if int.from_bytes(digest[:8], "big") / 2**64 >= self.rate:
-            return None
-        kind = KINDS[digest[8] % len(KINDS)]
-        self.count(kind)
+        if self.faults:
+            kind = self.faults(method, path, nth)
+        else:
+            digest = hashlib.sha256(f"{self.seed}|{'|'.join(request)}|{nth}".encode()).digest()
+            hit = int.from_bytes(digest[:8], "big") / 2**64 < self.rate
+            kind = KINDS[digest[8] % len(KINDS)] if hit else None
+        if kind:
+            self.count(kind)
         return kind
 
     def forward(self, method: str, path: str, headers, body: bytes):

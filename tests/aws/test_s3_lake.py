@@ -3,6 +3,7 @@ import io
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from fault_proxy import FaultProxy
 
 from workloads.lake import open_lake
 from workloads.s3lake import S3Lake
@@ -68,3 +69,31 @@ def test_s3_put_if_match_is_a_conditional_put_on_the_etag(aws):
         lake.put_if_match("_versions/a.json", b"four", tag) is False
     )  # 404: gone since it was read
     assert lake.get_tagged("_versions/a.json") == (None, None)
+
+
+def test_a_conditional_put_whose_answer_is_lost_is_stored_not_refused_by_its_own_write(
+    aws, moto_endpoint, tmp_path
+):
+    """S3 did the put, the answer never came (the connection reset first): botocore retries,
+    and the retry's 412 is the first attempt's own write, which is no refusal. Other bytes there
+    after a lost answer are still a refusal."""
+
+    def first_put_lost(method, path, nth):
+        return "lost" if method == "PUT" and nth == 1 else None
+
+    src = tmp_path / "image.bin"
+    src.write_bytes(b"pixels")
+    with FaultProxy(moto_endpoint, faults=first_put_lost) as proxy:
+        lake = open_lake("s3://cvgraph-lake/lake", endpoint_url=proxy.url)
+        assert lake.put_if_match("_versions/b.json", b"one", None) is True
+        data, tag = lake.get_tagged("_versions/b.json")
+        assert data == b"one"
+        assert lake.put_if_match("_versions/b.json", b"two", tag) is True  # If-Match: the same
+        assert lake.put_if_match("_versions/b.json", b"three", tag) is False  # stale: refused
+        assert lake.put_if_match("_versions/b.json", b"four", None) is False  # "two" is there
+        assert lake.put_file_if_absent("raw/bb/y.bin", src) is True
+        assert lake.put_file_if_absent("raw/bb/y.bin", src) is False  # a second put: there
+        stats = dict(proxy.stats)
+    direct = open_lake("s3://cvgraph-lake/lake", endpoint_url=moto_endpoint)
+    assert direct.get("_versions/b.json") == b"two" and direct.get("raw/bb/y.bin") == b"pixels"
+    assert stats["lost"] == 5 and stats["retries"] == 5, stats

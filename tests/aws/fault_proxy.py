@@ -74,9 +74,8 @@ class FaultProxy:
                 if kind == "lost":
                     # S3 single-object writes only: a lost answer to a JSON API's create (a job
                     # submitted twice) or to a multipart completion is another fault, not this one
-                    json_api = "X-Amz-Target" in self.headers or self.path.startswith("/v1/")
                     multipart = "uploadId" in self.path or "uploads" in self.path
-                    if self.command in ("PUT", "DELETE") and not json_api and not multipart:
+                    if self.command in ("PUT", "DELETE") and not self._json_api() and not multipart:
                         return self._reset()
                     proxy.count("lost_not_applicable")
                 cut = kind == "reset" and self.command == "GET" and status == 200 and len(data) > 1
@@ -102,8 +101,11 @@ class FaultProxy:
                 )
                 self.close_connection = True
 
+            def _json_api(self) -> bool:  # Batch, SageMaker, Athena, Glue, SQS; else S3
+                return "X-Amz-Target" in self.headers or self.path.startswith("/v1/")
+
             def _error(self, kind: str):
-                json_api = "X-Amz-Target" in self.headers or self.path.startswith("/v1/")
+                json_api = self._json_api()
                 status, code, message = (JSON_ERRORS if json_api else S3_ERRORS)[kind]
                 if json_api:
                     data = f'{{"__type": "{code}", "message": "{message}"}}'.encode()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).with_name("cvgraph"))
 SETUP = """
 import sys
 from pathlib import Path
@@ -143,8 +144,7 @@ def _finished(procs) -> list[subprocess.CompletedProcess]:
 
 def _together(env, *commands) -> list[subprocess.CompletedProcess]:
     """Start every ``cvgraph`` command at once; wait for all."""
-    cli = Path(sys.executable).with_name("cvgraph")
-    return _finished([_start(env, [str(cli), *cmd]) for cmd in commands])
+    return _finished([_start(env, [CLI, *cmd]) for cmd in commands])
 
 
 def _state(env, key: str = "race_v1") -> dict:
@@ -190,13 +190,12 @@ def test_a_race_lost_by_a_failing_freeze_keeps_the_partition_of_the_freeze_still
     queries; the first's query then matches nothing. Its undo must not take the partition: the
     second, which has no claim yet (it claims once its query is done), goes on to freeze it.
     Each process is paused (SIGSTOP) at its run's start, so the order is certain."""
-    cli = str(Path(sys.executable).with_name("cvgraph"))
     failing = _start(
-        env, [cli, "freeze", "slow_v1", f"SELECT * FROM images WHERE label = 'x' AND {SLOW}"]
+        env, [CLI, "freeze", "slow_v1", f"SELECT * FROM images WHERE label = 'x' AND {SLOW}"]
     )
     _python(env, STARTED, "slow_v1", 1)
     failing.send_signal(signal.SIGSTOP)
-    going = _start(env, [cli, "freeze", "slow_v1", f"{ZEROS} AND {SLOW}", "--json"])
+    going = _start(env, [CLI, "freeze", "slow_v1", f"{ZEROS} AND {SLOW}", "--json"])
     _python(env, STARTED, "slow_v1", 2)
     going.send_signal(signal.SIGSTOP)
     failing.send_signal(signal.SIGCONT)
@@ -242,8 +241,7 @@ def test_a_killed_freezes_claim_is_forgotten_once_its_run_is_ended_not_while_it_
     unfinished, naming it, and frees the key once the run is ended (the UI's force terminate)."""
     from resources.catalog import normalised_sql
 
-    cli = str(Path(sys.executable).with_name("cvgraph"))
-    freeze = _start(env, [cli, "freeze", "killed_v1", f"{TWOS} AND {SLOW}"])
+    freeze = _start(env, [CLI, "freeze", "killed_v1", f"{TWOS} AND {SLOW}"])
     [run_id] = _python(env, STARTED, "killed_v1", 1).split()
     claim = home / "lake" / "subsets" / "killed_v1" / "claim.json"
     claim.parent.mkdir(parents=True, exist_ok=True)
@@ -297,8 +295,7 @@ def test_the_sensors_run_racing_a_manual_ingest_of_its_zip_gives_one_pack(env, h
     assert requested == [["sensed", {"cvgraph/pack_key": "incoming/sensed.zip"}]], (
         daemon.stderr.read() if requested is None else requested
     )
-    cli = Path(sys.executable).with_name("cvgraph")
-    manual = _start(env, [str(cli), "ingest", str(pack), "--json"])
+    manual = _start(env, [CLI, "ingest", str(pack), "--json"])
     daemon.stdin.write("go\n")
     daemon.stdin.close()
     ran, ingested = _finished([daemon, manual])

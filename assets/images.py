@@ -222,7 +222,8 @@ def stage_outputs(context, store, key, params, raw, prior, inputs, work, orchest
     stats = {
         p: version_record(results[p], inputs=inputs[p])
         if p in results
-        else prior.get(p) or empty_stage_record(stage, params, p)
+        # an empty prefix's record names its inputs too: else the next look finds it stale
+        else prior.get(p) or version_record(empty_stage_record(stage, params, p), inputs=inputs[p])
         for p in prefixes
     }
     failed = [dict(f, prefix=p) for p, s in stats.items() for f in s["failed"]]

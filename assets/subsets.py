@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from assets.keys import require_key
+from assets.owed import owed
 from assets.tables import image_tables
 from assets.versioning import lake_merkle_root, md_table, picture, read_prefix_versions
 from partitions import subset_partitions_def
@@ -45,6 +46,9 @@ PREFIX_ASSETS = ("raw_images", "resized_images", "edge_maps", "image_tables")
 
 class FreezeConfig(dg.Config):
     sql: str = ""  # empty: re-verify an existing subset
+    # A lake with work owed (zips to ingest, prefixes whose stages lag) is refused unless this is
+    # set; then subset.json records what was owed ("pending").
+    allow_pending: bool = False
 
 
 def query_manifest(catalog: Catalog, sql: str):
@@ -231,10 +235,20 @@ def _claim(store, key: str, sql: str) -> bool:
     return False
 
 
-def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tuple[dict, object]:
+def freeze(
+    context, store, catalog: Catalog, key: str, sql: str, params, allow_pending: bool = False
+) -> tuple[dict, object]:
     """Run the query, claim the key, write the manifest, then the record (the commit marker):
-    (record, manifest). A query that gives nothing claims nothing: the key stays free."""
+    (record, manifest). A query that gives nothing claims nothing: the key stays free. A lake
+    with work owed is refused (``allow_pending``: frozen, with what was owed in the record)."""
     keys = subset_keys(key)
+    owes = owed(store, params)
+    if owes and not allow_pending:
+        raise dg.Failure(
+            description=f"subset {key}: the lake has work owed ({owes.summary()}); nothing was "
+            "frozen: `cvgraph sync` finishes it (or freeze anyway with --allow-pending, which "
+            "records what was owed)"
+        )
     try:
         manifest = query_manifest(catalog, sql)
     except QueryError as e:  # the user's SQL: its one line, not a traceback
@@ -251,14 +265,18 @@ def freeze(context, store, catalog: Catalog, key: str, sql: str, params) -> tupl
         )
     ours = _claim(store, key, sql)
     try:
-        return _write_subset(context, store, key, sql, params, manifest)
+        return _write_subset(
+            context, store, key, sql, params, manifest, pending=owes.to_json() if owes else None
+        )
     except BaseException:
         if ours:  # a failed freeze leaves the key free
             store.delete(keys["claim"])
         raise
 
 
-def _write_subset(context, store, key: str, sql: str, params, manifest) -> tuple[dict, object]:
+def _write_subset(
+    context, store, key: str, sql: str, params, manifest, pending: dict | None = None
+) -> tuple[dict, object]:
     keys = subset_keys(key)
     root, _ = lake_merkle_root(store, "image_tables")
     versions = {a: read_prefix_versions(store, a) for a in PREFIX_ASSETS}
@@ -290,6 +308,9 @@ def _write_subset(context, store, key: str, sql: str, params, manifest) -> tuple
         "params": {"resize": params.resize_id, "edges": params.edges_id},
         "dagster_run_id": context.run.run_id,
     }
+    if pending:  # frozen with --allow-pending while the lake was owed this
+        record["pending"] = pending
+        context.log.warning(f"froze {key} while work was owed: {pending}")
     record["label_plot"] = _plot_labels(store, key, labels)
     store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
     context.log.info(f"froze {key}: {record['rows']} rows over {len(prefixes)} prefixes")
@@ -334,7 +355,15 @@ def frozen_subsets(
             raise dg.Failure(
                 description=f"subset {key} does not exist yet: give the freeze query as config `sql`"
             )
-        record, manifest = freeze(context, store, catalog, key, config.sql, image_settings.params())
+        record, manifest = freeze(
+            context,
+            store,
+            catalog,
+            key,
+            config.sql,
+            image_settings.params(),
+            allow_pending=config.allow_pending,
+        )
     yield dg.MaterializeResult(
         metadata=_metadata(record, _label_png(store, record)),
         data_version=dg.DataVersion(record["manifest_sha256"][:24]),

@@ -146,15 +146,25 @@ def ingest(path: Path, name: str | None, wait: bool, as_json: bool) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help='print {"packs", "runs"} when done')
 def sync(as_json: bool) -> None:
-    """Materialise every image partition that is missing or stale (what automation would do)."""
+    """Do what the lake is owed (what `cvgraph plan` shows): ingest every uploaded zip with no
+    committed pack, then bring every prefix up to date. Runs left by killed commands are ended."""
     from cvgraph.terminal import echo_ingest, echo_range
 
     ds = _ds()
-    packs_run = ds.tick_incoming(on_run=None if as_json else echo_ingest)
-    launched = ds.sync(on_run=None if as_json else echo_range)
+    packs_run = []
+
+    def ingested(pack_id: str, run) -> None:
+        packs_run.append(pack_id)
+        if not as_json:
+            echo_ingest(pack_id, run)
+
+    launched = ds.sync(on_run=None if as_json else echo_range, on_ingest=ingested)
+    owes = ds.owed()
     if as_json:
-        return _print_json({"packs": packs_run, "runs": launched})
-    click.echo(f"{len(packs_run)} new pack(s), {len(launched)} prefix run(s)")
+        return _print_json({"packs": packs_run, "runs": launched, "owed": owes.to_json()})
+    click.echo(
+        f"{len(packs_run)} pack(s) ingested, {len(launched)} prefix run(s); {owes.summary()}"
+    )
 
 
 @main.command()
@@ -191,10 +201,16 @@ def query(sql: str, as_json: bool) -> None:
 @main.command()
 @click.argument("key")
 @click.argument("sql")
+@click.option(
+    "--allow-pending",
+    is_flag=True,
+    help="freeze even while the lake has work owed (recorded in subset.json as pending)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the subset's record as JSON")
-def freeze(key: str, sql: str, as_json: bool) -> None:
-    """Freeze the result of SQL as the immutable subset KEY (through Dagster)."""
-    rec = _ds().freeze_dataset(key, sql)
+def freeze(key: str, sql: str, allow_pending: bool, as_json: bool) -> None:
+    """Freeze the result of SQL as the immutable subset KEY (through Dagster). Refused while the
+    lake has work owed (`cvgraph plan`), unless --allow-pending."""
+    rec = _ds().freeze_dataset(key, sql, allow_pending=allow_pending)
     if as_json:
         return _print_json(rec)
     click.echo(

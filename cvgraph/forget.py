@@ -38,13 +38,17 @@ def forget(ds, kind: str, key: str) -> int:
     ds.check_key(kind, key)
     if kind == "pack":
         return forget_pack(ds, key)
-    if kind == "subset" and not ds.lake.exists(record_key(kind, key)):
-        left = _unfinished_freeze(ds, key)
-        if left:
-            return left
-    ds.record(kind, key)
-    _refuse_if_used(ds, kind, key)
     record = record_key(kind, key)
+    if not ds.lake.exists(record):
+        if kind == "subset":
+            left = _unfinished_freeze(ds, key)
+            if left:
+                return left
+        if not ds.lake.keys(f"{RECORDS[kind][0]}{key}/"):
+            ds.record(kind, key)  # UnknownKey, naming those there are
+        # else a forget killed after the record went: finish it, unless a live run makes it now
+        _refuse_if_made(ds, kind, key)
+    _refuse_if_used(ds, kind, key)
     rest = [k for k in ds.lake.keys(f"{RECORDS[kind][0]}{key}/") if k != record]
     for k in [record, *rest]:  # the record (the commit marker) first: no reader takes it as kept
         ds.lake.delete(k)
@@ -55,6 +59,21 @@ def forget(ds, kind: str, key: str) -> int:
     if partitions and ds.instance.has_dynamic_partition(partitions.name, key):
         ds.instance.delete_dynamic_partition(partitions.name, key)
     return 1 + len(rest) + len(scores)
+
+
+def _refuse_if_made(ds, kind: str, key: str) -> None:
+    """``InvalidRequest`` if a live run is making ``key`` (its objects are there, its record not yet)."""
+    from assets.exports import exported_models
+    from assets.models import trained_models
+    from assets.subsets import frozen_subsets
+    from orchestration.runs import running
+
+    asset = {"subset": frozen_subsets, "model": trained_models, "export": exported_models}[kind]
+    runs = running(ds.instance, asset, key)
+    if runs:
+        raise InvalidRequest(
+            f"{kind} {key!r} is being made (run {', '.join(runs)}): wait for it to end"
+        )
 
 
 def _unfinished_freeze(ds, key: str) -> int:
@@ -71,8 +90,8 @@ def _unfinished_freeze(ds, key: str) -> int:
     runs = running(ds.instance, frozen_subsets, key)
     if runs:
         raise InvalidRequest(
-            f"subset {key!r} is being frozen (run {', '.join(runs)}): wait for it to end, or, if "
-            "its process is gone, terminate the run in the Dagster UI (force) and forget again"
+            f"subset {key!r} is being frozen (run {', '.join(runs)}): wait for it to end (a run "
+            "whose process is gone is ended by the next command, this one included)"
         )
     left = [keys[f] for f in ("manifest", "labels", "claim") if ds.lake.exists(keys[f])]
     for k in left:  # the claim last: until it goes, no other query takes the key
@@ -129,13 +148,15 @@ def forget_pack(ds, pack_id: str) -> int:
         raise InvalidRequest(
             f"pack(s) {', '.join(waiting)} wait for `cvgraph sync`: sync first, then forget {pack_id!r}"
         )
-    mark_forgotten(lake, pack_id)  # from here the pack is not an ingested pack
+    # The upload goes first: a zip with no pack record is owed an ingest (assets.owed), so
+    # a forget killed after the record went must leave no zip behind.
     removed = [k for k in _uploads_of(lake, pack_id) if lake.exists(k)]
-    for k in removed:  # else the sensor's next relist would ingest it again
+    for k in removed:
         lake.delete(k)
+    mark_forgotten(lake, pack_id)  # from here the pack is not an ingested pack
     if ds.instance.has_dynamic_partition(pack_partitions_def.name, pack_id):
         ds.instance.delete_dynamic_partition(pack_partitions_def.name, pack_id)
-    ds.sync()  # runs the index of the marked prefixes, then their variants and tables
+    ds.sync(packs=False)  # the index of the marked prefixes, then their variants and tables
     for k in own:
         lake.delete(k)
     return len(own) + len(removed)

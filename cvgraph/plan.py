@@ -17,9 +17,9 @@ import math
 import dagster as dg
 
 from assets.images import EDGES, RESIZED, image_work_estimate, mean_bytes, plan_tasks
+from assets.owed import Owed, owed
 from assets.tables import INPUTS, new_rows, tables_work
 from assets.versioning import asset_records
-from orchestration.sensors import new_packs
 from workloads.costs import index_estimate, ingest_estimate, summary_line, tables_estimate
 from workloads.lake import get_many
 from workloads.layout import PENDING_RAW, marker_pack, pack_keys, pending_raw_prefix
@@ -41,19 +41,18 @@ def parse_prefixes(spec: str) -> list[str]:
     return sorted(out)
 
 
-def _incoming(lake, inst: dg.DagsterInstance) -> list[dict]:
-    """The zips a sync would ingest (the sensor's own rule), each with its images."""
-    found, _ = new_packs(lake, inst, None)
+def _incoming(lake, owes: Owed) -> list[dict]:
+    """The zips a sync would ingest (those the lake is owed an ingest for), each with its images."""
     out = []
-    for pack_id, key in found:
-        images, image_bytes = image_members(lake, key) or (0, 0)  # no zip: its ingest says why
+    for z in owes.packs:
+        images, image_bytes = image_members(lake, z.key) or (0, 0)  # no zip: its ingest says why
         out.append(
             {
-                "pack_id": pack_id,
-                "key": key,
+                "pack_id": z.pack_id,
+                "key": z.key,
                 "images": images,
                 "image_bytes": image_bytes,
-                "bytes": lake.size(key),
+                "bytes": z.bytes,
             }
         )
     return out
@@ -87,7 +86,8 @@ def plan(
     lake, settings, costs = res["lake"].lake(), res["image_settings"], res["cost_settings"]
     params, rates, prices = settings.params(), costs.rates(), costs.prices()
     chosen = prefixes or list(HASH_PREFIXES)
-    incoming = _incoming(lake, inst) if prefixes is None else []
+    owes = owed(lake, params)
+    incoming = _incoming(lake, owes) if prefixes is None else []
     markers, arriving, pack_mean, forgotten = _pending(lake)
     records = {a: asset_records(lake, a) for a in INPUTS + ("image_tables",)}
     raw = records["raw_images"]
@@ -165,6 +165,14 @@ def plan(
         ],
         "packs_to_index": sorted({k for v in arriving.values() for k in v}),
         "packs_to_forget": forgotten,
+        # what the lake is owed (``assets.owed``): exactly what a sync runs
+        "owed": owes.to_json() if prefixes is None else None,
+        "owed_summary": owes.summary() if prefixes is None else None,
+        "unreadable": [
+            {"pack_id": z.pack_id, "key": z.key, "reason": z.reason}
+            for z in owes.zips
+            if z.state == "unreadable"
+        ],
         "prefixes_with_image_work": len(work),
         "stages": [s.to_json(prices, rates) for s in stages],
         "total": total.to_json(prices, rates),
@@ -192,8 +200,15 @@ def render(p: dict) -> str:
     if p["packs_to_forget"]:
         out.append(f"  to forget: {', '.join(p['packs_to_forget'])}")
     out += [f"  {line}" for line in p["lines"]]
-    if not p["total"]["tasks"]:
-        out.append("  nothing to do: no pack waits and every prefix is up to date")
+    for u in p.get("unreadable", []):
+        out.append(f"  not ingested, recorded: {u['key']}: {u['reason']}")
+    if p.get("owed") is not None:
+        if p["owed_summary"] == "nothing owed":
+            out.append("  nothing to do: no pack waits and every prefix is up to date")
+        else:
+            out.append(f"  owed: {p['owed_summary']}")
+    elif not p["total"]["tasks"]:
+        out.append("  nothing to do: every prefix is up to date")
     out.append(
         f"  at {rates['images_per_vcpu_s']:g} images per vCPU-second, tasks of {rates['task_vcpus']:g} vCPU "
         f"and {rates['task_memory_gb']:g} GB billed {rates['min_billed_s']:g} s at least; "

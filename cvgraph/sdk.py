@@ -108,6 +108,7 @@ class Datasets:
         stays in the instance's history)."""
         from workloads.layout import record_key, subset_keys
 
+        self._runs.end_dead_runs(self.instance, self.progress)  # none holds the key for good
         new = not self.instance.has_dynamic_partition(partitions_def.name, key)
         self.ensure_partition(partitions_def, key)
         try:
@@ -220,15 +221,28 @@ class Datasets:
             self.instance, on_run=on_run, definitions=self.definitions, on_log=self.progress
         )
 
-    def sync(self, on_run: Callable | None = None) -> list[dict]:
-        """Materialise every image partition automation requests or that is missing, as ranged
-        runs; ``on_run(asset names, (first, last prefix), result)`` after each."""
+    def sync(
+        self, on_run: Callable | None = None, on_ingest: Callable | None = None, packs: bool = True
+    ) -> list[dict]:
+        """Do what the lake is owed (what ``plan`` shows): end the runs whose process is gone,
+        ingest every zip with no committed pack record (``on_ingest(pack id, result)`` after
+        each; ``packs=False``: none), then bring every owed prefix up to date as ranged runs
+        (``on_run(asset names, (first, last prefix), result)`` after each); returns those runs."""
         try:
             return self._runs.sync(
-                self.instance, on_run=on_run, definitions=self.definitions, on_log=self.progress
+                self.instance,
+                on_run=on_run,
+                definitions=self.definitions,
+                on_log=self.progress,
+                on_ingest=on_ingest,
+                packs=packs,
             )
         except self._runs.RunFailed as e:
             raise self._failed(e) from None
+
+    def owed(self):
+        """What the lake is owed (``assets.owed.Owed``): zips to ingest, prefixes to run."""
+        return self._runs.lake_owed(self.definitions)
 
     # -- tables and subsets -------------------------------------------------------------------
     def sql_query(self, sql: str) -> pa.Table:
@@ -241,12 +255,14 @@ class Datasets:
         except QueryError as e:
             raise BadQuery(str(e)) from None
 
-    def freeze_dataset(self, key: str, sql: str) -> dict:
+    def freeze_dataset(self, key: str, sql: str, allow_pending: bool = False) -> dict:
         """Materialise the ``frozen_subsets`` partition ``key`` from ``sql``; returns its record.
 
         Freezing the same key with the same query again (up to case and spacing) returns the
         same subset; a different query under a frozen key, or one that matches no rows, is
-        refused, and a refused new key is not kept.
+        refused, and a refused new key is not kept. So is a lake with work owed (``owed``: zips
+        to ingest, prefixes whose stages lag), unless ``allow_pending``: then the record says
+        what was owed (``pending``).
         """
         from assets.subsets import frozen_subsets
         from partitions import subset_partitions_def
@@ -258,7 +274,8 @@ class Datasets:
             ensure_select(sql)
         except ValueError as e:  # QueryRefused is a ValueError too
             raise FreezeRefused(str(e)) from None
-        run_config = {"ops": {"frozen_subsets": {"config": {"sql": sql}}}}
+        config = {"sql": sql, "allow_pending": allow_pending}
+        run_config = {"ops": {"frozen_subsets": {"config": config}}}
         try:
             self._run_new(subset_partitions_def, key, frozen_subsets, run_config=run_config)
         except RunFailed as e:

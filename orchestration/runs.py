@@ -1,9 +1,10 @@
 """Runs on the Dagster instance from the SDK and CLI: what the daemon does, on demand.
 
 Runs execute in this process against the same instance ``make ui`` shows, so every
-materialisation the SDK or CLI makes is in the asset lineage. ``tick_incoming`` evaluates
-the real sensor; ``sync`` evaluates the real automation conditions and launches what they
-request, grouped into ranged single runs as the automation daemon does.
+materialisation the SDK or CLI makes is in the asset lineage; each run carries who runs it
+(``orchestration.liveness``), so a killed command's run is found and ended, never trusted.
+``tick_incoming`` evaluates the real sensor; ``sync`` does what the lake is owed
+(``assets.owed``, the definition ``cvgraph plan`` shows), grouped into ranged single runs.
 """
 
 from __future__ import annotations
@@ -13,19 +14,25 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import dagster as dg
-from dagster._serdes import deserialize_value, serialize_value
 
-from assets.images import raw_images
-from assets.packs import raw_packs
+from assets.owed import Owed, owed
+from assets.packs import PACK_KEY_TAG, raw_packs
 from orchestration.definitions import ASSETS, defs
+from orchestration.liveness import (
+    RUNNER_TAG,
+    Runner,
+    end_dead_runs,
+    held,
+    run_alive,
+    steps,
+    unfinished_runs,
+)
 from orchestration.sensors import incoming_packs_sensor
-from partitions import hash_prefix_partitions_def
-from workloads.layout import PENDING_RAW, marker_pack, pending_raw_prefix
+from partitions import pack_partitions_def
 from workloads.versions import HASH_PREFIXES
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 SENSOR_CURSOR = "cvgraph/sensor_cursor"
-AUTOMATION_CURSOR = "cvgraph/automation/cursor"
 # In-process runs log to the instance (the UI shows every event); the terminal gets only what the
 # caller prints, and a failed run reaches it as one line (RunFailed, failure_message), not as
 # Dagster's console log of the step's stack trace.
@@ -93,7 +100,7 @@ def materialize(
 ) -> dg.ExecuteInProcessResult:
     """``dg.materialize`` of ``keys``, with the run's id known before it starts so that
     ``on_log`` hears its log lines live (``log_lines``)."""
-    tags = dict(tags or {})
+    tags = {**(tags or {}), RUNNER_TAG: Runner.this_process().to_tag()}  # who runs it
     if partition_range:
         tags[RANGE_START], tags[RANGE_END] = partition_range
     config = {**QUIET, **(run_config or {})}
@@ -119,23 +126,6 @@ def materialize(
     return result
 
 
-def _kv_get(inst: dg.DagsterInstance, key: str) -> str | None:
-    return inst.run_storage.get_cursor_values({key}).get(key)
-
-
-def _kv_set(inst: dg.DagsterInstance, key: str, value: str) -> None:
-    inst.run_storage.set_cursor_values({key: value})
-
-
-def _automation_baseline(inst: dg.DagsterInstance, definitions: dg.Definitions) -> None:
-    """Declarative automation ignores everything before its first evaluation; the daemon
-    evaluates continuously, so make sure the on-demand path has evaluated once before
-    packs land."""
-    if _kv_get(inst, AUTOMATION_CURSOR) is None:
-        result = dg.evaluate_automation_conditions(defs=definitions, instance=inst)
-        _kv_set(inst, AUTOMATION_CURSOR, serialize_value(result.cursor))
-
-
 def tick_incoming(
     inst: dg.DagsterInstance,
     on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
@@ -143,19 +133,19 @@ def tick_incoming(
     sensor: dg.SensorDefinition = incoming_packs_sensor,
     on_log: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Evaluate an incoming-packs sensor once and run what it requests; returns pack ids."""
+    """Evaluate an incoming-packs sensor once and run what it requests; returns pack ids. Its
+    partitions are added one by one just before each pack's run (``ingest_owed`` finds a pack
+    whose run never came, whatever partitions exist)."""
     definitions = definitions or defs
-    _automation_baseline(inst, definitions)
     cursor_key = f"{SENSOR_CURSOR}/{sensor.name}"
     resources = {k: definitions.resources[k] for k in sensor.required_resource_keys}
     ctx = dg.build_sensor_context(
         instance=inst, cursor=_kv_get(inst, cursor_key), resources=resources
     )
     result = sensor(ctx)
-    for req in result.dynamic_partitions_requests or []:
-        inst.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     pack_ids = []
     for rr in result.run_requests or []:
+        ensure_partition(inst, pack_partitions_def, rr.partition_key)
         run = materialize(
             inst,
             [raw_packs.key],
@@ -173,15 +163,57 @@ def tick_incoming(
     return pack_ids
 
 
-def forgotten_prefixes(lake) -> set[str]:
-    """Prefixes whose index has a pack to drop (``cvgraph forget pack``): one listing."""
-    return {pending_raw_prefix(k) for k in lake.keys(PENDING_RAW) if (m := marker_pack(k)) and m[1]}
+def _kv_get(inst: dg.DagsterInstance, key: str) -> str | None:
+    return inst.run_storage.get_cursor_values({key}).get(key)
+
+
+def _kv_set(inst: dg.DagsterInstance, key: str, value: str) -> None:
+    inst.run_storage.set_cursor_values({key: value})
+
+
+def lake_owed(definitions: dg.Definitions) -> Owed:
+    """What the lake of ``definitions`` is owed (``assets.owed``)."""
+    res = definitions.resources
+    return owed(res["lake"].lake(), res["image_settings"].params())
+
+
+def ingest_owed(
+    inst: dg.DagsterInstance,
+    on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
+    definitions: dg.Definitions | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Ingest every zip the lake is owed an ingest for (no committed pack record), whatever
+    partitions or runs exist, except those a live run is ingesting now; returns pack ids."""
+    definitions = definitions or defs
+    end_dead_runs(inst, on_log)
+    busy = held(inst).get(raw_packs.node_def.name, set())
+    pack_ids = []
+    for z in lake_owed(definitions).packs:
+        if z.pack_id in busy:
+            if on_log:
+                on_log(f"pack {z.pack_id}: a live run is ingesting it; left to that run")
+            continue
+        ensure_partition(inst, pack_partitions_def, z.pack_id)
+        run = materialize(
+            inst,
+            [raw_packs.key],
+            partition_key=z.pack_id,
+            tags={PACK_KEY_TAG: z.key},
+            raise_on_error=False,
+            definitions=definitions,
+            on_log=on_log,
+        )
+        pack_ids.append(z.pack_id)
+        if on_run:
+            on_run(z.pack_id, run)
+    return pack_ids
 
 
 def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
     """Sorted runs of consecutive hash prefixes: one single-run backfill range each."""
     ranges, start, prev = [], None, None
-    for i, p in enumerate(HASH_PREFIXES):
+    for p in HASH_PREFIXES:
         if p in keys:
             start = p if start is None else start
             prev = p
@@ -193,47 +225,48 @@ def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
     return ranges
 
 
+PREFIX_STEPS = ("raw_images", "image_stages", "image_tables")
+
+
 def sync(
     inst: dg.DagsterInstance,
     on_run: Callable[[list[str], tuple[str, str], dg.ExecuteInProcessResult], None] | None = None,
     max_rounds: int = 6,
     definitions: dg.Definitions | None = None,
     on_log: Callable[[str], None] | None = None,
+    on_ingest: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
+    packs: bool = True,
 ) -> list[dict]:
-    """Evaluate the automation conditions and run what they request until nothing is requested."""
+    """Bring the lake to what it is owed (``assets.owed``, what ``cvgraph plan`` shows):
+    end the runs whose process is gone, ingest the owed zips, then run each prefix asset over the
+    owed prefixes (one ranged run per contiguous range) until nothing is owed, or a round changes
+    nothing (failed images: said on one line). Prefixes a live run holds are left to it.
+    ``on_ingest(pack id, result)`` after each ingest, ``on_run(assets, range, result)`` after
+    each prefix run; returns the prefix runs."""
     definitions = definitions or defs
-    raw = _kv_get(inst, AUTOMATION_CURSOR)
-    cursor = deserialize_value(raw) if raw else None
-    launched = []
-    prefix_keys = [
-        k
-        for k in definitions.resolve_asset_graph().get_all_asset_keys()
-        if definitions.resolve_assets_def(k).partitions_def == hash_prefix_partitions_def
-    ]
+    if packs:
+        ingest_owed(inst, on_run=on_ingest, definitions=definitions, on_log=on_log)
+    else:
+        end_dead_runs(inst, on_log)
+    launched, last = [], None
     for _ in range(max_rounds):
-        result = dg.evaluate_automation_conditions(defs=definitions, instance=inst, cursor=cursor)
-        cursor = result.cursor
-        _kv_set(inst, AUTOMATION_CURSOR, serialize_value(cursor))
-        requested = {
-            k: set(result.get_requested_partitions(k))
-            for k in prefix_keys
-            if result.get_num_requested(k)
-        }
-        # Prefixes with a pack to forget: no materialisation tells automation of those.
-        dropping = forgotten_prefixes(definitions.resources["lake"].lake())
-        if dropping:
-            requested.setdefault(raw_images.key, set()).update(dropping)
-        if any(inst.get_materialized_partitions(raw_packs.key)):
-            # Never-materialised prefixes too: automation only reacts to changes it has seen.
-            for k in prefix_keys:
-                missing = set(HASH_PREFIXES) - set(inst.get_materialized_partitions(k))
-                if missing:
-                    requested.setdefault(k, set()).update(missing)
-        if not requested:
+        owes = lake_owed(definitions)
+        taken = held(inst)
+        busy = set().union(*(taken.get(s, set()) for s in PREFIX_STEPS))
+        todo = {a: set(p) - busy for a, p in owes.prefixes.items() if set(p) - busy}
+        if busy & owes.all_prefixes and on_log:
+            on_log(
+                f"{len(busy & owes.all_prefixes)} owed prefix(es) are held by live runs; left to them"
+            )
+        if not todo:
             break
-        union = set().union(*requested.values())
-        keys = sorted(requested, key=lambda k: k.to_user_string())
-        for rng in contiguous_ranges(union):
+        if todo == last:  # a round changed nothing: what stays owed needs the user
+            if on_log:
+                on_log(f"still owed after a run: {_why(owes, todo)}")
+            break
+        last = todo
+        keys = sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
+        for rng in contiguous_ranges(set().union(*todo.values())):
             run = materialize(
                 inst, keys, partition_range=rng, definitions=definitions, on_log=on_log
             )
@@ -243,6 +276,14 @@ def sync(
             if on_run:
                 on_run([k.to_user_string() for k in keys], rng, run)
     return launched
+
+
+def _why(owes: Owed, todo: dict[str, set[str]]) -> str:
+    parts = []
+    for asset, prefixes in todo.items():
+        why = sorted({owes.reasons[asset][p] for p in prefixes})
+        parts.append(f"{asset} {len(prefixes)} prefix(es) ({', '.join(why)})")
+    return "; ".join(parts)
 
 
 def ensure_partition(
@@ -263,15 +304,10 @@ def ensure_partition(
 
 
 def running(inst: dg.DagsterInstance, asset: dg.AssetsDefinition, partition_key: str) -> list[str]:
-    """Ids of the runs not finished yet whose plan executes ``asset``'s step for ``partition_key``
-    (a run of a selection job records no asset selection: its plan names the steps)."""
-    statuses = [s for s in dg.DagsterRunStatus if s.value not in ("SUCCESS", "FAILURE", "CANCELED")]
-    runs = inst.get_runs(
-        filters=dg.RunsFilter(tags={"dagster/partition": partition_key}, statuses=statuses)
-    )
-
-    def steps(run: dg.DagsterRun):
-        plan = run.execution_plan_snapshot_id
-        return (inst.get_execution_plan_snapshot(plan).step_keys_to_execute or ()) if plan else ()
-
-    return [r.run_id for r in runs if asset.node_def.name in steps(r)]
+    """Ids of the runs not finished yet, and whose process is not known to be gone, whose plan
+    executes ``asset``'s step for ``partition_key``."""
+    return [
+        r.run_id
+        for r in unfinished_runs(inst, {"dagster/partition": partition_key})
+        if asset.node_def.name in steps(inst, r) and run_alive(inst, r) is not False
+    ]

@@ -5,27 +5,38 @@ import time
 
 import dagster as dg
 
+from assets.owed import incoming_zips, zip_state
 from assets.packs import PACK_KEY_TAG, raw_packs
+from orchestration.liveness import held
 from partitions import pack_partitions_def
 from resources.events import IncomingListing, PackEvents
 from resources.storage import LakeResource
-from workloads.layout import INCOMING, pack_id_for
+from workloads.layout import INCOMING
 
 
 def new_packs(
     lake, instance: dg.DagsterInstance, cursor: str | None
 ) -> tuple[list[tuple[str, str]], str | None]:
-    """(pack id, key) of zips listed after ``cursor`` whose partition does not exist yet, and the new cursor."""
-    found: list[tuple[str, str]] = []
-    last = cursor
-    for obj in lake.list(INCOMING, start_after=cursor or None):
-        last = obj.key
-        if obj.key.endswith("/") or not obj.key.lower().endswith(".zip"):
-            continue
-        pack_id = pack_id_for(obj.key)
-        if not instance.has_dynamic_partition(pack_partitions_def.name, pack_id):
-            found.append((pack_id, obj.key))
-    return found, last
+    """(pack id, key) of zips listed after ``cursor`` that the lake is owed an ingest for (no
+    committed pack record: ``assets.owed``) and no live run is ingesting, and the new
+    cursor. Whatever partitions exist: a tick killed after adding them loses no pack."""
+    listed = list(lake.list(INCOMING, start_after=cursor or None))
+    zips = incoming_zips(lake, listed=listed)
+    busy = held(instance).get(raw_packs.node_def.name, set()) if zips else set()
+    found = [(z.pack_id, z.key) for z in zips if z.state == "owed" and z.pack_id not in busy]
+    return found, listed[-1].key if listed else cursor
+
+
+def attempt_key(instance: dg.DagsterInstance, pack_id: str, key: str) -> str:
+    """The run key of an ingest of ``key``: the key, then ``key#<n>`` after n ended attempts (the
+    daemon launches a run key once; a pack whose run died is owed another)."""
+    ended = instance.get_runs_count(
+        dg.RunsFilter(
+            tags={"dagster/partition": pack_id},
+            statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED],
+        )
+    )
+    return f"{key}#{ended}" if ended else key
 
 
 def pack_sensor_result(
@@ -52,7 +63,7 @@ def pack_sensor_result(
         )
 
     return dg.SensorResult(
-        run_requests=[request(p, k, k) for p, k in found]
+        run_requests=[request(p, k, attempt_key(context.instance, p, k)) for p, k in found]
         + [request(p, k, f"{k}@{etag}") for p, k, etag in replaced],
         dynamic_partitions_requests=[pack_partitions_def.build_add_request([p for p, _ in found])]
         if found
@@ -107,6 +118,7 @@ def incoming_packs_sqs_sensor(
         f"{store.prefix}/" if getattr(store, "prefix", "") else ""
     )  # keys in events are bucket keys
     messages = pack_events.receive()
+    busy = held(context.instance).get(raw_packs.node_def.name, set()) if messages else set()
     seen: set[tuple[str, str]] = set()
     found: list[tuple[str, str]] = []
     replaced: list[tuple[str, str, str]] = []
@@ -124,13 +136,13 @@ def incoming_packs_sqs_sensor(
             ):
                 continue
             seen.add((key, etag))  # a multipart upload can notify twice
-            pack_id = pack_id_for(key)
-            if pack_id in {p for p, _ in found}:
+            if key in {k for _, k in found}:
                 continue
-            if not context.instance.has_dynamic_partition(pack_partitions_def.name, pack_id):
-                found.append((pack_id, key))
-            elif etag:  # an ingested pack's key written again: other bytes are refused
-                replaced.append((pack_id, key, etag))
+            z = zip_state(store, key)
+            if z.state == "owed" and z.pack_id not in busy:
+                found.append((z.pack_id, key))
+            elif z.state == "ingested" and etag:  # other bytes are refused, the same a no-op
+                replaced.append((z.pack_id, key, etag))
     return pack_sensor_result(
         context,
         found,

@@ -38,6 +38,7 @@ from workloads.layout import (
     raw_key,
     replaced_key,
     result_key,
+    unreadable_key,
 )
 from workloads.member_names import is_junk, kind_reason, unsafe_reason
 from workloads.pack_claims import claims_elsewhere, label_conflicts
@@ -187,17 +188,20 @@ def _prior_result(
 
 
 def _open_pack(
-    lake, keys: dict, f, limits: IngestLimits, pack_id: str, key: str
+    lake, keys: dict, f, limits: IngestLimits, *, pack_id: str, key: str, zip_sha: str
 ) -> zipfile.ZipFile:
     try:
         return open_zip(f, limits)
     except PackUnreadable as e:
-        # Recorded even though nothing was kept, so the pack's fate is in the lake.
+        # Recorded even though nothing was kept, so the pack's fate is in the lake; the verdict
+        # (last) tells a sync these bytes are owed no ingest again.
         write_parquet(
             lake,
             keys["rejects"],
             pa.Table.from_pylist([{"member": "", "reason": str(e)}], schema=REJECTS_SCHEMA),
         )
+        verdict = {"key": key, "bytes": lake.size(key), "zip_sha256": zip_sha, "reason": str(e)}
+        lake.put(unreadable_key(pack_id), json.dumps(verdict, sort_keys=True).encode())
         raise PackUnreadable(f"pack {pack_id} ({key}) is {e}") from None
 
 
@@ -344,7 +348,7 @@ def ingest_pack(
         prior = _prior_result(lake, keys, zip_sha, limits, pack_id, key)
         if prior is not None:
             return prior
-        zf = _open_pack(lake, keys, f, limits, pack_id, key)
+        zf = _open_pack(lake, keys, f, limits, pack_id=pack_id, key=key, zip_sha=zip_sha)
         result = IngestResult(
             pack_id=pack_id, zip_sha256=zip_sha, limits=dataclasses.asdict(limits)
         )

@@ -82,6 +82,12 @@ def replaced_key(pack_id: str, zip_sha256: str) -> str:
     return f"{PACKS}{pack_id}/replaced/{zip_sha256}.json"
 
 
+def unreadable_key(pack_id: str) -> str:
+    """The verdict on a zip that is no readable pack (its key, size, sha256 and reason): those
+    bytes are owed no ingest (``assets.owed``); other bytes under the key are."""
+    return f"{PACKS}{pack_id}/unreadable.json"
+
+
 def pack_prefix_key(pack_id: str, prefix: str) -> str:
     """The manifest rows of one prefix: what that prefix's index reads of this pack."""
     return f"{PACKS}{pack_id}/prefixes/{prefix}.parquet"
@@ -139,6 +145,11 @@ def index_state_key(prefix: str) -> str:
 def pending_tables_key(prefix: str, token: str) -> str:
     """Rows of ``prefix`` that changed in one merge, for the table step (token: the new version)."""
     return f"{PENDING_TABLES}{prefix}/{token}.json"
+
+
+def pending_tables_prefix(key: str) -> str:
+    """The prefix of a ``pending_tables_key``."""
+    return key.removeprefix(PENDING_TABLES).split("/")[0]
 
 
 # -- image variants --------------------------------------------------------------

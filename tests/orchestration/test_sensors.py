@@ -5,7 +5,7 @@ import dagster as dg
 from orchestration.sensors import incoming_packs_sensor
 from resources.events import IncomingListing
 from resources.storage import LakeResource
-from workloads.layout import pack_id_for
+from workloads.layout import pack_id_for, record_key, unreadable_key
 
 
 def test_pack_ids_are_safe_partition_keys_and_never_collide():
@@ -27,6 +27,12 @@ def test_pack_ids_are_safe_partition_keys_and_never_collide():
     ids = [pack_id_for(n) for n in names]
     assert len(set(ids)) == len(ids), ids
     assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", i) and ".." not in i for i in ids), ids
+
+
+def ingested(lake, *packs):
+    """What a finished ingest leaves: each pack's record, its commit marker."""
+    for p in packs:
+        lake.put(record_key("pack", p), b"{}")
 
 
 def tick(instance, resources, cursor=None):
@@ -53,14 +59,14 @@ def test_sensor_requests_new_zips_once_with_a_key_cursor_and_a_full_relist_safet
         assert result.dynamic_partitions_requests[0].partition_keys == ["a", "b"]
         cursor = json.loads(result.cursor)
         assert cursor["after"] == "incoming/readme.txt" and cursor["full_listing_at"] > 0
-        instance.add_dynamic_partitions("packs", ["a", "b"])
+        ingested(lake, "a", "b")
         again = tick(instance, resources, result.cursor)
         assert again.run_requests == []
         lake.put("incoming/z.zip", b"z")  # sorts after the cursor: seen by the next listing
         lake.put("incoming/c.zip", b"c")  # sorts before it: only the full re-list sees it
         third = tick(instance, resources, again.cursor)
         assert [r.partition_key for r in third.run_requests] == ["z"]
-        instance.add_dynamic_partitions("packs", ["z"])
+        ingested(lake, "z")
         stale = json.dumps({**json.loads(third.cursor), "full_listing_at": 0})
         full = tick(instance, resources, stale)
         assert [r.partition_key for r in full.run_requests] == ["c"]
@@ -80,7 +86,31 @@ def test_with_the_local_profiles_relist_a_zip_that_sorts_before_the_cursor_is_se
     lake.put("incoming/textures.zip", b"t")
     with dg.instance_for_test() as instance:
         first = tick(instance, resources)
-        instance.add_dynamic_partitions("packs", ["textures"])
+        ingested(lake, "textures")
         lake.put("incoming/faces-extra.zip", b"f")  # before the cursor (incoming/textures.zip)
         second = tick(instance, resources, first.cursor)
         assert [r.partition_key for r in second.run_requests] == ["faces-extra"]
+
+
+def test_a_zip_with_a_partition_but_no_pack_record_is_requested_again_until_its_run_commits(lake):
+    """A tick killed after adding its partitions (or a run killed before it committed) loses no
+    pack: the lake's record decides, not the partition. A zip with a verdict on its very bytes
+    is owed nothing; other bytes under its key are."""
+    resources = {
+        "lake": LakeResource(url=str(lake.root)),
+        "incoming_listing": IncomingListing(relist_seconds=0),
+    }
+    lake.put("incoming/lost.zip", b"zip bytes")
+    lake.put("incoming/bad.zip", b"not a zip")
+    lake.put(
+        unreadable_key("bad"),
+        json.dumps({"key": "incoming/bad.zip", "bytes": 9, "reason": "not a zip"}).encode(),
+    )
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("packs", ["lost", "bad"])  # the killed tick's partitions
+        assert [r.partition_key for r in tick(instance, resources).run_requests] == ["lost"]
+        # the bad zip's bytes change: those are owed an ingest
+        lake.put("incoming/bad.zip", b"another try")
+        assert [r.partition_key for r in tick(instance, resources).run_requests] == ["bad", "lost"]
+        ingested(lake, "lost", "bad")
+        assert tick(instance, resources).run_requests == []

@@ -31,10 +31,6 @@ from workloads.lake import get_many
 from workloads.layout import PENDING_RAW, pending_raw_prefix, result_key
 from workloads.tasks import parse_task, shard_tasks
 
-# Eager, except that one unreadable (failed) pack must not hold every prefix back.
-prefix_automation = dg.AutomationCondition.eager().without(
-    ~dg.AutomationCondition.any_deps_missing()
-)
 single_run = dg.BackfillPolicy.single_run()
 
 
@@ -64,7 +60,6 @@ def task_results(
     partitions_def=hash_prefix_partitions_def,
     deps=[dg.AssetDep(raw_packs, partition_mapping=dg.AllPartitionMapping())],
     backfill_policy=single_run,
-    automation_condition=prefix_automation,
     code_version="2",
     group_name="images",
     kinds={"parquet"},
@@ -263,7 +258,6 @@ STAGE_SPEC = {
     "code_version": "3",
     "group_name": "images",
     "kinds": {"opencv"},
-    "automation_condition": prefix_automation,
     "skippable": True,
 }
 

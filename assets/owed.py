@@ -85,6 +85,17 @@ class Owed:
             parts.append(f"{len(self.all_prefixes)} prefix(es) with work owed ({per})")
         return "; ".join(parts) or "nothing owed"
 
+    def todo(self, busy: set[str]) -> dict[str, set[str]]:
+        """``{asset: owed prefixes}`` less ``busy`` (prefixes live runs hold)."""
+        return {a: set(p) - busy for a, p in self.prefixes.items() if set(p) - busy}
+
+    def why(self, todo: dict[str, set[str]]) -> str:
+        """Why ``todo`` is owed, per asset, on one line."""
+        return "; ".join(
+            f"{a} {len(p)} prefix(es) ({', '.join(sorted({self.reasons[a][x] for x in p}))})"
+            for a, p in todo.items()
+        )
+
     def to_json(self) -> dict:
         return {
             "packs": [z.pack_id for z in self.packs],
@@ -183,3 +194,22 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
         prefixes={a: frozenset(r) for a, r in reasons.items()},
         reasons=reasons,
     )
+
+
+# The steps of the prefix assets (a run executing one holds its prefixes).
+PREFIX_STEPS = ("raw_images", "image_stages", "image_tables")
+
+
+def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
+    """Sorted runs of consecutive hash prefixes: one single-run backfill range each."""
+    ranges, start, prev = [], None, None
+    for p in HASH_PREFIXES:
+        if p in keys:
+            start = p if start is None else start
+            prev = p
+        elif start is not None:
+            ranges.append((start, prev))
+            start = None
+    if start is not None:
+        ranges.append((start, prev))
+    return ranges

@@ -7,7 +7,6 @@ import dagster as dg
 from assets.images import (
     EDGES,
     RESIZED,
-    prefix_automation,
     raw_images,
     run_tasks,
     single_run,
@@ -65,7 +64,6 @@ def new_rows(prior: dict | None, raw: dict | None) -> int:
     partitions_def=hash_prefix_partitions_def,
     deps=[raw_images, RESIZED, EDGES],
     backfill_policy=single_run,
-    automation_condition=prefix_automation,
     code_version="2",
     group_name="tables",
     kinds={"parquet", "athena"},

@@ -10,7 +10,11 @@ from assets.packs import raw_packs
 from assets.subsets import frozen_subsets
 from assets.tables import image_tables
 from orchestration.profiles import resources_for
-from orchestration.sensors import image_automation, incoming_packs_sensor, incoming_packs_sqs_sensor
+from orchestration.sensors import (
+    incoming_packs_sensor,
+    incoming_packs_sqs_sensor,
+    owed_prefixes_sensor,
+)
 from orchestration.settings import profile
 
 ASSETS = [
@@ -28,7 +32,7 @@ ASSETS = [
 def build_defs(profile_name: str | None = None, resources: dict | None = None) -> dg.Definitions:
     """The same assets in every profile; only the resources (and the event sensor) differ."""
     resources = resources or resources_for(profile_name or profile())
-    sensors = [incoming_packs_sensor, image_automation]
+    sensors = [incoming_packs_sensor, owed_prefixes_sensor]
     if resources["pack_events"].queue_url:
         sensors.append(incoming_packs_sqs_sensor)
     return dg.Definitions(assets=ASSETS, sensors=sensors, resources=resources)

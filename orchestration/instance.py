@@ -53,9 +53,21 @@ def storage_yaml() -> str:
     )
 
 
+# Runs whose worker process is gone are found and failed by the daemon (``make ui``): Dagster's run
+# monitoring, asking the launcher (orchestration.launcher) whether each started run's process
+# exists. A run that never starts within the timeout fails too. No resume: a run's steps are
+# re-run by what the lake is then owed (assets.owed), not by restarting the dead worker.
+_MONITORING = (
+    "run_launcher:\n  module: orchestration.launcher\n  class: LocalRunLauncher\n"
+    "run_monitoring:\n  enabled: true\n  start_timeout_seconds: 180\n"
+    "  cancel_timeout_seconds: 180\n  max_resume_run_attempts: 0\n  poll_interval_seconds: 5\n"
+)
+
+
 def instance_yaml() -> str:
-    """dagster.yaml for cvgraph's instance: its storage (``storage_yaml``), no telemetry."""
-    return MARK + _TELEMETRY + storage_yaml()
+    """dagster.yaml for cvgraph's instance: its storage (``storage_yaml``), the run launcher and
+    run monitoring that fail a run whose process is gone, no telemetry."""
+    return MARK + _TELEMETRY + _MONITORING + storage_yaml()
 
 
 def dagster_home() -> Path:

@@ -36,7 +36,7 @@ IN_PROCESS_JOB = "__ephemeral_asset_job__"
 _RANGE = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 
 
-def _start_ticks(pid: int) -> str | None:
+def start_ticks(pid: int) -> str | None:
     """Field 22 of ``/proc/<pid>/stat`` (the process's start, in clock ticks since boot); None
     where there is no such process. Where there is no /proc, ``"?"`` if the pid exists."""
     try:
@@ -69,7 +69,7 @@ class Runner:
 
     @classmethod
     def this_process(cls) -> Runner:
-        return cls(socket.gethostname(), os.getpid(), _start_ticks(os.getpid()) or "?")
+        return cls(socket.gethostname(), os.getpid(), start_ticks(os.getpid()) or "?")
 
     def to_tag(self) -> str:
         return f"{self.host}:{self.pid}:{self.started}"
@@ -86,7 +86,7 @@ class Runner:
         """True or False on this host; None for a process on another host (nothing here can tell)."""
         if self.host != socket.gethostname():
             return None
-        now = _start_ticks(self.pid)
+        now = start_ticks(self.pid)
         return now is not None and (now == self.started or "?" in (now, self.started))
 
 
@@ -107,7 +107,7 @@ def run_alive(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool | None:
         return runner.alive()
     if run.job_name == IN_PROCESS_JOB:  # executed in-process before runs carried the tag
         pid = worker_pid(instance, run)
-        return None if pid is None else _start_ticks(pid) is not None
+        return None if pid is None else start_ticks(pid) is not None
     return None
 
 

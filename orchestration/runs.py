@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from assets.owed import Owed, owed
+from assets.owed import PREFIX_STEPS, Owed, contiguous_ranges, owed
 from assets.packs import PACK_KEY_TAG, raw_packs
 from orchestration.definitions import ASSETS, defs
 from orchestration.liveness import (
@@ -29,7 +29,6 @@ from orchestration.liveness import (
 )
 from orchestration.sensors import incoming_packs_sensor
 from partitions import pack_partitions_def
-from workloads.versions import HASH_PREFIXES
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 SENSOR_CURSOR = "cvgraph/sensor_cursor"
@@ -210,24 +209,6 @@ def ingest_owed(
     return pack_ids
 
 
-def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
-    """Sorted runs of consecutive hash prefixes: one single-run backfill range each."""
-    ranges, start, prev = [], None, None
-    for p in HASH_PREFIXES:
-        if p in keys:
-            start = p if start is None else start
-            prev = p
-        elif start is not None:
-            ranges.append((start, prev))
-            start = None
-    if start is not None:
-        ranges.append((start, prev))
-    return ranges
-
-
-PREFIX_STEPS = ("raw_images", "image_stages", "image_tables")
-
-
 def sync(
     inst: dg.DagsterInstance,
     on_run: Callable[[list[str], tuple[str, str], dg.ExecuteInProcessResult], None] | None = None,
@@ -253,7 +234,7 @@ def sync(
         owes = lake_owed(definitions)
         taken = held(inst)
         busy = set().union(*(taken.get(s, set()) for s in PREFIX_STEPS))
-        todo = {a: set(p) - busy for a, p in owes.prefixes.items() if set(p) - busy}
+        todo = owes.todo(busy)
         if busy & owes.all_prefixes and on_log:
             on_log(
                 f"{len(busy & owes.all_prefixes)} owed prefix(es) are held by live runs; left to them"
@@ -262,7 +243,7 @@ def sync(
             break
         if todo == last:  # a round changed nothing: what stays owed needs the user
             if on_log:
-                on_log(f"still owed after a run: {_why(owes, todo)}")
+                on_log(f"still owed after a run: {owes.why(todo)}")
             break
         last = todo
         keys = sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
@@ -276,14 +257,6 @@ def sync(
             if on_run:
                 on_run([k.to_user_string() for k in keys], rng, run)
     return launched
-
-
-def _why(owes: Owed, todo: dict[str, set[str]]) -> str:
-    parts = []
-    for asset, prefixes in todo.items():
-        why = sorted({owes.reasons[asset][p] for p in prefixes})
-        parts.append(f"{asset} {len(prefixes)} prefix(es) ({', '.join(why)})")
-    return "; ".join(parts)
 
 
 def ensure_partition(

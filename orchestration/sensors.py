@@ -1,15 +1,20 @@
-"""Sensors: new zips under ``incoming/`` become ``packs`` partitions and ingest runs."""
+"""Sensors: zips under ``incoming/`` with no committed pack become ingest runs; prefixes the lake
+is owed work for become ranged runs (``assets.owed``, the definition plan and sync share)."""
 
+import hashlib
 import json
 import time
 
 import dagster as dg
 
-from assets.owed import incoming_zips, zip_state
+from assets.images import image_stages, raw_images
+from assets.owed import PREFIX_STEPS, contiguous_ranges, incoming_zips, owed, zip_state
 from assets.packs import PACK_KEY_TAG, raw_packs
+from assets.tables import image_tables
 from orchestration.liveness import held
 from partitions import pack_partitions_def
 from resources.events import IncomingListing, PackEvents
+from resources.settings import ImageSettings
 from resources.storage import LakeResource
 from workloads.layout import INCOMING
 
@@ -152,10 +157,49 @@ def incoming_packs_sqs_sensor(
     )
 
 
-image_automation = dg.AutomationConditionSensorDefinition(
-    "image_automation",
-    target=dg.AssetSelection.all(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
+RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+# A round whose owed work is what the last tick requested, once those runs have ended, waits
+# before the same runs are requested again: 30 s, doubling, at most an hour (failed images, a
+# failing worker).
+RETRY_BASE_S, RETRY_MAX_S = 30, 3600
+
+
+@dg.sensor(
+    name="owed_prefixes",
     minimum_interval_seconds=10,
-    description="Carries new packs through raw_images → resized_images/edge_maps → image_tables, as ranged runs.",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[raw_images, image_stages, image_tables],
+    description="Runs what the lake is owed (the definition `cvgraph plan` and `cvgraph sync` share): the prefix assets over the owed prefixes no live run holds, as ranged runs.",
 )
+def owed_prefixes_sensor(
+    context: dg.SensorEvaluationContext, lake: LakeResource, image_settings: ImageSettings
+) -> dg.SensorResult | dg.SkipReason:
+    owes = owed(lake.lake(), image_settings.params())
+    taken = held(context.instance)
+    busy = set().union(*(taken.get(s, set()) for s in PREFIX_STEPS))
+    todo = owes.todo(busy)
+    if not todo:
+        return dg.SkipReason(
+            "nothing owed" if not owes.all_prefixes else "owed prefixes are held by live runs"
+        )
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    signature = hashlib.sha256(
+        json.dumps({a: sorted(p) for a, p in todo.items()}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    now = time.time()
+    tries = cursor.get("tries", 0) if cursor.get("signature") == signature else 0
+    wait = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, tries - 1)) if tries else 0
+    if now - cursor.get("at", 0.0) < wait:
+        return dg.SkipReason(
+            f"still owed after {tries} round(s): {owes.why(todo)}; again in {wait:.0f} s"
+        )
+    keys = sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
+    requests = [
+        dg.RunRequest(asset_selection=keys, tags=dict(zip(RANGE_TAGS, rng)))
+        for rng in contiguous_ranges(set().union(*todo.values()))
+    ]
+    context.log.info(f"owed: {owes.why(todo)}; {len(requests)} ranged run(s)")
+    return dg.SensorResult(
+        run_requests=requests,
+        cursor=json.dumps({"signature": signature, "tries": tries + 1, "at": now}),
+    )

@@ -4,6 +4,7 @@ code location is imported, since resources are read from the environment at load
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,32 @@ def postgres_url(postgres_database, request) -> str:
     import re
 
     return postgres_database("t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50])
+
+
+@pytest.fixture(scope="session")
+def kill_packs(tmp_path_factory) -> list[Path]:
+    """Two small packs of digits (three classes each)."""
+    from cvgraph.demo_packs import digit_members, zip_bytes
+
+    root = tmp_path_factory.mktemp("kill_packs")
+    out = []
+    for name, classes in (("a", (0, 1, 2)), ("b", (3, 4, 5))):
+        path = root / f"{name}.zip"
+        path.write_bytes(zip_bytes(digit_members(size=32, limit=60, classes=classes)))
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clean_lake(tmp_path_factory, kill_packs, user_env) -> dict:
+    """The uninterrupted lake of ``kill_packs``: upload both, sync, freeze ``s``."""
+    from tests.lake_state import SQL, cvgraph, lake_state
+
+    env = user_env(tmp_path_factory.mktemp("clean_lake"))
+    for p in kill_packs:
+        cvgraph(env, "upload", str(p))
+    t0 = time.perf_counter()
+    cvgraph(env, "sync")
+    took = time.perf_counter() - t0
+    cvgraph(env, "freeze", "s", SQL)
+    return {"sync_s": took, **lake_state(env)}

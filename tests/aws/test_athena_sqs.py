@@ -210,7 +210,8 @@ def test_sqs_sensor_sends_a_replaced_zip_of_an_ingested_pack_to_a_run_once_per_u
         "pack_events": PackEvents(queue_url=aws.queue_url, visibility_timeout=300),
     }
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("packs", ["second"])
+        # an ingested pack: its record, the commit marker the sensor reads
+        s3.put_object(Bucket="cvgraph-lake", Key="lake/packs/second/pack.json", Body=b"{}")
         etag = s3.put_object(
             Bucket="cvgraph-lake", Key="lake/incoming/second.zip", Body=small_digits_pack(3)
         )["ETag"].strip('"')

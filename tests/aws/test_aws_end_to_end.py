@@ -32,7 +32,7 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
     assert {s.name for s in defs.sensors} == {
         "incoming_packs",
         "incoming_packs_sqs",
-        "image_automation",
+        "owed_prefixes",
     }
     lake = res["lake"].lake()
     boto3.client("s3").put_object(
@@ -123,7 +123,7 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         assert 60 * 4 < requests < 60 * 150  # at least the per-image puts; the rest is per prefix
         # this process (the orchestrator) read records only: no manifest, index, image or table object
         assert read_here and all(
-            re.fullmatch(r"(_versions|_results)/.+\.json|packs/[^/]+/pack\.json", k)
+            re.fullmatch(r"(_versions|_results)/.+\.json|packs/[^/]+/(pack|unreadable)\.json", k)
             for k in read_here
         ), sorted(set(read_here))[:10]
         assert sum(1 for _ in lake.list("resized/")) == sum(1 for _ in lake.list("edges/")) == 60

@@ -298,8 +298,21 @@ def dagster_dev(tmp_path_factory, request) -> Iterator[DagsterDev]:
     """``dagster dev`` on each storage: the default SQLite instance, and one on a real PostgreSQL
     server (``CVGRAPH_DAGSTER_PG_URL``), as a team's shared instance would be."""
     base = tmp_path_factory.mktemp(f"dagster_dev_{request.param}")
+    env = _dev_env(base)
+    if request.param == "postgres":
+        env["CVGRAPH_DAGSTER_PG_URL"] = request.getfixturevalue("postgres_database")("dagster_dev")
+    dev = _start_dev(base, env)
+    try:
+        _wait_until_loaded(dev)
+        yield dev
+    finally:
+        _stop_all(dev)
+
+
+def _dev_env(base: Path) -> dict:
+    """The environment ``make ui`` gives ``dagster dev``, with the homes under ``base``."""
     home, dagster_home = base / "cvgraph", base / "dagster"
-    (home / "lake" / "incoming").mkdir(parents=True)
+    (home / "lake" / "incoming").mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "CVGRAPH_HOME": str(home),
@@ -316,9 +329,12 @@ def dagster_dev(tmp_path_factory, request) -> Iterator[DagsterDev]:
         "CVGRAPH_DAGSTER_PG_URL",
     ):
         env.pop(var, None)
-    if request.param == "postgres":
-        env["CVGRAPH_DAGSTER_PG_URL"] = request.getfixturevalue("postgres_database")("dagster_dev")
-    # The instance as `make ui` sets it up (orchestration.profiles writes its dagster.yaml).
+    return env
+
+
+def _start_dev(base: Path, env: dict) -> DagsterDev:
+    """``dagster dev`` (webserver, daemon, code server) in a process group of its own."""
+    # The instance as `make ui` sets it up (orchestration.instance writes its dagster.yaml).
     subprocess.run(
         [
             str(REPO / ".venv" / "bin" / "python"),
@@ -331,7 +347,7 @@ def dagster_dev(tmp_path_factory, request) -> Iterator[DagsterDev]:
     )
     port = _free_port()
     log = base / "dagster_dev.log"
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen(
             [str(DAGSTER), "dev", "-w", "workspace.yaml", "-p", str(port), "-h", HOST],
             cwd=REPO,
@@ -341,21 +357,29 @@ def dagster_dev(tmp_path_factory, request) -> Iterator[DagsterDev]:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # dagster dev ignores SIGTERM alone; stop the whole group
         )
-    dev = DagsterDev(port=port, home=home, dagster_home=dagster_home, log=log, proc=proc)
-    try:
-        _wait_until_loaded(dev)
-        yield dev
-    finally:
-        _stop(proc)
-        # The webserver, daemon, code server and run workers all share the group; none may survive it.
-        deadline = time.monotonic() + 30
-        while (
-            left := _processes_with_env("DAGSTER_HOME", str(dagster_home))
-        ) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes outlived dagster dev: {left}"
+    home, dagster_home = Path(env["CVGRAPH_HOME"]), Path(env["DAGSTER_HOME"])
+    return DagsterDev(port=port, home=home, dagster_home=dagster_home, log=log, proc=proc)
+
+
+def _stop_all(dev: DagsterDev, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Stop ``dagster dev``'s group (``SIGKILL``: all at once, as a reclaimed host would); the
+    webserver, daemon, code server and run workers all share it and none may survive it."""
+    if sig == signal.SIGKILL:
+        try:
+            os.killpg(dev.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        dev.proc.wait(timeout=30)
+    else:
+        _stop(dev.proc)
+    deadline = time.monotonic() + 30
+    while (
+        left := _processes_with_env("DAGSTER_HOME", str(dev.dagster_home))
+    ) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes outlived dagster dev: {left}"
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -543,3 +567,56 @@ def test_backfill_of_all_prefixes_is_one_run(dagster_dev: DagsterDev, ingested: 
         assert len(resized) == 1, f"resized JPEG of {name} ({sha}): {resized}"
         assert resized[0].read_bytes()[:3] == b"\xff\xd8\xff", f"{resized[0]} is not a JPEG"
         assert list(lake.glob(f"edges/*/{prefix}/{sha}.png")), f"edge map of {name} ({sha}) missing"
+
+
+# -- the daemon killed -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(1200)
+def test_kill_the_daemon_mid_tick_and_mid_run_then_restart_converges(
+    tmp_path, kill_packs, clean_lake
+):
+    """`dagster dev` (webserver, daemon, code server, run workers) SIGKILLed as a whole as soon
+    as the incoming sensor's tick has launched an ingest run, then again once a prefix run has
+    started; restarted, the daemon alone (run monitoring failing the dead runs, the sensors
+    asking the lake what is owed) brings the lake to the uninterrupted one."""
+    from tests.lake_state import SQL, assert_same_lake, cvgraph, lake_state
+
+    env = _dev_env(tmp_path)
+    for p in kill_packs:
+        _upload(Path(env["CVGRAPH_HOME"]) / "lake", p.name, p.read_bytes())
+
+    def started(dev: DagsterDev, assets: set[str]) -> Callable[[], tuple[Any, Any]]:
+        def probe():
+            runs, data = dev.runs({})
+            return [r for r in runs if _asset_paths(r) & assets and r["status"] == "STARTED"], data
+
+        return probe
+
+    # mid-run (its worker executing a step), then mid-tick of the next sensor's runs
+    for assets, delay in (({"raw_packs"}, 1.0), ({"raw_images", "image_tables"}, 2.0)):
+        dev = _start_dev(tmp_path, env)
+        try:
+            _wait_until_loaded(dev)
+            dev.wait_for(f"a started run of {assets}", started(dev, assets), 300, interval=0.3)
+            time.sleep(delay)
+        finally:
+            _stop_all(dev, signal.SIGKILL)
+    killed = lake_state(env)
+    assert killed["unfinished"], "no run was left unfinished: the kills landed after the work"
+    assert killed["owed"] != {"packs": [], "prefixes": {}}
+
+    dev = _start_dev(tmp_path, env)
+    try:
+        _wait_until_loaded(dev)
+
+        def converged():
+            state = lake_state(env)
+            done = state["owed"] == {"packs": [], "prefixes": {}} and not state["unfinished"]
+            return done, {k: state[k] for k in ("owed", "unfinished")}
+
+        dev.wait_for("the lake to owe nothing", converged, timeout=600, interval=5)
+    finally:
+        _stop_all(dev)
+    cvgraph(env, "freeze", "s", SQL)
+    assert_same_lake(env, clean_lake)

@@ -32,14 +32,15 @@ def test_all_nine_assets_with_code_versions_and_partitions():
         if key.to_user_string() in PREFIX_ASSETS:
             assert node.partitions_def == hash_prefix_partitions_def
             assert node.backfill_policy == dg.BackfillPolicy.single_run()
-            assert node.automation_condition is not None
+            # the owed_prefixes sensor runs them from the lake's records, not Dagster's automation
+            assert node.automation_condition is None
     evaluations = graph.get(dg.AssetKey("model_evaluations")).partitions_def
     assert evaluations == evaluation_partitions_def
     assert [d.name for d in evaluations.partitions_defs] == ["model", "subset"]
 
 
 def test_sensors_and_checks_are_registered():
-    assert {s.name for s in defs.sensors} == {"incoming_packs", "image_automation"}
+    assert {s.name for s in defs.sensors} == {"incoming_packs", "owed_prefixes"}
     checks = {
         (k.asset_key.to_user_string(), k.name) for k in defs.resolve_asset_graph().asset_check_keys
     }
@@ -90,7 +91,7 @@ def test_profiles_give_the_same_resource_keys(monkeypatch, tmp_path):
     assert type(local["catalog"]).__name__ == "DuckDBCatalog"
     assert type(aws["catalog"]).__name__ == "AthenaCatalog"
     # the SQS sensor exists only where a queue is configured
-    assert {s.name for s in build_defs("aws").sensors} == {"incoming_packs", "image_automation"}
+    assert {s.name for s in build_defs("aws").sensors} == {"incoming_packs", "owed_prefixes"}
     monkeypatch.setenv("CVGRAPH_SQS_QUEUE_URL", "http://127.0.0.1:1/123456789012/incoming")
     aws_sqs = build_defs("aws")
     assert "incoming_packs_sqs" in {s.name for s in aws_sqs.sensors}

@@ -1,0 +1,144 @@
+"""Kill anything, run it again: the lake is what an uninterrupted run makes.
+
+Each test runs a user's commands (`cvgraph sync`, `ingest`, `freeze`, `forget`) as processes in a
+session of their own and SIGKILLs the whole process group (the CLI and its workers) at seeded
+random moments, or right after the command's Nth progress line (a named point: a run created, a
+prefix done, a table committed); then runs the command again, to the end, and compares with a
+lake no one interrupted: the same `images` and `objects` rows, the same original and variant
+bytes, the same data versions of every prefix, the same frozen manifest; `plan` says nothing is
+owed and no run is left unfinished.
+
+The default suite kills at a few points per command; ``CVGRAPH_KILL_SEEDS=N`` (e.g. 25) widens
+every sweep: ``CVGRAPH_KILL_SEEDS=25 .venv/bin/pytest -k kill``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+
+from tests.lake_state import CLI, SQL, assert_same_lake, cvgraph
+
+SEEDS = int(os.environ.get("CVGRAPH_KILL_SEEDS", "2"))
+
+
+def _killed(
+    env, args: list[str], *, after_s: float | None = None, after_line: int | None = None
+) -> bool:
+    """Start ``cvgraph ARGS`` in a session of its own and SIGKILL its whole process group
+    ``after_s`` seconds in, or right after its ``after_line``-th progress line (stderr); returns
+    whether it was killed (False: it had finished first)."""
+    proc = subprocess.Popen(
+        [CLI, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    hit = threading.Event()
+
+    def watch() -> None:
+        for n, _line in enumerate(proc.stderr, 1):
+            if after_line is not None and n >= after_line:
+                hit.set()
+                return
+        hit.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    hit.wait(after_s if after_s is not None else 600)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
+def _points(seed_base: int, span: float, lines: int) -> list[dict]:
+    """Kill points: ``SEEDS`` seeded delays within ``span`` seconds, and named points (the Nth
+    progress line) spread over ``lines``."""
+    rng = random.Random(seed_base)
+    out = [{"after_s": rng.uniform(0.5, span)} for _ in range(SEEDS)]
+    out += [{"after_line": n} for n in sorted({1, max(2, lines // 2), lines})][: max(1, SEEDS)]
+    return out
+
+
+def test_kill_sync_at_many_points_then_sync_makes_the_uninterrupted_lake(
+    tmp_path, kill_packs, clean_lake, user_env
+):
+    """Packs uploaded, `cvgraph sync` killed again and again (during its ingests, its prefix
+    runs, its table commits), then one sync: nothing lost, nothing owed."""
+    env = user_env(tmp_path / "home")
+    for p in kill_packs:
+        cvgraph(env, "upload", str(p))
+    kills = 0
+    for point in _points(seed_base=1, span=clean_lake["sync_s"] + 3, lines=40):
+        kills += _killed(env, ["sync"], **point)
+    assert kills, "no kill landed: the points are past the command's end"
+    out = cvgraph(env, "sync")
+    assert "nothing owed" in out.stdout, out.stdout
+    plan = cvgraph(env, "plan").stdout
+    assert "nothing to do" in plan, plan
+    cvgraph(env, "freeze", "s", SQL)
+    assert_same_lake(env, clean_lake)
+
+
+def test_kill_ingest_then_ingest_again_and_sync(tmp_path, kill_packs, clean_lake, user_env):
+    """`cvgraph ingest` killed mid-ingest (and before its run is created), run again, then sync."""
+    env = user_env(tmp_path / "home")
+    for point in _points(seed_base=2, span=4.0, lines=4):
+        _killed(env, ["ingest", str(kill_packs[0])], **point)
+    cvgraph(env, "ingest", str(kill_packs[0]))
+    cvgraph(env, "upload", str(kill_packs[1]))
+    cvgraph(env, "sync")
+    cvgraph(env, "freeze", "s", SQL)
+    assert_same_lake(env, clean_lake)
+
+
+def test_kill_freeze_then_freeze_again_gives_the_same_manifest(
+    tmp_path, kill_packs, clean_lake, user_env
+):
+    """`cvgraph freeze` killed at many points, run again: one subset, the uninterrupted one's
+    manifest; a killed freeze's run does not hold its key."""
+    env = user_env(tmp_path / "home")
+    for p in kill_packs:
+        cvgraph(env, "upload", str(p))
+    cvgraph(env, "sync")
+    for point in _points(seed_base=3, span=4.0, lines=3):
+        _killed(env, ["freeze", "s", SQL], **point)
+    cvgraph(env, "freeze", "s", SQL)
+    assert_same_lake(env, clean_lake)
+
+
+def test_a_killed_commands_run_is_ended_by_the_next_command(tmp_path, kill_packs, user_env):
+    """The run of a SIGKILLed sync stays STARTED in Dagster; the next command finds its process
+    gone, marks it failed, and says so on one line."""
+    env = user_env(tmp_path / "home")
+    for p in kill_packs:
+        cvgraph(env, "upload", str(p))
+    assert _killed(env, ["sync"], after_line=3)
+    out = cvgraph(env, "sync")
+    assert "by a process that is gone" in out.stderr and "marked failed" in out.stderr, out.stderr
+    assert "nothing owed" in out.stdout
+
+
+def test_a_freeze_of_a_lake_with_work_owed_is_refused_in_one_line(tmp_path, kill_packs, user_env):
+    """Packs ingested but not synced: the freeze is refused, naming what waits and `cvgraph
+    sync`; with --allow-pending it freezes and records what was owed."""
+    env = user_env(tmp_path / "home")
+    cvgraph(env, "ingest", str(kill_packs[0]), "--wait")
+    cvgraph(env, "ingest", str(kill_packs[1]))  # ingested, not indexed
+    out = cvgraph(env, "freeze", "s", SQL, check=False)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "work owed" in out.stderr and "cvgraph sync" in out.stderr, out.stderr
+    rec = json.loads(cvgraph(env, "freeze", "s", SQL, "--allow-pending", "--json").stdout)
+    assert rec["pending"]["prefixes"]["raw_images"], rec["pending"]
+    cvgraph(env, "sync")
+    assert json.loads(cvgraph(env, "plan", "--json").stdout)["owed"] == {
+        "packs": [],
+        "prefixes": {},
+    }

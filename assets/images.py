@@ -28,7 +28,7 @@ from workloads.costs import Estimate, images_estimate, index_estimate
 from workloads.images import empty_stage_record
 from workloads.index import empty_index_stats
 from workloads.lake import get_many
-from workloads.layout import PENDING_RAW, pending_raw_prefix, result_key
+from workloads.layout import PENDING_RAW, pending_raw_prefix, result_key, unrecorded_key
 from workloads.tasks import parse_task, shard_tasks
 
 single_run = dg.BackfillPolicy.single_run()
@@ -74,8 +74,11 @@ def raw_images(
     store = lake.lake()
     before = dict(store.counters)
     prefixes, run_id = list(context.partition_keys), context.run.run_id
-    # One listing of the pending markers tells which prefixes have packs to absorb.
-    markers = Counter(pending_raw_prefix(k) for k in store.keys(PENDING_RAW))
+    # One listing of the pending markers tells which prefixes have packs to absorb, or an index
+    # change a killed run did not record (``unrecorded_key``: deleted below, once recorded).
+    listed = store.keys(PENDING_RAW)
+    markers = Counter(pending_raw_prefix(k) for k in listed)
+    unrecorded = [k for k in listed if k.endswith(".unrecorded")]
     work = sorted(set(markers) & set(prefixes))
     prior = prefix_records(store, "raw_images", prefixes)
     estimate = cost_settings.log_estimate(
@@ -112,10 +115,15 @@ def raw_images(
     context.log.info(
         f"{len(work)} of {len(prefixes)} prefixes had packs to absorb or drop; {total} originals indexed"
     )
-    changed = {p for p in work if results[p]["changed"]} | {
-        p for p in prefixes if p not in results and p not in kept
-    }
-    return record_prefixes(
+    # a record to write: rows changed, or the index holds a version the record does not (a killed
+    # run's merge, re-read by this run's task), or the prefix was never recorded
+    changed = {
+        p
+        for p in work
+        if results[p]["changed"]
+        or (prior.get(p) or {}).get("data_version") != results[p]["data_version"]
+    } | {p for p in prefixes if p not in results and p not in kept}
+    result = record_prefixes(
         context,
         store,
         context.asset_key,
@@ -124,6 +132,13 @@ def raw_images(
         changed,
         {**request_metadata(store.counters.since(before), list(results.values())), **estimate},
     )
+    # Recorded now: each task's own mark, and the older ones of its prefix it supersedes.
+    merged = {p for p, r in results.items() if r.get("packs_merged") or r.get("packs_dropped")}
+    for k in {unrecorded_key(p, results[p]["data_version"]) for p in merged} | {
+        k for k in unrecorded if pending_raw_prefix(k) in results
+    }:
+        store.delete(k)
+    return result
 
 
 RESIZED = dg.AssetKey("resized_images")

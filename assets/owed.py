@@ -150,7 +150,8 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
     """What ``lake`` is owed with image ``params`` (``ImageSettings.params()``); ``zips``: the
     incoming zips if already read (``incoming_zips``)."""
     zips = incoming_zips(lake) if zips is None else zips
-    markers = {pending_raw_prefix(k) for k in lake.keys(PENDING_RAW) if marker_pack(k)}
+    # pack markers, and index changes a killed run never recorded (``unrecorded_key``)
+    markers = {pending_raw_prefix(k) for k in lake.keys(PENDING_RAW)}
     table_markers = {pending_tables_prefix(k) for k in lake.keys(PENDING_TABLES)}
     records = {a: asset_records(lake, a) for a in PREFIX_ASSETS}
     # a lake with any pack (ingested, or leaving) records every prefix of every asset

@@ -25,6 +25,7 @@ from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
 from resources.tables import TableWriter
 from workloads.costs import tables_estimate
+from workloads.layout import PENDING_TABLES, pending_tables_prefix
 from workloads.tables import empty_tables_stats
 
 INPUTS = ("raw_images", "resized_images", "edge_maps")
@@ -93,8 +94,13 @@ def image_tables(
         p: {a: (upstream[a].get(p) or {}).get("data_version") for a in INPUTS} for p in prefixes
     }
     prior = prefix_records(store, "image_tables", prefixes)
+    # One listing of the index's markers: a prefix whose last commit was killed before its
+    # clean-up has markers and nothing else to do; its task finishes that commit.
+    markers = {pending_tables_prefix(k) for k in store.keys(PENDING_TABLES)}
     work = [
-        p for p in prefixes if tables_work(prior.get(p), upstream["raw_images"].get(p), inputs[p])
+        p
+        for p in prefixes
+        if p in markers or tables_work(prior.get(p), upstream["raw_images"].get(p), inputs[p])
     ]
     estimate = cost_settings.log_estimate(
         context,

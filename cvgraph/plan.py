@@ -61,7 +61,7 @@ def _incoming(lake, owes: Owed) -> list[dict]:
 def _pending(lake) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str, float], list]:
     """(markers per prefix, {prefix: {pack: rows}} of committed pending packs, mean original bytes
     of each pending pack, packs being forgotten), from one listing and one record per pack."""
-    keys = lake.keys(PENDING_RAW)
+    keys = [k for k in lake.keys(PENDING_RAW) if marker_pack(k)]
     markers: dict[str, int] = {}
     for k in keys:
         markers[pending_raw_prefix(k)] = markers.get(pending_raw_prefix(k), 0) + 1

@@ -108,7 +108,9 @@ class Datasets:
         stays in the instance's history)."""
         from workloads.layout import record_key, subset_keys
 
-        self._runs.end_dead_runs(self.instance, self.progress)  # none holds the key for good
+        self._runs.end_dead(
+            self.instance, self.definitions, self.progress
+        )  # none holds it for good
         new = not self.instance.has_dynamic_partition(partitions_def.name, key)
         self.ensure_partition(partitions_def, key)
         try:

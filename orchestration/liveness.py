@@ -118,10 +118,13 @@ def unfinished_runs(
 
 
 def end_dead_runs(
-    instance: dg.DagsterInstance, on_line: Callable[[str], None] | None = None
+    instance: dg.DagsterInstance,
+    on_line: Callable[[str], None] | None = None,
+    stop_remote: Callable[[str, str], list[str]] | None = None,
 ) -> list[str]:
     """Mark failed every unfinished run whose process is gone (``report_run_failed``), each said
-    on one line to ``on_line``; returns their ids. Runs nothing here can judge are left as they are."""
+    on one line to ``on_line``, after ``stop_remote(run id, why)`` stopped its remote work (its
+    Batch jobs); returns their ids. Runs nothing here can judge are left as they are."""
     ended = []
     for run in unfinished_runs(instance):
         if run_alive(instance, run) is not False:
@@ -131,6 +134,11 @@ def end_dead_runs(
             f"run {run.run_id[:8]} ({_what(run)}) was left {run.status.value} by a process that is "
             f"gone ({runner}): marked failed"
         )
+        stopped = (
+            stop_remote(run.run_id, "its Dagster run's process is gone") if stop_remote else []
+        )
+        if stopped:
+            message += f", its remote jobs stopped ({', '.join(stopped)})"
         instance.report_run_failed(run, message=message)
         ended.append(run.run_id)
         if on_line:

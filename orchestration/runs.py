@@ -170,6 +170,13 @@ def _kv_set(inst: dg.DagsterInstance, key: str, value: str) -> None:
     inst.run_storage.set_cursor_values({key: value})
 
 
+def end_dead(
+    inst: dg.DagsterInstance, definitions: dg.Definitions, on_log: Callable | None = None
+) -> list[str]:
+    """``end_dead_runs``, stopping each dead run's remote work through the profile's compute."""
+    return end_dead_runs(inst, on_log, definitions.resources["image_compute"].stop_run)
+
+
 def lake_owed(definitions: dg.Definitions) -> Owed:
     """What the lake of ``definitions`` is owed (``assets.owed``)."""
     res = definitions.resources
@@ -185,7 +192,7 @@ def ingest_owed(
     """Ingest every zip the lake is owed an ingest for (no committed pack record), whatever
     partitions or runs exist, except those a live run is ingesting now; returns pack ids."""
     definitions = definitions or defs
-    end_dead_runs(inst, on_log)
+    end_dead(inst, definitions, on_log)
     busy = held(inst).get(raw_packs.node_def.name, set())
     pack_ids = []
     for z in lake_owed(definitions).packs:
@@ -228,7 +235,7 @@ def sync(
     if packs:
         ingest_owed(inst, on_run=on_ingest, definitions=definitions, on_log=on_log)
     else:
-        end_dead_runs(inst, on_log)
+        end_dead(inst, definitions, on_log)
     launched, last = [], None
     for _ in range(max_rounds):
         owes = lake_owed(definitions)

@@ -218,8 +218,13 @@ class BatchArrayClient(ImageCompute, AwsResource):
     ) -> None:
         """Terminate this run's jobs: those submitted, and by name any whose submit_job was in
         flight when the cancel landed."""
+        found = self._terminate_named(run_id, why, set(jobs))
+        context.log.warning(f"{why}: terminated batch jobs {found}")
+
+    def _terminate_named(self, run_id: str, why: str, known: set[str] = frozenset()) -> list[str]:
+        """Terminate ``known`` and every unfinished job named for run ``run_id``."""
         batch = self._client("batch")
-        found = set(jobs)
+        found = set(known)
         for page in batch.get_paginator("list_jobs").paginate(
             jobQueue=self.job_queue,
             filters=[{"name": "JOB_NAME", "values": [self._name_prefix(run_id) + "*"]}],
@@ -227,7 +232,19 @@ class BatchArrayClient(ImageCompute, AwsResource):
             found |= {j["jobId"] for j in page["jobSummaryList"] if j["status"] not in TERMINAL}
         for jid in sorted(found):
             batch.terminate_job(jobId=jid, reason=why)
-        context.log.warning(f"{why}: terminated batch jobs {sorted(found)}")
+        return sorted(found)
+
+    def stop_run(self, run_id: str, why: str) -> list[str]:
+        """Terminate the Batch jobs of run ``run_id`` whose orchestrating process is gone, and
+        wait (up to ``start_timeout_seconds``) until they have ended: a killed command's jobs would
+        otherwise go on beside the re-run that does their work, two tasks on one prefix."""
+        stopped = self._terminate_named(run_id, why)
+        deadline = time.monotonic() + (self.start_timeout_seconds or 3600.0)
+        while stopped and time.monotonic() < deadline:
+            if all(_finished(d) for d in self._describe(stopped).values()):
+                break
+            time.sleep(self.poll_seconds)
+        return stopped
 
     def _run_jobs(
         self, context, submissions: list[tuple[str, list[str], list[str]]], run_id: str

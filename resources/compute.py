@@ -125,6 +125,11 @@ class ImageCompute(dg.ConfigurableResource, ABC):
     ) -> None:
         """Run ``command(prefixes of a task)`` over ``prefixes`` (one workload, e.g. the index)."""
 
+    def stop_run(self, run_id: str, why: str) -> list[str]:
+        """Stop the remote work of run ``run_id`` whose process is gone; returns what was
+        stopped. Local tasks are the dead process's children and went with its process group."""
+        return []
+
     @abstractmethod
     def run_ingest(
         self, context: dg.AssetExecutionContext, lake_url: str, pack_id: str, key: str

@@ -5,9 +5,16 @@ tests/orchestration/test_dagster_dev.py) run and compare. The fixtures ``kill_pa
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+# kill points per sweep (seeded delays, and as many named points); CVGRAPH_KILL_SEEDS widens it
+SEEDS = int(os.environ.get("CVGRAPH_KILL_SEEDS", "2"))
 
 CLI = str(Path(sys.executable).with_name("cvgraph"))
 SQL = "SELECT * FROM images WHERE label IS NOT NULL"
@@ -74,3 +81,44 @@ def assert_same_lake(env: dict, clean: dict) -> None:
     assert got["unfinished"] == [], "runs of killed commands left unfinished"
     for part in ("packs", "images", "objects", "bytes", "versions", "subsets"):
         assert got[part] == clean[part], f"{part} differ from the uninterrupted lake"
+
+
+def killed_at(
+    env, args: list[str], *, after_s: float | None = None, after_line: int | None = None
+) -> bool:
+    """Start ``cvgraph ARGS`` in a session of its own and SIGKILL its whole process group
+    ``after_s`` seconds in, or right after its ``after_line``-th progress line (stderr); returns
+    whether it was killed (False: it had finished first)."""
+    proc = subprocess.Popen(
+        [CLI, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    hit = threading.Event()
+
+    def watch() -> None:
+        for n, _line in enumerate(proc.stderr, 1):
+            if after_line is not None and n >= after_line:
+                hit.set()
+                return
+        hit.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    hit.wait(after_s if after_s is not None else 600)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
+def kill_points(seed_base: int, span: float, lines: int) -> list[dict]:
+    """Kill points: ``SEEDS`` seeded delays within ``span`` seconds, and named points (the Nth
+    progress line) spread over ``lines``."""
+    rng = random.Random(seed_base)
+    out = [{"after_s": rng.uniform(0.5, span)} for _ in range(SEEDS)]
+    out += [{"after_line": n} for n in sorted({1, max(2, lines // 2), lines})][: max(1, SEEDS)]
+    return out

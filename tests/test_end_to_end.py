@@ -168,12 +168,12 @@ def test_a_range_with_nothing_to_do_reads_one_record_per_asset_and_writes_nothin
             and meta["lake_requests_workers"].value == {}
         )
     # raw_images: the pending markers' listing and its own records; the stages: raw + their own two
-    # (one step, reported once); the tables: three inputs and its own
+    # (one step, reported once); the tables: its markers' listing, three inputs and its own
     assert requests == {
         "raw_images": {"list": 1, "get": 1},
         "resized_images": {"get": 3},
         "edge_maps": {},
-        "image_tables": {"get": 4},
+        "image_tables": {"list": 1, "get": 4},
     }
     assert lake_snapshot(ds.lake) == first["lake"]
     state = dagster_state(ds.instance)

@@ -30,6 +30,7 @@ from workloads.layout import (
     raw_index_key,
     raw_key,
     recorded,
+    unrecorded_key,
 )
 from workloads.versions import canonical_json, prefix_version, sha256_hex
 
@@ -256,6 +257,8 @@ def absorb_pending(lake, prefix: str) -> dict:
         lake.put(state_key, json.dumps(stats, sort_keys=True).encode())
     else:  # a missing state reads as empty_index_stats(), which these are
         lake.delete(state_key)
+    # until the step records this version, the prefix's index is owed (the markers go next)
+    lake.put(unrecorded_key(prefix, stats["data_version"]), b"")
     ext = {r["sha256"]: r["ext"] for rows in dropped.values() for r in rows}
     for sha in gone:
         lake.delete(raw_key(sha, ext[sha]))

@@ -104,6 +104,14 @@ def forget_raw_key(prefix: str, pack_id: str) -> str:
     return f"{PENDING_RAW}{prefix}/{pack_id}.forget"
 
 
+def unrecorded_key(prefix: str, version: str) -> str:
+    """``prefix``'s index changed to ``version`` and the ``raw_images`` step has not recorded it
+    yet: written by the index task before it drops the pack markers, deleted by the step once its
+    ``_versions`` record says so. A run killed in between leaves it, and the prefix's index step
+    is owed again (a re-merge changes nothing; the step records what the index holds)."""
+    return f"{PENDING_RAW}{prefix}/{version}.unrecorded"
+
+
 def pending_raw_prefix(key: str) -> str:
     """The prefix of a ``pending_raw_key`` or ``forget_raw_key``."""
     return key.removeprefix(PENDING_RAW).split("/")[0]

@@ -185,6 +185,10 @@ def _batch_terminate(original):
         job = self.get_job_by_id(job_id)
         for child in (job._child_jobs or []) if job else []:
             child.terminate(reason)
+        # A job no thread has picked up yet (SUBMITTED) ends FAILED at once, as on AWS.
+        for j in [job, *((job._child_jobs or []) if job else [])]:
+            if j is not None and not j._child_jobs and j.status in ("SUBMITTED", "PENDING"):
+                j._mark_stopped(success=False)
 
     return terminate_job
 

@@ -15,56 +15,8 @@ every sweep: ``CVGRAPH_KILL_SEEDS=25 .venv/bin/pytest -k kill``.
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import threading
 
-from tests.lake_state import CLI, SQL, assert_same_lake, cvgraph
-
-SEEDS = int(os.environ.get("CVGRAPH_KILL_SEEDS", "2"))
-
-
-def _killed(
-    env, args: list[str], *, after_s: float | None = None, after_line: int | None = None
-) -> bool:
-    """Start ``cvgraph ARGS`` in a session of its own and SIGKILL its whole process group
-    ``after_s`` seconds in, or right after its ``after_line``-th progress line (stderr); returns
-    whether it was killed (False: it had finished first)."""
-    proc = subprocess.Popen(
-        [CLI, *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    hit = threading.Event()
-
-    def watch() -> None:
-        for n, _line in enumerate(proc.stderr, 1):
-            if after_line is not None and n >= after_line:
-                hit.set()
-                return
-        hit.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    hit.wait(after_s if after_s is not None else 600)
-    killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return killed
-
-
-def _points(seed_base: int, span: float, lines: int) -> list[dict]:
-    """Kill points: ``SEEDS`` seeded delays within ``span`` seconds, and named points (the Nth
-    progress line) spread over ``lines``."""
-    rng = random.Random(seed_base)
-    out = [{"after_s": rng.uniform(0.5, span)} for _ in range(SEEDS)]
-    out += [{"after_line": n} for n in sorted({1, max(2, lines // 2), lines})][: max(1, SEEDS)]
-    return out
+from tests.lake_state import SQL, assert_same_lake, cvgraph, kill_points, killed_at
 
 
 def test_kill_sync_at_many_points_then_sync_makes_the_uninterrupted_lake(
@@ -76,8 +28,8 @@ def test_kill_sync_at_many_points_then_sync_makes_the_uninterrupted_lake(
     for p in kill_packs:
         cvgraph(env, "upload", str(p))
     kills = 0
-    for point in _points(seed_base=1, span=clean_lake["sync_s"] + 3, lines=40):
-        kills += _killed(env, ["sync"], **point)
+    for point in kill_points(seed_base=1, span=clean_lake["sync_s"] + 3, lines=40):
+        kills += killed_at(env, ["sync"], **point)
     assert kills, "no kill landed: the points are past the command's end"
     out = cvgraph(env, "sync")
     assert "nothing owed" in out.stdout, out.stdout
@@ -90,8 +42,8 @@ def test_kill_sync_at_many_points_then_sync_makes_the_uninterrupted_lake(
 def test_kill_ingest_then_ingest_again_and_sync(tmp_path, kill_packs, clean_lake, user_env):
     """`cvgraph ingest` killed mid-ingest (and before its run is created), run again, then sync."""
     env = user_env(tmp_path / "home")
-    for point in _points(seed_base=2, span=4.0, lines=4):
-        _killed(env, ["ingest", str(kill_packs[0])], **point)
+    for point in kill_points(seed_base=2, span=4.0, lines=4):
+        killed_at(env, ["ingest", str(kill_packs[0])], **point)
     cvgraph(env, "ingest", str(kill_packs[0]))
     cvgraph(env, "upload", str(kill_packs[1]))
     cvgraph(env, "sync")
@@ -108,8 +60,8 @@ def test_kill_freeze_then_freeze_again_gives_the_same_manifest(
     for p in kill_packs:
         cvgraph(env, "upload", str(p))
     cvgraph(env, "sync")
-    for point in _points(seed_base=3, span=4.0, lines=3):
-        _killed(env, ["freeze", "s", SQL], **point)
+    for point in kill_points(seed_base=3, span=4.0, lines=3):
+        killed_at(env, ["freeze", "s", SQL], **point)
     cvgraph(env, "freeze", "s", SQL)
     assert_same_lake(env, clean_lake)
 
@@ -120,7 +72,7 @@ def test_a_killed_commands_run_is_ended_by_the_next_command(tmp_path, kill_packs
     env = user_env(tmp_path / "home")
     for p in kill_packs:
         cvgraph(env, "upload", str(p))
-    assert _killed(env, ["sync"], after_line=3)
+    assert killed_at(env, ["sync"], after_line=3)
     out = cvgraph(env, "sync")
     assert "by a process that is gone" in out.stderr and "marked failed" in out.stderr, out.stderr
     assert "nothing owed" in out.stdout

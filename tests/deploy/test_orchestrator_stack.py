@@ -193,6 +193,9 @@ def test_the_deployed_instance_yaml_is_valid_and_works_on_postgres(
     assert config["run_launcher"]["class"] == "EcsRunLauncher"
     assert config["run_launcher"]["module"] == "dagster_aws.ecs"
     assert config["run_queue"]["max_concurrent_runs"] == {"env": "CVGRAPH_MAX_CONCURRENT_RUNS"}
+    # a run whose ECS task died is resumed once, then failed: its partitions are not held for good
+    monitoring = config["run_monitoring"]
+    assert monitoring["enabled"] and monitoring["max_resume_run_attempts"] == 1
     assert "from-secrets-manager" not in INSTANCE_YAML.read_text()
 
     @dg.asset
@@ -202,5 +205,6 @@ def test_the_deployed_instance_yaml_is_valid_and_works_on_postgres(
     with dg.DagsterInstance.from_config(str(home)) as inst:
         assert type(inst.run_storage).__name__ == "PostgresRunStorage"
         assert type(inst.event_log_storage).__name__ == "PostgresEventLogStorage"
+        assert inst.run_monitoring_enabled and inst.run_monitoring_start_timeout_seconds == 600
         result = dg.materialize([hello], instance=inst)
         assert result.success and inst.get_latest_materialization_event(hello.key) is not None

@@ -7,6 +7,8 @@ it); a different query under the same key is refused.
 
 import json
 import math
+import re
+import time
 
 import dagster as dg
 import numpy as np
@@ -235,6 +237,32 @@ def _claim(store, key: str, sql: str) -> bool:
     return False
 
 
+def rows_read_twice(catalog: Catalog, manifest) -> dict[str, int]:
+    """``{sha256: rows}`` of the manifest's images that the ``images`` table itself reads more
+    than once. It holds one row per image; Athena reads every object under ``prefix=<pp>/``, so
+    between a table commit and its clean-up a replaced row is read twice (DuckDB reads only the
+    parts the commit states name: never). One grouped query, only when the manifest repeats an
+    image (a query's own join may repeat one too: that is not this)."""
+    counts = pc.value_counts(manifest["sha256"])
+    repeated = [
+        v
+        for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())
+        if n > 1
+    ]
+    if not repeated:
+        return {}
+    listed = ", ".join(f"'{s}'" for s in repeated if re.fullmatch(r"[0-9a-f]{64}", s))
+    twice = catalog.query(
+        f"SELECT sha256, count(*) AS n FROM images WHERE sha256 IN ({listed}) "
+        "GROUP BY sha256 HAVING count(*) > 1"
+    )
+    return dict(zip(twice["sha256"].to_pylist(), twice["n"].to_pylist()))
+
+
+# A freeze that finds the images table mid-commit asks again after these waits (s).
+RECHECK_S = (1.0, 3.0, 6.0)
+
+
 def freeze(
     context, store, catalog: Catalog, key: str, sql: str, params, allow_pending: bool = False
 ) -> tuple[dict, object]:
@@ -251,8 +279,25 @@ def freeze(
         )
     try:
         manifest = query_manifest(catalog, sql)
+        for wait in RECHECK_S:  # a commit seen halfway is over in moments: ask again
+            twice = rows_read_twice(catalog, manifest)
+            if not twice:
+                break
+            context.log.warning(
+                f"{len(twice)} image(s) read twice (a table commit halfway); again in {wait:g} s"
+            )
+            time.sleep(wait)
+            manifest = query_manifest(catalog, sql)
+        twice = rows_read_twice(catalog, manifest)
     except QueryError as e:  # the user's SQL: its one line, not a traceback
         raise dg.Failure(description=f"subset {key}: {e}") from None
+    if twice:
+        prefixes = sorted({s[:2] for s in twice})
+        raise dg.Failure(
+            description=f"subset {key}: the images table reads {len(twice)} image(s) twice "
+            f"(prefix(es) {', '.join(prefixes[:10])}): a table commit is between its write and its "
+            "clean-up; nothing was frozen: freeze again (if it stays, `cvgraph sync` finishes it)"
+        )
     if manifest.num_rows == 0:
         waiting = pending_packs(store)
         raise dg.Failure(

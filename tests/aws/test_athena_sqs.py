@@ -230,3 +230,41 @@ def test_sqs_sensor_sends_a_replaced_zip_of_an_ingested_pack_to_a_run_once_per_u
             dg.build_sensor_context(instance=instance, resources=resources, cursor=tick.cursor)
         )
         assert [r.run_key for r in again.run_requests] == [f"incoming/second.zip@{etag}"]
+
+
+def test_a_freeze_on_athena_never_freezes_a_row_a_table_commit_shows_twice(
+    subset_on_s3, aws, monkeypatch
+):
+    """Athena reads every object under `prefix=<pp>/`: between a table commit's new part and its
+    clean-up, a replaced row is read twice. The freeze sees its manifest repeat an image the
+    `images` table itself holds twice, asks again, and refuses in one line if it stays; once the
+    commit is clean, the same freeze has one row per image."""
+    from assets import subsets
+    from assets.subsets import freeze, query_manifest, rows_read_twice
+    from workloads.image_params import ImageParams
+    from workloads.layout import part_key
+
+    lake, manifest = subset_on_s3
+    catalog = athena()
+    catalog.register_tables()
+    sql = "SELECT * FROM images"
+    assert rows_read_twice(catalog, query_manifest(catalog, sql)) == {}
+    # a commit halfway: a new part written under the prefix, the old one not yet deleted
+    prefix = manifest["prefix"][0].as_py()
+    live = [k for k in lake.keys(f"tables/images/prefix={prefix}/") if k.endswith(".parquet")]
+    stray = part_key("images", prefix, "halfway")
+    lake.put(stray, lake.get(live[0]))
+    seen = query_manifest(catalog, sql)
+    twice = rows_read_twice(catalog, seen)
+    assert twice and set(twice.values()) == {2} and {s[:2] for s in twice} == {prefix}
+    assert seen.num_rows > manifest.num_rows  # the repeated image, once per copy and join
+
+    monkeypatch.setattr(subsets, "RECHECK_S", (0.0,))
+    context = dg.build_asset_context()
+    with pytest.raises(dg.Failure) as refused:
+        freeze(context, lake, catalog, "all", sql, ImageParams(), allow_pending=True)
+    assert f"reads {len(twice)} image(s) twice (prefix(es) {prefix})" in refused.value.description
+    assert not lake.keys("subsets/all/claim")  # nothing was frozen, nor claimed
+    lake.delete(stray)  # the commit's clean-up
+    again = query_manifest(catalog, sql)
+    assert rows_read_twice(catalog, again) == {} and again.num_rows == manifest.num_rows

@@ -144,19 +144,15 @@ def tick_incoming(
     result = sensor(ctx)
     pack_ids = []
     for rr in result.run_requests or []:
-        ensure_partition(inst, pack_partitions_def, rr.partition_key)
-        run = materialize(
+        _ingest(
             inst,
-            [raw_packs.key],
-            partition_key=rr.partition_key,
+            rr.partition_key,
             tags=dict(rr.tags),
-            raise_on_error=False,
             definitions=definitions,
             on_log=on_log,
+            on_run=on_run,
         )
         pack_ids.append(rr.partition_key)
-        if on_run:
-            on_run(rr.partition_key, run)
     if result.cursor is not None:
         _kv_set(inst, cursor_key, result.cursor)
     return pack_ids
@@ -200,20 +196,32 @@ def ingest_owed(
             if on_log:
                 on_log(f"pack {z.pack_id}: a live run is ingesting it; left to that run")
             continue
-        ensure_partition(inst, pack_partitions_def, z.pack_id)
-        run = materialize(
+        _ingest(
             inst,
-            [raw_packs.key],
-            partition_key=z.pack_id,
+            z.pack_id,
             tags={PACK_KEY_TAG: z.key},
-            raise_on_error=False,
             definitions=definitions,
             on_log=on_log,
+            on_run=on_run,
         )
         pack_ids.append(z.pack_id)
-        if on_run:
-            on_run(z.pack_id, run)
     return pack_ids
+
+
+def _ingest(inst, pack_id: str, *, tags: dict, definitions, on_log, on_run) -> None:
+    """The ingest run of ``pack_id`` (its partition added first), heard by ``on_run``."""
+    ensure_partition(inst, pack_partitions_def, pack_id)
+    run = materialize(
+        inst,
+        [raw_packs.key],
+        partition_key=pack_id,
+        tags=tags,
+        raise_on_error=False,
+        definitions=definitions,
+        on_log=on_log,
+    )
+    if on_run:
+        on_run(pack_id, run)
 
 
 def sync(

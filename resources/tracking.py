@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,12 +26,32 @@ if TYPE_CHECKING:  # dagster-mlflow imports mlflow (~0.7 s): a query needs neith
 TAG = "cvgraph."  # the prefix of this project's MLflow tags
 
 
+def ensure_sqlite_store(path: Path) -> None:
+    """Create a SQLite tracking store whole or not at all. MLflow makes a new store by running its
+    schema migrations one by one on the file; a process killed among them (a killed `cvgraph
+    train`) leaves a store every later open fails on ("duplicate column name"). So a new store is
+    made in a temporary file beside it and renamed into place once its schema is complete."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for left in path.parent.glob(f".{path.name}.tmp-*"):  # a killed creation's, an hour old
+        if time.time() - left.stat().st_mtime > 3600:
+            left.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "artifacts").as_uri())
+    store.engine.dispose()
+    os.replace(tmp, path)
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None) -> str:
     """The experiment's id, created with ``artifact_location`` if it does not exist yet."""
     import mlflow
 
     if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        ensure_sqlite_store(Path(tracking_uri[len("sqlite:///") :]))
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:

@@ -119,3 +119,34 @@ def test_kill_forget_pack_then_forget_again_leaves_the_lake_without_it(
     assert got["packs"] == ["a"]
     for part in ("images", "objects", "bytes", "versions"):
         assert got[part] == want[part], f"{part} differ from the uninterrupted forget"
+
+
+def test_kill_train_and_export_then_again_gives_the_uninterrupted_model(
+    tmp_path, kill_packs, user_env
+):
+    """`cvgraph train` killed at many points (MLflow's first store included), then `export`
+    killed, each run again: the model and exports records of one never interrupted (but for the
+    ids of the runs that made them)."""
+    runs = {"dagster_run_id", "mlflow_run_id"}
+    clean = user_env(tmp_path / "clean")
+    env = user_env(tmp_path / "home")
+    for home in (clean, env):
+        for p in kill_packs:
+            cvgraph(home, "upload", str(p))
+        cvgraph(home, "sync")
+        cvgraph(home, "freeze", "s", SQL)
+    train = ["train", "m", "--subset", "s", "--epochs", "2"]
+    want = json.loads(cvgraph(clean, *train, "--json").stdout)
+    want_exports = json.loads(cvgraph(clean, "export", "m", "--json").stdout)
+    for point in kill_points(seed_base=6, span=10.0, lines=6):
+        killed_at(env, train, **point)
+    got = json.loads(cvgraph(env, *train, "--json").stdout)
+    for point in kill_points(seed_base=7, span=5.0, lines=3):
+        killed_at(env, ["export", "m"], **point)
+    got_exports = json.loads(cvgraph(env, "export", "m", "--json").stdout)
+    assert {k: v for k, v in got.items() if k not in runs} == {
+        k: v for k, v in want.items() if k not in runs
+    }
+    assert {k: v for k, v in got_exports.items() if k not in runs} == {
+        k: v for k, v in want_exports.items() if k not in runs
+    }

@@ -123,6 +123,14 @@ def raw_images(
         if results[p]["changed"]
         or (prior.get(p) or {}).get("data_version") != results[p]["data_version"]
     } | {p for p in prefixes if p not in results and p not in kept}
+    # Once recorded, the index marks go: each task's own, and the older ones of its prefix it
+    # supersedes (counted with the step's requests, though they follow the records' write).
+    merged = {p for p, r in results.items() if r.get("packs_merged") or r.get("packs_dropped")}
+    recorded_marks = {unrecorded_key(p, results[p]["data_version"]) for p in merged} | {
+        k for k in unrecorded if pending_raw_prefix(k) in results
+    }
+    requests = store.counters.since(before)
+    requests["delete"] = requests.get("delete", 0) + len(recorded_marks)
     result = record_prefixes(
         context,
         store,
@@ -130,13 +138,9 @@ def raw_images(
         {p: version_record(s, drop) for p, s in stats.items()},
         ("images", "bytes", "changed"),
         changed,
-        {**request_metadata(store.counters.since(before), list(results.values())), **estimate},
+        {**request_metadata(requests, list(results.values())), **estimate},
     )
-    # Recorded now: each task's own mark, and the older ones of its prefix it supersedes.
-    merged = {p for p, r in results.items() if r.get("packs_merged") or r.get("packs_dropped")}
-    for k in {unrecorded_key(p, results[p]["data_version"]) for p in merged} | {
-        k for k in unrecorded if pending_raw_prefix(k) in results
-    }:
+    for k in recorded_marks:
         store.delete(k)
     return result
 

@@ -159,6 +159,8 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
     raw = records[RAW_IMAGES]
     reasons: dict[str, dict[str, str]] = {a: {} for a in PREFIX_ASSETS}
 
+    stage_ids = {k: params.stage_id(STAGE_OF[k]) for k in (RESIZED, EDGES)}
+
     def owe(asset: str, prefix: str, why: str) -> None:
         reasons[asset].setdefault(prefix, why)
 
@@ -172,7 +174,7 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
             prior = records[asset].get(p)
             if p in reasons[RAW_IMAGES]:
                 owe(asset, p, "index owed")
-            elif stage_work(prior, raw.get(p), params.stage_id(STAGE_OF[key])):
+            elif stage_work(prior, raw.get(p), stage_ids[key]):
                 owe(asset, p, "failed" if prior and prior["failed"] else "stale")
             elif started and prior is None:
                 owe(asset, p, "no record")

@@ -158,8 +158,11 @@ def sync(as_json: bool) -> None:
         if not as_json:
             echo_ingest(pack_id, run)
 
-    launched = ds.sync(on_run=None if as_json else echo_range, on_ingest=ingested)
-    owes = ds.owed()
+    left = []
+    launched = ds.sync(
+        on_run=None if as_json else echo_range, on_ingest=ingested, on_owed=left.append
+    )
+    owes = left[0]
     if as_json:
         return _print_json({"packs": packs_run, "runs": launched, "owed": owes.to_json()})
     click.echo(

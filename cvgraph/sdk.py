@@ -224,12 +224,17 @@ class Datasets:
         )
 
     def sync(
-        self, on_run: Callable | None = None, on_ingest: Callable | None = None, packs: bool = True
+        self,
+        on_run: Callable | None = None,
+        on_ingest: Callable | None = None,
+        packs: bool = True,
+        on_owed: Callable | None = None,
     ) -> list[dict]:
         """Do what the lake is owed (what ``plan`` shows): end the runs whose process is gone,
         ingest every zip with no committed pack record (``on_ingest(pack id, result)`` after
         each; ``packs=False``: none), then bring every owed prefix up to date as ranged runs
-        (``on_run(asset names, (first, last prefix), result)`` after each); returns those runs."""
+        (``on_run(asset names, (first, last prefix), result)`` after each); ``on_owed(owed)``
+        hears what is still owed when it stops; returns those runs."""
         try:
             return self._runs.sync(
                 self.instance,
@@ -238,6 +243,7 @@ class Datasets:
                 on_log=self.progress,
                 on_ingest=on_ingest,
                 packs=packs,
+                on_owed=on_owed,
             )
         except self._runs.RunFailed as e:
             raise self._failed(e) from None

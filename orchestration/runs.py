@@ -184,14 +184,18 @@ def ingest_owed(
     on_run: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
     definitions: dg.Definitions | None = None,
     on_log: Callable[[str], None] | None = None,
+    owes: Owed | None = None,
 ) -> list[str]:
     """Ingest every zip the lake is owed an ingest for (no committed pack record), whatever
-    partitions or runs exist, except those a live run is ingesting now; returns pack ids."""
+    partitions or runs exist, except those a live run is ingesting now; returns pack ids.
+    ``owes``: what the lake is owed, if just read (after the dead runs were ended)."""
     definitions = definitions or defs
-    end_dead(inst, definitions, on_log)
+    if owes is None:
+        end_dead(inst, definitions, on_log)
+        owes = lake_owed(definitions)
     busy = held(inst).get(raw_packs.node_def.name, set())
     pack_ids = []
-    for z in lake_owed(definitions).packs:
+    for z in owes.packs:
         if z.pack_id in busy:
             if on_log:
                 on_log(f"pack {z.pack_id}: a live run is ingesting it; left to that run")
@@ -232,21 +236,23 @@ def sync(
     on_log: Callable[[str], None] | None = None,
     on_ingest: Callable[[str, dg.ExecuteInProcessResult], None] | None = None,
     packs: bool = True,
+    on_owed: Callable[[Owed], None] | None = None,
 ) -> list[dict]:
     """Bring the lake to what it is owed (``assets.owed``, what ``cvgraph plan`` shows):
     end the runs whose process is gone, ingest the owed zips, then run each prefix asset over the
     owed prefixes (one ranged run per contiguous range) until nothing is owed, or a round changes
     nothing (failed images: said on one line). Prefixes a live run holds are left to it.
     ``on_ingest(pack id, result)`` after each ingest, ``on_run(assets, range, result)`` after
-    each prefix run; returns the prefix runs."""
+    each prefix run, ``on_owed(owed)`` with what is owed when it stops; returns the prefix runs."""
     definitions = definitions or defs
-    if packs:
-        ingest_owed(inst, on_run=on_ingest, definitions=definitions, on_log=on_log)
-    else:
-        end_dead(inst, definitions, on_log)
+    end_dead(inst, definitions, on_log)
+    owes = lake_owed(definitions)
+    if packs and owes.packs:
+        ingest_owed(inst, on_run=on_ingest, definitions=definitions, on_log=on_log, owes=owes)
+        owes = None
     launched, last = [], None
     for _ in range(max_rounds):
-        owes = lake_owed(definitions)
+        owes = lake_owed(definitions) if owes is None else owes
         taken = held(inst)
         busy = set().union(*(taken.get(s, set()) for s in PREFIX_STEPS))
         todo = owes.todo(busy)
@@ -260,7 +266,7 @@ def sync(
             if on_log:
                 on_log(f"still owed after a run: {owes.why(todo)}")
             break
-        last = todo
+        last, owes = todo, None
         keys = sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
         for rng in contiguous_ranges(set().union(*todo.values())):
             run = materialize(
@@ -271,6 +277,8 @@ def sync(
             )
             if on_run:
                 on_run([k.to_user_string() for k in keys], rng, run)
+    if on_owed:
+        on_owed(lake_owed(definitions) if owes is None else owes)
     return launched
 
 

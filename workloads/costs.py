@@ -27,7 +27,8 @@ REQUESTS = {
     },
     "index": {
         "step": {"get": 1, "list": 2},
-        "prefix": {"get": 2, "list": 1, "put": 3},
+        # + the task's unrecorded mark, and the step's delete of it once recorded
+        "prefix": {"get": 2, "list": 1, "put": 4, "delete": 1},
         "pack_prefix": {"get": 1, "head": 1, "delete": 1},
     },
     "images": {
@@ -41,7 +42,7 @@ REQUESTS = {
         "split_image": {"get": 1},
     },
     "tables": {
-        "step": {"get": 4, "list": 1},
+        "step": {"get": 4, "list": 2},  # the records; the catalog, and the index markers
         "prefix": {"get": 6, "head": 3, "list": 3, "put": 2, "delete": 1},
     },
 }

@@ -130,7 +130,8 @@ def raw_images(
         k for k in unrecorded if pending_raw_prefix(k) in results
     }
     requests = store.counters.since(before)
-    requests["delete"] = requests.get("delete", 0) + len(recorded_marks)
+    if recorded_marks:
+        requests["delete"] = requests.get("delete", 0) + len(recorded_marks)
     result = record_prefixes(
         context,
         store,

@@ -587,8 +587,12 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     }, out.stderr
     assert all(n == total for _, n, total, _ in done)  # the one prefix with the new image
     assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1812}]
-    out = CliRunner().invoke(cli, ["sync", "--json"])  # nothing left for automation
-    assert out.exit_code == 0 and json.loads(out.stdout) == {"packs": [], "runs": []}, out.output
+    out = CliRunner().invoke(cli, ["sync", "--json"])  # nothing left: the lake owes nothing
+    assert out.exit_code == 0 and json.loads(out.stdout) == {
+        "packs": [],
+        "runs": [],
+        "owed": {"packs": [], "prefixes": {}},
+    }, out.output
 
 
 def test_freeze_keys_and_columns_cannot_point_outside_the_lake(demo):

@@ -36,6 +36,7 @@ def forget(ds, kind: str, key: str) -> int:
     if kind not in KINDS:
         raise InvalidRequest(f"forget {kind!r}: expected one of {', '.join(KINDS)}")
     ds.check_key(kind, key)
+    ds.end_dead_runs()  # a killed command's run holds nothing
     if kind == "pack":
         return forget_pack(ds, key)
     record = record_key(kind, key)

@@ -108,9 +108,7 @@ class Datasets:
         stays in the instance's history)."""
         from workloads.layout import record_key, subset_keys
 
-        self._runs.end_dead(
-            self.instance, self.definitions, self.progress
-        )  # none holds it for good
+        self.end_dead_runs()  # none holds the key for good
         new = not self.instance.has_dynamic_partition(partitions_def.name, key)
         self.ensure_partition(partitions_def, key)
         try:
@@ -129,6 +127,11 @@ class Datasets:
                 if undo:
                     undo()
             raise
+
+    def end_dead_runs(self) -> list[str]:
+        """End every unfinished run whose process is gone (marked failed, its remote jobs
+        stopped), each said on one line to ``progress``; returns their ids."""
+        return self._runs.end_dead(self.instance, self.definitions, self.progress)
 
     def record(self, kind: str, key: str) -> dict:
         """The record of pack/subset/model/export ``key``; ``UnknownKey`` names those there are."""

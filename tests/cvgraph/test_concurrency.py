@@ -89,13 +89,6 @@ while True:
         break
     time.sleep(0.05)
 """
-# What the Dagster UI's force termination does to a run whose process is gone
-END_RUN = """
-import sys
-from cvgraph import Datasets
-ds = Datasets()
-ds.instance.report_run_canceled(ds.instance.get_run_by_id(sys.argv[1]), message="terminated")
-"""
 # DuckDB cannot fold this away: a second or more of work per evaluation, before any row
 SLOW = "(SELECT sum(hash(range)) FROM range(1000000000)) <> 0"
 ZEROS = "SELECT * FROM images WHERE label IN ('0', '1')"
@@ -235,10 +228,10 @@ def test_a_freeze_that_loses_the_race_to_another_queries_claim_is_refused_and_wr
     assert done.returncode == 0, done.stderr
 
 
-def test_a_killed_freezes_claim_is_forgotten_once_its_run_is_ended_not_while_it_runs(env, home):
-    """A freeze killed after its claim (SIGKILL: its run stays STARTED in the instance, as
-    Dagster cannot know) holds its key; `cvgraph forget subset` refuses while that run is
-    unfinished, naming it, and frees the key once the run is ended (the UI's force terminate)."""
+def test_a_killed_freezes_claim_is_forgotten_once_its_process_is_gone_not_while_it_runs(env, home):
+    """A freeze's claim holds its key: `cvgraph forget subset` refuses while the freeze's run is
+    unfinished and its process alive, naming it. Killed (SIGKILL: its run stays STARTED in the
+    instance), the next forget finds its process gone, ends the run (one line) and frees the key."""
     from resources.catalog import normalised_sql
 
     freeze = _start(env, [CLI, "freeze", "killed_v1", f"{TWOS} AND {SLOW}"])
@@ -246,18 +239,19 @@ def test_a_killed_freezes_claim_is_forgotten_once_its_run_is_ended_not_while_it_
     claim = home / "lake" / "subsets" / "killed_v1" / "claim.json"
     claim.parent.mkdir(parents=True, exist_ok=True)
     claim.write_text(json.dumps({"sql": normalised_sql(f"{TWOS} AND {SLOW}")}))  # its claim
-    freeze.kill()
-    freeze.wait(timeout=60)
     [refused] = _together(env, ["forget", "subset", "killed_v1"])
     assert refused.returncode == 1
     assert refused.stderr == (
-        f"Error: subset 'killed_v1' is being frozen (run {run_id}): wait for it to end, or, if "
-        "its process is gone, terminate the run in the Dagster UI (force) and forget again\n"
+        f"Error: subset 'killed_v1' is being frozen (run {run_id}): wait for it to end (a run "
+        "whose process is gone is ended by the next command, this one included)\n"
     )
     assert claim.exists()
-    _python(env, END_RUN, run_id)
+    freeze.kill()
+    freeze.wait(timeout=60)
     [forgot] = _together(env, ["forget", "subset", "killed_v1"])
     assert forgot.returncode == 0, forgot.stderr
+    assert f"run {run_id[:8]} (partition killed_v1) was left STARTED" in forgot.stderr
+    assert "marked failed" in forgot.stderr
     state = _state(env, "killed_v1")
     assert "killed_v1" not in state["subsets"] and state["keys"] == []
     [frozen] = _together(env, ["freeze", "killed_v1", ZEROS])  # any query may take the key now

@@ -115,10 +115,10 @@ def killed_at(
     return killed
 
 
-def kill_points(seed_base: int, span: float, lines: int) -> list[dict]:
-    """Kill points: ``SEEDS`` seeded delays within ``span`` seconds, and named points (the Nth
-    progress line) spread over ``lines``."""
+def kill_points(seed_base: int, span: float, lines: int, seeds: int = SEEDS) -> list[dict]:
+    """Kill points: ``seeds`` seeded delays within ``span`` seconds, and as many named points (the
+    Nth progress line, up to three) spread over ``lines``."""
     rng = random.Random(seed_base)
-    out = [{"after_s": rng.uniform(0.5, span)} for _ in range(SEEDS)]
-    out += [{"after_line": n} for n in sorted({1, max(2, lines // 2), lines})][: max(1, SEEDS)]
-    return out
+    out = [{"after_s": rng.uniform(0.5, span)} for _ in range(seeds)]
+    named = sorted({1, max(2, lines // 2), lines})[: max(1, seeds)]
+    return out + [{"after_line": n} for n in named]

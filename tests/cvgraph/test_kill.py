@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import json
 
-from tests.lake_state import SQL, assert_same_lake, cvgraph, kill_points, killed_at, lake_state
+from tests.lake_state import (
+    SEEDS,
+    SQL,
+    assert_same_lake,
+    cvgraph,
+    kill_points,
+    killed_at,
+    lake_state,
+)
 
 
 def test_kill_sync_at_many_points_then_sync_makes_the_uninterrupted_lake(
@@ -108,7 +116,7 @@ def test_kill_forget_pack_then_forget_again_leaves_the_lake_without_it(
             cvgraph(home, "upload", str(p))
         cvgraph(home, "sync")
     cvgraph(clean, "forget", "pack", "b")
-    for point in kill_points(seed_base=5, span=6.0, lines=20):
+    for point in kill_points(seed_base=5, span=6.0, lines=20, seeds=max(1, SEEDS // 2)):
         killed_at(env, ["forget", "pack", "b"], **point)
     out = cvgraph(env, "forget", "pack", "b", check=False)
     # finished by the re-run, or already finished by a killed one that got to its end

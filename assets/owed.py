@@ -203,16 +203,9 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
 PREFIX_STEPS = ("raw_images", "image_stages", "image_tables")
 
 
-def contiguous_ranges(keys: set[str]) -> list[tuple[str, str]]:
-    """Sorted runs of consecutive hash prefixes: one single-run backfill range each."""
-    ranges, start, prev = [], None, None
-    for p in HASH_PREFIXES:
-        if p in keys:
-            start = p if start is None else start
-            prev = p
-        elif start is not None:
-            ranges.append((start, prev))
-            start = None
-    if start is not None:
-        ranges.append((start, prev))
-    return ranges
+def owed_ranges(keys: set[str]) -> list[tuple[str, str]]:
+    """The single-run ranges that cover ``keys``: one, from the first to the last. A new pack
+    scatters over the prefixes; a prefix in between with nothing owed costs its steps one record
+    read, where a run of its own per gap would cost a Dagster run each."""
+    ordered = [p for p in HASH_PREFIXES if p in keys]
+    return [(ordered[0], ordered[-1])] if ordered else []

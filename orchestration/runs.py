@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from assets.owed import PREFIX_STEPS, Owed, contiguous_ranges, owed
+from assets.owed import PREFIX_STEPS, Owed, owed, owed_ranges
 from assets.packs import PACK_KEY_TAG, raw_packs
 from orchestration.definitions import ASSETS, defs
 from orchestration.liveness import (
@@ -268,7 +268,7 @@ def sync(
             break
         last, owes = todo, None
         keys = sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
-        for rng in contiguous_ranges(set().union(*todo.values())):
+        for rng in owed_ranges(set().union(*todo.values())):
             run = materialize(
                 inst, keys, partition_range=rng, definitions=definitions, on_log=on_log
             )

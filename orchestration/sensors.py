@@ -8,7 +8,7 @@ import time
 import dagster as dg
 
 from assets.images import image_stages, raw_images
-from assets.owed import PREFIX_STEPS, contiguous_ranges, incoming_zips, owed, zip_state
+from assets.owed import PREFIX_STEPS, incoming_zips, owed, owed_ranges, zip_state
 from assets.packs import PACK_KEY_TAG, raw_packs
 from assets.tables import image_tables
 from orchestration.liveness import held
@@ -196,7 +196,7 @@ def owed_prefixes_sensor(
     keys = sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
     requests = [
         dg.RunRequest(asset_selection=keys, tags=dict(zip(RANGE_TAGS, rng)))
-        for rng in contiguous_ranges(set().union(*todo.values()))
+        for rng in owed_ranges(set().union(*todo.values()))
     ]
     context.log.info(f"owed: {owes.why(todo)}; {len(requests)} ranged run(s)")
     return dg.SensorResult(

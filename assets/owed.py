@@ -172,6 +172,7 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
         for key in (RESIZED, EDGES):
             asset = key.to_user_string()
             prior = records[asset].get(p)
+            prior = {"failed": [], **prior} if prior else None  # a record written by hand
             if p in reasons[RAW_IMAGES]:
                 owe(asset, p, "index owed")
             elif stage_work(prior, raw.get(p), stage_ids[key]):
@@ -180,6 +181,7 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
                 owe(asset, p, "no record")
         inputs = {a: (records[a].get(p) or {}).get("data_version") for a in INPUTS}
         prior = records["image_tables"].get(p)
+        prior = {"missing_variants": 0, **prior} if prior else None
         if any(p in reasons[a] for a in INPUTS):
             owe("image_tables", p, "inputs owed")
         elif p in table_markers:

@@ -154,7 +154,7 @@ def profile_freeze(ds, sql: str, key: str = "big_profiled", top: int = 12) -> di
     t = time.perf_counter()
     prof.enable()
     try:
-        ds.freeze_dataset(key, sql)
+        ds.freeze_dataset(key, sql, allow_pending=True)
     finally:
         prof.disable()
     wall = time.perf_counter() - t
@@ -193,11 +193,11 @@ def run(home: Path, rows: int, breakdown: bool) -> dict:
     ds = Datasets()
     t1 = time.perf_counter()
     # one-time imports and instance setup; 1/128 of the rows, so even the quick table has some
-    ds.freeze_dataset("warmup", "SELECT * FROM images WHERE sha256 < '02'")
+    ds.freeze_dataset("warmup", "SELECT * FROM images WHERE sha256 < '02'", allow_pending=True)
     t2 = time.perf_counter()
-    rec = ds.freeze_dataset("big", MAIN_SQL)
+    rec = ds.freeze_dataset("big", MAIN_SQL, allow_pending=True)
     t3 = time.perf_counter()
-    sel = ds.freeze_dataset("selective", SELECTIVE_SQL)
+    sel = ds.freeze_dataset("selective", SELECTIVE_SQL, allow_pending=True)
     t4 = time.perf_counter()
     out = {
         "table": gen,
@@ -239,7 +239,7 @@ def presence_probe(home: Path, rows: int) -> dict:
     from cvgraph import Datasets
 
     ds = Datasets()
-    ds.freeze_dataset("warmup", "SELECT * FROM images WHERE sha256 < '02'")
+    ds.freeze_dataset("warmup", "SELECT * FROM images WHERE sha256 < '02'", allow_pending=True)
     times: dict[str, list[float]] = {"absent": [], "present": []}
     subset_rows = 0
     t = time.perf_counter()
@@ -250,7 +250,7 @@ def presence_probe(home: Path, rows: int) -> dict:
             files = touch_variants(lake)
             touch_s = time.perf_counter() - t
         t0 = time.perf_counter()
-        subset_rows = ds.freeze_dataset(f"probe_{i}", MAIN_SQL)["rows"]
+        subset_rows = ds.freeze_dataset(f"probe_{i}", MAIN_SQL, allow_pending=True)["rows"]
         times[state].append(time.perf_counter() - t0)
     absent, present = min(times["absent"]), min(times["present"])
     return {

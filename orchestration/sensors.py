@@ -176,6 +176,9 @@ def owed_prefixes_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     owes = owed(lake.lake(), image_settings.params())
     taken = held(context.instance)
+    ingesting = taken.get(raw_packs.node_def.name, set())
+    if ingesting:  # their markers come before their records: index them once they commit
+        return dg.SkipReason(f"{len(ingesting)} pack(s) being ingested: prefixes after them")
     busy = set().union(*(taken.get(s, set()) for s in PREFIX_STEPS))
     todo = owes.todo(busy)
     if not todo:

@@ -159,7 +159,7 @@ def stage_work(prior: dict | None, raw: dict | None, params_id: str) -> bool:
     return (
         prior.get("inputs") != {"raw_images": (raw or {}).get("data_version")}
         or prior["params_id"] != params_id
-        or bool(prior["failed"])
+        or bool(prior.get("failed"))  # (a record a bench wrote by hand has none)
     )
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import dagster as dg
+
 from assets.images import EDGES, RESIZED, STAGE_OF, stage_work
 from assets.tables import INPUTS, tables_work
 from assets.versioning import asset_records
@@ -123,16 +125,21 @@ def zip_state(
     return IncomingZip(pack_id, key, size, "owed")
 
 
-def forgetting_packs(lake) -> set[str]:
-    """Packs being forgotten (``.forget`` markers): one listing."""
-    return {m[0] for k in lake.keys(PENDING_RAW) if (m := marker_pack(k)) and m[1]}
+def forgetting_packs(lake, listed: list[str] | None = None) -> set[str]:
+    """Packs being forgotten (``.forget`` markers): one listing (none with ``listed``)."""
+    keys = lake.keys(PENDING_RAW) if listed is None else listed
+    return {m[0] for k in keys if (m := marker_pack(k)) and m[1]}
 
 
 def incoming_zips(
-    lake, start_after: str | None = None, listed: list | None = None
+    lake,
+    start_after: str | None = None,
+    listed: list | None = None,
+    forgetting: set[str] | None = None,
 ) -> list[IncomingZip]:
     """Every zip under ``incoming/`` (listed after ``start_after``, or the objects ``listed``)
-    with its state: one listing, a HEAD or two each."""
+    with its state: one listing, a HEAD or two each (``forgetting``: ``forgetting_packs``, if
+    its listing was read already)."""
     objects = lake.list(INCOMING, start_after=start_after) if listed is None else listed
     zips = [
         (o.key, o.size)
@@ -141,19 +148,20 @@ def incoming_zips(
     ]
     if not zips:
         return []
-    forgetting = forgetting_packs(lake)
+    forgetting = forgetting_packs(lake) if forgetting is None else forgetting
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(lambda z: zip_state(lake, z[0], z[1], forgetting), zips))
 
 
-def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
-    """What ``lake`` is owed with image ``params`` (``ImageSettings.params()``); ``zips``: the
-    incoming zips if already read (``incoming_zips``)."""
-    zips = incoming_zips(lake) if zips is None else zips
+def owed(lake, params, records: dict[str, dict] | None = None) -> Owed:
+    """What ``lake`` is owed with image ``params`` (``ImageSettings.params()``); ``records``: the
+    prefix assets' ``asset_records``, if read already."""
+    pending = lake.keys(PENDING_RAW)
+    zips = incoming_zips(lake, forgetting=forgetting_packs(lake, pending))
     # pack markers, and index changes a killed run never recorded (``unrecorded_key``)
-    markers = {pending_raw_prefix(k) for k in lake.keys(PENDING_RAW)}
+    markers = {pending_raw_prefix(k) for k in pending}
     table_markers = {pending_tables_prefix(k) for k in lake.keys(PENDING_TABLES)}
-    records = {a: asset_records(lake, a) for a in PREFIX_ASSETS}
+    records = records or {a: asset_records(lake, a) for a in PREFIX_ASSETS}
     # a lake with any pack (ingested, or leaving) records every prefix of every asset
     started = bool(markers or records[RAW_IMAGES] or any(z.state == "ingested" for z in zips))
     raw = records[RAW_IMAGES]
@@ -172,16 +180,14 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
         for key in (RESIZED, EDGES):
             asset = key.to_user_string()
             prior = records[asset].get(p)
-            prior = {"failed": [], **prior} if prior else None  # a record written by hand
             if p in reasons[RAW_IMAGES]:
                 owe(asset, p, "index owed")
             elif stage_work(prior, raw.get(p), stage_ids[key]):
-                owe(asset, p, "failed" if prior and prior["failed"] else "stale")
+                owe(asset, p, "failed" if prior and prior.get("failed") else "stale")
             elif started and prior is None:
                 owe(asset, p, "no record")
         inputs = {a: (records[a].get(p) or {}).get("data_version") for a in INPUTS}
         prior = records["image_tables"].get(p)
-        prior = {"missing_variants": 0, **prior} if prior else None
         if any(p in reasons[a] for a in INPUTS):
             owe("image_tables", p, "inputs owed")
         elif p in table_markers:
@@ -190,7 +196,7 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
             owe(
                 "image_tables",
                 p,
-                "missing variants" if prior and prior["missing_variants"] else "stale",
+                "missing variants" if prior and prior.get("missing_variants") else "stale",
             )
         elif started and prior is None:
             owe("image_tables", p, "no record")
@@ -203,6 +209,11 @@ def owed(lake, params, zips: list[IncomingZip] | None = None) -> Owed:
 
 # The steps of the prefix assets (a run executing one holds its prefixes).
 PREFIX_STEPS = ("raw_images", "image_stages", "image_tables")
+
+
+def run_keys(todo: dict[str, set[str]]) -> list[dg.AssetKey]:
+    """The assets of ``Owed.todo``, in the order a ranged run selects them."""
+    return sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
 
 
 def owed_ranges(keys: set[str]) -> list[tuple[str, str]]:

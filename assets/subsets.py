@@ -279,16 +279,16 @@ def freeze(
         )
     try:
         manifest = query_manifest(catalog, sql)
-        for wait in RECHECK_S:  # a commit seen halfway is over in moments: ask again
-            twice = rows_read_twice(catalog, manifest)
-            if not twice:
-                break
+        twice = rows_read_twice(catalog, manifest)
+        for wait in RECHECK_S if twice else ():  # a commit seen halfway is over in moments
             context.log.warning(
                 f"{len(twice)} image(s) read twice (a table commit halfway); again in {wait:g} s"
             )
             time.sleep(wait)
             manifest = query_manifest(catalog, sql)
-        twice = rows_read_twice(catalog, manifest)
+            twice = rows_read_twice(catalog, manifest)
+            if not twice:
+                break
     except QueryError as e:  # the user's SQL: its one line, not a traceback
         raise dg.Failure(description=f"subset {key}: {e}") from None
     if twice:

@@ -53,7 +53,7 @@ def tables_work(prior: dict | None, raw: dict | None, inputs: dict) -> bool:
     """A prefix's tables change only when an input's version did, or rows still lack a variant."""
     if prior is None:
         return bool((raw or {}).get("images"))
-    return prior.get("inputs") != inputs or bool(prior["missing_variants"])
+    return prior.get("inputs") != inputs or bool(prior.get("missing_variants"))
 
 
 def new_rows(prior: dict | None, raw: dict | None) -> int:

@@ -86,10 +86,10 @@ def plan(
     lake, settings, costs = res["lake"].lake(), res["image_settings"], res["cost_settings"]
     params, rates, prices = settings.params(), costs.rates(), costs.prices()
     chosen = prefixes or list(HASH_PREFIXES)
-    owes = owed(lake, params)
-    incoming = _incoming(lake, owes) if prefixes is None else []
     markers, arriving, pack_mean, forgotten = _pending(lake)
     records = {a: asset_records(lake, a) for a in INPUTS + ("image_tables",)}
+    owes = owed(lake, params, records) if prefixes is None else None
+    incoming = _incoming(lake, owes) if owes is not None else []
     raw = records["raw_images"]
 
     # Zips not ingested yet, spread as hashing spreads them: expected images per prefix and
@@ -166,11 +166,11 @@ def plan(
         "packs_to_index": sorted({k for v in arriving.values() for k in v}),
         "packs_to_forget": forgotten,
         # what the lake is owed (``assets.owed``): exactly what a sync runs
-        "owed": owes.to_json() if prefixes is None else None,
-        "owed_summary": owes.summary() if prefixes is None else None,
+        "owed": owes.to_json() if owes is not None else None,
+        "owed_summary": owes.summary() if owes is not None else None,
         "unreadable": [
             {"pack_id": z.pack_id, "key": z.key, "reason": z.reason}
-            for z in owes.zips
+            for z in (owes.zips if owes is not None else ())
             if z.state == "unreadable"
         ],
         "prefixes_with_image_work": len(work),
@@ -203,7 +203,7 @@ def render(p: dict) -> str:
     for u in p.get("unreadable", []):
         out.append(f"  not ingested, recorded: {u['key']}: {u['reason']}")
     if p.get("owed") is not None:
-        if p["owed_summary"] == "nothing owed":
+        if not p["owed"]["packs"] and not p["owed"]["prefixes"]:
             out.append("  nothing to do: no pack waits and every prefix is up to date")
         else:
             out.append(f"  owed: {p['owed_summary']}")

@@ -33,7 +33,8 @@ UNFINISHED = [
 # the job ``dg.materialize`` and ``orchestration.runs.materialize`` build: a run of it executes in
 # the process that created it, so a run older than the runner tag is checked by its events' pid
 IN_PROCESS_JOB = "__ephemeral_asset_job__"
-_RANGE = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+# the tags a single-run range of partitions is launched with (one definition for runs and sensors)
+RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 
 
 def start_ticks(pid: int) -> str | None:
@@ -147,7 +148,7 @@ def end_dead_runs(
 
 
 def _what(run: dg.DagsterRun) -> str:
-    start, end = run.tags.get(_RANGE[0]), run.tags.get(_RANGE[1])
+    start, end = (run.tags.get(t) for t in RANGE_TAGS)
     if start:
         return f"prefixes {start}-{end}"
     if "dagster/partition" in run.tags:
@@ -162,7 +163,7 @@ def held(inst: dg.DagsterInstance) -> dict[str, set[str]]:
     for run in unfinished_runs(inst):
         if run_alive(inst, run) is False:
             continue
-        start, end = run.tags.get(_RANGE[0]), run.tags.get(_RANGE[1])
+        start, end = (run.tags.get(t) for t in RANGE_TAGS)
         if start and end and start in HASH_PREFIXES and end in HASH_PREFIXES:
             keys = HASH_PREFIXES[HASH_PREFIXES.index(start) : HASH_PREFIXES.index(end) + 1]
         elif "dagster/partition" in run.tags:
@@ -172,6 +173,11 @@ def held(inst: dg.DagsterInstance) -> dict[str, set[str]]:
         for step in steps(inst, run):
             out.setdefault(step, set()).update(keys)
     return out
+
+
+def held_prefixes(taken: dict[str, set[str]], prefix_steps) -> set[str]:
+    """The prefixes ``held`` says live runs execute any of ``prefix_steps`` for."""
+    return set().union(*(taken.get(s, set()) for s in prefix_steps))
 
 
 def steps(inst: dg.DagsterInstance, run: dg.DagsterRun):

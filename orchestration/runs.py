@@ -15,14 +15,16 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from assets.owed import PREFIX_STEPS, Owed, owed, owed_ranges
+from assets.owed import PREFIX_STEPS, Owed, owed, owed_ranges, run_keys
 from assets.packs import PACK_KEY_TAG, raw_packs
 from orchestration.definitions import ASSETS, defs
 from orchestration.liveness import (
+    RANGE_TAGS,
     RUNNER_TAG,
     Runner,
     end_dead_runs,
     held,
+    held_prefixes,
     run_alive,
     steps,
     unfinished_runs,
@@ -30,7 +32,6 @@ from orchestration.liveness import (
 from orchestration.sensors import incoming_packs_sensor
 from partitions import pack_partitions_def
 
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 SENSOR_CURSOR = "cvgraph/sensor_cursor"
 # In-process runs log to the instance (the UI shows every event); the terminal gets only what the
 # caller prints, and a failed run reaches it as one line (RunFailed, failure_message), not as
@@ -101,7 +102,7 @@ def materialize(
     ``on_log`` hears its log lines live (``log_lines``)."""
     tags = {**(tags or {}), RUNNER_TAG: Runner.this_process().to_tag()}  # who runs it
     if partition_range:
-        tags[RANGE_START], tags[RANGE_END] = partition_range
+        tags.update(zip(RANGE_TAGS, partition_range))
     config = {**QUIET, **(run_config or {})}
     definitions = definitions or defs
     job = dg.Definitions(
@@ -240,7 +241,7 @@ def sync(
 ) -> list[dict]:
     """Bring the lake to what it is owed (``assets.owed``, what ``cvgraph plan`` shows):
     end the runs whose process is gone, ingest the owed zips, then run each prefix asset over the
-    owed prefixes (one ranged run per contiguous range) until nothing is owed, or a round changes
+    owed prefixes (one ranged run, first to last owed prefix) until nothing is owed, or a round changes
     nothing (failed images: said on one line). Prefixes a live run holds are left to it.
     ``on_ingest(pack id, result)`` after each ingest, ``on_run(assets, range, result)`` after
     each prefix run, ``on_owed(owed)`` with what is owed when it stops; returns the prefix runs."""
@@ -253,8 +254,7 @@ def sync(
     launched, last = [], None
     for _ in range(max_rounds):
         owes = lake_owed(definitions) if owes is None else owes
-        taken = held(inst)
-        busy = set().union(*(taken.get(s, set()) for s in PREFIX_STEPS))
+        busy = held_prefixes(held(inst), PREFIX_STEPS)
         todo = owes.todo(busy)
         if busy & owes.all_prefixes and on_log:
             on_log(
@@ -267,7 +267,7 @@ def sync(
                 on_log(f"still owed after a run: {owes.why(todo)}")
             break
         last, owes = todo, None
-        keys = sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
+        keys = run_keys(todo)
         for rng in owed_ranges(set().union(*todo.values())):
             run = materialize(
                 inst, keys, partition_range=rng, definitions=definitions, on_log=on_log

@@ -8,10 +8,10 @@ import time
 import dagster as dg
 
 from assets.images import image_stages, raw_images
-from assets.owed import PREFIX_STEPS, incoming_zips, owed, owed_ranges, zip_state
+from assets.owed import PREFIX_STEPS, incoming_zips, owed, owed_ranges, run_keys, zip_state
 from assets.packs import PACK_KEY_TAG, raw_packs
 from assets.tables import image_tables
-from orchestration.liveness import held
+from orchestration.liveness import RANGE_TAGS, held, held_prefixes
 from partitions import pack_partitions_def
 from resources.events import IncomingListing, PackEvents
 from resources.settings import ImageSettings
@@ -157,7 +157,6 @@ def incoming_packs_sqs_sensor(
     )
 
 
-RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 # A round whose owed work is what the last tick requested, once those runs have ended, waits
 # before the same runs are requested again: 30 s, doubling, at most an hour (failed images, a
 # failing worker).
@@ -179,8 +178,7 @@ def owed_prefixes_sensor(
     ingesting = taken.get(raw_packs.node_def.name, set())
     if ingesting:  # their markers come before their records: index them once they commit
         return dg.SkipReason(f"{len(ingesting)} pack(s) being ingested: prefixes after them")
-    busy = set().union(*(taken.get(s, set()) for s in PREFIX_STEPS))
-    todo = owes.todo(busy)
+    todo = owes.todo(held_prefixes(taken, PREFIX_STEPS))
     if not todo:
         return dg.SkipReason(
             "nothing owed" if not owes.all_prefixes else "owed prefixes are held by live runs"
@@ -196,7 +194,7 @@ def owed_prefixes_sensor(
         return dg.SkipReason(
             f"still owed after {tries} round(s): {owes.why(todo)}; again in {wait:.0f} s"
         )
-    keys = sorted((dg.AssetKey(a) for a in todo), key=lambda k: k.to_user_string())
+    keys = run_keys(todo)
     requests = [
         dg.RunRequest(asset_selection=keys, tags=dict(zip(RANGE_TAGS, rng)))
         for rng in owed_ranges(set().union(*todo.values()))

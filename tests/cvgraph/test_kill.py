@@ -104,17 +104,25 @@ def test_a_freeze_of_a_lake_with_work_owed_is_refused_in_one_line(tmp_path, kill
     }
 
 
+def _synced_homes(tmp_path, packs, user_env, freeze: bool = False) -> tuple[dict, dict]:
+    """Two users' homes with ``packs`` uploaded and synced (and ``s`` frozen): one to leave alone,
+    one to kill commands in."""
+    homes = (user_env(tmp_path / "clean"), user_env(tmp_path / "home"))
+    for home in homes:
+        for p in packs:
+            cvgraph(home, "upload", str(p))
+        cvgraph(home, "sync")
+        if freeze:
+            cvgraph(home, "freeze", "s", SQL)
+    return homes
+
+
 def test_kill_forget_pack_then_forget_again_leaves_the_lake_without_it(
     tmp_path, kill_packs, user_env
 ):
     """`cvgraph forget pack b` killed at many points (before and after its record goes, during
     the prefix runs that drop its rows), run again: the lake of one that was never interrupted."""
-    clean = user_env(tmp_path / "clean")
-    env = user_env(tmp_path / "home")
-    for home in (clean, env):
-        for p in kill_packs:
-            cvgraph(home, "upload", str(p))
-        cvgraph(home, "sync")
+    clean, env = _synced_homes(tmp_path, kill_packs, user_env)
     cvgraph(clean, "forget", "pack", "b")
     for point in kill_points(seed_base=5, span=6.0, lines=20, seeds=max(1, SEEDS // 2)):
         killed_at(env, ["forget", "pack", "b"], **point)
@@ -136,13 +144,7 @@ def test_kill_train_and_export_then_again_gives_the_uninterrupted_model(
     killed, each run again: the model and exports records of one never interrupted (but for the
     ids of the runs that made them)."""
     runs = {"dagster_run_id", "mlflow_run_id"}
-    clean = user_env(tmp_path / "clean")
-    env = user_env(tmp_path / "home")
-    for home in (clean, env):
-        for p in kill_packs:
-            cvgraph(home, "upload", str(p))
-        cvgraph(home, "sync")
-        cvgraph(home, "freeze", "s", SQL)
+    clean, env = _synced_homes(tmp_path, kill_packs, user_env, freeze=True)
     train = ["train", "m", "--subset", "s", "--epochs", "2"]
     want = json.loads(cvgraph(clean, *train, "--json").stdout)
     want_exports = json.loads(cvgraph(clean, "export", "m", "--json").stdout)

@@ -911,7 +911,9 @@ def test_forget_pack_takes_its_images_out_and_every_prefix_back_to_its_versions(
     own = len(lake.keys("packs/passing/")) + 1  # and its upload
     out = CliRunner().invoke(cli, ["forget", "pack", "passing"])
     assert (out.exit_code, out.stdout) == (0, f"forgot pack passing ({own} objects)\n"), out.output
-    assert "raw_images: [1/1] index " in out.stderr  # the index dropped it, prefix by prefix
+    # one ranged run from the first to the last owed prefix; only the pack's three prefixes worked
+    assert "raw_images: [3/3] index " in out.stderr
+    assert "raw_images: 3 of " in out.stderr and "image_tables: 3 of " in out.stderr
     assert (lake_state(), versions(), ds.sql_query(rows_sql).to_pylist()) == before
     assert not lake.keys("packs/passing/") and not lake.exists("incoming/passing.zip")
     assert "passing" not in inst.get_dynamic_partitions("packs")

@@ -106,11 +106,14 @@ def log_training(
     mlf: MlFlow, model_key: str, subset_hash: str, params: dict, metrics: dict, artifacts: list[str]
 ) -> str:
     """Log a training into this Dagster run's MLflow run and return its id, or, if an earlier run
-    logged this very training (model, subset manifest, spec), discard this one and return that."""
+    logged this very training (model, subset manifest, spec), discard this one and return that.
+
+    The tags that say which training a run holds go last: a run killed while it logged is never
+    found as one that holds it. A found run whose process died before it ended is ended here."""
     client, run_id = mlf.tracking_client, mlf.active_run().info.run_id
     tags = _training_tags(model_key, subset_hash, params)
     found = [
-        r.info.run_id
+        r
         for r in client.search_runs(
             [mlf.experiment.experiment_id],
             " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
@@ -119,10 +122,10 @@ def log_training(
     ]
     if found:
         discard_run(mlf)
-        return found[0]
+        if found[0].info.status == "RUNNING":  # logged by a train killed before it ended its run
+            client.set_terminated(found[0].info.run_id, "FINISHED")
+        return found[0].info.run_id
     client.set_tag(run_id, "mlflow.runName", model_key)
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
     for k, v in sorted(params.items()):
         client.log_param(run_id, k, v)
     for rec in metrics["history"]:
@@ -131,6 +134,8 @@ def log_training(
     client.log_metric(run_id, "test_accuracy", metrics["test_accuracy"])
     for path in artifacts:
         client.log_artifact(run_id, path)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
     mlf.end_run()
     return run_id
 

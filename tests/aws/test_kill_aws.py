@@ -1,13 +1,19 @@
-"""Kill anything, run it again, on the aws profile (moto on 127.0.0.1, Batch jobs run by the test
-harness as AWS would: they go on when the process that submitted them dies).
+"""Kill anything, run it again, on the aws profile (moto on 127.0.0.1; Batch jobs and SageMaker
+training jobs run by the test harness as AWS would: they go on when the process that submitted
+them dies).
 
-`cvgraph sync` SIGKILLed (the CLI and its process group) at seeded moments and after its Nth
-progress line; the next sync ends the dead runs, terminates their Batch jobs, and does what the
-lake is owed; the lake equals one made by a sync no one interrupted (in a fresh account): rows,
-original and variant bytes, data versions of every prefix, the frozen manifest."""
+One user's session — `sync`, `forget`, `ingest`, `freeze`, `train`, `export` — in two fresh
+accounts: in one, every command is SIGKILLed (the CLI and its process group) at seeded moments
+and after its Nth progress line, then run again to its end; in the other no one interrupts it.
+After each command the lakes are the same: rows, original and variant bytes, data versions of
+every prefix, packs, frozen manifests; nothing owed, no run left unfinished; the model and
+exports records are the same but for the ids of the runs that made them. The next command ends
+a killed one's runs and terminates its Batch jobs; a re-run train waits for (or reuses) the
+training job its killed run started."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -52,32 +58,59 @@ def _quiet(harness, timeout: float = 120) -> None:
     )
 
 
-def test_kill_sync_on_the_aws_profile_then_sync_makes_the_uninterrupted_lake(
+# A user's session: (command, kill sweep seed, span in seconds, progress lines); after each, the
+# lake (and the train and export records) are compared with the uninterrupted account's.
+SESSION = (
+    (["sync"], 4, 20.0, 30),
+    (["forget", "pack", "b"], 5, 8.0, 20),
+    (["ingest", "{b}"], 6, 4.0, 4),
+    (["sync"], 7, 10.0, 20),
+    (["freeze", "s", SQL], 8, 4.0, 3),
+    (["train", "m", "--subset", "s", "--epochs", "2", "--json"], 9, 20.0, 8),
+    (["export", "m", "--json"], 10, 8.0, 3),
+)
+RUN_IDS = {"dagster_run_id", "mlflow_run_id"}
+
+
+def _session(harness, env: dict, packs, kill: bool) -> list:
+    """Run ``SESSION`` in ``env`` (each command killed first if ``kill``); what each left."""
+    for p in packs:
+        cvgraph(env, "upload", str(p))
+    out, kills = [], 0
+    for command, seed, span, lines in SESSION:
+        args = [a.format(b=packs[1]) for a in command]
+        if kill:
+            for point in kill_points(seed, span, lines, seeds=max(1, SEEDS // 2)):
+                kills += killed_at(env, args, **point)
+        done = cvgraph(env, *args, check=False)
+        # a killed forget that got to its end leaves nothing for the re-run to forget
+        assert done.returncode == 0 or "no ingested pack 'b'" in done.stderr, done.stderr[-3000:]
+        _quiet(harness)
+        if args[-1] == "--json":
+            rec = json.loads(done.stdout)
+            out.append({k: v for k, v in rec.items() if k not in RUN_IDS})
+        else:
+            out.append(lake_state(env))
+    if kill:
+        assert kills >= len(SESSION), f"only {kills} kills landed"
+    return out
+
+
+def test_kill_every_command_on_the_aws_profile_then_again_makes_the_uninterrupted_lake(
     fresh_aws, kill_packs, tmp_path
 ):
-    harness = fresh_aws(tmp_path / "killed")
-    env = _user(tmp_path / "killed" / "home")
-    for p in kill_packs:
-        cvgraph(env, "upload", str(p))
-    kills = sum(
-        killed_at(env, ["sync"], **point)
-        for point in kill_points(4, 20.0, 30, seeds=max(1, SEEDS // 2))
+    killed = _session(
+        fresh_aws(tmp_path / "killed"), _user(tmp_path / "killed" / "home"), kill_packs, True
     )
-    assert kills, "no kill landed"
-    out = cvgraph(env, "sync")
-    assert "nothing owed" in out.stdout, out.stdout + out.stderr[-3000:]
-    cvgraph(env, "freeze", "s", SQL)
-    _quiet(harness)
-    killed = lake_state(env)
-
-    harness = fresh_aws(tmp_path / "clean")
-    env = _user(tmp_path / "clean" / "home")
-    for p in kill_packs:
-        cvgraph(env, "upload", str(p))
-    cvgraph(env, "sync")
-    cvgraph(env, "freeze", "s", SQL)
-    clean = lake_state(env)
-
-    assert killed["owed"] == {"packs": [], "prefixes": {}} and killed["unfinished"] == []
-    for part in ("packs", "images", "objects", "bytes", "versions", "subsets"):
-        assert killed[part] == clean[part], f"{part} differ from the uninterrupted lake"
+    clean = _session(
+        fresh_aws(tmp_path / "clean"), _user(tmp_path / "clean" / "home"), kill_packs, False
+    )
+    for (args, *_), got, want in zip(SESSION, killed, clean, strict=True):
+        if "owed" not in got:  # the train and export records
+            assert got == want, f"cvgraph {args[0]}: records differ from the uninterrupted ones"
+            continue
+        if args[0] != "ingest":  # an ingest leaves its pack's prefixes to the next sync
+            assert want["owed"] == {"packs": [], "prefixes": {}}, (args, want["owed"])
+        assert got["unfinished"] == [], f"cvgraph {args[0]} left runs unfinished"
+        for part in ("owed", "packs", "images", "objects", "bytes", "versions", "subsets"):
+            assert got[part] == want[part], f"after cvgraph {args[0]}: {part} differ"

@@ -74,7 +74,7 @@ def _metadata(record: dict, pictures: dict[str, bytes]) -> dict:
 def model_evaluations(
     context: dg.AssetExecutionContext, lake: LakeResource, mlflow: dg.ResourceParam[Any]
 ) -> dg.MaterializeResult:
-    from workloads.evaluate import confusion_png, score, worst_png  # torch loads here
+    from workloads.training.evaluate import confusion_png, score, worst_png  # torch loads here
 
     dims = context.partition_key.keys_by_dimension
     model, subset = dims["model"], dims["subset"]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any  # the mlflow resource: dagster-mlflow's MlFlow, imported when it starts
 
 import dagster as dg
+from pydantic import Field
 
 from assets.keys import require_key
 from assets.subsets import frozen_subsets, verify_subset
@@ -20,22 +21,34 @@ from resources.tracking import (
 )
 from resources.training import Trainer
 from workloads.layout import model_keys, subset_keys
-from workloads.spec import TRAIN_SPEC, check_spec
 from workloads.staging import staging
+from workloads.training.spec import FIELDS, TRAIN_SPEC, check_spec
 from workloads.versions import canonical_json, sha256_hex
 
 
-class TrainConfig(dg.Config):
-    """Unset fields: the model's last spec (and subset), else ``workloads.spec.TRAIN_SPEC``."""
+def _unset(field: str):
+    """A config field left unset: the model's last value, else the spec's default (``FIELDS``)."""
+    return Field(None, description=FIELDS[field][1])
 
-    subset: str = ""
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    input_size: int | None = None
-    variant: str | None = None
-    seed: int | None = None
-    width: int | None = None
+
+class TrainConfig(dg.Config):
+    """Unset fields: the model's last spec (and subset), else ``workloads.training.spec.TRAIN_SPEC``."""
+
+    subset: str = Field("", description="the frozen subset to train on (default: the last)")
+    arch: str | None = _unset("arch")
+    epochs: int | None = _unset("epochs")
+    min_steps: int | None = _unset("min_steps")
+    lr: float | None = _unset("lr")
+    warmup: float | None = _unset("warmup")
+    weight_decay: float | None = _unset("weight_decay")
+    label_smoothing: float | None = _unset("label_smoothing")
+    batch_size: int | None = _unset("batch_size")
+    input_size: int | None = _unset("input_size")
+    variant: str | None = _unset("variant")
+    augment: str | None = _unset("augment")
+    patience: int | None = _unset("patience")
+    seed: int | None = _unset("seed")
+    width: int | None = _unset("width")
 
 
 def _plot_curves(history: list[dict], title: str) -> bytes:
@@ -69,7 +82,9 @@ def _metadata(record: dict, curves_png: bytes | None = None) -> dict:
         "subset_manifest_sha256": record["subset_manifest_sha256"],
         "test_accuracy": record["test_accuracy"],
         "classes": len(record["classes"]),
-        "epochs": record["spec"]["epochs"],
+        "arch": record["spec"].get("arch", "small_cnn"),
+        "epochs": record.get("epochs_run", record["spec"]["epochs"]),
+        "best_epoch": record.get("best_epoch", record["spec"]["epochs"]),
         "model_sha256": record["model_sha256"],
         "mlflow_run_id": record["mlflow_run_id"],
         "mlflow_model_version": record.get("mlflow_model_version", ""),
@@ -116,7 +131,7 @@ def training_spec(key: str, config: TrainConfig, prior: dict | None) -> tuple[st
         )
     given = {k: v for k, v in config.model_dump().items() if k != "subset" and v is not None}
     try:
-        return subset, check_spec({**(prior["spec"] if prior else TRAIN_SPEC), **given})
+        return subset, check_spec({**TRAIN_SPEC, **(prior["spec"] if prior else {}), **given})
     except ValueError as e:
         raise dg.Failure(description=f"model {key}: {e}") from None
 
@@ -173,7 +188,12 @@ def trained_models(
     job_name = (
         f"cvgraph-{key}-{sha256_hex(canonical_json([spec, subset_record['manifest_sha256']]))[:8]}"
     )
-    metrics = trainer.train(context, store, job_name, subset_keys(subset)["manifest"], key, spec)
+    live = {}  # each epoch's metrics go to this run as they are made, if the job reaches it
+    if trainer.reaches(uri := mlf.get_tracking_uri()):
+        live = {"mlflow_tracking_uri": uri, "mlflow_run_id": mlf.active_run().info.run_id}
+    metrics = trainer.train(
+        context, store, job_name, subset_keys(subset)["manifest"], key, {**spec, **live}
+    )
     curves = _plot_curves(metrics["history"], f"{key} on {subset}")
     store.put(keys["curves"], curves)
     model_sha = sha256_hex(store.get(keys["model"]))
@@ -203,6 +223,9 @@ def trained_models(
         "mlflow_run_id": run_id,
         "mlflow_model_version": version,
         "curves": keys["curves"],
+        "preprocess": metrics["preprocess"],
+        "best_epoch": metrics["best_epoch"],
+        "epochs_run": len(metrics["history"]),
         "training_job": job_name,
         "dagster_run_id": context.run.run_id,
     }

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from workloads.training.spec import ARCHS, AUGMENT_LEVELS  # dagster- and torch-free
+
 
 def _quiet() -> None:
     warnings.filterwarnings("ignore")
@@ -30,10 +32,11 @@ def _ds():
     return Datasets(progress=echo_progress)
 
 
-def _spec_help(field: str, what: str) -> str:
-    from workloads.spec import TRAIN_SPEC  # dagster- and torch-free: --help stays fast
+def _spec_help(field: str) -> str:
+    from workloads.training.spec import FIELDS  # dagster- and torch-free: --help stays fast
 
-    return f"{what} (default {TRAIN_SPEC[field]}, or the model's last)"
+    default, what = FIELDS[field]
+    return f"{what} (default {default}, or the model's last)"
 
 
 def _print_json(obj) -> None:
@@ -231,17 +234,22 @@ def freeze(key: str, sql: str, allow_pending: bool, as_json: bool) -> None:
 @main.command()
 @click.argument("key")
 @click.option("--subset", help="frozen subset to train on (default: the model's last)")
-@click.option("--epochs", type=int, help=_spec_help("epochs", "passes over the train split"))
-@click.option("--lr", type=float, help=_spec_help("lr", "Adam's learning rate"))
-@click.option("--batch-size", type=int, help=_spec_help("batch_size", "images per step"))
-@click.option("--input-size", type=int, help=_spec_help("input_size", "side of the model's input"))
+@click.option("--arch", type=click.Choice(ARCHS), help=_spec_help("arch"))
+@click.option("--epochs", type=int, help=_spec_help("epochs"))
+@click.option("--min-steps", type=int, help=_spec_help("min_steps"))
+@click.option("--lr", type=float, help=_spec_help("lr"))
+@click.option("--warmup", type=float, help=_spec_help("warmup"))
+@click.option("--weight-decay", type=float, help=_spec_help("weight_decay"))
+@click.option("--label-smoothing", type=float, help=_spec_help("label_smoothing"))
+@click.option("--batch-size", type=int, help=_spec_help("batch_size"))
+@click.option("--input-size", type=int, help=_spec_help("input_size"))
 @click.option(
-    "--variant",
-    type=click.Choice(["resized", "edges", "original"]),
-    help=_spec_help("variant", "the images it learns from"),
+    "--variant", type=click.Choice(["resized", "edges", "original"]), help=_spec_help("variant")
 )
-@click.option("--width", type=int, help=_spec_help("width", "channels of the first convolution"))
-@click.option("--seed", type=int, help=_spec_help("seed", "of the weights and the shuffling"))
+@click.option("--augment", type=click.Choice(AUGMENT_LEVELS), help=_spec_help("augment"))
+@click.option("--patience", type=int, help=_spec_help("patience"))
+@click.option("--width", type=int, help=_spec_help("width"))
+@click.option("--seed", type=int, help=_spec_help("seed"))
 @click.option("--json", "as_json", is_flag=True, help="print the model's record as JSON")
 def train(key: str, subset: str | None, as_json: bool, **spec) -> None:
     """Train model KEY on a frozen subset (local subprocess or SageMaker, by profile). A flag
@@ -366,13 +374,18 @@ def list_(kind: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--epochs", type=int, default=8, show_default=True)
-def demo(epochs: int) -> None:
+@click.option(
+    "--epochs", type=int, help="train the demo's model this many epochs (default: the spec's)"
+)
+@click.option(
+    "--arch", type=click.Choice(ARCHS), help="the demo model's arch (default: the spec's)"
+)
+def demo(epochs: int | None, arch: str | None) -> None:
     """Build the demo packs from bundled images and run the whole graph on them."""
     from cvgraph.demo import run_demo
 
     _quiet()
-    sys.exit(run_demo(epochs=epochs))
+    sys.exit(run_demo(epochs=epochs, arch=arch))
 
 
 if __name__ == "__main__":

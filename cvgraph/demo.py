@@ -64,7 +64,7 @@ def summary(
     return "\n".join(lines)
 
 
-def run_demo(epochs: int = 8) -> int:
+def run_demo(epochs: int | None = None, arch: str | None = None) -> int:
     from cvgraph.demo_packs import build_demo_packs
     from cvgraph.sdk import Datasets
     from cvgraph.terminal import echo_ingest, echo_range
@@ -90,9 +90,13 @@ def run_demo(epochs: int = 8) -> int:
     ds.sync(on_run=echo_range)
     step(f"freezing subset {DIGITS_SUBSET} by SQL")
     subset = ds.freeze_dataset(DIGITS_SUBSET, DIGITS_SQL)
-    step(f"training {DIGITS_MODEL} ({epochs} epochs) on {DIGITS_SUBSET}")
-    model = ds.train(DIGITS_MODEL, DIGITS_SUBSET, epochs)
-    step("exporting TorchScript, ONNX, ONNX int8 and checking parity with onnxruntime")
+    given = {k: v for k, v in {"epochs": epochs, "arch": arch}.items() if v is not None}
+    how = ", ".join(f"{k} {v}" for k, v in given.items()) or "the defaults"
+    step(f"training {DIGITS_MODEL} ({how}) on {DIGITS_SUBSET}")
+    model = ds.train(DIGITS_MODEL, DIGITS_SUBSET, **given)
+    step(
+        "exporting TorchScript, ONNX, ONNX int8, ONNX float16 and checking parity with onnxruntime"
+    )
     exports = ds.export(DIGITS_MODEL)
     step(f"evaluating {DIGITS_MODEL} on the held-out rows of {DIGITS_SUBSET}")
     evaluation = ds.evaluate(DIGITS_MODEL, DIGITS_SUBSET)

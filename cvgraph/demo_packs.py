@@ -4,6 +4,8 @@
   folder per class (the folder is the label).
 * ``mosaic()``: camera-sized (6 MP) images tiled from those photos at native scale, for
   benchmarks and the kernel quality test.
+* ``photo_class_members()``: a user's own colour photos in class folders (crops of one photo
+  per class), for training with the defaults.
 * ``photos.zip``: the sample photos of scikit-learn and scikit-image (JPEG, PNG, gray,
   RGBA, GIF) with COCO-style boxes, plus what real packs carry: OS junk, a text file, a
   duplicate photo.
@@ -131,6 +133,41 @@ def digit_members(
         ok, png = cv2.imencode(".png", 255 - big)
         assert ok
         members[f"{label}/digit_{i:04d}.png"] = png.tobytes()
+    return members
+
+
+# The colour-photo class pack: a class per photo, the folder is the label.
+PHOTO_CLASSES = {
+    "cat": "chelsea.png",
+    "cup": "coffee.png",
+    "person": "astronaut.png",
+    "flower": "flower.jpg",
+}
+
+
+def photo_class_members(
+    per_class: int = 60, size: int = 128, seed: int = 0, classes: dict[str, str] = PHOTO_CLASSES
+) -> dict[str, bytes]:
+    """A user's own colour photos in class folders, ``{"<class>/<i>.jpg": jpeg}``: random crops
+    (a third to all of the short side, anywhere, flipped or not) of one photo per class,
+    ``size`` px, JPEG quality 90. As a phone's shots of four things would be: each class one
+    scene's colours, no two crops alike."""
+    rng = np.random.default_rng(seed)
+    members: dict[str, bytes] = {}
+    for label, name in classes.items():
+        img = cv2.imdecode(np.frombuffer(sample_image(name), np.uint8), cv2.IMREAD_COLOR)
+        h, w = img.shape[:2]
+        for i in range(per_class):
+            side = int(rng.uniform(0.33, 1.0) * min(h, w))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = cv2.resize(
+                img[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA
+            )
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            ok, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            assert ok
+            members[f"{label}/{label}_{i:03d}.jpg"] = jpg.tobytes()
     return members
 
 

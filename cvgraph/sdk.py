@@ -303,13 +303,13 @@ class Datasets:
     # -- models -------------------------------------------------------------------------------
     def train(self, key: str, subset: str | None = None, epochs: int | None = None, **spec) -> dict:
         """Train model ``key`` on a frozen subset; returns its record (``test_accuracy``,
-        ``counts``, ``mlflow_run_id``, ...). ``spec``: any of ``workloads.spec.TRAIN_SPEC``'s
-        fields (lr, batch_size, input_size, variant, seed, width); what is not given is the
+        ``counts``, ``mlflow_run_id``, ...). ``spec``: any of ``workloads.training.spec.TRAIN_SPEC``'s
+        fields (arch, epochs, min_steps, lr, augment, input_size, variant, ...); what is not given is the
         model's last (subset too), else the default. Checked before anything runs: the key, each
         field's range, the subset exists and has two classes or more."""
         from assets.models import trained_models
         from partitions import model_partitions_def
-        from workloads.spec import check_spec
+        from workloads.training.spec import check_spec
 
         self.check_key("model", key)
         given = {k: v for k, v in {"epochs": epochs, **spec}.items() if v is not None}
@@ -371,7 +371,7 @@ class Datasets:
 
         from workloads.layout import export_keys
         from workloads.member_names import IMAGE_EXTS
-        from workloads.predict import predict
+        from workloads.training.predict import predict
 
         if fmt not in ("onnx", "onnx_int8"):
             raise InvalidRequest(f"format {fmt!r}: expected onnx or onnx_int8")

@@ -128,9 +128,11 @@ def log_training(
     client.set_tag(run_id, "mlflow.runName", model_key)
     for k, v in sorted(params.items()):
         client.log_param(run_id, k, v)
-    for rec in metrics["history"]:
-        for k in ("train_loss", "val_loss", "val_accuracy"):
-            client.log_metric(run_id, k, rec[k], step=rec["epoch"])
+    if not client.get_metric_history(run_id, "train_loss"):  # not logged live by the job
+        for rec in metrics["history"]:
+            for k in ("train_loss", "val_loss", "val_accuracy", "lr"):
+                if k in rec and rec[k] == rec[k]:  # not NaN (no val split)
+                    client.log_metric(run_id, k, rec[k], step=rec["epoch"])
     client.log_metric(run_id, "test_accuracy", metrics["test_accuracy"])
     for path in artifacts:
         client.log_artifact(run_id, path)

@@ -1,4 +1,4 @@
-"""Training role: run ``workloads.train`` with SageMaker's layout, bring the model back."""
+"""Training role: run ``workloads.training.train`` with SageMaker's layout, bring the model back."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class TrainingFailed(Exception):
 
 
 def pipes_hyperparameters(session) -> dict[str, str]:
-    """A Pipes session's bootstrap parameters, passed as hyperparameters (see workloads.train)."""
+    """A Pipes session's bootstrap parameters, passed as hyperparameters (see workloads.training.train)."""
     env = session.get_bootstrap_env_vars()
     return {
         "dagster_pipes_context": env["DAGSTER_PIPES_CONTEXT"],
@@ -47,11 +47,18 @@ class Trainer(dg.ConfigurableResource, ABC):
         """Train on the subset manifest at ``manifest_key``; store ``model.pt`` and ``metrics.json``
         under ``models/<model_key>/`` in the lake; return the metrics."""
 
+    def reaches(self, tracking_uri: str) -> bool:
+        """Whether the training job can write to MLflow at ``tracking_uri`` (its live curves)."""
+        return tracking_uri.startswith(("http://", "https://"))
+
 
 class LocalTrainer(Trainer):
     """A subprocess with SageMaker's file and env layout; the images channel is the lake itself."""
 
     work_dir: str
+
+    def reaches(self, tracking_uri: str) -> bool:
+        return True  # a process on this host: SQLite or a server alike
 
     def train(self, context, lake, job_name, manifest_key, model_key, hyperparameters):
         if not isinstance(lake, LocalLake):
@@ -125,7 +132,7 @@ class LocalTrainer(Trainer):
             f"training job {job_name}: { {k: v for k, v in hp.items() if not k.startswith('dagster_pipes')} }"
         )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workloads.train"],
+            [sys.executable, "-m", "workloads.training.train"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -133,7 +140,7 @@ class LocalTrainer(Trainer):
         )
         tail: list[str] = []
         bar = tqdm(
-            total=int(hp.get("epochs", 0)),
+            total=int(hp.get("epochs", 0)),  # the entry says how many it runs (min_steps)
             desc=f"training {model_key}",
             unit="epoch",
             disable=None,
@@ -143,6 +150,9 @@ class LocalTrainer(Trainer):
             for raw in proc.stdout:
                 line = raw.rstrip()
                 tail = (tail + [line])[-40:]
+                planned = re.search(r" epochs=(\d+) ", line) if line.startswith("train=") else None
+                if planned:
+                    bar.total = int(planned.group(1))
                 if line.startswith("epoch="):
                     bar.update(1)
                     bar.set_postfix_str(line.split(" ", 1)[1])

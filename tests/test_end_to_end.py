@@ -79,10 +79,10 @@ def demo():
     from cvgraph.demo import run_demo
     from cvgraph.sdk import Datasets
 
-    assert run_demo(epochs=6) == 0
+    assert run_demo(epochs=6, arch="small_cnn") == 0
     ds = Datasets()
     first = {"lake": lake_snapshot(ds.lake), "dagster": dagster_state(ds.instance)}
-    assert run_demo(epochs=6) == 0
+    assert run_demo(epochs=6, arch="small_cnn") == 0
     second = {"lake": lake_snapshot(ds.lake), "dagster": dagster_state(ds.instance)}
     return ds, first, second
 
@@ -401,29 +401,18 @@ def test_model_accuracy_mlflow_and_export_parity(demo):
         m.startswith("test_accuracy") or "test_accuracy=" in m for m in lines
     )
     exports = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/exports.json"))
-    assert set(exports["formats"]) == {"torchscript", "onnx", "onnx_int8"}
+    assert set(exports["formats"]) == {"torchscript", "onnx", "onnx_int8", "onnx_fp16"}
     assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
-    # independent check: the ONNX file and the TorchScript file agree on real test images
+    assert exports["formats"]["onnx_fp16"]["top1_agreement"] >= 0.99
+    # independent check: the ONNX file and the TorchScript file agree on real test images,
+    # made into inputs here as preprocess.json says (RGB, area resize, per-channel mean and std)
+    pre = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/preprocess.json"))
     test = [
         r
         for r in parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet")).to_pylist()
         if r["split"] == "test"
     ][:32]
-    x = (
-        np.stack(
-            [
-                cv2.resize(
-                    cv2.imdecode(
-                        np.frombuffer(ds.lake.get(r["resized_key"]), np.uint8), cv2.IMREAD_GRAYSCALE
-                    ),
-                    (32, 32),
-                    interpolation=cv2.INTER_AREA,
-                )[None]
-                for r in test
-            ]
-        ).astype(np.float32)
-        / 255
-    )
+    x = np.stack([_as_input(ds.lake.get(r["resized_key"]), pre) for r in test])
     sess = ort.InferenceSession(ds.lake.uri(f"exports/{DIGITS_MODEL}/onnx/model.onnx"))
     onnx_logits = sess.run(None, {"image": x})[0]
     ts = torch.jit.load(ds.lake.uri(f"exports/{DIGITS_MODEL}/torchscript/model.pt"))
@@ -431,6 +420,17 @@ def test_model_accuracy_mlflow_and_export_parity(demo):
     assert np.abs(onnx_logits - ts_logits).max() < 1e-3
     labels = [model["classes"].index(r["label"]) for r in test]
     assert np.mean(onnx_logits.argmax(1) == np.array(labels)) >= 0.85
+
+
+def _as_input(data: bytes, pre: dict) -> np.ndarray:
+    """An image file's bytes as ``preprocess.json``'s input (C, S, S), written out here with
+    OpenCV and NumPy alone."""
+    inp, size = pre["input"], pre["input_size"]
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB if inp["channels"] == 3 else cv2.COLOR_BGR2GRAY)
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).reshape(size, size, -1)
+    x = (img.astype(np.float32) / 255 - np.float32(inp["mean"])) / np.float32(inp["std"])
+    return x.transpose(2, 0, 1).astype(np.float32)
 
 
 def test_lineage_cli(demo):
@@ -655,10 +655,11 @@ def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
         "Error: no frozen subset 'no_such_subset' (frozen subsets: "
     )
     assert DIGITS_SUBSET in text and len(text.splitlines()) == 1
-    assert _cli("train", DIGITS_MODEL, "--epochs", "0") == (
+    assert _cli("train", DIGITS_MODEL, "--epochs", "-1") == (
         1,
-        "Error: epochs must be 1 or more, not 0\n",
+        "Error: epochs must be 0 or more, not -1\n",
     )
+    assert _cli("train", DIGITS_MODEL, "--arch", "vgg")[0] == 2  # click names the choices
     assert _cli("train", DIGITS_MODEL, "--lr", "0") == (1, "Error: lr must be in (0, 1], not 0.0\n")
     assert _cli("train", DIGITS_MODEL, "--input-size", "8") == (
         1,
@@ -673,7 +674,7 @@ def test_user_mistakes_are_one_line_and_leave_nothing_behind(demo, tmp_path):
 
     # flags not given are the model's last: training it again is the same training, nothing to do
     trained = json.loads(lake.get(f"models/{DIGITS_MODEL}/model.json"))
-    assert trained["spec"]["width"] == 16 and trained["spec"]["variant"] == "resized"
+    assert trained["spec"]["arch"] == "small_cnn" and trained["spec"]["variant"] == "resized"
     assert ds.train(DIGITS_MODEL) == trained  # same record: same MLflow run, same job
     assert ds.train(DIGITS_MODEL, epochs=trained["spec"]["epochs"]) == trained
 
@@ -730,8 +731,16 @@ def test_predict_runs_an_export_on_image_files_as_training_saw_them(demo, tmp_pa
     ds, _, _ = demo
     pre = json.loads(ds.lake.get(f"exports/{DIGITS_MODEL}/preprocess.json"))
     model = json.loads(ds.lake.get(f"models/{DIGITS_MODEL}/model.json"))
-    size = model["spec"]["input_size"]
-    assert pre["input"] == {"name": "image", "shape": ["batch", 1, size, size], "dtype": "float32"}
+    size, stated = model["spec"]["input_size"], model["preprocess"]
+    assert pre["input"] == {
+        "name": "image",
+        "shape": ["batch", 3, size, size],
+        "dtype": "float32",
+        "channels": 3,
+        "mean": stated["mean"],
+        "std": stated["std"],
+    }
+    assert len(stated["mean"]) == 3 and all(0 < s < 1 for s in stated["std"])
     assert pre["output"]["classes"] == model["classes"] and pre["variant"] == "resized"
     assert pre["resize"] == {"size": 64, "jpeg_quality": 90}
     manifest = parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))
@@ -747,17 +756,7 @@ def test_predict_runs_an_export_on_image_files_as_training_saw_them(demo, tmp_pa
         str(ds.lake.path(f"exports/{DIGITS_MODEL}/onnx/model.onnx")),
         providers=["CPUExecutionProvider"],
     )
-    x = np.stack(
-        [
-            cv2.resize(
-                cv2.imdecode(np.frombuffer(ds.lake.get(r["resized_key"]), np.uint8), 0),
-                (size, size),
-                interpolation=cv2.INTER_AREA,
-            )[None].astype(np.float32)
-            / 255.0
-            for r in rows
-        ]
-    )
+    x = np.stack([_as_input(ds.lake.get(r["resized_key"]), pre) for r in rows])
     expected = session.run(None, {"image": x})[0]
     assert [g["class"] for g in got] == [model["classes"][int(i)] for i in expected.argmax(1)]
     assert np.allclose([g["logits"] for g in got], expected, atol=1e-3)
@@ -817,16 +816,39 @@ def test_forget_removes_a_key_and_refuses_while_something_uses_it(demo):
 def test_training_reports_each_epoch_while_it_runs(demo):
     """The training entry's epoch lines reach ``progress`` (the CLI's stderr) while the run goes:
     each arrives before the model's record exists."""
+    import mlflow
+
     from cvgraph.sdk import Datasets
-    from orchestration.settings import home
+    from orchestration.settings import home, mlflow_tracking_uri
 
     ds, _, _ = demo
-    heard = []
-    live = Datasets(progress=lambda line: heard.append((line, ds.lake.exists(record))))
+    client = mlflow.MlflowClient(mlflow_tracking_uri())
+    heard, curves = [], []
+
+    def hear(line: str) -> None:
+        heard.append((line, ds.lake.exists(record)))
+        if " epoch=" in line:  # the MLflow runs still going, and the val losses they hold now
+            running = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                "attributes.status = 'RUNNING'",
+            )
+            curves.append(
+                {
+                    r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_loss"))
+                    for r in running
+                }
+            )
+
+    live = Datasets(progress=hear)
     record = "models/progress_cnn/model.json"
-    rec = live.train("progress_cnn", DIGITS_SUBSET, epochs=2, width=8)
+    rec = live.train("progress_cnn", DIGITS_SUBSET, epochs=2, width=8, arch="small_cnn")
     epochs = [(line, made) for line, made in heard if "epoch=" in line]
     assert [line.split(" ")[1] for line, _ in epochs] == ["epoch=1", "epoch=2"]
+    # live curves: at the second epoch's line the training's MLflow run, still going, holds the
+    # first epoch's val loss; when it is done it holds each epoch's once
+    assert curves[1].get(rec["mlflow_run_id"], 0) >= 1, curves
+    history = client.get_metric_history(rec["mlflow_run_id"], "val_loss")
+    assert [m.step for m in history] == [1, 2]
     assert all(line.startswith("trained_models: epoch=") and not made for line, made in epochs)
     assert heard[-1] == (
         f"trained_models: model progress_cnn: test accuracy {rec['test_accuracy']:.4f} on "
@@ -993,11 +1015,11 @@ def test_each_training_of_a_key_is_a_registered_version_and_older_exports_are_fl
     ds.freeze_dataset(
         "zero_one_v1", "SELECT * FROM images WHERE pack_id = 'digits' AND label IN ('0', '1')"
     )
-    first = ds.train("retrain_cnn", DIGITS_SUBSET, epochs=1, width=4)
+    first = ds.train("retrain_cnn", DIGITS_SUBSET, epochs=1, width=4, arch="small_cnn")
     ds.export("retrain_cnn")
     scored = ds.evaluate("retrain_cnn", DIGITS_SUBSET)
     assert not ds.lineage("retrain_cnn")["evaluations"][0]["stale"]
-    second = ds.train("retrain_cnn", "zero_one_v1", epochs=1, width=4)
+    second = ds.train("retrain_cnn", "zero_one_v1", epochs=1, width=4, arch="small_cnn")
     assert (first["mlflow_model_version"], second["mlflow_model_version"]) == ("1", "2")
     versions = {str(v.version): v for v in client.search_model_versions("name = 'retrain_cnn'")}
     assert {k: v.tags["cvgraph.subset"] for k, v in versions.items()} == {
@@ -1105,7 +1127,7 @@ def test_evaluation_scores_unseen_rows_and_moves_the_champion_by_its_rule(demo):
     assert run.data.tags["cvgraph.model_version"] == "1"
     assert str(client.get_model_version_by_alias(DIGITS_MODEL, "champion").version) == "1"
     # version 2, one epoch of a narrower net: not better on the same rows, so no promotion
-    ds.train(DIGITS_MODEL, DIGITS_SUBSET, epochs=1, width=4)
+    ds.train(DIGITS_MODEL, DIGITS_SUBSET, epochs=1, width=4, arch="small_cnn")
     second = ds.evaluate(DIGITS_MODEL, DIGITS_SUBSET)
     assert second["model_version"] == "2" and second["scores"]["accuracy"] <= s["accuracy"]
     assert second["champion"]["moved"] is False and second["champion"]["after"] == "1"
@@ -1137,7 +1159,7 @@ def test_the_demo_on_a_postgres_instance_gives_the_sqlite_instances_versions(
     env = {k: v for k, v in os.environ.items() if k not in mine}
     env.update(CVGRAPH_HOME=str(home), CVGRAPH_DAGSTER_PG_URL=url, CVGRAPH_PROFILE="local")
     out = subprocess.run(
-        [sys.executable, "-m", "cvgraph.cli", "demo", "--epochs", "2"],
+        [sys.executable, "-m", "cvgraph.cli", "demo", "--epochs", "4", "--arch", "small_cnn"],
         check=False,
         env=env,
         capture_output=True,

@@ -234,6 +234,7 @@ EXPORT_FILES = {
     "torchscript": "torchscript/model.pt",
     "onnx": "onnx/model.onnx",
     "onnx_int8": "onnx_int8/model.onnx",
+    "onnx_fp16": "onnx_fp16/model.onnx",
 }
 
 

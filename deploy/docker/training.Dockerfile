@@ -2,7 +2,7 @@
 # cvgraph training image for SageMaker (bring-your-own container).
 #
 # SageMaker starts the container as `docker run <image> train`, so `train` must be an executable
-# on PATH; it runs `python -m workloads.train`, which reads SageMaker's layout:
+# on PATH; it runs `python -m workloads.training.train`, which reads SageMaker's layout:
 #   /opt/ml/input/config/hyperparameters.json, /opt/ml/input/data/<channel>/, /opt/ml/model,
 #   /opt/ml/output/data, /opt/ml/checkpoints (synced with S3 for managed spot).
 #
@@ -44,7 +44,7 @@ RUN printf '%s\n' \
         ': "${SM_MODEL_DIR:=/opt/ml/model}"' \
         ': "${SM_OUTPUT_DATA_DIR:=/opt/ml/output/data}"' \
         'export SM_INPUT_CONFIG_DIR SM_CHANNEL_MANIFEST SM_CHANNEL_IMAGES SM_MODEL_DIR SM_OUTPUT_DATA_DIR' \
-        'exec python -m workloads.train "$@"' \
+        'exec python -m workloads.training.train "$@"' \
         > /usr/local/bin/train \
     && chmod 0755 /usr/local/bin/train \
     && python -m compileall -q /opt/cvgraph/workloads

@@ -291,7 +291,7 @@ def _train(job) -> None:
                     _sync_down(s3, job.checkpoint_config["S3Uri"], ml / "checkpoints")
                 job.secondary_status = "Training"
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "workloads.train"],
+                    [sys.executable, "-m", "workloads.training.train"],
                     env=env,
                     cwd=REPO,
                     stdout=subprocess.PIPE,

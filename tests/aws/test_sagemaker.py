@@ -208,7 +208,7 @@ def test_a_restarted_job_continues_the_pipes_chunks_instead_of_overwriting_them(
     """A spot restart rejoins the same Pipes session: its chunks follow the ones already written."""
     import dagster_pipes as dp
 
-    from workloads.train import ContinuingS3MessageWriter
+    from workloads.training.train import ContinuingS3MessageWriter
 
     s3 = boto3.client("s3", region_name="us-east-1")
     bucket, prefix = "cvgraph-lake", "lake/_pipes_session/messages"

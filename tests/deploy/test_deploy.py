@@ -533,7 +533,7 @@ def test_training_image_provides_train_from_the_lock(lock):
     ], torch_install
     constraints, names = constraints_and_names(install)
     assert constraints == [lock_path_in_image(instructions)]
-    needed = third_party_imports("workloads.train")
+    needed = third_party_imports("workloads.training.train")
     assert {DISTRIBUTION.get(m, m) for m in needed} <= set(names), needed
     assert "torch" in names  # its dependencies, from PyPI at the locked versions
     check_against_lock(names, lock)
@@ -564,7 +564,7 @@ def test_train_script_runs_the_training_entry_with_sagemaker_paths(tmp_path):
         [str(script), "--x", "1"], env=env, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert out == [
-        "-m workloads.train --x 1",
+        "-m workloads.training.train --x 1",
         "/opt/ml/input/data/manifest|/opt/ml/input/data/images|/opt/ml/model|/opt/ml/input/config|/opt/ml/output/data",
     ]
     env["SM_CHANNEL_IMAGES"] = "/lake"  # an explicit value (the local trainer's) wins

@@ -1,7 +1,9 @@
-"""Export a trained model to TorchScript, ONNX and ONNX int8, each checked for parity.
+"""Export a trained model to TorchScript, ONNX, ONNX int8 and ONNX float16, each checked for parity.
 
 Parity = max |logit difference| against the trained PyTorch model on real samples, and
-top-1 agreement (the int8 model is judged by agreement; its logits move by design).
+top-1 agreement (the int8 and float16 models are judged by agreement as well: their logits
+move by design). The float16 model keeps float32 input and output, so ``preprocess.json``
+applies to every ONNX file alike.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import numpy as np
 import torch
 
 from workloads.layout import EXPORT_FILES
-from workloads.model import load_checkpoint
+from workloads.training.models import load_checkpoint
 
-FORMATS = ("torchscript", "onnx", "onnx_int8")
+FORMATS = ("torchscript", "onnx", "onnx_int8", "onnx_fp16")
 
 
 def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -40,11 +42,13 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     _quantize_int8(
         paths["onnx"], paths["onnx_int8"], out_dir / "onnx_int8" / "prepared.onnx", samples
     )
+    _float16(paths["onnx"], paths["onnx_fp16"])
 
     with torch.no_grad():
         outputs = {"torchscript": torch.jit.load(str(paths["torchscript"])).eval()(x).numpy()}
     outputs["onnx"] = _onnx_logits(paths["onnx"], samples.astype(np.float32))
     outputs["onnx_int8"] = _onnx_logits(paths["onnx_int8"], samples.astype(np.float32))
+    outputs["onnx_fp16"] = _onnx_logits(paths["onnx_fp16"], samples.astype(np.float32))
     return {fmt: _parity(fmt, paths[fmt], logits, reference) for fmt, logits in outputs.items()}
 
 
@@ -65,6 +69,16 @@ def _export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
             dynamo=False,
         )
+
+
+def _float16(onnx_path: Path, fp16_path: Path) -> None:
+    """The ONNX model with float16 weights and arithmetic (onnxruntime's converter), float32 at
+    its input and output."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    onnx.save(model, str(fp16_path))
 
 
 def _quantize_int8(onnx_path: Path, int8_path: Path, prepared: Path, samples: np.ndarray) -> None:

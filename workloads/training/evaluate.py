@@ -12,19 +12,10 @@ import numpy as np
 import torch
 
 from workloads.layout import VARIANT_COLUMNS
-from workloads.model import load_checkpoint
+from workloads.training.models import load_checkpoint
+from workloads.training.preprocess import decode, model_preprocess
 
 WORST = 16  # misclassified images in the grid
-
-
-def _input(data: bytes, size: int) -> np.ndarray:
-    """The training entry's input: grayscale, ``size`` x ``size`` (area resize), in [0, 1]."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise ValueError("undecodable image")
-    if img.shape != (size, size):
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return img.astype(np.float32)[None] / 255.0
 
 
 def per_class(confusion: np.ndarray, classes: list[str]) -> dict[str, dict]:
@@ -47,11 +38,11 @@ def score(
     files read by ``read(key)`` — and the worst misclassified as (image bytes, caption)). Rows
     whose label the model does not know are counted, not scored."""
     model, saved = load_checkpoint(model_path)
-    classes, size = saved["classes"], saved["arch"]["input_size"]
+    classes, pre = saved["classes"], model_preprocess(saved)
     col = VARIANT_COLUMNS[saved["variant"]]
     known = [r for r in rows if r["label"] in classes]
     data = [read(r[col]) for r in known]
-    x = torch.from_numpy(np.stack([_input(d, size) for d in data])) if data else None
+    x = torch.from_numpy(np.stack([pre(decode(d, pre.channels)) for d in data])) if data else None
     y = np.array([classes.index(r["label"]) for r in known], np.int64)
     probs = np.zeros((0, len(classes)), np.float32)
     if x is not None:

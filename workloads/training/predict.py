@@ -7,10 +7,10 @@ import dataclasses
 import io
 import os
 
-import cv2
 import numpy as np
 
 from workloads.kernels import EdgeParams, ResizeParams, edges_png, resize_bytes
+from workloads.training.preprocess import Preprocess, decode, model_preprocess
 
 STEPS = {
     "original": ["decode as displayed (EXIF orientation applied, alpha on white)"],
@@ -21,18 +21,30 @@ STEPS = {
     ],
 }
 STEPS["edges"] = [*STEPS["resized"], "Canny edges of that JPEG, edges.low/edges.high"]
-TAIL = ["grayscale", "resize to input_size x input_size (area)", "divide by 255: float32 in [0, 1]"]
+TAIL = [
+    "RGB (3 channels) or gray (1), as input.channels says",
+    "resize to input_size x input_size (area)",
+    "divide by 255, subtract mean and divide by std per channel: float32 CHW",
+]
 
 
 def preprocess_spec(model_record: dict, resize: ResizeParams, edges: EdgeParams) -> dict:
     """``preprocess.json`` of a model's exports: the input, the steps from an image file to it,
     the classes of the output."""
-    spec, size = model_record["spec"], model_record["spec"]["input_size"]
+    spec = model_record["spec"]
+    pre = model_preprocess({"arch": {"input_size": spec["input_size"]}, **model_record})
     return {
         "model": model_record["key"],
         "model_sha256": model_record["model_sha256"],
-        "input": {"name": "image", "shape": ["batch", 1, size, size], "dtype": "float32"},
-        "input_size": size,
+        "input": {
+            "name": "image",
+            "shape": ["batch", pre.channels, pre.size, pre.size],
+            "dtype": "float32",
+            "channels": pre.channels,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+        },
+        "input_size": pre.size,
         "variant": spec["variant"],
         "resize": dataclasses.asdict(resize),
         "edges": dataclasses.asdict(edges),
@@ -41,8 +53,21 @@ def preprocess_spec(model_record: dict, resize: ResizeParams, edges: EdgeParams)
     }
 
 
+def input_preprocess(pre: dict) -> Preprocess:
+    """The normalisation ``preprocess.json`` states (gray in [0, 1] for exports made before it
+    stated one)."""
+    inp = pre["input"]
+    channels = inp.get("channels", 1)
+    return Preprocess(
+        pre["input_size"],
+        channels,
+        tuple(inp.get("mean", (0.0,) * channels)),
+        tuple(inp.get("std", (1.0,) * channels)),
+    )
+
+
 def model_input(data: bytes, pre: dict) -> np.ndarray:
-    """One image file's bytes as the model's (1, S, S) input, by ``pre``'s steps."""
+    """One image file's bytes as the model's (C, S, S) input, by ``pre``'s steps."""
     from workloads.ingest import inspect_image  # the format and the displayed size, as ingest
 
     fmt, width, height = inspect_image(io.BytesIO(data), max_pixels=1 << 28)
@@ -50,11 +75,8 @@ def model_input(data: bytes, pre: dict) -> np.ndarray:
         data = resize_bytes(data, fmt, width, height, ResizeParams(**pre["resize"]))
         if pre["variant"] == "edges":
             data = edges_png(data, EdgeParams(**pre["edges"]))
-    gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    size = pre["input_size"]
-    if gray.shape != (size, size):
-        gray = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
-    return (gray.astype(np.float32) / 255.0)[None]
+    norm = input_preprocess(pre)
+    return norm(decode(data, norm.channels))
 
 
 def predict(model_path: str | os.PathLike, pre: dict, images: dict[str, bytes]) -> list[dict]:

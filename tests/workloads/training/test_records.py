@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from workloads.export import export_all
-from workloads.model import UnsafeRecord, build_model, load_checkpoint
-from workloads.train import _resume, _save_checkpoint, _save_model
+from workloads.training.data import Preprocess
+from workloads.training.export import export_all
+from workloads.training.models import UnsafeRecord, build_model, load_checkpoint
+from workloads.training.train import _resume, _save_checkpoint, _save_model
 
 ARCH = {"in_channels": 1, "num_classes": 3, "input_size": 32, "width": 4}
 
@@ -33,9 +34,11 @@ def plant(path, marker) -> None:
 def test_a_trained_record_loads_weights_only(tmp_path):
     torch.manual_seed(0)
     model = build_model(ARCH)
-    _save_model(tmp_path, model, ARCH, ["a", "b", "c"], "gray32", {"test_accuracy": 0.5})
+    pre = Preprocess(size=32, channels=1, mean=(0.5,), std=(0.25,))
+    _save_model(tmp_path, model, ARCH, ["a", "b", "c"], "edges", pre, {"test_accuracy": 0.5})
     loaded, record = load_checkpoint(tmp_path / "model.pt")
-    assert record["classes"] == ["a", "b", "c"] and record["variant"] == "gray32"
+    assert record["classes"] == ["a", "b", "c"] and record["variant"] == "edges"
+    assert Preprocess.from_json(record["preprocess"]) == pre
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
@@ -60,15 +63,16 @@ def test_an_injected_pickle_as_model_pt_is_refused_by_the_load_and_the_exporter(
 def test_an_injected_checkpoint_is_refused_when_training_resumes(tmp_path):
     model = build_model(ARCH)
     opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     ckpt = tmp_path / "checkpoint.pt"
-    _save_checkpoint(ckpt, model, opt, [{"epoch": 1, "train_loss": 1.0}], 1)
+    state = {"history": [{"epoch": 1, "train_loss": 1.0}], "epoch": 1, "best_epoch": 1}
+    _save_checkpoint(ckpt, model, opt, sched, state)
     said: list[str] = []
-    history, epoch = _resume(ckpt, build_model(ARCH), opt, said.append)
-    assert (history, epoch) == ([{"epoch": 1, "train_loss": 1.0}], 1)
+    assert _resume(ckpt, build_model(ARCH), opt, sched, said.append) == state
     assert said == ["resumed from checkpoint at epoch 1"]
 
     marker = tmp_path / "ran"
     plant(ckpt, marker)
     with pytest.raises(UnsafeRecord, match="checkpoint.pt: refused"):
-        _resume(ckpt, build_model(ARCH), opt, said.append)
+        _resume(ckpt, build_model(ARCH), opt, sched, said.append)
     assert not marker.exists()

@@ -1,0 +1,1 @@
+"""Training: models, input, the training loop, export."""

@@ -1,0 +1,77 @@
+"""What a model is trained with: the spec's fields, their defaults and their limits. Free of
+torch and dagster, so the trainer, the asset's config and the CLI's flags share one list.
+
+The defaults were chosen by measurement on the packs the tests build (README, "Training")."""
+
+from __future__ import annotations
+
+from workloads.layout import VARIANT_COLUMNS
+
+ARCHS = ("small_cnn", "resnet18", "mobilenet_v3_small")
+AUGMENT_LEVELS = ("none", "light", "standard")
+
+# field: (default, what it is) — the one place both are written
+FIELDS: dict[str, tuple[object, str]] = {
+    "arch": ("mobilenet_v3_small", f"the network: {', '.join(ARCHS)}"),
+    "epochs": (0, "passes over the train split; 0: as many as min_steps needs, 8 at least"),
+    "min_steps": (600, "optimizer steps epochs=0 trains for at least (small subsets: more epochs)"),
+    "lr": (0.003, "AdamW's peak learning rate (after warm-up, then cosine to zero)"),
+    "warmup": (0.05, "share of the steps the learning rate warms up over"),
+    "weight_decay": (0.0005, "AdamW's weight decay"),
+    "label_smoothing": (0.1, "of the cross-entropy's targets"),
+    "batch_size": (64, "images per step"),
+    "input_size": (32, "side of the model's square input"),
+    "variant": ("resized", "the images it learns from (resized and original: RGB; edges: gray)"),
+    "augment": ("light", f"train-time augmentation: {', '.join(AUGMENT_LEVELS)}"),
+    "patience": (0, "stop after this many epochs without a better val loss (0: never)"),
+    "seed": (0, "of the weights, the order and the augmentation"),
+    "width": (0, "channels of the first stage (0: the arch's default)"),
+}
+TRAIN_SPEC = {name: default for name, (default, _) in FIELDS.items()}
+MINIMUM = {
+    "epochs": 0,
+    "min_steps": 0,
+    "batch_size": 1,
+    "input_size": 16,
+    "seed": 0,
+    "width": 0,
+    "patience": 0,
+    "warmup": 0,
+    "weight_decay": 0,
+    "label_smoothing": 0,
+}
+MAXIMUM = {"warmup": 0.5, "label_smoothing": 0.5, "input_size": 512}
+CHOICES = {"arch": ARCHS, "augment": AUGMENT_LEVELS, "variant": tuple(VARIANT_COLUMNS)}
+
+
+AUTO_EPOCHS_AT_LEAST = 8
+
+
+def epochs_for(spec: dict, train_images: int) -> int:
+    """The passes a training makes: ``epochs``, or (0) enough for ``min_steps`` optimizer steps
+    over ``train_images`` in batches of ``batch_size``, and ``AUTO_EPOCHS_AT_LEAST`` at least."""
+    if spec["epochs"]:
+        return spec["epochs"]
+    steps_per_epoch = max(1, -(-train_images // spec["batch_size"]))
+    return max(AUTO_EPOCHS_AT_LEAST, -(-spec["min_steps"] // steps_per_epoch))
+
+
+def channels(variant: str) -> int:
+    """Input channels a variant gives: RGB for photos, one for edge maps."""
+    return 1 if variant == "edges" else 3
+
+
+def check_spec(spec: dict) -> dict:
+    """``spec`` if every field is known and in range, else ValueError naming the first that is not."""
+    for name, value in spec.items():
+        if name not in TRAIN_SPEC:
+            raise ValueError(f"unknown spec field {name!r} (fields: {', '.join(TRAIN_SPEC)})")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ValueError(f"{name} {value!r}: expected one of {', '.join(CHOICES[name])}")
+        if name == "lr" and not 0 < value <= 1:
+            raise ValueError(f"lr must be in (0, 1], not {value}")
+        if name in MINIMUM and value < MINIMUM[name]:
+            raise ValueError(f"{name} must be {MINIMUM[name]} or more, not {value}")
+        if name in MAXIMUM and value > MAXIMUM[name]:
+            raise ValueError(f"{name} must be {MAXIMUM[name]} or less, not {value}")
+    return spec

@@ -1,0 +1,418 @@
+"""Training entry with SageMaker's file and environment layout: the subset streamed through a
+``DataLoader`` (never held in memory), the model picked by ``arch``, the best epoch kept.
+
+SageMaker (and the local trainer, which mimics it) provides:
+  SM_INPUT_CONFIG_DIR/hyperparameters.json   values are strings, as SageMaker writes them
+  SM_CHANNEL_MANIFEST/manifest.parquet        the frozen subset's manifest
+  SM_CHANNEL_IMAGES/<lake key>                the subset's images at their lake keys
+  SM_MODEL_DIR, SM_OUTPUT_DATA_DIR            outputs; SageMaker uploads them
+Checkpoints go to ``checkpoint_dir`` (SageMaker syncs /opt/ml/checkpoints with S3), and a
+restarted job (spot reclaim) resumes from the last epoch saved there.
+
+    python -m workloads.train
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import dagster_pipes as dp
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from workloads.training.data import Items, Preprocess, StreamingImages, channel_stats, loader
+from workloads.training.models import DEFAULT_WIDTH, build_model, load_record
+from workloads.training.spec import TRAIN_SPEC, channels, epochs_for
+
+# What the entry takes besides the spec: where checkpoints go, input workers, where live
+# metrics go (an MLflow run the trainer opened, when the job can reach its tracking server).
+DEFAULTS = {
+    **TRAIN_SPEC,
+    "checkpoint_dir": "/opt/ml/checkpoints",
+    "workers": -1,  # DataLoader workers; -1: none for a small split, else one per core
+    "mlflow_tracking_uri": "",
+    "mlflow_run_id": "",
+}
+
+
+class ContinuingS3MessageWriter(dp.PipesS3MessageWriter):
+    """SageMaker restarts a spot-interrupted job's container with the same hyperparameters, so
+    the restarted process rejoins the same Pipes session. Its chunks continue after those already
+    in the session's prefix: numbered from 1 again, they would overwrite chunks the orchestrator's
+    reader has passed, and the reader would wait for a chunk that never comes."""
+
+    def make_channel(self, params):
+        bucket, prefix = params["bucket"], params.get("key_prefix")
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else "", Delimiter="/"
+        )
+        names = (
+            o["Key"].rsplit("/", 1)[-1].removesuffix(".json")
+            for page in pages
+            for o in page.get("Contents", [])
+        )
+        return ContinuingS3Channel(
+            self._client,
+            bucket,
+            prefix,
+            interval=self.interval,
+            after=max((int(n) for n in names if n.isdigit()), default=0),
+        )
+
+
+class ContinuingS3Channel(dp.PipesS3MessageWriterChannel):
+    def __init__(self, *args, after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._after = after
+
+    def upload_messages_chunk(self, payload, index: int) -> None:
+        super().upload_messages_chunk(payload, index + self._after)
+
+
+@contextlib.contextmanager
+def dagster_pipes(hp: dict):
+    """The Dagster Pipes session the orchestrator opened, if any.
+
+    Its bootstrap parameters come as hyperparameters: SageMaker caps environment values at
+    512 characters, hyperparameters go everywhere the job does. S3 parameters (a bucket) mean
+    the S3 context loader and message writer; otherwise the default file-based ones.
+    """
+    raw = {
+        "DAGSTER_PIPES_CONTEXT": hp.get("dagster_pipes_context"),
+        "DAGSTER_PIPES_MESSAGES": hp.get("dagster_pipes_messages"),
+    }
+    if not raw["DAGSTER_PIPES_CONTEXT"]:
+        yield None
+        return
+    on_s3 = "bucket" in dp.decode_param(raw["DAGSTER_PIPES_CONTEXT"])
+    if on_s3:
+        import boto3
+
+        s3 = boto3.client("s3")
+        loader, writer = (
+            dp.PipesS3ContextLoader(s3),
+            ContinuingS3MessageWriter(s3, interval=float(hp.get("pipes_interval", 10))),
+        )
+    else:
+        loader, writer = dp.PipesDefaultContextLoader(), dp.PipesDefaultMessageWriter()
+    with dp.open_dagster_pipes(
+        params_loader=dp.PipesMappingParamsLoader(raw), context_loader=loader, message_writer=writer
+    ) as pipes:
+        yield pipes
+
+
+def hyperparameters() -> dict:
+    path = (
+        Path(os.environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
+    )
+    given = json.loads(path.read_text()) if path.exists() else {}
+    hp = dict(DEFAULTS)
+    for k, v in given.items():
+        default = DEFAULTS.get(k)
+        hp[k] = (
+            type(default)(v)
+            if isinstance(default, (int, float)) and not isinstance(default, bool)
+            else v
+        )
+    return hp
+
+
+def evaluate(model: nn.Module, batches) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` over ``batches``; NaNs when there are none."""
+    model.eval()
+    loss, right, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(x)
+            loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            right += int((logits.argmax(1) == y).sum())
+            n += len(y)
+    return (loss / n, right / n) if n else (float("nan"), float("nan"))
+
+
+def train() -> dict:
+    hp = hyperparameters()
+    with dagster_pipes(hp) as pipes:
+        return _train(hp, pipes)
+
+
+SMALL_SPLIT = 4096  # below it, workers cost more (a fork per loader and epoch) than they decode
+
+
+def input_workers(asked: int, train_images: int) -> int:
+    """DataLoader workers: as asked, or (-1) none for a small train split, else one per core
+    (at most 8). Measured on the colour-photo pack (198 train images): 5x faster with none."""
+    if asked >= 0:
+        return asked
+    return 0 if train_images < SMALL_SPLIT else min(8, os.cpu_count() or 1)
+
+
+NORM_IMAGES = 1024  # train images the batch norms' statistics are measured on, each epoch
+
+
+def recalibrate_norms(model: nn.Module, batches) -> None:
+    """Measure the batch norms' running statistics afresh on ``batches`` (the weights as they
+    are now), then leave the model in eval mode. A norm's running average trails weights that
+    move fast: after a few dozen steps MobileNet's depthwise norms held variances 3-10x off and
+    a model that fit its train split scored chance on val (measured: 0.10 on digits after two
+    epochs). Training itself never reads them; validation, test and the export do."""
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
+def schedule(step: int, total: int, warmup: float) -> float:
+    """The learning rate's factor at ``step``: linear warm-up, then cosine to zero."""
+    ramp = max(1, round(total * warmup))
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - ramp) / max(1, total - ramp))))
+
+
+def _train(hp: dict, pipes) -> dict:
+    live = _live_metrics(hp)
+
+    def say(line: str) -> None:
+        print(line, flush=True)  # stdout: SageMaker's metric definitions and CloudWatch
+        if pipes is not None:
+            pipes.log.info(line)  # Dagster: the run's log, live
+
+    torch.manual_seed(hp["seed"])
+    np.random.seed(hp["seed"])
+    manifest = Path(os.environ["SM_CHANNEL_MANIFEST"]) / "manifest.parquet"
+    images_root = Path(os.environ["SM_CHANNEL_IMAGES"])
+    model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
+    ckpt_dir = Path(hp["checkpoint_dir"])
+    for d in (model_dir, output_dir, ckpt_dir):
+        d.mkdir(parents=True, exist_ok=True)
+
+    classes = train_classes(manifest)
+    size, variant, batch = hp["input_size"], hp["variant"], hp["batch_size"]
+    table = pq.read_table(manifest)
+    splits = {s: Items.from_manifest(table, variant, classes, s) for s in ("train", "val", "test")}
+    del table
+    counts = {split: len(rows) for split, rows in splits.items()}
+    ch = channels(variant)
+    mean, std = channel_stats(
+        splits["train"].paths, ch, size, reader=lambda key: (images_root / key).read_bytes()
+    )
+    pre = Preprocess(size=size, channels=ch, mean=mean, std=std)
+    arch = {
+        "name": hp["arch"],
+        "in_channels": ch,
+        "num_classes": len(classes),
+        "input_size": size,
+        "width": hp["width"] or DEFAULT_WIDTH[hp["arch"]],
+    }
+    model = build_model(arch)
+    steps_per_epoch = max(1, math.ceil(counts["train"] / batch))
+    epochs = epochs_for(hp, counts["train"])
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": hp["weight_decay"]},
+            {"params": rest, "weight_decay": 0},
+        ],
+        lr=hp["lr"],
+    )
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step, total, hp["warmup"]))
+    ckpt_path = ckpt_dir / "checkpoint.pt"
+    state = _resume(ckpt_path, model, opt, sched, say)
+    say(
+        f"train={counts['train']} val={counts['val']} test={counts['test']} classes={len(classes)} "
+        f"variant={variant} arch={hp['arch']} epochs={epochs} steps={total}"
+    )
+    workers = input_workers(int(hp["workers"]), counts["train"])
+    train_data = StreamingImages(
+        splits["train"], images_root, pre, augment=hp["augment"], seed=hp["seed"], shuffle=True
+    )
+    held_out = {
+        s: loader(StreamingImages(splits[s], images_root, pre, shuffle=False), batch, workers)
+        for s in ("val", "test")
+    }
+    # the train split's first images, unaugmented: what the norms' statistics are measured on
+    calibration = loader(
+        StreamingImages(splits["train"].head(NORM_IMAGES), images_root, pre, shuffle=False),
+        batch,
+        0,
+    )
+    smoothing = hp["label_smoothing"]
+    for epoch in range(state["epoch"], epochs):
+        if hp["patience"] and state["bad_epochs"] >= hp["patience"]:
+            break
+        train_data.set_epoch(epoch)
+        rec = _run_epoch(model, opt, sched, loader(train_data, batch, workers), smoothing)
+        recalibrate_norms(model, calibration)
+        rec["val_loss"], rec["val_accuracy"] = evaluate(model, held_out["val"])
+        rec["epoch"], rec["lr"] = epoch + 1, sched.get_last_lr()[0]
+        state["history"].append(rec)
+        if not rec["val_loss"] >= state["best_val_loss"]:  # a NaN (no val split) counts as better
+            state.update(best_val_loss=rec["val_loss"], best_epoch=epoch + 1, bad_epochs=0)
+            state["best"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        _save_checkpoint(ckpt_path, model, opt, sched, state)
+        # SageMaker metric definitions parse these lines (printed once the epoch is checkpointed).
+        say(
+            f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={rec['val_loss']:.4f} val_accuracy={rec['val_accuracy']:.4f}"
+        )
+        live(rec)
+    if hp["patience"] and state["epoch"] < epochs:
+        say(f"early stop after epoch {state['epoch']}: no better val loss in {hp['patience']}")
+    model.load_state_dict(state["best"])
+    say(
+        f"kept epoch {state['best_epoch']}'s weights (the best val loss, {state['best_val_loss']:.4f})"
+    )
+    test_loss, test_acc = evaluate(model, held_out["test"])
+    say(f"test_loss={test_loss:.4f} test_accuracy={test_acc:.4f}")
+    metrics = {
+        "history": state["history"],
+        "best_epoch": state["best_epoch"],
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "classes": classes,
+        "counts": counts,
+        "preprocess": json.loads(pre.to_json()),
+        "hyperparameters": {
+            k: v for k, v in hp.items() if not k.startswith(("dagster_pipes", "pipes_", "mlflow_"))
+        },
+    }
+    _save_model(model_dir, model, arch, classes, variant, pre, metrics)
+    return metrics
+
+
+def _live_metrics(hp: dict):
+    """``log(epoch record)``: each epoch's metrics into the trainer's MLflow run as they are
+    made, when it gave one; else nothing (the trainer logs the history when the job ends)."""
+    if not hp["mlflow_run_id"]:
+        return lambda rec: None
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(hp["mlflow_tracking_uri"] or None)
+
+    def log(rec: dict) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(
+            hp["mlflow_run_id"],
+            metrics=[
+                Metric(k, float(rec[k]), now, rec["epoch"])
+                for k in ("train_loss", "val_loss", "val_accuracy", "lr")
+                if not math.isnan(rec[k])
+            ],
+        )
+
+    return log
+
+
+def train_classes(manifest: Path) -> list[str]:
+    """The labels of the train split, sorted: the model's classes, in output order."""
+    labels = pq.read_table(manifest, columns=["label", "split"]).to_pylist()
+    classes = sorted(
+        {r["label"] for r in labels if r["label"] is not None and r["split"] == "train"}
+    )
+    if len(classes) < 2:
+        raise SystemExit(f"need at least 2 labelled classes in the train split, found {classes}")
+    return classes
+
+
+def _resume(ckpt_path: Path, model: nn.Module, opt, sched, say) -> dict:
+    """The loop's state: from the checkpoint if a spot reclaim (or a kill) restarted the job."""
+    if not ckpt_path.exists():
+        return {
+            "history": [],
+            "epoch": 0,
+            "best": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "best_val_loss": float("inf"),
+            "best_epoch": 0,
+            "bad_epochs": 0,
+        }
+    ckpt = load_record(ckpt_path)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    say(f"resumed from checkpoint at epoch {ckpt['state']['epoch']}")
+    return ckpt["state"]
+
+
+def _run_epoch(model: nn.Module, opt, sched, batches, label_smoothing: float) -> dict:
+    """One pass over the train split's batches; the mean loss and the time it took."""
+    t0 = time.perf_counter()
+    model.train()
+    total, n = 0.0, 0
+    for x, y in batches:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(y)
+        n += len(y)
+    return {"train_loss": total / max(n, 1), "seconds": time.perf_counter() - t0}
+
+
+def _save_checkpoint(ckpt_path: Path, model: nn.Module, opt, sched, state: dict) -> None:
+    tmp = ckpt_path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "state": state,
+            "rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    os.replace(tmp, ckpt_path)  # atomic: a reclaim never leaves half a checkpoint
+
+
+def _save_model(
+    model_dir: Path,
+    model: nn.Module,
+    arch: dict,
+    classes: list[str],
+    variant: str,
+    pre: Preprocess,
+    metrics: dict,
+) -> None:
+    """What SageMaker uploads: the weights with what they need to be loaded and fed, the metrics."""
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "arch": arch,
+            "classes": classes,
+            "variant": variant,
+            "preprocess": json.loads(pre.to_json()),
+        },
+        model_dir / "model.pt",
+    )
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    train()
+    sys.exit(0)

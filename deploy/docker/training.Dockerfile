@@ -25,9 +25,11 @@ RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu "torc
         torch \
         numpy \
         opencv-python-headless \
+        pillow \
         pyarrow \
         boto3 \
-        dagster-pipes
+        dagster-pipes \
+        mlflow-skinny
 
 WORKDIR /opt/cvgraph
 COPY workloads/ /opt/cvgraph/workloads/

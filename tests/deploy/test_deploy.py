@@ -457,6 +457,7 @@ DISTRIBUTION = {
     "yaml": "pyyaml",
     "torch": "torch",
     "dagster_pipes": "dagster-pipes",
+    "mlflow": "mlflow-skinny",  # the client the training entry logs live curves with
 }
 
 

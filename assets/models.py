@@ -49,6 +49,7 @@ class TrainConfig(dg.Config):
     patience: int | None = _unset("patience")
     seed: int | None = _unset("seed")
     width: int | None = _unset("width")
+    init_from: str | None = _unset("init_from")
 
 
 def _plot_curves(history: list[dict], title: str) -> bytes:
@@ -92,9 +93,14 @@ def _metadata(record: dict, curves_png: bytes | None = None) -> dict:
     }
 
 
-def version_tags(subset: str, subset_record: dict, dagster_run_id: str, job: str) -> dict:
-    """What a registered version was made from: enough to go back to the packs."""
+def version_tags(
+    subset: str, subset_record: dict, dagster_run_id: str, job: str, record: dict
+) -> dict:
+    """What a registered version was made from: enough to go back to the packs; the sha256 of
+    its weights (checked by a training that starts from them) and the version it started from."""
     return {
+        "model_sha256": record["model_sha256"],
+        **({"init_from": record["spec"]["init_from"]} if record["spec"].get("init_from") else {}),
         "subset": subset,
         "subset_manifest_sha256": subset_record["manifest_sha256"],
         "input_merkle_root": subset_record["input_merkle_root"],
@@ -110,7 +116,7 @@ def model_version(mlf, store, record: dict) -> str:
         return record["mlflow_model_version"]
     subset_record = verify_subset(store, record["subset"])
     tags = version_tags(
-        record["subset"], subset_record, record["dagster_run_id"], record["training_job"]
+        record["subset"], subset_record, record["dagster_run_id"], record["training_job"], record
     )
     record["mlflow_model_version"] = register_version(
         mlf, record["key"], record["mlflow_run_id"], tags
@@ -134,6 +140,36 @@ def training_spec(key: str, config: TrainConfig, prior: dict | None) -> tuple[st
         return subset, check_spec({**TRAIN_SPEC, **(prior["spec"] if prior else {}), **given})
     except ValueError as e:
         raise dg.Failure(description=f"model {key}: {e}") from None
+
+
+def _init_weights(mlf, store, key: str, spec: dict) -> dict:
+    """The registered version a training starts from (``spec["init_from"]``, resolved in place
+    to ``MODEL@VERSION``), its weights checked and put at ``models/<key>/init.pt`` for the job."""
+    from resources.tracking import version_weights
+    from workloads.training.spec import parse_init_from
+
+    name, version = parse_init_from(spec["init_from"])
+    rkey = model_keys(name)["record"]
+    rec = json.loads(store.get(rkey)) if store.exists(rkey) else {}
+    known = (
+        {rec["mlflow_model_version"]: rec["model_sha256"]}
+        if rec.get("mlflow_model_version")
+        else {}
+    )
+    with staging(store, "train") as tmp:
+        try:
+            init = version_weights(mlf, name, version, Path(tmp), known)
+        except (LookupError, ValueError) as e:
+            raise dg.Failure(description=f"model {key}: init_from: {e}") from None
+        theirs = init["params"].get("arch", "small_cnn")  # trained before the choice: the CNN
+        if theirs != spec["arch"]:
+            raise dg.Failure(
+                description=f"model {key}: init_from {name}@{init['version']} is a {theirs} "
+                f"model: train it with --arch {theirs}"
+            )
+        store.put(model_keys(key)["init"], Path(init["path"]).read_bytes())
+    spec["init_from"] = f"{init['model']}@{init['version']}"
+    return init
 
 
 def local_copy(store, key: str, directory: Path) -> str:
@@ -165,6 +201,7 @@ def trained_models(
     keys = model_keys(key)
     prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None
     subset, spec = training_spec(key, config, prior)
+    init = _init_weights(mlf, store, key, spec) if spec["init_from"] else None
     try:
         subset_record = verify_subset(store, subset)
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -191,6 +228,8 @@ def trained_models(
     live = {}  # each epoch's metrics go to this run as they are made, if the job reaches it
     if trainer.reaches(uri := mlf.get_tracking_uri()):
         live = {"mlflow_tracking_uri": uri, "mlflow_run_id": mlf.active_run().info.run_id}
+    if init:
+        live.update(init_weights=keys["init"], init_sha256=init["model_sha256"])
     metrics = trainer.train(
         context, store, job_name, subset_keys(subset)["manifest"], key, {**spec, **live}
     )
@@ -208,7 +247,13 @@ def trained_models(
         mlf,
         key,
         run_id,
-        version_tags(subset, subset_record, context.run.run_id, job_name),
+        version_tags(
+            subset,
+            subset_record,
+            context.run.run_id,
+            job_name,
+            {"model_sha256": model_sha, "spec": spec},
+        ),
     )
     record = {
         "key": key,
@@ -228,6 +273,11 @@ def trained_models(
         "epochs_run": len(metrics["history"]),
         "training_job": job_name,
         "dagster_run_id": context.run.run_id,
+        **(
+            {"init_from": {k: init[k] for k in ("model", "version", "model_sha256")}}
+            if init
+            else {}
+        ),
     }
     store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
     context.log.info(

@@ -15,6 +15,9 @@ the photos scikit-learn and scikit-image ship (nothing is downloaded):
 10. ``new_pack_latency_s``        zip put in incoming/ → its rows queryable, sensor + automation, before and after the cursor
 11. ``cli_help_s``, ``cli_query_s``, ``cli_sync_noop_s``  ``cvgraph --help``, a query and a sync with
     nothing to do on a lake with the demo's digits pack, beside ``python -c pass`` (bench.cli_start)
+12. ``default_accuracy_digits``, ``default_accuracy_photos``  test accuracy of a training with the
+    spec's defaults on the digits pack and on four classes of colour photos, with its wall time
+    (bench.training)
 
 Results go to ``bench/results.json`` (``--out``): for each name, the measured numbers, the
 ``value``, the ``target`` and ``pass``. ``--quick`` is a small smoke version (same code
@@ -50,6 +53,8 @@ NAMES = (
     "cli_help_s",
     "cli_query_s",
     "cli_sync_noop_s",
+    "default_accuracy_digits",
+    "default_accuracy_photos",
 )
 TARGETS = {
     "kernel_vs_naive": (2.2, ">="),
@@ -65,6 +70,8 @@ TARGETS = {
     "cli_help_s": (0.3, "<="),
     "cli_query_s": (1.5, "<="),
     "cli_sync_noop_s": (2.0, "<="),
+    "default_accuracy_digits": (0.98, ">="),
+    "default_accuracy_photos": (0.95, ">="),
 }
 
 FULL = {
@@ -86,6 +93,7 @@ FULL = {
     "dataset_rounds": 5,
     "incremental_lakes": (1_000, 30_000),
     "cli_runs": 5,
+    "training_spec": {},  # the defaults
 }
 QUICK = {
     "big_jpegs": 2,
@@ -106,6 +114,7 @@ QUICK = {
     "dataset_rounds": 1,
     "incremental_lakes": (500, 1_500),
     "cli_runs": 1,
+    "training_spec": {"arch": "small_cnn", "epochs": 1},
 }
 
 
@@ -458,6 +467,21 @@ def bench_cli(cfg: dict) -> tuple[dict, dict, dict]:
     )
 
 
+def bench_training(cfg: dict) -> tuple[dict, dict]:
+    m = run_json(["bench.training", "--spec", json.dumps(cfg["training_spec"])], timeout=3600)
+    return tuple(
+        _res(
+            f"default_accuracy_{pack}",
+            m[pack]["test_accuracy"],
+            "test accuracy",
+            **{k: v for k, v in m[pack].items() if k != "seconds"},
+            train_seconds=m[pack]["seconds"],
+            spec=cfg["training_spec"] or "the defaults",
+        )
+        for pack in ("digits", "photos")
+    )
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -547,6 +571,13 @@ def details(results: dict) -> str:
                 f"({a['lake_bytes_read']:,} B read, {a['lake_bytes_written']:,} B written); latency {a['latency_s']} s (name after the cursor), {b['latency_s']} s (before)"
             )
         out.append(f"requests per new image (large lake): {k['requests_per_new_image']}")
+    for pack in ("digits", "photos"):
+        if (k := g(f"default_accuracy_{pack}")) and not k.get("error"):
+            out.append(
+                f"training with the defaults on {pack}: test accuracy {k['value']:.4f} on "
+                f"{k['counts']['test']} held-out images, {k['epochs']} epochs (best {k['best_epoch']}), "
+                f"{k['train_seconds']} s"
+            )
     return "\n".join(out)
 
 
@@ -566,7 +597,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental,cli",
+        help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental,cli,training",
     )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args(argv)
@@ -634,6 +665,11 @@ def main(argv=None) -> int:
             )
         if want("cli"):
             attempt(("cli_help_s", "cli_query_s", "cli_sync_noop_s"), lambda: bench_cli(cfg))
+        if want("training"):
+            attempt(
+                ("default_accuracy_digits", "default_accuracy_photos"),
+                lambda: bench_training(cfg),
+            )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

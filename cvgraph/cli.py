@@ -36,7 +36,7 @@ def _spec_help(field: str) -> str:
     from workloads.training.spec import FIELDS  # dagster- and torch-free: --help stays fast
 
     default, what = FIELDS[field]
-    return f"{what} (default {default}, or the model's last)"
+    return f"{what} (default {default if default != '' else 'none'}, or the model's last)"
 
 
 def _print_json(obj) -> None:
@@ -250,6 +250,7 @@ def freeze(key: str, sql: str, allow_pending: bool, as_json: bool) -> None:
 @click.option("--patience", type=int, help=_spec_help("patience"))
 @click.option("--width", type=int, help=_spec_help("width"))
 @click.option("--seed", type=int, help=_spec_help("seed"))
+@click.option("--init-from", help=_spec_help("init_from"))
 @click.option("--json", "as_json", is_flag=True, help="print the model's record as JSON")
 def train(key: str, subset: str | None, as_json: bool, **spec) -> None:
     """Train model KEY on a frozen subset (local subprocess or SageMaker, by profile). A flag
@@ -301,7 +302,7 @@ def evaluate(model: str, subset: str, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["onnx", "onnx_int8"]),
+    type=click.Choice(["onnx", "onnx_int8", "onnx_fp16"]),
     default="onnx",
     show_default=True,
     help="which export runs",

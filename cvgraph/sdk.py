@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 
+PREDICT_FORMATS = ("onnx", "onnx_int8", "onnx_fp16")  # the exports onnxruntime runs
+
+
 @dataclass(frozen=True)
 class Upload:
     key: str  # incoming/<name>.zip
@@ -364,7 +367,7 @@ class Datasets:
         return json.loads(self.lake.get(evaluation_keys(model, subset)["record"]))
 
     def predict(self, key: str, images: list[str | Path], fmt: str = "onnx") -> list[dict]:
-        """Run model ``key``'s export (``onnx`` or ``onnx_int8``) on image files (a directory:
+        """Run model ``key``'s export (``onnx``, ``onnx_int8`` or ``onnx_fp16``) on image files (a directory:
         the image files in it, by name), preprocessed as its ``preprocess.json`` says:
         ``[{"image", "class", "probability", "logits"}]``."""
         import tempfile
@@ -373,8 +376,8 @@ class Datasets:
         from workloads.member_names import IMAGE_EXTS
         from workloads.training.predict import predict
 
-        if fmt not in ("onnx", "onnx_int8"):
-            raise InvalidRequest(f"format {fmt!r}: expected onnx or onnx_int8")
+        if fmt not in PREDICT_FORMATS:
+            raise InvalidRequest(f"format {fmt!r}: expected one of {', '.join(PREDICT_FORMATS)}")
         self.check_key("model", key)
         self.record("export", key)
         keys = export_keys(key)

@@ -166,6 +166,43 @@ def register_version(mlf: MlFlow, name: str, run_id: str, tags: dict[str, str]) 
     return str(version.version)
 
 
+def version_weights(
+    mlf: MlFlow, name: str, version: str | None, directory: Path, known: dict[str, str]
+) -> dict:
+    """The weights of registered version ``version`` of model ``name`` (None: its latest), the
+    ``model.pt`` its training logged, downloaded into ``directory`` and checked against the
+    sha256 the version is tagged with (``known``: ``{version: sha256}`` for versions registered
+    before they were tagged, from the lake's record). ``{"model", "version", "run_id", "path",
+    "model_sha256"}``; LookupError for what does not exist, ValueError for what does not check."""
+    client = mlf.tracking_client
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise LookupError(f"no registered model {name!r}")
+    numbers = sorted(int(v.version) for v in versions)
+    wanted = str(numbers[-1]) if version is None else version
+    mv = next((v for v in versions if str(v.version) == wanted), None)
+    if mv is None:
+        raise LookupError(f"model {name!r} has no version {wanted} (versions: {numbers})")
+    expected = mv.tags.get(f"{TAG}model_sha256") or known.get(wanted)
+    if not expected:
+        raise ValueError(f"{name}@{wanted}: no model_sha256 to check its weights against")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one file: no bar on stderr
+    path = Path(client.download_artifacts(mv.run_id, "model.pt", str(directory)))
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if got != expected:
+        raise ValueError(
+            f"{name}@{wanted}: its model.pt has sha256 {got[:12]}, not {expected[:12]}"
+        )
+    return {
+        "model": name,
+        "version": wanted,
+        "run_id": mv.run_id,
+        "path": str(path),
+        "model_sha256": got,
+        "params": client.get_run(mv.run_id).data.params,  # the spec it was trained with
+    }
+
+
 def log_exports(mlf: MlFlow, name: str, version: str, files: dict[str, str]) -> str:
     """Log the export files (``{format: local path}``) in this Dagster run's MLflow run, tagged
     with the model version they were made from, and tag the version with that run; returns it."""

@@ -324,6 +324,8 @@ class SageMakerTrainer(Trainer, AwsResource):
             raise TrainingFailed("SageMakerTrainer needs the lake on S3")
         col = VARIANT_COLUMNS[hyperparameters.get("variant", "resized")]
         keys = parquet_table(lake.get(manifest_key), columns=[col])[col].to_pylist()
+        if hyperparameters.get("init_weights"):  # beside the images, at its lake key
+            keys.append(hyperparameters["init_weights"])
         channel_manifest = model_keys(model_key)["channel_manifest"]
         lake.put(channel_manifest, json.dumps([{"prefix": lake.url + "/"}, *keys]).encode())
         channels = {

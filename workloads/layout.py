@@ -258,6 +258,7 @@ def model_keys(model_key: str) -> dict[str, str]:
         "curves": f"{base}/curves.png",
         "sagemaker_output": f"{base}/sagemaker/",
         "channel_manifest": f"{base}/channels/images.manifest",
+        "init": f"{base}/init.pt",  # the weights a training starts from (init_from)
     }
 
 

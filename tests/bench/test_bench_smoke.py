@@ -1,5 +1,5 @@
 """Smoke test of the benchmark: ``python -m bench.run --quick`` runs every benchmark end to
-end on small inputs and writes the thirteen results. No timing thresholds here: speed is what
+end on small inputs and writes the fifteen results. No timing thresholds here: speed is what
 ``make bench`` reports, on a quiet machine, not what the test suite asserts."""
 
 import json
@@ -26,6 +26,8 @@ NAMES = (
     "cli_help_s",
     "cli_query_s",
     "cli_sync_noop_s",
+    "default_accuracy_digits",
+    "default_accuracy_photos",
 )
 
 

@@ -5,6 +5,8 @@ The defaults were chosen by measurement on the packs the tests build (README, "T
 
 from __future__ import annotations
 
+import re
+
 from workloads.layout import VARIANT_COLUMNS
 
 ARCHS = ("small_cnn", "resnet18", "mobilenet_v3_small")
@@ -26,6 +28,10 @@ FIELDS: dict[str, tuple[object, str]] = {
     "patience": (0, "stop after this many epochs without a better val loss (0: never)"),
     "seed": (0, "of the weights, the order and the augmentation"),
     "width": (0, "channels of the first stage (0: the arch's default)"),
+    "init_from": (
+        "",
+        "MODEL[@VERSION]: start from a registered version's weights (a new head if the classes differ)",
+    ),
 }
 TRAIN_SPEC = {name: default for name, (default, _) in FIELDS.items()}
 MINIMUM = {
@@ -56,6 +62,19 @@ def epochs_for(spec: dict, train_images: int) -> int:
     return max(AUTO_EPOCHS_AT_LEAST, -(-spec["min_steps"] // steps_per_epoch))
 
 
+INIT_FROM = re.compile(r"^(?P<model>[A-Za-z0-9._-]{1,100})(?:@(?P<version>[1-9][0-9]*))?$")
+
+
+def parse_init_from(value: str) -> tuple[str, str | None]:
+    """(model, version or None: its latest) of an ``init_from`` value, else ValueError."""
+    m = INIT_FROM.match(value)
+    if not m:
+        raise ValueError(
+            f"init_from {value!r}: expected MODEL or MODEL@VERSION (e.g. digits_cnn@2)"
+        )
+    return m["model"], m["version"]
+
+
 def channels(variant: str) -> int:
     """Input channels a variant gives: RGB for photos, one for edge maps."""
     return 1 if variant == "edges" else 3
@@ -72,6 +91,8 @@ def check_spec(spec: dict) -> dict:
             raise ValueError(f"lr must be in (0, 1], not {value}")
         if name in MINIMUM and value < MINIMUM[name]:
             raise ValueError(f"{name} must be {MINIMUM[name]} or more, not {value}")
+        if name == "init_from" and value:
+            parse_init_from(value)
         if name in MAXIMUM and value > MAXIMUM[name]:
             raise ValueError(f"{name} must be {MAXIMUM[name]} or less, not {value}")
     return spec

@@ -15,6 +15,7 @@ restarted job (spot reclaim) resumes from the last epoch saved there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from workloads.training.data import Items, Preprocess, StreamingImages, channel_stats, loader
-from workloads.training.models import DEFAULT_WIDTH, build_model, load_record
+from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
 from workloads.training.spec import TRAIN_SPEC, channels, epochs_for
 
 # What the entry takes besides the spec: where checkpoints go, input workers, where live
@@ -40,6 +41,8 @@ DEFAULTS = {
     "workers": -1,  # DataLoader workers; -1: none for a small split, else one per core
     "mlflow_tracking_uri": "",
     "mlflow_run_id": "",
+    "init_weights": "",  # images-relative path of the weights init_from names, and their sha256
+    "init_sha256": "",
 }
 
 
@@ -224,7 +227,13 @@ def _train(hp: dict, pipes) -> dict:
         "input_size": size,
         "width": hp["width"] or DEFAULT_WIDTH[hp["arch"]],
     }
+    init = _init_record(hp, images_root) if hp["init_weights"] else None
+    if init is not None:
+        arch["width"] = _check_init(init, arch, hp)
+        pre = Preprocess(size=size, channels=ch, mean=init["mean"], std=init["std"])
     model = build_model(arch)
+    if init is not None:
+        say(_start_from(model, init, classes))
     steps_per_epoch = max(1, math.ceil(counts["train"] / batch))
     epochs = epochs_for(hp, counts["train"])
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -302,6 +311,61 @@ def _train(hp: dict, pipes) -> dict:
     }
     _save_model(model_dir, model, arch, classes, variant, pre, metrics)
     return metrics
+
+
+def _init_record(hp: dict, images_root: Path) -> dict:
+    """The saved model a training starts from (weights-only), checked against its sha256; with
+    the normalisation it was trained with (kept: its first layers expect it)."""
+    path = images_root / hp["init_weights"]
+    data = path.read_bytes()
+    got = hashlib.sha256(data).hexdigest()
+    if got != hp["init_sha256"]:
+        raise SystemExit(
+            f"init weights {hp['init_weights']}: sha256 {got[:12]}, not {hp['init_sha256'][:12]}"
+        )
+    record = load_record(path)
+    pre = record.get("preprocess") or {}
+    channels = record["arch"].get("in_channels", 1)
+    return {
+        **record,
+        "mean": tuple(pre.get("mean", (0.0,) * channels)),
+        "std": tuple(pre.get("std", (1.0,) * channels)),
+    }
+
+
+def _check_init(init: dict, arch: dict, hp: dict) -> int:
+    """The width the model takes from the weights it starts from; SystemExit (one line) when the
+    spec asks for a net they cannot fill."""
+    theirs = init["arch"]
+    name = theirs.get("name") or "small_cnn"
+    if name != arch["name"]:
+        raise SystemExit(f"init_from is a {name} model: train it with --arch {name}")
+    if theirs.get("in_channels", 1) != arch["in_channels"]:
+        raise SystemExit(
+            f"init_from takes {theirs.get('in_channels', 1)} channel(s), the variant "
+            f"{hp['variant']} gives {arch['in_channels']}: train on its variant"
+        )
+    width = theirs.get("width") or DEFAULT_WIDTH[name]
+    if hp["width"] and hp["width"] != width:
+        raise SystemExit(f"init_from has width {width}, not {hp['width']}: leave --width unset")
+    return width
+
+
+def _start_from(model: nn.Module, init: dict, classes: list[str]) -> str:
+    """Load ``init``'s weights into ``model``: all of them for the same classes, all but the head
+    (a new one, initialised) for others. Returns the line that says which."""
+    state = init["state_dict"]
+    if init["classes"] == classes:
+        model.load_state_dict(state)
+        return f"started from the weights given (same {len(classes)} classes)"
+    head = {
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if m is head_of(model)
+        for p in ("weight", "bias")
+    }
+    model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+    return f"started from the weights given with a new head: {len(init['classes'])} classes there, {len(classes)} here"
 
 
 def _live_metrics(hp: dict):

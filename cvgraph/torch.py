@@ -139,3 +139,50 @@ class FrozenSubsetDataset(Dataset):
             "boxes": torch.from_numpy(xyxy.astype(np.float32)),
             "labels": torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(kept)],
         }
+
+
+def streaming_subset(
+    key: str,
+    variant: str = "resized",
+    split: str = "train",
+    size: int = 64,
+    augment: str = "none",
+    seed: int = 0,
+    home: str | None = None,
+):
+    """The subset's ``split`` as the trainer reads it: a ``StreamingImages`` (an
+    ``IterableDataset``) yielding ``(FloatTensor (C, size, size), label index)`` — each image read
+    from the lake when its batch is made and checked against its frozen sha256, augmented at
+    ``augment``, normalised by the split's per-channel mean and std — never the subset in memory.
+    Batch it with ``workloads.training.data.loader(ds, batch_size, workers)``; ``ds.set_epoch(n)``
+    draws epoch n's order and augmentation. ``ds.classes`` are the label names, in index order."""
+    from assets.subsets import load_subset
+    from cvgraph.sdk import Datasets
+    from workloads.training.data import Items, StreamingImages
+    from workloads.training.preprocess import Preprocess, channel_stats
+    from workloads.training.spec import channels
+
+    if variant not in VARIANT_COLUMNS:
+        raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANT_COLUMNS)}")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    lake = Datasets(home).lake
+    try:
+        _, manifest = load_subset(lake, key)
+    except ValueError as e:
+        raise SubsetIntegrityError(str(e)) from None
+    classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
+    items = Items.from_manifest(manifest, variant, classes, split)
+    ch = channels(variant)
+    mean, std = channel_stats(items.paths, ch, size, reader=lake.get)
+    data = StreamingImages(
+        items,
+        None,
+        Preprocess(size=size, channels=ch, mean=mean, std=std),
+        augment=augment,
+        seed=seed,
+        shuffle=split == "train",
+        reader=lake.get,
+    )
+    data.classes = classes
+    return data

@@ -1244,3 +1244,23 @@ def test_a_training_starts_from_a_registered_versions_weights(demo):
         "Error: init_from 'a@b@c': expected MODEL or MODEL@VERSION (e.g. digits_cnn@2)\n",
     )
     assert not ds.lake.keys("models/x_cnn/")
+
+
+def test_streaming_subset_reads_the_lake_as_the_trainer_does(demo):
+    """``cvgraph.torch.streaming_subset``: every image of the split once per epoch, normalised
+    (about zero mean), the same batches for any number of workers, a changed image refused."""
+    from cvgraph.torch import streaming_subset
+    from workloads.training.data import loader
+
+    ds, _, _ = demo
+    data = streaming_subset(DIGITS_SUBSET, split="val", size=32)
+    manifest = parquet_table(ds.lake.get(f"subsets/{DIGITS_SUBSET}/manifest.parquet"))
+    val = [r for r in manifest.to_pylist() if r["split"] == "val"]
+    batches = list(loader(data, 64, 0))
+    assert sum(len(y) for _, y in batches) == len(val) == len(data)
+    x = torch.cat([b for b, _ in batches])
+    assert x.shape[1:] == (3, 32, 32) and abs(float(x.mean())) < 0.5
+    labels = sorted(data.classes[int(i)] for _, y in batches for i in y)
+    assert labels == sorted(r["label"] for r in val)
+    again = list(loader(data, 64, 2))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))

@@ -18,6 +18,9 @@ the photos scikit-learn and scikit-image ship (nothing is downloaded):
 12. ``default_accuracy_digits``, ``default_accuracy_photos``  test accuracy of a training with the
     spec's defaults on the digits pack and on four classes of colour photos, with its wall time
     (bench.training)
+13. ``training_peak_rss_mb``, ``training_rss_ratio``, ``training_first_step_ratio``  the training
+    entry's own peak RSS on a 200,000-image subset, and its RSS and time to the first optimizer
+    step there over a 2,000-image one (bench.training --scale)
 
 Results go to ``bench/results.json`` (``--out``): for each name, the measured numbers, the
 ``value``, the ``target`` and ``pass``. ``--quick`` is a small smoke version (same code
@@ -55,6 +58,9 @@ NAMES = (
     "cli_sync_noop_s",
     "default_accuracy_digits",
     "default_accuracy_photos",
+    "training_peak_rss_mb",
+    "training_rss_ratio",
+    "training_first_step_ratio",
 )
 TARGETS = {
     "kernel_vs_naive": (2.2, ">="),
@@ -72,6 +78,9 @@ TARGETS = {
     "cli_sync_noop_s": (2.0, "<="),
     "default_accuracy_digits": (0.98, ">="),
     "default_accuracy_photos": (0.95, ">="),
+    "training_peak_rss_mb": (1500.0, "<="),
+    "training_rss_ratio": (1.3, "<="),
+    "training_first_step_ratio": (1.5, "<="),
 }
 
 FULL = {
@@ -94,6 +103,7 @@ FULL = {
     "incremental_lakes": (1_000, 30_000),
     "cli_runs": 5,
     "training_spec": {},  # the defaults
+    "training_scale": (2_000, 200_000),
 }
 QUICK = {
     "big_jpegs": 2,
@@ -115,6 +125,7 @@ QUICK = {
     "incremental_lakes": (500, 1_500),
     "cli_runs": 1,
     "training_spec": {"arch": "small_cnn", "epochs": 1},
+    "training_scale": (200, 1_000),
 }
 
 
@@ -482,6 +493,17 @@ def bench_training(cfg: dict) -> tuple[dict, dict]:
     )
 
 
+def bench_training_scale(cfg: dict) -> tuple[dict, dict, dict]:
+    sizes = ",".join(str(n) for n in cfg["training_scale"])
+    m = run_json(["bench.training", "--scale", sizes], timeout=3600)
+    runs = {"runs": m["runs"]}
+    return (
+        _res("training_peak_rss_mb", m["peak_rss_mb"], "MB", **runs),
+        _res("training_rss_ratio", m["peak_rss_ratio"], "x", **runs),
+        _res("training_first_step_ratio", m["first_step_ratio"], "x", **runs),
+    )
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -571,6 +593,13 @@ def details(results: dict) -> str:
                 f"({a['lake_bytes_read']:,} B read, {a['lake_bytes_written']:,} B written); latency {a['latency_s']} s (name after the cursor), {b['latency_s']} s (before)"
             )
         out.append(f"requests per new image (large lake): {k['requests_per_new_image']}")
+    if (k := g("training_rss_ratio")) and not k.get("error"):
+        small, large = k["runs"]
+        out.append(
+            f"training input at scale: {small['images']:,} images peak RSS {small['peak_rss_mb']} MB, first step "
+            f"{small['first_step_s']} s; {large['images']:,} images {large['peak_rss_mb']} MB, {large['first_step_s']} s "
+            f"(one epoch {large['wall_s']} s)"
+        )
     for pack in ("digits", "photos"):
         if (k := g(f"default_accuracy_{pack}")) and not k.get("error"):
             out.append(
@@ -669,6 +698,10 @@ def main(argv=None) -> int:
             attempt(
                 ("default_accuracy_digits", "default_accuracy_photos"),
                 lambda: bench_training(cfg),
+            )
+            attempt(
+                ("training_peak_rss_mb", "training_rss_ratio", "training_first_step_ratio"),
+                lambda: bench_training_scale(cfg),
             )
     finally:
         if not args.keep:

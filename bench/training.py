@@ -95,6 +95,110 @@ def train_on(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
     }
 
 
+def synthetic_subset(n: int, root: Path) -> Path:
+    """``n`` distinct 16 px PNGs of four colour classes (noise on a class colour) laid out as a
+    subset's ``resized`` variant, and its manifest; the manifest's path."""
+    import cv2
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workloads.versions import split_for
+
+    rng = np.random.default_rng(0)
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], np.int16)
+    cols = {k: [] for k in ("sha256", "label", "split", "resized_key", "resized_sha256")}
+    made = set()
+    for pp in range(256):
+        (root / "resized" / f"{pp:02x}").mkdir(parents=True, exist_ok=True)
+    for start in range(0, n, 1000):  # noise drawn a thousand images at a time
+        count = min(1000, n - start)
+        labels = np.arange(start, start + count) % 4
+        noise = rng.integers(-40, 41, (count, 16, 16, 3), dtype=np.int16)
+        imgs = np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+        for label, img in zip(labels, imgs, strict=True):
+            data = cv2.imencode(".png", img)[1].tobytes()
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in made:
+                continue
+            made.add(sha)
+            key = f"resized/{sha[:2]}/{sha}.png"
+            (root / key).write_bytes(data)
+            for k, v in zip(cols, (sha, str(label), split_for(sha), key, sha), strict=True):
+                cols[k].append(v)
+    manifest = root / "manifest" / "manifest.parquet"
+    manifest.parent.mkdir(parents=True)
+    pq.write_table(pa.table(cols), manifest)
+    return manifest
+
+
+SCALE_SPEC = {"arch": "small_cnn", "epochs": 1, "input_size": 16, "batch_size": 256, "workers": 0}
+
+
+def scale(n: int, work: Path) -> dict:
+    """The training entry on an ``n``-image subset, one epoch: its own peak RSS (``bench.rss``)
+    and the time from its start to its first optimizer step (its ``first_step_s`` line)."""
+    root = work / f"scale-{n}"
+    t0 = time.perf_counter()
+    manifest = synthetic_subset(n, root)
+    built = time.perf_counter() - t0
+    job = root / "job"
+    for d in ("config", "model", "output", "checkpoints"):
+        (job / d).mkdir(parents=True, exist_ok=True)
+    hp = {**SCALE_SPEC, "checkpoint_dir": str(job / "checkpoints")}
+    (job / "config" / "hyperparameters.json").write_text(
+        json.dumps({k: str(v) for k, v in hp.items()})
+    )
+    env = {
+        **os.environ,
+        "SM_INPUT_CONFIG_DIR": str(job / "config"),
+        "SM_CHANNEL_MANIFEST": str(manifest.parent),
+        "SM_CHANNEL_IMAGES": str(root),
+        "SM_MODEL_DIR": str(job / "model"),
+        "SM_OUTPUT_DATA_DIR": str(job / "output"),
+    }
+    rss = job / "rss.json"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.rss",
+            str(rss),
+            "--",
+            sys.executable,
+            "-m",
+            "workloads.training.train",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    first = next(
+        float(ln.split("=", 1)[1]) for ln in out.splitlines() if ln.startswith("first_step_s=")
+    )
+    usage = json.loads(rss.read_text())
+    return {
+        "images": n,
+        "subset_built_s": round(built, 1),
+        "peak_rss_mb": round(usage["maxrss_kb"] / 1024, 1),
+        "first_step_s": round(first, 3),
+        "wall_s": round(usage["wall_s"], 1),
+    }
+
+
+def measure_scale(sizes=(2_000, 200_000)) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-train-scale-") as tmp:
+        runs = [scale(n, Path(tmp)) for n in sizes]
+    small, large = runs
+    return {
+        "runs": runs,
+        "peak_rss_mb": large["peak_rss_mb"],
+        "peak_rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        "first_step_ratio": round(large["first_step_s"] / small["first_step_s"], 3),
+    }
+
+
 def measure(packs=PACKS, spec: dict | None = None) -> dict:
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -109,7 +213,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pack", choices=PACKS, action="append")
     ap.add_argument("--spec", default="{}", help="JSON: spec fields over the defaults")
+    ap.add_argument(
+        "--scale",
+        default="",
+        help="instead: peak RSS and time to the first step at two subset sizes, e.g. 2000,200000",
+    )
     args = ap.parse_args()
+    if args.scale:
+        print(json.dumps(measure_scale(tuple(int(n) for n in args.scale.split(",")))))
+        return
     print(json.dumps(measure(args.pack or PACKS, json.loads(args.spec))))
 
 

@@ -1,5 +1,5 @@
 """Smoke test of the benchmark: ``python -m bench.run --quick`` runs every benchmark end to
-end on small inputs and writes the fifteen results. No timing thresholds here: speed is what
+end on small inputs and writes the eighteen results. No timing thresholds here: speed is what
 ``make bench`` reports, on a quiet machine, not what the test suite asserts."""
 
 import json
@@ -28,6 +28,9 @@ NAMES = (
     "cli_sync_noop_s",
     "default_accuracy_digits",
     "default_accuracy_photos",
+    "training_peak_rss_mb",
+    "training_rss_ratio",
+    "training_first_step_ratio",
 )
 
 

@@ -192,6 +192,7 @@ def schedule(step: int, total: int, warmup: float) -> float:
 
 
 def _train(hp: dict, pipes) -> dict:
+    started = time.perf_counter()
     live = _live_metrics(hp)
 
     def say(line: str) -> None:
@@ -268,11 +269,16 @@ def _train(hp: dict, pipes) -> dict:
         0,
     )
     smoothing = hp["label_smoothing"]
-    for epoch in range(state["epoch"], epochs):
+    resumed_at = state["epoch"]
+    for epoch in range(resumed_at, epochs):
         if hp["patience"] and state["bad_epochs"] >= hp["patience"]:
             break
         train_data.set_epoch(epoch)
+        began = time.perf_counter()
         rec = _run_epoch(model, opt, sched, loader(train_data, batch, workers), smoothing)
+        first = rec.pop("first_step_s")
+        if epoch == resumed_at and first is not None:  # this process's first optimizer step
+            say(f"first_step_s={began - started + first:.3f}")
         recalibrate_norms(model, calibration)
         rec["val_loss"], rec["val_accuracy"] = evaluate(model, held_out["val"])
         rec["epoch"], rec["lr"] = epoch + 1, sched.get_last_lr()[0]
@@ -427,7 +433,7 @@ def _run_epoch(model: nn.Module, opt, sched, batches, label_smoothing: float) ->
     """One pass over the train split's batches; the mean loss and the time it took."""
     t0 = time.perf_counter()
     model.train()
-    total, n = 0.0, 0
+    total, n, first = 0.0, 0, None
     for x, y in batches:
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
@@ -436,7 +442,12 @@ def _run_epoch(model: nn.Module, opt, sched, batches, label_smoothing: float) ->
         sched.step()
         total += loss.item() * len(y)
         n += len(y)
-    return {"train_loss": total / max(n, 1), "seconds": time.perf_counter() - t0}
+        first = time.perf_counter() - t0 if first is None else first
+    return {
+        "train_loss": total / max(n, 1),
+        "seconds": time.perf_counter() - t0,
+        "first_step_s": first,
+    }
 
 
 def _save_checkpoint(ckpt_path: Path, model: nn.Module, opt, sched, state: dict) -> None:

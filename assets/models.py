@@ -167,6 +167,12 @@ def _init_weights(mlf, store, key: str, spec: dict) -> dict:
                 description=f"model {key}: init_from {name}@{init['version']} is a {theirs} "
                 f"model: train it with --arch {theirs}"
             )
+        size = int(init["params"].get("input_size", spec["input_size"]))
+        if size != spec["input_size"]:  # a small input's stem is not a large one's
+            raise dg.Failure(
+                description=f"model {key}: init_from {name}@{init['version']} was trained at "
+                f"{size} px: train it with --input-size {size}"
+            )
         store.put(model_keys(key)["init"], Path(init["path"]).read_bytes())
     spec["init_from"] = f"{init['model']}@{init['version']}"
     return init

@@ -1239,6 +1239,22 @@ def test_a_training_starts_from_a_registered_versions_weights(demo):
         1,
         f"Error: trained_models: model x_cnn: init_from {DIGITS_MODEL}@{version} is a small_cnn model: train it with --arch small_cnn\n",
     )
+    assert _cli(
+        "train",
+        "x_cnn",
+        "--subset",
+        DIGITS_SUBSET,
+        "--init-from",
+        DIGITS_MODEL,
+        "--arch",
+        "small_cnn",
+        "--input-size",
+        "96",
+    ) == (
+        1,
+        f"Error: trained_models: model x_cnn: init_from {DIGITS_MODEL}@{version} was trained at "
+        "32 px: train it with --input-size 32\n",
+    )
     assert _cli("train", "x_cnn", "--subset", DIGITS_SUBSET, "--init-from", "a@b@c") == (
         1,
         "Error: init_from 'a@b@c': expected MODEL or MODEL@VERSION (e.g. digits_cnn@2)\n",

@@ -1178,7 +1178,7 @@ def test_the_demo_on_a_postgres_instance_gives_the_sqlite_instances_versions(
 
 
 def test_a_training_starts_from_a_registered_versions_weights(demo):
-    """``init_from``: the demo model's registered version, checked by its sha256, starts a
+    """``init_from``: a model's registered version, checked by its sha256, starts a
     training on the same classes (one epoch reaches what training from scratch does not) and on
     other classes (a new head); the version is resolved and recorded, on the model and on its
     registered version; what cannot start from it is one line."""
@@ -1187,44 +1187,42 @@ def test_a_training_starts_from_a_registered_versions_weights(demo):
     from orchestration.settings import mlflow_tracking_uri
 
     ds, _, _ = demo
-    base = json.loads(ds.lake.get(f"models/{DIGITS_MODEL}/model.json"))
-    version = base["mlflow_model_version"]
+    base_key = "base_cnn"
     quick = {"epochs": 1, "arch": "small_cnn", "min_steps": 0}
+    # a model of its own to start from (others' tests train the demo's model again)
+    base = ds.train(base_key, DIGITS_SUBSET, arch="small_cnn", epochs=6)
+    version = base["mlflow_model_version"]
     scratch = ds.train("scratch_cnn", DIGITS_SUBSET, **quick)
-    tuned = ds.train("tuned_cnn", DIGITS_SUBSET, init_from=DIGITS_MODEL, **quick)
-    assert tuned["spec"]["init_from"] == f"{DIGITS_MODEL}@{version}"
+    tuned = ds.train("tuned_cnn", DIGITS_SUBSET, init_from=base_key, **quick)
+    assert tuned["spec"]["init_from"] == f"{base_key}@{version}"
     assert tuned["init_from"] == {
-        "model": DIGITS_MODEL,
+        "model": base_key,
         "version": version,
         "model_sha256": base["model_sha256"],
     }
     assert tuned["test_accuracy"] >= 0.9 and tuned["test_accuracy"] > scratch["test_accuracy"]
     client = mlflow.MlflowClient(mlflow_tracking_uri())
     tags = client.get_model_version("tuned_cnn", tuned["mlflow_model_version"]).tags
-    assert tags["cvgraph.init_from"] == f"{DIGITS_MODEL}@{version}"
+    assert tags["cvgraph.init_from"] == f"{base_key}@{version}"
     assert tags["cvgraph.model_sha256"] == tuned["model_sha256"]
     # the same again is nothing to do (the latest version resolved to the same one)
-    assert ds.train("tuned_cnn", init_from=DIGITS_MODEL) == tuned
+    assert ds.train("tuned_cnn", init_from=base_key) == tuned
 
     # other classes: the body kept, a new head
     ds.freeze_dataset(
         "three_classes_v1",
         "SELECT * FROM images WHERE pack_id = 'digits' AND label IN ('0', '3', '8')",
     )
-    other = ds.train(
-        "other_cnn", "three_classes_v1", init_from=f"{DIGITS_MODEL}@{version}", **quick
-    )
+    other = ds.train("other_cnn", "three_classes_v1", init_from=f"{base_key}@{version}", **quick)
     assert other["classes"] == ["0", "3", "8"] and other["test_accuracy"] >= 0.9
 
     assert _cli("train", "x_cnn", "--subset", DIGITS_SUBSET, "--init-from", "no_such_model") == (
         1,
         "Error: trained_models: model x_cnn: init_from: no registered model 'no_such_model'\n",
     )
-    code, text = _cli(
-        "train", "x_cnn", "--subset", DIGITS_SUBSET, "--init-from", f"{DIGITS_MODEL}@99"
-    )
+    code, text = _cli("train", "x_cnn", "--subset", DIGITS_SUBSET, "--init-from", f"{base_key}@99")
     assert code == 1 and text.startswith(
-        f"Error: trained_models: model x_cnn: init_from: model '{DIGITS_MODEL}' has no version 99"
+        f"Error: trained_models: model x_cnn: init_from: model '{base_key}' has no version 99"
     )
     assert _cli(
         "train",
@@ -1232,12 +1230,12 @@ def test_a_training_starts_from_a_registered_versions_weights(demo):
         "--subset",
         DIGITS_SUBSET,
         "--init-from",
-        DIGITS_MODEL,
+        base_key,
         "--arch",
         "resnet18",
     ) == (
         1,
-        f"Error: trained_models: model x_cnn: init_from {DIGITS_MODEL}@{version} is a small_cnn model: train it with --arch small_cnn\n",
+        f"Error: trained_models: model x_cnn: init_from {base_key}@{version} is a small_cnn model: train it with --arch small_cnn\n",
     )
     assert _cli(
         "train",
@@ -1245,14 +1243,14 @@ def test_a_training_starts_from_a_registered_versions_weights(demo):
         "--subset",
         DIGITS_SUBSET,
         "--init-from",
-        DIGITS_MODEL,
+        base_key,
         "--arch",
         "small_cnn",
         "--input-size",
         "96",
     ) == (
         1,
-        f"Error: trained_models: model x_cnn: init_from {DIGITS_MODEL}@{version} was trained at "
+        f"Error: trained_models: model x_cnn: init_from {base_key}@{version} was trained at "
         "32 px: train it with --input-size 32\n",
     )
     assert _cli("train", "x_cnn", "--subset", DIGITS_SUBSET, "--init-from", "a@b@c") == (

@@ -122,10 +122,6 @@ class Items:
         d = self.digest(i)
         return self.path(i), int(self.labels[i]), d.hex() if d is not None else None
 
-    def head(self, n: int) -> Items:
-        """The first ``n`` rows."""
-        return Items(self[i] for i in range(min(n, len(self))))
-
     @property
     def paths(self) -> _Paths:
         """The paths as a sequence (what ``channel_stats`` samples from)."""

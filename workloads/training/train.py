@@ -25,10 +25,12 @@ from pathlib import Path
 
 import dagster_pipes as dp
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from workloads.layout import VARIANT_COLUMNS, VARIANT_HASHES
 from workloads.training.data import Items, Preprocess, StreamingImages, channel_stats, loader
 from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
 from workloads.training.spec import TRAIN_SPEC, channels, epochs_for
@@ -158,31 +160,6 @@ def input_workers(asked: int, train_images: int) -> int:
     return 0 if train_images < SMALL_SPLIT else min(8, os.cpu_count() or 1)
 
 
-NORM_IMAGES = 1024  # train images the batch norms' statistics are measured on, each epoch
-
-
-def recalibrate_norms(model: nn.Module, batches) -> None:
-    """Measure the batch norms' running statistics afresh on ``batches`` (the weights as they
-    are now), then leave the model in eval mode. A norm's running average trails weights that
-    move fast: after a few dozen steps MobileNet's depthwise norms held variances 3-10x off and
-    a model that fit its train split scored chance on val (measured: 0.10 on digits after two
-    epochs). Training itself never reads them; validation, test and the export do."""
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x)
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.eval()
-
-
 def schedule(step: int, total: int, warmup: float) -> float:
     """The learning rate's factor at ``step``: linear warm-up, then cosine to zero."""
     ramp = max(1, round(total * warmup))
@@ -212,7 +189,8 @@ def _train(hp: dict, pipes) -> dict:
 
     classes = train_classes(manifest)
     size, variant, batch = hp["input_size"], hp["variant"], hp["batch_size"]
-    table = pq.read_table(manifest)
+    col, digest = VARIANT_COLUMNS[variant], VARIANT_HASHES[variant]
+    table = pq.read_table(manifest, columns=list(dict.fromkeys(["label", "split", col, digest])))
     splits = {s: Items.from_manifest(table, variant, classes, s) for s in ("train", "val", "test")}
     del table
     counts = {split: len(rows) for split, rows in splits.items()}
@@ -262,12 +240,6 @@ def _train(hp: dict, pipes) -> dict:
         s: loader(StreamingImages(splits[s], images_root, pre, shuffle=False), batch, workers)
         for s in ("val", "test")
     }
-    # the train split's first images, unaugmented: what the norms' statistics are measured on
-    calibration = loader(
-        StreamingImages(splits["train"].head(NORM_IMAGES), images_root, pre, shuffle=False),
-        batch,
-        0,
-    )
     smoothing = hp["label_smoothing"]
     resumed_at = state["epoch"]
     for epoch in range(resumed_at, epochs):
@@ -279,7 +251,6 @@ def _train(hp: dict, pipes) -> dict:
         first = rec.pop("first_step_s")
         if epoch == resumed_at and first is not None:  # this process's first optimizer step
             say(f"first_step_s={began - started + first:.3f}")
-        recalibrate_norms(model, calibration)
         rec["val_loss"], rec["val_accuracy"] = evaluate(model, held_out["val"])
         rec["epoch"], rec["lr"] = epoch + 1, sched.get_last_lr()[0]
         state["history"].append(rec)
@@ -400,10 +371,9 @@ def _live_metrics(hp: dict):
 
 def train_classes(manifest: Path) -> list[str]:
     """The labels of the train split, sorted: the model's classes, in output order."""
-    labels = pq.read_table(manifest, columns=["label", "split"]).to_pylist()
-    classes = sorted(
-        {r["label"] for r in labels if r["label"] is not None and r["split"] == "train"}
-    )
+    table = pq.read_table(manifest, columns=["label", "split"])
+    train = table.filter(pc.equal(table["split"], "train"))["label"]
+    classes = sorted(v for v in pc.unique(train).to_pylist() if v is not None)
     if len(classes) < 2:
         raise SystemExit(f"need at least 2 labelled classes in the train split, found {classes}")
     return classes

@@ -61,15 +61,16 @@ def subset_layout(members: dict[str, bytes], root: Path) -> Path:
     return manifest
 
 
-def train_on(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
-    """The training entry on the layout; its metrics and wall time."""
+def job_env(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
+    """SageMaker's layout under ``work`` for a training of ``spec`` on the subset laid out at
+    ``images`` (hyperparameters written as SageMaker writes them: strings); its environment."""
     for d in ("config", "model", "output", "checkpoints"):
         (work / d).mkdir(parents=True, exist_ok=True)
     hp = {**spec, "checkpoint_dir": str(work / "checkpoints")}
     (work / "config" / "hyperparameters.json").write_text(
         json.dumps({k: str(v) for k, v in hp.items()})
     )
-    env = {
+    return {
         **os.environ,
         "SM_INPUT_CONFIG_DIR": str(work / "config"),
         "SM_CHANNEL_MANIFEST": str(manifest.parent),
@@ -77,6 +78,11 @@ def train_on(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
         "SM_MODEL_DIR": str(work / "model"),
         "SM_OUTPUT_DATA_DIR": str(work / "output"),
     }
+
+
+def train_on(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
+    """The training entry on the layout; its metrics and wall time."""
+    env = job_env(manifest, images, spec, work)
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "workloads.training.train"],
@@ -143,20 +149,7 @@ def scale(n: int, work: Path) -> dict:
     manifest = synthetic_subset(n, root)
     built = time.perf_counter() - t0
     job = root / "job"
-    for d in ("config", "model", "output", "checkpoints"):
-        (job / d).mkdir(parents=True, exist_ok=True)
-    hp = {**SCALE_SPEC, "checkpoint_dir": str(job / "checkpoints")}
-    (job / "config" / "hyperparameters.json").write_text(
-        json.dumps({k: str(v) for k, v in hp.items()})
-    )
-    env = {
-        **os.environ,
-        "SM_INPUT_CONFIG_DIR": str(job / "config"),
-        "SM_CHANNEL_MANIFEST": str(manifest.parent),
-        "SM_CHANNEL_IMAGES": str(root),
-        "SM_MODEL_DIR": str(job / "model"),
-        "SM_OUTPUT_DATA_DIR": str(job / "output"),
-    }
+    env = job_env(manifest, root, SCALE_SPEC, job)
     rss = job / "rss.json"
     out = subprocess.run(
         [

@@ -187,10 +187,10 @@ def _train(hp: dict, pipes) -> dict:
     for d in (model_dir, output_dir, ckpt_dir):
         d.mkdir(parents=True, exist_ok=True)
 
-    classes = train_classes(manifest)
     size, variant, batch = hp["input_size"], hp["variant"], hp["batch_size"]
     col, digest = VARIANT_COLUMNS[variant], VARIANT_HASHES[variant]
     table = pq.read_table(manifest, columns=list(dict.fromkeys(["label", "split", col, digest])))
+    classes = train_classes(table)
     splits = {s: Items.from_manifest(table, variant, classes, s) for s in ("train", "val", "test")}
     del table
     counts = {split: len(rows) for split, rows in splits.items()}
@@ -369,9 +369,9 @@ def _live_metrics(hp: dict):
     return log
 
 
-def train_classes(manifest: Path) -> list[str]:
-    """The labels of the train split, sorted: the model's classes, in output order."""
-    table = pq.read_table(manifest, columns=["label", "split"])
+def train_classes(table) -> list[str]:
+    """The labels of the manifest ``table``'s train split, sorted: the model's classes, in
+    output order."""
     train = table.filter(pc.equal(table["split"], "train"))["label"]
     classes = sorted(v for v in pc.unique(train).to_pylist() if v is not None)
     if len(classes) < 2:

@@ -9,9 +9,11 @@ import dagster as dg
 from pydantic import Field
 
 from assets.keys import require_key
+from assets.shards import ensure_shards, training_shards
 from assets.subsets import frozen_subsets, verify_subset
 from assets.versioning import picture
 from partitions import model_partitions_def
+from resources.compute import ImageCompute
 from resources.storage import LakeResource
 from resources.tracking import (
     discard_run,
@@ -20,7 +22,7 @@ from resources.tracking import (
     register_version,
 )
 from resources.training import Trainer
-from workloads.layout import model_keys, subset_keys
+from workloads.layout import model_keys, shard_keys
 from workloads.staging import staging
 from workloads.training.spec import FIELDS, TRAIN_SPEC, check_spec
 from workloads.versions import canonical_json, sha256_hex
@@ -187,11 +189,14 @@ def local_copy(store, key: str, directory: Path) -> str:
 
 @dg.asset(
     partitions_def=model_partitions_def,
-    deps=[dg.AssetDep(frozen_subsets, partition_mapping=dg.AllPartitionMapping())],
+    deps=[
+        dg.AssetDep(frozen_subsets, partition_mapping=dg.AllPartitionMapping()),
+        dg.AssetDep(training_shards, partition_mapping=dg.AllPartitionMapping()),
+    ],
     code_version="1",
     group_name="models",
     kinds={"pytorch", "sagemaker", "mlflow"},
-    description="A small CNN trained on a frozen subset: models/<key>/model.pt, model.json, curves.png; each training a version of the MLflow registered model <key>.",
+    description="A classifier (arch: small_cnn, resnet18, mobilenet_v3_small) trained on a frozen subset's training shards (written first if missing): models/<key>/model.pt, model.json, curves.png; each training a version of the MLflow registered model <key>.",
     hooks={end_mlflow_on_run_finished},  # a failed step ends its MLflow run as FAILED
 )
 def trained_models(
@@ -199,6 +204,7 @@ def trained_models(
     config: TrainConfig,
     lake: LakeResource,
     trainer: Trainer,
+    image_compute: ImageCompute,
     mlflow: dg.ResourceParam[Any],
 ) -> dg.MaterializeResult:
     mlf = mlflow
@@ -236,8 +242,9 @@ def trained_models(
         live = {"mlflow_tracking_uri": uri, "mlflow_run_id": mlf.active_run().info.run_id}
     if init:
         live.update(init_weights=keys["init"], init_sha256=init["model_sha256"])
+    ensure_shards(context, image_compute, lake, subset, spec["variant"])
     metrics = trainer.train(
-        context, store, job_name, subset_keys(subset)["manifest"], key, {**spec, **live}
+        context, store, job_name, shard_keys(subset, spec["variant"])["base"], key, {**spec, **live}
     )
     curves = _plot_curves(metrics["history"], f"{key} on {subset}")
     store.put(keys["curves"], curves)

@@ -7,6 +7,7 @@ from assets.exports import exported_models
 from assets.images import image_stages, raw_images
 from assets.models import trained_models
 from assets.packs import raw_packs
+from assets.shards import training_shards
 from assets.subsets import frozen_subsets
 from assets.tables import image_tables
 from orchestration.profiles import resources_for
@@ -23,6 +24,7 @@ ASSETS = [
     image_stages,
     image_tables,
     frozen_subsets,
+    training_shards,
     trained_models,
     exported_models,
     model_evaluations,

@@ -345,6 +345,10 @@ class BatchArrayClient(ImageCompute, AwsResource):
             if failures := self._run_jobs(context, [(name, command(chunk), chunk)], run_id):
                 raise BatchChildrenFailed(failures)
 
+    def run_job(self, context, name, what, command):
+        if failures := self._run_jobs(context, [(name, command, [what])], context.run.run_id):
+            raise BatchChildrenFailed(failures, f"{name} of {what} failed on Batch")
+
     def run_ingest(self, context, lake_url, pack_id, key):
         run_id = context.run.run_id
         command = ingest_command(lake_url, pack_id, key, run_id)

@@ -83,6 +83,23 @@ def merge_shards_command(
     )
 
 
+def shards_command(lake_url: str, subset: str, variant: str, target_mb: float) -> list[str]:
+    """The training shards of a subset's variant (``workloads.training.shards``)."""
+    return [
+        "python",
+        "-m",
+        "workloads.training.shards",
+        "--lake",
+        lake_url,
+        "--subset",
+        subset,
+        "--variant",
+        variant,
+        "--target-mb",
+        f"{target_mb:g}",
+    ]
+
+
 def index_command(lake_url: str, run_id: str, prefixes: list[str]) -> list[str]:
     return prefix_command("workloads.index", lake_url, run_id, prefixes, [])
 
@@ -124,6 +141,13 @@ class ImageCompute(dg.ConfigurableResource, ABC):
         run_id: str,
     ) -> None:
         """Run ``command(prefixes of a task)`` over ``prefixes`` (one workload, e.g. the index)."""
+
+    @abstractmethod
+    def run_job(
+        self, context: dg.AssetExecutionContext, name: str, what: str, command: list[str]
+    ) -> None:
+        """Run one workload ``command`` (``name`` of ``what``, e.g. shards of a subset) to its
+        end; WorkloadFailed if it fails. Its outcome is in the lake, where it wrote it."""
 
     def stop_run(self, run_id: str, why: str) -> list[str]:
         """Stop the remote work of run ``run_id`` whose process is gone; returns what was
@@ -296,6 +320,17 @@ class LocalProcessPool(ImageCompute):
 
     def run_prefix_tasks(self, context, name, command, prefixes, run_id):
         self._run_sharded(context, name, command, prefixes, 1)
+
+    def run_job(self, context, name, what, command):
+        """One process, run again if a signal kills it (as Batch retries a reclaimed job)."""
+        cmd = [sys.executable, *command[1:]]
+        for attempt in range(1, self.max_attempts + 1):
+            [(code, err)] = self._run_all(context, [cmd], context.log.info)
+            if code == 0:
+                return
+            if code > 0 or attempt == self.max_attempts:
+                raise WorkloadFailed(f"{name} of {what} exited {code}:\n{err}")
+            context.log.warning(f"{name} of {what} died by signal {-code}; running it again")
 
     def run_ingest(self, context, lake_url, pack_id, key):
         cmd = [sys.executable, *ingest_command(lake_url, pack_id, key, context.run.run_id)[1:]]

@@ -16,7 +16,7 @@ import dagster as dg
 from tqdm import tqdm
 
 from resources.aws import AwsResource, poll, stopped_on_interrupt
-from workloads.lake import LocalLake, parquet_table
+from workloads.lake import LocalLake
 from workloads.layout import PIPES, checkpoints_dir, model_keys
 
 
@@ -40,12 +40,14 @@ class Trainer(dg.ConfigurableResource, ABC):
         context: dg.AssetExecutionContext,
         lake,
         job_name: str,
-        manifest_key: str,
+        shards_key: str,
         model_key: str,
         hyperparameters: dict,
     ) -> dict:
-        """Train on the subset manifest at ``manifest_key``; store ``model.pt`` and ``metrics.json``
-        under ``models/<model_key>/`` in the lake; return the metrics."""
+        """Train on the subset's training shards under ``shards_key`` (their index and shards:
+        ``workloads.layout.shard_keys``); ``hyperparameters["init_weights"]``, if set, is the
+        lake key of the weights to start from. Store ``model.pt`` and ``metrics.json`` under
+        ``models/<model_key>/`` in the lake; return the metrics."""
 
     def reaches(self, tracking_uri: str) -> bool:
         """Whether the training job can write to MLflow at ``tracking_uri`` (its live curves)."""
@@ -53,14 +55,15 @@ class Trainer(dg.ConfigurableResource, ABC):
 
 
 class LocalTrainer(Trainer):
-    """A subprocess with SageMaker's file and env layout; the images channel is the lake itself."""
+    """A subprocess with SageMaker's file and env layout; its channels are the lake's own
+    directories (the shards, the init weights' directory), read in place."""
 
     work_dir: str
 
     def reaches(self, tracking_uri: str) -> bool:
         return True  # a process on this host: SQLite or a server alike
 
-    def train(self, context, lake, job_name, manifest_key, model_key, hyperparameters):
+    def train(self, context, lake, job_name, shards_key, model_key, hyperparameters):
         if not isinstance(lake, LocalLake):
             raise TrainingFailed(
                 "LocalTrainer reads images in place and needs the local lake; use the aws profile's trainer for S3"
@@ -69,19 +72,16 @@ class LocalTrainer(Trainer):
         shutil.rmtree(job, ignore_errors=True)
         try:
             return self._train_in(
-                job, context, lake, job_name, manifest_key, model_key, hyperparameters
+                job, context, lake, job_name, shards_key, model_key, hyperparameters
             )
         finally:  # the job's scratch (its copy of the manifest, checkpoints) is not kept, run or fail
             shutil.rmtree(job, ignore_errors=True)
 
-    def _train_in(
-        self, job: Path, context, lake, job_name, manifest_key, model_key, hyperparameters
-    ):
+    def _train_in(self, job: Path, context, lake, job_name, shards_key, model_key, hyperparameters):
         dirs = {
             name: job / name
             for name in (
                 "input/config",
-                "input/data/manifest",
                 "model",
                 "output/data",
                 "checkpoints",
@@ -97,7 +97,7 @@ class LocalTrainer(Trainer):
                 **pipes_hyperparameters(session),
                 "checkpoint_dir": str(dirs["checkpoints"]),
             }
-            self._run(context, lake, manifest_key, dirs, hp, job_name, model_key)
+            self._run(context, lake, shards_key, dirs, hp, job_name, model_key)
         keys = model_keys(model_key)
         lake.put_file(keys["model"], dirs["model"] / "model.pt")
         lake.put_file(keys["metrics"], dirs["model"] / "metrics.json")
@@ -107,23 +107,25 @@ class LocalTrainer(Trainer):
         self,
         context,
         lake,
-        manifest_key: str,
+        shards_key: str,
         dirs: dict[str, Path],
         hp: dict,
         job_name: str,
         model_key: str,
     ) -> None:
+        init = hp.get("init_weights")
+        if init:  # the init channel: the weights' directory; the entry reads its file there
+            hp = {**hp, "init_weights": Path(init).name}
         # SageMaker writes every hyperparameter as a string.
         (dirs["input/config"] / "hyperparameters.json").write_text(
             json.dumps({k: str(v) for k, v in hp.items()})
         )
-        (dirs["input/data/manifest"] / "manifest.parquet").write_bytes(lake.get(manifest_key))
         env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "SM_INPUT_CONFIG_DIR": str(dirs["input/config"]),
-            "SM_CHANNEL_MANIFEST": str(dirs["input/data/manifest"]),
-            "SM_CHANNEL_IMAGES": str(lake.root),
+            "SM_CHANNEL_SHARDS": str(lake.path(shards_key)),
+            **({"SM_CHANNEL_INIT": str(lake.path(init).parent)} if init else {}),
             "SM_MODEL_DIR": str(dirs["model"]),
             "SM_OUTPUT_DATA_DIR": str(dirs["output/data"]),
             "TRAINING_JOB_NAME": job_name,
@@ -186,9 +188,11 @@ CAPACITY_MARKERS = (
 class SageMakerTrainer(Trainer, AwsResource):
     """SageMaker ``CreateTrainingJob``: managed spot with S3 checkpoints, instance-type fallback.
 
-    The images channel is a SageMaker manifest of the subset's lake keys (nothing copied);
-    SageMaker places each object at ``SM_CHANNEL_IMAGES/<lake key>``, the same layout the
-    local trainer gives, so the training entry is the same code.
+    The ``shards`` channel is the subset's training shards' prefix in ``FastFile`` mode: the
+    job starts without copying its input, and reads each ~150 MB shard as a stream (a few
+    ranged GETs per shard, none per image). ``init`` (File) holds the weights a fine-tune
+    starts from. The channels' files sit where the local trainer's do, so the training entry
+    is the same code.
     """
 
     role_arn: str
@@ -208,7 +212,7 @@ class SageMakerTrainer(Trainer, AwsResource):
         self,
         name: str,
         lake,
-        channels: dict[str, dict],
+        channels: dict[str, tuple[dict, str]],  # name: (S3DataSource, InputMode)
         model_key: str,
         base_job: str,
         instance_type: str,
@@ -237,9 +241,9 @@ class SageMakerTrainer(Trainer, AwsResource):
                     "DataSource": {
                         "S3DataSource": {**spec, "S3DataDistributionType": "FullyReplicated"}
                     },
-                    "InputMode": "File",
+                    "InputMode": mode,
                 }
-                for ch, spec in channels.items()
+                for ch, (spec, mode) in channels.items()
             ],
             "OutputDataConfig": {
                 "S3OutputPath": lake.uri(model_keys(model_key)["sagemaker_output"])
@@ -312,26 +316,23 @@ class SageMakerTrainer(Trainer, AwsResource):
                 log_change,
             )
 
-    def train(self, context, lake, job_name, manifest_key, model_key, hyperparameters):
+    def train(self, context, lake, job_name, shards_key, model_key, hyperparameters):
         import io
         import tarfile
 
         from dagster_aws.pipes import PipesS3ContextInjector, PipesS3MessageReader
 
-        from workloads.layout import VARIANT_COLUMNS
-
         if not lake.url.startswith("s3://"):
             raise TrainingFailed("SageMakerTrainer needs the lake on S3")
-        col = VARIANT_COLUMNS[hyperparameters.get("variant", "resized")]
-        keys = parquet_table(lake.get(manifest_key), columns=[col])[col].to_pylist()
-        if hyperparameters.get("init_weights"):  # beside the images, at its lake key
-            keys.append(hyperparameters["init_weights"])
-        channel_manifest = model_keys(model_key)["channel_manifest"]
-        lake.put(channel_manifest, json.dumps([{"prefix": lake.url + "/"}, *keys]).encode())
         channels = {
-            "manifest": {"S3DataType": "S3Prefix", "S3Uri": lake.uri(manifest_key)},
-            "images": {"S3DataType": "ManifestFile", "S3Uri": lake.uri(channel_manifest)},
+            "shards": (
+                {"S3DataType": "S3Prefix", "S3Uri": lake.uri(shards_key.rstrip("/") + "/")},
+                "FastFile",
+            )
         }
+        if init := hyperparameters.get("init_weights"):  # one object: the channel's one file
+            channels["init"] = ({"S3DataType": "S3Prefix", "S3Uri": lake.uri(init)}, "File")
+            hyperparameters = {**hyperparameters, "init_weights": init.rsplit("/", 1)[-1]}
         injector = PipesS3ContextInjector(
             bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/{PIPES}".lstrip("/")
         )

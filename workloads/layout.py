@@ -249,6 +249,14 @@ def subset_keys(key: str) -> dict[str, str]:
     }
 
 
+def shard_keys(subset: str, variant: str) -> dict[str, str]:
+    """The training shards of subset ``subset``'s ``variant`` images: a derived cache under the
+    subset (``forget subset`` takes it too). ``index`` is written last, and names each split's
+    shards (``<base>/<split>/shard-000000.tar``, ...) relative to ``base``."""
+    base = f"subsets/{subset}/shards/{variant}"
+    return {"base": base, "index": f"{base}/index.json"}
+
+
 def model_keys(model_key: str) -> dict[str, str]:
     base = f"models/{model_key}"
     return {
@@ -257,7 +265,6 @@ def model_keys(model_key: str) -> dict[str, str]:
         "record": record_key("model", model_key),
         "curves": f"{base}/curves.png",
         "sagemaker_output": f"{base}/sagemaker/",
-        "channel_manifest": f"{base}/channels/images.manifest",
         "init": f"{base}/init.pt",  # the weights a training starts from (init_from)
     }
 

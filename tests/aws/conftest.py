@@ -209,13 +209,16 @@ def _split(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _sync_down(s3, uri: str, dest: Path) -> None:
+def _sync_down(s3, uri: str, dest: Path) -> list[str]:
     bucket, prefix = _split(uri)
+    got = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for o in page.get("Contents", []):
             p = dest / o["Key"][len(prefix) :].lstrip("/")
             p.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, o["Key"], str(p))
+            got.append(o["Key"])
+    return got
 
 
 def _sync_up(s3, src: Path, uri: str) -> None:
@@ -225,7 +228,10 @@ def _sync_up(s3, src: Path, uri: str) -> None:
             s3.upload_file(str(p), bucket, prefix.rstrip("/") + "/" + p.relative_to(src).as_posix())
 
 
-def _channel(s3, spec: dict, dest: Path) -> None:
+def _channel(s3, spec: dict, dest: Path) -> list[str]:
+    """Lay channel ``spec`` out at ``dest``; the keys it read. A FastFile channel's files are
+    read as the job opens them on SageMaker; here they are fetched first, the same keys (what
+    the tests count is which objects a job reads, not when)."""
     src = spec["DataSource"]["S3DataSource"]
     if src["S3DataType"] == "ManifestFile":
         bucket, key = _split(src["S3Uri"])
@@ -235,13 +241,13 @@ def _channel(s3, spec: dict, dest: Path) -> None:
             p = dest / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(base_bucket, base + rel, str(p))
-    else:
-        bucket, key = _split(src["S3Uri"])
-        if key.endswith("/"):
-            _sync_down(s3, src["S3Uri"], dest)
-        else:
-            dest.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, key, str(dest / key.rsplit("/", 1)[1]))
+        return [base + rel for rel in manifest[1:]]
+    bucket, key = _split(src["S3Uri"])
+    if key.endswith("/"):
+        return _sync_down(s3, src["S3Uri"], dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    s3.download_file(bucket, key, str(dest / key.rsplit("/", 1)[1]))
+    return [key]
 
 
 def _train(job) -> None:
@@ -253,6 +259,7 @@ def _train(job) -> None:
         "attempts": 0,
         "output": "",
         "spot": job.enable_managed_spot_training,
+        "channels": {},  # name: {"mode", "read": the keys the job read}
     }
     HARNESS.training_runs.append(record)
     while HARNESS.hold_training and not job._stop:  # SageMaker never provisions the instance
@@ -273,7 +280,10 @@ def _train(job) -> None:
             )
             env = HARNESS.env()
             for ch in job.input_data_config:
-                _channel(s3, ch, ml / "input/data" / ch["ChannelName"])
+                record["channels"][ch["ChannelName"]] = {
+                    "mode": ch.get("InputMode", "File"),
+                    "read": _channel(s3, ch, ml / "input/data" / ch["ChannelName"]),
+                }
                 env[f"SM_CHANNEL_{ch['ChannelName'].upper()}"] = str(
                     ml / "input/data" / ch["ChannelName"]
                 )
@@ -676,3 +686,17 @@ def subset_on_s3(indexed_lake):
     )
     write_parquet(lake, "subsets/all/manifest.parquet", manifest)
     return lake, manifest
+
+
+@pytest.fixture
+def shards_on_s3(subset_on_s3):
+    """subset_on_s3's subset frozen (its record) and its resized training shards written, as
+    the training_shards asset's job writes them; (lake, manifest, shards index)."""
+    from workloads.layout import record_key
+    from workloads.training.shards import build_subset_shards
+    from workloads.versions import sha256_hex
+
+    lake, manifest = subset_on_s3
+    sha = sha256_hex(lake.get("subsets/all/manifest.parquet"))
+    lake.put(record_key("subset", "all"), json.dumps({"manifest_sha256": sha}).encode())
+    return lake, manifest, build_subset_shards(lake, "all", "resized", say=lambda line: None)

@@ -66,14 +66,11 @@ def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
         max_wait_seconds=600,
     )
     channels = {
-        "manifest": {
-            "S3DataType": "S3Prefix",
-            "S3Uri": "s3://bucket/lake/subsets/s/manifest.parquet",
-        },
-        "images": {
-            "S3DataType": "ManifestFile",
-            "S3Uri": "s3://bucket/lake/models/m/channels/images.manifest",
-        },
+        "shards": (
+            {"S3DataType": "S3Prefix", "S3Uri": "s3://bucket/lake/subsets/s/shards/resized/"},
+            "FastFile",
+        ),
+        "init": ({"S3DataType": "S3Prefix", "S3Uri": "s3://bucket/lake/models/m/init.pt"}, "File"),
     }
     req = t._request("job-0", lake, channels, "m", "job", "ml.m5.large", {"epochs": 3})
     assert req["EnableManagedSpotTraining"] is True
@@ -89,10 +86,10 @@ def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
         "epochs": "3",
         "checkpoint_dir": "/opt/ml/checkpoints",
     }  # strings, as SageMaker wants
-    assert [c["DataSource"]["S3DataSource"]["S3DataType"] for c in req["InputDataConfig"]] == [
-        "S3Prefix",
-        "ManifestFile",
-    ]
+    assert [
+        (c["ChannelName"], c["DataSource"]["S3DataSource"]["S3DataType"], c["InputMode"])
+        for c in req["InputDataConfig"]
+    ] == [("shards", "S3Prefix", "FastFile"), ("init", "S3Prefix", "File")]
     sm = boto3.client("sagemaker", region_name="us-east-1")
     with Stubber(sm) as stub:  # botocore validates the whole request against the service model
         stub.add_response(
@@ -131,8 +128,8 @@ def test_only_a_cancel_stops_the_training_job_not_a_failed_poll(monkeypatch, err
         stub.assert_no_pending_responses()
 
 
-def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(subset_on_s3, aws):
-    lake, manifest = subset_on_s3
+def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(shards_on_s3, aws):
+    lake, manifest, index = shards_on_s3
     aws.no_capacity = {"ml.m5.large"}
     aws.interrupt_after_epochs = 2
     result, out = in_asset(
@@ -140,7 +137,7 @@ def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(subset_o
             ctx,
             lake,
             "cvgraph-digits_cnn-abc",
-            "subsets/all/manifest.parquet",
+            "subsets/all/shards/resized",
             "digits_cnn",
             {**HP, "epochs": 30},
         )
@@ -173,16 +170,28 @@ def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(subset_o
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 31))
     assert lake.get("models/digits_cnn/model.pt")[:2] == b"PK"  # torch zip format
     assert json.loads(lake.get("models/digits_cnn/metrics.json"))["classes"] == ["0", "1"]
-    channel = json.loads(lake.get("models/digits_cnn/channels/images.manifest"))
-    assert channel[0] == {"prefix": "s3://cvgraph-lake/lake/"} and sorted(channel[1:]) == sorted(
-        manifest["resized_key"].to_pylist()
-    )
+    # the job's input: the shards (FastFile: streamed, nothing copied first), not an object
+    # per image; every image of the subset is in them
+    shard_objects = [
+        f"lake/subsets/all/shards/resized/{e['key']}"
+        for s in index["splits"].values()
+        for e in s["shards"]
+    ]
+    assert second["channels"] == {
+        "shards": {
+            "mode": "FastFile",
+            "read": sorted(["lake/subsets/all/shards/resized/index.json", *shard_objects]),
+        }
+    }
+    assert len(shard_objects) == 3  # one a split: a small subset
+    images = {k.rsplit("/", 1)[-1].split(".")[0] for k in manifest["resized_key"].to_pylist()}
+    assert sum(s["count"] for s in index["splits"].values()) == len(images)
     ckpts = [o.key for o in lake.list("models/digits_cnn/checkpoints/")]
     assert ckpts == ["models/digits_cnn/checkpoints/cvgraph-digits-cnn-abc/checkpoint.pt"]
 
 
-def test_cancelling_the_run_stops_the_training_job(subset_on_s3, aws):
-    lake, _ = subset_on_s3
+def test_cancelling_the_run_stops_the_training_job(shards_on_s3, aws):
+    lake, _, _ = shards_on_s3
 
     def interrupt_when_training():
         deadline = time.time() + 120
@@ -196,7 +205,7 @@ def test_cancelling_the_run_stops_the_training_job(subset_on_s3, aws):
     threading.Thread(target=interrupt_when_training, daemon=True).start()
     result, _ = in_asset(
         lambda ctx: trainer(use_spot=False).train(
-            ctx, lake, "cancel-me", "subsets/all/manifest.parquet", "m2", {**HP, "epochs": 200}
+            ctx, lake, "cancel-me", "subsets/all/shards/resized", "m2", {**HP, "epochs": 200}
         )
     )
     assert not result.success
@@ -269,16 +278,16 @@ class OneObjectPerPage:
 
 
 def test_fault_a_training_job_held_in_starting_past_the_bound_is_stopped_and_the_step_fails(
-    subset_on_s3, aws
+    shards_on_s3, aws
 ):
     """SageMaker never provisions the instance: past the bound the job is stopped and the step
     fails naming the job and the setting; no model is written."""
-    lake, _ = subset_on_s3
+    lake, _, _ = shards_on_s3
     aws.hold_training = True
     try:
         result, out = in_asset(
             lambda ctx: trainer(use_spot=False, start_timeout_seconds=1.0).train(
-                ctx, lake, "held", "subsets/all/manifest.parquet", "m3", HP
+                ctx, lake, "held", "subsets/all/shards/resized", "m3", HP
             )
         )
     finally:

@@ -17,6 +17,7 @@ same order. ``Preprocess`` is what evaluation and the export apply too (``prepro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,11 +37,13 @@ from workloads.training.preprocess import (
     channel_stats,
     decode,
 )
+from workloads.training.shards import Opener, iter_shard
 
 __all__ = [
     "AUGMENT_LEVELS",
     "Items",
     "Preprocess",
+    "ShardImages",
     "StreamingImages",
     "augment",
     "channel_stats",
@@ -50,8 +53,9 @@ __all__ = [
 ]
 
 # Words that keep the random streams apart: (seed, epoch, ORDER) draws an epoch's order,
-# (seed, epoch, AUGMENTATION, item) an item's augmentation.
-ORDER, AUGMENTATION = 0, 1
+# (seed, epoch, AUGMENTATION, item) an item's augmentation, (seed, epoch, SHUFFLE, ...) the
+# shuffle buffer's picks.
+ORDER, AUGMENTATION, SHUFFLE = 0, 1, 2
 
 
 def image_tensor(
@@ -288,3 +292,107 @@ def loader(
     if hasattr(dataset, "batches"):
         return DataLoader(dataset.batches(batch_size, drop_last), batch_size=None, **common)
     return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, **common)
+
+
+# -- the dataset of shards --------------------------------------------------------------------------------
+class ShardImages(IterableDataset):
+    """Yields ``(FloatTensor (C, S, S), label index)`` for each sample of ``shards`` whose split
+    is ``split`` (None: any) and whose label is one of ``classes`` (the index is its place
+    there; other samples are skipped), once per epoch.
+
+    ``shards``: paths, or callables opening a binary stream (e.g. an S3 body). ``digests``: the
+    index's sha256 of each, to check each shard whole. Each epoch the shard order is drawn from
+    ``(seed, epoch)`` (``shuffle``) and worker w of k reads shards w, w + k, ... (with fewer
+    shards than workers every worker reads them all and keeps every k-th sample); its samples
+    pass through a shuffle buffer of ``buffer`` encoded samples (its memory bound). An image's
+    augmentation is drawn from ``(seed, epoch, its sha256)``, whatever worker reads it."""
+
+    def __init__(
+        self,
+        shards: Sequence[Path | str | Opener],
+        classes: Sequence[str],
+        preprocess: Preprocess,
+        augment: str = "none",
+        seed: int = 0,
+        shuffle: bool = True,
+        buffer: int = 1000,
+        split: str | None = None,
+        digests: Sequence[str | None] | None = None,
+    ):
+        if augment not in AUGMENT_LEVELS:
+            raise ValueError(f"augment {augment!r}: expected one of {', '.join(AUGMENT_LEVELS)}")
+        if digests is not None and len(digests) != len(shards):
+            raise ValueError(f"{len(digests)} digests for {len(shards)} shards")
+        if int(seed) < 0 or buffer < 1:
+            raise ValueError(f"seed must be 0 or more and buffer 1 or more: {seed}, {buffer}")
+        self.shards = [s if callable(s) else Path(s) for s in shards]
+        self.digests = list(digests) if digests is not None else [None] * len(self.shards)
+        self.classes = list(classes)
+        self._index = {c: i for i, c in enumerate(self.classes)}
+        self.preprocess, self.augment = preprocess, augment
+        self.seed, self.shuffle, self.buffer, self.split = int(seed), shuffle, buffer, split
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _name(self, i: int) -> str:
+        s = self.shards[i]
+        return str(s) if isinstance(s, Path) else getattr(s, "name", None) or f"#{i}"
+
+    def _open(self, i: int):
+        s = self.shards[i]
+        return open(s, "rb") if isinstance(s, Path) else contextlib.closing(s())
+
+    def _samples(self, mine: Sequence[int], worker: int, every: int):
+        """(sha256, bytes, label index) of this worker's samples: all of its shards' (every=1),
+        or every ``every``-th sample of all shards from the ``worker``-th."""
+        position = 0
+        for i in mine:
+            with self._open(i) as f:
+                for key, data, meta in iter_shard(f, self._name(i), self.digests[i]):
+                    position += 1
+                    if (position - 1) % every != worker:
+                        continue
+                    if self.split is not None and meta.get("split") != self.split:
+                        continue
+                    label = meta.get("label")
+                    index = self._index.get(str(label)) if label is not None else None
+                    if index is not None:
+                        yield key, data, index
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = len(self.shards)
+        order = (
+            np.random.default_rng([self.seed, self.epoch, ORDER]).permutation(n)
+            if self.shuffle
+            else np.arange(n)
+        ).tolist()
+        if n >= workers:
+            samples = self._samples(order[worker::workers], 0, 1)
+        else:
+            samples = self._samples(order, worker, workers)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, SHUFFLE, worker, workers])
+            samples = _shuffled(samples, self.buffer, rng)
+        for key, data, label in samples:
+            rng = None
+            if self.augment != "none":
+                rng = np.random.default_rng([self.seed, self.epoch, AUGMENTATION, int(key, 16)])
+            yield image_tensor(data, key, self.preprocess, self.augment, rng), label
+
+
+def _shuffled(samples: Iterable, size: int, rng: np.random.Generator) -> Iterator:
+    """``samples`` in a random order, holding at most ``size`` of them."""
+    held: list = []
+    for s in samples:
+        if len(held) < size:
+            held.append(s)
+            continue
+        j = int(rng.integers(size))
+        yield held[j]
+        held[j] = s
+    for j in rng.permutation(len(held)):
+        yield held[j]

@@ -26,23 +26,18 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 import pyarrow as pa
-import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from workloads.layout import VARIANT_COLUMNS, VARIANT_HASHES
-from workloads.training.data import AUGMENT_LEVELS, AUGMENTATION, ORDER, Preprocess, image_tensor
 from workloads.versions import canonical_json
 
 TARGET_BYTES = 150_000_000
 BLOCK = tarfile.BLOCKSIZE  # 512: a member's header, and the unit its data is padded to
 MAX_MEMBER = 256 << 20  # a member this large is no image of a subset: refuse, don't buffer it
-SHUFFLE = 2  # the word that keeps the shuffle buffer's random stream apart (see data.ORDER)
 _KEY = re.compile(r"[0-9a-f]{64}")
 _EXT = re.compile(r"[a-z0-9]{1,16}")
 
@@ -101,7 +96,7 @@ class _ShardWriter:
     def __init__(self, name: str, out: Path | Callable[[str, BinaryIO], None]):
         self.name, self.out = name, out
         if callable(out):
-            self.file = tempfile.TemporaryFile()
+            self.file = tempfile.NamedTemporaryFile(prefix="shard-")  # its .name: an upload's
         else:
             self.tmp = out / f".{name}.tmp"
             self.file = open(self.tmp, "w+b")  # closed by close() or abandon()
@@ -154,10 +149,11 @@ def write_shards(
     target_bytes: int = TARGET_BYTES,
 ) -> list[dict]:
     """Write ``items`` (mappings with ``key``: what ``read_bytes`` reads, whose suffix names the
-    member's ext unless ``ext`` is given; ``sha256``: of those bytes; ``label``; ``split``), in
-    the order given, as ``shard-000000.tar``, ... of up to ``target_bytes`` each (a sample
-    larger than that gets a shard of its own). ``out``: a directory, or ``writer(name, file)``
-    given each complete shard as a file at offset 0 (an upload, say).
+    member's ext unless ``ext`` is given; ``sha256``: of those bytes; ``label``; ``split``;
+    optionally ``data``: the bytes, read already), in the order given, as ``shard-000000.tar``,
+    ... of up to ``target_bytes`` each (a sample larger than that gets a shard of its own).
+    ``out``: a directory, or ``writer(name, file)`` given each complete shard as a named file
+    at offset 0 (an upload, say).
 
     Bytes that do not hash to their item's sha256, and a sha256 given twice, are ValueErrors:
     the cache holds what the subset froze, once. Returns the index: ``[{"name", "bytes",
@@ -182,7 +178,7 @@ def write_shards(
                     "(drop the repeat, or resolve its labels)"
                 )
             seen.add(sha)
-            data = read_bytes(key)
+            data = item["data"] if "data" in item else read_bytes(key)
             actual = hashlib.sha256(data).hexdigest()
             if actual != sha:
                 raise ValueError(
@@ -282,105 +278,170 @@ def _sample(shard: str, key: str, parts: dict[str, bytes]) -> tuple[str, bytes, 
     return key, data, meta
 
 
-# -- the dataset --------------------------------------------------------------------------------
-class ShardImages(IterableDataset):
-    """Yields ``(FloatTensor (C, S, S), label index)`` for each sample of ``shards`` whose split
-    is ``split`` (None: any) and whose label is one of ``classes`` (the index is its place
-    there; other samples are skipped), once per epoch.
+# -- a frozen subset's shards in the lake ------------------------------------------------------
+def _prefetched(items: Iterable[dict], read: Callable[[str], bytes], threads: int) -> Iterator:
+    """``items`` in order, each with its ``data`` read by ``threads`` readers ahead of it (at
+    most ``4 * threads`` held): an object store's latency paid in parallel."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
 
-    ``shards``: paths, or callables opening a binary stream (e.g. an S3 body). ``digests``: the
-    index's sha256 of each, to check each shard whole. Each epoch the shard order is drawn from
-    ``(seed, epoch)`` (``shuffle``) and worker w of k reads shards w, w + k, ... (with fewer
-    shards than workers every worker reads them all and keeps every k-th sample); its samples
-    pass through a shuffle buffer of ``buffer`` encoded samples (its memory bound). An image's
-    augmentation is drawn from ``(seed, epoch, its sha256)``, whatever worker reads it."""
-
-    def __init__(
-        self,
-        shards: Sequence[Path | str | Opener],
-        classes: Sequence[str],
-        preprocess: Preprocess,
-        augment: str = "none",
-        seed: int = 0,
-        shuffle: bool = True,
-        buffer: int = 1000,
-        split: str | None = None,
-        digests: Sequence[str | None] | None = None,
-    ):
-        if augment not in AUGMENT_LEVELS:
-            raise ValueError(f"augment {augment!r}: expected one of {', '.join(AUGMENT_LEVELS)}")
-        if digests is not None and len(digests) != len(shards):
-            raise ValueError(f"{len(digests)} digests for {len(shards)} shards")
-        if int(seed) < 0 or buffer < 1:
-            raise ValueError(f"seed must be 0 or more and buffer 1 or more: {seed}, {buffer}")
-        self.shards = [s if callable(s) else Path(s) for s in shards]
-        self.digests = list(digests) if digests is not None else [None] * len(self.shards)
-        self.classes = list(classes)
-        self._index = {c: i for i, c in enumerate(self.classes)}
-        self.preprocess, self.augment = preprocess, augment
-        self.seed, self.shuffle, self.buffer, self.split = int(seed), shuffle, buffer, split
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _name(self, i: int) -> str:
-        s = self.shards[i]
-        return str(s) if isinstance(s, Path) else getattr(s, "name", None) or f"#{i}"
-
-    def _open(self, i: int):
-        s = self.shards[i]
-        return open(s, "rb") if isinstance(s, Path) else contextlib.closing(s())
-
-    def _samples(self, mine: Sequence[int], worker: int, every: int):
-        """(sha256, bytes, label index) of this worker's samples: all of its shards' (every=1),
-        or every ``every``-th sample of all shards from the ``worker``-th."""
-        position = 0
-        for i in mine:
-            with self._open(i) as f:
-                for key, data, meta in iter_shard(f, self._name(i), self.digests[i]):
-                    position += 1
-                    if (position - 1) % every != worker:
-                        continue
-                    if self.split is not None and meta.get("split") != self.split:
-                        continue
-                    label = meta.get("label")
-                    index = self._index.get(str(label)) if label is not None else None
-                    if index is not None:
-                        yield key, data, index
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        n = len(self.shards)
-        order = (
-            np.random.default_rng([self.seed, self.epoch, ORDER]).permutation(n)
-            if self.shuffle
-            else np.arange(n)
-        ).tolist()
-        if n >= workers:
-            samples = self._samples(order[worker::workers], 0, 1)
-        else:
-            samples = self._samples(order, worker, workers)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, SHUFFLE, worker, workers])
-            samples = _shuffled(samples, self.buffer, rng)
-        for key, data, label in samples:
-            rng = None
-            if self.augment != "none":
-                rng = np.random.default_rng([self.seed, self.epoch, AUGMENTATION, int(key, 16)])
-            yield image_tensor(data, key, self.preprocess, self.augment, rng), label
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        ahead: deque = deque()
+        for item in items:
+            ahead.append((item, pool.submit(read, item["key"])))
+            if len(ahead) >= 4 * max(1, threads):
+                it, data = ahead.popleft()
+                yield {**it, "data": data.result()}
+        while ahead:
+            it, data = ahead.popleft()
+            yield {**it, "data": data.result()}
 
 
-def _shuffled(samples: Iterable, size: int, rng: np.random.Generator) -> Iterator:
-    """``samples`` in a random order, holding at most ``size`` of them."""
-    held: list = []
+def _split_samples(samples: list[dict]) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """The samples of each split, and what is left out: rows without the variant (not made for
+    that image) and a variant's bytes a second time (two originals that resize alike)."""
+    from workloads.versions import SPLITS
+
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    seen: set[str] = set()
+    skipped = {"no_variant": 0, "repeated": 0}
     for s in samples:
-        if len(held) < size:
-            held.append(s)
-            continue
-        j = int(rng.integers(size))
-        yield held[j]
-        held[j] = s
-    for j in rng.permutation(len(held)):
-        yield held[j]
+        if not s["key"] or not s["sha256"]:
+            skipped["no_variant"] += 1
+        elif s["sha256"] in seen:
+            skipped["repeated"] += 1
+        else:
+            seen.add(s["sha256"])
+            out.setdefault(s["split"], []).append(s)
+    return out, skipped
+
+
+def build_subset_shards(
+    lake,
+    subset: str,
+    variant: str,
+    target_bytes: int = TARGET_BYTES,
+    threads: int = 16,
+    say: Callable[[str], None] = print,
+) -> dict:
+    """Write frozen subset ``subset``'s ``variant`` images as shards under
+    ``shard_keys(subset, variant)["base"]``, one set per split, and their index last (the
+    commit marker); returns the index. An index of this manifest and target already there: it,
+    nothing written. A run killed part way leaves shards but no index; run again, it writes the
+    same bytes under the same keys (a shard's bytes are a function of its samples) and the index.
+
+    The manifest must still hash to the subset record's ``manifest_sha256``, and every image to
+    its frozen sha256 (ValueError naming it otherwise)."""
+    from workloads.lake import get_json, parquet_table
+    from workloads.layout import record_key, shard_keys, subset_keys
+    from workloads.versions import SPLITS
+
+    keys = shard_keys(subset, variant)
+    record = json.loads(lake.get(record_key("subset", subset)))
+    manifest = lake.get(subset_keys(subset)["manifest"])
+    if hashlib.sha256(manifest).hexdigest() != record["manifest_sha256"]:
+        raise ValueError(f"subset {subset}: its manifest is not what was frozen")
+    prior = get_json(lake, keys["index"])
+    if (
+        prior
+        and prior.get("manifest_sha256") == record["manifest_sha256"]
+        and prior.get("target_bytes") == target_bytes
+    ):
+        return prior
+    if variant not in VARIANT_COLUMNS:
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANT_COLUMNS)}")
+    splits, skipped = _split_samples(manifest_samples(parquet_table(manifest), variant))
+    index = {
+        "subset": subset,
+        "variant": variant,
+        "manifest_sha256": record["manifest_sha256"],
+        "target_bytes": target_bytes,
+        "skipped": skipped,
+        "splits": {},
+    }
+    for split in SPLITS:
+        samples = splits.get(split, [])
+
+        def upload(name: str, f, split=split) -> None:
+            lake.put_file(f"{keys['base']}/{split}/{name}", f.name)
+            say(f"shards {subset}/{variant}: {split}/{name}")
+
+        written = write_shards(
+            _prefetched(samples, lake.get, threads), lake.get, upload, target_bytes
+        )
+        labels: dict[str, int] = {}
+        for s in samples:
+            if s["label"] is not None:
+                labels[str(s["label"])] = labels.get(str(s["label"]), 0) + 1
+        index["splits"][split] = {
+            "count": len(samples),
+            "labels": dict(sorted(labels.items())),  # the labelled samples, by label
+            "unlabelled": len(samples) - sum(labels.values()),
+            "shards": [{**e, "key": f"{split}/{e['name']}"} for e in written],
+        }
+    lake.put(keys["index"], canonical_json(index))
+    kept = {keys["index"]} | {
+        f"{keys['base']}/{e['key']}" for s in index["splits"].values() for e in s["shards"]
+    }
+    for key in lake.keys(keys["base"] + "/"):  # a previous target's shards
+        if key not in kept:
+            lake.delete(key)
+    return index
+
+
+def split_shards(root: Path | str, index: dict, split: str) -> tuple[list[Path], list[str]]:
+    """The paths (under ``root``, where the index's base is: a FastFile channel, the local
+    lake's directory) and sha256s of split ``split``'s shards."""
+    entries = index["splits"].get(split, {}).get("shards", [])
+    return [Path(root) / e["key"] for e in entries], [e["sha256"] for e in entries]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workloads.training.shards --lake URL --subset S --variant V``: the subset's
+    training shards (see ``build_subset_shards``); one JSON line with what was written."""
+    import argparse
+    import sys
+    import time
+
+    from workloads.lake import open_lake
+
+    ap = argparse.ArgumentParser(description="write a frozen subset's images as training shards")
+    ap.add_argument("--lake", required=True)
+    ap.add_argument("--subset", required=True)
+    ap.add_argument("--variant", required=True, choices=sorted(VARIANT_COLUMNS))
+    ap.add_argument("--target-mb", type=float, default=TARGET_BYTES / 1e6)
+    ap.add_argument("--threads", type=int, default=16, help="objects read at once")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        index = build_subset_shards(
+            open_lake(args.lake),
+            args.subset,
+            args.variant,
+            target_bytes=int(args.target_mb * 1e6),
+            threads=args.threads,
+            say=lambda line: print(line, flush=True),
+        )
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"shards of subset {args.subset}: {e}", file=sys.stderr)
+        return 1
+    splits = index["splits"].values()
+    print(
+        json.dumps(
+            {
+                "stage": "shards",
+                "subset": args.subset,
+                "variant": args.variant,
+                "images": sum(s["count"] for s in splits),
+                "shards": sum(len(s["shards"]) for s in splits),
+                "bytes": sum(e["bytes"] for s in splits for e in s["shards"]),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,13 +3,14 @@
 
 SageMaker (and the local trainer, which mimics it) provides:
   SM_INPUT_CONFIG_DIR/hyperparameters.json   values are strings, as SageMaker writes them
-  SM_CHANNEL_MANIFEST/manifest.parquet        the frozen subset's manifest
-  SM_CHANNEL_IMAGES/<lake key>                the subset's images at their lake keys
+  SM_CHANNEL_SHARDS/index.json, <split>/...   the frozen subset's training shards (FastFile:
+                                              streamed as read, nothing copied first)
+  SM_CHANNEL_INIT/<init_weights>              the weights a fine-tune starts from, if any
   SM_MODEL_DIR, SM_OUTPUT_DATA_DIR            outputs; SageMaker uploads them
 Checkpoints go to ``checkpoint_dir`` (SageMaker syncs /opt/ml/checkpoints with S3), and a
 restarted job (spot reclaim) resumes from the last epoch saved there.
 
-    python -m workloads.train
+    python -m workloads.training.train
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ from pathlib import Path
 
 import dagster_pipes as dp
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from workloads.layout import VARIANT_COLUMNS, VARIANT_HASHES
-from workloads.training.data import Items, Preprocess, StreamingImages, channel_stats, loader
+from workloads.training.data import Preprocess, ShardImages, channel_stats, loader
 from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
+from workloads.training.shards import iter_shard, split_shards
 from workloads.training.spec import TRAIN_SPEC, channels, epochs_for
+from workloads.versions import SPLITS
 
 # What the entry takes besides the spec: where checkpoints go, input workers, where live
 # metrics go (an MLflow run the trainer opened, when the job can reach its tracking server).
@@ -43,7 +43,7 @@ DEFAULTS = {
     "workers": -1,  # DataLoader workers; -1: none for a small split, else one per core
     "mlflow_tracking_uri": "",
     "mlflow_run_id": "",
-    "init_weights": "",  # images-relative path of the weights init_from names, and their sha256
+    "init_weights": "",  # the init channel's file of the weights init_from names, and their sha256
     "init_sha256": "",
 }
 
@@ -149,6 +149,23 @@ def train() -> dict:
         return _train(hp, pipes)
 
 
+STATS_IMAGES = 512  # the train images the normalisation is measured on: the shards' first
+SHUFFLE_BUFFER = 4096  # encoded images held to shuffle the train stream (~4 KB each at 32 px)
+
+
+def _first_images(paths: list[Path], digests: list[str], limit: int) -> list[bytes]:
+    """The encoded bytes of the first ``limit`` images of the shards at ``paths`` (in sha256
+    order: a sample of the split), each checked against its name."""
+    out: list[bytes] = []
+    for path in paths:
+        with open(path, "rb") as f:
+            for _, data, _ in iter_shard(f, str(path)):
+                out.append(data)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
 SMALL_SPLIT = 4096  # below it, workers cost more (a fork per loader and epoch) than they decode
 
 
@@ -179,8 +196,7 @@ def _train(hp: dict, pipes) -> dict:
 
     torch.manual_seed(hp["seed"])
     np.random.seed(hp["seed"])
-    manifest = Path(os.environ["SM_CHANNEL_MANIFEST"]) / "manifest.parquet"
-    images_root = Path(os.environ["SM_CHANNEL_IMAGES"])
+    shards_root = Path(os.environ["SM_CHANNEL_SHARDS"])
     model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
     output_dir = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"))
     ckpt_dir = Path(hp["checkpoint_dir"])
@@ -188,16 +204,17 @@ def _train(hp: dict, pipes) -> dict:
         d.mkdir(parents=True, exist_ok=True)
 
     size, variant, batch = hp["input_size"], hp["variant"], hp["batch_size"]
-    col, digest = VARIANT_COLUMNS[variant], VARIANT_HASHES[variant]
-    table = pq.read_table(manifest, columns=list(dict.fromkeys(["label", "split", col, digest])))
-    classes = train_classes(table)
-    splits = {s: Items.from_manifest(table, variant, classes, s) for s in ("train", "val", "test")}
-    del table
-    counts = {split: len(rows) for split, rows in splits.items()}
+    index = json.loads((shards_root / "index.json").read_text())
+    if index["variant"] != variant:
+        raise SystemExit(f"the shards given hold the {index['variant']} variant, not {variant}")
+    classes = train_classes(index)
+    counts = {
+        split: sum(n for label, n in index["splits"][split]["labels"].items() if label in classes)
+        for split in SPLITS
+    }
+    shards = {split: split_shards(shards_root, index, split) for split in SPLITS}
     ch = channels(variant)
-    mean, std = channel_stats(
-        splits["train"].paths, ch, size, reader=lambda key: (images_root / key).read_bytes()
-    )
+    mean, std = channel_stats(_first_images(*shards["train"], STATS_IMAGES), ch, size)
     pre = Preprocess(size=size, channels=ch, mean=mean, std=std)
     arch = {
         "name": hp["arch"],
@@ -206,7 +223,7 @@ def _train(hp: dict, pipes) -> dict:
         "input_size": size,
         "width": hp["width"] or DEFAULT_WIDTH[hp["arch"]],
     }
-    init = _init_record(hp, images_root) if hp["init_weights"] else None
+    init = _init_record(hp) if hp["init_weights"] else None
     if init is not None:
         arch["width"] = _check_init(init, arch, hp)
         pre = Preprocess(size=size, channels=ch, mean=init["mean"], std=init["std"])
@@ -233,11 +250,21 @@ def _train(hp: dict, pipes) -> dict:
         f"variant={variant} arch={hp['arch']} epochs={epochs} steps={total}"
     )
     workers = input_workers(int(hp["workers"]), counts["train"])
-    train_data = StreamingImages(
-        splits["train"], images_root, pre, augment=hp["augment"], seed=hp["seed"], shuffle=True
+    train_data = ShardImages(
+        shards["train"][0],
+        classes,
+        pre,
+        augment=hp["augment"],
+        seed=hp["seed"],
+        buffer=SHUFFLE_BUFFER,
+        digests=shards["train"][1],
     )
     held_out = {
-        s: loader(StreamingImages(splits[s], images_root, pre, shuffle=False), batch, workers)
+        s: loader(
+            ShardImages(shards[s][0], classes, pre, shuffle=False, digests=shards[s][1]),
+            batch,
+            workers,
+        )
         for s in ("val", "test")
     }
     smoothing = hp["label_smoothing"]
@@ -290,10 +317,11 @@ def _train(hp: dict, pipes) -> dict:
     return metrics
 
 
-def _init_record(hp: dict, images_root: Path) -> dict:
-    """The saved model a training starts from (weights-only), checked against its sha256; with
-    the normalisation it was trained with (kept: its first layers expect it)."""
-    path = images_root / hp["init_weights"]
+def _init_record(hp: dict) -> dict:
+    """The saved model a training starts from (weights-only; the init channel's file
+    ``init_weights``), checked against its sha256; with the normalisation it was trained with
+    (kept: its first layers expect it)."""
+    path = Path(os.environ["SM_CHANNEL_INIT"]) / hp["init_weights"]
     data = path.read_bytes()
     got = hashlib.sha256(data).hexdigest()
     if got != hp["init_sha256"]:
@@ -369,11 +397,9 @@ def _live_metrics(hp: dict):
     return log
 
 
-def train_classes(table) -> list[str]:
-    """The labels of the manifest ``table``'s train split, sorted: the model's classes, in
-    output order."""
-    train = table.filter(pc.equal(table["split"], "train"))["label"]
-    classes = sorted(v for v in pc.unique(train).to_pylist() if v is not None)
+def train_classes(index: dict) -> list[str]:
+    """The labels of the shards' train split, sorted: the model's classes, in output order."""
+    classes = sorted(index["splits"]["train"]["labels"])
     if len(classes) < 2:
         raise SystemExit(f"need at least 2 labelled classes in the train split, found {classes}")
     return classes

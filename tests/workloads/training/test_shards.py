@@ -13,9 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from workloads.training.data import Preprocess, loader
+from workloads.training.data import Preprocess, ShardImages, loader
 from workloads.training.shards import (
-    ShardImages,
     iter_shard,
     manifest_samples,
     write_shards,

@@ -21,6 +21,9 @@ the photos scikit-learn and scikit-image ship (nothing is downloaded):
 13. ``training_peak_rss_mb``, ``training_rss_ratio``, ``training_first_step_ratio``  the training
     entry's own peak RSS on a 200,000-image subset, and its RSS and time to the first optimizer
     step there over a 2,000-image one (bench.training --scale)
+14. ``training_input_vs_per_object``  images a second into a training loop from the subset's
+    training shards vs an object per image, over S3 with 20 ms added to each request (a moto
+    server behind the tests' fault proxy; bench.training --input)
 
 Results go to ``bench/results.json`` (``--out``): for each name, the measured numbers, the
 ``value``, the ``target`` and ``pass``. ``--quick`` is a small smoke version (same code
@@ -61,6 +64,7 @@ NAMES = (
     "training_peak_rss_mb",
     "training_rss_ratio",
     "training_first_step_ratio",
+    "training_input_vs_per_object",
 )
 TARGETS = {
     "kernel_vs_naive": (2.2, ">="),
@@ -81,6 +85,7 @@ TARGETS = {
     "training_peak_rss_mb": (1500.0, "<="),
     "training_rss_ratio": (1.3, "<="),
     "training_first_step_ratio": (1.5, "<="),
+    "training_input_vs_per_object": (5.0, ">="),
 }
 
 FULL = {
@@ -104,6 +109,7 @@ FULL = {
     "cli_runs": 5,
     "training_spec": {},  # the defaults
     "training_scale": (2_000, 200_000),
+    "training_input_images": 1_000,
 }
 QUICK = {
     "big_jpegs": 2,
@@ -126,6 +132,7 @@ QUICK = {
     "cli_runs": 1,
     "training_spec": {"arch": "small_cnn", "epochs": 1},
     "training_scale": (200, 1_000),
+    "training_input_images": 100,
 }
 
 
@@ -504,6 +511,11 @@ def bench_training_scale(cfg: dict) -> tuple[dict, dict, dict]:
     )
 
 
+def bench_training_input(cfg: dict) -> tuple[dict]:
+    m = run_json(["bench.training", "--input", str(cfg["training_input_images"])], timeout=3600)
+    return (_res("training_input_vs_per_object", m["ratio"], "x", **m),)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
@@ -599,6 +611,13 @@ def details(results: dict) -> str:
             f"training input at scale: {small['images']:,} images peak RSS {small['peak_rss_mb']} MB, first step "
             f"{small['first_step_s']} s; {large['images']:,} images {large['peak_rss_mb']} MB, {large['first_step_s']} s "
             f"(one epoch {large['wall_s']} s)"
+        )
+    if (k := g("training_input_vs_per_object")) and not k.get("error"):
+        out.append(
+            f"training input over S3 (+{k['latency_s'] * 1000:g} ms a request), {k['images']:,} "
+            f"images: shards {k['shards_images_per_s']} img/s in {k['shards_requests']} requests, "
+            f"an object per image {k['per_object_images_per_s']} img/s in "
+            f"{k['per_object_requests']} requests"
         )
     for pack in ("digits", "photos"):
         if (k := g(f"default_accuracy_{pack}")) and not k.get("error"):
@@ -703,6 +722,7 @@ def main(argv=None) -> int:
                 ("training_peak_rss_mb", "training_rss_ratio", "training_first_step_ratio"),
                 lambda: bench_training_scale(cfg),
             )
+            attempt(("training_input_vs_per_object",), lambda: bench_training_input(cfg))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -2,9 +2,15 @@
 
 Each pack (scikit-learn's digits, four classes of colour photos) is laid out as a frozen subset
 would be — originals' sha256 decide the split, the ``resized`` variant made by the product's own
-kernel — and the training entry (``workloads.training.train``) runs on it with SageMaker's
-layout, as the local trainer runs it. Prints one JSON line: each pack's test accuracy, best
-epoch and wall time under the spec given (``--spec '{"arch": "resnet18"}'``) over the defaults.
+kernel — its training shards written by the product's own job code, and the training entry
+(``workloads.training.train``) runs on them with SageMaker's layout, as the local trainer runs
+it. Prints one JSON line: each pack's test accuracy, best epoch and wall time under the spec
+given (``--spec '{"arch": "resnet18"}'``) over the defaults.
+
+``--scale 2000,200000``: the entry's peak RSS and time to its first step at two subset sizes.
+``--input 2000``: images a second delivered to a training loop from the shards vs from an
+object per image, both over S3 (a moto server on 127.0.0.1 behind the tests' fault proxy,
+adding ``--latency`` seconds to each request, as S3's first byte takes).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workloads.lake import LocalLake
+
 PACKS = ("digits", "photos")
 
 
@@ -29,10 +37,29 @@ def pack_members(pack: str) -> dict[str, bytes]:
     return digit_members(size=96) if pack == "digits" else photo_class_members()
 
 
+SUBSET = "bench"
+
+
+def as_subset(lake, table) -> str:
+    """``table`` (the manifest's columns) frozen as subset ``SUBSET`` of ``lake`` (its images
+    already there) and its ``resized`` training shards written; the shards' base key."""
+    from workloads.lake import write_parquet
+    from workloads.layout import record_key, shard_keys, subset_keys
+    from workloads.training.shards import build_subset_shards
+    from workloads.versions import sha256_hex
+
+    data = write_parquet(lake, subset_keys(SUBSET)["manifest"], table)
+    lake.put(
+        record_key("subset", SUBSET), json.dumps({"manifest_sha256": sha256_hex(data)}).encode()
+    )
+    build_subset_shards(lake, SUBSET, "resized", say=lambda line: None)
+    return shard_keys(SUBSET, "resized")["base"]
+
+
 def subset_layout(members: dict[str, bytes], root: Path) -> Path:
-    """Write ``members``' resized variants under ``root`` and a manifest of them; its path."""
+    """Write ``members``' resized variants in a lake at ``root``, frozen as a subset with its
+    training shards; the shards' directory."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from workloads.ingest import inspect_image
     from workloads.kernels import ResizeParams, resize_bytes
@@ -55,15 +82,13 @@ def subset_layout(members: dict[str, bytes], root: Path) -> Path:
                 "resized_sha256": hashlib.sha256(resized).hexdigest(),
             }
         )
-    manifest = root / "manifest" / "manifest.parquet"
-    manifest.parent.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), manifest)
-    return manifest
+    lake = LocalLake(root)
+    return lake.path(as_subset(lake, pa.Table.from_pylist(rows)))
 
 
-def job_env(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
-    """SageMaker's layout under ``work`` for a training of ``spec`` on the subset laid out at
-    ``images`` (hyperparameters written as SageMaker writes them: strings); its environment."""
+def job_env(shards: Path, spec: dict, work: Path) -> dict:
+    """SageMaker's layout under ``work`` for a training of ``spec`` on the training shards at
+    ``shards`` (hyperparameters written as SageMaker writes them: strings); its environment."""
     for d in ("config", "model", "output", "checkpoints"):
         (work / d).mkdir(parents=True, exist_ok=True)
     hp = {**spec, "checkpoint_dir": str(work / "checkpoints")}
@@ -73,16 +98,15 @@ def job_env(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
     return {
         **os.environ,
         "SM_INPUT_CONFIG_DIR": str(work / "config"),
-        "SM_CHANNEL_MANIFEST": str(manifest.parent),
-        "SM_CHANNEL_IMAGES": str(images),
+        "SM_CHANNEL_SHARDS": str(shards),
         "SM_MODEL_DIR": str(work / "model"),
         "SM_OUTPUT_DATA_DIR": str(work / "output"),
     }
 
 
-def train_on(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
-    """The training entry on the layout; its metrics and wall time."""
-    env = job_env(manifest, images, spec, work)
+def train_on(shards: Path, spec: dict, work: Path) -> dict:
+    """The training entry on the shards; its metrics and wall time."""
+    env = job_env(shards, spec, work)
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "workloads.training.train"],
@@ -101,13 +125,12 @@ def train_on(manifest: Path, images: Path, spec: dict, work: Path) -> dict:
     }
 
 
-def synthetic_subset(n: int, root: Path) -> Path:
-    """``n`` distinct 16 px PNGs of four colour classes (noise on a class colour) laid out as a
-    subset's ``resized`` variant, and its manifest; the manifest's path."""
+def synthetic_images(n: int, root: Path):
+    """``n`` distinct 16 px PNGs of four colour classes (noise on a class colour) written as a
+    lake's ``resized`` variant at ``root``; the manifest's columns (a pyarrow table)."""
     import cv2
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from workloads.versions import split_for
 
@@ -132,10 +155,7 @@ def synthetic_subset(n: int, root: Path) -> Path:
             (root / key).write_bytes(data)
             for k, v in zip(cols, (sha, str(label), split_for(sha), key, sha), strict=True):
                 cols[k].append(v)
-    manifest = root / "manifest" / "manifest.parquet"
-    manifest.parent.mkdir(parents=True)
-    pq.write_table(pa.table(cols), manifest)
-    return manifest
+    return pa.table(cols)
 
 
 SCALE_SPEC = {"arch": "small_cnn", "epochs": 1, "input_size": 16, "batch_size": 256, "workers": 0}
@@ -146,10 +166,11 @@ def scale(n: int, work: Path) -> dict:
     and the time from its start to its first optimizer step (its ``first_step_s`` line)."""
     root = work / f"scale-{n}"
     t0 = time.perf_counter()
-    manifest = synthetic_subset(n, root)
+    lake = LocalLake(root)
+    shards = lake.path(as_subset(lake, synthetic_images(n, root)))
     built = time.perf_counter() - t0
     job = root / "job"
-    env = job_env(manifest, root, SCALE_SPEC, job)
+    env = job_env(shards, SCALE_SPEC, job)
     rss = job / "rss.json"
     out = subprocess.run(
         [
@@ -192,13 +213,101 @@ def measure_scale(sizes=(2_000, 200_000)) -> dict:
     }
 
 
+def _fault_proxy():
+    """The tests' fault proxy (tests/aws/fault_proxy.py), loaded by path: bench is no test."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tests" / "aws" / "fault_proxy.py"
+    spec = importlib.util.spec_from_file_location("fault_proxy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FaultProxy
+
+
+def _images_a_second(dataset) -> tuple[int, float]:
+    """(images, images a second) a training loop gets from ``dataset`` (the entry's loader, no
+    workers: its default for a subset this size)."""
+    from workloads.training.data import loader
+
+    t0 = time.perf_counter()
+    n = sum(len(y) for _, y in loader(dataset, 64, 0))
+    return n, n / (time.perf_counter() - t0)
+
+
+def measure_input(n: int = 2_000, latency: float = 0.02) -> dict:
+    """Images a second into the training loop over S3 with ``latency`` a request: from the
+    subset's shards (a stream per shard) vs an object per image (``StreamingImages`` reading
+    each image with the lake's ``get``, as the trainer did before shards)."""
+    import functools
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from workloads.lake import get_json, parquet_table
+    from workloads.layout import shard_keys, subset_keys
+    from workloads.s3lake import S3Lake
+    from workloads.training.data import Items, Preprocess, ShardImages, StreamingImages
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(k, "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line a request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        direct = S3Lake("s3://bench-input/lake", endpoint_url=f"http://{host}:{port}")
+        direct.client.create_bucket(Bucket="bench-input")
+        with tempfile.TemporaryDirectory(prefix="bench-input-") as tmp:
+            table = synthetic_images(n, Path(tmp))
+            for key in table["resized_key"].to_pylist():
+                direct.put_file(key, Path(tmp) / key)
+        base = as_subset(direct, table)
+        with _fault_proxy()(f"http://{host}:{port}", latency=latency) as proxy:
+            lake = S3Lake("s3://bench-input/lake", endpoint_url=proxy.url)
+            index = get_json(lake, shard_keys(SUBSET, "resized")["index"])
+            classes = sorted(index["splits"]["train"]["labels"])
+            pre = Preprocess(size=16, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+            entries = [e for split in index["splits"].values() for e in split["shards"]]
+            shards = ShardImages(
+                [functools.partial(lake.stream, f"{base}/{e['key']}") for e in entries],
+                classes,
+                pre,
+                shuffle=False,
+                digests=[e["sha256"] for e in entries],
+            )
+            manifest = parquet_table(lake.get(subset_keys(SUBSET)["manifest"]))
+            items = Items.from_manifest(manifest, "resized", classes, split=None)
+            before = proxy.stats["requests"]
+            got_shards, shard_rate = _images_a_second(shards)
+            shard_requests = proxy.stats["requests"] - before
+            objects = StreamingImages(items, None, pre, shuffle=False, reader=lake.get)
+            before = proxy.stats["requests"]
+            got_objects, object_rate = _images_a_second(objects)
+            object_requests = proxy.stats["requests"] - before
+    finally:
+        server.stop()
+    if got_shards != got_objects:
+        raise SystemExit(f"the shards gave {got_shards} images, the objects {got_objects}")
+    return {
+        "images": got_shards,
+        "latency_s": latency,
+        "shards": len(entries),
+        "shards_images_per_s": round(shard_rate, 1),
+        "shards_requests": shard_requests,
+        "per_object_images_per_s": round(object_rate, 1),
+        "per_object_requests": object_requests,
+        "ratio": round(shard_rate / object_rate, 2),
+    }
+
+
 def measure(packs=PACKS, spec: dict | None = None) -> dict:
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         for pack in packs:
             root = Path(tmp) / pack
-            manifest = subset_layout(pack_members(pack), root)
-            out[pack] = train_on(manifest, root, spec or {}, root / "job")
+            shards = subset_layout(pack_members(pack), root)
+            out[pack] = train_on(shards, spec or {}, root / "job")
     return out
 
 
@@ -211,7 +320,17 @@ def main() -> None:
         default="",
         help="instead: peak RSS and time to the first step at two subset sizes, e.g. 2000,200000",
     )
+    ap.add_argument(
+        "--input",
+        type=int,
+        default=0,
+        help="instead: images a second from shards vs per object over S3, on this many images",
+    )
+    ap.add_argument("--latency", type=float, default=0.02, help="seconds added to each request")
     args = ap.parse_args()
+    if args.input:
+        print(json.dumps(measure_input(args.input, args.latency)))
+        return
     if args.scale:
         print(json.dumps(measure_scale(tuple(int(n) for n in args.scale.split(",")))))
         return

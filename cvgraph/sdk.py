@@ -339,6 +339,22 @@ class Datasets:
         self._run_new(model_partitions_def, key, trained_models, run_config=run_config)
         return self.record("model", key)
 
+    def shards(self, subset: str, variant: str = "resized") -> dict:
+        """The training shards of frozen subset ``subset``'s ``variant`` images (the
+        ``training_shards`` asset; written now if they are missing); their index."""
+        from assets.shards import training_shards
+        from workloads.layout import VARIANT_COLUMNS, shard_keys
+
+        self.check_key("subset", subset)
+        self.record("subset", subset)  # UnknownKey, naming the subsets there are
+        if variant not in VARIANT_COLUMNS:
+            raise InvalidRequest(
+                f"variant {variant!r}: expected one of {', '.join(VARIANT_COLUMNS)}"
+            )
+        run_config = {"ops": {"training_shards": {"config": {"variant": variant}}}}
+        self.materialize([training_shards.key], partition_key=subset, run_config=run_config)
+        return json.loads(self.lake.get(shard_keys(subset, variant)["index"]))
+
     def export(self, key: str) -> dict:
         """TorchScript, ONNX and ONNX int8 of model ``key``, each checked against it; returns the
         exports record (``formats``: key, bytes, max_abs_error, top1_agreement per format)."""

@@ -149,31 +149,60 @@ def streaming_subset(
     augment: str = "none",
     seed: int = 0,
     home: str | None = None,
+    source: str = "shards",
 ):
-    """The subset's ``split`` as the trainer reads it: a ``StreamingImages`` (an
-    ``IterableDataset``) yielding ``(FloatTensor (C, size, size), label index)`` — each image read
-    from the lake when its batch is made and checked against its frozen sha256, augmented at
-    ``augment``, normalised by the split's per-channel mean and std — never the subset in memory.
-    Batch it with ``workloads.training.data.loader(ds, batch_size, workers)``; ``ds.set_epoch(n)``
-    draws epoch n's order and augmentation. ``ds.classes`` are the label names, in index order."""
+    """The subset's ``split`` as the trainer reads it: an ``IterableDataset`` yielding
+    ``(FloatTensor (C, size, size), label index)``, augmented at ``augment``, normalised by the
+    split's per-channel mean and std — never the subset in memory. ``source``: ``shards`` (the
+    trainer's input: the subset's training shards streamed from the lake, written first if
+    missing; ``ShardImages``) or ``objects`` (each image read from the lake when its batch is
+    made; ``StreamingImages``); either way every image is checked against its frozen sha256.
+    Batch it with ``workloads.training.data.loader(ds, batch_size, workers)``;
+    ``ds.set_epoch(n)`` draws epoch n's order and augmentation. ``ds.classes`` are the label
+    names, in index order."""
+    import functools
+
     from assets.subsets import load_subset
     from cvgraph.sdk import Datasets
-    from workloads.training.data import Items, StreamingImages
+    from workloads.layout import shard_keys
+    from workloads.training.data import Items, ShardImages, StreamingImages
     from workloads.training.preprocess import Preprocess, channel_stats
+    from workloads.training.shards import first_images
     from workloads.training.spec import channels
 
     if variant not in VARIANT_COLUMNS:
         raise ValueError(f"variant {variant!r}: expected one of {sorted(VARIANT_COLUMNS)}")
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
-    lake = Datasets(home).lake
+    if source not in ("shards", "objects"):
+        raise ValueError(f"source {source!r}: expected shards or objects")
+    ds = Datasets(home)
+    lake, ch = ds.lake, channels(variant)
+    if source == "shards":
+        index = ds.shards(key, variant)
+        classes = sorted({c for s in index["splits"].values() for c in s["labels"]})
+        base = shard_keys(key, variant)["base"]
+        entries = index["splits"][split]["shards"]
+        opens = [functools.partial(lake.stream, f"{base}/{e['key']}") for e in entries]
+        mean, std = channel_stats(first_images(opens, 512), ch, size)
+        data = ShardImages(
+            opens,
+            classes,
+            Preprocess(size=size, channels=ch, mean=mean, std=std),
+            augment=augment,
+            seed=seed,
+            shuffle=split == "train",
+            buffer=4096,
+            digests=[e["sha256"] for e in entries],
+        )
+        data.classes = classes
+        return data
     try:
         _, manifest = load_subset(lake, key)
     except ValueError as e:
         raise SubsetIntegrityError(str(e)) from None
     classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
     items = Items.from_manifest(manifest, variant, classes, split)
-    ch = channels(variant)
     mean, std = channel_stats(items.paths, ch, size, reader=lake.get)
     data = StreamingImages(
         items,

@@ -137,6 +137,11 @@ class S3Lake:
     def size(self, key: str) -> int:
         return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
 
+    def stream(self, key: str) -> BinaryIO:
+        """The object's bytes as a forward-only stream (a GetObject body): one request, read as
+        it arrives (a shard: ``workloads.training.shards.iter_shard``). Close it when done."""
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[BinaryIO]:
         """A seekable local copy (zip readers seek); streamed to disk, never held in memory."""

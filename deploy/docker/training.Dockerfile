@@ -34,18 +34,19 @@ RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu "torc
 WORKDIR /opt/cvgraph
 COPY workloads/ /opt/cvgraph/workloads/
 
-# SageMaker's channels live at /opt/ml/input/data/<name>. The SM_CHANNEL_* variables are set by
+# SageMaker's channels live at /opt/ml/input/data/<name>: shards (FastFile: the subset's training
+# shards, streamed as read) and init (the weights a fine-tune starts from). The SM_CHANNEL_* variables are set by
 # the sagemaker-training toolkit, not by SageMaker itself, so the entry defaults them to the
 # standard paths (an explicit value, as the local trainer sets, still wins).
 RUN printf '%s\n' \
         '#!/bin/sh' \
         'set -e' \
         ': "${SM_INPUT_CONFIG_DIR:=/opt/ml/input/config}"' \
-        ': "${SM_CHANNEL_MANIFEST:=/opt/ml/input/data/manifest}"' \
-        ': "${SM_CHANNEL_IMAGES:=/opt/ml/input/data/images}"' \
+        ': "${SM_CHANNEL_SHARDS:=/opt/ml/input/data/shards}"' \
+        ': "${SM_CHANNEL_INIT:=/opt/ml/input/data/init}"' \
         ': "${SM_MODEL_DIR:=/opt/ml/model}"' \
         ': "${SM_OUTPUT_DATA_DIR:=/opt/ml/output/data}"' \
-        'export SM_INPUT_CONFIG_DIR SM_CHANNEL_MANIFEST SM_CHANNEL_IMAGES SM_MODEL_DIR SM_OUTPUT_DATA_DIR' \
+        'export SM_INPUT_CONFIG_DIR SM_CHANNEL_SHARDS SM_CHANNEL_INIT SM_MODEL_DIR SM_OUTPUT_DATA_DIR' \
         'exec python -m workloads.training.train "$@"' \
         > /usr/local/bin/train \
     && chmod 0755 /usr/local/bin/train \

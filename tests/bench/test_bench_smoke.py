@@ -31,6 +31,7 @@ NAMES = (
     "training_peak_rss_mb",
     "training_rss_ratio",
     "training_first_step_ratio",
+    "training_input_vs_per_object",
 )
 
 

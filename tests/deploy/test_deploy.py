@@ -487,7 +487,10 @@ def test_worker_image_installs_what_the_batch_workloads_import_from_the_lock(loc
     assert constraints == [lock_path_in_image(instructions)]
     assert set(names) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "pyyaml", "boto3"}
     needed = set().union(
-        *(third_party_imports(f"workloads.{m}") for m in ("images", "ingest", "index", "tables"))
+        *(
+            third_party_imports(f"workloads.{m}")
+            for m in ("images", "ingest", "index", "tables", "training.shards")
+        )
     )
     assert {DISTRIBUTION.get(m, m) for m in needed} <= set(names), needed
     check_against_lock(names, lock)
@@ -556,7 +559,7 @@ def test_train_script_runs_the_training_entry_with_sagemaker_paths(tmp_path):
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
     fake.write_text(
-        '#!/bin/sh\necho "$*"\necho "$SM_CHANNEL_MANIFEST|$SM_CHANNEL_IMAGES|$SM_MODEL_DIR|$SM_INPUT_CONFIG_DIR|$SM_OUTPUT_DATA_DIR"\n'
+        '#!/bin/sh\necho "$*"\necho "$SM_CHANNEL_SHARDS|$SM_CHANNEL_INIT|$SM_MODEL_DIR|$SM_INPUT_CONFIG_DIR|$SM_OUTPUT_DATA_DIR"\n'
     )
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SM_")}
@@ -566,13 +569,13 @@ def test_train_script_runs_the_training_entry_with_sagemaker_paths(tmp_path):
     ).stdout.splitlines()
     assert out == [
         "-m workloads.training.train --x 1",
-        "/opt/ml/input/data/manifest|/opt/ml/input/data/images|/opt/ml/model|/opt/ml/input/config|/opt/ml/output/data",
+        "/opt/ml/input/data/shards|/opt/ml/input/data/init|/opt/ml/model|/opt/ml/input/config|/opt/ml/output/data",
     ]
-    env["SM_CHANNEL_IMAGES"] = "/lake"  # an explicit value (the local trainer's) wins
+    env["SM_CHANNEL_SHARDS"] = "/lake/shards"  # an explicit value (the local trainer's) wins
     out = subprocess.run(
         [str(script)], env=env, capture_output=True, text=True, check=True
     ).stdout.splitlines()
-    assert out[1].split("|")[1] == "/lake"
+    assert out[1].split("|")[0] == "/lake/shards"
 
 
 # Every check deploy/ skips, on purpose: the reason is a comment next to the resource.

@@ -11,6 +11,7 @@ ASSETS = {
     "edge_maps",
     "image_tables",
     "frozen_subsets",
+    "training_shards",
     "trained_models",
     "exported_models",
     "model_evaluations",
@@ -22,7 +23,7 @@ def test_definitions_load():
     dg.Definitions.validate_loadable(defs)
 
 
-def test_all_nine_assets_with_code_versions_and_partitions():
+def test_all_ten_assets_with_code_versions_and_partitions():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == ASSETS
@@ -64,6 +65,8 @@ def test_lineage_edges():
     assert parents["edge_maps"] == {"resized_images"}
     assert parents["image_tables"] == {"raw_images", "resized_images", "edge_maps"}
     assert parents["frozen_subsets"] == {"image_tables"}
+    assert parents["training_shards"] == {"frozen_subsets"}
+    assert parents["trained_models"] == {"frozen_subsets", "training_shards"}
     assert parents["exported_models"] == {"trained_models"}
 
 

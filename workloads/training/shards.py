@@ -26,7 +26,7 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -394,6 +394,20 @@ def split_shards(root: Path | str, index: dict, split: str) -> tuple[list[Path],
     lake's directory) and sha256s of split ``split``'s shards."""
     entries = index["splits"].get(split, {}).get("shards", [])
     return [Path(root) / e["key"] for e in entries], [e["sha256"] for e in entries]
+
+
+def first_images(shards: Sequence[Path | Callable[[], BinaryIO]], limit: int) -> list[bytes]:
+    """The encoded bytes of the first ``limit`` images of ``shards`` (paths, or callables
+    opening a stream), each checked against its name: in sha256 order, a sample of the split
+    (what its normalisation is measured on)."""
+    out: list[bytes] = []
+    for shard in shards:
+        with open(shard, "rb") if isinstance(shard, Path) else contextlib.closing(shard()) as f:
+            for _, data, _ in iter_shard(f, str(shard)):
+                out.append(data)
+                if len(out) >= limit:
+                    return out
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from torch import nn
 
 from workloads.training.data import Preprocess, ShardImages, channel_stats, loader
 from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
-from workloads.training.shards import iter_shard, split_shards
+from workloads.training.shards import first_images, split_shards
 from workloads.training.spec import TRAIN_SPEC, channels, epochs_for
 from workloads.versions import SPLITS
 
@@ -153,19 +153,6 @@ STATS_IMAGES = 512  # the train images the normalisation is measured on: the sha
 SHUFFLE_BUFFER = 4096  # encoded images held to shuffle the train stream (~4 KB each at 32 px)
 
 
-def _first_images(paths: list[Path], digests: list[str], limit: int) -> list[bytes]:
-    """The encoded bytes of the first ``limit`` images of the shards at ``paths`` (in sha256
-    order: a sample of the split), each checked against its name."""
-    out: list[bytes] = []
-    for path in paths:
-        with open(path, "rb") as f:
-            for _, data, _ in iter_shard(f, str(path)):
-                out.append(data)
-                if len(out) >= limit:
-                    return out
-    return out
-
-
 SMALL_SPLIT = 4096  # below it, workers cost more (a fork per loader and epoch) than they decode
 
 
@@ -214,7 +201,7 @@ def _train(hp: dict, pipes) -> dict:
     }
     shards = {split: split_shards(shards_root, index, split) for split in SPLITS}
     ch = channels(variant)
-    mean, std = channel_stats(_first_images(*shards["train"], STATS_IMAGES), ch, size)
+    mean, std = channel_stats(first_images(shards["train"][0], STATS_IMAGES), ch, size)
     pre = Preprocess(size=size, channels=ch, mean=mean, std=std)
     arch = {
         "name": hp["arch"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 
 import cv2
@@ -207,3 +208,151 @@ def test_manifest_samples():
         {"key": "e/1.png", "sha256": "0" * 64, "label": "b", "split": "val"},
         {"key": "e/2.png", "sha256": "f" * 64, "label": "a", "split": "train"},
     ]
+
+
+# -- a frozen subset's shards in the lake -------------------------------------------------------
+def frozen(tmp_path, blobs, items, extra_rows=()):
+    """The items as a frozen subset ``s`` of a local lake at ``tmp_path``: their bytes at their
+    keys, the manifest (plus ``extra_rows``) and its record."""
+    from workloads.lake import LocalLake, write_parquet
+    from workloads.layout import record_key, subset_keys
+
+    lake = LocalLake(tmp_path)
+    for key, data in blobs.items():
+        lake.put(key, data)
+    rows = [
+        {
+            "sha256": f"o{i}",
+            "label": s["label"],
+            "split": s["split"],
+            "resized_key": s["key"],
+            "resized_sha256": s["sha256"],
+        }
+        for i, s in enumerate(items)
+    ] + list(extra_rows)
+    data = write_parquet(lake, subset_keys("s")["manifest"], pa.Table.from_pylist(rows))
+    manifest_sha = hashlib.sha256(data).hexdigest()
+    lake.put(record_key("subset", "s"), json.dumps({"manifest_sha256": manifest_sha}).encode())
+    return lake
+
+
+def lake_files(root) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "shards" in p.parts
+    }
+
+
+def test_subset_shards_hold_each_split_once_and_are_written_once(lake, tmp_path):
+    from workloads.training.shards import main, split_shards
+
+    blobs, items = lake
+    unlabelled = dict(items[0], label=None)  # a second row of one image's bytes: kept once
+    store = frozen(
+        tmp_path,
+        blobs,
+        items,
+        extra_rows=[
+            {
+                "sha256": "ox",
+                "label": None,
+                "split": "train",
+                "resized_key": unlabelled["key"],
+                "resized_sha256": unlabelled["sha256"],
+            },
+            {
+                "sha256": "oy",
+                "label": "a",
+                "split": "train",
+                "resized_key": None,
+                "resized_sha256": None,
+            },
+        ],
+    )
+    args = ["--lake", str(tmp_path), "--subset", "s", "--variant", "resized", "--target-mb", "0.01"]
+    assert main(args) == 0
+    index = json.loads(store.get("subsets/s/shards/resized/index.json"))
+    assert index["skipped"] == {"no_variant": 1, "repeated": 1}
+    for split in ("train", "val", "test"):
+        want = [s for s in items if s["split"] == split]
+        paths, digests = split_shards(tmp_path / "subsets/s/shards/resized", index, split)
+        got = []
+        for path, digest in zip(paths, digests, strict=True):
+            with open(path, "rb") as f:
+                got += [(sha, meta["label"]) for sha, _, meta in iter_shard(f, path.name, digest)]
+        assert got == [(s["sha256"], s["label"]) for s in want]
+        labels = {c: sum(s["label"] == c for s in want) for c in CLASSES}
+        assert index["splits"][split]["labels"] == {c: n for c, n in labels.items() if n}
+        assert index["splits"][split]["count"] == len(want)
+    assert len(index["splits"]["train"]["shards"]) > 1  # 10 KB shards
+    before = lake_files(tmp_path)
+    assert main(args) == 0  # nothing to do: the same index, no shard written again
+    assert lake_files(tmp_path) == before
+    # another size: the shards are rewritten, the old ones go
+    assert main([*args[:-1], "0.02"]) == 0
+    after = json.loads(store.get("subsets/s/shards/resized/index.json"))
+    assert len(after["splits"]["train"]["shards"]) < len(index["splits"]["train"]["shards"])
+    listed = {k.split("/shards/resized/", 1)[1] for k in store.keys("subsets/s/shards/")}
+    assert listed == {"index.json"} | {
+        e["key"] for s in after["splits"].values() for e in s["shards"]
+    }
+
+
+def test_subset_shards_refuse_an_image_that_is_not_the_frozen_one(lake, tmp_path, capsys):
+    from workloads.training.shards import main
+
+    blobs, items = lake
+    store = frozen(tmp_path, blobs, items)
+    store.put(items[7]["key"], b"other bytes")
+    assert main(["--lake", str(tmp_path), "--subset", "s", "--variant", "resized"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"shards of subset s: {items[7]['key']} is not what was frozen: sha256 "
+        f"{hashlib.sha256(b'other bytes').hexdigest()[:12]} != {items[7]['sha256'][:12]}"
+    )
+    assert not store.exists("subsets/s/shards/resized/index.json")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_killed_shards_job_run_again_leaves_what_an_uninterrupted_one_does(lake, tmp_path, seed):
+    """SIGKILL the job at a point drawn from the seed (after its k-th shard is in the lake),
+    run it again: the lake's shards and index are byte for byte an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    blobs, items = lake
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    frozen(reference, blobs, items)
+    frozen(killed, blobs, items)
+
+    def command(root):
+        return [
+            sys.executable,
+            "-m",
+            "workloads.training.shards",
+            "--lake",
+            str(root),
+            "--subset",
+            "s",
+            "--variant",
+            "resized",
+            "--target-mb",
+            "0.005",
+        ]
+
+    subprocess.run(command(reference), check=True, capture_output=True)
+    shards = sorted((reference / "subsets/s/shards/resized").rglob("shard-*.tar"))
+    at = np.random.default_rng(seed).integers(0, len(shards))
+    proc = subprocess.Popen(command(killed), stdout=subprocess.PIPE, text=True)
+    for _ in range(at + 1):  # a line a shard put
+        if not proc.stdout.readline():
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "subsets/s/shards/resized/index.json").exists() or at + 1 >= len(shards)
+    subprocess.run(command(killed), check=True, capture_output=True)
+    assert lake_files(killed) == lake_files(reference)
+    assert not [p for p in killed.rglob("*") if p.name.endswith(".tmp")]

@@ -66,7 +66,7 @@ class LocalTrainer(Trainer):
     def train(self, context, lake, job_name, shards_key, model_key, hyperparameters):
         if not isinstance(lake, LocalLake):
             raise TrainingFailed(
-                "LocalTrainer reads images in place and needs the local lake; use the aws profile's trainer for S3"
+                "LocalTrainer reads the shards in place and needs the local lake; use the aws profile's trainer for S3"
             )
         job = Path(self.work_dir) / job_name
         shutil.rmtree(job, ignore_errors=True)
@@ -74,7 +74,7 @@ class LocalTrainer(Trainer):
             return self._train_in(
                 job, context, lake, job_name, shards_key, model_key, hyperparameters
             )
-        finally:  # the job's scratch (its copy of the manifest, checkpoints) is not kept, run or fail
+        finally:  # the job's scratch (its config, checkpoints) is not kept, run or fail
             shutil.rmtree(job, ignore_errors=True)
 
     def _train_in(self, job: Path, context, lake, job_name, shards_key, model_key, hyperparameters):

@@ -242,7 +242,7 @@ def trained_models(
         live = {"mlflow_tracking_uri": uri, "mlflow_run_id": mlf.active_run().info.run_id}
     if init:
         live.update(init_weights=keys["init"], init_sha256=init["model_sha256"])
-    ensure_shards(context, image_compute, lake, subset, spec["variant"])
+    ensure_shards(context, image_compute, lake, subset, spec["variant"], record=subset_record)
     metrics = trainer.train(
         context, store, job_name, shard_keys(subset, spec["variant"])["base"], key, {**spec, **live}
     )

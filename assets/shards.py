@@ -30,16 +30,18 @@ def ensure_shards(
     subset: str,
     variant: str,
     target_mb: float = TARGET_MB,
+    record: dict | None = None,
 ) -> dict:
     """The index of ``subset``'s ``variant`` shards: the lake's, if it is of the manifest frozen
-    now and of this size, else written by a workload job (Batch on AWS) first."""
+    now and of this size, else written by a workload job (Batch on AWS) first. ``record``: the
+    subset's, if the caller verified it already (else it is verified here)."""
     store = lake.lake()
     if variant not in VARIANT_COLUMNS:
         raise dg.Failure(
             description=f"variant {variant!r}: expected one of {', '.join(VARIANT_COLUMNS)}"
         )
     try:
-        record = verify_subset(store, subset)
+        record = record or verify_subset(store, subset)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise dg.Failure(description=f"subset {subset!r} is not usable: {e}") from None
     keys = shard_keys(subset, variant)

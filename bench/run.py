@@ -22,8 +22,8 @@ the photos scikit-learn and scikit-image ship (nothing is downloaded):
     entry's own peak RSS on a 200,000-image subset, and its RSS and time to the first optimizer
     step there over a 2,000-image one (bench.training --scale)
 14. ``training_input_vs_per_object``  images a second into a training loop from the subset's
-    training shards vs an object per image, over S3 with 20 ms added to each request (a moto
-    server behind the tests' fault proxy; bench.training --input)
+    training shards vs an object per image, over S3 (a moto server on 127.0.0.1, each request
+    made to wait 20 ms before it is sent; bench.training --input)
 
 Results go to ``bench/results.json`` (``--out``): for each name, the measured numbers, the
 ``value``, the ``target`` and ``pass``. ``--quick`` is a small smoke version (same code

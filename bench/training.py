@@ -9,8 +9,8 @@ given (``--spec '{"arch": "resnet18"}'``) over the defaults.
 
 ``--scale 2000,200000``: the entry's peak RSS and time to its first step at two subset sizes.
 ``--input 2000``: images a second delivered to a training loop from the shards vs from an
-object per image, both over S3 (a moto server on 127.0.0.1 behind the tests' fault proxy,
-adding ``--latency`` seconds to each request, as S3's first byte takes).
+object per image, both over S3 (a moto server on 127.0.0.1; each request waits ``--latency``
+seconds before it is sent, as S3's first byte takes).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from workloads.lake import LocalLake
@@ -213,15 +214,18 @@ def measure_scale(sizes=(2_000, 200_000)) -> dict:
     }
 
 
-def _fault_proxy():
-    """The tests' fault proxy (tests/aws/fault_proxy.py), loaded by path: bench is no test."""
-    import importlib.util
+def _with_latency(client, seconds: float) -> Counter:
+    """Make every request of the boto3 ``client`` wait ``seconds`` before it is sent (S3's time
+    to a first byte, which a server on 127.0.0.1 does not have); the counter it returns counts
+    them."""
+    sent: Counter = Counter()
 
-    path = Path(__file__).resolve().parent.parent / "tests" / "aws" / "fault_proxy.py"
-    spec = importlib.util.spec_from_file_location("fault_proxy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.FaultProxy
+    def wait(**_kwargs) -> None:  # None: botocore goes on to send the request
+        sent["requests"] += 1
+        time.sleep(seconds)
+
+    client.meta.events.register("before-send.s3", wait)
+    return sent
 
 
 def _images_a_second(dataset) -> tuple[int, float]:
@@ -256,35 +260,34 @@ def measure_input(n: int = 2_000, latency: float = 0.02) -> dict:
     server.start()
     try:
         host, port = server.get_host_and_port()
-        direct = S3Lake("s3://bench-input/lake", endpoint_url=f"http://{host}:{port}")
-        direct.client.create_bucket(Bucket="bench-input")
+        lake = S3Lake("s3://bench-input/lake", endpoint_url=f"http://{host}:{port}")
+        lake.client.create_bucket(Bucket="bench-input")
         with tempfile.TemporaryDirectory(prefix="bench-input-") as tmp:
             table = synthetic_images(n, Path(tmp))
             for key in table["resized_key"].to_pylist():
-                direct.put_file(key, Path(tmp) / key)
-        base = as_subset(direct, table)
-        with _fault_proxy()(f"http://{host}:{port}", latency=latency) as proxy:
-            lake = S3Lake("s3://bench-input/lake", endpoint_url=proxy.url)
-            index = get_json(lake, shard_keys(SUBSET, "resized")["index"])
-            classes = sorted(index["splits"]["train"]["labels"])
-            pre = Preprocess(size=16, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
-            entries = [e for split in index["splits"].values() for e in split["shards"]]
-            shards = ShardImages(
-                [functools.partial(lake.stream, f"{base}/{e['key']}") for e in entries],
-                classes,
-                pre,
-                shuffle=False,
-                digests=[e["sha256"] for e in entries],
-            )
-            manifest = parquet_table(lake.get(subset_keys(SUBSET)["manifest"]))
-            items = Items.from_manifest(manifest, "resized", classes, split=None)
-            before = proxy.stats["requests"]
-            got_shards, shard_rate = _images_a_second(shards)
-            shard_requests = proxy.stats["requests"] - before
-            objects = StreamingImages(items, None, pre, shuffle=False, reader=lake.get)
-            before = proxy.stats["requests"]
-            got_objects, object_rate = _images_a_second(objects)
-            object_requests = proxy.stats["requests"] - before
+                lake.put_file(key, Path(tmp) / key)
+        base = as_subset(lake, table)
+        requests = _with_latency(lake.client, latency)  # from here on: S3's latency
+        index = get_json(lake, shard_keys(SUBSET, "resized")["index"])
+        classes = sorted(index["splits"]["train"]["labels"])
+        pre = Preprocess(size=16, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+        entries = [e for split in index["splits"].values() for e in split["shards"]]
+        shards = ShardImages(
+            [functools.partial(lake.stream, f"{base}/{e['key']}") for e in entries],
+            classes,
+            pre,
+            shuffle=False,
+            digests=[e["sha256"] for e in entries],
+        )
+        manifest = parquet_table(lake.get(subset_keys(SUBSET)["manifest"]))
+        items = Items.from_manifest(manifest, "resized", classes, split=None)
+        before = requests["requests"]
+        got_shards, shard_rate = _images_a_second(shards)
+        shard_requests = requests["requests"] - before
+        objects = StreamingImages(items, None, pre, shuffle=False, reader=lake.get)
+        before = requests["requests"]
+        got_objects, object_rate = _images_a_second(objects)
+        object_requests = requests["requests"] - before
     finally:
         server.stop()
     if got_shards != got_objects:

@@ -165,9 +165,9 @@ def streaming_subset(
     from assets.subsets import load_subset
     from cvgraph.sdk import Datasets
     from workloads.layout import shard_keys
-    from workloads.training.data import Items, ShardImages, StreamingImages
+    from workloads.training.data import SHUFFLE_BUFFER, Items, ShardImages, StreamingImages
     from workloads.training.preprocess import Preprocess, channel_stats
-    from workloads.training.shards import first_images
+    from workloads.training.shards import STATS_IMAGES, first_images
     from workloads.training.spec import channels
 
     if variant not in VARIANT_COLUMNS:
@@ -178,40 +178,30 @@ def streaming_subset(
         raise ValueError(f"source {source!r}: expected shards or objects")
     ds = Datasets(home)
     lake, ch = ds.lake, channels(variant)
+    common = {"augment": augment, "seed": seed, "shuffle": split == "train"}
     if source == "shards":
         index = ds.shards(key, variant)
         classes = sorted({c for s in index["splits"].values() for c in s["labels"]})
         base = shard_keys(key, variant)["base"]
         entries = index["splits"][split]["shards"]
         opens = [functools.partial(lake.stream, f"{base}/{e['key']}") for e in entries]
-        mean, std = channel_stats(first_images(opens, 512), ch, size)
+        pre = Preprocess(size, ch, *channel_stats(first_images(opens, STATS_IMAGES), ch, size))
         data = ShardImages(
             opens,
             classes,
-            Preprocess(size=size, channels=ch, mean=mean, std=std),
-            augment=augment,
-            seed=seed,
-            shuffle=split == "train",
-            buffer=4096,
+            pre,
+            buffer=SHUFFLE_BUFFER,
             digests=[e["sha256"] for e in entries],
+            **common,
         )
-        data.classes = classes
-        return data
-    try:
-        _, manifest = load_subset(lake, key)
-    except ValueError as e:
-        raise SubsetIntegrityError(str(e)) from None
-    classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
-    items = Items.from_manifest(manifest, variant, classes, split)
-    mean, std = channel_stats(items.paths, ch, size, reader=lake.get)
-    data = StreamingImages(
-        items,
-        None,
-        Preprocess(size=size, channels=ch, mean=mean, std=std),
-        augment=augment,
-        seed=seed,
-        shuffle=split == "train",
-        reader=lake.get,
-    )
+    else:
+        try:
+            _, manifest = load_subset(lake, key)
+        except ValueError as e:
+            raise SubsetIntegrityError(str(e)) from None
+        classes = sorted({str(v) for v in manifest["label"].to_pylist() if v is not None})
+        items = Items.from_manifest(manifest, variant, classes, split)
+        pre = Preprocess(size, ch, *channel_stats(items.paths, ch, size, reader=lake.get))
+        data = StreamingImages(items, None, pre, reader=lake.get, **common)
     data.classes = classes
     return data

@@ -36,14 +36,10 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 
 class FaultProxy:
-    def __init__(
-        self, upstream: str, rate: float = 0.0, seed: int = 0, faults=None, latency: float = 0.0
-    ):
+    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, faults=None):
         """``faults(method, path, nth)``, if given, names each request's fault (or None) in
-        place of the seeded draw: for a test that needs one fault at one place. ``latency``:
-        seconds every request waits before it is forwarded (an object store's first byte)."""
+        place of the seeded draw: for a test that needs one fault at one place."""
         self.upstream = urlsplit(upstream)
-        self.latency = latency
         self.rate, self.seed, self.faults = rate, seed, faults
         self.stats: Counter = Counter()
         self._seen: Counter = Counter()
@@ -69,8 +65,6 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
-                if proxy.latency:
-                    time.sleep(proxy.latency)
                 kind = proxy.draw(self.command, self.path, self.headers, body)
                 if kind in ("slowdown", "internal"):
                     return self._error(kind)

@@ -56,6 +56,7 @@ __all__ = [
 # (seed, epoch, AUGMENTATION, item) an item's augmentation, (seed, epoch, SHUFFLE, ...) the
 # shuffle buffer's picks.
 ORDER, AUGMENTATION, SHUFFLE = 0, 1, 2
+SHUFFLE_BUFFER = 4096  # encoded images a training holds to shuffle its stream (~4 KB at 32 px)
 
 
 def image_tensor(

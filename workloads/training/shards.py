@@ -396,6 +396,9 @@ def split_shards(root: Path | str, index: dict, split: str) -> tuple[list[Path],
     return [Path(root) / e["key"] for e in entries], [e["sha256"] for e in entries]
 
 
+STATS_IMAGES = 512  # the train images a normalisation is measured on: the shards' first
+
+
 def first_images(shards: Sequence[Path | Callable[[], BinaryIO]], limit: int) -> list[bytes]:
     """The encoded bytes of the first ``limit`` images of ``shards`` (paths, or callables
     opening a stream), each checked against its name: in sha256 order, a sample of the split

@@ -29,9 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from workloads.training.data import Preprocess, ShardImages, channel_stats, loader
+from workloads.training.data import (
+    SHUFFLE_BUFFER,
+    Preprocess,
+    ShardImages,
+    channel_stats,
+    loader,
+)
 from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
-from workloads.training.shards import first_images, split_shards
+from workloads.training.shards import STATS_IMAGES, first_images, split_shards
 from workloads.training.spec import TRAIN_SPEC, channels, epochs_for
 from workloads.versions import SPLITS
 
@@ -147,10 +153,6 @@ def train() -> dict:
     hp = hyperparameters()
     with dagster_pipes(hp) as pipes:
         return _train(hp, pipes)
-
-
-STATS_IMAGES = 512  # the train images the normalisation is measured on: the shards' first
-SHUFFLE_BUFFER = 4096  # encoded images held to shuffle the train stream (~4 KB each at 32 px)
 
 
 SMALL_SPLIT = 4096  # below it, workers cost more (a fork per loader and epoch) than they decode

@@ -31,6 +31,23 @@ def unseen_rows(store, model_record: dict, subset: str) -> list[dict]:
 
 def _metadata(record: dict, pictures: dict[str, bytes]) -> dict:
     scores = record["scores"]
+    common = {
+        "model_version": record["model_version"],
+        "champion": record["champion"]["reason"],
+        **{k: picture(k.replace("_", " "), png) for k, png in pictures.items()},
+    }
+    if scores.get("task") == "detection":
+        per_class = [{"class": c, "AP": round(ap, 4)} for c, ap in scores["per_class"].items()]
+        return {
+            "map": scores["map"],
+            "map50": scores["map50"],
+            "map75": scores["map75"],
+            "images_scored": scores["scored"],
+            "boxes": scores["boxes"],
+            "boxes_of_unknown_categories": scores["unknown_category_boxes"],
+            "per_class_ap": dg.MetadataValue.md(md_table(per_class, ["class", "AP"])),
+            **common,
+        }
     per_class = [
         {"class": c, **{k: round(v, 4) for k, v in m.items()}}
         for c, m in scores["per_class"].items()
@@ -40,13 +57,18 @@ def _metadata(record: dict, pictures: dict[str, bytes]) -> dict:
         "macro_f1": scores["macro_f1"],
         "rows_scored": scores["scored"],
         "rows_with_unknown_labels": scores["unknown_labels"],
-        "model_version": record["model_version"],
-        "champion": record["champion"]["reason"],
         "per_class": dg.MetadataValue.md(
             md_table(per_class, ["class", "precision", "recall", "f1", "support"])
         ),
-        **{k: picture(k.replace("_", " "), png) for k, png in pictures.items()},
+        **common,
     }
+
+
+def headline(scores: dict) -> dict:
+    """The scores an evaluation's record shows first (a detector's: map, map50, per_class AP)."""
+    if scores.get("task") == "detection":
+        return {k: scores[k] for k in ("map", "map50", "per_class")}
+    return {k: scores[k] for k in ("accuracy", "macro_f1")}
 
 
 @dg.asset(
@@ -68,13 +90,21 @@ def _metadata(record: dict, pictures: dict[str, bytes]) -> dict:
     code_version="1",
     group_name="models",
     kinds={"pytorch", "mlflow"},
-    description="A trained model scored on a frozen subset's unseen rows: accuracy, per-class F1, confusion matrix, worst misclassified; the champion alias moved by the promotion rule.",
+    description="A trained model scored on a frozen subset's unseen rows: a classifier's accuracy, per-class F1, confusion matrix, worst misclassified; a detector's COCO mAP@[.5:.95], mAP50, AP per class, precision-recall curves, worst images drawn against their boxes; the champion alias moved by the promotion rule (accuracy, mAP).",
     hooks={end_mlflow_on_run_finished},
 )
 def model_evaluations(
     context: dg.AssetExecutionContext, lake: LakeResource, mlflow: dg.ResourceParam[Any]
 ) -> dg.MaterializeResult:
-    from workloads.training.evaluate import confusion_png, score, worst_png  # torch loads here
+    # torch loads here, not with the code location
+    from workloads.training.evaluate import (
+        confusion_png,
+        pr_png,
+        score,
+        score_detector,
+        worst_png,
+    )
+    from workloads.training.spec import SCORE, SCORE_NAME, task_of
 
     dims = context.partition_key.keys_by_dimension
     model, subset = dims["model"], dims["subset"]
@@ -96,10 +126,16 @@ def model_evaluations(
         with staging(store, "evaluate", on_sweep=lambda s: context.log.info(str(s))) as tmp:
             path = Path(tmp) / "model.pt"
             path.write_bytes(store.get(model_keys(model)["model"]))
-            scores, worst = score(str(path), rows, store.get)
+            detector = task_of(model_record) == "detection"
+            scores, worst = (score_detector if detector else score)(str(path), rows, store.get)
             version = model_version(mlflow, store, model_record)
             title = f"{model} v{version} on {subset}"
-            pngs = {"confusion": confusion_png(scores, title), "worst": worst_png(worst, title)}
+            pngs = {
+                "confusion" if not detector else "pr_curves": (
+                    pr_png(scores, title) if detector else confusion_png(scores, title)
+                ),
+                "worst": worst_png(worst, title),
+            }
             files = []
             for name, png in pngs.items():
                 store.put(keys[name], png)
@@ -109,9 +145,10 @@ def model_evaluations(
             run_id = log_evaluation(
                 mlflow, model, version, subset, scores, [*files, str(Path(tmp) / "evaluation.json")]
             )
-        champion = promote(mlflow, model, version, subset, scores["accuracy"])
+        metric = SCORE[task_of(model_record)]
+        champion = promote(mlflow, model, version, subset, scores[metric], metric=metric)
         context.log.info(
-            f"{model} v{version} on {subset}: accuracy {scores['accuracy']:.4f}; champion: {champion['reason']}"
+            f"{model} v{version} on {subset}: {SCORE_NAME[metric]} {scores[metric]:.4f}; champion: {champion['reason']}"
         )
         record = {
             "model": model,
@@ -119,18 +156,25 @@ def model_evaluations(
             "model_sha256": model_record["model_sha256"],
             "subset": subset,
             "subset_manifest_sha256": subset_record["manifest_sha256"],
+            **headline(scores),
             "scores": scores,
             "champion": champion,
             "mlflow_run_id": run_id,
-            "confusion": keys["confusion"],
+            **({"pr_curves": keys["pr_curves"]} if detector else {"confusion": keys["confusion"]}),
             "worst": keys["worst"],
             "dagster_run_id": context.run.run_id,
         }
         store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
-    pictures = {
-        "confusion_matrix": store.get(keys["confusion"]),
-        "worst_misclassified": store.get(keys["worst"]),
-    }
+    if record["scores"].get("task") == "detection":
+        pictures = {
+            "precision_recall": store.get(keys["pr_curves"]),
+            "worst_images": store.get(keys["worst"]),
+        }
+    else:
+        pictures = {
+            "confusion_matrix": store.get(keys["confusion"]),
+            "worst_misclassified": store.get(keys["worst"]),
+        }
     return dg.MaterializeResult(
         metadata=_metadata(record, pictures),
         data_version=dg.DataVersion(

@@ -21,6 +21,24 @@ PARITY_SAMPLES = 256
 MAX_FLOAT_ERROR = 1e-3  # TorchScript / ONNX float32 vs PyTorch logits
 MIN_INT8_AGREEMENT = 0.95  # top-1 agreement of the int8 model
 MIN_FP16_AGREEMENT = 0.99  # top-1 agreement of the float16 model
+# A detector's (workloads.training.export: each of PyTorch's detections scoring 0.3 or more)
+MIN_FLOAT_IOU = 0.99  # TorchScript / ONNX float32: the lowest IoU with their match
+MIN_BOX_AGREEMENT = {"onnx_int8": 0.9, "onnx_fp16": 0.98}  # matched at IoU 0.5 or more
+
+
+def parity_passed(formats: dict, detector: bool) -> bool:
+    """Whether every format is close enough to the trained model (the ``parity`` check)."""
+    floats = ("torchscript", "onnx")
+    if detector:
+        return all(
+            formats[f]["min_iou"] >= MIN_FLOAT_IOU
+            and formats[f]["max_abs_error"] <= MAX_FLOAT_ERROR
+            for f in floats
+        ) and all(formats[f]["box_agreement"] >= m for f, m in MIN_BOX_AGREEMENT.items())
+    return all(formats[f]["max_abs_error"] <= MAX_FLOAT_ERROR for f in floats) and (
+        formats["onnx_int8"]["top1_agreement"] >= MIN_INT8_AGREEMENT
+        and formats["onnx_fp16"]["top1_agreement"] >= MIN_FP16_AGREEMENT
+    )
 
 
 def _samples(store, model_record: dict, model_pt: Path):
@@ -75,7 +93,7 @@ def preprocess_of(store, model_record: dict, image_settings: ImageSettings) -> d
         dg.AssetCheckSpec(
             "parity",
             asset="exported_models",
-            description=f"float32 exports within {MAX_FLOAT_ERROR} of PyTorch logits; top-1 agreement of int8 ≥ {MIN_INT8_AGREEMENT}, of float16 ≥ {MIN_FP16_AGREEMENT}",
+            description=f"float32 exports within {MAX_FLOAT_ERROR} of PyTorch logits; top-1 agreement of int8 ≥ {MIN_INT8_AGREEMENT}, of float16 ≥ {MIN_FP16_AGREEMENT}. A detector's: float32 boxes at IoU ≥ {MIN_FLOAT_IOU} with PyTorch's, scores within {MAX_FLOAT_ERROR}; int8 and float16 matching ≥ {MIN_BOX_AGREEMENT['onnx_int8']} and ≥ {MIN_BOX_AGREEMENT['onnx_fp16']} of its boxes at IoU 0.5",
         )
     ],
 )
@@ -129,6 +147,8 @@ def exported_models(
         }
         store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
     formats = record["formats"]
+    detector = "box_agreement" in formats["onnx"]
+    agreement = ("min_iou", "box_agreement") if detector else ("top1_agreement",)
     # The model exported and the ONNX files' bytes. Not the TorchScript file's: torch writes a
     # random serialization id into every save and numbers traced classes per process, so its
     # bytes differ between two exports of the same weights (its parity is checked instead).
@@ -138,7 +158,7 @@ def exported_models(
     yield dg.MaterializeResult(
         metadata={
             **{f"{f}_max_abs_error": formats[f]["max_abs_error"] for f in formats},
-            **{f"{f}_top1_agreement": formats[f]["top1_agreement"] for f in formats},
+            **{f"{f}_{a}": formats[f][a] for f in formats for a in agreement},
             **{f"{f}_bytes": formats[f]["bytes"] for f in formats},
             "files": dg.MetadataValue.json({f: formats[f]["key"] for f in formats}),
             "model_sha256": record["model_sha256"],
@@ -146,19 +166,14 @@ def exported_models(
         },
         data_version=dg.DataVersion(data_version),
     )
-    float_ok = all(formats[f]["max_abs_error"] <= MAX_FLOAT_ERROR for f in ("torchscript", "onnx"))
-    reduced_ok = (
-        formats["onnx_int8"]["top1_agreement"] >= MIN_INT8_AGREEMENT
-        and formats["onnx_fp16"]["top1_agreement"] >= MIN_FP16_AGREEMENT
-    )
     yield dg.AssetCheckResult(
         check_name="parity",
-        passed=float_ok and reduced_ok,
+        passed=parity_passed(formats, detector),
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
             f: {
                 "max_abs_error": formats[f]["max_abs_error"],
-                "top1_agreement": formats[f]["top1_agreement"],
+                **{a: formats[f][a] for a in agreement},
             }
             for f in formats
         }

@@ -24,7 +24,15 @@ from resources.tracking import (
 from resources.training import Trainer
 from workloads.layout import model_keys, shard_keys
 from workloads.staging import staging
-from workloads.training.spec import FIELDS, TRAIN_SPEC, check_spec
+from workloads.training.spec import (
+    FIELDS,
+    SCORE,
+    SCORE_NAME,
+    TRAIN_SPEC,
+    check_spec,
+    task_defaults,
+    task_of,
+)
 from workloads.versions import canonical_json, sha256_hex
 
 
@@ -34,9 +42,11 @@ def _unset(field: str):
 
 
 class TrainConfig(dg.Config):
-    """Unset fields: the model's last spec (and subset), else ``workloads.training.spec.TRAIN_SPEC``."""
+    """Unset fields: the model's last spec (and subset), else the task's defaults
+    (``workloads.training.spec.task_defaults``)."""
 
     subset: str = Field("", description="the frozen subset to train on (default: the last)")
+    task: str | None = _unset("task")
     arch: str | None = _unset("arch")
     epochs: int | None = _unset("epochs")
     min_steps: int | None = _unset("min_steps")
@@ -67,8 +77,9 @@ def _plot_curves(history: list[dict], title: str) -> bytes:
     a.set_title("loss")
     a.set_xlabel("epoch")
     a.legend()
-    b.plot(epochs, [h["val_accuracy"] for h in history], color="green")
-    b.set_title("val accuracy")
+    metric = "val_map" if history and "val_map" in history[0] else "val_accuracy"
+    b.plot(epochs, [h[metric] for h in history], color="green")
+    b.set_title(metric.replace("_", " ").replace("map", "mAP"))
     b.set_xlabel("epoch")
     fig.suptitle(title)
     fig.tight_layout()
@@ -78,12 +89,19 @@ def _plot_curves(history: list[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
+def test_scores(record: dict) -> dict:
+    """The test split's scores in a model's record (``metrics.json``): accuracy, or mAP and
+    mAP@0.5 for a detector."""
+    return {k: record[k] for k in ("test_accuracy", "test_map", "test_map50") if k in record}
+
+
 def _metadata(record: dict, curves_png: bytes | None = None) -> dict:
     return {
         **({"training_curves": picture("training curves", curves_png)} if curves_png else {}),
         "subset": record["subset"],
         "subset_manifest_sha256": record["subset_manifest_sha256"],
-        "test_accuracy": record["test_accuracy"],
+        "task": task_of(record),
+        **test_scores(record),
         "classes": len(record["classes"]),
         "arch": record["spec"].get("arch", "small_cnn"),
         "epochs": record.get("epochs_run", record["spec"]["epochs"]),
@@ -138,10 +156,19 @@ def training_spec(key: str, config: TrainConfig, prior: dict | None) -> tuple[st
             description=f"model {key}: give the frozen subset to train on as config `subset`"
         )
     given = {k: v for k, v in config.model_dump().items() if k != "subset" and v is not None}
-    try:
-        return subset, check_spec({**TRAIN_SPEC, **(prior["spec"] if prior else {}), **given})
+    last = prior_spec(prior)
+    task = given.get("task") or last.get("task", TRAIN_SPEC["task"])
+    try:  # another task than the last: its defaults, not the last spec's values
+        base = {**task_defaults(task), **(last if last.get("task") == task else {})}
+        return subset, check_spec({**base, **given})
     except ValueError as e:
         raise dg.Failure(description=f"model {key}: {e}") from None
+
+
+def prior_spec(prior: dict | None) -> dict:
+    """The spec of a model's record, with the fields added since it was written at the values it
+    was trained with (so an old record's training is still the same training)."""
+    return {"task": "classification", **prior["spec"]} if prior else {}
 
 
 def _init_weights(mlf, store, key: str, spec: dict) -> dict:
@@ -196,7 +223,7 @@ def local_copy(store, key: str, directory: Path) -> str:
     code_version="1",
     group_name="models",
     kinds={"pytorch", "sagemaker", "mlflow"},
-    description="A classifier (arch: small_cnn, resnet18, mobilenet_v3_small) trained on a frozen subset's training shards (written first if missing): models/<key>/model.pt, model.json, curves.png; each training a version of the MLflow registered model <key>.",
+    description="A classifier (arch: small_cnn, resnet18, mobilenet_v3_small) or a detector (task: detection; CenterNet on resnet18 or mobilenet_v3_small) trained on a frozen subset's training shards (written first if missing): models/<key>/model.pt, model.json, curves.png; each training a version of the MLflow registered model <key>.",
     hooks={end_mlflow_on_run_finished},  # a failed step ends its MLflow run as FAILED
 )
 def trained_models(
@@ -220,7 +247,7 @@ def trained_models(
         raise dg.Failure(description=f"model {key}: subset {subset!r} is not usable: {e}") from None
     if (
         prior
-        and prior["spec"] == spec
+        and prior_spec(prior) == spec
         and prior["subset"] == subset
         and prior["subset_manifest_sha256"] == subset_record["manifest_sha256"]
         and store.exists(keys["model"])
@@ -275,7 +302,8 @@ def trained_models(
         "subset_manifest_sha256": subset_record["manifest_sha256"],
         "subset_input_merkle_root": subset_record["input_merkle_root"],
         "classes": metrics["classes"],
-        "test_accuracy": metrics["test_accuracy"],
+        **test_scores(metrics),
+        **({"test_per_class": metrics["test_per_class"]} if "test_per_class" in metrics else {}),
         "counts": metrics["counts"],
         "model_sha256": model_sha,
         "mlflow_run_id": run_id,
@@ -293,8 +321,9 @@ def trained_models(
         ),
     }
     store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
+    metric = SCORE[task_of(spec)]
     context.log.info(
-        f"model {key}: test accuracy {metrics['test_accuracy']:.4f} on {metrics['counts']['test']} held-out images"
+        f"model {key}: test {SCORE_NAME[metric]} {metrics['test_' + metric]:.4f} on {metrics['counts']['test']} held-out images"
     )
     return dg.MaterializeResult(
         metadata=_metadata(record, curves), data_version=dg.DataVersion(model_sha[:24])

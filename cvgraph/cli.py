@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from workloads.training.spec import ARCHS, AUGMENT_LEVELS  # dagster- and torch-free
+from workloads.training.spec import ARCHS, AUGMENT_LEVELS, TASKS  # dagster- and torch-free
 
 
 def _quiet() -> None:
@@ -234,6 +234,7 @@ def freeze(key: str, sql: str, allow_pending: bool, as_json: bool) -> None:
 @main.command()
 @click.argument("key")
 @click.option("--subset", help="frozen subset to train on (default: the model's last)")
+@click.option("--task", type=click.Choice(TASKS), help=_spec_help("task"))
 @click.option("--arch", type=click.Choice(ARCHS), help=_spec_help("arch"))
 @click.option("--epochs", type=int, help=_spec_help("epochs"))
 @click.option("--min-steps", type=int, help=_spec_help("min_steps"))
@@ -258,8 +259,12 @@ def train(key: str, subset: str | None, as_json: bool, **spec) -> None:
     rec = _ds().train(key, subset, **spec)
     if as_json:
         return _print_json(rec)
+    if "test_map" in rec:
+        score = f"test mAP {rec['test_map']:.4f}, mAP50 {rec['test_map50']:.4f}"
+    else:
+        score = f"test accuracy {rec['test_accuracy']:.4f}"
     click.echo(
-        f"model {key}: test accuracy {rec['test_accuracy']:.4f} ({rec['counts']['test']} held-out images), mlflow run {rec['mlflow_run_id']}"
+        f"model {key}: {score} ({rec['counts']['test']} held-out images), mlflow run {rec['mlflow_run_id']}"
     )
 
 
@@ -272,9 +277,13 @@ def export(key: str, as_json: bool) -> None:
     if as_json:
         return _print_json(rec)
     for fmt, r in rec["formats"].items():
-        click.echo(
-            f"{fmt:12s} {r['key']}  {r['bytes']} bytes  max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}"
-        )
+        if "box_agreement" in r:
+            parity = f"max |Δscore| {r['max_abs_error']:.2e}  min IoU {r['min_iou']:.4f}  boxes matched {r['box_agreement']:.3f}"
+        else:
+            parity = (
+                f"max |Δlogit| {r['max_abs_error']:.2e}  top-1 agreement {r['top1_agreement']:.3f}"
+            )
+        click.echo(f"{fmt:12s} {r['key']}  {r['bytes']} bytes  {parity}")
 
 
 @main.command()
@@ -288,12 +297,21 @@ def evaluate(model: str, subset: str, as_json: bool) -> None:
     if as_json:
         return _print_json(rec)
     s = rec["scores"]
-    click.echo(
-        f"{model} v{rec['model_version']} on {subset}: accuracy {s['accuracy']:.4f}, macro F1 "
-        f"{s['macro_f1']:.4f} over {s['scored']} unseen rows ({s['unknown_labels']} with labels it does not know)"
-    )
+    if s.get("task") == "detection":
+        click.echo(
+            f"{model} v{rec['model_version']} on {subset}: mAP {s['map']:.4f}, mAP50 "
+            f"{s['map50']:.4f} over {s['boxes']} boxes in {s['scored']} unseen images "
+            f"({s['unknown_category_boxes']} boxes of categories it does not know)"
+        )
+        for c, ap in s["per_class"].items():
+            click.echo(f"  AP {c}: {ap:.4f}")
+    else:
+        click.echo(
+            f"{model} v{rec['model_version']} on {subset}: accuracy {s['accuracy']:.4f}, macro F1 "
+            f"{s['macro_f1']:.4f} over {s['scored']} unseen rows ({s['unknown_labels']} with labels it does not know)"
+        )
     click.echo(f"  champion: {rec['champion']['reason']}")
-    click.echo(f"  pictures: {rec['confusion']}, {rec['worst']}")
+    click.echo(f"  pictures: {rec.get('confusion') or rec['pr_curves']}, {rec['worst']}")
 
 
 @main.command()
@@ -307,15 +325,41 @@ def evaluate(model: str, subset: str, as_json: bool) -> None:
     show_default=True,
     help="which export runs",
 )
+@click.option(
+    "--draw",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="a detector's: write each image with its boxes drawn to this directory (PNG)",
+)
+@click.option(
+    "--min-score",
+    type=click.FloatRange(0, 1),
+    help="a detector's: report boxes scoring at least this [default: 0.3]",
+)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per image")
-def predict(key: str, images: tuple[Path, ...], fmt: str, as_json: bool) -> None:
+def predict(
+    key: str,
+    images: tuple[Path, ...],
+    fmt: str,
+    draw: Path | None,
+    min_score: float | None,
+    as_json: bool,
+) -> None:
     """Classify IMAGES (files, or directories of them) with model KEY's export (onnxruntime),
-    preprocessed as its preprocess.json says."""
-    rows = _ds().predict(key, list(images), fmt)
+    preprocessed as its preprocess.json says; a detector's boxes are in each image's pixels."""
+    rows = _ds().predict(key, list(images), fmt, draw=draw, min_score=min_score)
     if as_json:
         return _print_json(rows)
     for r in rows:
-        click.echo(f"{r['image']}: {r['class']} ({r['probability']:.3f})")
+        if "boxes" in r:
+            found = ", ".join(
+                f"{b['class']} {b['score']:.2f} at ({b['x']:.0f}, {b['y']:.0f}, {b['w']:.0f}x{b['h']:.0f})"
+                for b in r["boxes"]
+            )
+            click.echo(f"{r['image']}: {len(r['boxes'])} box(es){': ' + found if found else ''}")
+        else:
+            click.echo(f"{r['image']}: {r['class']} ({r['probability']:.3f})")
+        if "drawn" in r:
+            click.echo(f"  drawn: {r['drawn']}")
 
 
 @main.command()

@@ -6,6 +6,8 @@
   benchmarks and the kernel quality test.
 * ``photo_class_members()``: a user's own colour photos in class folders (crops of one photo
   per class), for training with the defaults.
+* ``shapes.zip``: a detection pack (``shape_members``): 160 px crops of those photos with
+  circles, squares and triangles drawn on them, their boxes exact, in COCO instances.
 * ``photos.zip``: the sample photos of scikit-learn and scikit-image (JPEG, PNG, gray,
   RGBA, GIF) with COCO-style boxes, plus what real packs carry: OS junk, a text file, a
   duplicate photo.
@@ -200,11 +202,108 @@ def build_photos_pack(path: Path) -> int:
     return len(PHOTOS)
 
 
+SHAPES = ("circle", "square", "triangle")
+
+
+def _draw_shape(img: np.ndarray, kind: str, rng: np.random.Generator, box) -> None:
+    """Draw a filled ``kind`` inside ``box`` (x, y, w, h; pixels x..x+w-1)."""
+    x, y, w, h = box
+    color = tuple(int(c) for c in rng.integers(0, 256, 3))
+    if kind == "circle":
+        cv2.ellipse(img, ((x + (w - 1) / 2, y + (h - 1) / 2), (w - 1, h - 1), 0), color, -1)
+    elif kind == "square":
+        cv2.rectangle(img, (x, y), (x + w - 1, y + h - 1), color, -1)
+    else:
+        pts = np.array([[x + (w - 1) // 2, y], [x, y + h - 1], [x + w - 1, y + h - 1]], np.int32)
+        cv2.fillPoly(img, [pts], color)
+
+
+def _iou(a, b) -> float:
+    ax0, ay0, aw, ah = a
+    bx0, by0, bw, bh = b
+    iw = max(0, min(ax0 + aw, bx0 + bw) - max(ax0, bx0))
+    ih = max(0, min(ay0 + ah, by0 + bh) - max(ay0, by0))
+    inter = iw * ih
+    return inter / (aw * ah + bw * bh - inter)
+
+
+def shape_members(n: int = 300, size: int = 160, seed: int = 0) -> tuple[dict[str, bytes], dict]:
+    """A detection pack's members: ``n`` ``size`` px JPEG crops of the bundled photos
+    (``images/shapes_<i>.jpg``), each with 1-4 shapes (``SHAPES``, 14-56 px, random colours,
+    overlapping little) drawn on it, and ``annotations/instances_default.json`` (COCO, as CVAT
+    exports) with each shape's box: exactly the pixels drawn. Same arguments, same bytes."""
+    rng = np.random.default_rng(seed)
+    ims = photos()
+    members: dict[str, bytes] = {}
+    coco: dict = {"images": [], "annotations": [], "categories": []}
+    coco["categories"] = [{"id": i + 1, "name": k} for i, k in enumerate(SHAPES)]
+    for i in range(n):
+        photo = ims[int(rng.integers(len(ims)))]
+        side = int(rng.integers(size, min(photo.shape[:2]) + 1))
+        y0 = int(rng.integers(0, photo.shape[0] - side + 1))
+        x0 = int(rng.integers(0, photo.shape[1] - side + 1))
+        img = cv2.resize(photo[y0 : y0 + side, x0 : x0 + side], (size, size), cv2.INTER_AREA)
+        boxes: list[tuple[int, int, int, int]] = []
+        for _ in range(int(rng.integers(1, 5))):
+            for _try in range(20):
+                w = int(rng.integers(14, 57))
+                h = int(np.clip(w * rng.uniform(0.75, 1.33), 14, 56))
+                box = (int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1)), w, h)
+                if all(_iou(box, b) < 0.2 for b in boxes):
+                    break
+            else:
+                continue
+            kind = SHAPES[int(rng.integers(len(SHAPES)))]
+            before = img.copy()
+            _draw_shape(img, kind, rng, box)
+            ys, xs = np.nonzero((img != before).any(axis=2))
+            if len(xs) == 0:
+                continue
+            drawn = (
+                int(xs.min()),
+                int(ys.min()),
+                int(xs.max() - xs.min() + 1),
+                int(ys.max() - ys.min() + 1),
+            )
+            boxes.append(drawn)
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": i + 1,
+                    "category_id": SHAPES.index(kind) + 1,
+                    "bbox": list(drawn),
+                    "area": drawn[2] * drawn[3],
+                    "iscrowd": 0,
+                }
+            )
+        name = f"images/shapes_{i:04d}.jpg"
+        ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        members[name] = jpg.tobytes()
+        coco["images"].append(
+            {"id": i + 1, "file_name": name.split("/")[-1], "width": size, "height": size}
+        )
+    members["annotations/instances_default.json"] = json.dumps(coco).encode()
+    return members, coco
+
+
+def build_shapes_pack(path: Path, n: int = 300, seed: int = 0) -> int:
+    members, _ = shape_members(n, seed=seed)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            _add(zf, name, data)
+    return n
+
+
 def build_demo_packs(out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    packs = {"digits": out_dir / "digits.zip", "photos": out_dir / "photos.zip"}
+    packs = {
+        "digits": out_dir / "digits.zip",
+        "photos": out_dir / "photos.zip",
+        "shapes": out_dir / "shapes.zip",
+    }
     build_digits_pack(packs["digits"])
     build_photos_pack(packs["photos"])
+    build_shapes_pack(packs["shapes"])
     return packs
 
 

@@ -305,14 +305,16 @@ class Datasets:
 
     # -- models -------------------------------------------------------------------------------
     def train(self, key: str, subset: str | None = None, epochs: int | None = None, **spec) -> dict:
-        """Train model ``key`` on a frozen subset; returns its record (``test_accuracy``,
-        ``counts``, ``mlflow_run_id``, ...). ``spec``: any of ``workloads.training.spec.TRAIN_SPEC``'s
-        fields (arch, epochs, min_steps, lr, augment, input_size, variant, ...); what is not given is the
-        model's last (subset too), else the default. Checked before anything runs: the key, each
-        field's range, the subset exists and has two classes or more."""
+        """Train model ``key`` on a frozen subset; returns its record (``test_accuracy``, or a
+        detector's ``test_map`` and ``test_map50``; ``counts``, ``mlflow_run_id``, ...).
+        ``spec``: any of ``workloads.training.spec.TRAIN_SPEC``'s fields (task, arch, epochs,
+        min_steps, lr, augment, input_size, variant, ...); what is not given is the model's last
+        (subset too), else the task's default (``task="detection"``: a detector of the subset's
+        box categories). Checked before anything runs: the key, each field's range, the subset
+        exists and has two classes or more (a detector: one box category or more)."""
         from assets.models import trained_models
         from partitions import model_partitions_def
-        from workloads.training.spec import check_spec
+        from workloads.training.spec import check_spec, task_defaults
 
         self.check_key("model", key)
         given = {k: v for k, v in {"epochs": epochs, **spec}.items() if v is not None}
@@ -328,8 +330,25 @@ class Datasets:
                 raise InvalidRequest(
                     f"model {key!r} is new: give the frozen subset to train it on (--subset)"
                 ) from None
-        classes = [c for c in self.record("subset", trains_on)["labels"] if c != "None"]
-        if len(classes) < 2:
+        subset_record = self.record("subset", trains_on)
+        task = given.get("task")
+        if task is None:
+            try:
+                task = self.record("model", key)["spec"].get("task", "classification")
+            except UnknownKey:
+                task = "classification"
+        if task == "detection":
+            if not subset_record.get("boxes"):
+                raise InvalidRequest(
+                    f"subset {trains_on!r} has no boxes: a detector needs a subset of annotated "
+                    "images (COCO, VOC or YOLO annotations in its packs)"
+                )
+            try:
+                check_spec({**task_defaults("detection"), **given})
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
+        classes = [c for c in subset_record["labels"] if c != "None"]
+        if task != "detection" and len(classes) < 2:
             raise InvalidRequest(
                 f"subset {trains_on!r} has {len(classes)} labelled class(es) ({', '.join(classes)}): "
                 "a classifier needs two or more"
@@ -382,15 +401,25 @@ class Datasets:
         self.materialize([model_evaluations.key], partition_key=key)
         return json.loads(self.lake.get(evaluation_keys(model, subset)["record"]))
 
-    def predict(self, key: str, images: list[str | Path], fmt: str = "onnx") -> list[dict]:
+    def predict(
+        self,
+        key: str,
+        images: list[str | Path],
+        fmt: str = "onnx",
+        draw: str | Path | None = None,
+        min_score: float | None = None,
+    ) -> list[dict]:
         """Run model ``key``'s export (``onnx``, ``onnx_int8`` or ``onnx_fp16``) on image files (a directory:
-        the image files in it, by name), preprocessed as its ``preprocess.json`` says:
-        ``[{"image", "class", "probability", "logits"}]``."""
+        the image files in it, by name), preprocessed as its ``preprocess.json`` says: a
+        classifier's ``[{"image", "class", "probability", "logits"}]``, a detector's ``[{"image",
+        "width", "height", "boxes": [{"class", "score", "x", "y", "w", "h"}]}]`` (boxes scoring
+        ``min_score`` or more, default 0.3, in the image's own pixels). ``draw``: a directory
+        the images are written to as PNG with their boxes drawn (a detector's)."""
         import tempfile
 
         from workloads.layout import export_keys
         from workloads.member_names import IMAGE_EXTS
-        from workloads.training.predict import predict
+        from workloads.training.predict import draw_predictions, predict
 
         if fmt not in PREDICT_FORMATS:
             raise InvalidRequest(f"format {fmt!r}: expected one of {', '.join(PREDICT_FORMATS)}")
@@ -415,9 +444,19 @@ class Datasets:
             model = Path(tmp) / "model.onnx"
             model.write_bytes(self.lake.get(keys[fmt]))
             try:
-                out = predict(model, pre, data)
+                out = predict(model, pre, data, **({"min_score": min_score} if min_score else {}))
             except ValueError as e:
                 raise InvalidRequest(f"not an image the model can read: {e}") from None
+        if draw is not None:
+            if pre["output"]["name"] != "detections":
+                raise InvalidRequest(f"model {key!r} is a classifier: it has no boxes to draw")
+            out_dir = Path(draw)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for row in out:
+                png = draw_predictions(data[row["image"]], row["boxes"])
+                target = out_dir / f"{Path(row['image']).stem}.png"
+                target.write_bytes(png)
+                row["drawn"] = str(target)
         return out
 
     def forget(self, kind: str, key: str) -> int:

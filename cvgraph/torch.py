@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
-from workloads.kernels import crop_geometry
 from workloads.layout import VARIANT_COLUMNS, VARIANT_HASHES
+from workloads.training.preprocess import variant_boxes
 from workloads.versions import SPLITS, sha256_hex
 
 TARGETS = ("class", "detection")
@@ -19,25 +19,6 @@ TARGETS = ("class", "detection")
 
 class SubsetIntegrityError(ValueError):
     """The subset's manifest or an image's bytes are not what was frozen."""
-
-
-def variant_boxes(
-    boxes: list[dict], width: int, height: int, variant: str, size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(xyxy, which of ``boxes`` they are): ``boxes`` (x, y, w, h in the original's ``width`` x
-    ``height`` pixels) in the pixels of ``variant``. As they are for ``original``; for
-    ``resized`` and ``edges`` (the short side resized to ``size``, then a centre crop to ``size``
-    x ``size``) scaled, shifted, clipped to the crop, and left out when nothing of them is in it."""
-    xyxy = np.array(
-        [[b["x"], b["y"], b["x"] + b["w"], b["y"] + b["h"]] for b in boxes], np.float64
-    ).reshape(-1, 4)
-    if variant == "original":
-        return xyxy, np.arange(len(xyxy))
-    nw, nh, x0, y0 = crop_geometry(width, height, size)
-    scale, shift = np.array([nw / width, nh / height] * 2), np.array([x0, y0] * 2)
-    xyxy = np.clip(xyxy * scale - shift, 0, size)
-    kept = np.flatnonzero((xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]))
-    return xyxy[kept], kept
 
 
 def collate_detection(batch):
@@ -134,7 +115,9 @@ class FrozenSubsetDataset(Dataset):
 
     def _detection(self, target, size: int) -> dict:
         boxes, labels, width, height = target
-        xyxy, kept = variant_boxes(boxes, width, height, self.variant, size)
+        xyxy, kept = variant_boxes(
+            [(b["x"], b["y"], b["w"], b["h"]) for b in boxes], width, height, self.variant, size
+        )
         return {
             "boxes": torch.from_numpy(xyxy.astype(np.float32)),
             "labels": torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(kept)],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,10 +131,14 @@ def log_training(
         client.log_param(run_id, k, v)
     if not client.get_metric_history(run_id, "train_loss"):  # not logged live by the job
         for rec in metrics["history"]:
-            for k in ("train_loss", "val_loss", "val_accuracy", "lr"):
-                if k in rec and rec[k] == rec[k]:  # not NaN (no val split)
-                    client.log_metric(run_id, k, rec[k], step=rec["epoch"])
-    client.log_metric(run_id, "test_accuracy", metrics["test_accuracy"])
+            for k, v in rec.items():
+                if k not in ("epoch", "seconds") and v == v:  # not NaN (no val split)
+                    client.log_metric(run_id, k, v, step=rec["epoch"])
+    for k in ("test_accuracy", "test_map", "test_map50"):
+        if k in metrics:
+            client.log_metric(run_id, k, metrics[k])
+    for c, ap in metrics.get("test_per_class", {}).items():
+        client.log_metric(run_id, metric_name(f"test_ap_{c}"), ap)
     for path in artifacts:
         client.log_artifact(run_id, path)
     for k, v in tags.items():
@@ -234,21 +239,35 @@ def log_evaluation(
         f"{TAG}eval_subset": subset,
     }.items():
         client.set_tag(run_id, k, v)
-    client.log_metric(run_id, "accuracy", scores["accuracy"])
-    client.log_metric(run_id, "macro_f1", scores["macro_f1"])
-    for c, m in scores["per_class"].items():
-        client.log_metric(run_id, f"f1_{c}", m["f1"])
+    metric = "map" if scores.get("task") == "detection" else "accuracy"
+    if metric == "map":
+        for k in ("map", "map50", "map75"):
+            client.log_metric(run_id, k, scores[k])
+        for c, ap in scores["per_class"].items():
+            client.log_metric(run_id, metric_name(f"ap_{c}"), ap)
+    else:
+        client.log_metric(run_id, "accuracy", scores["accuracy"])
+        client.log_metric(run_id, "macro_f1", scores["macro_f1"])
+        for c, m in scores["per_class"].items():
+            client.log_metric(run_id, metric_name(f"f1_{c}"), m["f1"])
     for path in files:
         client.log_artifact(run_id, path)
-    client.set_model_version_tag(name, version, f"{TAG}eval.{subset}.accuracy", scores["accuracy"])
+    client.set_model_version_tag(name, version, f"{TAG}eval.{subset}.{metric}", scores[metric])
     mlf.end_run()
     return run_id
 
 
-def promote(mlf: MlFlow, name: str, version: str, subset: str, accuracy: float) -> dict:
+def metric_name(name: str) -> str:
+    """``name`` as an MLflow metric name can be (letters, digits, ``_-. /``; others ``_``)."""
+    return re.sub(r"[^\w\-. /]", "_", name)
+
+
+def promote(
+    mlf: MlFlow, name: str, version: str, subset: str, value: float, metric: str = "accuracy"
+) -> dict:
     """The promotion rule: the alias ``champion`` moves to ``version`` when there is no champion
-    yet, or the champion's accuracy on the same ``subset`` is lower. Returns the decision
-    (``before``, ``after``, ``moved``, ``reason``)."""
+    yet, or the champion's ``metric`` (accuracy; a detector's mAP) on the same ``subset`` is
+    lower. Returns the decision (``before``, ``after``, ``moved``, ``reason``)."""
     from mlflow.exceptions import MlflowException
 
     client = mlf.tracking_client
@@ -257,7 +276,7 @@ def promote(mlf: MlFlow, name: str, version: str, subset: str, accuracy: float) 
     except MlflowException:
         current = None
     theirs = (
-        client.get_model_version(name, current).tags.get(f"{TAG}eval.{subset}.accuracy")
+        client.get_model_version(name, current).tags.get(f"{TAG}eval.{subset}.{metric}")
         if current and current != version
         else None
     )
@@ -267,15 +286,15 @@ def promote(mlf: MlFlow, name: str, version: str, subset: str, accuracy: float) 
         moved, reason = False, f"v{version} is the champion"
     elif theirs is None:
         moved, reason = False, f"champion v{current} has no evaluation on {subset} to compare"
-    elif accuracy > float(theirs):
+    elif value > float(theirs):
         moved, reason = (
             True,
-            f"{accuracy:.4f} beats champion v{current}'s {float(theirs):.4f} on {subset}",
+            f"{value:.4f} beats champion v{current}'s {float(theirs):.4f} on {subset}",
         )
     else:
         moved, reason = (
             False,
-            f"{accuracy:.4f} does not beat champion v{current}'s {float(theirs):.4f} on {subset}",
+            f"{value:.4f} does not beat champion v{current}'s {float(theirs):.4f} on {subset}",
         )
     if moved:
         client.set_registered_model_alias(name, CHAMPION, version)

@@ -290,7 +290,8 @@ def evaluation_keys(model: str, subset: str) -> dict[str, str]:
     base = f"{EVALUATIONS}{model}/{subset}"
     return {
         "record": f"{base}/evaluation.json",
-        "confusion": f"{base}/confusion.png",
+        "confusion": f"{base}/confusion.png",  # a classifier's
+        "pr_curves": f"{base}/pr_curves.png",  # a detector's
         "worst": f"{base}/worst.png",
     }
 

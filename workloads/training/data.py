@@ -346,8 +346,8 @@ class ShardImages(IterableDataset):
         return open(s, "rb") if isinstance(s, Path) else contextlib.closing(s())
 
     def _samples(self, mine: Sequence[int], worker: int, every: int):
-        """(sha256, bytes, label index) of this worker's samples: all of its shards' (every=1),
-        or every ``every``-th sample of all shards from the ``worker``-th."""
+        """(sha256, bytes, target) of this worker's samples: all of its shards' (every=1), or
+        every ``every``-th sample of all shards from the ``worker``-th."""
         position = 0
         for i in mine:
             with self._open(i) as f:
@@ -357,10 +357,18 @@ class ShardImages(IterableDataset):
                         continue
                     if self.split is not None and meta.get("split") != self.split:
                         continue
-                    label = meta.get("label")
-                    index = self._index.get(str(label)) if label is not None else None
-                    if index is not None:
-                        yield key, data, index
+                    target = self.target(meta)
+                    if target is not None:
+                        yield key, data, target
+
+    def target(self, meta: dict):
+        """What a sample's json makes its target: the label's index, None (skipped) for a label
+        not in ``classes``."""
+        label = meta.get("label")
+        return self._index.get(str(label)) if label is not None else None
+
+    def item(self, key: str, data: bytes, target, rng: np.random.Generator | None):
+        return image_tensor(data, key, self.preprocess, self.augment, rng), target
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()
@@ -378,11 +386,60 @@ class ShardImages(IterableDataset):
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, SHUFFLE, worker, workers])
             samples = _shuffled(samples, self.buffer, rng)
-        for key, data, label in samples:
+        for key, data, target in samples:
             rng = None
             if self.augment != "none":
                 rng = np.random.default_rng([self.seed, self.epoch, AUGMENTATION, int(key, 16)])
-            yield image_tensor(data, key, self.preprocess, self.augment, rng), label
+            yield self.item(key, data, target, rng)
+
+
+class ShardDetections(ShardImages):
+    """``ShardImages`` for a detector: yields ``(FloatTensor (C, S, S), targets)`` for every
+    sample (an image without boxes is a negative), ``targets`` a dict of arrays of fixed shapes
+    (so the DataLoader stacks them): ``detection.encode``'s training targets and the image's
+    ground truth, padded to ``MAX_OBJECTS``: ``boxes`` (xyxy in the input's pixels), ``labels``
+    (indexes in ``classes``; boxes of other categories are left out), ``crowd``, ``valid``.
+    Crowd boxes are no training targets; they stay in the ground truth (evaluation ignores
+    what they cover). The augmentation moves the boxes with the image."""
+
+    def __init__(self, *args, variant: str = "original", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.variant = variant
+
+    def target(self, meta: dict):
+        if "boxes" not in meta:
+            raise ValueError(
+                f"sample {meta.get('sha256', '?')[:12]}: the shards carry no boxes (a subset "
+                "frozen before boxes were kept): freeze it again for a detector"
+            )
+        return meta["boxes"], meta["width"], meta["height"]
+
+    def item(self, key: str, data: bytes, target, rng: np.random.Generator | None):
+        from workloads.training.detection import MAX_OBJECTS, encode
+        from workloads.training.preprocess import augment_detection, variant_boxes
+
+        boxes, width, height = target
+        known = [b for b in boxes if b[0] in self._index]
+        pre = self.preprocess
+        img = decode(data, pre.channels, key)
+        xyxy, kept = variant_boxes(
+            [b[1:5] for b in known], width, height, self.variant, img.shape[0]
+        )
+        img, xyxy, moved = augment_detection(img, xyxy, self.augment, rng, pre.size)
+        labels = np.array([self._index[known[i][0]] for i in kept[moved]], np.int64)
+        crowd = np.array([bool(known[i][5]) for i in kept[moved]], bool)
+        out = encode(xyxy[~crowd], labels[~crowd], len(self.classes), pre.size)
+        n = min(len(xyxy), MAX_OBJECTS)
+        padded = {
+            "boxes": np.zeros((MAX_OBJECTS, 4), np.float32),
+            "labels": np.zeros(MAX_OBJECTS, np.int64),
+            "crowd": np.zeros(MAX_OBJECTS, bool),
+            "valid": np.zeros(MAX_OBJECTS, bool),
+        }
+        padded["boxes"][:n], padded["labels"][:n] = xyxy[:n], labels[:n]
+        padded["crowd"][:n], padded["valid"][:n] = crowd[:n], True
+        x = torch.from_numpy(pre(img))
+        return x, {k: torch.from_numpy(v) for k, v in {**out, **padded}.items()}
 
 
 def _shuffled(samples: Iterable, size: int, rng: np.random.Generator) -> Iterator:

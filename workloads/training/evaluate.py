@@ -1,6 +1,9 @@
-"""A trained model scored on a subset's rows it never trained on: accuracy, per-class precision,
-recall and F1, the confusion matrix, and the worst misclassified images (the wrong answers it was
-surest of), the pictures as PNG bytes."""
+"""A trained model scored on a subset's rows it never trained on, the pictures as PNG bytes.
+
+A classifier: accuracy, per-class precision, recall and F1, the confusion matrix, and the worst
+misclassified images (the wrong answers it was surest of). A detector: COCO mAP@[.5:.95],
+mAP@0.5 and AP per class (``coco_eval``, pycocotools), each class's precision-recall curve, and
+the images with the most misses and false detections, drawn against their ground truth."""
 
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ import numpy as np
 import torch
 
 from workloads.layout import VARIANT_COLUMNS
+from workloads.training.coco_eval import box_iou
 from workloads.training.models import load_checkpoint
+from workloads.training.predict import MIN_SCORE as WORST_MIN_SCORE
+from workloads.training.predict import draw_boxes
 from workloads.training.preprocess import decode, model_preprocess
 
 WORST = 16  # misclassified images in the grid
@@ -130,5 +136,136 @@ def worst_png(worst: list[tuple[bytes, str]], title: str) -> bytes:
         ax.imshow(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
         ax.set_title(caption, fontsize=8)
     fig.suptitle(title if worst else f"{title}: none misclassified")
+    fig.tight_layout()
+    return _png(fig)
+
+
+# -- detectors -----------------------------------------------------------------------------------
+
+
+def _image_errors(truth, found) -> tuple[int, int]:
+    """(ground-truth boxes missed, detections on nothing) of one image at IoU 0.5, detections
+    scoring ``WORST_MIN_SCORE`` or more, each box matched once, by score (crowd boxes: neither)."""
+    keep = found.scores >= WORST_MIN_SCORE
+    order = np.argsort(-found.scores[keep], kind="stable")
+    boxes, labels = found.boxes[keep][order], found.labels[keep][order]
+    crowd = truth.crowd if truth.crowd is not None else np.zeros(len(truth.boxes), bool)
+    used = np.zeros(len(truth.boxes), bool)
+    false_positives = 0
+    for box, label in zip(boxes, labels):
+        ious = box_iou(box, truth.boxes)
+        ious[(truth.labels != label) | used] = 0
+        j = int(ious.argmax()) if len(ious) else -1
+        if j >= 0 and ious[j] >= 0.5:
+            used[j] = not crowd[j]  # a crowd box takes any number of detections
+        else:
+            false_positives += 1
+    return int((~used & ~crowd).sum()), false_positives
+
+
+def run_detector(model, pre, images: list[np.ndarray], batch: int = 64) -> list[np.ndarray]:
+    """Each image's ``(TOP_K, 6)`` detections in its own pixels: stretched to the model's input,
+    run, the boxes scaled back."""
+    from workloads.training.detection import Detector
+
+    detector = Detector(model).eval()
+    out = []
+    for i in range(0, len(images), batch):
+        chunk = images[i : i + batch]
+        x = torch.from_numpy(np.stack([pre(img) for img in chunk]))
+        with torch.no_grad():
+            dets = detector(x).numpy().astype(np.float64)
+        for img, d in zip(chunk, dets):
+            h, w = img.shape[:2]
+            d[:, [0, 2]] *= w / pre.size
+            d[:, [1, 3]] *= h / pre.size
+            out.append(d)
+    return out
+
+
+def score_detector(
+    model_path: str, rows: list[dict], read: Callable[[str], bytes]
+) -> tuple[dict, list[tuple[bytes, str]]]:
+    """(the COCO scores of the detector at ``model_path`` on ``rows`` — manifest rows with
+    ``objects``, ``width`` and ``height`` — and the worst images as (PNG bytes with the ground
+    truth in green and the detections in red, caption)). Boxes of categories the detector does
+    not know are counted, not scored."""
+    from workloads.training.coco_eval import ImageBoxes, coco_scores, detections_of
+    from workloads.training.preprocess import variant_boxes
+
+    model, saved = load_checkpoint(model_path)
+    classes, pre, variant = saved["classes"], model_preprocess(saved), saved["variant"]
+    index = {c: i for i, c in enumerate(classes)}
+    col = VARIANT_COLUMNS[variant]
+    truth, images, unknown = [], [], 0
+    for r in rows:
+        img = decode(read(r[col]), pre.channels, r[col])
+        boxes = r.get("objects") or []
+        unknown += sum(b["category"] not in index for b in boxes)
+        known = [b for b in boxes if b["category"] in index]
+        xyxy, kept = variant_boxes(
+            [(b["x"], b["y"], b["w"], b["h"]) for b in known],
+            r["width"],
+            r["height"],
+            variant,
+            img.shape[0],
+        )
+        truth.append(
+            ImageBoxes(
+                xyxy,
+                np.array([index[known[i]["category"]] for i in kept], np.int64),
+                crowd=np.array([bool(known[i].get("iscrowd")) for i in kept], bool),
+            )
+        )
+        images.append(img)
+    found = [detections_of(d, 0.001) for d in run_detector(model, pre, images)]
+    coco = coco_scores(truth, found, classes)
+    errors = [_image_errors(t, f) for t, f in zip(truth, found)]
+    ranked = sorted(
+        (i for i, e in enumerate(errors) if sum(e)), key=lambda i: (-sum(errors[i]), i)
+    )[:WORST]
+    worst = []
+    for i in ranked:
+        drawn = draw_boxes(images[i], found[i], classes, truth[i])
+        ok, png = cv2.imencode(".png", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        missed, extra = errors[i]
+        worst.append((png.tobytes(), f"{missed} missed, {extra} false"))
+    scores = {
+        "task": "detection",
+        "rows": len(rows),
+        "scored": len(rows),
+        "boxes": coco["boxes"],
+        "unknown_category_boxes": unknown,
+        "map": coco["map"],
+        "map50": coco["map50"],
+        "map75": coco["map75"],
+        "per_class": coco["per_class"],
+        "pr": coco["pr"],
+        "classes": classes,
+        "worst": [
+            {"sha256": rows[i]["sha256"], "missed": errors[i][0], "false_positives": errors[i][1]}
+            for i in ranked
+        ],
+    }
+    return scores, worst
+
+
+def pr_png(scores: dict, title: str) -> bytes:
+    """Each class's precision-recall curve at IoU 0.5, its AP@[.5:.95] in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for c, curve in scores["pr"].items():
+        ax.plot(curve["recall"], curve["precision"], label=f"{c} (AP {scores['per_class'][c]:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"{title}\nIoU 0.5; mAP@[.5:.95] {scores['map']:.3f}, mAP50 {scores['map50']:.3f}")
+    if scores["pr"]:
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return _png(fig)

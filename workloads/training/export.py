@@ -1,9 +1,14 @@
 """Export a trained model to TorchScript, ONNX, ONNX int8 and ONNX float16, each checked for parity.
 
-Parity = max |logit difference| against the trained PyTorch model on real samples, and
-top-1 agreement (the int8 and float16 models are judged by agreement as well: their logits
-move by design). The float16 model keeps float32 input and output, so ``preprocess.json``
-applies to every ONNX file alike.
+A classifier's parity = max |logit difference| against the trained PyTorch model on real
+samples, and top-1 agreement (the int8 and float16 models are judged by agreement as well:
+their logits move by design). A detector is exported with its decoding (``Detector``: input
+``image``, output ``detections`` (batch, 100, 6) ``[x0, y0, x1, y1, score, class]`` in input
+pixels, by score); its parity compares each of PyTorch's detections scoring
+``PARITY_MIN_SCORE`` or more with the export's best match of its class: the lowest IoU
+(``min_iou``), the largest score difference (``max_abs_error``), and the share matched at IoU
+0.5 or more (``box_agreement``). The float16 model keeps float32 input and output, so
+``preprocess.json`` applies to every ONNX file alike.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import numpy as np
 import torch
 
 from workloads.layout import EXPORT_FILES
+from workloads.training.coco_eval import box_iou
 from workloads.training.models import load_checkpoint
 
 FORMATS = ("torchscript", "onnx", "onnx_int8", "onnx_fp16")
+PARITY_MIN_SCORE = 0.3  # a detector's detections compared (those it would report)
 
 
 def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -30,6 +37,11 @@ def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
 def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, dict]:
     """Write every format under ``out_dir``; returns ``{format: {file, bytes, max_abs_error, top1_agreement}}``."""
     model, record = load_checkpoint(model_pt)
+    detector = record["arch"].get("task") == "detection"
+    if detector:
+        from workloads.training.detection import Detector
+
+        model = Detector(model).eval()
     x = torch.from_numpy(samples.astype(np.float32))
     with torch.no_grad():
         reference = model(x).numpy()
@@ -38,7 +50,7 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
         p.parent.mkdir(parents=True, exist_ok=True)
 
     _export_torchscript(model, x, paths["torchscript"])
-    _export_onnx(model, x, paths["onnx"])
+    _export_onnx(model, x, paths["onnx"], "detections" if detector else "logits")
     _quantize_int8(
         paths["onnx"], paths["onnx_int8"], out_dir / "onnx_int8" / "prepared.onnx", samples
     )
@@ -49,7 +61,8 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     outputs["onnx"] = _onnx_logits(paths["onnx"], samples.astype(np.float32))
     outputs["onnx_int8"] = _onnx_logits(paths["onnx_int8"], samples.astype(np.float32))
     outputs["onnx_fp16"] = _onnx_logits(paths["onnx_fp16"], samples.astype(np.float32))
-    return {fmt: _parity(fmt, paths[fmt], logits, reference) for fmt, logits in outputs.items()}
+    parity = _detection_parity if detector else _parity
+    return {fmt: parity(fmt, paths[fmt], out, reference) for fmt, out in outputs.items()}
 
 
 def _export_torchscript(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
@@ -57,7 +70,7 @@ def _export_torchscript(model: torch.nn.Module, x: torch.Tensor, path: Path) -> 
     scripted.save(str(path))
 
 
-def _export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
+def _export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path, output: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -65,8 +78,8 @@ def _export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
             (x[:1],),
             str(path),
             input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=[output],
+            dynamic_axes={"image": {0: "batch"}, output: {0: "batch"}},
             dynamo=False,
         )
 
@@ -132,5 +145,31 @@ def _parity(fmt: str, path: Path, logits: np.ndarray, reference: np.ndarray) -> 
         "top1_agreement": float(np.mean(logits.argmax(1) == reference.argmax(1)))
         if len(reference)
         else 1.0,
+        "samples": len(reference),
+    }
+
+
+def _detection_parity(fmt: str, path: Path, dets: np.ndarray, reference: np.ndarray) -> dict:
+    """How the export's detections (B, K, 6) agree with PyTorch's ``reference``: for each of
+    PyTorch's scoring ``PARITY_MIN_SCORE`` or more, the export's best IoU in its class and the
+    score difference there."""
+    ious, diffs = [], []
+    for ref, got in zip(reference, dets):
+        for row in ref[ref[:, 4] >= PARITY_MIN_SCORE]:
+            same = got[got[:, 5] == row[5]]
+            if not len(same):
+                ious.append(0.0)
+                continue
+            overlap = box_iou(row[:4], same[:, :4])
+            j = int(overlap.argmax())
+            ious.append(float(overlap[j]))
+            diffs.append(abs(float(same[j, 4] - row[4])))
+    return {
+        "file": EXPORT_FILES[fmt],
+        "bytes": path.stat().st_size,
+        "detections": len(ious),
+        "min_iou": min(ious, default=1.0),
+        "max_abs_error": max(diffs, default=0.0),
+        "box_agreement": float(np.mean(np.array(ious) >= 0.5)) if ious else 1.0,
         "samples": len(reference),
     }

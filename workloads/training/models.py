@@ -316,8 +316,13 @@ _CLASSES: dict[str, type[nn.Module]] = {
 
 def build_model(arch: dict) -> nn.Module:
     """The model a record's ``arch`` describes: ``{"name", "in_channels", "num_classes",
-    "input_size", "width"}``. No ``name`` (a record written before there was a choice) means
+    "input_size", "width"}`` (with ``"task": "detection"``: a ``detection.CenterNet`` on that
+    backbone, ``num_classes`` its heat maps). No ``name`` (a record written before there was a choice) means
     ``small_cnn``; no ``width`` (or None) means ``DEFAULT_WIDTH[name]``."""
+    if arch.get("task") == "detection":
+        from workloads.training.detection import CenterNet
+
+        return CenterNet(arch)
     name = arch.get("name") or "small_cnn"
     if name not in _CLASSES:
         raise ValueError(f"unknown model arch {name!r}: choose one of {', '.join(ARCHS)}")

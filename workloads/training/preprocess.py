@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from workloads.kernels import crop_geometry
 from workloads.kernels import decode as decode_as_displayed
 from workloads.training.spec import AUGMENT_LEVELS
 
@@ -269,6 +270,70 @@ def _jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int16) + round(hue * 256)) % 256
         out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
     return out
+
+
+# -- boxes ---------------------------------------------------------------------------------------
+MIN_VISIBLE = 0.4  # of a box's area a crop must keep for the box to stay a training target
+
+
+def variant_boxes(
+    boxes: Sequence[Sequence[float]], width: int, height: int, variant: str, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(xyxy, which of ``boxes`` they are): ``boxes`` (x, y, w, h in the original's ``width`` x
+    ``height`` pixels) in the pixels of ``variant``. As they are for ``original``; for
+    ``resized`` and ``edges`` (the short side resized to ``size``, then a centre crop to ``size``
+    x ``size``) scaled, shifted, clipped to the crop, and left out when nothing of them is in it."""
+    xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in boxes], np.float64).reshape(-1, 4)
+    if variant == "original":
+        return xyxy, np.arange(len(xyxy))
+    nw, nh, x0, y0 = crop_geometry(width, height, size)
+    scale, shift = np.array([nw / width, nh / height] * 2), np.array([x0, y0] * 2)
+    xyxy = np.clip(xyxy * scale - shift, 0, size)
+    kept = np.flatnonzero((xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]))
+    return xyxy[kept], kept
+
+
+def augment_detection(
+    img: np.ndarray,
+    boxes: np.ndarray,
+    level: str,
+    rng: np.random.Generator | None,
+    size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint8 ``size`` x ``size`` image, its boxes xyxy, which of ``boxes`` they are) from ``img``
+    and ``boxes`` (xyxy in its pixels): ``augment``'s geometry, the boxes moved with the image.
+    ``none``: stretched to the square. ``light``/``standard``: the random resized crop (a box
+    stays when ``MIN_VISIBLE`` of its area is in the crop, clipped to it), the flip, and for
+    ``standard`` the colour jitter."""
+    if level not in AUGMENT_LEVELS:
+        raise ValueError(f"augment {level!r}: expected one of {', '.join(AUGMENT_LEVELS)}")
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    height, width = img.shape[:2]
+    kept = np.arange(len(boxes))
+    if level == "none":
+        y, x, h, w = 0, 0, height, width
+    else:
+        if rng is None:
+            raise ValueError(f"augment {level!r} needs an rng")
+        y, x, h, w = _crop_box(height, width, CROP_SCALE[level], rng)
+        clipped = np.clip(boxes - [x, y, x, y], 0, [w, h, w, h])
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        seen = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        kept = np.flatnonzero((seen > 0) & (seen >= MIN_VISIBLE * area))
+        boxes = clipped[kept] + [x, y, x, y]
+    crop = img[y : y + h, x : x + w]
+    interp = cv2.INTER_AREA if h > size and w > size else cv2.INTER_LINEAR
+    out = crop if (h, w) == (size, size) else cv2.resize(crop, (size, size), interpolation=interp)
+    scaled = (boxes - [x, y, x, y]) * [size / w, size / h, size / w, size / h]
+    if level != "none":
+        if rng.random() < 0.5:
+            out = out[:, ::-1]
+            scaled = np.stack(
+                [size - scaled[:, 2], scaled[:, 1], size - scaled[:, 0], scaled[:, 3]], axis=1
+            ).reshape(-1, 4)
+        if level == "standard":
+            out = _jitter(out, rng)
+    return np.ascontiguousarray(out), scaled, kept
 
 
 def model_preprocess(record: dict) -> Preprocess:

@@ -4,7 +4,10 @@ A shard is a POSIX (ustar) tar whose members come in pairs grouped by key, the n
 first dot (WebDataset's convention)::
 
     <sha256>.<ext>    the image's bytes (ext: the lake key's, e.g. jpg or png)
-    <sha256>.json     {"label": ..., "sha256": <the same>, "split": ...}
+    <sha256>.json     {"label": ..., "sha256": <the same>, "split": ...}, and for a subset
+                      frozen with boxes "boxes": [[category, x, y, w, h, iscrowd], ...] in the
+                      original's pixels with its "width" and "height" (what maps them onto
+                      the variant: ``preprocess.variant_boxes``)
 
 ``sha256`` is that of the image's bytes, so every sample checks itself: ``iter_shard`` refuses
 an image whose bytes do not hash to its name, or whose json names another. The index
@@ -48,19 +51,29 @@ def shard_name(i: int) -> str:
     return f"shard-{i:06d}.tar"
 
 
+SHARDS_FORMAT = 2  # 2: samples carry their boxes (an index of another format is rewritten)
+BOX_COLUMNS = ("objects", "width", "height")  # a manifest frozen with boxes has them
+
+
 def manifest_samples(manifest: pa.Table, variant: str) -> list[dict]:
     """What ``write_shards`` takes for a frozen subset's ``manifest``: each row's ``variant`` lake
-    key, its frozen sha256, label and split, in sha256 order (a pseudo-random order, so each
-    shard mixes the labels and a bounded shuffle buffer is enough)."""
+    key, its frozen sha256, label and split (and its boxes, when the subset was frozen with
+    them), in sha256 order (a pseudo-random order, so each shard mixes the labels and a bounded
+    shuffle buffer is enough)."""
     col, digest = VARIANT_COLUMNS[variant], VARIANT_HASHES[variant]
-    rows = manifest.select(list(dict.fromkeys([col, digest, "label", "split"]))).to_pylist()
-    return sorted(
-        (
-            {"key": r[col], "sha256": r[digest], "label": r["label"], "split": r["split"]}
-            for r in rows
-        ),
-        key=lambda s: s["sha256"] or "",
-    )
+    boxed = set(BOX_COLUMNS) <= set(manifest.schema.names)
+    names = [col, digest, "label", "split", *(BOX_COLUMNS if boxed else ())]
+    out = []
+    for r in manifest.select(list(dict.fromkeys(names))).to_pylist():
+        sample = {"key": r[col], "sha256": r[digest], "label": r["label"], "split": r["split"]}
+        if boxed:
+            sample["boxes"] = [
+                [b["category"], b["x"], b["y"], b["w"], b["h"], bool(b.get("iscrowd"))]
+                for b in r["objects"] or []
+            ]
+            sample["width"], sample["height"] = r["width"], r["height"]
+        out.append(sample)
+    return sorted(out, key=lambda s: s["sha256"] or "")
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -184,7 +197,14 @@ def write_shards(
                 raise ValueError(
                     f"{key} is not what was frozen: sha256 {actual[:12]} != {sha[:12]}"
                 )
-            meta = canonical_json({"label": item["label"], "sha256": sha, "split": item["split"]})
+            meta = canonical_json(
+                {
+                    "label": item["label"],
+                    "sha256": sha,
+                    "split": item["split"],
+                    **{k: item[k] for k in ("boxes", "width", "height") if k in item},
+                }
+            )
             if shard is not None and shard.size + sample_bytes(data, meta) > target_bytes:
                 index.append(shard.close())
                 shard = None
@@ -346,6 +366,7 @@ def build_subset_shards(
         prior
         and prior.get("manifest_sha256") == record["manifest_sha256"]
         and prior.get("target_bytes") == target_bytes
+        and prior.get("format") == SHARDS_FORMAT
     ):
         return prior
     if variant not in VARIANT_COLUMNS:
@@ -354,6 +375,7 @@ def build_subset_shards(
     index = {
         "subset": subset,
         "variant": variant,
+        "format": SHARDS_FORMAT,
         "manifest_sha256": record["manifest_sha256"],
         "target_bytes": target_bytes,
         "skipped": skipped,
@@ -370,13 +392,18 @@ def build_subset_shards(
             _prefetched(samples, lake.get, threads), lake.get, upload, target_bytes
         )
         labels: dict[str, int] = {}
+        categories: dict[str, int] = {}
         for s in samples:
             if s["label"] is not None:
                 labels[str(s["label"])] = labels.get(str(s["label"]), 0) + 1
+            for b in s.get("boxes", ()):
+                if not b[5]:
+                    categories[b[0]] = categories.get(b[0], 0) + 1
         index["splits"][split] = {
             "count": len(samples),
             "labels": dict(sorted(labels.items())),  # the labelled samples, by label
             "unlabelled": len(samples) - sum(labels.values()),
+            "categories": dict(sorted(categories.items())),  # boxes (not crowd), by category
             "shards": [{**e, "key": f"{split}/{e['name']}"} for e in written],
         }
     lake.put(keys["index"], canonical_json(index))

@@ -11,9 +11,16 @@ from workloads.layout import VARIANT_COLUMNS
 
 ARCHS = ("small_cnn", "resnet18", "mobilenet_v3_small")
 AUGMENT_LEVELS = ("none", "light", "standard")
+TASKS = ("classification", "detection")
+DETECTION_ARCHS = ("resnet18", "mobilenet_v3_small")  # the backbones a detector is built on
+TOP_K = 100  # a detector's detections per image (COCO's evaluation counts at most 100)
 
 # field: (default, what it is) — the one place both are written
 FIELDS: dict[str, tuple[object, str]] = {
+    "task": (
+        "classification",
+        "classification (a label per image) or detection (boxes of the subset's categories)",
+    ),
     "arch": ("mobilenet_v3_small", f"the network: {', '.join(ARCHS)}"),
     "epochs": (0, "passes over the train split; 0: as many as min_steps needs, 8 at least"),
     "min_steps": (600, "optimizer steps epochs=0 trains for at least (small subsets: more epochs)"),
@@ -34,6 +41,40 @@ FIELDS: dict[str, tuple[object, str]] = {
     ),
 }
 TRAIN_SPEC = {name: default for name, (default, _) in FIELDS.items()}
+# A detector's own defaults, over TRAIN_SPEC's (measured on the demo's shapes pack, README)
+TASK_DEFAULTS: dict[str, dict] = {
+    "classification": {},
+    "detection": {
+        "arch": "resnet18",
+        "variant": "original",  # boxes need the pixels: the 64 px resized variant is too small
+        "input_size": 128,
+        "batch_size": 16,
+        "min_steps": 1500,
+        "lr": 0.002,
+        "label_smoothing": 0.0,
+    },
+}
+
+
+# what a task's models are scored and compared by: the test split's in a model's record
+# (``test_<metric>``), an evaluation's ``scores[<metric>]``, the champion rule's
+SCORE = {"classification": "accuracy", "detection": "map"}
+SCORE_NAME = {"accuracy": "accuracy", "map": "mAP@[.5:.95]"}
+
+
+def task_of(spec_or_record: dict) -> str:
+    """The task of a spec, a model's record or its arch (classification when it predates tasks)."""
+    spec = spec_or_record.get("spec", spec_or_record)
+    return spec.get("task") or spec_or_record.get("arch", {}).get("task") or "classification"
+
+
+def task_defaults(task: str) -> dict:
+    """The spec's defaults for ``task``: ``TRAIN_SPEC`` with the task's own."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    return {**TRAIN_SPEC, **TASK_DEFAULTS[task], "task": task}
+
+
 MINIMUM = {
     "epochs": 0,
     "min_steps": 0,
@@ -47,7 +88,12 @@ MINIMUM = {
     "label_smoothing": 0,
 }
 MAXIMUM = {"warmup": 0.5, "label_smoothing": 0.5, "input_size": 512}
-CHOICES = {"arch": ARCHS, "augment": AUGMENT_LEVELS, "variant": tuple(VARIANT_COLUMNS)}
+CHOICES = {
+    "task": TASKS,
+    "arch": ARCHS,
+    "augment": AUGMENT_LEVELS,
+    "variant": tuple(VARIANT_COLUMNS),
+}
 
 
 AUTO_EPOCHS_AT_LEAST = 8
@@ -95,4 +141,15 @@ def check_spec(spec: dict) -> dict:
             parse_init_from(value)
         if name in MAXIMUM and value > MAXIMUM[name]:
             raise ValueError(f"{name} must be {MAXIMUM[name]} or less, not {value}")
+    if spec.get("task") == "detection":
+        if spec.get("arch", DETECTION_ARCHS[0]) not in DETECTION_ARCHS:
+            raise ValueError(
+                f"a detector is built on {' or '.join(DETECTION_ARCHS)}, not {spec['arch']}"
+            )
+        if spec.get("init_from"):
+            raise ValueError("init_from starts a classifier from another; a detector starts anew")
+        if spec.get("input_size", 32) % 32:
+            raise ValueError(
+                f"a detector's input_size is a multiple of 32, not {spec['input_size']}"
+            )
     return spec

@@ -38,7 +38,7 @@ from workloads.training.data import (
 )
 from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
 from workloads.training.shards import STATS_IMAGES, first_images, split_shards
-from workloads.training.spec import TRAIN_SPEC, channels, epochs_for
+from workloads.training.spec import TRAIN_SPEC, channels, epochs_for, task_defaults
 from workloads.versions import SPLITS
 
 # What the entry takes besides the spec: where checkpoints go, input workers, where live
@@ -125,7 +125,7 @@ def hyperparameters() -> dict:
         Path(os.environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config")) / "hyperparameters.json"
     )
     given = json.loads(path.read_text()) if path.exists() else {}
-    hp = dict(DEFAULTS)
+    hp = {**DEFAULTS, **task_defaults(given.get("task", DEFAULTS["task"]))}
     for k, v in given.items():
         default = DEFAULTS.get(k)
         hp[k] = (
@@ -183,6 +183,10 @@ def _train(hp: dict, pipes) -> dict:
         if pipes is not None:
             pipes.log.info(line)  # Dagster: the run's log, live
 
+    if hp["task"] == "detection":
+        from workloads.training.train_detection import train_detection
+
+        return train_detection(hp, say, live, started)
     torch.manual_seed(hp["seed"])
     np.random.seed(hp["seed"])
     shards_root = Path(os.environ["SM_CHANNEL_SHARDS"])
@@ -331,6 +335,8 @@ def _check_init(init: dict, arch: dict, hp: dict) -> int:
     """The width the model takes from the weights it starts from; SystemExit (one line) when the
     spec asks for a net they cannot fill."""
     theirs = init["arch"]
+    if theirs.get("task", "classification") != "classification":
+        raise SystemExit("init_from is a detector: a classifier starts from a classifier")
     name = theirs.get("name") or "small_cnn"
     if name != arch["name"]:
         raise SystemExit(f"init_from is a {name} model: train it with --arch {name}")
@@ -377,9 +383,9 @@ def _live_metrics(hp: dict):
         client.log_batch(
             hp["mlflow_run_id"],
             metrics=[
-                Metric(k, float(rec[k]), now, rec["epoch"])
-                for k in ("train_loss", "val_loss", "val_accuracy", "lr")
-                if not math.isnan(rec[k])
+                Metric(k, float(v), now, rec["epoch"])
+                for k, v in rec.items()
+                if k not in ("epoch", "seconds") and not math.isnan(v)
             ],
         )
 

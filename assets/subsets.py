@@ -69,20 +69,22 @@ def query_manifest(catalog: Catalog, sql: str):
         f"SELECT {select} FROM {inner} JOIN images AS i ON q.sha256 = i.sha256 ORDER BY i.sha256"
     )
     boxes = catalog.query(
-        "SELECT o.sha256, o.box, o.category, o.x, o.y, o.w, o.h FROM objects AS o "
+        "SELECT o.sha256, o.box, o.category, o.x, o.y, o.w, o.h, o.iscrowd FROM objects AS o "
         f"WHERE o.sha256 IN (SELECT q.sha256 FROM {inner})"
     )
     return manifest.append_column(BOXES, _boxes_of(manifest["sha256"], boxes))
 
 
 def _boxes_of(shas, objects: pa.Table) -> pa.Array:
-    """Each image's boxes (``objects`` rows, in box order) as a list column aligned to ``shas``.
-    Built from offsets in numpy: filling 1M null lists with an empty one took pyarrow 2.4 s."""
+    """Each image's boxes (``objects`` rows, in box order, ``iscrowd`` with them) as a list column
+    aligned to ``shas``. Built from offsets in numpy: filling 1M null lists with an empty one took
+    pyarrow 2.4 s."""
     objects = objects.sort_by([("sha256", "ascending"), ("box", "ascending")])
-    boxes = pa.StructArray.from_arrays(
-        [objects[f].combine_chunks().cast(BOX_TYPE.field(f).type) for f in BOX_TYPE.names],
-        fields=list(BOX_TYPE),
-    )
+    fields = [objects[f].combine_chunks().cast(BOX_TYPE.field(f).type) for f in BOX_TYPE.names]
+    # Athena reads a part written before objects had iscrowd as null: no crowd was marked then
+    crowd = BOX_TYPE.get_field_index("iscrowd")
+    fields[crowd] = pc.fill_null(fields[crowd], False)
+    boxes = pa.StructArray.from_arrays(fields, fields=list(BOX_TYPE))
     # sorted by image: one run of rows per sha256, the runs in sha256 order
     counts = pc.value_counts(objects["sha256"])
     runs = pc.take(counts, pc.sort_indices(counts.field("values"))).flatten()

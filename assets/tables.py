@@ -65,7 +65,7 @@ def new_rows(prior: dict | None, raw: dict | None) -> int:
     partitions_def=hash_prefix_partitions_def,
     deps=[raw_images, RESIZED, EDGES],
     backfill_policy=single_run,
-    code_version="2",
+    code_version="3",
     group_name="tables",
     kinds={"parquet", "athena"},
     description="Rows of `images` (one per image) and `objects` (one per annotated box) under tables/<table>/prefix=<pp>/.",

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 from resources.aws import AwsResource, PollTimedOut, poll, stopped_on_interrupt
 from resources.storage import LakeResource
 from workloads.layout import part_pattern, table_root
-from workloads.table_rows import TABLES
+from workloads.table_rows import ADDED_COLUMNS, TABLES
 from workloads.tables import table_keys
 
 
@@ -117,7 +117,7 @@ class DuckDBCatalog(Catalog):
             con.execute("SET lock_configuration = true")
             for name in TABLES:
                 if not (local and files[name] and _parquet_view(con, name, base, files[name])):
-                    con.register(name, self._dataset(lake, name, files[name]))
+                    _with_defaults(con, name, self._dataset(lake, name, files[name]))
         except BaseException:
             con.close()
             raise
@@ -136,12 +136,35 @@ class DuckDBCatalog(Catalog):
             con.close()
 
 
+def _column(name: str, column: str, present: bool = True) -> str:
+    """``column`` of table ``name`` as its view selects it: a column added since some parts were
+    written (``ADDED_COLUMNS``) reads as its default there, not as null."""
+    default = ADDED_COLUMNS.get(name, {})
+    if column not in default:
+        return f'"{column}"'
+    value = str(default[column]).lower()  # the defaults are booleans
+    return f'coalesce("{column}", {value}) AS "{column}"' if present else f'{value} AS "{column}"'
+
+
+def _with_defaults(con: duckdb.DuckDBPyConnection, name: str, data) -> None:
+    """``name`` over an Arrow table or dataset of the table's columns (plus ``prefix``): registered
+    as it is, or, for a table with ``ADDED_COLUMNS``, as ``_<name>_parts`` under a view that reads
+    them as their defaults where null."""
+    if name not in ADDED_COLUMNS:
+        con.register(name, data)
+        return
+    con.register(f"_{name}_parts", data)
+    cols = ", ".join(_column(name, c) for c in [*TABLES[name].names, "prefix"])
+    con.execute(f"CREATE VIEW {name} AS SELECT {cols} FROM _{name}_parts")
+
+
 def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, base: str, keys: list[str]) -> bool:
     """``name`` as a view over the table's files, read by DuckDB itself: exactly the table's
     columns, and ``prefix`` from each file's ``prefix=<pp>`` folder (hive partitioning would also
-    turn any ``k=v`` folder above the lake into a column). False when the files are not all
-    laid out as ``tables/<name>/prefix=<pp>/<file>`` or a column is in none of them (written
-    before it existed): the pyarrow dataset copes with both."""
+    turn any ``k=v`` folder above the lake into a column). A column added since some files were
+    written reads as its default there (``ADDED_COLUMNS``). False when the files are not all
+    laid out as ``tables/<name>/prefix=<pp>/<file>`` or another column is in none of them
+    (written before it existed): the pyarrow dataset copes with both."""
     layout = re.compile(part_pattern(name))
     if not all(layout.fullmatch(k) for k in keys):
         return False
@@ -150,9 +173,9 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, base: str, keys: li
         row[0]
         for row in con.execute(f"SELECT DISTINCT name FROM parquet_schema({files})").fetchall()
     }
-    if not set(TABLES[name].names) <= present:
+    if not set(TABLES[name].names) - set(ADDED_COLUMNS.get(name, {})) <= present:
         return False
-    cols = ", ".join(f'"{c}"' for c in TABLES[name].names)
+    cols = ", ".join(_column(name, c, c in present) for c in TABLES[name].names)
     at = len(f"{base}/{table_root(name)}prefix=") + 1  # SQL strings count from 1
     con.execute(
         f"CREATE VIEW {name} AS SELECT {cols}, substr(filename, {at}, 2) AS prefix "
@@ -166,6 +189,7 @@ ATHENA_TYPES = {
     pa.int32(): "int",
     pa.int64(): "bigint",
     pa.float64(): "double",
+    pa.bool_(): "boolean",
     pa.list_(pa.string()): "array<string>",
 }
 

@@ -69,7 +69,12 @@ def _index_rows(spark, files: list[str], params: ImageParams):
     derives them): pack, member, split, the original's key and the variants' keys if made."""
     from pyspark.sql import functions as F
 
-    raw = spark.read.parquet(*files).withColumn("prefix", F.substring("sha256", 1, 2))
+    # mergeSchema: indexes written before boxes carried iscrowd beside those written after
+    raw = (
+        spark.read.option("mergeSchema", "true")
+        .parquet(*files)
+        .withColumn("prefix", F.substring("sha256", 1, 2))
+    )
     first_pack = F.col("packs")[0]
     sha = F.col("sha256")
     rows = (
@@ -137,6 +142,12 @@ def _table_frames(rows) -> dict:
         ],
         "prefix",
     )
+    # an index written before boxes carried iscrowd has none: False, as table_rows.rows_of says
+    crowd = (
+        F.coalesce(F.col("b.iscrowd"), F.lit(False))
+        if "iscrowd" in rows.schema["boxes"].dataType.elementType.fieldNames()
+        else F.lit(False)
+    )
     objects = rows.select(
         "sha256", "prefix", "label", "split", F.posexplode("boxes").alias("box", "b")
     ).select(
@@ -147,6 +158,7 @@ def _table_frames(rows) -> dict:
         "b.y",
         "b.w",
         "b.h",
+        crowd.alias("iscrowd"),
         "label",
         "split",
         "prefix",

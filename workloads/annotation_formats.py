@@ -1,8 +1,10 @@
-"""What each annotation format says, parsed from one file's text: COCO instances json, Pascal VOC
-xml, Ultralytics YOLO label txt (with its class names from ``data.yaml`` or ``classes.txt``),
-and ``labels.csv``. Which member names an image, and whether a box fits it, is decided by
-``workloads.annotations``; here a format is told by its content, and each piece that cannot be
-used is a problem with its place in the file, the rest of the file still counts.
+"""What each annotation format says, parsed from one file's text: COCO json (instances; its
+keypoints, captions, stuff and panoptic files told apart), Pascal VOC xml, YOLO label txt (with
+its class names from ``data.yaml``, ``classes.txt`` or Darknet's ``obj.names``; Darknet's
+``obj.data`` and its ``train.txt`` image lists), and ``labels.csv``. Which member names an image,
+and whether a box fits it, is decided by ``workloads.annotations``; here a format is told by its
+content, and each piece that cannot be used is a problem with its place in the file, the rest of
+the file still counts.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import csv
 import io
 import json
 import math
+import posixpath
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -34,16 +37,22 @@ class Box:
     h: float
     normalised: bool = False
     where: str = ""  # its place in the file, for a reason ("annotation id 7", "line 3")
+    iscrowd: bool = False  # COCO ``iscrowd: 1``: a crowd's region, which COCO's evaluation ignores
 
 
 @dataclass
 class Parsed:
-    """One file's boxes per image name (as the file writes it), explicit labels, and problems."""
+    """One file's boxes per image name (as the file writes it), explicit labels, and problems;
+    ``kind``: what the file is (COCO: instances, keypoints, captions, stuff, panoptic), and
+    ``skipped``: why it gives no boxes at all, when it is an annotation file of another kind."""
 
     boxes: dict[str, list[Box]]
     labels: dict[str, str]
     problems: list[str]  # each a box dropped, unless ``labels_only``
     labels_only: bool = False
+    kind: str = ""
+    skipped: str | None = None
+    masks: list[str] = field(default_factory=list)  # mask PNGs it names (COCO panoptic)
 
 
 def _numbers(values, n: int, where: str) -> list[float]:
@@ -53,9 +62,43 @@ def _numbers(values, n: int, where: str) -> list[float]:
     return out
 
 
-def parse_coco(text: str) -> Parsed:
+# COCO's annotation files that give no object boxes: recorded with why, their data not read.
+COCO_SKIPPED = {
+    "captions": "COCO captions: no boxes; skipped",
+    "stuff": "COCO stuff segmentation: regions, not object boxes; skipped",
+    "panoptic": "COCO panoptic segmentation: skipped",
+}
+# COCO-Stuff's categories: ids 92..182 and 183 "other" (its files carry the instances' fields)
+COCO_STUFF_IDS = range(92, 184)
+
+
+def coco_kind(coco: dict, filename: str) -> str:
+    """Which of COCO's annotation files ``coco`` is (``filename``: its member name): ``panoptic``
+    (segments_info per image), ``captions`` (captions, no boxes), ``keypoints`` (the instances'
+    person boxes again, with keypoints), ``stuff`` (``stuff_*.json``, or COCO-Stuff's categories
+    only: regions of grass or sky, which have the instances' fields), else ``instances``."""
+    anns = [a for a in coco.get("annotations") or [] if isinstance(a, dict)]
+    cats = [c for c in coco.get("categories") or [] if isinstance(c, dict)]
+    if any("segments_info" in a for a in anns) or any("isthing" in c for c in cats):
+        return "panoptic"
+    if any("caption" in a for a in anns) and not any("bbox" in a for a in anns):
+        return "captions"
+    if any("keypoints" in a for a in anns) or any("keypoints" in c for c in cats):
+        return "keypoints"
+    stuff_cats = (
+        bool(cats)
+        and all(c.get("id") in COCO_STUFF_IDS for c in cats)
+        and any(c.get("id") == 183 and c.get("name") == "other" for c in cats)
+    )
+    if posixpath.basename(filename.lower()).startswith("stuff_") or stuff_cats:
+        return "stuff"
+    return "instances"
+
+
+def parse_coco(text: str, filename: str = "") -> Parsed:
     """COCO instances: ``images`` (id, file_name), ``categories`` (id, name), ``annotations``
-    (image_id, category_id, bbox [x, y, w, h] in pixels)."""
+    (image_id, category_id, bbox [x, y, w, h] in pixels, iscrowd). Keypoints files give the same
+    boxes (``kind`` says so); captions, stuff and panoptic files give none (``skipped``)."""
     coco = json.loads(text)
     if not (
         isinstance(coco, dict)
@@ -63,9 +106,17 @@ def parse_coco(text: str) -> Parsed:
         and isinstance(coco.get("annotations", []), list)
     ):
         raise NotThisFormat("a JSON without COCO images and annotations")
+    kind = coco_kind(coco, filename)
+    if kind in COCO_SKIPPED:
+        masks = [
+            str(a["file_name"])
+            for a in coco.get("annotations", [])
+            if kind == "panoptic" and isinstance(a, dict) and a.get("file_name")
+        ]
+        return Parsed({}, {}, [], kind=kind, skipped=COCO_SKIPPED[kind], masks=masks)
     cats = {c["id"]: str(c["name"]) for c in coco.get("categories", [])}
     files = {im["id"]: str(im["file_name"]) for im in coco["images"]}
-    out = Parsed({name: [] for name in files.values()}, {}, [])
+    out = Parsed({name: [] for name in files.values()}, {}, [], kind=kind)
     for ann in coco.get("annotations", []):
         where = f"annotation id {ann.get('id')}"
         if ann.get("image_id") not in files:
@@ -78,7 +129,8 @@ def parse_coco(text: str) -> Parsed:
             except (TypeError, ValueError) as e:
                 out.problems.append(f"{where}: bad bbox ({e})")
                 continue
-            box = Box(cats[ann["category_id"]], x, y, w, h, where=where)
+            crowd = ann.get("iscrowd", 0) in (1, True)
+            box = Box(cats[ann["category_id"]], x, y, w, h, where=where, iscrowd=crowd)
             out.boxes[files[ann["image_id"]]].append(box)
     return out
 
@@ -110,7 +162,7 @@ def parse_voc(text: str) -> Parsed:
 
 def parse_yolo_names(text: str, yaml_file: bool) -> list[str]:
     """Class names by id: ``names`` of a ``data.yaml`` (a list, or a map of id to name), or the
-    lines of a ``classes.txt``."""
+    lines of a ``classes.txt`` or Darknet's ``obj.names``."""
     if not yaml_file:
         return [line.strip() for line in text.splitlines() if line.strip()]
     doc = yaml.safe_load(text)
@@ -122,6 +174,29 @@ def parse_yolo_names(text: str, yaml_file: bool) -> list[str]:
     if isinstance(names, list):
         return [str(n) for n in names]
     raise NotThisFormat("a YAML without YOLO class names")
+
+
+def parse_darknet_data(text: str) -> dict[str, str]:
+    """Darknet's ``obj.data``: ``key = value`` lines (``classes``, ``train``, ``valid``, ``names``,
+    ``backup``), as CVAT's YOLO 1.1 export writes it."""
+    conf = {}
+    for line in text.splitlines():
+        key, eq, value = line.partition("=")
+        if eq and key.strip():
+            conf[key.strip().lower()] = value.strip()
+        elif line.strip() and not line.strip().startswith("#"):
+            raise NotThisFormat("not Darknet's key = value lines")
+    if not {"classes", "names"} & set(conf):
+        raise NotThisFormat("a .data file without Darknet's classes or names")
+    return conf
+
+
+def parse_image_list(text: str, image_exts) -> list[str]:
+    """Darknet's ``train.txt``: one image path a line (``data/obj_train_data/a.jpg``)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines or not all(posixpath.splitext(n.lower())[1] in image_exts for n in lines):
+        raise NotThisFormat("not a list of image paths")
+    return lines
 
 
 def parse_yolo_labels(text: str, image: str, names: list[str]) -> Parsed:

@@ -66,6 +66,12 @@ def label_order(source: str | None, origin: list[str]) -> tuple:
     return (-{None: 0, "folder": 1}.get(source, 2), origin)
 
 
+def index_boxes(boxes: list[dict] | None) -> list[dict]:
+    """A manifest row's boxes as the index keeps them: ``iscrowd`` False where a manifest written
+    before boxes carried it has none (no format but COCO's marks a crowd)."""
+    return [{**b, "iscrowd": bool(b.get("iscrowd"))} for b in boxes or []]
+
+
 def committed_packs(lake) -> list[str]:
     """Packs whose ingest finished (``pack.json`` is the commit marker). Lists ``packs/``: for
     rebuilds and tests, never on the incremental path."""
@@ -95,7 +101,7 @@ def _absorb(row: dict | None, pack_id: str, r: dict) -> dict:
             },
             "packs": [pack_id],
             "members": [member],
-            "boxes": r["boxes"] or [],
+            "boxes": index_boxes(r["boxes"]),
             "label_from": origin,
             "boxes_from": origin if r["boxes"] else None,
         }
@@ -106,7 +112,7 @@ def _absorb(row: dict | None, pack_id: str, r: dict) -> dict:
     if label_order(r["label_source"], origin) < label_order(row["label_source"], row["label_from"]):
         row["label"], row["label_source"], row["label_from"] = r["label"], r["label_source"], origin
     if r["boxes"] and (row["boxes_from"] is None or origin < row["boxes_from"]):
-        row["boxes"], row["boxes_from"] = r["boxes"], origin
+        row["boxes"], row["boxes_from"] = index_boxes(r["boxes"]), origin
     return row
 
 
@@ -138,13 +144,21 @@ def empty_index_stats() -> dict:
     return {"images": 0, "bytes": 0, "labels": {}, "data_version": prefix_version([], "raw")}
 
 
+def _current(schema: pa.Schema) -> bool:
+    """An index of today's columns, its boxes with today's fields (``iscrowd``)."""
+    boxes = schema.field("boxes").type if "boxes" in schema.names else None
+    return schema.names == INDEX_SCHEMA.names and boxes.value_type.names == BOX_TYPE.names
+
+
 def read_index(lake, prefix: str) -> pa.Table:
+    """The prefix's index; one written before today's columns as it is (``merge_prefix``
+    rebuilds it: a cast would make its boxes' ``iscrowd`` null)."""
     try:
         table = read_parquet(lake, raw_index_key(prefix))
     except FileNotFoundError:
         return INDEX_SCHEMA.empty_table()
     # Parquet names list items "element": back to Arrow's "item", so a merge writes what a rebuild writes.
-    return table.cast(INDEX_SCHEMA) if table.schema.names == INDEX_SCHEMA.names else table
+    return table.cast(INDEX_SCHEMA) if _current(table.schema) else table
 
 
 def _holders_rows(lake, prefix: str, old: dict, shas: set[str], dropped) -> dict[str, dict]:
@@ -174,9 +188,10 @@ def merge_prefix(
     Only the rows of images the packs bring or drop become Python objects; the rest stays in
     Arrow, and a dropped image is re-made from the packs that still hold it."""
     index = read_index(lake, prefix) if index is None else index
-    if (
-        index.schema.names != INDEX_SCHEMA.names
-    ):  # written before indexes kept provenance: rebuilt once
+    # Written before indexes kept provenance, or boxes their iscrowd: rebuilt once from the packs'
+    # manifests, and every row of it (or of the file it replaces) counts as changed.
+    stale = set(index["sha256"].to_pylist()) if index.schema != INDEX_SCHEMA else None
+    if stale is not None:
         index = rebuild_raw_index(lake, [prefix])[prefix]
     dropped = dropped or {}
     going = {r["sha256"] for rows in dropped.values() for r in rows}
@@ -198,7 +213,12 @@ def merge_prefix(
         if sha not in old or old[sha]["row_sha256"] != row["row_sha256"]:
             changed.append(sha)
     gone = sorted(going - set(rows))
-    if not changed:
+    # what the table step is told changed: a rebuilt index's every row (none of them new: the
+    # tables may hold any)
+    told = (
+        sorted({*changed, *stale, *index["sha256"].to_pylist()}) if stale is not None else changed
+    )
+    if not told:
         stats = _stats(index, prefix_version(index["row_sha256"].to_pylist(), "raw"))
         return stats, [], [], gone
     fresh = pa.Table.from_pylist(
@@ -214,7 +234,8 @@ def merge_prefix(
         write_parquet(lake, raw_index_key(prefix), merged)
     else:  # its packs forgotten: as if none had come (a missing index reads as empty)
         lake.delete(raw_index_key(prefix))
-    return _stats(merged, version), sorted(changed), sorted(set(changed) - set(old)), gone
+    new = sorted(set(changed) - set(old)) if stale is None else []
+    return _stats(merged, version), told, new, gone
 
 
 def _pending(lake, prefix: str) -> tuple[list[str], list[str]]:

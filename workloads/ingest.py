@@ -88,7 +88,9 @@ REJECTS_SCHEMA = pa.schema([("member", pa.string()), ("reason", pa.string())])
 
 # 2: annotation files found by content (COCO anywhere, VOC, YOLO), layout and wrapping folders
 # are no classes, boxes checked against their image
-READER = 2
+# 3: boxes carry iscrowd; a COCO annotations/ folder read whole (keypoints once; captions, stuff,
+# panoptic skipped, its mask PNGs no images); Darknet/CVAT YOLO 1.1; VOC paired by stem
+READER = 3
 
 
 @dataclass

@@ -15,7 +15,15 @@ import pyarrow.compute as pc
 from workloads.image_params import ImageParams
 from workloads.lake import read_parquet, write_parquet
 from workloads.layout import part_key, table_dir, tables_state_key
-from workloads.table_rows import SORT_KEYS, TABLES, rows_digest, sort_rows, tables_version
+from workloads.table_rows import (
+    ADDED_COLUMNS,
+    ROWS_VERSION,
+    SORT_KEYS,
+    TABLES,
+    rows_digest,
+    sort_rows,
+    tables_version,
+)
 from workloads.versions import sha256_hex, table_hash
 
 # Parts per prefix: new rows are appended as a part; a part is merged into the one before it
@@ -37,7 +45,13 @@ def live_parts(state: dict | None, table: str, prefix: str) -> list[str]:
 
 
 def read_part(lake, key: str, table: str) -> pa.Table:
-    return read_parquet(lake, key).select(TABLES[table].names).cast(TABLES[table])
+    """A part's rows in today's columns (one written before a column was added: its default)."""
+    part = read_parquet(lake, key)
+    for name, value in ADDED_COLUMNS.get(table, {}).items():
+        if name not in part.schema.names:
+            column = pa.array([value] * part.num_rows, TABLES[table].field(name).type)
+            part = part.append_column(name, column)
+    return part.select(TABLES[table].names).cast(TABLES[table])
 
 
 class TablePart:
@@ -125,6 +139,7 @@ def commit_parts(
         "absorbed": sorted(markers),
         "digests": {k: f"{v:x}" for k, v in digests.items()},
         "params": {"resize": params.resize_id, "edges": params.edges_id},
+        "rows_version": ROWS_VERSION,
     }
     lake.put(tables_state_key(prefix), json.dumps(state, sort_keys=True).encode())
     finish_commit(lake, prefix, state, markers)

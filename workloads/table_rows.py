@@ -42,12 +42,19 @@ OBJECTS_SCHEMA = pa.schema(
         ("y", pa.float64()),
         ("w", pa.float64()),
         ("h", pa.float64()),
+        ("iscrowd", pa.bool_()),  # a COCO crowd region (iscrowd=1): a trainer may leave it out
         ("label", pa.string()),
         ("split", pa.string()),
     ]
 )
 TABLES = {"images": IMAGES_SCHEMA, "objects": OBJECTS_SCHEMA}
 SORT_KEYS = {"images": ["sha256"], "objects": ["sha256", "box"]}
+# The tables' rows as this code makes them; a prefix whose tables state records another (or
+# none: written before) is rebuilt from its index when it is next written.
+# 2: objects.iscrowd
+ROWS_VERSION = 2
+# Columns added since parts were first written, and what a part written before them reads as.
+ADDED_COLUMNS = {"objects": {"iscrowd": False}}
 
 # The prefix's data version is a hash of the SET of its rows, kept as a sum of per-row digests
 # mod 2**1024 (a multiset hash, as LtHash): adding or replacing k rows costs O(k) whatever the
@@ -89,7 +96,16 @@ def rows_of(
             }
         )
         for i, b in enumerate(r["boxes"]):
-            objects.append({"sha256": sha, "box": i, **b, "label": r["label"], "split": split})
+            objects.append(
+                {
+                    "sha256": sha,
+                    "box": i,
+                    **b,
+                    "iscrowd": bool(b.get("iscrowd")),  # an index written before it: False
+                    "label": r["label"],
+                    "split": split,
+                }
+            )
     return images, objects
 
 

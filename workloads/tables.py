@@ -31,6 +31,7 @@ from workloads.table_rows import (
     DIGEST_BITS,
     IMAGES_SCHEMA,
     OBJECTS_SCHEMA,
+    ROWS_VERSION,
     SORT_KEYS,
     TABLES,
     rows_digest,
@@ -105,12 +106,14 @@ def _fresh_rows(
 
 
 def _must_rebuild(lake, prefix: str, params: ImageParams, state: dict | None, changed) -> bool:
-    """No state (or one from before digests), other image parameters, or nothing pending while
-    the index has rows the tables never heard of (an index task killed before its marker)."""
+    """No state (or one from before digests), other image parameters, rows of another
+    ``ROWS_VERSION`` (their digests are of other rows), or nothing pending while the index has
+    rows the tables never heard of (an index task killed before its marker)."""
     if (
         state is None
         or "digests" not in state
         or state["params"] != {"resize": params.resize_id, "edges": params.edges_id}
+        or state.get("rows_version") != ROWS_VERSION
     ):
         return True
     if changed:

@@ -9,7 +9,7 @@ from workloads.annotations import BOX_TYPE
 
 
 def _objects(rows):
-    names = ("sha256", "box", "category", "x", "y", "w", "h")
+    names = ("sha256", "box", "category", "x", "y", "w", "h", "iscrowd")
     types = (
         pa.string(),
         pa.int64(),
@@ -18,6 +18,7 @@ def _objects(rows):
         pa.float64(),
         pa.int64(),
         pa.int64(),
+        pa.bool_(),
     )
     cols = list(zip(*rows)) if rows else [[] for _ in names]
     return pa.table({n: pa.array(c, t) for n, c, t in zip(names, cols, types)})
@@ -36,6 +37,7 @@ def test_boxes_follow_the_manifest_rows_repeats_and_gaps_included():
                 rng.random(),
                 rng.randint(1, 9),
                 4,
+                rng.choice([True, False, None]),  # null: a part Athena reads from before iscrowd
             )
             for s in rng.sample(shas, rng.randint(0, 200))
             for b in rng.sample(range(6), rng.randint(1, 4))  # box numbers with gaps
@@ -48,8 +50,8 @@ def test_boxes_follow_the_manifest_rows_repeats_and_gaps_included():
         )
         expected = [
             [
-                {"category": c, "x": x, "y": y, "w": float(w), "h": float(h)}
-                for _, _, c, x, y, w, h in sorted(r for r in rows if r[0] == sha)
+                {"category": c, "x": x, "y": y, "w": float(w), "h": float(h), "iscrowd": bool(k)}
+                for _, _, c, x, y, w, h, k in sorted(r for r in rows if r[0] == sha)
             ]
             for sha in manifest
         ]

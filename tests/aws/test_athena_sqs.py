@@ -50,6 +50,9 @@ def test_glue_tables_use_partition_projection(aws):
     assert {c["Name"]: c["Type"] for c in table["StorageDescriptor"]["Columns"]}[
         "packs"
     ] == "array<string>"
+    objects = boto3.client("glue").get_table(DatabaseName="cvgraph", Name="objects")["Table"]
+    columns = {c["Name"]: c["Type"] for c in objects["StorageDescriptor"]["Columns"]}
+    assert (columns["iscrowd"], columns["w"], columns["box"]) == ("boolean", "double", "int")
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ def test_spark_and_pyarrow_writers_agree(lake, put_pack, tmp_path):
         "annotations": [
             {"id": 1, "image_id": 1, "category_id": 1, "bbox": [60, 10, 300, 290]},
             {"id": 2, "image_id": 2, "category_id": 2, "bbox": [120, 0, 330, 512]},
-            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [1, 2, 3, 4]},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [1, 2, 3, 4], "iscrowd": 1},
         ],
     }
     members = {f"pets/{n}": sample_image(n) for n in ("chelsea.png", "astronaut.png", "coffee.png")}
@@ -78,6 +78,10 @@ def test_spark_and_pyarrow_writers_agree(lake, put_pack, tmp_path):
     for p in prefixes:
         for table in ("images", "objects"):
             assert rows(other, table, p) == rows(lake, table, p), (table, p)
+    crowd = sorted(
+        (r["category"], r["iscrowd"]) for p in prefixes for r in rows(other, "objects", p)
+    )
+    assert crowd == [("cat", False), ("cat", True), ("person", False)]
     last = rows(lake, "images", busy[-1])
     assert last and all(r["resized_key"] is None for r in last)
     spark.spark_session.stop()

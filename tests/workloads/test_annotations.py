@@ -26,8 +26,15 @@ def ingest(lake, put_pack, name: str, members: dict[str, bytes]):
     return result, rows, rejects
 
 
-def box(category: str, x, y, w, h) -> dict:
-    return {"category": category, "x": float(x), "y": float(y), "w": float(w), "h": float(h)}
+def box(category: str, x, y, w, h, iscrowd: bool = False) -> dict:
+    return {
+        "category": category,
+        "x": float(x),
+        "y": float(y),
+        "w": float(w),
+        "h": float(h),
+        "iscrowd": iscrowd,
+    }
 
 
 def test_coco_where_cvat_and_roboflow_write_it(lake, put_pack):

@@ -68,7 +68,7 @@ def test_labels_csv_and_coco_boxes_override_folders(lake, put_pack):
     assert rows["a/coffee.png"]["label"] == "mug"
     assert rows["a/chelsea.png"]["label"] == "cat"
     assert rows["a/chelsea.png"]["boxes"] == [
-        {"category": "cat", "x": 1.0, "y": 2.0, "w": 30.0, "h": 40.0}
+        {"category": "cat", "x": 1.0, "y": 2.0, "w": 30.0, "h": 40.0, "iscrowd": False}
     ]
 
 

@@ -25,6 +25,7 @@ from workloads.training.models import load_checkpoint
 
 FORMATS = ("torchscript", "onnx", "onnx_int8", "onnx_fp16")
 PARITY_MIN_SCORE = 0.3  # a detector's detections compared (those it would report)
+HEADS = ("heat", "size", "offset")  # a detector's heads (``detection.CenterNet``), by module name
 
 
 def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -52,7 +53,11 @@ def export_all(model_pt: Path, out_dir: Path, samples: np.ndarray) -> dict[str, 
     _export_torchscript(model, x, paths["torchscript"])
     _export_onnx(model, x, paths["onnx"], "detections" if detector else "logits")
     _quantize_int8(
-        paths["onnx"], paths["onnx_int8"], out_dir / "onnx_int8" / "prepared.onnx", samples
+        paths["onnx"],
+        paths["onnx_int8"],
+        out_dir / "onnx_int8" / "prepared.onnx",
+        samples,
+        detector=detector,
     )
     _float16(paths["onnx"], paths["onnx_fp16"])
 
@@ -94,8 +99,13 @@ def _float16(onnx_path: Path, fp16_path: Path) -> None:
     onnx.save(model, str(fp16_path))
 
 
-def _quantize_int8(onnx_path: Path, int8_path: Path, prepared: Path, samples: np.ndarray) -> None:
-    """Static int8 quantization of the ONNX model, calibrated on ``samples``."""
+def _quantize_int8(
+    onnx_path: Path, int8_path: Path, prepared: Path, samples: np.ndarray, detector: bool = False
+) -> None:
+    """Static int8 quantization of the ONNX model, calibrated on ``samples``. A detector's
+    convolutions only, but for each head's last (its heat logits, log sizes and offsets stay
+    float): quantized, the peak filter's max-pool and equality see ties everywhere, and the
+    heads' outputs lose the precision a box's corners need."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -120,6 +130,16 @@ def _quantize_int8(onnx_path: Path, int8_path: Path, prepared: Path, samples: np
 
     # onnxruntime's recommended pre-processing: shape inference + graph optimisation.
     quant_pre_process(str(onnx_path), str(prepared))
+    only = {}
+    if detector:
+        import onnx
+
+        heads = [
+            n.name
+            for n in onnx.load(str(prepared)).graph.node
+            if n.op_type == "Conv" and any(f"/{h}/{h}.2/" in n.name for h in HEADS)
+        ]
+        only = {"op_types_to_quantize": ["Conv"], "nodes_to_exclude": heads}
     # 7-bit weights (reduce_range): onnxruntime's advice for x86 CPUs without VNNI (AVX2 only),
     # whose u8s8 products saturate in 16 bits; it costs VNNI CPUs nothing, and the same model
     # quantizes to the same bytes wherever it is exported. Without it, on an AVX2-only EPYC, the
@@ -133,6 +153,7 @@ def _quantize_int8(onnx_path: Path, int8_path: Path, prepared: Path, samples: np
         reduce_range=True,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,
+        **only,
     )
     prepared.unlink()
 

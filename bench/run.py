@@ -24,6 +24,8 @@ the photos scikit-learn and scikit-image ship (nothing is downloaded):
 14. ``training_input_vs_per_object``  images a second into a training loop from the subset's
     training shards vs an object per image, over S3 (a moto server on 127.0.0.1, each request
     made to wait 20 ms before it is sent; bench.training --input)
+15. ``default_map50_shapes``  test mAP@0.5 of a detector trained with the defaults on the demo's
+    shapes pack (300 images; bench.training --detection 300)
 
 Results go to ``bench/results.json`` (``--out``): for each name, the measured numbers, the
 ``value``, the ``target`` and ``pass``. ``--quick`` is a small smoke version (same code
@@ -65,6 +67,7 @@ NAMES = (
     "training_rss_ratio",
     "training_first_step_ratio",
     "training_input_vs_per_object",
+    "default_map50_shapes",
 )
 TARGETS = {
     "kernel_vs_naive": (2.2, ">="),
@@ -86,6 +89,7 @@ TARGETS = {
     "training_rss_ratio": (1.3, "<="),
     "training_first_step_ratio": (1.5, "<="),
     "training_input_vs_per_object": (5.0, ">="),
+    "default_map50_shapes": (0.7, ">="),
 }
 
 FULL = {
@@ -110,6 +114,8 @@ FULL = {
     "training_spec": {},  # the defaults
     "training_scale": (2_000, 200_000),
     "training_input_images": 1_000,
+    "detection_images": 300,
+    "detection_spec": {},  # the defaults
 }
 QUICK = {
     "big_jpegs": 2,
@@ -133,6 +139,8 @@ QUICK = {
     "training_spec": {"arch": "small_cnn", "epochs": 1},
     "training_scale": (200, 1_000),
     "training_input_images": 100,
+    "detection_images": 40,
+    "detection_spec": {"epochs": 1, "input_size": 64},
 }
 
 
@@ -500,6 +508,29 @@ def bench_training(cfg: dict) -> tuple[dict, dict]:
     )
 
 
+def bench_detection(cfg: dict) -> tuple[dict]:
+    m = run_json(
+        [
+            "bench.training",
+            "--detection",
+            str(cfg["detection_images"]),
+            "--spec",
+            json.dumps(cfg["detection_spec"]),
+        ],
+        timeout=3600,
+    )
+    return (
+        _res(
+            "default_map50_shapes",
+            m["test_map50"],
+            "test mAP@0.5",
+            **{k: v for k, v in m.items() if k not in ("seconds", "test_map50")},
+            train_seconds=m["seconds"],
+            spec=cfg["detection_spec"] or "the defaults",
+        ),
+    )
+
+
 def bench_training_scale(cfg: dict) -> tuple[dict, dict, dict]:
     sizes = ",".join(str(n) for n in cfg["training_scale"])
     m = run_json(["bench.training", "--scale", sizes], timeout=3600)
@@ -723,6 +754,7 @@ def main(argv=None) -> int:
                 lambda: bench_training_scale(cfg),
             )
             attempt(("training_input_vs_per_object",), lambda: bench_training_input(cfg))
+            attempt(("default_map50_shapes",), lambda: bench_detection(cfg))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -126,6 +126,94 @@ def train_on(shards: Path, spec: dict, work: Path) -> dict:
     }
 
 
+def detection_layout(n: int, root: Path, seed: int = 0) -> Path:
+    """The demo's shapes pack (``n`` images, ``cvgraph.demo_packs.shape_members``) in a lake at
+    ``root`` as a subset frozen with its boxes, and its ``original`` training shards; the
+    shards' directory."""
+    import pyarrow as pa
+
+    from cvgraph.demo_packs import shape_members
+    from workloads.annotations import BOX_TYPE
+    from workloads.lake import write_parquet
+    from workloads.layout import record_key, shard_keys, subset_keys
+    from workloads.training.shards import build_subset_shards
+    from workloads.versions import sha256_hex, split_for
+
+    members, coco = shape_members(n, seed=seed)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    boxes: dict[int, list] = {}
+    for a in coco["annotations"]:
+        x, y, w, h = (float(v) for v in a["bbox"])
+        boxes.setdefault(a["image_id"], []).append(
+            {"category": names[a["category_id"]], "x": x, "y": y, "w": w, "h": h, "iscrowd": False}
+        )
+    rows = []
+    for image in coco["images"]:
+        data = members[f"images/{image['file_name']}"]
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"raw/{sha[:2]}/{sha}.jpg"
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+        rows.append(
+            {
+                "sha256": sha,
+                "label": None,
+                "split": split_for(sha),
+                "original_key": key,
+                "width": image["width"],
+                "height": image["height"],
+                "objects": boxes.get(image["id"], []),
+            }
+        )
+    schema = pa.schema(
+        [
+            ("sha256", pa.string()),
+            ("label", pa.string()),
+            ("split", pa.string()),
+            ("original_key", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("objects", pa.list_(BOX_TYPE)),
+        ]
+    )
+    lake = LocalLake(root)
+    data = write_parquet(lake, subset_keys(SUBSET)["manifest"], pa.Table.from_pylist(rows, schema))
+    lake.put(
+        record_key("subset", SUBSET), json.dumps({"manifest_sha256": sha256_hex(data)}).encode()
+    )
+    build_subset_shards(lake, SUBSET, "original", say=lambda line: None)
+    return lake.path(shard_keys(SUBSET, "original")["base"])
+
+
+def measure_detection(n: int = 300, spec: dict | None = None) -> dict:
+    """A detector trained with the defaults (and ``spec``) on the shapes pack: its test mAP,
+    mAP@0.5, AP per class, epochs and wall time."""
+    with tempfile.TemporaryDirectory(prefix="bench-detect-") as tmp:
+        shards = detection_layout(n, Path(tmp))
+        env = job_env(shards, {"task": "detection", **(spec or {})}, Path(tmp) / "job")
+        t0 = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "workloads.training.train"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None,
+        )
+        seconds = time.perf_counter() - t0
+        metrics = json.loads((Path(tmp) / "job" / "model" / "metrics.json").read_text())
+    return {
+        "test_map": metrics["test_map"],
+        "test_map50": metrics["test_map50"],
+        "per_class": metrics["test_per_class"],
+        "best_epoch": metrics["best_epoch"],
+        "epochs": len(metrics["history"]),
+        "counts": metrics["counts"],
+        "boxes": metrics["boxes"],
+        "input_size": metrics["hyperparameters"]["input_size"],
+        "arch": metrics["hyperparameters"]["arch"],
+        "seconds": round(seconds, 1),
+    }
+
+
 def synthetic_images(n: int, root: Path):
     """``n`` distinct 16 px PNGs of four colour classes (noise on a class colour) written as a
     lake's ``resized`` variant at ``root``; the manifest's columns (a pyarrow table)."""
@@ -330,7 +418,16 @@ def main() -> None:
         help="instead: images a second from shards vs per object over S3, on this many images",
     )
     ap.add_argument("--latency", type=float, default=0.02, help="seconds added to each request")
+    ap.add_argument(
+        "--detection",
+        type=int,
+        default=0,
+        help="instead: a detector with the defaults (and --spec) on a shapes pack of this many images",
+    )
     args = ap.parse_args()
+    if args.detection:
+        print(json.dumps(measure_detection(args.detection, json.loads(args.spec))))
+        return
     if args.input:
         print(json.dumps(measure_input(args.input, args.latency)))
         return

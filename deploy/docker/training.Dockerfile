@@ -29,7 +29,8 @@ RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu "torc
         pyarrow \
         boto3 \
         dagster-pipes \
-        mlflow-skinny
+        mlflow-skinny \
+        pycocotools
 
 WORKDIR /opt/cvgraph
 COPY workloads/ /opt/cvgraph/workloads/

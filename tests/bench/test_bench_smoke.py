@@ -1,5 +1,5 @@
 """Smoke test of the benchmark: ``python -m bench.run --quick`` runs every benchmark end to
-end on small inputs and writes the eighteen results. No timing thresholds here: speed is what
+end on small inputs and writes the twenty results. No timing thresholds here: speed is what
 ``make bench`` reports, on a quiet machine, not what the test suite asserts."""
 
 import json
@@ -32,6 +32,7 @@ NAMES = (
     "training_rss_ratio",
     "training_first_step_ratio",
     "training_input_vs_per_object",
+    "default_map50_shapes",
 )
 
 

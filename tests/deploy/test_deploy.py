@@ -458,6 +458,7 @@ DISTRIBUTION = {
     "torch": "torch",
     "dagster_pipes": "dagster-pipes",
     "mlflow": "mlflow-skinny",  # the client the training entry logs live curves with
+    "pycocotools": "pycocotools",  # a detector's val and test mAP
 }
 
 

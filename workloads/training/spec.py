@@ -47,7 +47,7 @@ TASK_DEFAULTS: dict[str, dict] = {
     "detection": {
         "arch": "resnet18",
         "variant": "original",  # boxes need the pixels: the 64 px resized variant is too small
-        "input_size": 128,
+        "input_size": 96,
         "batch_size": 16,
         "min_steps": 1500,
         "lr": 0.002,

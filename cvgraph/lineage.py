@@ -37,6 +37,7 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
         pack_keys,
         subset_keys,
     )
+    from workloads.training.spec import evaluation_score, test_score
 
     tree: dict = {}
     model = _json(lake, model_keys(key)["record"])
@@ -59,12 +60,16 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
                 "key",
                 "model_sha256",
                 "test_accuracy",
+                "test_map",
+                "test_map50",
                 "mlflow_run_id",
                 "training_job",
                 "spec",
                 "counts",
             )
+            if k in model
         }
+        tree["model"]["score"] = test_score(model)
         tree["model"]["version"] = model.get("mlflow_model_version", "")
         tree["model"]["dagster"] = _dagster(inst, "trained_models", key)
         tree["evaluations"] = []
@@ -75,6 +80,7 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
                     "subset": on,
                     "model_version": ev.get("model_version", ""),
                     "accuracy": ev.get("scores", {}).get("accuracy"),
+                    "score": evaluation_score(ev),
                     # scored another training of the key than the one it holds now
                     "stale": ev.get("model_sha256") != model["model_sha256"],
                 }
@@ -129,7 +135,7 @@ def render(tree: dict, prefixes: bool = False) -> str:
         for ev in tree.get("evaluations", []):
             version = f" v{ev['model_version']}" if ev.get("model_version") else ""
             out.append(
-                f"{p}evaluation {m['key']}{version} on {ev['subset']}  accuracy {ev['accuracy']:.4f}"
+                f"{p}evaluation {m['key']}{version} on {ev['subset']}  {ev['score'][0]} {ev['score'][1]:.4f}"
                 + (
                     f"  STALE: of an older training; `cvgraph evaluate {m['key']} {ev['subset']}` scores this one"
                     if ev["stale"]
@@ -137,7 +143,7 @@ def render(tree: dict, prefixes: bool = False) -> str:
                 )
             )
         out.append(
-            f"{p}└─ model {m['key']}{' v' + m['version'] if m.get('version') else ''}  sha256 {m['model_sha256'][:12]}  test accuracy {m['test_accuracy']:.4f}  mlflow run {m['mlflow_run_id']}  job {m['training_job']}"
+            f"{p}└─ model {m['key']}{' v' + m['version'] if m.get('version') else ''}  sha256 {m['model_sha256'][:12]}  {m['score'][0]} {m['score'][1]:.4f}  mlflow run {m['mlflow_run_id']}  job {m['training_job']}"
         )
         indent += 1
     s = tree["subset"]

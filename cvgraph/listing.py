@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from workloads.lake import parquet_table
 from workloads.layout import evaluations, record_key, recorded, subset_keys
+from workloads.training.spec import test_score
 
 KINDS = ("packs", "subsets", "models")
 
@@ -55,7 +56,8 @@ def listing(lake, kind: str) -> list[dict]:
         {
             "key": m,
             "version": (r := _record(lake, "model", m)).get("mlflow_model_version", ""),
-            "test_accuracy": r["test_accuracy"],
+            **{k: r[k] for k in ("test_accuracy", "test_map", "test_map50") if k in r},
+            "score": test_score(r),
             "subset": r["subset"],
             "exports": _exports(lake, r),
         }
@@ -79,7 +81,7 @@ def render_listing(kind: str, rows: list[dict]) -> str:
         else:
             version = f" v{r['version']}" if r["version"] else ""
             lines.append(
-                f"{r['key']}{version}  test accuracy {r['test_accuracy']:.4f}  subset "
+                f"{r['key']}{version}  {r['score'][0]} {r['score'][1]:.4f}  subset "
                 f"{r['subset']}  exports {r['exports']}"
             )
     return "\n".join(lines) or f"no {kind} yet"

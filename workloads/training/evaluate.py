@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from workloads.layout import VARIANT_COLUMNS
+from workloads.training.checkpoint import load_checkpoint
 from workloads.training.coco_eval import box_iou
-from workloads.training.models import load_checkpoint
 from workloads.training.predict import MIN_SCORE as WORST_MIN_SCORE
 from workloads.training.predict import draw_boxes
 from workloads.training.preprocess import decode, model_preprocess

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from workloads.layout import EXPORT_FILES
+from workloads.training.checkpoint import load_checkpoint
 from workloads.training.coco_eval import box_iou
-from workloads.training.models import load_checkpoint
 
 FORMATS = ("torchscript", "onnx", "onnx_int8", "onnx_fp16")
 PARITY_MIN_SCORE = 0.3  # a detector's detections compared (those it would report)

@@ -316,13 +316,8 @@ _CLASSES: dict[str, type[nn.Module]] = {
 
 def build_model(arch: dict) -> nn.Module:
     """The model a record's ``arch`` describes: ``{"name", "in_channels", "num_classes",
-    "input_size", "width"}`` (with ``"task": "detection"``: a ``detection.CenterNet`` on that
-    backbone, ``num_classes`` its heat maps). No ``name`` (a record written before there was a choice) means
+    "input_size", "width"}`` (a detector's: ``workloads.training.checkpoint.build``). No ``name`` (a record written before there was a choice) means
     ``small_cnn``; no ``width`` (or None) means ``DEFAULT_WIDTH[name]``."""
-    if arch.get("task") == "detection":
-        from workloads.training.detection import CenterNet
-
-        return CenterNet(arch)
     name = arch.get("name") or "small_cnn"
     if name not in _CLASSES:
         raise ValueError(f"unknown model arch {name!r}: choose one of {', '.join(ARCHS)}")
@@ -381,12 +376,3 @@ def load_record(path) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeRecord(f"{path}: refused, not a weights-only record ({first})") from None
-
-
-def load_checkpoint(path) -> tuple[nn.Module, dict]:
-    """(model in eval mode, saved record) from a ``model.pt`` written by the training entry."""
-    record = load_record(path)
-    model = build_model(record["arch"])
-    model.load_state_dict(record["state_dict"])
-    model.eval()
-    return model, record

@@ -68,6 +68,19 @@ def task_of(spec_or_record: dict) -> str:
     return spec.get("task") or spec_or_record.get("arch", {}).get("task") or "classification"
 
 
+def test_score(record: dict) -> tuple[str, float]:
+    """(its name, the value) of a model record's test score: accuracy, a detector's mAP."""
+    metric = SCORE[task_of(record)]
+    return f"test {SCORE_NAME[metric]}", record[f"test_{metric}"]
+
+
+def evaluation_score(evaluation: dict) -> tuple[str, float | None]:
+    """(its name, the value) of an evaluation record's score: accuracy, a detector's mAP."""
+    scores = evaluation.get("scores", {})
+    metric = SCORE[scores.get("task", "classification")]
+    return SCORE_NAME[metric], scores.get(metric)
+
+
 def task_defaults(task: str) -> dict:
     """The spec's defaults for ``task``: ``TRAIN_SPEC`` with the task's own."""
     if task not in TASKS:

@@ -36,6 +36,7 @@ from workloads.training.data import (
     channel_stats,
     loader,
 )
+from workloads.training.loop import input_workers, resume, save_checkpoint, schedule
 from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
 from workloads.training.shards import STATS_IMAGES, first_images, split_shards
 from workloads.training.spec import TRAIN_SPEC, channels, epochs_for, task_defaults
@@ -155,25 +156,6 @@ def train() -> dict:
         return _train(hp, pipes)
 
 
-SMALL_SPLIT = 4096  # below it, workers cost more (a fork per loader and epoch) than they decode
-
-
-def input_workers(asked: int, train_images: int) -> int:
-    """DataLoader workers: as asked, or (-1) none for a small train split, else one per core
-    (at most 8). Measured on the colour-photo pack (198 train images): 5x faster with none."""
-    if asked >= 0:
-        return asked
-    return 0 if train_images < SMALL_SPLIT else min(8, os.cpu_count() or 1)
-
-
-def schedule(step: int, total: int, warmup: float) -> float:
-    """The learning rate's factor at ``step``: linear warm-up, then cosine to zero."""
-    ramp = max(1, round(total * warmup))
-    if step < ramp:
-        return (step + 1) / ramp
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - ramp) / max(1, total - ramp))))
-
-
 def _train(hp: dict, pipes) -> dict:
     started = time.perf_counter()
     live = _live_metrics(hp)
@@ -237,7 +219,7 @@ def _train(hp: dict, pipes) -> dict:
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step, total, hp["warmup"]))
     ckpt_path = ckpt_dir / "checkpoint.pt"
-    state = _resume(ckpt_path, model, opt, sched, say)
+    state = resume(ckpt_path, model, opt, sched, say)
     say(
         f"train={counts['train']} val={counts['val']} test={counts['test']} classes={len(classes)} "
         f"variant={variant} arch={hp['arch']} epochs={epochs} steps={total}"
@@ -280,7 +262,7 @@ def _train(hp: dict, pipes) -> dict:
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        _save_checkpoint(ckpt_path, model, opt, sched, state)
+        save_checkpoint(ckpt_path, model, opt, sched, state)
         # SageMaker metric definitions parse these lines (printed once the epoch is checkpointed).
         say(
             f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={rec['val_loss']:.4f} val_accuracy={rec['val_accuracy']:.4f}"
@@ -400,26 +382,6 @@ def train_classes(index: dict) -> list[str]:
     return classes
 
 
-def _resume(ckpt_path: Path, model: nn.Module, opt, sched, say) -> dict:
-    """The loop's state: from the checkpoint if a spot reclaim (or a kill) restarted the job."""
-    if not ckpt_path.exists():
-        return {
-            "history": [],
-            "epoch": 0,
-            "best": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "best_val_loss": float("inf"),
-            "best_epoch": 0,
-            "bad_epochs": 0,
-        }
-    ckpt = load_record(ckpt_path)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"])
-    say(f"resumed from checkpoint at epoch {ckpt['state']['epoch']}")
-    return ckpt["state"]
-
-
 def _run_epoch(model: nn.Module, opt, sched, batches, label_smoothing: float) -> dict:
     """One pass over the train split's batches; the mean loss and the time it took."""
     t0 = time.perf_counter()
@@ -439,21 +401,6 @@ def _run_epoch(model: nn.Module, opt, sched, batches, label_smoothing: float) ->
         "seconds": time.perf_counter() - t0,
         "first_step_s": first,
     }
-
-
-def _save_checkpoint(ckpt_path: Path, model: nn.Module, opt, sched, state: dict) -> None:
-    tmp = ckpt_path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "state": state,
-            "rng": torch.get_rng_state(),
-        },
-        tmp,
-    )
-    os.replace(tmp, ckpt_path)  # atomic: a reclaim never leaves half a checkpoint
 
 
 def _save_model(

@@ -16,6 +16,7 @@ import torch
 from workloads.training.coco_eval import ImageBoxes, coco_scores, detections_of
 from workloads.training.data import SHUFFLE_BUFFER, Preprocess, ShardDetections, loader
 from workloads.training.detection import CenterNet, loss
+from workloads.training.loop import input_workers, resume, save_checkpoint, schedule
 from workloads.training.models import DEFAULT_WIDTH
 from workloads.training.preprocess import channel_stats
 from workloads.training.shards import STATS_IMAGES, first_images, split_shards
@@ -64,13 +65,6 @@ def train_detection(hp: dict, say, live, started: float) -> dict:
     (``test_map``, ``test_map50``, per class, history) it saves with ``model.pt``."""
     import os
 
-    from workloads.training.train import (
-        _resume,
-        _save_checkpoint,
-        input_workers,
-        schedule,
-    )
-
     torch.manual_seed(hp["seed"])
     np.random.seed(hp["seed"])
     shards_root = Path(os.environ["SM_CHANNEL_SHARDS"])
@@ -113,7 +107,7 @@ def train_detection(hp: dict, say, live, started: float) -> dict:
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step, total, hp["warmup"]))
     ckpt_path = ckpt_dir / "checkpoint.pt"
-    state = _resume(ckpt_path, model, opt, sched, say)
+    state = resume(ckpt_path, model, opt, sched, say)
     state.setdefault("best_val_map", -1.0)
     boxes = {s: sum(index["splits"].get(s, {}).get("categories", {}).values()) for s in SPLITS}
     say(
@@ -152,7 +146,7 @@ def train_detection(hp: dict, say, live, started: float) -> dict:
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        _save_checkpoint(ckpt_path, model, opt, sched, state)
+        save_checkpoint(ckpt_path, model, opt, sched, state)
         say(
             f"epoch={rec['epoch']} train_loss={rec['train_loss']:.4f} val_loss={rec['val_loss']:.4f} "
             f"val_map={rec['val_map']:.4f} val_map50={rec['val_map50']:.4f}"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from workloads.training.checkpoint import load_checkpoint
 from workloads.training.models import (
     ARCHS,
     DEFAULT_WIDTH,
@@ -19,7 +20,6 @@ from workloads.training.models import (
     SmallCNN,
     build_model,
     head_of,
-    load_checkpoint,
     replace_head,
 )
 

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from workloads.training.checkpoint import load_checkpoint
 from workloads.training.data import Preprocess
 from workloads.training.export import export_all
-from workloads.training.models import UnsafeRecord, build_model, load_checkpoint
-from workloads.training.train import _resume, _save_checkpoint, _save_model
+from workloads.training.loop import resume, save_checkpoint
+from workloads.training.models import UnsafeRecord, build_model
+from workloads.training.train import _save_model
 
 ARCH = {"in_channels": 1, "num_classes": 3, "input_size": 32, "width": 4}
 
@@ -66,13 +68,13 @@ def test_an_injected_checkpoint_is_refused_when_training_resumes(tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     ckpt = tmp_path / "checkpoint.pt"
     state = {"history": [{"epoch": 1, "train_loss": 1.0}], "epoch": 1, "best_epoch": 1}
-    _save_checkpoint(ckpt, model, opt, sched, state)
+    save_checkpoint(ckpt, model, opt, sched, state)
     said: list[str] = []
-    assert _resume(ckpt, build_model(ARCH), opt, sched, said.append) == state
+    assert resume(ckpt, build_model(ARCH), opt, sched, said.append) == state
     assert said == ["resumed from checkpoint at epoch 1"]
 
     marker = tmp_path / "ran"
     plant(ckpt, marker)
     with pytest.raises(UnsafeRecord, match="checkpoint.pt: refused"):
-        _resume(ckpt, build_model(ARCH), opt, sched, said.append)
+        resume(ckpt, build_model(ARCH), opt, sched, said.append)
     assert not marker.exists()

@@ -126,10 +126,10 @@ def train_on(shards: Path, spec: dict, work: Path) -> dict:
     }
 
 
-def detection_layout(n: int, root: Path, seed: int = 0) -> Path:
-    """The demo's shapes pack (``n`` images, ``cvgraph.demo_packs.shape_members``) in a lake at
-    ``root`` as a subset frozen with its boxes, and its ``original`` training shards; the
-    shards' directory."""
+def detection_subset(lake, n: int, seed: int = 0, subset: str = SUBSET) -> str:
+    """The demo's shapes pack (``n`` images, ``cvgraph.demo_packs.shape_members``) in ``lake``
+    (a ``LocalLake`` or an ``S3Lake``) as subset ``subset`` frozen with its boxes, and its
+    ``original`` training shards written; the shards' base key."""
     import pyarrow as pa
 
     from cvgraph.demo_packs import shape_members
@@ -152,8 +152,7 @@ def detection_layout(n: int, root: Path, seed: int = 0) -> Path:
         data = members[f"images/{image['file_name']}"]
         sha = hashlib.sha256(data).hexdigest()
         key = f"raw/{sha[:2]}/{sha}.jpg"
-        (root / key).parent.mkdir(parents=True, exist_ok=True)
-        (root / key).write_bytes(data)
+        lake.put(key, data)
         rows.append(
             {
                 "sha256": sha,
@@ -176,20 +175,20 @@ def detection_layout(n: int, root: Path, seed: int = 0) -> Path:
             ("objects", pa.list_(BOX_TYPE)),
         ]
     )
-    lake = LocalLake(root)
-    data = write_parquet(lake, subset_keys(SUBSET)["manifest"], pa.Table.from_pylist(rows, schema))
+    data = write_parquet(lake, subset_keys(subset)["manifest"], pa.Table.from_pylist(rows, schema))
     lake.put(
-        record_key("subset", SUBSET), json.dumps({"manifest_sha256": sha256_hex(data)}).encode()
+        record_key("subset", subset), json.dumps({"manifest_sha256": sha256_hex(data)}).encode()
     )
-    build_subset_shards(lake, SUBSET, "original", say=lambda line: None)
-    return lake.path(shard_keys(SUBSET, "original")["base"])
+    build_subset_shards(lake, subset, "original", say=lambda line: None)
+    return shard_keys(subset, "original")["base"]
 
 
 def measure_detection(n: int = 300, spec: dict | None = None) -> dict:
     """A detector trained with the defaults (and ``spec``) on the shapes pack: its test mAP,
     mAP@0.5, AP per class, epochs and wall time."""
     with tempfile.TemporaryDirectory(prefix="bench-detect-") as tmp:
-        shards = detection_layout(n, Path(tmp))
+        lake = LocalLake(Path(tmp) / "lake")
+        shards = lake.path(detection_subset(lake, n))
         env = job_env(shards, {"task": "detection", **(spec or {})}, Path(tmp) / "job")
         t0 = time.perf_counter()
         subprocess.run(

@@ -307,3 +307,38 @@ def test_fault_a_training_job_held_in_starting_past_the_bound_is_stopped_and_the
     assert status_after_stop("held-0") == "Stopped"
     assert [r["name"] for r in aws.training_runs] == ["held-0"]
     assert not lake.exists("models/m3/model.pt")
+
+
+def test_a_detector_trains_on_sagemaker_from_its_shards_with_the_same_entry(aws):
+    """``task=detection`` through the SageMaker trainer: the same entry reads the subset's
+    original-variant shards (boxes in their json) in FastFile mode, its val mAP lines reach
+    Dagster through Pipes, and the job's model and metrics are a detector's."""
+    from bench.training import detection_subset
+    from cvgraph.demo_packs import SHAPES
+    from tests.aws.conftest import LAKE_URL
+    from workloads.lake import open_lake
+    from workloads.training.shards import SHARDS_FORMAT
+
+    lake = open_lake(LAKE_URL)
+    base = detection_subset(lake, 40, subset="shapes")
+    index = json.loads(lake.get(f"{base}/index.json"))
+    assert index["format"] == SHARDS_FORMAT and index["variant"] == "original"
+    hp = {"task": "detection", "epochs": 2, "input_size": 64, "batch_size": 8, "width": 8}
+    result, out = in_asset(
+        lambda ctx: trainer().train(ctx, lake, "cvgraph-det-abc", base, "det", hp)
+    )
+    assert result.success
+    assert any(m.startswith("epoch=2 ") and "val_map=" in m for m in out["logs"]), out["logs"]
+    [run] = aws.training_runs
+    shard_objects = [
+        f"lake/{base}/{e['key']}" for s in index["splits"].values() for e in s["shards"]
+    ]
+    assert run["channels"] == {
+        "shards": {"mode": "FastFile", "read": sorted([f"lake/{base}/index.json", *shard_objects])}
+    }
+    metrics = json.loads(lake.get("models/det/metrics.json"))
+    assert metrics["task"] == "detection" and metrics["classes"] == sorted(SHAPES)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert 0.0 <= metrics["test_map"] <= metrics["test_map50"] <= 1.0
+    assert metrics["boxes"]["train"] == sum(index["splits"]["train"]["categories"].values())
+    assert out["value"]["test_map50"] == metrics["test_map50"]

@@ -186,53 +186,6 @@ def test_detection_shards_carry_the_boxes_through_to_the_targets(tmp_path):
     assert t["mask"].sum() == 1 and t["heat"][1].max() == 0  # the crowd box is no target
 
 
-def detection_shards(root, n: int, seed: int = 0) -> dict:
-    """Shards of ``n`` shape images (``cvgraph.demo_packs.shape_members``) under ``root`` as
-    ``build_subset_shards`` lays them out (splits by sha256), with their index."""
-    from cvgraph.demo_packs import shape_members
-    from workloads.training.shards import SHARDS_FORMAT, write_shards
-    from workloads.versions import SPLITS, split_for
-
-    members, coco = shape_members(n, seed=seed)
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    boxes: dict[int, list] = {}
-    for a in coco["annotations"]:
-        boxes.setdefault(a["image_id"], []).append([names[a["category_id"]], *a["bbox"], False])
-    samples: dict[str, list] = {s: [] for s in SPLITS}
-    for image in coco["images"]:
-        data = members[f"images/{image['file_name']}"]
-        sha = hashlib.sha256(data).hexdigest()
-        samples[split_for(sha)].append(
-            {
-                "key": image["file_name"],
-                "data": data,
-                "sha256": sha,
-                "label": None,
-                "split": split_for(sha),
-                "boxes": boxes.get(image["id"], []),
-                "width": image["width"],
-                "height": image["height"],
-            }
-        )
-    index = {"variant": "original", "format": SHARDS_FORMAT, "splits": {}}
-    for split, items in samples.items():
-        items.sort(key=lambda s: s["sha256"])
-        written = write_shards(items, None, root / split)
-        categories: dict[str, int] = {}
-        for s in items:
-            for b in s["boxes"]:
-                categories[b[0]] = categories.get(b[0], 0) + 1
-        index["splits"][split] = {
-            "count": len(items),
-            "labels": {},
-            "unlabelled": len(items),
-            "categories": categories,
-            "shards": [{**e, "key": f"{split}/{e['name']}"} for e in written],
-        }
-    (root / "index.json").write_text(json.dumps(index))
-    return index
-
-
 def _entry(tmp_path, name: str, shards, hp: dict):
     import os
     import subprocess
@@ -263,10 +216,12 @@ def test_a_killed_detection_training_resumes_to_the_uninterrupted_weights(tmp_pa
     interrupted (the order and augmentation are functions of the seed and the epoch)."""
     import signal
 
+    from bench.training import detection_subset
+    from workloads.lake import LocalLake
     from workloads.training.models import load_record
 
-    shards = tmp_path / "shards"
-    detection_shards(shards, 40)
+    lake = LocalLake(tmp_path / "lake")
+    shards = lake.path(detection_subset(lake, 40))
     hp = {
         "task": "detection",
         "epochs": 2,

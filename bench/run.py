@@ -676,7 +676,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental,cli,training",
+        help="comma-separated subset of: kernel,scaling,pipeline,ingest,freeze,dataset,incremental,cli,training,detection",
     )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = ap.parse_args(argv)
@@ -754,6 +754,7 @@ def main(argv=None) -> int:
                 lambda: bench_training_scale(cfg),
             )
             attempt(("training_input_vs_per_object",), lambda: bench_training_input(cfg))
+        if want("detection"):
             attempt(("default_map50_shapes",), lambda: bench_detection(cfg))
     finally:
         if not args.keep:

@@ -586,7 +586,7 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
         ("image_tables", "tables"),
     }, out.stderr
     assert all(n == total for _, n, total, _ in done)  # the one prefix with the new image
-    assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 1812}]
+    assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 2112}]
     out = CliRunner().invoke(cli, ["sync", "--json"])  # nothing left: the lake owes nothing
     assert out.exit_code == 0 and json.loads(out.stdout) == {
         "packs": [],

@@ -52,9 +52,11 @@ def test_evaluate_json_gives_coco_scores_and_the_pictures(detector):
     assert ev["map50"] == pytest.approx(rec["test_map50"], abs=1e-6)
     assert ev["map"] == pytest.approx(rec["test_map"], abs=1e-6)
     assert ev["champion"]["moved"] and ev["scores"]["boxes"] > 0
-    from cvgraph.sdk import Datasets
+    from pathlib import Path
 
-    lake = Datasets(env["CVGRAPH_HOME"]).lake
+    from workloads.lake import LocalLake
+
+    lake = LocalLake(Path(env["CVGRAPH_HOME"]) / "lake")  # not Datasets(home): it sets the home
     for key in (ev["pr_curves"], ev["worst"]):
         assert lake.get(key)[:8] == b"\x89PNG\r\n\x1a\n"
     text = cvgraph(env, "evaluate", "det", "shapes").stdout
@@ -72,10 +74,11 @@ def test_every_export_agrees_with_the_trained_detector(detector):
 
 
 def test_predict_gives_boxes_in_each_images_own_pixels_and_draws_them(detector):
-    """Images it never saw (another seed): most boxes found at IoU 0.5; the same image at twice
-    its size gives twice the boxes; --draw writes each image with its boxes."""
+    """Images it never saw (another seed): most boxes found at IoU 0.5 (measured: 59 of 71 at
+    score 0.2); the same image at twice its size gives twice the boxes; --draw writes each
+    image with its boxes."""
     env, _, tmp = detector
-    members, coco = shape_members(8, seed=99)
+    members, coco = shape_members(30, seed=99)
     folder = tmp / "new"
     folder.mkdir()
     for name, data in members.items():
@@ -85,7 +88,16 @@ def test_predict_gives_boxes_in_each_images_own_pixels_and_draws_them(detector):
     cv2.imwrite(str(tmp / "big.png"), cv2.resize(big, (320, 320), interpolation=cv2.INTER_CUBIC))
     drawn = tmp / "drawn"
     out = cvgraph(
-        env, "predict", "det", str(folder), str(tmp / "big.png"), "--json", "--draw", str(drawn)
+        env,
+        "predict",
+        "det",
+        str(folder),
+        str(tmp / "big.png"),
+        "--json",
+        "--draw",
+        str(drawn),
+        "--min-score",
+        "0.2",
     )
     rows = {r["image"].split("/")[-1]: r for r in json.loads(out.stdout)}
     names = {c["id"]: c["name"] for c in coco["categories"]}
@@ -98,7 +110,7 @@ def test_predict_gives_boxes_in_each_images_own_pixels_and_draws_them(detector):
             xyxy = np.array([[b["x"], b["y"], b["x"] + b["w"], b["y"] + b["h"]] for b in same])
             total += 1
             found += bool(len(same)) and box_iou(np.array([x, y, x + w, y + h]), xyxy).max() >= 0.5
-    assert total >= 8 and found / total >= 0.7, (found, total)
+    assert total >= 60 and found / total >= 0.7, (found, total)
     small, large = rows["shapes_0000.jpg"], rows["big.png"]
     assert (large["width"], large["height"]) == (320, 320)
     assert len(large["boxes"]) == len(small["boxes"]) > 0
@@ -109,7 +121,7 @@ def test_predict_gives_boxes_in_each_images_own_pixels_and_draws_them(detector):
         png = cv2.imread(row["drawn"], cv2.IMREAD_COLOR)
         assert png is not None and png.shape[:2] == (row["height"], row["width"]), name
     assert {p.name for p in drawn.iterdir()} == {f"{n.rsplit('.', 1)[0]}.png" for n in rows}
-    text = cvgraph(env, "predict", "det", str(tmp / "big.png")).stdout
+    text = cvgraph(env, "predict", "det", str(tmp / "big.png"), "--min-score", "0.2").stdout
     assert f"{len(large['boxes'])} box(es)" in text
 
 

@@ -105,9 +105,8 @@ def job_env(shards: Path, spec: dict, work: Path) -> dict:
     }
 
 
-def train_on(shards: Path, spec: dict, work: Path) -> dict:
-    """The training entry on the shards; its metrics and wall time."""
-    env = job_env(shards, spec, work)
+def run_entry(env: dict) -> float:
+    """The training entry run in ``env`` (``job_env``'s); its wall time in seconds."""
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "workloads.training.train"],
@@ -115,7 +114,12 @@ def train_on(shards: Path, spec: dict, work: Path) -> dict:
         check=True,
         stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None,
     )
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def train_on(shards: Path, spec: dict, work: Path) -> dict:
+    """The training entry on the shards; its metrics and wall time."""
+    seconds = run_entry(job_env(shards, spec, work))
     metrics = json.loads((work / "model" / "metrics.json").read_text())
     return {
         "test_accuracy": metrics["test_accuracy"],
@@ -189,15 +193,9 @@ def measure_detection(n: int = 300, spec: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-detect-") as tmp:
         lake = LocalLake(Path(tmp) / "lake")
         shards = lake.path(detection_subset(lake, n))
-        env = job_env(shards, {"task": "detection", **(spec or {})}, Path(tmp) / "job")
-        t0 = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "workloads.training.train"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None,
+        seconds = run_entry(
+            job_env(shards, {"task": "detection", **(spec or {})}, Path(tmp) / "job")
         )
-        seconds = time.perf_counter() - t0
         metrics = json.loads((Path(tmp) / "job" / "model" / "metrics.json").read_text())
     return {
         "test_map": metrics["test_map"],

@@ -31,6 +31,23 @@ def schedule(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - ramp) / max(1, total - ramp))))
 
 
+def optimizer(model: nn.Module, hp: dict, total: int):
+    """(AdamW with ``hp``'s lr, weight decay on weights only; its schedule over ``total``
+    steps: warm-up then cosine)."""
+    opt = torch.optim.AdamW(
+        [
+            {
+                "params": [p for p in model.parameters() if p.ndim > 1],
+                "weight_decay": hp["weight_decay"],
+            },
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0},
+        ],
+        lr=hp["lr"],
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step, total, hp["warmup"]))
+    return opt, sched
+
+
 def resume(ckpt_path: Path, model: nn.Module, opt, sched, say) -> dict:
     """The loop's state: from the checkpoint if a spot reclaim (or a kill) restarted the job."""
     if not ckpt_path.exists():

@@ -36,7 +36,7 @@ from workloads.training.data import (
     channel_stats,
     loader,
 )
-from workloads.training.loop import input_workers, resume, save_checkpoint, schedule
+from workloads.training.loop import input_workers, optimizer, resume, save_checkpoint
 from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
 from workloads.training.shards import STATS_IMAGES, first_images, split_shards
 from workloads.training.spec import TRAIN_SPEC, channels, epochs_for, task_defaults
@@ -205,19 +205,9 @@ def _train(hp: dict, pipes) -> dict:
     model = build_model(arch)
     if init is not None:
         say(_start_from(model, init, classes))
-    steps_per_epoch = max(1, math.ceil(counts["train"] / batch))
     epochs = epochs_for(hp, counts["train"])
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": hp["weight_decay"]},
-            {"params": rest, "weight_decay": 0},
-        ],
-        lr=hp["lr"],
-    )
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step, total, hp["warmup"]))
+    total = epochs * max(1, math.ceil(counts["train"] / batch))
+    opt, sched = optimizer(model, hp, total)
     ckpt_path = ckpt_dir / "checkpoint.pt"
     state = resume(ckpt_path, model, opt, sched, say)
     say(

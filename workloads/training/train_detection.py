@@ -16,7 +16,7 @@ import torch
 from workloads.training.coco_eval import ImageBoxes, coco_scores, detections_of
 from workloads.training.data import SHUFFLE_BUFFER, Preprocess, ShardDetections, loader
 from workloads.training.detection import CenterNet, loss
-from workloads.training.loop import input_workers, resume, save_checkpoint, schedule
+from workloads.training.loop import input_workers, optimizer, resume, save_checkpoint
 from workloads.training.models import DEFAULT_WIDTH
 from workloads.training.preprocess import channel_stats
 from workloads.training.shards import STATS_IMAGES, first_images, split_shards
@@ -93,19 +93,9 @@ def train_detection(hp: dict, say, live, started: float) -> dict:
         "width": hp["width"] or DEFAULT_WIDTH[hp["arch"]],
     }
     model = CenterNet(arch)
-    steps_per_epoch = max(1, math.ceil(counts["train"] / batch))
     epochs = epochs_for(hp, counts["train"])
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": hp["weight_decay"]},
-            {"params": rest, "weight_decay": 0},
-        ],
-        lr=hp["lr"],
-    )
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(step, total, hp["warmup"]))
+    total = epochs * max(1, math.ceil(counts["train"] / batch))
+    opt, sched = optimizer(model, hp, total)
     ckpt_path = ckpt_dir / "checkpoint.pt"
     state = resume(ckpt_path, model, opt, sched, say)
     state.setdefault("best_val_map", -1.0)

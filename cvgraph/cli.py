@@ -44,15 +44,17 @@ def _print_json(obj) -> None:
 
 
 class _Commands(click.Group):
-    """A user's mistake or a failed run (``CvgraphError``) is one line on stderr and exit 1, never
-    a traceback, unless ``--debug`` asks for it (and for a failed run's whole messages)."""
+    """A user's mistake, a setting missing or wrong, or a failed run (``CvgraphError``,
+    ``SettingError``) is one line on stderr and exit 1, never a traceback, unless ``--debug`` asks
+    for it (and for a failed run's whole messages)."""
 
     def invoke(self, ctx: click.Context):
         from cvgraph.sdk import CvgraphError
+        from orchestration.settings import SettingError
 
         try:
             return super().invoke(ctx)
-        except CvgraphError as e:
+        except (CvgraphError, SettingError) as e:
             if ctx.params.get("debug"):
                 click.echo(getattr(e, "details", str(e)), err=True)
                 raise
@@ -86,6 +88,9 @@ class _Commands(click.Group):
 @click.option("--debug", is_flag=True, help="on an error, the traceback and whole run messages")
 def main(debug: bool) -> None:
     """cvgraph: image packs → originals → resized → edges → tables → frozen subsets → models → exports."""
+    # stdout is the command's answer (--json): MLflow writes "View run … at <server URL>" there
+    # when a run on a tracking server ends
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 @main.command()

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import dagster as dg
 
-from orchestration.settings import endpoint_url, env, home, lake_url, mlflow_tracking_uri, profile
+from orchestration.settings import (
+    SettingError,
+    check_tracking,
+    endpoint_url,
+    env,
+    home,
+    is_server_uri,
+    lake_url,
+    mlflow_tracking_uri,
+    profile,
+)
 from resources.batch import BatchArrayClient
 from resources.catalog import AthenaCatalog, DuckDBCatalog
 from resources.compute import ImageCompute, LocalProcessPool
@@ -51,23 +61,34 @@ def cost_settings() -> CostSettings:
 def _required(*names: str) -> dict[str, str]:
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
-        raise ValueError(
+        raise SettingError(
             f"CVGRAPH_PROFILE=aws needs {', '.join(missing)} (see README, Running on AWS)"
         )
     return {n: os.environ[n] for n in names}
 
 
-def _tracking(h: Path) -> dg.ResourceDefinition:
+def _listed(name: str) -> list[str]:
+    """A comma-separated setting as a list (unset: empty)."""
+    return [v for v in os.environ.get(name, "").split(",") if v]
+
+
+def tracking_config(h: Path, profile_name: str) -> dict:
+    """The tracking resource's configuration. A tracking server keeps the artifacts itself
+    (proxied to its ``--artifacts-destination``) unless CVGRAPH_MLFLOW_ARTIFACTS says where; a
+    store on disk puts them beside it."""
+    uri = mlflow_tracking_uri()
+    check_tracking(uri, profile_name)
+    beside = None if is_server_uri(uri) else (h / "mlflow" / "artifacts").as_uri()
+    return {
+        "experiment_name": env("CVGRAPH_MLFLOW_EXPERIMENT", "cvgraph"),
+        "mlflow_tracking_uri": uri,
+        "artifact_location": os.environ.get("CVGRAPH_MLFLOW_ARTIFACTS") or beside,
+    }
+
+
+def _tracking(h: Path, profile_name: str) -> dg.ResourceDefinition:
     """dagster-mlflow's resource (``resources.tracking.mlflow_tracking``), configured."""
-    return mlflow_tracking.configured(
-        {
-            "experiment_name": env("CVGRAPH_MLFLOW_EXPERIMENT", "cvgraph"),
-            "mlflow_tracking_uri": mlflow_tracking_uri(),
-            "artifact_location": env(
-                "CVGRAPH_MLFLOW_ARTIFACTS", (h / "mlflow" / "artifacts").as_uri()
-            ),
-        }
-    )
+    return mlflow_tracking.configured(tracking_config(h, profile_name))
 
 
 def table_writer(compute: ImageCompute) -> TableWriter:
@@ -91,7 +112,7 @@ def table_writer(compute: ImageCompute) -> TableWriter:
                 }
             )
         )
-    raise ValueError(f"CVGRAPH_TABLE_WRITER={kind!r}: expected pyarrow or spark")
+    raise SettingError(f"CVGRAPH_TABLE_WRITER={kind!r}: expected pyarrow or spark")
 
 
 def local_resources() -> dict:
@@ -108,7 +129,7 @@ def local_resources() -> dict:
         "table_writer": table_writer(compute),
         "trainer": LocalTrainer(work_dir=str(h / "training")),
         "catalog": DuckDBCatalog(lake=lake),
-        "mlflow": _tracking(h),
+        "mlflow": _tracking(h, "local"),
         "image_settings": image_settings(),
         "cost_settings": cost_settings(),
         # A scan of a local directory is cheap: every tick, so a new zip never waits for a relist.
@@ -151,6 +172,9 @@ def aws_resources() -> dict:
             poll_seconds=float(env("CVGRAPH_SAGEMAKER_POLL_SECONDS", "15")),
             start_timeout_seconds=float(env("CVGRAPH_SAGEMAKER_START_TIMEOUT_SECONDS", "3600")),
             pipes_interval=float(env("CVGRAPH_PIPES_INTERVAL", "10")),
+            tracking_secret_arn=os.environ.get("CVGRAPH_MLFLOW_SECRET_ARN") or None,
+            subnets=_listed("CVGRAPH_TRAINING_SUBNETS"),
+            security_group_ids=_listed("CVGRAPH_TRAINING_SECURITY_GROUPS"),
         ),
         "catalog": AthenaCatalog(
             lake=lake,
@@ -160,7 +184,7 @@ def aws_resources() -> dict:
             poll_seconds=float(env("CVGRAPH_ATHENA_POLL_SECONDS", "1")),
             timeout_seconds=float(env("CVGRAPH_ATHENA_TIMEOUT_SECONDS", "1800")),
         ),
-        "mlflow": _tracking(home()),
+        "mlflow": _tracking(home(), "aws"),
         "image_settings": image_settings(),
         "cost_settings": cost_settings(),
         # SQS notifications are the primary path on AWS; the full listing is the safety net.

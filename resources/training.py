@@ -207,6 +207,12 @@ class SageMakerTrainer(Trainer, AwsResource):
     # and the step fails. 0: no bound.
     start_timeout_seconds: float = 3600.0
     pipes_interval: float = 10.0  # how often Pipes messages (the job's log lines) reach Dagster
+    # The tracking server's credentials: a Secrets Manager secret (JSON username, password) the
+    # job reads itself (the SageMaker role may), so they are in no request or job description.
+    tracking_secret_arn: str | None = None
+    # The job in the VPC (VpcConfig), where the internal tracking server is; empty: no VPC.
+    subnets: list[str] = []
+    security_group_ids: list[str] = []
 
     def _request(
         self,
@@ -263,6 +269,13 @@ class SageMakerTrainer(Trainer, AwsResource):
             },
             "Tags": [{"Key": "cvgraph:model", "Value": model_key}],
         }
+        if self.subnets:
+            req["VpcConfig"] = {
+                "Subnets": list(self.subnets),
+                "SecurityGroupIds": list(self.security_group_ids),
+            }
+        if self.tracking_secret_arn and hyperparameters.get("mlflow_run_id"):
+            req["HyperParameters"]["mlflow_secret_arn"] = self.tracking_secret_arn
         if self.use_spot:
             req["EnableManagedSpotTraining"] = True
             req["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(

@@ -633,6 +633,9 @@ def fresh_account(moto_endpoint, monkeypatch, tmp_path) -> Harness:
         "CVGRAPH_ATHENA_POLL_SECONDS": "0.05",
         "CVGRAPH_SQS_QUEUE_URL": queue_url,
         "CVGRAPH_HOME": str(tmp_path / "home"),
+        # a file store beside the home: the account's tests but the tracking server's
+        # (tests/aws/test_mlflow_server.py) run as a laptop try would
+        "CVGRAPH_ALLOW_LOCAL_TRACKING": "true",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -52,6 +52,9 @@ def test_the_database_is_private_encrypted_and_its_password_only_in_secrets_mana
     assert p["Engine"] == "postgres" and p["StorageEncrypted"] is True
     assert p["PubliclyAccessible"] is False and p["DeletionProtection"] is True
     assert db["DeletionPolicy"] == db["UpdateReplacePolicy"] == "Snapshot"
+    # enhanced monitoring (checkov 3's CKV_AWS_118) through a role RDS assumes, Performance Insights
+    assert p["MonitoringInterval"] == 60 and is_ref(p["MonitoringRoleArn"], "DbMonitoringRole")
+    assert p["EnablePerformanceInsights"] is True
     assert is_ref(p["DBSubnetGroupName"], "DbSubnetGroup")
     (subnets,) = resources(stack, "AWS::RDS::DBSubnetGroup").values()
     assert is_ref(subnets["Properties"]["SubnetIds"], "PrivateSubnetIds")
@@ -71,6 +74,9 @@ def test_the_database_is_private_encrypted_and_its_password_only_in_secrets_mana
         assert secrets == {
             "DAGSTER_PG_USERNAME": "${DbSecret}:username::",
             "DAGSTER_PG_PASSWORD": "${DbSecret}:password::",
+            # the tracking server's (tests/deploy/test_tracking_stack.py)
+            "MLFLOW_TRACKING_USERNAME": "${TrackingSecretArn}:username::",
+            "MLFLOW_TRACKING_PASSWORD": "${TrackingSecretArn}:password::",
         }
     # and only the tasks reach it
     _, sg = next(

@@ -1,3 +1,5 @@
+import os
+
 import dagster as dg
 import pytest
 
@@ -77,6 +79,7 @@ AWS_ENV = {
     "CVGRAPH_SAGEMAKER_ROLE_ARN": "arn:aws:iam::123456789012:role/cvgraph-training",
     "CVGRAPH_TRAINING_IMAGE": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/cvgraph-train:1",
     "CVGRAPH_GLUE_DATABASE": "cvgraph",
+    "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
 }
 
 
@@ -99,6 +102,44 @@ def test_profiles_give_the_same_resource_keys(monkeypatch, tmp_path):
     aws_sqs = build_defs("aws")
     assert "incoming_packs_sqs" in {s.name for s in aws_sqs.sensors}
     dg.Definitions.validate_loadable(aws_sqs)
+
+
+def test_the_aws_profile_refuses_a_tracking_store_on_the_runs_disk_in_one_cli_line(
+    monkeypatch, tmp_path
+):
+    """Every run on the orchestrator stack is a task of its own: SQLite or a directory there goes
+    with the task, so the aws profile needs a tracking server, and says so on one line; the
+    setting for a laptop try lets it through; a server keeps its own artifacts."""
+    import subprocess
+    import sys
+
+    from orchestration.profiles import tracking_config
+
+    env = {**os.environ, **AWS_ENV, "CVGRAPH_HOME": str(tmp_path), "CVGRAPH_PROFILE": "aws"}
+    for uri in (f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "mlruns"), "file:///x/mlruns"):
+        env["MLFLOW_TRACKING_URI"] = uri
+        out = subprocess.run(
+            [sys.executable, "-m", "cvgraph.cli", "plan"],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 1, out
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "needs MLFLOW_TRACKING_URI=http(s)://" in out.stderr, out.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", AWS_ENV["MLFLOW_TRACKING_URI"])
+    assert tracking_config(tmp_path, "aws") == {
+        "experiment_name": "cvgraph",
+        "mlflow_tracking_uri": "http://mlflow.internal:5000",
+        "artifact_location": None,  # the server's own: proxied to its artifacts destination
+    }
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("CVGRAPH_ALLOW_LOCAL_TRACKING", "true")
+    assert (
+        tracking_config(tmp_path, "aws")["artifact_location"]
+        == (tmp_path / "mlflow" / "artifacts").as_uri()
+    )
 
 
 def test_an_unknown_profile_is_named(monkeypatch):

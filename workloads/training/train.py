@@ -50,6 +50,7 @@ DEFAULTS = {
     "workers": -1,  # DataLoader workers; -1: none for a small split, else one per core
     "mlflow_tracking_uri": "",
     "mlflow_run_id": "",
+    "mlflow_secret_arn": "",  # the tracking server's credentials (Secrets Manager), if it has any
     "init_weights": "",  # the init channel's file of the weights init_from names, and their sha256
     "init_sha256": "",
 }
@@ -340,6 +341,20 @@ def _start_from(model: nn.Module, init: dict, classes: list[str]) -> str:
     return f"started from the weights given with a new head: {len(init['classes'])} classes there, {len(classes)} here"
 
 
+def tracking_credentials(secret_arn: str) -> dict[str, str]:
+    """MLflow's credential variables from the tracking server's secret (JSON username, password),
+    read with the job's own role."""
+    import boto3
+
+    secret = json.loads(
+        boto3.client("secretsmanager").get_secret_value(SecretId=secret_arn)["SecretString"]
+    )
+    return {
+        "MLFLOW_TRACKING_USERNAME": secret["username"],
+        "MLFLOW_TRACKING_PASSWORD": secret["password"],
+    }
+
+
 def _live_metrics(hp: dict):
     """``log(epoch record)``: each epoch's metrics into the trainer's MLflow run as they are
     made, when it gave one; else nothing (the trainer logs the history when the job ends)."""
@@ -348,6 +363,8 @@ def _live_metrics(hp: dict):
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    if hp["mlflow_secret_arn"]:
+        os.environ.update(tracking_credentials(hp["mlflow_secret_arn"]))
     client = MlflowClient(hp["mlflow_tracking_uri"] or None)
 
     def log(rec: dict) -> None:

@@ -11,6 +11,8 @@ from pydantic import Field
 from assets.keys import require_key
 from assets.shards import ensure_shards, training_shards
 from assets.subsets import frozen_subsets, verify_subset
+from assets.sweeps import job_name as sweep_job_name
+from assets.sweeps import run_sweep
 from assets.versioning import picture
 from partitions import model_partitions_def
 from resources.compute import ImageCompute
@@ -33,7 +35,10 @@ from workloads.training.spec import (
     task_defaults,
     task_of,
 )
-from workloads.versions import canonical_json, sha256_hex
+from workloads.training.sweep import SweepPlan, parse_space, trial_model_key
+from workloads.versions import sha256_hex
+
+SWEEP_FIELDS = ("trials", "parallel", "space")  # TrainConfig's fields that are not the spec's
 
 
 def _unset(field: str):
@@ -62,6 +67,17 @@ class TrainConfig(dg.Config):
     seed: int | None = _unset("seed")
     width: int | None = _unset("width")
     init_from: str | None = _unset("init_from")
+    trials: int = Field(
+        1,
+        description="a sweep: this many trainings, spec fields drawn from `space` by Optuna; the "
+        "best on the validation split is kept (1: one training of the spec)",
+    )
+    parallel: int = Field(1, description="a sweep's trials trained at once")
+    space: str = Field(
+        "",
+        description='a sweep\'s search space, JSON {field: [low, high] | {"low", "high", "log"} | '
+        '{"choices": [...]}} (default: the task\'s, workloads.training.sweep.DEFAULT_SPACE)',
+    )
 
 
 def _plot_curves(history: list[dict], title: str) -> bytes:
@@ -155,7 +171,11 @@ def training_spec(key: str, config: TrainConfig, prior: dict | None) -> tuple[st
         raise dg.Failure(
             description=f"model {key}: give the frozen subset to train on as config `subset`"
         )
-    given = {k: v for k, v in config.model_dump().items() if k != "subset" and v is not None}
+    given = {
+        k: v
+        for k, v in config.model_dump().items()
+        if k not in ("subset", *SWEEP_FIELDS) and v is not None
+    }
     last = prior_spec(prior)
     task = given.get("task") or last.get("task", TRAIN_SPEC["task"])
     try:  # another task than the last: its defaults, not the last spec's values
@@ -207,6 +227,33 @@ def _init_weights(mlf, store, key: str, spec: dict) -> dict:
     return init
 
 
+def _sweep_plan(key: str, config: TrainConfig, spec: dict, subset_record: dict) -> SweepPlan:
+    """The sweep the config asks for, checked (its space, its sizes)."""
+    if spec["init_from"]:
+        raise dg.Failure(description=f"model {key}: a sweep trains anew: drop init_from")
+    if config.parallel < 1 or config.parallel > config.trials:
+        raise dg.Failure(
+            description=f"model {key}: parallel must be 1 to trials ({config.trials}), "
+            f"not {config.parallel}"
+        )
+    try:
+        space = parse_space(config.space, task_of(spec))
+    except ValueError as e:
+        raise dg.Failure(description=f"model {key}: {e}") from None
+    # the drawn fields at their defaults: the model's last spec (a previous sweep's winner) does
+    # not make another sweep of the same space
+    defaults = task_defaults(task_of(spec))
+    return SweepPlan(
+        model=key,
+        subset_manifest_sha256=subset_record["manifest_sha256"],
+        base={**spec, **{k: defaults[k] for k in space}},
+        space=space,
+        trials=config.trials,
+        parallel=config.parallel,
+        seed=spec["seed"],
+    )
+
+
 def local_copy(store, key: str, directory: Path) -> str:
     """The object at ``key`` as a file in ``directory`` (what MLflow logs as an artifact)."""
     path = directory / Path(key).name
@@ -245,14 +292,22 @@ def trained_models(
         subset_record = verify_subset(store, subset)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise dg.Failure(description=f"model {key}: subset {subset!r} is not usable: {e}") from None
+    sweep = None
+    if config.trials > 1:
+        sweep = _sweep_plan(key, config, spec, subset_record)
     if (
         prior
-        and prior_spec(prior) == spec
+        and (
+            prior.get("sweep", {}).get("name") == sweep.name
+            if sweep
+            else prior_spec(prior) == spec and "sweep" not in prior
+        )
         and prior["subset"] == subset
         and prior["subset_manifest_sha256"] == subset_record["manifest_sha256"]
         and store.exists(keys["model"])
     ):
-        context.log.info(f"model {key} already trained on this subset and spec; nothing to do")
+        what = "this sweep" if sweep else "this subset and spec"
+        context.log.info(f"model {key} already trained on {what}; nothing to do")
         discard_run(mlf)
         return dg.MaterializeResult(
             metadata=_metadata(
@@ -261,28 +316,50 @@ def trained_models(
             data_version=dg.DataVersion(prior["model_sha256"][:24]),
         )
 
-    job_name = (
-        f"cvgraph-{key}-{sha256_hex(canonical_json([spec, subset_record['manifest_sha256']]))[:8]}"
-    )
-    live = {}  # each epoch's metrics go to this run as they are made, if the job reaches it
-    if trainer.reaches(uri := mlf.get_tracking_uri()):
-        live = {"mlflow_tracking_uri": uri, "mlflow_run_id": mlf.active_run().info.run_id}
-    if init:
-        live.update(init_weights=keys["init"], init_sha256=init["model_sha256"])
     ensure_shards(context, image_compute, lake, subset, spec["variant"], record=subset_record)
-    metrics = trainer.train(
-        context, store, job_name, shard_keys(subset, spec["variant"])["base"], key, {**spec, **live}
-    )
-    curves = _plot_curves(metrics["history"], f"{key} on {subset}")
-    store.put(keys["curves"], curves)
-    model_sha = sha256_hex(store.get(keys["model"]))
-    with staging(store, "train", on_sweep=lambda s: context.log.info(str(s))) as tmp:
-        paths = [
-            local_copy(store, keys[name], Path(tmp)) for name in ("model", "metrics", "curves")
-        ]
-        run_id = log_training(
-            mlf, key, subset_record["manifest_sha256"], {**spec, "subset": subset}, metrics, paths
+    shards = shard_keys(subset, spec["variant"])["base"]
+    if sweep:
+        outcome = run_sweep(
+            context,
+            plan=sweep,
+            trainer=trainer,
+            store=store,
+            mlf=mlf,
+            subset=subset,
+            shards_key=shards,
         )
+        kept = outcome.kept
+        spec, job_name, run_id = kept.spec, kept.training_job, kept.mlflow_run_id
+        tkeys = model_keys(trial_model_key(key, sweep.name, kept.number))
+        for name in ("model", "metrics"):  # the kept trial's training is the model's
+            store.put(keys[name], store.get(tkeys[name]))
+        metrics = json.loads(store.get(keys["metrics"]))
+        curves = _plot_curves(metrics["history"], f"{key} on {subset} (trial {kept.number})")
+        store.put(keys["curves"], curves)
+        model_sha = sha256_hex(store.get(keys["model"]))
+    else:
+        job_name = sweep_job_name(key, spec, subset_record["manifest_sha256"])
+        live = {}  # each epoch's metrics go to this run as they are made, if the job reaches it
+        if trainer.reaches(uri := mlf.get_tracking_uri()):
+            live = {"mlflow_tracking_uri": uri, "mlflow_run_id": mlf.active_run().info.run_id}
+        if init:
+            live.update(init_weights=keys["init"], init_sha256=init["model_sha256"])
+        metrics = trainer.train(context, store, job_name, shards, key, {**spec, **live})
+        curves = _plot_curves(metrics["history"], f"{key} on {subset}")
+        store.put(keys["curves"], curves)
+        model_sha = sha256_hex(store.get(keys["model"]))
+        with staging(store, "train", on_sweep=lambda s: context.log.info(str(s))) as tmp:
+            paths = [
+                local_copy(store, keys[name], Path(tmp)) for name in ("model", "metrics", "curves")
+            ]
+            run_id = log_training(
+                mlf,
+                key,
+                subset_record["manifest_sha256"],
+                {**spec, "subset": subset},
+                metrics,
+                paths,
+            )
     version = register_version(
         mlf,
         key,
@@ -319,12 +396,19 @@ def trained_models(
             if init
             else {}
         ),
+        **({"sweep": outcome.to_json()} if sweep else {}),
     }
     store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
     metric = SCORE[task_of(spec)]
     context.log.info(
         f"model {key}: test {SCORE_NAME[metric]} {metrics['test_' + metric]:.4f} on {metrics['counts']['test']} held-out images"
     )
-    return dg.MaterializeResult(
-        metadata=_metadata(record, curves), data_version=dg.DataVersion(model_sha[:24])
-    )
+    metadata = _metadata(record, curves)
+    if sweep:
+        metadata.update(
+            sweep=picture("objective per trial", store.get(outcome.picture)),
+            sweep_trials=len(outcome.trials),
+            sweep_best_trial=outcome.kept.number,
+            **{f"sweep_best_{outcome.to_json()['objective']}": outcome.kept.objective},
+        )
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(model_sha[:24]))

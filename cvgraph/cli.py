@@ -236,27 +236,42 @@ def freeze(key: str, sql: str, allow_pending: bool, as_json: bool) -> None:
         )
 
 
+def _spec_options(command):
+    """The spec's flags (``workloads.training.spec.FIELDS``), shared by `train` and `tune`."""
+    for option in reversed(
+        [
+            click.option("--task", type=click.Choice(TASKS), help=_spec_help("task")),
+            click.option("--arch", type=click.Choice(ARCHS), help=_spec_help("arch")),
+            click.option("--epochs", type=int, help=_spec_help("epochs")),
+            click.option("--min-steps", type=int, help=_spec_help("min_steps")),
+            click.option("--lr", type=float, help=_spec_help("lr")),
+            click.option("--warmup", type=float, help=_spec_help("warmup")),
+            click.option("--weight-decay", type=float, help=_spec_help("weight_decay")),
+            click.option("--label-smoothing", type=float, help=_spec_help("label_smoothing")),
+            click.option("--batch-size", type=int, help=_spec_help("batch_size")),
+            click.option("--input-size", type=int, help=_spec_help("input_size")),
+            click.option(
+                "--variant",
+                type=click.Choice(["resized", "edges", "original"]),
+                help=_spec_help("variant"),
+            ),
+            click.option(
+                "--augment", type=click.Choice(AUGMENT_LEVELS), help=_spec_help("augment")
+            ),
+            click.option("--patience", type=int, help=_spec_help("patience")),
+            click.option("--width", type=int, help=_spec_help("width")),
+            click.option("--seed", type=int, help=_spec_help("seed")),
+            click.option("--init-from", help=_spec_help("init_from")),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("key")
 @click.option("--subset", help="frozen subset to train on (default: the model's last)")
-@click.option("--task", type=click.Choice(TASKS), help=_spec_help("task"))
-@click.option("--arch", type=click.Choice(ARCHS), help=_spec_help("arch"))
-@click.option("--epochs", type=int, help=_spec_help("epochs"))
-@click.option("--min-steps", type=int, help=_spec_help("min_steps"))
-@click.option("--lr", type=float, help=_spec_help("lr"))
-@click.option("--warmup", type=float, help=_spec_help("warmup"))
-@click.option("--weight-decay", type=float, help=_spec_help("weight_decay"))
-@click.option("--label-smoothing", type=float, help=_spec_help("label_smoothing"))
-@click.option("--batch-size", type=int, help=_spec_help("batch_size"))
-@click.option("--input-size", type=int, help=_spec_help("input_size"))
-@click.option(
-    "--variant", type=click.Choice(["resized", "edges", "original"]), help=_spec_help("variant")
-)
-@click.option("--augment", type=click.Choice(AUGMENT_LEVELS), help=_spec_help("augment"))
-@click.option("--patience", type=int, help=_spec_help("patience"))
-@click.option("--width", type=int, help=_spec_help("width"))
-@click.option("--seed", type=int, help=_spec_help("seed"))
-@click.option("--init-from", help=_spec_help("init_from"))
+@_spec_options
 @click.option("--json", "as_json", is_flag=True, help="print the model's record as JSON")
 def train(key: str, subset: str | None, as_json: bool, **spec) -> None:
     """Train model KEY on a frozen subset (local subprocess or SageMaker, by profile). A flag
@@ -271,6 +286,55 @@ def train(key: str, subset: str | None, as_json: bool, **spec) -> None:
     click.echo(
         f"model {key}: {score} ({rec['counts']['test']} held-out images), mlflow run {rec['mlflow_run_id']}"
     )
+
+
+@main.command()
+@click.argument("key")
+@click.option("--subset", help="frozen subset to train on (default: the model's last)")
+@click.option("--trials", type=int, required=True, help="trainings in the sweep (2 or more)")
+@click.option("--parallel", type=int, default=1, show_default=True, help="trials trained at once")
+@click.option(
+    "--space",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='the search space, a JSON file {field: [low, high] | {"low", "high", "log"} | '
+    '{"choices": [...]}} (default: lr, weight decay, label smoothing, batch size)',
+)
+@_spec_options
+@click.option("--json", "as_json", is_flag=True, help='print {"trials", "best", "version"} as JSON')
+def tune(
+    key: str,
+    subset: str | None,
+    trials: int,
+    parallel: int,
+    space: Path | None,
+    as_json: bool,
+    **spec,
+) -> None:
+    """Sweep model KEY: TRIALS trainings (PARALLEL at once) with spec fields drawn from the
+    space by Optuna; the best on the validation split becomes the model's next version. The
+    flags given fix the fields the space does not draw."""
+    out = _ds().tune(
+        key,
+        subset,
+        trials=trials,
+        parallel=parallel,
+        space=space.read_text() if space else None,
+        **spec,
+    )
+    if as_json:
+        return _print_json(out)
+    b = out["best"]
+    click.echo(
+        f"model {key}: sweep of {len(out['trials'])} trials; kept trial {b['number']} "
+        f"({out['objective']} {b['objective']:.4f}, test {out['test_score_name']} "
+        f"{out['test_score']:.4f}) as version {out['version']}"
+    )
+    for t in out["trials"]:
+        value = "failed" if t["objective"] is None else f"{t['objective']:.4f}"
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()
+        )
+        click.echo(f"  trial {t['number']}: {value}  {params}")
 
 
 @main.command()

@@ -71,6 +71,21 @@ def lineage_of(lake, inst: dg.DagsterInstance, key: str) -> dict:
         }
         tree["model"]["score"] = test_score(model)
         tree["model"]["version"] = model.get("mlflow_model_version", "")
+        if "sweep" in model:  # every trial of the sweep it was kept from
+            sw = model["sweep"]
+            tree["model"]["sweep"] = {
+                "name": sw["name"],
+                "objective": sw["objective"],
+                "best": sw["best"],
+                "mlflow_run_id": sw["mlflow_run_id"],
+                "trials": [
+                    {
+                        k: t[k]
+                        for k in ("number", "params", "objective", "mlflow_run_id", "model_sha256")
+                    }
+                    for t in sw["trials"]
+                ],
+            }
         tree["model"]["dagster"] = _dagster(inst, "trained_models", key)
         tree["evaluations"] = []
         for _, on in evaluations(lake, key):
@@ -145,6 +160,19 @@ def render(tree: dict, prefixes: bool = False) -> str:
         out.append(
             f"{p}└─ model {m['key']}{' v' + m['version'] if m.get('version') else ''}  sha256 {m['model_sha256'][:12]}  {m['score'][0]} {m['score'][1]:.4f}  mlflow run {m['mlflow_run_id']}  job {m['training_job']}"
         )
+        if sw := m.get("sweep"):
+            out.append(
+                f"{p}   sweep {sw['name']}: {len(sw['trials'])} trials by {sw['objective']}, "
+                f"kept trial {sw['best']} (mlflow run {sw['mlflow_run_id']})"
+            )
+            for t in sw["trials"]:
+                value = "failed" if t["objective"] is None else f"{t['objective']:.4f}"
+                params = ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in t["params"].items()
+                )
+                mark = "*" if t["number"] == sw["best"] else " "
+                out.append(f"{p}   {mark} trial {t['number']}: {value}  {params}")
         indent += 1
     s = tree["subset"]
     p = "  " * indent

@@ -9,6 +9,7 @@ failed and why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -304,7 +305,15 @@ class Datasets:
         return verify_subset(self.lake, key)
 
     # -- models -------------------------------------------------------------------------------
-    def train(self, key: str, subset: str | None = None, epochs: int | None = None, **spec) -> dict:
+    def train(
+        self,
+        key: str,
+        subset: str | None = None,
+        epochs: int | None = None,
+        *,
+        sweep: dict | None = None,
+        **spec,
+    ) -> dict:
         """Train model ``key`` on a frozen subset; returns its record (``test_accuracy``, or a
         detector's ``test_map`` and ``test_map50``; ``counts``, ``mlflow_run_id``, ...).
         ``spec``: any of ``workloads.training.spec.TRAIN_SPEC``'s fields (task, arch, epochs,
@@ -353,10 +362,59 @@ class Datasets:
                 f"subset {trains_on!r} has {len(classes)} labelled class(es) ({', '.join(classes)}): "
                 "a classifier needs two or more"
             )
-        cfg = {**given, **({"subset": subset} if subset else {})}
+        cfg = {**given, **({"subset": subset} if subset else {}), **(sweep or {})}
         run_config = {"ops": {"trained_models": {"config": cfg}}}
         self._run_new(model_partitions_def, key, trained_models, run_config=run_config)
         return self.record("model", key)
+
+    def tune(
+        self,
+        key: str,
+        subset: str | None = None,
+        *,
+        trials: int,
+        parallel: int = 1,
+        space: dict | str | None = None,
+        **spec,
+    ) -> dict:
+        """Sweep model ``key``: ``trials`` trainings, ``parallel`` at once, spec fields drawn
+        from ``space`` (``workloads.training.sweep.parse_space``; None: the task's default) by
+        Optuna, the others ``spec``'s (else as ``train`` has them). The best on the validation
+        split becomes the model's next registered version. Returns ``{"trials": [{"number",
+        "params", "objective"}], "best", "objective", "version", "test_score", ...}``."""
+        from workloads.training.spec import SCORE, SCORE_NAME, task_of
+        from workloads.training.sweep import parse_space
+
+        if trials < 2:
+            raise InvalidRequest(f"a sweep has 2 trials or more, not {trials}")
+        if not 1 <= parallel <= trials:
+            raise InvalidRequest(f"parallel must be 1 to trials ({trials}), not {parallel}")
+        task = spec.get("task") or "classification"
+        with contextlib.suppress(UnknownKey):
+            task = spec.get("task") or task_of(self.record("model", key))
+        try:
+            parsed = parse_space(space, task)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        sweep = {"trials": trials, "parallel": parallel, "space": json.dumps(parsed)}
+        rec = self.train(key, subset, sweep=sweep, **spec)
+        s = rec["sweep"]
+        trials_out = [
+            {"number": t["number"], "params": t["params"], "objective": t["objective"]}
+            for t in s["trials"]
+        ]
+        metric = SCORE[task_of(rec)]
+        return {
+            "model": key,
+            "sweep": s["name"],
+            "objective": s["objective"],
+            "trials": trials_out,
+            "best": trials_out[s["best"]],
+            "version": rec["mlflow_model_version"],
+            "test_score_name": SCORE_NAME[metric],
+            "test_score": rec[f"test_{metric}"],
+            "mlflow_run_id": s["mlflow_run_id"],
+        }
 
     def shards(self, subset: str, variant: str = "resized") -> dict:
         """The training shards of frozen subset ``subset``'s ``variant`` images (the

@@ -127,7 +127,10 @@ def local_resources() -> dict:
         "lake": lake,
         "image_compute": compute,
         "table_writer": table_writer(compute),
-        "trainer": LocalTrainer(work_dir=str(h / "training")),
+        "trainer": LocalTrainer(
+            work_dir=str(h / "training"),
+            sweep_storage=env("CVGRAPH_SWEEP_STORAGE", f"sqlite:///{h / 'sweeps' / 'optuna.db'}"),
+        ),
         "catalog": DuckDBCatalog(lake=lake),
         "mlflow": _tracking(h, "local"),
         "image_settings": image_settings(),
@@ -173,6 +176,9 @@ def aws_resources() -> dict:
             start_timeout_seconds=float(env("CVGRAPH_SAGEMAKER_START_TIMEOUT_SECONDS", "3600")),
             pipes_interval=float(env("CVGRAPH_PIPES_INTERVAL", "10")),
             tracking_secret_arn=os.environ.get("CVGRAPH_MLFLOW_SECRET_ARN") or None,
+            # a run's disk goes with its task: in memory unless a database is given (the lake
+            # keeps every finished trial; a re-run draws the same trials)
+            sweep_storage=os.environ.get("CVGRAPH_SWEEP_STORAGE", ""),
             subnets=_listed("CVGRAPH_TRAINING_SUBNETS"),
             security_group_ids=_listed("CVGRAPH_TRAINING_SECURITY_GROUPS"),
         ),

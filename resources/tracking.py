@@ -126,7 +126,33 @@ def log_training(
         if found[0].info.status == "RUNNING":  # logged by a train killed before it ended its run
             client.set_terminated(found[0].info.run_id, "FINISHED")
         return found[0].info.run_id
-    client.set_tag(run_id, "mlflow.runName", model_key)
+    record_training(
+        client,
+        run_id,
+        model_key=model_key,
+        subset_hash=subset_hash,
+        params=params,
+        metrics=metrics,
+        artifacts=artifacts,
+    )
+    mlf.end_run()
+    return run_id
+
+
+def record_training(
+    client,
+    run_id: str,
+    *,
+    model_key: str,
+    subset_hash: str,
+    params: dict,
+    metrics: dict,
+    artifacts: list[str],
+    run_name: str = "",
+) -> None:
+    """Log a training into MLflow run ``run_id``: its spec, curves (unless the job logged them
+    live), test scores and files; the tags that say which training it holds go last."""
+    client.set_tag(run_id, "mlflow.runName", run_name or model_key)
     for k, v in sorted(params.items()):
         client.log_param(run_id, k, v)
     if not client.get_metric_history(run_id, "train_loss"):  # not logged live by the job
@@ -141,10 +167,53 @@ def log_training(
         client.log_metric(run_id, metric_name(f"test_ap_{c}"), ap)
     for path in artifacts:
         client.log_artifact(run_id, path)
-    for k, v in tags.items():
+    for k, v in _training_tags(model_key, subset_hash, params).items():
         client.set_tag(run_id, k, v)
-    mlf.end_run()
+
+
+def sweep_run(mlf: MlFlow, sweep: str, model_key: str) -> str:
+    """The MLflow run of sweep ``sweep`` (its trials are nested under it): an earlier Dagster
+    run's, if one made it (a killed sweep run again goes on in the same run; this Dagster run's
+    is then discarded), else this Dagster run's, tagged."""
+    client, run_id = mlf.tracking_client, mlf.active_run().info.run_id
+    found = [
+        r
+        for r in client.search_runs(
+            [mlf.experiment.experiment_id],
+            f"tags.`{TAG}sweep` = '{sweep}' and tags.`{TAG}role` = 'sweep'",
+        )
+        if r.info.run_id != run_id
+    ]
+    if found:
+        discard_run(mlf)
+        return found[0].info.run_id
+    for k, v in {
+        "mlflow.runName": f"{model_key} sweep",
+        f"{TAG}model": model_key,
+        f"{TAG}sweep": sweep,
+        f"{TAG}role": "sweep",
+    }.items():
+        client.set_tag(run_id, k, v)
     return run_id
+
+
+def trial_run(client, *, experiment_id: str, parent: str, sweep: str, number: int) -> str:
+    """A new MLflow run for trial ``number`` of ``sweep``, nested under run ``parent``. A run an
+    earlier, killed attempt at this trial left is deleted first (its curve would be doubled)."""
+    for r in client.search_runs(
+        [experiment_id], f"tags.`{TAG}sweep` = '{sweep}' and tags.`{TAG}trial` = '{number}'"
+    ):
+        client.delete_run(r.info.run_id)
+    run = client.create_run(
+        experiment_id,
+        tags={
+            "mlflow.parentRunId": parent,
+            f"{TAG}sweep": sweep,
+            f"{TAG}trial": str(number),
+            f"{TAG}role": "trial",
+        },
+    )
+    return run.info.run_id
 
 
 def discard_run(mlf: MlFlow) -> str:

@@ -34,6 +34,10 @@ def pipes_hyperparameters(session) -> dict[str, str]:
 
 
 class Trainer(dg.ConfigurableResource, ABC):
+    # Optuna's storage of sweeps' studies (``workloads.training.sweep``): a cache, since every
+    # finished trial is in the lake and a trial's draw is seeded; "": in memory.
+    sweep_storage: str = ""
+
     @abstractmethod
     def train(
         self,

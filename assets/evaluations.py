@@ -102,6 +102,7 @@ def model_evaluations(
         pr_png,
         score,
         score_detector,
+        score_onnx,
         worst_png,
     )
     from workloads.training.spec import SCORE, SCORE_NAME, task_of
@@ -124,10 +125,15 @@ def model_evaluations(
     else:
         rows = unseen_rows(store, model_record, subset)
         with staging(store, "evaluate", on_sweep=lambda s: context.log.info(str(s))) as tmp:
-            path = Path(tmp) / "model.pt"
-            path.write_bytes(store.get(model_keys(model)["model"]))
             detector = task_of(model_record) == "detection"
-            scores, worst = (score_detector if detector else score)(str(path), rows, store.get)
+            if model_record.get("format") == "onnx":  # an entry point's (workloads.training.byo)
+                path = Path(tmp) / "model.onnx"
+                path.write_bytes(store.get(model_record["weights"]))
+                scores, worst = score_onnx(str(path), model_record, rows, store.get)
+            else:
+                path = Path(tmp) / "model.pt"
+                path.write_bytes(store.get(model_keys(model)["model"]))
+                scores, worst = (score_detector if detector else score)(str(path), rows, store.get)
             version = model_version(mlflow, store, model_record)
             title = f"{model} v{version} on {subset}"
             pngs = {

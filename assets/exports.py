@@ -29,6 +29,8 @@ MIN_BOX_AGREEMENT = {"onnx_int8": 0.9, "onnx_fp16": 0.98}  # matched at IoU 0.5 
 def parity_passed(formats: dict, detector: bool) -> bool:
     """Whether every format is close enough to the trained model (the ``parity`` check)."""
     floats = ("torchscript", "onnx")
+    if set(formats) == {"onnx"}:  # an entry point's model: its own ONNX file
+        return formats["onnx"]["max_abs_error"] <= MAX_FLOAT_ERROR
     if detector:
         return all(
             formats[f]["min_iou"] >= MIN_FLOAT_IOU
@@ -41,9 +43,9 @@ def parity_passed(formats: dict, detector: bool) -> bool:
     )
 
 
-def _samples(store, model_record: dict, model_pt: Path):
-    """Up to PARITY_SAMPLES held-out images of the model's subset, as the model sees them (its
-    ``preprocess``)."""
+def _samples(store, model_record: dict, model_pt: Path | None = None):
+    """Up to PARITY_SAMPLES held-out images of the model's subset, as the model sees them (the
+    ``preprocess`` of ``model_pt``, else of the model's record)."""
     import numpy as np
 
     from workloads.training.models import load_record
@@ -60,9 +62,35 @@ def _samples(store, model_record: dict, model_pt: Path):
         raise dg.Failure(
             description=f"model {model_record['key']}: its subset {model_record['subset']} has no images to check parity on"
         )
-    pre = model_preprocess(load_record(model_pt))
+    pre = model_preprocess(load_record(model_pt) if model_pt else model_record)
     col = VARIANT_COLUMNS[model_record["spec"]["variant"]]
     return np.stack([pre(decode(store.get(r[col]), pre.channels, r[col])) for r in test])
+
+
+def _export_onnx(store, model_record: dict, out: Path) -> dict:
+    """An entry point's model exported: its ``model.onnx`` is the ``onnx`` export. Its parity is
+    measured all the same: the file read back, run by onnxruntime on held-out images against
+    the trained file."""
+    import numpy as np
+    import onnxruntime as ort
+
+    data = store.get(model_record["weights"])
+    path = out / EXPORT_FILES["onnx"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    x = _samples(store, model_record)
+    runs = []
+    for model in (data, path.read_bytes()):
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        runs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+    return {
+        "onnx": {
+            "bytes": len(data),
+            "max_abs_error": float(np.abs(runs[0] - runs[1]).max()),
+            "top1_agreement": float((runs[0].argmax(1) == runs[1].argmax(1)).mean()),
+            "samples": len(x),
+        }
+    }
 
 
 def preprocess_of(store, model_record: dict, image_settings: ImageSettings) -> dict:
@@ -114,10 +142,12 @@ def exported_models(
         raise dg.Failure(description=f"model {key} has not been trained")
     model_record = json.loads(store.get(mkeys["record"]))
     prior = json.loads(store.get(keys["record"])) if store.exists(keys["record"]) else None
+    byo = model_record.get("format") == "onnx"  # an entry point's (workloads.training.byo)
+    made = ["onnx"] if byo else list(EXPORT_FILES)
     if (
         prior
         and prior["model_sha256"] == model_record["model_sha256"]
-        and all(store.exists(keys[f]) for f in [*EXPORT_FILES, "preprocess"])
+        and all(store.exists(keys[f]) for f in [*made, "preprocess"])
     ):
         record = prior
         context.log.info(f"exports of {key} are current for model {record['model_sha256'][:12]}")
@@ -126,15 +156,18 @@ def exported_models(
         preprocess = preprocess_of(store, model_record, image_settings)  # before the work
         with staging(store, "export", on_sweep=lambda s: context.log.info(str(s))) as scratch:
             tmp = Path(scratch)
-            (tmp / "model.pt").write_bytes(store.get(mkeys["model"]))
-            samples = _samples(store, model_record, tmp / "model.pt")
-            report = export_all(tmp / "model.pt", tmp / "out", samples)
-            for fmt in EXPORT_FILES:
+            if byo:
+                report = _export_onnx(store, model_record, tmp / "out")
+            else:
+                (tmp / "model.pt").write_bytes(store.get(mkeys["model"]))
+                samples = _samples(store, model_record, tmp / "model.pt")
+                report = export_all(tmp / "model.pt", tmp / "out", samples)
+            for fmt in made:
                 store.put_file(keys[fmt], tmp / "out" / EXPORT_FILES[fmt])
                 report[fmt]["key"] = keys[fmt]
                 report[fmt]["sha256"] = sha256_hex((tmp / "out" / EXPORT_FILES[fmt]).read_bytes())
             version = model_version(mlflow, store, model_record)
-            files = {fmt: str(tmp / "out" / EXPORT_FILES[fmt]) for fmt in EXPORT_FILES}
+            files = {fmt: str(tmp / "out" / EXPORT_FILES[fmt]) for fmt in made}
             run_id = log_exports(mlflow, key, version, files)
         store.put(keys["preprocess"], json.dumps(preprocess, indent=2, sort_keys=True).encode())
         record = {

@@ -23,10 +23,12 @@ from resources.tracking import (
     log_training,
     register_version,
 )
-from resources.training import Trainer
-from workloads.layout import model_keys, shard_keys
+from resources.training import Trainer, output_key
+from workloads.layout import model_keys, shard_keys, subset_keys
 from workloads.staging import staging
+from workloads.training.byo import check_outputs, source_archive
 from workloads.training.spec import (
+    ADDED_FIELDS,
     FIELDS,
     SCORE,
     SCORE_NAME,
@@ -67,6 +69,8 @@ class TrainConfig(dg.Config):
     seed: int | None = _unset("seed")
     width: int | None = _unset("width")
     init_from: str | None = _unset("init_from")
+    entry_point: str | None = _unset("entry_point")
+    training_image: str | None = _unset("training_image")
     trials: int = Field(
         1,
         description="a sweep: this many trainings, spec fields drawn from `space` by Optuna; the "
@@ -188,7 +192,7 @@ def training_spec(key: str, config: TrainConfig, prior: dict | None) -> tuple[st
 def prior_spec(prior: dict | None) -> dict:
     """The spec of a model's record, with the fields added since it was written at the values it
     was trained with (so an old record's training is still the same training)."""
-    return {"task": "classification", **prior["spec"]} if prior else {}
+    return {**ADDED_FIELDS, **prior["spec"]} if prior else {}
 
 
 def _init_weights(mlf, store, key: str, spec: dict) -> dict:
@@ -231,6 +235,8 @@ def _sweep_plan(key: str, config: TrainConfig, spec: dict, subset_record: dict) 
     """The sweep the config asks for, checked (its space, its sizes)."""
     if spec["init_from"]:
         raise dg.Failure(description=f"model {key}: a sweep trains anew: drop init_from")
+    if spec["entry_point"]:
+        raise dg.Failure(description=f"model {key}: a sweep trains with the built-in trainer")
     if config.parallel < 1 or config.parallel > config.trials:
         raise dg.Failure(
             description=f"model {key}: parallel must be 1 to trials ({config.trials}), "
@@ -252,6 +258,19 @@ def _sweep_plan(key: str, config: TrainConfig, spec: dict, subset_record: dict) 
         parallel=config.parallel,
         seed=spec["seed"],
     )
+
+
+def _source(key: str, spec: dict, store) -> dict:
+    """An entry point's folder as a reproducible archive in the lake (what a SageMaker job in
+    script mode downloads); ``{"key", "sha256"}``."""
+    path = Path(spec["entry_point"])
+    if not path.is_file():
+        raise dg.Failure(description=f"model {key}: entry_point {path} is not a file here")
+    blob, sha = source_archive(str(path))
+    source_key = f"models/{key}/source/{sha}.tar.gz"
+    if not store.exists(source_key):
+        store.put(source_key, blob)
+    return {"key": source_key, "sha256": sha}
 
 
 def local_copy(store, key: str, directory: Path) -> str:
@@ -295,6 +314,7 @@ def trained_models(
     sweep = None
     if config.trials > 1:
         sweep = _sweep_plan(key, config, spec, subset_record)
+    source = _source(key, spec, store) if spec["entry_point"] else None
     if (
         prior
         and (
@@ -302,9 +322,10 @@ def trained_models(
             if sweep
             else prior_spec(prior) == spec and "sweep" not in prior
         )
+        and prior.get("source_sha256") == (source or {}).get("sha256")
         and prior["subset"] == subset
         and prior["subset_manifest_sha256"] == subset_record["manifest_sha256"]
-        and store.exists(keys["model"])
+        and store.exists(output_key(key, spec))
     ):
         what = "this sweep" if sweep else "this subset and spec"
         context.log.info(f"model {key} already trained on {what}; nothing to do")
@@ -338,25 +359,40 @@ def trained_models(
         store.put(keys["curves"], curves)
         model_sha = sha256_hex(store.get(keys["model"]))
     else:
-        job_name = sweep_job_name(key, spec, subset_record["manifest_sha256"])
+        identity = {**spec, **({"source_sha256": source["sha256"]} if source else {})}
+        job_name = sweep_job_name(key, identity, subset_record["manifest_sha256"])
         live = {}  # each epoch's metrics go to this run as they are made, if the job reaches it
         if trainer.reaches(uri := mlf.get_tracking_uri()):
             live = {"mlflow_tracking_uri": uri, "mlflow_run_id": mlf.active_run().info.run_id}
         if init:
             live.update(init_weights=keys["init"], init_sha256=init["model_sha256"])
+        if source:  # an entry point of the user's: its sources and the subset's manifest
+            live.update(source_key=source["key"], manifest_key=subset_keys(subset)["manifest"])
         metrics = trainer.train(context, store, job_name, shards, key, {**spec, **live})
-        curves = _plot_curves(metrics["history"], f"{key} on {subset}")
-        store.put(keys["curves"], curves)
-        model_sha = sha256_hex(store.get(keys["model"]))
+        weights = output_key(key, spec)
+        if source:
+            try:
+                check_outputs(store.get(weights), metrics)
+            except ValueError as e:
+                raise dg.Failure(
+                    description=f"model {key}: {Path(spec['entry_point']).name}: {e} "
+                    "(README, Bring your own trainer)"
+                ) from None
+        curves = None
+        if metrics.get("history"):
+            curves = _plot_curves(metrics["history"], f"{key} on {subset}")
+            store.put(keys["curves"], curves)
+        model_sha = sha256_hex(store.get(weights))
         with staging(store, "train", on_sweep=lambda s: context.log.info(str(s))) as tmp:
             paths = [
-                local_copy(store, keys[name], Path(tmp)) for name in ("model", "metrics", "curves")
+                local_copy(store, k, Path(tmp))
+                for k in (weights, keys["metrics"], *([keys["curves"]] if curves else []))
             ]
             run_id = log_training(
                 mlf,
                 key,
                 subset_record["manifest_sha256"],
-                {**spec, "subset": subset},
+                {**identity, "subset": subset},
                 metrics,
                 paths,
             )
@@ -385,10 +421,10 @@ def trained_models(
         "model_sha256": model_sha,
         "mlflow_run_id": run_id,
         "mlflow_model_version": version,
-        "curves": keys["curves"],
+        "curves": keys["curves"] if curves else "",
         "preprocess": metrics["preprocess"],
-        "best_epoch": metrics["best_epoch"],
-        "epochs_run": len(metrics["history"]),
+        "best_epoch": metrics.get("best_epoch", 0),
+        "epochs_run": len(metrics.get("history", [])),
         "training_job": job_name,
         "dagster_run_id": context.run.run_id,
         **(
@@ -397,6 +433,11 @@ def trained_models(
             else {}
         ),
         **({"sweep": outcome.to_json()} if sweep else {}),
+        **(
+            {"format": "onnx", "weights": output_key(key, spec), "source_sha256": source["sha256"]}
+            if source
+            else {}
+        ),
     }
     store.put(keys["record"], json.dumps(record, indent=2, sort_keys=True).encode())
     metric = SCORE[task_of(spec)]

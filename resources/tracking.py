@@ -155,11 +155,13 @@ def record_training(
     client.set_tag(run_id, "mlflow.runName", run_name or model_key)
     for k, v in sorted(params.items()):
         client.log_param(run_id, k, v)
-    if not client.get_metric_history(run_id, "train_loss"):  # not logged live by the job
-        for rec in metrics["history"]:
-            for k, v in rec.items():
-                if k not in ("epoch", "seconds") and v == v:  # not NaN (no val split)
-                    client.log_metric(run_id, k, v, step=rec["epoch"])
+    logged = {m.step for m in client.get_metric_history(run_id, "train_loss")}  # live, by the job
+    for rec in metrics.get("history", []):
+        if rec["epoch"] in logged:
+            continue
+        for k, v in rec.items():
+            if k not in ("epoch", "seconds") and v == v:  # not NaN (no val split)
+                client.log_metric(run_id, k, v, step=rec["epoch"])
     for k in ("test_accuracy", "test_map", "test_map50"):
         if k in metrics:
             client.log_metric(run_id, k, metrics[k])

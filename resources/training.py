@@ -18,6 +18,7 @@ from tqdm import tqdm
 from resources.aws import AwsResource, poll, stopped_on_interrupt
 from workloads.lake import LocalLake
 from workloads.layout import PIPES, checkpoints_dir, model_keys
+from workloads.training.byo import MODEL_FILE
 
 
 class TrainingFailed(Exception):
@@ -103,8 +104,11 @@ class LocalTrainer(Trainer):
             }
             self._run(context, lake, shards_key, dirs, hp, job_name, model_key)
         keys = model_keys(model_key)
-        lake.put_file(keys["model"], dirs["model"] / "model.pt")
-        lake.put_file(keys["metrics"], dirs["model"] / "metrics.json")
+        weights = output_key(model_key, hyperparameters)
+        for name, key in ((Path(weights).name, weights), ("metrics.json", keys["metrics"])):
+            if not (dirs["model"] / name).is_file():
+                raise TrainingFailed(f"training job {job_name} wrote no {name} in SM_MODEL_DIR")
+            lake.put_file(key, dirs["model"] / name)
         return json.loads((dirs["model"] / "metrics.json").read_text())
 
     def _run(
@@ -120,6 +124,8 @@ class LocalTrainer(Trainer):
         init = hp.get("init_weights")
         if init:  # the init channel: the weights' directory; the entry reads its file there
             hp = {**hp, "init_weights": Path(init).name}
+        manifest = hp.pop("manifest_key", "")
+        entry = hp.get("entry_point")  # a script of the user's (workloads.training.byo)
         # SageMaker writes every hyperparameter as a string.
         (dirs["input/config"] / "hyperparameters.json").write_text(
             json.dumps({k: str(v) for k, v in hp.items()})
@@ -129,6 +135,7 @@ class LocalTrainer(Trainer):
             "PYTHONUNBUFFERED": "1",
             "SM_INPUT_CONFIG_DIR": str(dirs["input/config"]),
             "SM_CHANNEL_SHARDS": str(lake.path(shards_key)),
+            **({"SM_CHANNEL_MANIFEST": str(lake.path(manifest).parent)} if manifest else {}),
             **({"SM_CHANNEL_INIT": str(lake.path(init).parent)} if init else {}),
             "SM_MODEL_DIR": str(dirs["model"]),
             "SM_OUTPUT_DATA_DIR": str(dirs["output/data"]),
@@ -138,7 +145,9 @@ class LocalTrainer(Trainer):
             f"training job {job_name}: { {k: v for k, v in hp.items() if not k.startswith('dagster_pipes')} }"
         )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workloads.training.train"],
+            [sys.executable, entry]
+            if entry
+            else [sys.executable, "-m", "workloads.training.train"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -172,6 +181,14 @@ class LocalTrainer(Trainer):
             raise TrainingFailed(
                 f"training job {job_name} exited {proc.returncode}:\n" + "\n".join(tail)
             )
+
+
+def output_key(model_key: str, hyperparameters: dict) -> str:
+    """Where a training's weights go in the lake: ``model.pt`` from the built-in entry, the
+    ``model.onnx`` of an entry point of the user's (``workloads.training.byo``)."""
+    if hyperparameters.get("entry_point"):
+        return f"models/{model_key}/{MODEL_FILE}"
+    return model_keys(model_key)["model"]
 
 
 def job_base_name(job_name: str) -> str:
@@ -232,7 +249,7 @@ class SageMakerTrainer(Trainer, AwsResource):
         req = {
             "TrainingJobName": name,
             "AlgorithmSpecification": {
-                "TrainingImage": self.training_image,
+                "TrainingImage": hyperparameters.get("training_image") or self.training_image,
                 "TrainingInputMode": "File",
                 "MetricDefinitions": [
                     {"Name": "train_loss", "Regex": r"train_loss=([0-9.]+)"},
@@ -353,6 +370,20 @@ class SageMakerTrainer(Trainer, AwsResource):
         if init := hyperparameters.get("init_weights"):  # one object: the channel's one file
             channels["init"] = ({"S3DataType": "S3Prefix", "S3Uri": lake.uri(init)}, "File")
             hyperparameters = {**hyperparameters, "init_weights": init.rsplit("/", 1)[-1]}
+        if manifest := hyperparameters.get("manifest_key"):  # the subset's manifest.parquet
+            channels["manifest"] = ({"S3DataType": "S3Prefix", "S3Uri": lake.uri(manifest)}, "File")
+        if entry := hyperparameters.get("entry_point"):
+            # SageMaker script mode: the image's training toolkit fetches the folder and runs it
+            hyperparameters = {
+                **hyperparameters,
+                "sagemaker_program": Path(entry).name,
+                "sagemaker_submit_directory": lake.uri(hyperparameters["source_key"]),
+            }
+        hyperparameters = {
+            k: v
+            for k, v in hyperparameters.items()
+            if k not in ("manifest_key", "source_key", "entry_point")
+        }
         injector = PipesS3ContextInjector(
             bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/{PIPES}".lstrip("/")
         )
@@ -376,7 +407,11 @@ class SageMakerTrainer(Trainer, AwsResource):
                 for m in tar.getmembers()
                 if m.isfile()
             }
-        lake.put(out["model"], files["model.pt"])
+        weights = output_key(model_key, {"entry_point": entry})
+        for name in (Path(weights).name, "metrics.json"):
+            if name not in files:
+                raise TrainingFailed(f"training job of {model_key} wrote no {name} in SM_MODEL_DIR")
+        lake.put(weights, files[Path(weights).name])
         lake.put(out["metrics"], files["metrics.json"])
         return json.loads(files["metrics.json"])
 

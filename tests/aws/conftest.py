@@ -300,8 +300,20 @@ def _train(job) -> None:
                 if job.checkpoint_config:
                     _sync_down(s3, job.checkpoint_config["S3Uri"], ml / "checkpoints")
                 job.secondary_status = "Training"
+                command = [sys.executable, "-m", "workloads.training.train"]
+                program = job.hyper_parameters.get("sagemaker_program")
+                if program:  # script mode: the toolkit fetches the sources and runs the program
+                    code = ml / "code"
+                    shutil_rm(code)
+                    code.mkdir(parents=True)
+                    bucket, key = _split(job.hyper_parameters["sagemaker_submit_directory"])
+                    blob = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+                    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+                        tar.extractall(code, filter="data")
+                    command = [sys.executable, str(code / program)]
+                    record["image"] = job.algorithm_specification["TrainingImage"]
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "workloads.training.train"],
+                    command,
                     env=env,
                     cwd=REPO,
                     stdout=subprocess.PIPE,
@@ -396,18 +408,27 @@ def _athena_run(backend, execution):
         secret_key="testing",
         region=REGION,
     )
+    from workloads.predictions import PREDICTIONS_SCHEMA
+    from workloads.table_rows import TABLES
+
     con = duckdb.connect()
-    for name in ("images", "objects"):
-        database = (
-            execution.context["Database"]
-            if isinstance(execution.context, dict)
-            else execution.context
-        )
+    database = (
+        execution.context["Database"] if isinstance(execution.context, dict) else execution.context
+    )
+    # images and objects always (a missing one fails the query, as Athena's would); predictions
+    # once registered (an unpartitioned table: every Parquet object under its location)
+    tables = {"images": True, "objects": True, "predictions": False}
+    for name, required in tables.items():
+        if not required and name not in {t.name for t in glue.get_tables(database, None)}:
+            continue
         table = glue.get_table(database, name)
-        location = table.get_version(str(table._current_version))["StorageDescriptor"][
-            "Location"
-        ].replace("s3://", "")
-        part = pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
+        version = table.get_version(str(table._current_version))
+        location = version["StorageDescriptor"]["Location"].replace("s3://", "")
+        part = (
+            pads.partitioning(pa.schema([("prefix", pa.string())]), flavor="hive")
+            if version.get("PartitionKeys")
+            else None
+        )
         try:
             files = [
                 f.path
@@ -428,9 +449,8 @@ def _athena_run(backend, execution):
                 ),
             )
         else:  # as Athena reads a Glue table with no files yet: no rows
-            from workloads.table_rows import TABLES
-
-            con.register(name, TABLES[name].empty_table())
+            schema = TABLES[name] if name in TABLES else PREDICTIONS_SCHEMA
+            con.register(name, schema.empty_table())
     result = con.sql(execution.query).to_arrow_table()
     types = {
         pa.int32(): "integer",

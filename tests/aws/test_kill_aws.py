@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+import pytest
+
 from tests.lake_state import SEEDS, SQL, cvgraph, kill_points, killed_at, lake_state
 
 
@@ -98,14 +100,30 @@ def _session(harness, env: dict, packs, kill: bool) -> list:
     return out
 
 
+@pytest.fixture(scope="module")
+def aws_packs(tmp_path_factory) -> list:
+    """Two packs of digits, three classes each, smaller than the local kill tests' (the Batch
+    harness starts a process per array child, one per prefix an image lands in: 48 images touch
+    ~40 prefixes where 120 touch ~95)."""
+    from cvgraph.demo_packs import digit_members, zip_bytes
+
+    root = tmp_path_factory.mktemp("aws_packs")
+    out = []
+    for name, classes in (("a", (0, 1, 2)), ("b", (3, 4, 5))):
+        path = root / f"{name}.zip"
+        path.write_bytes(zip_bytes(digit_members(size=32, limit=24, classes=classes)))
+        out.append(path)
+    return out
+
+
 def test_kill_every_command_on_the_aws_profile_then_again_makes_the_uninterrupted_lake(
-    fresh_aws, kill_packs, tmp_path
+    fresh_aws, aws_packs, tmp_path
 ):
     killed = _session(
-        fresh_aws(tmp_path / "killed"), _user(tmp_path / "killed" / "home"), kill_packs, True
+        fresh_aws(tmp_path / "killed"), _user(tmp_path / "killed" / "home"), aws_packs, True
     )
     clean = _session(
-        fresh_aws(tmp_path / "clean"), _user(tmp_path / "clean" / "home"), kill_packs, False
+        fresh_aws(tmp_path / "clean"), _user(tmp_path / "clean" / "home"), aws_packs, False
     )
     for (args, *_), got, want in zip(SESSION, killed, clean, strict=True):
         if "owed" not in got:  # the train and export records

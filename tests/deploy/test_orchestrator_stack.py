@@ -19,6 +19,7 @@ from cfnlint.decode import decode
 from tests.deploy.test_deploy import (
     as_list,
     cfn_lint_command,
+    environment,
     is_ref,
     one,
     parse_dockerfile,
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "deploy" / "cloudformation" / "orchestrator.yaml"
 IMAGE = ROOT / "deploy" / "docker" / "orchestrator.Dockerfile"
 INSTANCE_YAML = ROOT / "deploy" / "dagster" / "dagster.yaml"
+ALL_CONDITIONS = frozenset({"HasTrainingSubnets", "HasTrainingSecurityGroups"})
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_the_database_is_private_encrypted_and_its_password_only_in_secrets_mana
     assert "DAGSTER_PG_PASSWORD" in text and not re.search(r"(?i)password:\s*[\"']?\w", text)
     for td in resources(stack, "AWS::ECS::TaskDefinition").values():
         (c,) = td["Properties"]["ContainerDefinitions"]
-        env = {e["Name"] for e in c["Environment"]}
+        env = set(environment(c, ALL_CONDITIONS))
         secrets = {s["Name"]: s["ValueFrom"]["Fn::Sub"] for s in c["Secrets"]}
         assert not {"DAGSTER_PG_PASSWORD", "DAGSTER_PG_USERNAME"} & env
         assert secrets == {
@@ -132,13 +134,69 @@ def test_webserver_and_one_daemon_run_as_services_and_runs_as_tasks_of_their_own
     }
     # the launcher's task definition (dagster.yaml's env) is this family, and the only one it may run
     for td in resources(stack, "AWS::ECS::TaskDefinition").values():
-        env = {
-            e["Name"]: e["Value"]
-            for e in td["Properties"]["ContainerDefinitions"][0]["Environment"]
-        }
+        env = environment(td["Properties"]["ContainerDefinitions"][0])
         assert env["CVGRAPH_RUN_TASK_DEFINITION"] == {"Fn::Sub": "${Project}-dagster-run"}
     (run_task,) = [st for st in statements(stack) if st.get("Action") == "ecs:RunTask"]
     assert run_task["Resource"]["Fn::Sub"].endswith("task-definition/${Project}-dagster-run:*")
+
+
+def test_the_tasks_give_the_training_jobs_the_tracking_secret_and_their_vpc(stack):
+    """Every task that runs cvgraph code (webserver, daemon, run) gets the aws profile's training
+    settings: the tracking secret's ARN always (a job reads it with its own role), the VpcConfig's
+    subnets and groups when given, and nothing (no VPC) when not."""
+    params = stack["Parameters"]
+    for name, prefix in (("TrainingSubnetIds", "subnet-"), ("TrainingSecurityGroupIds", "sg-")):
+        param = params[name]
+        assert param["Type"] == "String" and param["Default"] == "", name
+        pattern = param["AllowedPattern"]
+        for good in ("", f"{prefix}0123abcd", f"{prefix}0123abcd,{prefix}0123456789abcdef0"):
+            assert re.fullmatch(pattern, good), (name, good)
+        # CVGRAPH_TRAINING_* are split on commas, nothing else: no spaces, no empty items
+        for bad in (f"{prefix}0123abcd, {prefix}4567abcd", f"{prefix}0123abcd,", "x-0123abcd"):
+            assert not re.fullmatch(pattern, bad), (name, bad)
+    assert stack["Conditions"] == {
+        "HasTrainingSubnets": {"Fn::Not": [{"Fn::Equals": [{"Ref": "TrainingSubnetIds"}, ""]}]},
+        "HasTrainingSecurityGroups": {
+            "Fn::Not": [{"Fn::Equals": [{"Ref": "TrainingSecurityGroupIds"}, ""]}]
+        },
+    }
+    # both or neither: SageMaker refuses subnets without groups, and groups alone would be unused
+    rules = stack["Rules"]
+    assert {
+        (
+            r["RuleCondition"]["Fn::Not"][0]["Fn::Equals"][0]["Ref"],
+            a["Assert"]["Fn::Not"][0]["Fn::Equals"][0]["Ref"],
+        )
+        for r in rules.values()
+        for a in r["Assertions"]
+    } == {
+        ("TrainingSubnetIds", "TrainingSecurityGroupIds"),
+        ("TrainingSecurityGroupIds", "TrainingSubnetIds"),
+    }
+    tds = resources(stack, "AWS::ECS::TaskDefinition")
+    assert len(tds) == 3
+    for name, td in tds.items():
+        (c,) = td["Properties"]["ContainerDefinitions"]
+        unset = environment(c)
+        assert is_ref(unset["CVGRAPH_MLFLOW_SECRET_ARN"], "TrackingSecretArn"), name
+        assert not {"CVGRAPH_TRAINING_SUBNETS", "CVGRAPH_TRAINING_SECURITY_GROUPS"} & set(unset)
+        given = environment(c, ALL_CONDITIONS)
+        assert is_ref(given["CVGRAPH_TRAINING_SUBNETS"], "TrainingSubnetIds"), name
+        assert is_ref(given["CVGRAPH_TRAINING_SECURITY_GROUPS"], "TrainingSecurityGroupIds"), name
+        assert set(given) - set(unset) == {
+            "CVGRAPH_TRAINING_SUBNETS",
+            "CVGRAPH_TRAINING_SECURITY_GROUPS",
+        }
+        # the rest of the profile's training settings travel with them
+        assert is_ref(given["CVGRAPH_SAGEMAKER_ROLE_ARN"], "SageMakerRoleArn"), name
+    # the names are the ones the aws profile reads
+    profiles = (ROOT / "orchestration" / "profiles.py").read_text()
+    for var in (
+        "CVGRAPH_MLFLOW_SECRET_ARN",
+        "CVGRAPH_TRAINING_SUBNETS",
+        "CVGRAPH_TRAINING_SECURITY_GROUPS",
+    ):
+        assert f'"{var}"' in profiles, var
 
 
 def test_roles_are_least_privilege(stack):

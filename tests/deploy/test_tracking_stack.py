@@ -26,6 +26,7 @@ from tests.deploy.test_deploy import (
     check_against_lock,
     constraints_and_names,
     dockerfile_argv,
+    environment,
     is_ref,
     lock_path_in_image,
     one,
@@ -38,6 +39,7 @@ from tests.deploy.test_deploy import (
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "deploy" / "cloudformation" / "tracking.yaml"
+CVGRAPH = ROOT / "deploy" / "cloudformation" / "cvgraph.yaml"
 ORCHESTRATOR = ROOT / "deploy" / "cloudformation" / "orchestrator.yaml"
 IMAGE = ROOT / "deploy" / "docker" / "mlflow.Dockerfile"
 SERVE = ROOT / "deploy" / "mlflow" / "serve.py"
@@ -393,7 +395,7 @@ def test_the_orchestrator_tasks_get_the_tracking_uri_and_credentials(stack, orch
     assert len(tds) == 3
     for name, td in tds.items():
         (c,) = td["Properties"]["ContainerDefinitions"]
-        env = {e["Name"]: e["Value"] for e in c["Environment"]}
+        env = environment(c, frozenset(orchestrator["Conditions"]))
         assert is_ref(env["MLFLOW_TRACKING_URI"], "TrackingUri"), name
         assert not {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} & set(env), name
         secrets = {s["Name"]: s["ValueFrom"]["Fn::Sub"] for s in c["Secrets"]}
@@ -416,3 +418,49 @@ def test_the_orchestrator_tasks_get_the_tracking_uri_and_credentials(stack, orch
         assert any(is_ref(g, "TrackingClientSecurityGroupId") for g in groups), name
     instance = (ROOT / "deploy" / "dagster" / "dagster.yaml").read_text()
     assert "use_current_ecs_task_config: true" in instance
+
+
+# -- the training jobs as clients -------------------------------------------------------------
+def test_the_sagemaker_role_may_read_the_admin_secret_and_nothing_else_here(stack, orchestrator):
+    """A training job reads the tracking server's credentials itself, with its role (cvgraph.yaml's
+    SageMakerExecutionRole, named by a parameter): GetSecretValue on the admin secret, the one
+    the orchestrator hands the jobs as CVGRAPH_MLFLOW_SECRET_ARN (its TrackingSecretArn)."""
+    param = stack["Parameters"]["SageMakerRoleName"]
+    assert "Default" not in param and "SageMakerRoleName" in param["Description"]
+    # a role name CloudFormation generates passes; an ARN (the other output) does not
+    assert re.fullmatch(param["AllowedPattern"], "cvgraph-SageMakerExecutionRole-AbC123xYz0")
+    assert not re.fullmatch(
+        param["AllowedPattern"], "arn:aws:iam::123456789012:role/cvgraph-SageMakerExecutionRole-x"
+    )
+    cvgraph, matches = decode(str(CVGRAPH))
+    assert not matches, matches
+    assert is_ref(cvgraph["Outputs"]["SageMakerRoleName"]["Value"], "SageMakerExecutionRole")
+
+    (name, policy) = one(stack, "AWS::IAM::Policy")
+    assert not resources(stack, "AWS::IAM::ManagedPolicy")
+    props = policy["Properties"]
+    assert [is_ref(r, "SageMakerRoleName") for r in props["Roles"]] == [True]
+    assert set(props) == {"PolicyName", "PolicyDocument", "Roles"}  # no user, no group
+    assert props["PolicyDocument"]["Statement"] == [
+        {
+            "Sid": "ReadTheTrackingSecret",
+            "Effect": "Allow",
+            "Action": "secretsmanager:GetSecretValue",
+            "Resource": {"Ref": "AdminSecret"},
+        }
+    ]
+    # the parameter reaches nothing else of the stack
+    uses = [n for n, r in stack["Resources"].items() if "SageMakerRoleName" in json.dumps(r)]
+    assert uses == [name]
+    # the same secret the orchestrator gives the jobs: TrackingSecretArn is AdminSecretArn
+    assert is_ref(stack["Outputs"]["AdminSecretArn"]["Value"], "AdminSecret")
+    assert "AdminSecretArn" in orchestrator["Parameters"]["TrackingSecretArn"]["Description"]
+    for td in resources(orchestrator, "AWS::ECS::TaskDefinition").values():
+        (c,) = td["Properties"]["ContainerDefinitions"]
+        assert is_ref(environment(c)["CVGRAPH_MLFLOW_SECRET_ARN"], "TrackingSecretArn")
+    # and a job in VPC mode may wear the client group, whose one outbound rule stays the way
+    # to the load balancer (S3, ECR, logs and Secrets Manager come from a group of its own)
+    (egress,) = stack["Resources"]["ClientSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    assert egress["FromPort"] == egress["ToPort"] == PORT
+    assert "TrainingSecurityGroupIds" in stack["Outputs"]["ClientSecurityGroupId"]["Description"]
+    assert "TrainingSecurityGroupIds" in orchestrator["Parameters"]

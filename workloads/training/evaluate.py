@@ -44,18 +44,59 @@ def score(
     files read by ``read(key)`` — and the worst misclassified as (image bytes, caption)). Rows
     whose label the model does not know are counted, not scored."""
     model, saved = load_checkpoint(model_path)
-    classes, pre = saved["classes"], model_preprocess(saved)
-    col = VARIANT_COLUMNS[saved["variant"]]
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+
+    return _scores(
+        classes=saved["classes"],
+        pre=model_preprocess(saved),
+        column=VARIANT_COLUMNS[saved["variant"]],
+        rows=rows,
+        read=read,
+        forward=forward,
+        batch=batch,
+    )
+
+
+def score_onnx(
+    model_path: str, record: dict, rows: list[dict], read: Callable[[str], bytes], batch: int = 256
+) -> tuple[dict, list[tuple[bytes, str]]]:
+    """``score`` of an ONNX model (an entry point's, ``workloads.training.byo``), its classes and
+    preprocessing as its model record says, run by onnxruntime; outputs softmaxed unless they
+    are probabilities already."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        out = session.run(None, {name: x})[0].astype(np.float64)
+        if np.all(out >= 0) and np.allclose(out.sum(1), 1, atol=1e-4):
+            return out.astype(np.float32)
+        e = np.exp(out - out.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+    return _scores(
+        classes=record["classes"],
+        pre=model_preprocess(record),
+        column=VARIANT_COLUMNS[record["spec"]["variant"]],
+        rows=rows,
+        read=read,
+        forward=forward,
+        batch=batch,
+    )
+
+
+def _scores(*, classes, pre, column, rows, read, forward, batch):
     known = [r for r in rows if r["label"] in classes]
-    data = [read(r[col]) for r in known]
-    x = torch.from_numpy(np.stack([pre(decode(d, pre.channels)) for d in data])) if data else None
+    data = [read(r[column]) for r in known]
+    x = np.stack([pre(decode(d, pre.channels)) for d in data]) if data else None
     y = np.array([classes.index(r["label"]) for r in known], np.int64)
     probs = np.zeros((0, len(classes)), np.float32)
     if x is not None:
-        with torch.no_grad():
-            probs = np.concatenate(
-                [torch.softmax(model(x[i : i + batch]), 1).numpy() for i in range(0, len(x), batch)]
-            )
+        probs = np.concatenate([forward(x[i : i + batch]) for i in range(0, len(x), batch)])
     pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
     confusion = np.zeros((len(classes), len(classes)), np.int64)
     np.add.at(confusion, (y, pred), 1)

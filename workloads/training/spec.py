@@ -39,7 +39,20 @@ FIELDS: dict[str, tuple[object, str]] = {
         "",
         "MODEL[@VERSION]: start from a registered version's weights (a new head if the classes differ)",
     ),
+    "entry_point": (
+        "",
+        "a training script of your own instead of the built-in trainer (SageMaker script mode; "
+        "its folder goes with it): it writes model.onnx and metrics.json (README, Bring your own "
+        "trainer)",
+    ),
+    "training_image": (
+        "",
+        "the SageMaker image an entry_point runs in (default: cvgraph's training image)",
+    ),
 }
+# Fields added to the spec after models were trained, with the value those models had: an old
+# record's spec read with them is still the same training.
+ADDED_FIELDS = {"task": "classification", "entry_point": "", "training_image": ""}
 TRAIN_SPEC = {name: default for name, (default, _) in FIELDS.items()}
 # A detector's own defaults, over TRAIN_SPEC's (measured on the demo's shapes pack, README)
 TASK_DEFAULTS: dict[str, dict] = {
@@ -154,6 +167,13 @@ def check_spec(spec: dict) -> dict:
             parse_init_from(value)
         if name in MAXIMUM and value > MAXIMUM[name]:
             raise ValueError(f"{name} must be {MAXIMUM[name]} or less, not {value}")
+    if spec.get("entry_point"):
+        if spec.get("task", "classification") != "classification":
+            raise ValueError("an entry_point trains a classifier (task classification)")
+        if spec.get("init_from"):
+            raise ValueError("an entry_point trains its own way: drop init_from")
+    elif spec.get("training_image"):
+        raise ValueError("training_image is the image of an entry_point: give the entry_point")
     if spec.get("task") == "detection":
         if spec.get("arch", DETECTION_ARCHS[0]) not in DETECTION_ARCHS:
             raise ValueError(

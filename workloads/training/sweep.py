@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import optuna
 
 # What a sweep never draws: what the model is, what it learns from and where it starts.
-NOT_SEARCHED = ("task", "variant", "init_from", "seed")
+NOT_SEARCHED = ("task", "variant", "init_from", "seed", "entry_point", "training_image")
 # The default space per task: the optimizer's knobs (README, Sweeps).
 DEFAULT_SPACE: dict[str, dict[str, dict]] = {
     "classification": {

@@ -367,16 +367,27 @@ def _live_metrics(hp: dict):
         os.environ.update(tracking_credentials(hp["mlflow_secret_arn"]))
     client = MlflowClient(hp["mlflow_tracking_uri"] or None)
 
+    failed = []
+
     def log(rec: dict) -> None:
+        """Best effort: a server the job cannot reach (no route from its network, no
+        credentials) costs the live curve, not the training; the trainer logs what is missing
+        when the job ends."""
+        if failed:
+            return
         now = int(time.time() * 1000)
-        client.log_batch(
-            hp["mlflow_run_id"],
-            metrics=[
-                Metric(k, float(v), now, rec["epoch"])
-                for k, v in rec.items()
-                if k not in ("epoch", "seconds") and not math.isnan(v)
-            ],
-        )
+        try:
+            client.log_batch(
+                hp["mlflow_run_id"],
+                metrics=[
+                    Metric(k, float(v), now, rec["epoch"])
+                    for k, v in rec.items()
+                    if k not in ("epoch", "seconds") and not math.isnan(v)
+                ],
+            )
+        except Exception as e:  # MLflow's errors after its own retries
+            failed.append(e)
+            print(f"live metrics off: {hp['mlflow_tracking_uri']}: {type(e).__name__}: {e}"[:500])
 
     return log
 

@@ -262,6 +262,12 @@ def _spec_options(command):
             click.option("--width", type=int, help=_spec_help("width")),
             click.option("--seed", type=int, help=_spec_help("seed")),
             click.option("--init-from", help=_spec_help("init_from")),
+            click.option(
+                "--entry-point",
+                type=click.Path(exists=True, dir_okay=False, resolve_path=True),
+                help=_spec_help("entry_point"),
+            ),
+            click.option("--training-image", help=_spec_help("training_image")),
         ]
     ):
         command = option(command)
@@ -429,6 +435,24 @@ def predict(
             click.echo(f"{r['image']}: {r['class']} ({r['probability']:.3f})")
         if "drawn" in r:
             click.echo(f"  drawn: {r['drawn']}")
+
+
+@main.command()
+@click.argument("pack")
+@click.option("--json", "as_json", is_flag=True, help="print the pack's predictions as JSON")
+def predictions(pack: str, as_json: bool) -> None:
+    """List the labeller's classes for PACK's images (CVGRAPH_LABELLER: its champion's ONNX
+    export), scoring the pack first if the lake does not hold them yet."""
+    out = _ds().predictions(pack)
+    if as_json:
+        return _print_json(out)
+    click.echo(
+        f"pack {pack}: {out['images']} images scored by {out['scored_by']}"
+        + (f"; {out['failed']} could not be read" if out["failed"] else "")
+    )
+    for r in out["rows"]:
+        label = f"  (label {r['label']})" if r["label"] is not None else ""
+        click.echo(f"  {r['member']}: {r['class']} ({r['probability']:.3f}){label}")
 
 
 @main.command()

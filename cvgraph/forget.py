@@ -128,8 +128,9 @@ def _refuse_if_used(ds, kind: str, key: str) -> None:
 
 def forget_pack(ds, pack_id: str) -> int:
     """Forget an ingested pack: its images leave the index and the tables (an image another
-    pack also holds stays, labelled as that pack says), the originals and variants no other
-    pack holds are deleted, then the pack's own objects, its upload and its partition.
+    pack also holds stays, labelled as that pack says) and its rows the predictions, the
+    originals and variants no other pack holds are deleted, then the pack's own objects, its
+    upload and its partition.
 
     The index step does the dropping: ``.forget`` markers, which ``sync`` runs the prefixes'
     index for, then their variants and tables, the same versioned steps as an ingest, so each
@@ -137,7 +138,8 @@ def forget_pack(ds, pack_id: str) -> int:
     command (or a ``sync``) finishes it."""
     from partitions import pack_partitions_def
     from workloads.index import mark_forgotten
-    from workloads.layout import PACKS, pack_keys, pending_packs
+    from workloads.layout import PACKS, pack_keys, pending_packs, prediction_keys
+    from workloads.predictions import forget_predictions
 
     lake = ds.lake
     own = lake.keys(f"{PACKS}{pack_id}/")
@@ -155,6 +157,7 @@ def forget_pack(ds, pack_id: str) -> int:
     for k in removed:
         lake.delete(k)
     mark_forgotten(lake, pack_id)  # from here the pack is not an ingested pack
+    removed += [prediction_keys(pack_id)["part"]] * forget_predictions(lake, pack_id)
     if ds.instance.has_dynamic_partition(pack_partitions_def.name, pack_id):
         ds.instance.delete_dynamic_partition(pack_partitions_def.name, pack_id)
     ds.sync(packs=False)  # the index of the marked prefixes, then their variants and tables

@@ -517,6 +517,67 @@ class Datasets:
                 row["drawn"] = str(target)
         return out
 
+    def predictions(self, pack: str) -> dict:
+        """The labeller's classes for the images of ingested pack ``pack``: scored now (the
+        ``pack_predictions`` asset: the champion's ONNX export of model CVGRAPH_LABELLER, or its
+        latest export while it has no champion, which ``scored_by`` says) unless the lake holds
+        them already. ``{"pack", "model", "version", "champion", "scored_by", "data_version",
+        "images", "failed", "failures", "rows": [{"member", "sha256", "label", "class",
+        "probability"}]}``, rows by member; ``label`` is the pack's own (a prediction never
+        replaces it).
+        ``InvalidRequest`` when there is no labeller or it cannot score (no export, a detector)."""
+        from assets.predictions import pack_predictions, scored_entry, target_version
+        from partitions import pack_partitions_def
+        from resources.labeller import LabellerRefused
+        from workloads.lake import get_json, read_parquet
+        from workloads.layout import pack_keys, prediction_keys
+        from workloads.predictions import scored_packs
+
+        self.check_key("pack", pack)
+        self.record("pack", pack)  # UnknownKey, naming the packs there are
+        try:
+            export = self.resources["labeller"].export(self.lake)
+        except LabellerRefused as e:
+            raise InvalidRequest(str(e)) from None
+        self.end_dead_runs()  # a killed command's run holds nothing
+        keys = prediction_keys(pack)
+        target, _ = target_version(self.lake, pack, export)
+        record = get_json(self.lake, keys["record"])
+        if not (
+            record
+            and record["data_version"] == target
+            and self.lake.exists(keys["part"])
+            and scored_packs(self.lake).get(pack) == scored_entry(record, export)
+        ):
+            self.ensure_partition(pack_partitions_def, pack)
+            self.materialize([pack_predictions.key], partition_key=pack)
+            record = json.loads(self.lake.get(keys["record"]))
+        members = {}
+        for m in read_parquet(self.lake, pack_keys(pack)["manifest"]).to_pylist():
+            members.setdefault(m["sha256"], m)  # an image twice in the pack: its first member
+        rows = [
+            {
+                "member": members[r["sha256"]]["member"],
+                "sha256": r["sha256"],
+                "label": members[r["sha256"]]["label"],
+                "class": r["class"],
+                "probability": r["probability"],
+            }
+            for r in read_parquet(self.lake, keys["part"]).to_pylist()
+        ]
+        return {
+            "pack": pack,
+            "model": record["model"],
+            "version": record["version"],
+            "champion": export.champion,
+            "scored_by": export.note,
+            "data_version": record["data_version"],
+            "images": record["images"],
+            "failed": record["failed"],
+            "failures": record["failures"],  # the first 20: {"sha256", "reason"}
+            "rows": sorted(rows, key=lambda r: r["member"]),
+        }
+
     def forget(self, kind: str, key: str) -> int:
         """Remove pack, subset, model or export ``key`` and its records (``cvgraph.forget``);
         refused while something made from it is kept. Returns the lake objects removed."""

@@ -25,11 +25,13 @@ from resources.batch import BatchArrayClient
 from resources.catalog import AthenaCatalog, DuckDBCatalog
 from resources.compute import ImageCompute, LocalProcessPool
 from resources.events import IncomingListing, PackEvents
+from resources.labeller import Labeller
 from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
 from resources.tables import PyArrowTableWriter, TableWriter
 from resources.tracking import mlflow_tracking
 from resources.training import LocalTrainer, SageMakerTrainer
+from workloads.layout import check_name
 
 
 def image_settings() -> ImageSettings:
@@ -56,6 +58,18 @@ def cost_settings() -> CostSettings:
         s3_put_per_1000_usd=num("CVGRAPH_PRICE_S3_PUT_1000", d.s3_put_per_1000_usd),
         s3_get_per_1000_usd=num("CVGRAPH_PRICE_S3_GET_1000", d.s3_get_per_1000_usd),
     )
+
+
+def labeller() -> Labeller:
+    """CVGRAPH_LABELLER: the model key whose champion's export scores every pack
+    (``pack_predictions``); unset: none. Its champion is read from the MLflow registry."""
+    model = os.environ.get("CVGRAPH_LABELLER") or None
+    if model:
+        try:
+            check_name("model", model)
+        except ValueError as e:
+            raise SettingError(f"CVGRAPH_LABELLER: {e}") from None
+    return Labeller(model=model, tracking_uri=mlflow_tracking_uri())
 
 
 def _required(*names: str) -> dict[str, str]:
@@ -140,6 +154,7 @@ def local_resources() -> dict:
             relist_seconds=float(env("CVGRAPH_SENSOR_RELIST_SECONDS", "0"))
         ),
         "pack_events": PackEvents(),  # a directory has no notifications: the listing alone
+        "labeller": labeller(),
     }
 
 
@@ -199,6 +214,7 @@ def aws_resources() -> dict:
         ),
         # CVGRAPH_SQS_QUEUE_URL unset: the listing sensor alone.
         "pack_events": PackEvents(queue_url=os.environ.get("CVGRAPH_SQS_QUEUE_URL") or None),
+        "labeller": labeller(),
     }
 
 

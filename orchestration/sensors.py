@@ -1,5 +1,6 @@
 """Sensors: zips under ``incoming/`` with no committed pack become ingest runs; prefixes the lake
-is owed work for become ranged runs (``assets.owed``, the definition plan and sync share)."""
+is owed work for become ranged runs (``assets.owed``, the definition plan and sync share); packs
+the labeller's export has not scored become ``pack_predictions`` runs."""
 
 import hashlib
 import json
@@ -10,13 +11,17 @@ import dagster as dg
 from assets.images import image_stages, raw_images
 from assets.owed import PREFIX_STEPS, incoming_zips, owed, owed_ranges, run_keys, zip_state
 from assets.packs import PACK_KEY_TAG, raw_packs
+from assets.predictions import pack_predictions
 from assets.tables import image_tables
 from orchestration.liveness import RANGE_TAGS, held, held_prefixes
 from partitions import pack_partitions_def
 from resources.events import IncomingListing, PackEvents
+from resources.labeller import Labeller, LabellerExport, LabellerRefused
 from resources.settings import ImageSettings
 from resources.storage import LakeResource
-from workloads.layout import INCOMING
+from workloads.lake import get_many
+from workloads.layout import INCOMING, pack_keys
+from workloads.predictions import pack_version, predictions_version, scored_packs
 
 
 def new_packs(
@@ -203,4 +208,82 @@ def owed_prefixes_sensor(
     return dg.SensorResult(
         run_requests=requests,
         cursor=json.dumps({"signature": signature, "tries": tries + 1, "at": now}),
+    )
+
+
+def pack_changes(instance: dg.DagsterInstance, after: str | None) -> tuple[set[str], str | None]:
+    """Packs whose ``raw_packs`` was materialised after the event-log cursor ``after`` (new
+    packs, and packs ingested again: a new reader is a new pack version), and the new cursor."""
+    changed: set[str] = set()
+    while True:
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=raw_packs.key), limit=1000, cursor=after, ascending=True
+        )
+        changed |= {r.partition_key for r in result.records if r.partition_key}
+        after = result.cursor or after
+        if not result.has_more:
+            return changed, after
+
+
+def owed_predictions(
+    lake, instance: dg.DagsterInstance, export: LabellerExport, changed: set[str]
+) -> dict[str, str]:
+    """``{pack: data version}`` of the packs ``export`` has not scored: those the scored packs
+    (one read) do not hold, hold as scored by another export, or that ``changed``; each pack's
+    version from its record (read for those only). A pack with no committed record yet is
+    owed nothing (its ingest is not done)."""
+    scored = scored_packs(lake)
+    candidates = [
+        p
+        for p in instance.get_dynamic_partitions(pack_partitions_def.name)
+        if p not in scored or scored[p]["onnx_sha256"] != export.onnx_sha256 or p in changed
+    ]
+    records = get_many(lake, {p: pack_keys(p)["record"] for p in candidates})
+    owed = {}
+    for p, record in sorted(records.items()):
+        version = predictions_version(pack_version(record), export.onnx_sha256)
+        if scored.get(p, {}).get("data_version") != version:
+            owed[p] = version
+    return owed
+
+
+@dg.sensor(
+    name="pack_predictions",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[pack_predictions],
+    description="Scores every pack the labeller (CVGRAPH_LABELLER) has not scored with its champion's export: new packs, and every pack when the champion changes (the data version is f(pack, export)).",
+)
+def pack_predictions_sensor(
+    context: dg.SensorEvaluationContext, lake: LakeResource, labeller: Labeller
+) -> dg.SensorResult | dg.SkipReason:
+    store = lake.lake()
+    cursor = json.loads(context.cursor) if context.cursor else {"after": None, "changed": []}
+    try:
+        export = labeller.export(store)
+    except LabellerRefused as e:  # no labeller, or no export to score with: one line says so
+        return dg.SkipReason(str(e))
+    changed, after = pack_changes(context.instance, cursor["after"])
+    changed |= set(cursor["changed"])
+    owed = owed_predictions(store, context.instance, export, changed)
+    busy = held(context.instance).get(pack_predictions.node_def.name, set()) if owed else set()
+    todo = {p: v for p, v in owed.items() if p not in busy}
+    # a changed pack stays in the cursor until it is scored (its run may fail)
+    new_cursor = json.dumps({"after": after, "changed": sorted(changed & set(owed))})
+    if not todo:
+        why = "being scored by live runs" if owed else "scored"
+        return dg.SensorResult(
+            skip_reason=f"every pack is {why} ({export.note})", cursor=new_cursor
+        )
+    context.log.info(f"{len(todo)} pack(s) to score with {export.note}: {sorted(todo)[:20]}")
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=attempt_key(context.instance, p, f"predictions:{p}@{v}"),
+                partition_key=p,
+                asset_selection=[pack_predictions.key],
+            )
+            for p, v in todo.items()
+        ],
+        cursor=new_cursor,
     )

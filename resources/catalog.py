@@ -1,4 +1,4 @@
-"""SQL role: the ``images`` and ``objects`` tables, queried read-only."""
+"""SQL role: the ``images``, ``objects`` and ``predictions`` tables, queried read-only."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 
 from resources.aws import AwsResource, PollTimedOut, poll, stopped_on_interrupt
 from resources.storage import LakeResource
-from workloads.layout import part_pattern, table_root
+from workloads.layout import PREDICTIONS, part_pattern, predictions_pattern, table_root
+from workloads.predictions import PREDICTIONS_SCHEMA
 from workloads.table_rows import ADDED_COLUMNS, TABLES
 from workloads.tables import table_keys
 
@@ -72,10 +73,10 @@ def normalised_sql(sql: str) -> str:
 class Catalog(dg.ConfigurableResource, ABC):
     @abstractmethod
     def query(self, sql: str) -> pa.Table:
-        """Run one read-only SELECT over ``images`` / ``objects``."""
+        """Run one read-only SELECT over ``images`` / ``objects`` / ``predictions``."""
 
     def register_tables(self) -> None:
-        """Make ``images`` / ``objects`` known to the engine (a no-op where the lake is read directly)."""
+        """Make the tables known to the engine (a no-op where the lake is read directly)."""
 
 
 class DuckDBCatalog(Catalog):
@@ -99,8 +100,19 @@ class DuckDBCatalog(Catalog):
             schema=schema,
         )
 
+    def _predictions_dataset(self, lake, parts: list[str]):
+        if not parts:
+            return PREDICTIONS_SCHEMA.empty_table()
+        fs, base = lake.arrow_filesystem()
+        return pads.dataset(
+            [f"{base}/{k}" for k in parts],
+            filesystem=fs,
+            format="parquet",
+            schema=PREDICTIONS_SCHEMA,
+        )
+
     def _connect(self) -> duckdb.DuckDBPyConnection:
-        """A connection that sees ``images`` and ``objects`` and nothing else: no read_csv('/etc/passwd'),
+        """A connection that sees ``images``, ``objects`` and ``predictions`` and nothing else: no read_csv('/etc/passwd'),
         glob(), URLs or COPY, even in a SELECT. A local lake's tables directory is the one place
         it may read."""
         lake = self.lake.lake()
@@ -118,6 +130,11 @@ class DuckDBCatalog(Catalog):
             for name in TABLES:
                 if not (local and files[name] and _parquet_view(con, name, base, files[name])):
                     _with_defaults(con, name, self._dataset(lake, name, files[name]))
+            parts = prediction_parts(lake)  # one listing: a part is whole or not there
+            if local and parts:
+                _predictions_view(con, base, parts)
+            else:
+                con.register(PREDICTIONS, self._predictions_dataset(lake, parts))
         except BaseException:
             con.close()
             raise
@@ -184,6 +201,22 @@ def _parquet_view(con: duckdb.DuckDBPyConnection, name: str, base: str, keys: li
     return True
 
 
+def prediction_parts(lake) -> list[str]:
+    """The parts of the ``predictions`` table (one per scored pack): one listing."""
+    layout = re.compile(predictions_pattern())
+    return [k for k in lake.keys(table_root(PREDICTIONS)) if layout.fullmatch(k)]
+
+
+def _predictions_view(con: duckdb.DuckDBPyConnection, base: str, keys: list[str]) -> None:
+    """``predictions`` as a view over its parts, read by DuckDB itself: exactly its columns."""
+    files = "[" + ", ".join("'" + f"{base}/{k}".replace("'", "''") + "'" for k in keys) + "]"
+    cols = ", ".join(f'"{c}"' for c in PREDICTIONS_SCHEMA.names)
+    con.execute(
+        f"CREATE VIEW {PREDICTIONS} AS SELECT {cols} "
+        f"FROM read_parquet({files}, union_by_name = true, hive_partitioning = false)"
+    )
+
+
 ATHENA_TYPES = {
     pa.string(): "string",
     pa.int32(): "int",
@@ -213,6 +246,26 @@ def glue_table_input(name: str, lake_uri: str) -> dict:
         "PartitionKeys": [{"Name": "prefix", "Type": "string"}],
         "StorageDescriptor": {
             "Columns": [{"Name": f.name, "Type": ATHENA_TYPES[f.type]} for f in TABLES[name]],
+            "Location": location,
+            "InputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat",
+            "OutputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat",
+            "SerdeInfo": {
+                "SerializationLibrary": "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe"
+            },
+        },
+    }
+
+
+def glue_predictions_input(lake_uri: str) -> dict:
+    """Glue table over ``tables/predictions/``: one Parquet object per scored pack, no partitions
+    (a pack is a column; a re-score replaces its pack's object)."""
+    location = f"{lake_uri.rstrip('/')}/{table_root(PREDICTIONS)}"
+    return {
+        "Name": PREDICTIONS,
+        "TableType": "EXTERNAL_TABLE",
+        "Parameters": {"classification": "parquet"},
+        "StorageDescriptor": {
+            "Columns": [{"Name": f.name, "Type": ATHENA_TYPES[f.type]} for f in PREDICTIONS_SCHEMA],
             "Location": location,
             "InputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat",
             "OutputFormat": "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat",
@@ -255,8 +308,8 @@ class AthenaCatalog(Catalog, AwsResource):
             glue.create_database(DatabaseInput={"Name": self.database})
         except glue.exceptions.AlreadyExistsException:
             pass
-        for name in TABLES:
-            table = glue_table_input(name, self.lake.lake().url)
+        url = self.lake.lake().url
+        for table in [*(glue_table_input(n, url) for n in TABLES), glue_predictions_input(url)]:
             try:
                 glue.create_table(DatabaseName=self.database, TableInput=table)
             except glue.exceptions.AlreadyExistsException:

@@ -11,6 +11,8 @@ Dagster-free, so workers, resources, assets and the SDK all build keys from one 
     index/{resized,edges}/<id>/<pp>.parquet      each variant's sha256, what subsets verify
     tables/<table>/prefix=<pp>/part-<id>.parquet the tables Athena (or DuckDB) reads
     index/tables/<pp>.json                       a prefix's table commit point
+    tables/predictions/<pack>.parquet            a pack's rows of ``predictions`` (its labeller's)
+    packs/<pack>/predictions/predictions.json    ... and their record, confidence.png, least_confident.png
     subsets/<key>/manifest.parquet, subset.json, labels.png
     models/<key>/model.pt, metrics.json, model.json, curves.png (+ SageMaker's own dirs)
     exports/<key>/torchscript/model.pt, onnx/model.onnx, onnx_int8/model.onnx, exports.json
@@ -227,6 +229,33 @@ def part_pattern(table: str) -> str:
 def tables_state_key(prefix: str) -> str:
     """The prefix's commit point: its live parts, row digests, params, rows missing a variant."""
     return f"index/tables/{prefix}.json"
+
+
+# -- predictions: a labeller model's classes for a pack's images -----------------------------
+PREDICTIONS = "predictions"  # the table's name
+
+
+def predictions_part_key(pack_id: str) -> str:
+    """The pack's rows of the ``predictions`` table: one object per pack (no hive folders: the
+    Glue table is unpartitioned), replaced whole by a re-score, so no reader sees half of it."""
+    return f"{table_root(PREDICTIONS)}{pack_id}.parquet"
+
+
+def predictions_pattern() -> str:
+    """A regex of the part keys of the ``predictions`` table (a catalog's files)."""
+    return rf"{table_root(PREDICTIONS)}[A-Za-z0-9][A-Za-z0-9._-]*\.parquet"
+
+
+def prediction_keys(pack_id: str) -> dict[str, str]:
+    """The pack's scoring: its part, and beside the pack (``forget pack`` takes them) its record
+    (the commit marker, written last) and pictures."""
+    base = f"{PACKS}{pack_id}/predictions"
+    return {
+        "part": predictions_part_key(pack_id),
+        "record": f"{base}/predictions.json",
+        "confidence": f"{base}/confidence.png",
+        "least_confident": f"{base}/least_confident.png",
+    }
 
 
 # -- subsets, models, exports ----------------------------------------------------

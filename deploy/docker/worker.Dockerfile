@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # cvgraph worker: runs the prefix workloads `python -m workloads.index|images|tables ...` as one AWS
-# Batch array child per hash prefix, and `python -m workloads.ingest ...` for a pack.
+# Batch array child per hash prefix, and `python -m workloads.ingest|predictions ...` for a pack.
 #
 # Build from the repository root (the context must contain workloads/), for linux/amd64 (the job
 # definition's RuntimePlatform):
@@ -23,10 +23,11 @@ ENV MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 PYTHONUNBUF
     PYTHONPATH=/opt/cvgraph
 
 # Only what the worker's modules import (workloads.images/ingest/index/tables/tasks/kernels/
-# lake/s3lake/versions), at the versions of requirements.lock: the lock the test suite's venv is
-# installed from, used as constraints (it pins their dependencies too). Not `pip install .`:
-# the project's dependencies are the orchestrator's (dagster, mlflow, torch, ...), ~3 GB the
-# worker never imports. tests/deploy/test_deploy.py checks this list against the imports and the lock.
+# lake/s3lake/versions; onnxruntime for workloads.predictions), at the versions of
+# requirements.lock: the lock the test suite's venv is installed from, used as constraints (it
+# pins their dependencies too). Not `pip install .`: the project's dependencies are the
+# orchestrator's (dagster, mlflow, torch, ...), ~3 GB the worker never imports.
+# tests/deploy/test_deploy.py checks this list against the imports and the lock.
 COPY requirements.lock /opt/cvgraph/requirements.lock
 RUN pip install -c /opt/cvgraph/requirements.lock \
         opencv-python-headless \
@@ -34,7 +35,8 @@ RUN pip install -c /opt/cvgraph/requirements.lock \
         numpy \
         pyarrow \
         pyyaml \
-        boto3
+        boto3 \
+        onnxruntime
 
 # The workloads package is self-contained (it imports nothing else of cvgraph and no dagster).
 WORKDIR /opt/cvgraph

@@ -2,6 +2,7 @@
 Batch (ingest, then one array job per workload — index, resize, edges, tables — whose children
 run the workload CLI against the moto S3, while the orchestrator reads only records) → Glue tables → Athena SQL freeze → SageMaker training entry → export."""
 
+import hashlib
 import json
 import re
 
@@ -199,3 +200,36 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         exports = json.loads(lake.get("exports/zo-cnn/exports.json"))
         assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
         assert parquet_table(lake.get("subsets/zeros_and_ones/manifest.parquet")).num_rows == 60
+
+        # a sweep on the aws profile: its trials are SageMaker training jobs, two at once
+        runs.ensure_partition(inst, model_partitions_def, "zo-swept")
+        runs.materialize(
+            inst,
+            [dg.AssetKey("trained_models")],
+            partition_key="zo-swept",
+            definitions=defs,
+            run_config={
+                "ops": {
+                    "trained_models": {
+                        "config": {
+                            "subset": "zeros_and_ones",
+                            "epochs": 2,
+                            "batch_size": 16,
+                            "trials": 2,
+                            "parallel": 2,
+                            "space": json.dumps({"lr": [0.001, 0.01]}),
+                        }
+                    }
+                }
+            },
+        )
+        swept = json.loads(lake.get("models/zo-swept/model.json"))
+        trials = swept["sweep"]["trials"]
+        jobs = {j["name"] for j in aws.training_runs[1:]}
+        assert {f"{t['training_job']}-0" for t in trials} == jobs and len(jobs) == 2
+        kept = trials[swept["sweep"]["best"]]
+        assert kept["objective"] == max(t["objective"] for t in trials)
+        assert swept["model_sha256"] == kept["model_sha256"]
+        for t in trials:  # each trial's weights in the lake, under the sweep
+            key = f"models/zo-swept/trials/{swept['sweep']['name']}/{t['number']:03d}/model.pt"
+            assert hashlib.sha256(lake.get(key)).hexdigest() == t["model_sha256"]

@@ -4,7 +4,7 @@ import dagster as dg
 import pytest
 
 from orchestration.definitions import defs
-from partitions import evaluation_partitions_def, hash_prefix_partitions_def
+from partitions import evaluation_partitions_def, hash_prefix_partitions_def, pack_partitions_def
 
 ASSETS = {
     "raw_packs",
@@ -17,6 +17,7 @@ ASSETS = {
     "trained_models",
     "exported_models",
     "model_evaluations",
+    "pack_predictions",
 }
 PREFIX_ASSETS = {"raw_images", "resized_images", "edge_maps", "image_tables"}
 
@@ -25,7 +26,7 @@ def test_definitions_load():
     dg.Definitions.validate_loadable(defs)
 
 
-def test_all_ten_assets_with_code_versions_and_partitions():
+def test_all_eleven_assets_with_code_versions_and_partitions():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == ASSETS
@@ -37,6 +38,9 @@ def test_all_ten_assets_with_code_versions_and_partitions():
             assert node.backfill_policy == dg.BackfillPolicy.single_run()
             # the owed_prefixes sensor runs them from the lake's records, not Dagster's automation
             assert node.automation_condition is None
+    predictions = graph.get(dg.AssetKey("pack_predictions"))
+    assert predictions.partitions_def == pack_partitions_def
+    assert {p.to_user_string() for p in predictions.parent_keys} == {"raw_packs"}
     evaluations = graph.get(dg.AssetKey("model_evaluations")).partitions_def
     assert evaluations == evaluation_partitions_def
     assert [d.name for d in evaluations.partitions_defs] == ["model", "subset"]

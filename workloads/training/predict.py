@@ -4,14 +4,14 @@ kernels that made the training images, then onnxruntime. Free of torch and dagst
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 
 import cv2
 import numpy as np
 
-from workloads.kernels import EdgeParams, ResizeParams, crop_geometry, edges_png, resize_bytes
-from workloads.training.preprocess import Preprocess, decode, model_preprocess
+from workloads.kernels import EdgeParams, ResizeParams, crop_geometry
+from workloads.training.model_input import input_preprocess, model_input  # noqa: F401
+from workloads.training.preprocess import decode, model_preprocess
 from workloads.training.spec import TOP_K
 
 MIN_SCORE = 0.3  # a detection reported (and drawn) scores at least this
@@ -72,33 +72,6 @@ def output_spec(model_record: dict) -> dict:
         "original variant; the resized one: then undo its centre crop)",
         "class": "an index in classes",
     }
-
-
-def input_preprocess(pre: dict) -> Preprocess:
-    """The normalisation ``preprocess.json`` states (gray in [0, 1] for exports made before it
-    stated one)."""
-    inp = pre["input"]
-    channels = inp.get("channels", 1)
-    return Preprocess(
-        pre["input_size"],
-        channels,
-        tuple(inp.get("mean", (0.0,) * channels)),
-        tuple(inp.get("std", (1.0,) * channels)),
-    )
-
-
-def model_input(data: bytes, pre: dict) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image file's bytes as the model's (C, S, S) input, by ``pre``'s steps; and the
-    image's displayed (width, height)."""
-    from workloads.ingest import inspect_image  # the format and the displayed size, as ingest
-
-    fmt, width, height = inspect_image(io.BytesIO(data), max_pixels=1 << 28)
-    if pre["variant"] != "original":
-        data = resize_bytes(data, fmt, width, height, ResizeParams(**pre["resize"]))
-        if pre["variant"] == "edges":
-            data = edges_png(data, EdgeParams(**pre["edges"]))
-    norm = input_preprocess(pre)
-    return norm(decode(data, norm.channels)), (width, height)
 
 
 def image_boxes(dets: np.ndarray, pre: dict, width: int, height: int) -> np.ndarray:

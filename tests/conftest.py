@@ -35,12 +35,38 @@ def user_env():
     profile (none of the suite's instance or lake), for the processes a test starts."""
 
     def env(home) -> dict:
-        keep = {
-            k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "CVGRAPH_LAKE_URL")
-        }
+        # a user's home has its own MLflow store (under it) unless the test names a server
+        mine = ("DAGSTER_HOME", "CVGRAPH_LAKE_URL", *MLFLOW_CLIENT_VARIABLES)
+        keep = {k: v for k, v in os.environ.items() if k not in mine}
         return {**keep, "CVGRAPH_HOME": str(home), "CVGRAPH_PROFILE": "local"}
 
     return env
+
+
+MLFLOW_CLIENT_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_client_variables_restored():
+    """``mlflow.set_tracking_uri`` (dagster-mlflow's resource calls it) exports
+    MLFLOW_TRACKING_URI so that subprocesses inherit it: a test that ran MLflow in-process would
+    hand its store to every later test's processes. Each test ends with the variables it began
+    with, and MLflow's own tracking URI with them."""
+    import sys
+
+    before = {k: os.environ.get(k) for k in MLFLOW_CLIENT_VARIABLES}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(before["MLFLOW_TRACKING_URI"])
 
 
 def read_lock(path: Path = LOCK) -> dict[str, str]:

@@ -16,6 +16,7 @@ seconds before it is sent, as S3's first byte takes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -323,14 +324,48 @@ def _images_a_second(dataset) -> tuple[int, float]:
     return n, n / (time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def s3_endpoint():
+    """An S3 endpoint on 127.0.0.1 for the input measurement: ``CVGRAPH_BENCH_S3_ENDPOINT`` if
+    set (any S3-compatible server), else moto's standalone server started as a process of its
+    own (installed with the test extras), stopped after."""
+    if url := os.environ.get("CVGRAPH_BENCH_S3_ENDPOINT"):
+        yield url
+        return
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # a line a request otherwise
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"{server} did not start") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def measure_input(n: int = 2_000, latency: float = 0.02) -> dict:
     """Images a second into the training loop over S3 with ``latency`` a request: from the
     subset's shards (a stream per shard) vs an object per image (``StreamingImages`` reading
     each image with the lake's ``get``, as the trainer did before shards)."""
     import functools
-    import logging
-
-    from moto.server import ThreadedMotoServer
 
     from workloads.lake import get_json, parquet_table
     from workloads.layout import shard_keys, subset_keys
@@ -340,12 +375,8 @@ def measure_input(n: int = 2_000, latency: float = 0.02) -> dict:
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(k, "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line a request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        lake = S3Lake("s3://bench-input/lake", endpoint_url=f"http://{host}:{port}")
+    with s3_endpoint() as url:
+        lake = S3Lake("s3://bench-input/lake", endpoint_url=url)
         lake.client.create_bucket(Bucket="bench-input")
         with tempfile.TemporaryDirectory(prefix="bench-input-") as tmp:
             table = synthetic_images(n, Path(tmp))
@@ -373,8 +404,6 @@ def measure_input(n: int = 2_000, latency: float = 0.02) -> dict:
         before = requests["requests"]
         got_objects, object_rate = _images_a_second(objects)
         object_requests = requests["requests"] - before
-    finally:
-        server.stop()
     if got_shards != got_objects:
         raise SystemExit(f"the shards gave {got_shards} images, the objects {got_objects}")
     return {

@@ -1,6 +1,7 @@
-"""A sweep as ``trained_models`` runs it (``trials`` > 1 in its config): waves of trials through
-the trainer (``parallel`` jobs at once: local processes, SageMaker training jobs), each an MLflow
-run nested under the sweep's, each finished trial's record in the lake; the best on the
+"""A sweep as ``trained_models`` runs it (``trials`` > 1 in its config): waves of trials an Optuna
+study draws, through the trainer (``parallel`` jobs at once: local processes), or, with a trainer
+that runs tuning jobs (SageMaker's), one tuning job that draws and trains them. Each trial is an
+MLflow run nested under the sweep's, each finished trial's record is in the lake; the best on the
 validation split is the model's training. What each trial trains: ``workloads.training.sweep``."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import dagster as dg
 
-from resources.tracking import record_training, sweep_run, trial_run
+from resources.tracking import TAG, record_training, sweep_run, trial_run
 from resources.training import Trainer, TrainingFailed
 from workloads.layout import model_keys
 from workloads.staging import staging
@@ -73,7 +74,6 @@ def run_sweep(
     shards_key: str,
 ) -> SweepOutcome:
     """Run ``plan``'s trials not yet in the lake, wave after wave; the outcome once all are."""
-    study = open_study(plan, trainer.sweep_storage)
     parent = sweep_run(mlf, plan.name, plan.model)
     client = mlf.tracking_client
     uri = mlf.get_tracking_uri()
@@ -83,13 +83,20 @@ def run_sweep(
         f"{', '.join(sorted(plan.space))}; objective {objective_name(plan.base)}"
     )
 
-    def one(trial: Trial) -> Trial:
+    def recorded(trial: Trial) -> Trial | None:
+        """The trial as an earlier (killed) attempt at this sweep recorded it, if one did."""
         rec_key = trial_record_key(plan.model, plan.name, trial.number)
-        if store.exists(rec_key):  # finished by an earlier (killed) attempt at this sweep
-            return Trial.from_json(json.loads(store.get(rec_key)))
-        run_id = trial_run(
+        return Trial.from_json(json.loads(store.get(rec_key))) if store.exists(rec_key) else None
+
+    def start(trial: Trial) -> str:
+        return trial_run(
             client, experiment_id=experiment_id, parent=parent, sweep=plan.name, number=trial.number
         )
+
+    def one(trial: Trial) -> Trial:
+        if done := recorded(trial):
+            return done
+        run_id = start(trial)
         live = {"mlflow_tracking_uri": uri, "mlflow_run_id": run_id} if trainer.reaches(uri) else {}
         job = job_name(plan.model, trial.spec, plan.subset_manifest_sha256)
         tkey = trial_model_key(plan.model, plan.name, trial.number)
@@ -99,8 +106,27 @@ def run_sweep(
             context.log.warning(f"sweep {plan.name}: trial {trial.number} failed: {e}")
             client.set_terminated(run_id, "FAILED")
             return trial
+        return finish(trial, run_id, job, metrics)
+
+    def tuned(trial: Trial) -> Trial:
+        """A trial of the trainer's tuning job, its weights and metrics in the lake: recorded."""
+        if done := recorded(trial):
+            return done
+        run_id = start(trial)
+        client.set_tag(run_id, f"{TAG}training_job", trial.training_job)
+        if trial.objective is None:
+            client.set_terminated(run_id, "FAILED")
+            return trial
+        metrics = json.loads(
+            store.get(model_keys(trial_model_key(plan.model, plan.name, trial.number))["metrics"])
+        )
+        return finish(trial, run_id, trial.training_job, metrics)
+
+    def finish(trial: Trial, run_id: str, job: str, metrics: dict) -> Trial:
+        """A trained trial: its MLflow run filled and ended, its record in the lake."""
+        rec_key = trial_record_key(plan.model, plan.name, trial.number)
         value = objective(metrics, trial.spec)
-        keys = model_keys(tkey)
+        keys = model_keys(trial_model_key(plan.model, plan.name, trial.number))
         with staging(store, "sweep") as tmp:
             paths = []
             for name in ("model", "metrics"):
@@ -133,19 +159,15 @@ def run_sweep(
         )
         return done
 
-    while batch := wave(study, plan):
-        with ThreadPoolExecutor(max_workers=plan.parallel) as pool:
-            finished = list(pool.map(one, batch))
-        for t in finished:
-            tell(study, t)
-    trials = []
-    for n in range(plan.trials):
-        rec_key = trial_record_key(plan.model, plan.name, n)
-        if store.exists(rec_key):
-            trials.append(Trial.from_json(json.loads(store.get(rec_key))))
-        else:  # failed: its drawn parameters are in the study
-            t = study.get_trials(deepcopy=False)[n]
-            trials.append(Trial(number=n, params=dict(t.params), spec={**plan.base, **t.params}))
+    if trainer.runs_tuning_jobs():  # the service draws and trains; its trials come back
+        trials = [
+            tuned(t)
+            for t in trainer.tune(
+                context, store, plan=plan, shards_key=shards_key, hyperparameters=dict(plan.base)
+            )
+        ]
+    else:
+        trials = optuna_trials(plan, store, one, trainer.sweep_storage)
     try:
         kept = best(trials)
     except ValueError as e:
@@ -168,3 +190,23 @@ def run_sweep(
     client.set_tag(parent, "cvgraph.best_trial", str(kept.number))
     client.set_terminated(parent, "FINISHED")
     return outcome
+
+
+def optuna_trials(plan: SweepPlan, store, one, storage: str) -> list[Trial]:
+    """The sweep's trials drawn by its Optuna study (in ``storage``), wave after wave, each
+    trained and recorded by ``one``; every trial, in order."""
+    study = open_study(plan, storage)
+    while batch := wave(study, plan):
+        with ThreadPoolExecutor(max_workers=plan.parallel) as pool:
+            finished = list(pool.map(one, batch))
+        for t in finished:
+            tell(study, t)
+    trials = []
+    for n in range(plan.trials):
+        rec_key = trial_record_key(plan.model, plan.name, n)
+        if store.exists(rec_key):
+            trials.append(Trial.from_json(json.loads(store.get(rec_key))))
+        else:  # failed: its drawn parameters are in the study
+            t = study.get_trials(deepcopy=False)[n]
+            trials.append(Trial(number=n, params=dict(t.params), spec={**plan.base, **t.params}))
+    return trials

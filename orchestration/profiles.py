@@ -196,6 +196,9 @@ def aws_resources() -> dict:
             sweep_storage=os.environ.get("CVGRAPH_SWEEP_STORAGE", ""),
             subnets=_listed("CVGRAPH_TRAINING_SUBNETS"),
             security_group_ids=_listed("CVGRAPH_TRAINING_SECURITY_GROUPS"),
+            # a sweep: one SageMaker tuning job (false: trials Optuna draws, one job each)
+            tuning_jobs=env("CVGRAPH_SAGEMAKER_TUNING_JOBS", "true").lower() == "true",
+            tuning_strategy=env("CVGRAPH_SAGEMAKER_TUNING_STRATEGY", "Bayesian"),
         ),
         "catalog": AthenaCatalog(
             lake=lake,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -19,6 +20,18 @@ from resources.aws import AwsResource, poll, stopped_on_interrupt
 from workloads.lake import LocalLake
 from workloads.layout import PIPES, checkpoints_dir, model_keys
 from workloads.training.byo import MODEL_FILE
+from workloads.training.spec import check_spec
+from workloads.training.sweep import (
+    SweepPlan,
+    Trial,
+    objective,
+    objective_name,
+    parameter_ranges,
+    trial_model_key,
+    tuned_params,
+    tuning_job_name,
+)
+from workloads.versions import sha256_hex
 
 
 class TrainingFailed(Exception):
@@ -57,6 +70,25 @@ class Trainer(dg.ConfigurableResource, ABC):
     def reaches(self, tracking_uri: str) -> bool:
         """Whether the training job can write to MLflow at ``tracking_uri`` (its live curves)."""
         return tracking_uri.startswith(("http://", "https://"))
+
+    def runs_tuning_jobs(self) -> bool:
+        """Whether a sweep is handed whole to the service's tuning jobs (``tune``) rather than
+        drawn by cvgraph's Optuna study and trained trial by trial (``train``)."""
+        return False
+
+    def tune(
+        self,
+        context: dg.AssetExecutionContext,
+        lake,
+        *,
+        plan: SweepPlan,
+        shards_key: str,
+        hyperparameters: dict,
+    ) -> list[Trial]:
+        """Run sweep ``plan`` as the service's tuning job: each trial's ``model.pt`` and
+        ``metrics.json`` under its trial key; the trials in order (objective None: it did not
+        finish)."""
+        raise NotImplementedError(f"{type(self).__name__} runs no tuning jobs")
 
 
 class LocalTrainer(Trainer):
@@ -234,6 +266,11 @@ class SageMakerTrainer(Trainer, AwsResource):
     # The job in the VPC (VpcConfig), where the internal tracking server is; empty: no VPC.
     subnets: list[str] = []
     security_group_ids: list[str] = []
+    # A sweep as a SageMaker hyperparameter tuning job (this strategy: Bayesian, Random or
+    # Hyperband; early stopping Auto but with Hyperband's own); False: trials drawn by cvgraph's
+    # Optuna study, each a training job of its own.
+    tuning_jobs: bool = True
+    tuning_strategy: str = "Bayesian"
 
     def _request(
         self,
@@ -354,13 +391,29 @@ class SageMakerTrainer(Trainer, AwsResource):
             )
 
     def train(self, context, lake, job_name, shards_key, model_key, hyperparameters):
-        import io
-        import tarfile
-
         from dagster_aws.pipes import PipesS3ContextInjector, PipesS3MessageReader
 
         if not lake.url.startswith("s3://"):
             raise TrainingFailed("SageMakerTrainer needs the lake on S3")
+        entry = hyperparameters.get("entry_point")
+        channels, hyperparameters = self._channels(lake, shards_key, hyperparameters)
+        injector = PipesS3ContextInjector(
+            bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/{PIPES}".lstrip("/")
+        )
+        reader = PipesS3MessageReader(
+            bucket=lake.bucket, client=lake.client, interval=self.pipes_interval
+        )
+        with dg.open_pipes_session(context, injector, reader) as session:
+            hp = {
+                **hyperparameters,
+                **pipes_hyperparameters(session),
+                "pipes_interval": self.pipes_interval,
+            }
+            final = self._run_with_fallback(context, lake, job_name, channels, model_key, hp)
+        return self._bring_back(lake, final, model_key, entry)
+
+    def _channels(self, lake, shards_key: str, hyperparameters: dict) -> tuple[dict, dict]:
+        """The job's input channels, and its hyperparameters as the job reads them."""
         channels = {
             "shards": (
                 {"S3DataType": "S3Prefix", "S3Uri": lake.uri(shards_key.rstrip("/") + "/")},
@@ -384,19 +437,14 @@ class SageMakerTrainer(Trainer, AwsResource):
             for k, v in hyperparameters.items()
             if k not in ("manifest_key", "source_key", "entry_point")
         }
-        injector = PipesS3ContextInjector(
-            bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/{PIPES}".lstrip("/")
-        )
-        reader = PipesS3MessageReader(
-            bucket=lake.bucket, client=lake.client, interval=self.pipes_interval
-        )
-        with dg.open_pipes_session(context, injector, reader) as session:
-            hp = {
-                **hyperparameters,
-                **pipes_hyperparameters(session),
-                "pipes_interval": self.pipes_interval,
-            }
-            final = self._run_with_fallback(context, lake, job_name, channels, model_key, hp)
+        return channels, hyperparameters
+
+    def _bring_back(self, lake, final: dict, model_key: str, entry: str | None) -> dict:
+        """A completed job's ``model.tar.gz``: its weights and ``metrics.json`` into the lake
+        under ``model_key``; the metrics."""
+        import io
+        import tarfile
+
         artifact = final["ModelArtifacts"]["S3ModelArtifacts"]
         bucket, _, key = artifact[len("s3://") :].partition("/")
         blob = lake.client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -457,3 +505,217 @@ class SageMakerTrainer(Trainer, AwsResource):
                 continue
             raise TrainingFailed(f"training job {name} on {instance_type}: {reason}")
         raise TrainingFailed(f"no capacity for any of {self.instance_types}")
+
+    # -- sweeps: SageMaker hyperparameter tuning jobs --------------------------------------
+
+    def runs_tuning_jobs(self) -> bool:
+        return self.tuning_jobs
+
+    def _tuning_request(
+        self, name: str, lake, *, plan: SweepPlan, channels: dict, static: dict, trials: int
+    ) -> dict:
+        """CreateHyperParameterTuningJob for ``trials`` more trials of ``plan`` (kept separate so
+        its exact shape is tested): the training job ``train`` would start, the space's fields
+        tuned, the instance types in order of preference, early stopping Auto; warm-started from
+        the sweep's earlier (stopped) tuning jobs, if any."""
+        base = self._request(
+            "",
+            lake,
+            channels,
+            f"{plan.model}/trials/{plan.name}",
+            name.rsplit("-", 1)[0],
+            self.instance_types[0],
+            {**static, "tuning_job": name.rsplit("-", 1)[0]},
+        )
+        definition = {
+            k: base[k]
+            for k in (
+                "AlgorithmSpecification",
+                "RoleArn",
+                "InputDataConfig",
+                "OutputDataConfig",
+                "StoppingCondition",
+                "CheckpointConfig",
+                "EnableManagedSpotTraining",
+                "VpcConfig",
+            )
+            if k in base
+        }
+        definition["StaticHyperParameters"] = base["HyperParameters"]
+        definition["HyperParameterTuningResourceConfig"] = {
+            "InstanceConfigs": [
+                {"InstanceType": t, "InstanceCount": 1, "VolumeSizeInGB": self.volume_gb}
+                for t in self.instance_types
+            ],
+            "AllocationStrategy": "Prioritized",  # the next type when one has no capacity
+        }
+        req = {
+            "HyperParameterTuningJobName": name,
+            "HyperParameterTuningJobConfig": {
+                "Strategy": self.tuning_strategy,
+                "HyperParameterTuningJobObjective": {
+                    "Type": "Maximize",
+                    "MetricName": objective_name(plan.base),
+                },
+                "ResourceLimits": {
+                    "MaxNumberOfTrainingJobs": trials,
+                    "MaxParallelTrainingJobs": plan.parallel,
+                },
+                "ParameterRanges": parameter_ranges(plan.space),
+                # Hyperband stops trials its own way and takes no other early stopping
+                "TrainingJobEarlyStoppingType": (
+                    "Off" if self.tuning_strategy == "Hyperband" else "Auto"
+                ),
+                "RandomSeed": plan.seed,
+            },
+            "TrainingJobDefinition": definition,
+            "Tags": [
+                {"Key": "cvgraph:model", "Value": plan.model},
+                {"Key": "cvgraph:sweep", "Value": plan.name},
+            ],
+        }
+        attempt = int(name.rsplit("-", 1)[1])
+        if attempt:  # at most 5 parents: the latest
+            req["WarmStartConfig"] = {
+                "ParentHyperParameterTuningJobs": [
+                    {"HyperParameterTuningJobName": tuning_job_name(plan, a)}
+                    for a in range(max(0, attempt - 5), attempt)
+                ],
+                "WarmStartType": "IdenticalDataAndAlgorithm",
+            }
+        return req
+
+    def _describe_tuning(self, name: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client("sagemaker").describe_hyper_parameter_tuning_job(
+                HyperParameterTuningJobName=name
+            )
+        except ClientError as e:
+            if "Could not find" in str(e) or e.response.get("Error", {}).get("Code") in (
+                "ResourceNotFound",
+                "ValidationException",
+            ):
+                return None
+            raise
+
+    def _tuning_jobs_of(self, name: str) -> list[dict]:
+        """The training jobs of tuning job ``name``, in the order it started them."""
+        sm, out, token = self._client("sagemaker"), [], None
+        while True:
+            page = sm.list_training_jobs_for_hyper_parameter_tuning_job(
+                HyperParameterTuningJobName=name,
+                MaxResults=100,
+                **({"NextToken": token} if token else {}),
+            )
+            out += page["TrainingJobSummaries"]
+            if not (token := page.get("NextToken")):
+                return sorted(out, key=lambda j: (j["CreationTime"], j["TrainingJobName"]))
+
+    def _wait_tuning(self, context, name: str) -> dict:
+        """Poll tuning job ``name`` until it ends, logging its trials as they finish; stop it if
+        the run is cancelled meanwhile."""
+        sm = self._client("sagemaker")
+        seen: dict[str, str] = {}
+
+        def log_change(d: dict) -> None:
+            if d["HyperParameterTuningJobStatus"] != seen.get(""):
+                seen[""] = d["HyperParameterTuningJobStatus"]
+                context.log.info(f"tuning job {name}: {seen['']}")
+            for j in self._tuning_jobs_of(name):
+                if seen.get(j["TrainingJobName"]) != j["TrainingJobStatus"]:
+                    seen[j["TrainingJobName"]] = j["TrainingJobStatus"]
+                    final = j.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
+                    context.log.info(
+                        f"tuning job {name}: {j['TrainingJobName']} {j['TrainingJobStatus']} "
+                        f"{j['TunedHyperParameters']}"
+                        + (f" → {final['MetricName']} {final['Value']:.4f}" if final else "")
+                    )
+
+        def stop() -> None:
+            sm.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+            context.log.warning(f"stopped tuning job {name}")
+
+        with stopped_on_interrupt(stop):
+            return poll(
+                lambda: sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name),
+                lambda d: d["HyperParameterTuningJobStatus"] in ("Completed", "Failed", "Stopped"),
+                self.poll_seconds,
+                log_change,
+            )
+
+    def tune(self, context, lake, *, plan, shards_key, hyperparameters):
+        """The sweep as tuning jobs named after it: an existing one is waited for or read (an
+        orchestrator killed meanwhile finds it again); one stopped before all its trials ran is
+        followed by another, warm-started from it, for the rest. Its trials are its training
+        jobs in the order it started them, after the earlier jobs' (a job the stop cut short is
+        not one)."""
+        if not lake.url.startswith("s3://"):
+            raise TrainingFailed("SageMakerTrainer needs the lake on S3")
+        channels, static = self._channels(lake, shards_key, hyperparameters)
+        static = {k: v for k, v in static.items() if k not in plan.space}
+        jobs: list[dict] = []
+        attempt = 0
+        while len(jobs) < plan.trials:
+            name = tuning_job_name(plan, attempt)
+            d = self._describe_tuning(name)
+            ours = d is None
+            if ours:
+                req = self._tuning_request(
+                    name,
+                    lake,
+                    plan=plan,
+                    channels=channels,
+                    static=static,
+                    trials=plan.trials - len(jobs),
+                )
+                self._client("sagemaker").create_hyper_parameter_tuning_job(**req)
+                context.log.info(
+                    f"sweep {plan.name}: tuning job {name}, {plan.trials - len(jobs)} trials"
+                )
+            if ours or d["HyperParameterTuningJobStatus"] in ("InProgress", "Stopping"):
+                d = self._wait_tuning(context, name)
+            status = d["HyperParameterTuningJobStatus"]
+            ran = self._tuning_jobs_of(name)
+            if status != "Completed":  # jobs a stop cut short are not trials
+                ran = [j for j in ran if j["TrainingJobStatus"] in ("Completed", "Failed")]
+            jobs += ran[: plan.trials - len(jobs)]
+            if status == "Completed":
+                break
+            if ours:
+                raise TrainingFailed(
+                    f"tuning job {name}: {status}: {d.get('FailureReason') or 'no reason given'}"
+                )
+            attempt += 1
+        return [self._trial(context, lake, plan, n, j) for n, j in enumerate(jobs)]
+
+    def _trial(self, context, lake, plan: SweepPlan, number: int, job: dict) -> Trial:
+        """Trial ``number``, the tuning job's training ``job``: its weights and metrics brought
+        into the lake (once) under its trial key."""
+        params = tuned_params(job["TunedHyperParameters"], plan.space)
+        spec = check_spec({**plan.base, **params})
+        tkey = trial_model_key(plan.model, plan.name, number)
+        keys = model_keys(tkey)
+        trial = Trial(number=number, params=params, spec=spec, training_job=job["TrainingJobName"])
+        if lake.exists(keys["metrics"]) and lake.exists(keys["model"]):
+            metrics = json.loads(lake.get(keys["metrics"]))
+        else:
+            d = self._client("sagemaker").describe_training_job(
+                TrainingJobName=job["TrainingJobName"]
+            )
+            try:
+                if d["TrainingJobStatus"] != "Completed":  # failed, or stopped early: not kept
+                    raise TrainingFailed(d.get("FailureReason") or "stopped early")
+                metrics = self._bring_back(lake, d, tkey, None)
+            except TrainingFailed as e:
+                context.log.warning(
+                    f"sweep {plan.name}: trial {number} ({job['TrainingJobName']}, "
+                    f"{job['TrainingJobStatus']}): {e}"
+                )
+                return trial
+        return replace(
+            trial,
+            objective=objective(metrics, spec),
+            model_sha256=sha256_hex(lake.get(keys["model"])),
+        )

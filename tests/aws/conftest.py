@@ -9,9 +9,14 @@ and can be made to hit a capacity error or a spot interruption; an Athena query 
 DuckDB over the Glue tables' Parquet in the moto S3.
 """
 
+import copy
+import hashlib
 import io
 import json
+import math
 import os
+import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -46,6 +51,7 @@ class Harness:
         self.client_endpoint = endpoint  # what the workload processes they start call
         self.batch_runs: list[dict] = []  # one per child/job actually executed
         self.training_runs: list[dict] = []  # one per training attempt actually executed
+        self.tuning_jobs: list[dict] = []  # one per tuning job created: its request, its trials
         self.no_capacity: set[str] = set()  # instance types that fail with a CapacityError
         self.interrupt_after_epochs: int | None = None  # spot reclaim once, after this many epochs
         self.athena_queries: list[str] = []
@@ -387,6 +393,189 @@ def _stop_training_job(self):
     return EmptyResult()
 
 
+# -- SageMaker tuning jobs -------------------------------------------------------------
+# moto stores a tuning job as Completed at once with a made-up best job. Here it runs: its
+# trials are training jobs (run as above), MaxParallelTrainingJobs at once, each drawing the
+# ranges at random (seeded by the job's RandomSeed, name and trial number: SageMaker's Bayesian
+# search is its own); the objective is the metric definition's last match in a trial's output.
+# The first instance type with capacity is used (AllocationStrategy Prioritized). Early
+# stopping is SageMaker's: here every trial runs to its end.
+def _draw(ranges: dict, rng: random.Random) -> dict[str, str]:
+    out = {}
+    for r in ranges.get("ContinuousParameterRanges", []):
+        lo, hi = float(r["MinValue"]), float(r["MaxValue"])
+        if r.get("ScalingType") == "Logarithmic":
+            out[r["Name"]] = str(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        else:
+            out[r["Name"]] = str(rng.uniform(lo, hi))
+    for r in ranges.get("IntegerParameterRanges", []):
+        out[r["Name"]] = str(rng.randint(int(r["MinValue"]), int(r["MaxValue"])))
+    for r in ranges.get("CategoricalParameterRanges", []):
+        out[r["Name"]] = rng.choice(r["Values"])
+    return out
+
+
+def _final_objective(tuning, job, metric: str) -> float | None:
+    # the definition's metrics (moto's training job keeps a made-up list of its own)
+    spec = tuning.training_job_definition["AlgorithmSpecification"]
+    regex = next(m["Regex"] for m in spec["MetricDefinitions"] if m["Name"] == metric)
+    output = "".join(
+        r["output"] for r in HARNESS.training_runs if r["name"] == job.training_job_name
+    )
+    found = re.findall(regex, output)
+    return float(found[-1]) if found else None
+
+
+def _trial_summary(tuning, job) -> dict:
+    metric = tuning.hyper_parameter_tuning_job_config["HyperParameterTuningJobObjective"]
+    value = _final_objective(tuning, job, metric["MetricName"])
+    out = {
+        "TrainingJobName": job.training_job_name,
+        "TrainingJobArn": job.arn,
+        "TuningJobName": tuning.hyper_parameter_tuning_job_name,
+        "CreationTime": job.creation_time,
+        "TrainingJobStatus": job.training_job_status,
+        "TunedHyperParameters": job._tuned,
+        "ObjectiveStatus": "Succeeded" if value is not None else "Pending",
+    }
+    if value is not None:
+        out["FinalHyperParameterTuningJobObjectiveMetric"] = {**metric, "Value": value}
+    if getattr(job, "failure_reason", None):
+        out["FailureReason"] = job.failure_reason
+    return out
+
+
+def _tune(tuning, backend) -> None:
+    config = tuning.hyper_parameter_tuning_job_config
+    d = tuning.training_job_definition
+    limits = config["ResourceLimits"]
+    types = [c["InstanceType"] for c in d["HyperParameterTuningResourceConfig"]["InstanceConfigs"]]
+    itype = next((t for t in types if t not in HARNESS.no_capacity), types[0])
+    name = tuning.hyper_parameter_tuning_job_name
+    pending = list(range(limits["MaxNumberOfTrainingJobs"]))
+    running: list = []
+    while (pending or running) and not tuning._stop:
+        running = [
+            j for j in running if j.training_job_status not in ("Completed", "Failed", "Stopped")
+        ]
+        while pending and len(running) < limits["MaxParallelTrainingJobs"] and not tuning._stop:
+            i = pending.pop(0)
+            tuned = _draw(
+                config.get("ParameterRanges", {}),
+                random.Random(f"{config.get('RandomSeed', 0)}-{name}-{i}"),
+            )
+            digest = hashlib.sha256(json.dumps(tuned, sort_keys=True).encode()).hexdigest()[:8]
+            job = backend.create_training_job(
+                training_job_name=f"{name}-{i + 1:03d}-{digest}",
+                hyper_parameters={**d.get("StaticHyperParameters", {}), **tuned},
+                algorithm_specification=copy.deepcopy(d["AlgorithmSpecification"]),
+                role_arn=d["RoleArn"],
+                input_data_config=d.get("InputDataConfig", []),
+                output_data_config=d["OutputDataConfig"],
+                resource_config={"InstanceType": itype, "InstanceCount": 1, "VolumeSizeInGB": 10},
+                vpc_config=d.get("VpcConfig"),
+                stopping_condition=d["StoppingCondition"],
+                tags=[],
+                enable_network_isolation=False,
+                enable_inter_container_traffic_encryption=False,
+                enable_managed_spot_training=d.get("EnableManagedSpotTraining", False),
+                checkpoint_config=d.get("CheckpointConfig"),
+                debug_hook_config=None,
+                debug_rule_configurations=None,
+                tensor_board_output_config=None,
+                experiment_config=None,
+            )
+            job._tuned = tuned
+            tuning._jobs.append(job)
+            running.append(job)
+        time.sleep(0.05)
+    if tuning._stop:  # stop what runs, then the tuning job is Stopped
+        for job in tuning._jobs:
+            if job.training_job_status == "InProgress":
+                job._stop = True
+                if getattr(job, "_proc", None) is not None:
+                    job._proc.kill()
+        while any(j.training_job_status == "InProgress" for j in tuning._jobs):
+            time.sleep(0.05)
+    counters = {
+        "Completed": 0,
+        "InProgress": 0,
+        "RetryableError": 0,
+        "NonRetryableError": 0,
+        "Stopped": 0,
+    }
+    for job in tuning._jobs:
+        status = job.training_job_status
+        counters["NonRetryableError" if status == "Failed" else status] += 1
+    summaries = [_trial_summary(tuning, j) for j in tuning._jobs]
+    scored = [
+        s
+        for s in summaries
+        if "FinalHyperParameterTuningJobObjectiveMetric" in s
+        and s["TrainingJobStatus"] == "Completed"
+    ]
+    best = max(
+        scored,
+        key=lambda s: s["FinalHyperParameterTuningJobObjectiveMetric"]["Value"],
+        default=None,
+    )
+    tuning.best_training_job = tuning.OverallBestTrainingJob = best
+    tuning.training_job_status_counters = counters
+    tuning.objective_status_counters = {
+        "Succeeded": len(scored),
+        "Pending": 0,
+        "Failed": len(summaries) - len(scored),
+    }
+    tuning.hyper_parameter_tuning_end_time = datetime.now()
+    tuning.hyper_parameter_tuning_job_status = "Stopped" if tuning._stop else "Completed"
+
+
+def _create_tuning_job(original):
+    def create(self, *args, **kwargs):
+        arn = original(self, *args, **kwargs)
+        tuning = self.hyper_parameter_tuning_jobs[kwargs["hyper_parameter_tuning_job_name"]]
+        tuning.hyper_parameter_tuning_job_status = "InProgress"
+        tuning.best_training_job = tuning.OverallBestTrainingJob = None
+        tuning.tuning_job_completion_details = {}
+        tuning._stop, tuning._jobs = False, []
+        HARNESS.tuning_jobs.append(
+            {
+                "name": tuning.hyper_parameter_tuning_job_name,
+                "config": tuning.hyper_parameter_tuning_job_config,
+                "definition": tuning.training_job_definition,
+                "warm_start": tuning.warm_start_config,
+                "trials": tuning._jobs,
+            }
+        )
+        threading.Thread(target=_tune, args=(tuning, self), daemon=True).start()
+        return arn
+
+    return create
+
+
+def _stop_tuning_job(self):
+    tuning = self.sagemaker_backend.hyper_parameter_tuning_jobs[
+        self._get_param("HyperParameterTuningJobName")
+    ]
+    if tuning.hyper_parameter_tuning_job_status == "InProgress":
+        tuning._stop = True
+        tuning.hyper_parameter_tuning_job_status = "Stopping"
+    from moto.core.responses import EmptyResult
+
+    return EmptyResult()
+
+
+def _list_tuning_trials(self):
+    from moto.core.responses import ActionResult
+
+    tuning = self.sagemaker_backend.hyper_parameter_tuning_jobs[
+        self._get_param("HyperParameterTuningJobName")
+    ]
+    return ActionResult(
+        {"TrainingJobSummaries": [_trial_summary(tuning, j) for j in list(tuning._jobs)]}
+    )
+
+
 # -- Athena -------------------------------------------------------------------------
 def _athena_run(backend, execution):
     """Run an execution's query as Athena would, over the Glue tables' files: its
@@ -523,6 +712,11 @@ def _install_executors() -> None:
         SageMakerModelBackend.create_training_job
     )
     SageMakerResponse.stop_training_job = _stop_training_job
+    SageMakerModelBackend.create_hyper_parameter_tuning_job = _create_tuning_job(
+        SageMakerModelBackend.create_hyper_parameter_tuning_job
+    )
+    SageMakerResponse.stop_hyper_parameter_tuning_job = _stop_tuning_job
+    SageMakerResponse.list_training_jobs_for_hyper_parameter_tuning_job = _list_tuning_trials
     AthenaBackend.get_query_execution = _athena_get_query_execution(
         AthenaBackend.get_query_execution
     )

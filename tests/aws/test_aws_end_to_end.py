@@ -201,7 +201,7 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         assert exports["formats"]["onnx"]["max_abs_error"] < 1e-3
         assert parquet_table(lake.get("subsets/zeros_and_ones/manifest.parquet")).num_rows == 60
 
-        # a sweep on the aws profile: its trials are SageMaker training jobs, two at once
+        # a sweep on the aws profile: a SageMaker hyperparameter tuning job, two trials at once
         runs.ensure_partition(inst, model_partitions_def, "zo-swept")
         runs.materialize(
             inst,
@@ -225,11 +225,29 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         )
         swept = json.loads(lake.get("models/zo-swept/model.json"))
         trials = swept["sweep"]["trials"]
+        [tuning] = aws.tuning_jobs
+        assert tuning["config"]["ResourceLimits"] == {
+            "MaxNumberOfTrainingJobs": 2,
+            "MaxParallelTrainingJobs": 2,
+        }
         jobs = {j["name"] for j in aws.training_runs[1:]}
-        assert {f"{t['training_job']}-0" for t in trials} == jobs and len(jobs) == 2
+        assert {t["training_job"] for t in trials} == jobs and len(jobs) == 2
         kept = trials[swept["sweep"]["best"]]
         assert kept["objective"] == max(t["objective"] for t in trials)
         assert swept["model_sha256"] == kept["model_sha256"]
         for t in trials:  # each trial's weights in the lake, under the sweep
             key = f"models/zo-swept/trials/{swept['sweep']['name']}/{t['number']:03d}/model.pt"
             assert hashlib.sha256(lake.get(key)).hexdigest() == t["model_sha256"]
+        # each trial an MLflow run nested under the sweep's, named by its training job
+        import mlflow
+
+        from orchestration.settings import mlflow_tracking_uri
+
+        client = mlflow.MlflowClient(mlflow_tracking_uri())
+        nested = client.search_runs(
+            [client.get_run(swept["sweep"]["mlflow_run_id"]).info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{swept['sweep']['mlflow_run_id']}'",
+        )
+        assert sorted(
+            (r.info.run_id, r.data.tags["cvgraph.training_job"], r.info.status) for r in nested
+        ) == sorted((t["mlflow_run_id"], t["training_job"], "FINISHED") for t in trials)

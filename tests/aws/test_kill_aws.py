@@ -2,14 +2,14 @@
 training jobs run by the test harness as AWS would: they go on when the process that submitted
 them dies).
 
-One user's session — `sync`, `forget`, `ingest`, `freeze`, `train`, `export` — in two fresh
+One user's session — `sync`, `forget`, `ingest`, `freeze`, `train`, `export`, `tune` — in two fresh
 accounts: in one, every command is SIGKILLed (the CLI and its process group) at seeded moments
 and after its Nth progress line, then run again to its end; in the other no one interrupts it.
 After each command the lakes are the same: rows, original and variant bytes, data versions of
 every prefix, packs, frozen manifests; nothing owed, no run left unfinished; the model and
 exports records are the same but for the ids of the runs that made them. The next command ends
 a killed one's runs and terminates its Batch jobs; a re-run train waits for (or reuses) the
-training job its killed run started."""
+training job its killed run started, a re-run tune the tuning job."""
 
 from __future__ import annotations
 
@@ -70,6 +70,25 @@ SESSION = (
     (["freeze", "s", SQL], 8, 4.0, 3),
     (["train", "m", "--subset", "s", "--epochs", "2", "--json"], 9, 20.0, 8),
     (["export", "m", "--json"], 10, 8.0, 3),
+    # a sweep: one SageMaker tuning job, found again by its name when re-run
+    (
+        [
+            "tune",
+            "m2",
+            "--subset",
+            "s",
+            "--trials",
+            "2",
+            "--parallel",
+            "2",
+            "--epochs",
+            "2",
+            "--json",
+        ],
+        11,
+        20.0,
+        6,
+    ),
 )
 RUN_IDS = {"dagster_run_id", "mlflow_run_id"}
 

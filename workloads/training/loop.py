@@ -81,3 +81,9 @@ def save_checkpoint(ckpt_path: Path, model: nn.Module, opt, sched, state: dict) 
         tmp,
     )
     os.replace(tmp, ckpt_path)  # atomic: a reclaim never leaves half a checkpoint
+
+
+def kept_value(history: list[dict], best_epoch: int, name: str) -> float:
+    """Metric ``name`` at the kept epoch: what the last ``<name>=`` line says, so a SageMaker
+    tuning job's objective (a metric's last value) is the kept weights' score."""
+    return next((h[name] for h in history if h["epoch"] == best_epoch), float("nan"))

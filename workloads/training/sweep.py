@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -336,3 +337,54 @@ def trial_record_key(model: str, sweep: str, number: int) -> str:
 
 def sweep_picture_key(model: str, sweep: str) -> str:
     return f"models/{model}/trials/{sweep}/sweep.png"
+
+
+# -- SageMaker hyperparameter tuning jobs (a sweep on the aws profile) ----------------------
+
+
+def parameter_ranges(space: dict[str, dict]) -> dict[str, list[dict]]:
+    """A parsed space as a tuning job's ``ParameterRanges`` (values are strings; a log range is
+    ``Logarithmic``; whole-number fields are integer ranges)."""
+    out: dict[str, list[dict]] = {
+        "ContinuousParameterRanges": [],
+        "IntegerParameterRanges": [],
+        "CategoricalParameterRanges": [],
+    }
+    for name, s in sorted(space.items()):
+        if "choices" in s:
+            out["CategoricalParameterRanges"].append(
+                {"Name": name, "Values": [str(v) for v in s["choices"]]}
+            )
+            continue
+        kind = "Integer" if isinstance(FIELDS[name][0], int) else "Continuous"
+        out[f"{kind}ParameterRanges"].append(
+            {
+                "Name": name,
+                "MinValue": str(s["low"]),
+                "MaxValue": str(s["high"]),
+                "ScalingType": "Logarithmic" if s["log"] else "Linear",
+            }
+        )
+    return {k: v for k, v in out.items() if v}
+
+
+def tuned_params(tuned: dict[str, str], space: dict[str, dict]) -> dict:
+    """A trial's ``TunedHyperParameters`` (strings) as the values the space holds."""
+    out = {}
+    for name, s in sorted(space.items()):
+        raw = tuned[name].strip('"')
+        if "choices" in s:
+            out[name] = next(v for v in s["choices"] if str(v) == raw)
+        elif isinstance(FIELDS[name][0], int):
+            out[name] = int(float(raw))
+        else:
+            out[name] = float(raw)
+    return out
+
+
+def tuning_job_name(plan: SweepPlan, attempt: int) -> str:
+    """Attempt ``attempt``'s tuning job (a name is never reusable; SageMaker allows 32
+    characters): ``cvg-``, the model's name cut, and the sweep's hash. Its trials' training jobs
+    are named after it (``cvg-*``: what the orchestrator's role may describe)."""
+    slug = re.sub(r"[^A-Za-z0-9-]", "-", plan.model)[:10].strip("-")
+    return f"cvg-{slug}-{plan.name[-12:]}-{attempt}"

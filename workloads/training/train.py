@@ -36,7 +36,13 @@ from workloads.training.data import (
     channel_stats,
     loader,
 )
-from workloads.training.loop import input_workers, optimizer, resume, save_checkpoint
+from workloads.training.loop import (
+    input_workers,
+    kept_value,
+    optimizer,
+    resume,
+    save_checkpoint,
+)
 from workloads.training.models import DEFAULT_WIDTH, build_model, head_of, load_record
 from workloads.training.shards import STATS_IMAGES, first_images, split_shards
 from workloads.training.spec import TRAIN_SPEC, channels, epochs_for, task_defaults
@@ -53,6 +59,9 @@ DEFAULTS = {
     "mlflow_secret_arn": "",  # the tracking server's credentials (Secrets Manager), if it has any
     "init_weights": "",  # the init channel's file of the weights init_from names, and their sha256
     "init_sha256": "",
+    # the SageMaker tuning job this training is a trial of: its trials share one CheckpointConfig,
+    # so each keeps its checkpoints in a folder named after its own training job
+    "tuning_job": "",
 }
 
 
@@ -135,6 +144,8 @@ def hyperparameters() -> dict:
             if isinstance(default, (int, float)) and not isinstance(default, bool)
             else v
         )
+    if hp["tuning_job"] and os.environ.get("TRAINING_JOB_NAME"):
+        hp["checkpoint_dir"] = str(Path(hp["checkpoint_dir"]) / os.environ["TRAINING_JOB_NAME"])
     return hp
 
 
@@ -262,8 +273,10 @@ def _train(hp: dict, pipes) -> dict:
     if hp["patience"] and state["epoch"] < epochs:
         say(f"early stop after epoch {state['epoch']}: no better val loss in {hp['patience']}")
     model.load_state_dict(state["best"])
+    kept = kept_value(state["history"], state["best_epoch"], "val_accuracy")
     say(
-        f"kept epoch {state['best_epoch']}'s weights (the best val loss, {state['best_val_loss']:.4f})"
+        f"kept epoch {state['best_epoch']}'s weights (the best val loss, "
+        f"{state['best_val_loss']:.4f}): val_accuracy={kept:.4f}"
     )
     test_loss, test_acc = evaluate(model, held_out["test"])
     say(f"test_loss={test_loss:.4f} test_accuracy={test_acc:.4f}")

@@ -16,7 +16,13 @@ import torch
 from workloads.training.coco_eval import ImageBoxes, coco_scores, detections_of
 from workloads.training.data import SHUFFLE_BUFFER, Preprocess, ShardDetections, loader
 from workloads.training.detection import CenterNet, loss
-from workloads.training.loop import input_workers, optimizer, resume, save_checkpoint
+from workloads.training.loop import (
+    input_workers,
+    kept_value,
+    optimizer,
+    resume,
+    save_checkpoint,
+)
 from workloads.training.models import DEFAULT_WIDTH
 from workloads.training.preprocess import channel_stats
 from workloads.training.shards import STATS_IMAGES, first_images, split_shards
@@ -146,7 +152,8 @@ def train_detection(hp: dict, say, live, started: float) -> dict:
         say(f"early stop after epoch {state['epoch']}: no better val mAP in {hp['patience']}")
     model.load_state_dict(state["best"])
     say(
-        f"kept epoch {state['best_epoch']}'s weights (the best val mAP, {state['best_val_map']:.4f})"
+        f"kept epoch {state['best_epoch']}'s weights (the best val mAP): "
+        f"val_map={kept_value(state['history'], state['best_epoch'], 'val_map'):.4f}"
     )
     truth, found, test_loss = predict_batches(model, held_out["test"])
     test = coco_scores(truth, found, classes)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from workloads.training.spec import task_defaults
+from workloads.training.spec import check_spec, task_defaults
 from workloads.training.sweep import (
     DEFAULT_SPACE,
     SweepPlan,
@@ -17,8 +17,10 @@ from workloads.training.sweep import (
     best,
     objective,
     open_study,
+    parameter_ranges,
     parse_space,
     tell,
+    tuned_params,
     wave,
 )
 
@@ -151,3 +153,40 @@ def test_the_objective_is_the_validation_score_of_the_epoch_whose_weights_were_k
     detector = {"best_epoch": 1, "history": [{"epoch": 1, "val_map": 0.25}]}
     assert objective(detector, {"task": "detection"}) == 0.25
     assert math.isnan(objective({"best_epoch": 1, "history": [{"epoch": 1}]}, {}))
+
+
+@pytest.mark.parametrize("task", ["classification", "detection"])
+def test_a_space_as_tuning_job_ranges_and_the_tuned_values_back(task):
+    space = parse_space(
+        {**DEFAULT_SPACE[task], "epochs": [2, 9], "arch": ["small_cnn", "resnet18"]}
+        if task == "classification"
+        else None,
+        task,
+    )
+    ranges = parameter_ranges(space)
+    named = {r["Name"]: (kind, r) for kind, rs in ranges.items() for r in rs}
+    assert set(named) == set(space)
+    assert named["lr"][0] == "ContinuousParameterRanges"
+    assert named["lr"][1]["ScalingType"] == "Logarithmic"
+    assert named["batch_size"] == (
+        "CategoricalParameterRanges",
+        {"Name": "batch_size", "Values": [str(v) for v in space["batch_size"]["choices"]]},
+    )
+    if task == "classification":
+        assert named["epochs"] == (
+            "IntegerParameterRanges",
+            {"Name": "epochs", "MinValue": "2", "MaxValue": "9", "ScalingType": "Linear"},
+        )
+        assert named["label_smoothing"][1]["ScalingType"] == "Linear"
+    # what SageMaker hands back (strings, sometimes quoted) is typed as the space holds it
+    tuned = {
+        name: ('"' + r["Values"][-1] + '"') if kind.startswith("Categorical") else r["MaxValue"]
+        for name, (kind, r) in named.items()
+    }
+    back = tuned_params(tuned, space)
+    assert back["batch_size"] == space["batch_size"]["choices"][-1]
+    assert isinstance(back["batch_size"], int) and isinstance(back["lr"], float)
+    assert back["lr"] == space["lr"]["high"]
+    if task == "classification":
+        assert back["epochs"] == 9 and back["arch"] == "resnet18"
+    assert check_spec({**task_defaults(task), **back})

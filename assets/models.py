@@ -73,8 +73,9 @@ class TrainConfig(dg.Config):
     training_image: str | None = _unset("training_image")
     trials: int = Field(
         1,
-        description="a sweep: this many trainings, spec fields drawn from `space` by Optuna; the "
-        "best on the validation split is kept (1: one training of the spec)",
+        description="a sweep: this many trainings, spec fields drawn from `space` by Optuna (on "
+        "AWS: a SageMaker hyperparameter tuning job); the best on the validation split is kept "
+        "(1: one training of the spec)",
     )
     parallel: int = Field(1, description="a sweep's trials trained at once")
     space: str = Field(

@@ -317,8 +317,9 @@ def tune(
     **spec,
 ) -> None:
     """Sweep model KEY: TRIALS trainings (PARALLEL at once) with spec fields drawn from the
-    space by Optuna; the best on the validation split becomes the model's next version. The
-    flags given fix the fields the space does not draw."""
+    space by Optuna (on AWS: by a SageMaker hyperparameter tuning job); the best on the
+    validation split becomes the model's next version. The flags given fix the fields the space
+    does not draw."""
     out = _ds().tune(
         key,
         subset,

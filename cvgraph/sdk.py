@@ -379,7 +379,7 @@ class Datasets:
     ) -> dict:
         """Sweep model ``key``: ``trials`` trainings, ``parallel`` at once, spec fields drawn
         from ``space`` (``workloads.training.sweep.parse_space``; None: the task's default) by
-        Optuna, the others ``spec``'s (else as ``train`` has them). The best on the validation
+        Optuna (on AWS: a SageMaker tuning job), the others ``spec``'s (else as ``train`` has them). The best on the validation
         split becomes the model's next registered version. Returns ``{"trials": [{"number",
         "params", "objective"}], "best", "objective", "version", "test_score", ...}``."""
         from workloads.training.spec import SCORE, SCORE_NAME, task_of

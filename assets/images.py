@@ -24,7 +24,13 @@ from partitions import hash_prefix_partitions_def
 from resources.compute import ImageCompute, WorkloadFailed, index_command, merge_shards_command
 from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
-from workloads.costs import Estimate, images_estimate, index_estimate
+from workloads.costs import (
+    Estimate,
+    image_task_s,
+    images_estimate,
+    index_estimate,
+    task_groups,
+)
 from workloads.images import empty_stage_record
 from workloads.index import empty_index_stats
 from workloads.lake import get_many
@@ -81,11 +87,11 @@ def raw_images(
     unrecorded = [k for k in listed if k.endswith(".unrecorded")]
     work = sorted(set(markers) & set(prefixes))
     prior = prefix_records(store, "raw_images", prefixes)
+    rates = cost_settings.rates()
     estimate = cost_settings.log_estimate(
         context,
         index_estimate(
-            [(1, markers[p], (prior.get(p) or {}).get("images", 0)) for p in work],
-            cost_settings.rates(),
+            [(1, markers[p], (prior.get(p) or {}).get("images", 0)) for p in work], rates
         ),
     )
     # The label counts stay in the index's state and the merged packs in the result record: the
@@ -97,7 +103,12 @@ def raw_images(
         ["index"],
         work,
         lambda: image_compute.run_prefix_tasks(
-            context, "index", lambda shard: index_command(lake.url, run_id, shard), work, run_id
+            context,
+            "index",
+            lambda shard: index_command(lake.url, run_id, shard),
+            work,
+            run_id,
+            task_groups({p: rates.prefix_task_s for p in work}, rates),
         ),
         lambda done: write_prefix_records(
             store, "raw_images", {p: version_record(r, drop) for p, r in done["index"].items()}
@@ -331,15 +342,24 @@ def image_stages(
     work, tasks, sharded, pending = plan_tasks(
         prior, raw, selected, prefixes, params, image_settings.shard_images
     )
+    rates, split = cost_settings.rates(), image_compute.tasks_per_image_task(stages)
     estimate = cost_settings.log_estimate(
         context,
         image_work_estimate(
             {p: (1, n, mean_bytes(raw.get(p))) for p, n in pending.items()},
             image_settings.shard_images,
             params.resize.size,
-            cost_settings.rates(),
-            image_compute.tasks_per_image_task(stages),
+            rates,
+            split,
         ),
+    )
+    # a Batch child a group of tasks, about a minute of work each (the estimate's count)
+    groups = task_groups(
+        {
+            t: image_task_s(pending[parse_task(t)[0]] / parse_task(t)[2], rates, split)
+            for t in tasks
+        },
+        rates,
     )
     context.log.info(f"{len(work)} of {len(prefixes)} prefixes have {'/'.join(stages)} work")
     if sharded:
@@ -349,13 +369,14 @@ def image_stages(
     inputs = {p: {"raw_images": (raw.get(p) or {}).get("data_version")} for p in prefixes}
 
     def run() -> None:
-        image_compute.run_image_stages(context, lake.url, run_id, stages, tasks, params)
+        image_compute.run_image_stages(context, lake.url, run_id, stages, tasks, params, groups)
         image_compute.run_prefix_tasks(
             context,
             "merge",
             lambda chunk: merge_shards_command(lake.url, run_id, stages, chunk, params),
             sharded,
             run_id,
+            task_groups({p: rates.prefix_task_s for p in sharded}, rates),
         )
 
     def keep(done: dict) -> None:

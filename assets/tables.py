@@ -24,7 +24,7 @@ from resources.catalog import Catalog
 from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
 from resources.tables import TableWriter
-from workloads.costs import tables_estimate
+from workloads.costs import tables_estimate, task_groups
 from workloads.layout import PENDING_TABLES, pending_tables_prefix
 from workloads.tables import empty_tables_stats
 
@@ -102,11 +102,11 @@ def image_tables(
         for p in prefixes
         if p in markers or tables_work(prior.get(p), upstream["raw_images"].get(p), inputs[p])
     ]
+    rates = cost_settings.rates()
     estimate = cost_settings.log_estimate(
         context,
         tables_estimate(
-            [(1, new_rows(prior.get(p), upstream["raw_images"].get(p))) for p in work],
-            cost_settings.rates(),
+            [(1, new_rows(prior.get(p), upstream["raw_images"].get(p))) for p in work], rates
         ),
     )
     context.log.info(f"{len(work)} of {len(prefixes)} prefixes have table rows to update")
@@ -116,7 +116,15 @@ def image_tables(
         run_id,
         ["tables"],
         work,
-        lambda: table_writer.run(context, store, lake.url, run_id, work, params),
+        lambda: table_writer.run(
+            context,
+            store,
+            lake.url,
+            run_id,
+            work,
+            params,
+            task_groups({p: rates.prefix_task_s for p in work}, rates),
+        ),
         lambda done: write_prefix_records(
             store,
             "image_tables",

@@ -81,7 +81,8 @@ def plan(
     inst: dg.DagsterInstance, definitions: dg.Definitions, prefixes: list[str] | None = None
 ) -> dict:
     """The plan of a sync (``prefixes`` None) or of a backfill of ``prefixes``: per stage, the
-    prefixes, images, Batch tasks, vCPU-hours, lake requests and bytes, and their cost."""
+    prefixes, images, Batch tasks, vCPU-hours, wall time, lake requests and bytes, and their
+    cost."""
     res = definitions.resources
     lake, settings, costs = res["lake"].lake(), res["image_settings"], res["cost_settings"]
     params, rates, prices = settings.params(), costs.rates(), costs.prices()
@@ -211,7 +212,8 @@ def render(p: dict) -> str:
         out.append("  nothing to do: every prefix is up to date")
     out.append(
         f"  at {rates['images_per_vcpu_s']:g} images per vCPU-second, tasks of {rates['task_vcpus']:g} vCPU "
-        f"and {rates['task_memory_gb']:g} GB billed {rates['min_billed_s']:g} s at least; "
+        f"and {rates['task_memory_gb']:g} GB billed {rates['min_billed_s']:g} s at least, each "
+        f"about {rates['child_work_s']:g} s of work, at most {rates['max_children']} at once; "
         f"${prices['vcpu_hour']:g}/vCPU-h, ${prices['gb_hour']:g}/GB-h, "
         f"${prices['s3_put_per_1000']:g} per 1,000 PUT/LIST, ${prices['s3_get_per_1000']:g} per 1,000 GET"
     )

@@ -1,4 +1,5 @@
-"""Image compute on AWS Batch: one array job per stage per ranged run; child index → prefix."""
+"""Image compute on AWS Batch: one array job per stage per ranged run; child index → a group of
+prefix tasks (``workloads.costs.task_groups``: about a minute of work a child)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 from resources.aws import AwsResource, poll, stopped_on_interrupt
 from resources.compute import ImageCompute, WorkloadFailed, images_command, ingest_command
-from workloads.tasks import VERDICTS
+from workloads.tasks import VERDICTS, group_args
 
 # Spot reclaims (the host went away) are retried; a non-zero exit of our code is not.
 BATCH_RETRY = {
@@ -31,7 +32,7 @@ class ChildFailure:
     """A Batch child (or single job) that ended FAILED, as ``describe_jobs`` tells it."""
 
     stage: str
-    prefix: str  # the child's prefix; a single job's prefixes, comma-joined
+    prefix: str  # the child's prefixes (its group), comma-joined; a single job's too
     job_id: str
     index: int | None  # the array index; None for a single job
     exit_code: int | None  # None when the container never exited (a failed dependency, a reclaim)
@@ -82,7 +83,7 @@ def _finished(d: dict) -> bool:
 
 
 class BatchArrayClient(ImageCompute, AwsResource):
-    """AWS Batch: one array job per stage per ranged run; child index → prefix.
+    """AWS Batch: one array job per stage per ranged run; child index → a group of prefixes.
 
     Written in the pattern of dagster-aws's Pipes clients (submit, poll, forward
     termination, report failures); results come back through the lake's result records.
@@ -156,7 +157,8 @@ class BatchArrayClient(ImageCompute, AwsResource):
                 state = f"{d['status']} {summary}" if summary else d["status"]
                 if last.get(jid) != state:
                     context.log.info(
-                        f"batch job {jid} ({jobs[jid][0]}, {len(jobs[jid][1])} prefixes): {state}"
+                        f"batch job {jid} ({jobs[jid][0]}, "
+                        f"{sum(map(len, jobs[jid][1]))} prefixes): {state}"
                     )
                     last[jid] = state
             self._check_started(context, run_id, jobs, descs, waiting_since)
@@ -247,32 +249,35 @@ class BatchArrayClient(ImageCompute, AwsResource):
         return stopped
 
     def _run_jobs(
-        self, context, submissions: list[tuple[str, list[str], list[str]]], run_id: str
+        self, context, submissions: list[tuple[str, list[str], list[list[str]]]], run_id: str
     ) -> list[ChildFailure]:
-        """Submit ``(stage, command, prefixes)`` in order (each N_TO_N on the previous), wait for
-        all; returns the failed children.
+        """Submit ``(stage, command, groups)`` in order (each N_TO_N on the previous), an array
+        child a group, wait for all; returns the failed children.
 
         If the Dagster run is cancelled meanwhile every job submitted so far is terminated, as
         dagster-aws's Pipes clients stop their remote work; any other error leaves them running."""
-        jobs: dict[str, tuple[str, list[str]]] = {}
+        jobs: dict[str, tuple[str, list[list[str]]]] = {}
         previous = None
         with stopped_on_interrupt(lambda: self._terminate(context, run_id, jobs)):
-            for stage, command, prefixes in submissions:
+            for stage, command, groups in submissions:
                 name = re.sub(
                     r"[^A-Za-z0-9_-]",
                     "_",
-                    f"{self._name_prefix(run_id)}{stage}-{prefixes[0]}-{prefixes[-1]}",
+                    f"{self._name_prefix(run_id)}{stage}-{groups[0][0]}-{groups[-1][-1]}",
                 )
+                grouped = any(len(g) > 1 for g in groups)
                 previous = self._submit(
                     name,
-                    command,
-                    len(prefixes),
+                    [*command, *group_args(groups)] if grouped else command,
+                    len(groups),
                     depends_on=previous,
                     tags={"dagster/run_id": run_id},
                 )
-                jobs[previous] = (stage, prefixes)
+                jobs[previous] = (stage, groups)
+                tasks = sum(map(len, groups))
                 context.log.info(
-                    f"submitted {stage} as batch job {previous} ({len(prefixes)} children)"
+                    f"submitted {stage} as batch job {previous} ({len(groups)} children, "
+                    f"{tasks} prefix tasks)"
                 )
             descs = self._wait(context, jobs, run_id)
         return self._failures(jobs, descs)
@@ -291,11 +296,11 @@ class BatchArrayClient(ImageCompute, AwsResource):
         return [d] if d["status"] == "FAILED" else []
 
     def _failures(
-        self, jobs: dict[str, tuple[str, list[str]]], descs: dict[str, dict]
+        self, jobs: dict[str, tuple[str, list[list[str]]]], descs: dict[str, dict]
     ) -> list[ChildFailure]:
-        """Each failed child with its prefix, exit code, reason and log stream."""
+        """Each failed child with its prefixes, exit code, reason and log stream."""
         out = []
-        for jid, (stage, prefixes) in jobs.items():
+        for jid, (stage, groups) in jobs.items():
             for c in self._failed_children(descs[jid]):
                 index = c.get("arrayProperties", {}).get("index")
                 if index is None and ":" in c["jobId"]:  # array children are "<parent id>:<index>"
@@ -304,7 +309,9 @@ class BatchArrayClient(ImageCompute, AwsResource):
                 out.append(
                     ChildFailure(
                         stage=stage,
-                        prefix=prefixes[index] if index is not None else ",".join(prefixes),
+                        prefix=",".join(
+                            groups[index] if index is not None else [p for g in groups for p in g]
+                        ),
                         job_id=c["jobId"],
                         index=index,
                         exit_code=container.get("exitCode"),
@@ -314,25 +321,25 @@ class BatchArrayClient(ImageCompute, AwsResource):
                 )
         return out
 
-    def _arrays(self, prefixes: list[str]) -> list[list[str]]:
-        """Prefixes in chunks of at most ``max_array_size``: one array job each."""
+    def _arrays(self, groups: list[list[str]]) -> list[list[list[str]]]:
+        """Groups in chunks of at most ``max_array_size``: one array job each."""
         return [
-            prefixes[i : i + self.max_array_size]
-            for i in range(0, len(prefixes), self.max_array_size)
+            groups[i : i + self.max_array_size] for i in range(0, len(groups), self.max_array_size)
         ]
 
     def tasks_per_image_task(self, stages: list[str]) -> int:
         """A child per stage: an array job each."""
         return len(stages)
 
-    def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
-        """One array job per stage (and per chunk of ``max_array_size`` prefixes), each stage
+    def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params, groups=None):
+        """One array job per stage (and per chunk of ``max_array_size`` groups), each stage
         N_TO_N on the one before: child i of edges starts when child i of resize is done."""
-        for chunk in self._arrays(prefixes):
+        for chunk in self._arrays(groups or [[p] for p in prefixes]):
+            tasks = [p for g in chunk for p in g]
             submissions = [
                 (
                     stage,
-                    images_command(lake_url, run_id, [stage], chunk, params, self.threads_per_job),
+                    images_command(lake_url, run_id, [stage], tasks, params, self.threads_per_job),
                     chunk,
                 )
                 for stage in stages
@@ -340,19 +347,20 @@ class BatchArrayClient(ImageCompute, AwsResource):
             if failures := self._run_jobs(context, submissions, run_id):
                 raise BatchChildrenFailed(failures)
 
-    def run_prefix_tasks(self, context, name, command, prefixes, run_id):
-        for chunk in self._arrays(prefixes):
-            if failures := self._run_jobs(context, [(name, command(chunk), chunk)], run_id):
+    def run_prefix_tasks(self, context, name, command, prefixes, run_id, groups=None):
+        for chunk in self._arrays(groups or [[p] for p in prefixes]):
+            tasks = [p for g in chunk for p in g]
+            if failures := self._run_jobs(context, [(name, command(tasks), chunk)], run_id):
                 raise BatchChildrenFailed(failures)
 
     def run_job(self, context, name, what, command):
-        if failures := self._run_jobs(context, [(name, command, [what])], context.run.run_id):
+        if failures := self._run_jobs(context, [(name, command, [[what]])], context.run.run_id):
             raise BatchChildrenFailed(failures, f"{name} of {what} failed on Batch")
 
     def run_ingest(self, context, lake_url, pack_id, key):
         run_id = context.run.run_id
         command = ingest_command(lake_url, pack_id, key, run_id)
-        failures = self._run_jobs(context, [("ingest", command, [pack_id])], run_id)
+        failures = self._run_jobs(context, [("ingest", command, [[pack_id]])], run_id)
         if not failures:
             return 0
         if len(failures) == 1 and failures[0].exit_code in VERDICTS:  # the pack's, no failure

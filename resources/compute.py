@@ -128,8 +128,11 @@ class ImageCompute(dg.ConfigurableResource, ABC):
         stages: list[str],
         prefixes: list[str],
         params: ImageParams,
+        groups: list[list[str]] | None = None,
     ) -> None:
-        """Run ``stages`` for every prefix; each prefix task leaves its result record in the lake."""
+        """Run ``stages`` for every prefix; each prefix task leaves its result record in the lake.
+        ``groups``: the prefixes cut into the groups a remote task each runs
+        (``workloads.costs.task_groups``); None: a prefix a task."""
 
     @abstractmethod
     def run_prefix_tasks(
@@ -139,8 +142,10 @@ class ImageCompute(dg.ConfigurableResource, ABC):
         command: Callable[[list[str]], list[str]],
         prefixes: list[str],
         run_id: str,
+        groups: list[list[str]] | None = None,
     ) -> None:
-        """Run ``command(prefixes of a task)`` over ``prefixes`` (one workload, e.g. the index)."""
+        """Run ``command(prefixes of a task)`` over ``prefixes`` (one workload, e.g. the index),
+        ``groups`` as ``run_image_stages`` takes them."""
 
     @abstractmethod
     def run_job(
@@ -307,7 +312,8 @@ class LocalProcessPool(ImageCompute):
         finally:
             progress.close()
 
-    def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params):
+    # the local pool shares the prefixes among its workers: the groups are Batch's
+    def run_image_stages(self, context, lake_url, run_id, stages, prefixes, params, groups=None):
         self._run_sharded(
             context,
             "/".join(stages),
@@ -318,7 +324,7 @@ class LocalProcessPool(ImageCompute):
             len(stages),
         )
 
-    def run_prefix_tasks(self, context, name, command, prefixes, run_id):
+    def run_prefix_tasks(self, context, name, command, prefixes, run_id, groups=None):
         self._run_sharded(context, name, command, prefixes, 1)
 
     def run_job(self, context, name, what, command):

@@ -27,12 +27,15 @@ class ImageSettings(dg.ConfigurableResource):
 
 class CostSettings(dg.ConfigurableResource):
     """The rates and prices estimates use (``workloads.costs``): a plan, and each step's first log
-    line and metadata."""
+    line and metadata; and how prefix tasks are grouped into Batch array children."""
 
     images_per_vcpu_s: float = Rates.images_per_vcpu_s
     task_start_s: float = Rates.task_start_s
     task_vcpus: float = Rates.task_vcpus
     task_memory_gb: float = Rates.task_memory_gb
+    child_work_s: float = Rates.child_work_s
+    max_children: int = Rates.max_children
+    prefix_task_s: float = Rates.prefix_task_s
     vcpu_hour_usd: float = Prices.vcpu_hour
     gb_hour_usd: float = Prices.gb_hour
     s3_put_per_1000_usd: float = Prices.s3_put_per_1000
@@ -44,6 +47,9 @@ class CostSettings(dg.ConfigurableResource):
             task_start_s=self.task_start_s,
             task_vcpus=self.task_vcpus,
             task_memory_gb=self.task_memory_gb,
+            child_work_s=self.child_work_s,
+            max_children=self.max_children,
+            prefix_task_s=self.prefix_task_s,
         )
 
     def prices(self) -> Prices:

@@ -24,7 +24,7 @@ from workloads.tables import pending_table_changes
 class SparkTableWriter(TableWriter):
     spark: LazyPySparkResource
 
-    def run(self, context, lake, lake_url, run_id, prefixes, params):
+    def run(self, context, lake, lake_url, run_id, prefixes, params, groups=None):
         write_results(lake, run_id, self.write(lake, prefixes, params))
 
     def write(self, lake, prefixes, params: ImageParams):

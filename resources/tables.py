@@ -24,8 +24,10 @@ class TableWriter(dg.ConfigurableResource, ABC):
         run_id: str,
         prefixes: list[str],
         params: ImageParams,
+        groups: list[list[str]] | None = None,
     ) -> None:
-        """Update both tables of ``prefixes``; each prefix's result record is its commit marker."""
+        """Update both tables of ``prefixes``; each prefix's result record is its commit marker.
+        ``groups``: the prefixes a remote task each (``ImageCompute.run_prefix_tasks``)."""
 
 
 class PyArrowTableWriter(TableWriter):
@@ -34,13 +36,14 @@ class PyArrowTableWriter(TableWriter):
 
     compute: ImageCompute
 
-    def run(self, context, lake, lake_url, run_id, prefixes, params):
+    def run(self, context, lake, lake_url, run_id, prefixes, params, groups=None):
         self.compute.run_prefix_tasks(
             context,
             "tables",
             lambda shard: tables_command(lake_url, run_id, shard, params),
             prefixes,
             run_id,
+            groups,
         )
 
 

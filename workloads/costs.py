@@ -1,6 +1,7 @@
 """What a stage's work will cost before it runs: Batch task time, lake requests and bytes, dollars.
 
-A stage's work is given as its tasks (one Batch array child each) and the images they hold.
+A stage's work is given as its prefix tasks and the images they hold; a Batch array child takes
+a group of tasks (``task_groups``: about a minute of work each, one for little work).
 The request counts per task and per image are the ones the workloads make (``tests/cvgraph/
 test_plan.py`` compares them with a run's counted requests); the rates and prices are settings
 whose defaults the README dates and sources. Dagster-free: the assets, the planner and the
@@ -13,6 +14,7 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
+from workloads.tasks import children, group_tasks
 from workloads.versions import HASH_PREFIXES
 
 # Lake requests of one unit of work, as the workloads make them: the index step reads a
@@ -64,6 +66,11 @@ class Rates:
     task_vcpus: float = 1.0
     task_memory_gb: float = 2.0
     min_billed_s: float = 60.0  # Fargate bills a task one minute at least
+    # A Batch array child takes a group of prefix tasks: about this much work when there is that
+    # much (a start is amortised over a minute of work), never more children than run at once.
+    child_work_s: float = 60.0
+    max_children: int = 256  # the stack's SpotMaxVcpus over its job's 1 vCPU
+    prefix_task_s: float = 0.25  # what a prefix task costs besides its images: its records
 
 
 @dataclass(frozen=True)
@@ -88,9 +95,11 @@ class Estimate:
     requests: Counter = field(default_factory=Counter)
     bytes_read: float = 0
     bytes_written: float = 0
+    wall_s: float = 0.0  # from its first task's start to its last task's end
 
     def __add__(self, other: Estimate) -> Estimate:
-        """Both stages' work; prefixes and images: the most any one stage touches."""
+        """Both stages' work, one after the other (as a sync runs them); prefixes and images:
+        the most any one stage touches."""
         return Estimate(
             "total",
             max(self.prefixes, other.prefixes),
@@ -100,6 +109,7 @@ class Estimate:
             self.requests + other.requests,
             self.bytes_read + other.bytes_read,
             self.bytes_written + other.bytes_written,
+            self.wall_s + other.wall_s,
         )
 
     def cost(self, prices: Prices, rates: Rates) -> dict[str, float]:
@@ -118,6 +128,7 @@ class Estimate:
         for k in ("prefixes", "images", "tasks", "bytes_read", "bytes_written"):
             out[k] = round(out[k])
         out["vcpu_hours"] = round(self.vcpu_s / 3600, 4)
+        out["wall_s"] = round(self.wall_s, 1)
         out["requests_total"] = sum(out["requests"].values())
         out.update({k: round(v, 4) for k, v in self.cost(prices, rates).items()})
         del out["vcpu_s"]
@@ -133,6 +144,29 @@ def billed_s(work_s: float, rates: Rates) -> float:
     return max(rates.min_billed_s, rates.task_start_s + work_s) * rates.task_vcpus
 
 
+def image_task_s(images: float, rates: Rates, split: int = 1) -> float:
+    """Seconds of work of an image-stage task of ``images`` images in one stage's child (of
+    ``split`` stages run as arrays of their own, each does its share of the images' work)."""
+    return rates.prefix_task_s + images / rates.images_per_vcpu_s / split
+
+
+def task_groups(work: dict[str, float], rates: Rates) -> list[list[str]]:
+    """The tasks of ``work`` ({task: seconds}) in groups, one Batch array child each: what the
+    steps submit and the estimates below count (``workloads.tasks.group_tasks``)."""
+    return group_tasks(work, child_s=rates.child_work_s, max_children=rates.max_children)
+
+
+def grouped(work_s: float, tasks: float, rates: Rates) -> tuple[int, float, float]:
+    """(array children, billed vCPU-seconds, wall seconds) of ``tasks`` tasks holding ``work_s``
+    of work in all, grouped as ``task_groups`` groups them (about equal work a child). The
+    children run at once (there are no more than ``max_children``, what the compute
+    environment's vCPUs hold), so the wall time is one child's: its start and its share."""
+    n = children(work_s, tasks, child_s=rates.child_work_s, max_children=rates.max_children)
+    if not n:
+        return 0, 0.0, 0.0
+    return n, n * billed_s(work_s / n, rates), rates.task_start_s + work_s / n
+
+
 def ingest_estimate(packs: list[tuple[int, int, int]], rates: Rates) -> Estimate:
     """``packs``: (images, zip bytes, image bytes) of each pack to ingest: one task each."""
     est = Estimate("ingest", tasks=len(packs))
@@ -140,10 +174,12 @@ def ingest_estimate(packs: list[tuple[int, int, int]], rates: Rates) -> Estimate
     for images, zip_bytes, image_bytes in packs:
         prefixes = expected_prefixes(images)  # each pack writes its rows of each
         est.images += images
-        est.vcpu_s += billed_s(
-            images / rates.ingest_images_per_vcpu_s + zip_bytes / 1e6 / rates.ingest_mb_per_vcpu_s,
-            rates,
+        work = (
+            images / rates.ingest_images_per_vcpu_s + zip_bytes / 1e6 / rates.ingest_mb_per_vcpu_s
         )
+        est.vcpu_s += billed_s(work, rates)
+        # the packs' tasks at once: the longest is the stage's wall time
+        est.wall_s = max(est.wall_s, rates.task_start_s + work / rates.task_vcpus)
         est.requests += (
             _scaled(unit["pack"], 1)
             + _scaled(unit["image"], images)
@@ -165,11 +201,12 @@ def index_estimate(prefixes: list[tuple[float, float, float]], rates: Rates) -> 
     est.requests = _scaled(unit["step"], 1)
     for weight, packs, rows in prefixes:
         est.prefixes += weight
-        est.tasks += weight
         est.requests += _scaled(unit["prefix"], weight) + _scaled(unit["pack_prefix"], packs)
-        est.vcpu_s += weight * billed_s(0, rates)
         est.bytes_read += weight * rows * ROW_BYTES
         est.bytes_written += weight * rows * ROW_BYTES
+    est.tasks, est.vcpu_s, est.wall_s = grouped(
+        est.prefixes * rates.prefix_task_s, est.prefixes, rates
+    )
     return est
 
 
@@ -190,7 +227,14 @@ def images_estimate(
     if not tasks:
         return est
     units = sum(w for w, _, _ in tasks)
-    est.tasks = units * split + merges
+    # each stage an array (split) of the same groups; merges an array of their own
+    work_s = sum(w * image_task_s(images, rates, split) for w, images, _ in tasks)
+    stage_children, stage_s, stage_wall = grouped(work_s, units, rates)
+    merge_children, merge_s, merge_wall = grouped(merges * rates.prefix_task_s, merges, rates)
+    est.tasks = stage_children * split + merge_children
+    est.vcpu_s = stage_s * split + merge_s
+    # a stage's child i starts when the stage before's child i is done (N_TO_N); merges after
+    est.wall_s = stage_wall * split + merge_wall
     est.requests = (
         _scaled(unit["step"], 1)
         + _scaled(unit["prefix"], prefixes)
@@ -201,12 +245,10 @@ def images_estimate(
     resized = size * size * OUTPUT_BYTES_PER_PIXEL * RESIZED_SHARE
     for weight, images, image_bytes in tasks:
         est.images += weight * images
-        est.vcpu_s += weight * split * billed_s(images / rates.images_per_vcpu_s / split, rates)
         est.requests += _scaled(unit["image"], weight * images)
         est.requests += _scaled(unit["split_image"], weight * images * (split - 1))
         est.bytes_read += weight * (image_bytes + (split - 1) * images * resized)
         est.bytes_written += weight * images * size * size * OUTPUT_BYTES_PER_PIXEL
-    est.vcpu_s += merges * billed_s(0, rates)
     return est
 
 
@@ -219,12 +261,13 @@ def tables_estimate(prefixes: list[tuple[float, float]], rates: Rates) -> Estima
     est.requests = _scaled(unit["step"], 1)
     for weight, rows in prefixes:
         est.prefixes += weight
-        est.tasks += weight
         est.images += rows
         est.requests += _scaled(unit["prefix"], weight)
-        est.vcpu_s += weight * billed_s(0, rates)
         est.bytes_read += rows * ROW_BYTES
         est.bytes_written += rows * ROW_BYTES
+    est.tasks, est.vcpu_s, est.wall_s = grouped(
+        est.prefixes * rates.prefix_task_s, est.prefixes, rates
+    )
     return est
 
 
@@ -241,7 +284,16 @@ def summary_line(est: Estimate, prices: Prices, rates: Rates) -> str:
     tasks = f"{est.tasks:,.0f} task" + ("" if round(est.tasks) == 1 else "s")
     return (
         f"{est.stage}: {est.prefixes:,.0f} prefixes, {images}{tasks}, "
-        f"{est.vcpu_s / 3600:.3f} vCPU-h, {requests:,.0f} lake requests, "
+        f"{est.vcpu_s / 3600:.3f} vCPU-h, ~{wall(est.wall_s)} wall, {requests:,.0f} lake requests, "
         f"{est.bytes_read / 1e6:,.1f} MB read, {est.bytes_written / 1e6:,.1f} MB written, "
         f"${c['usd']:.4f}"
     )
+
+
+def wall(seconds: float) -> str:
+    """A wall time as a person reads it: ``45 s``, ``3.5 min``, ``2.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -47,6 +48,42 @@ def shard_tasks(pending: dict[str, int], shard_images: int) -> list[str]:
     return out
 
 
+def children(work_s: float, tasks: float, *, child_s: float, max_children: int) -> int:
+    """How many Batch array children ``tasks`` tasks of ``work_s`` seconds of work in all take:
+    about ``child_s`` of work each when there is that much, one when the work is small, never
+    more than ``max_children`` (what the compute environment runs at once) or than tasks.
+    ``tasks`` may be an expected count (a plan's look ahead): a fraction counts as one."""
+    if tasks <= 0:
+        return 0
+    return max(1, min(math.ceil(tasks - 1e-9), max_children, math.ceil(work_s / child_s - 1e-9)))
+
+
+def group_tasks(work: dict[str, float], *, child_s: float, max_children: int) -> list[list[str]]:
+    """The tasks of ``work`` ({task: seconds of work}), in order, cut into ``children(...)``
+    contiguous groups of about equal work: one array child each. Every group has a task."""
+    tasks = sorted(work)
+    n = children(sum(work.values()), len(tasks), child_s=child_s, max_children=max_children)
+    groups, start, left = [], 0, sum(work.values())
+    for g in range(n):
+        later = n - g - 1  # groups still to fill after this one: a task each at least
+        end, w = start + 1, work[tasks[start]]
+        # the next task joins while that brings the group nearer its share of what is left
+        while len(tasks) - end > later and (
+            not later or w + work[tasks[end]] / 2 < left / (later + 1)
+        ):
+            w += work[tasks[end]]
+            end += 1
+        groups.append(tasks[start:end])
+        start, left = end, left - w
+    return groups
+
+
+def group_args(groups: list[list[str]]) -> list[str]:
+    """What a prefix command takes besides ``--prefixes`` (every task, the groups' in order) when
+    each array child runs a group: the groups' sizes."""
+    return ["--group-sizes", ",".join(str(len(g)) for g in groups)]
+
+
 def prefix_parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--lake", required=True)
@@ -54,16 +91,29 @@ def prefix_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument(
         "--prefixes",
         required=True,
-        help="comma-separated prefixes or shard tasks (ab.0of3); an array child takes one by index",
+        help="comma-separated prefixes or shard tasks (ab.0of3); an array child takes its group "
+        "of them (--group-sizes), or the one its index names",
+    )
+    ap.add_argument(
+        "--group-sizes",
+        default="",
+        help="comma-separated sizes of the consecutive groups of --prefixes, one per array child",
     )
     return ap
 
 
 def selected_prefixes(args: argparse.Namespace) -> list[str]:
-    """The prefixes of ``--prefixes``; in an AWS Batch array child, the one its index names."""
+    """The prefixes of ``--prefixes``; in an AWS Batch array child, the group (or the one
+    prefix) its index names."""
     prefixes = [p for p in args.prefixes.split(",") if p]
     index = os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX")
-    return [prefixes[int(index)]] if index is not None else prefixes
+    if index is None:
+        return prefixes
+    if not getattr(args, "group_sizes", ""):
+        return [prefixes[int(index)]]
+    sizes = [int(n) for n in args.group_sizes.split(",")]
+    start = sum(sizes[: int(index)])
+    return prefixes[start : start + sizes[int(index)]]
 
 
 def open_task_lake(args: argparse.Namespace):

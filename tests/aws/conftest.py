@@ -144,8 +144,12 @@ def _batch_run_command(self, index) -> None:
     prefixes = (
         command[command.index("--prefixes") + 1].split(",") if "--prefixes" in command else []
     )
-    if index is not None:
+    if index is not None and "--group-sizes" in command:  # the child's group of the tasks
+        sizes = [int(n) for n in command[command.index("--group-sizes") + 1].split(",")]
+        prefixes = prefixes[sum(sizes[:index]) : sum(sizes[: index + 1])]
+    elif index is not None:
         prefixes = [prefixes[index]]
+    record["prefixes"] = prefixes
     if HARNESS.oom_prefixes & set(prefixes):
         self.exit_code, self.job_stopped_reason = (
             137,

@@ -101,9 +101,24 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         print(
             f"S3 requests for a 60-image pack into an empty lake: {requests} ({requests / 60:.1f} per new image)"
         )
-        # The plan told them, stage by stage: on Batch each image stage is a child of its own.
-        touched = len(pack["prefixes"])
-        assert indexing["images"]["tasks"] == 2 * touched and indexing["images"]["images"] == 60
+        # The plan told them, stage by stage: the Batch children each array job had (a group of
+        # prefix tasks a child: a 60-image pack is a few seconds of work, one child a stage)
+        jobs = batch_backends["123456789012"]["us-east-1"]._jobs
+        children = {
+            w: sum(
+                max(1, (j.array_properties or {}).get("size", 1))
+                for jid, j in jobs.items()
+                if ":" not in jid and f"-{w}-" in j.job_name
+            )
+            for w in ("index", "resize", "edges", "tables")
+        }
+        assert children == {"index": 1, "resize": 1, "edges": 1, "tables": 1}
+        assert indexing["index"]["tasks"] == children["index"]
+        assert indexing["images"]["tasks"] == children["resize"] + children["edges"]
+        assert indexing["tables"]["tasks"] == children["tables"]
+        assert indexing["images"]["images"] == 60
+        ran = [r for r in aws.batch_runs if "workloads.images" in r["command"]]
+        assert sorted(p for r in ran for p in r["prefixes"]) == sorted(list(pack["prefixes"]) * 2)
         counted = {
             stage: sum(
                 m["lake_requests"].value

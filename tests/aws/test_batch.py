@@ -322,3 +322,64 @@ def test_a_job_that_starts_within_the_bound_is_not_stopped(aws):
     )
     [job] = parents()
     assert not job.stop and len(aws.batch_runs) == 1
+
+
+def test_a_child_runs_its_group_of_prefixes_and_a_failed_group_is_all_a_rerun_redoes(
+    indexed_lake, aws
+):
+    """Children take groups of prefix tasks (``workloads.costs.task_groups``); results stay per
+    prefix, so a failed child's group is what the step's re-run finds unfinished."""
+    import json
+
+    lake, busy = indexed_lake
+    groups = [busy[:10], busy[10:25], busy[25:]]
+    bad = groups[1][3]
+    aws.oom_prefixes = {bad}
+    with pytest.raises(BatchChildrenFailed) as err:
+        client().run_image_stages(
+            dg.build_asset_context(),
+            lake.url,
+            "g1",
+            ["resize", "edges"],
+            busy,
+            ImageParams(),
+            groups,
+        )
+    resize, edges = sorted(
+        (j for j in parents() if j.job_name.startswith("cvgraph-g1-")),
+        key=lambda j: "-resize-" not in j.job_name,
+    )
+    assert len(resize._child_jobs) == len(edges._child_jobs) == 3  # a child a group, per stage
+    assert edges.depends_on == [{"jobId": resize.job_id, "type": "N_TO_N"}]
+    ran = {
+        (r["command"][r["command"].index("--stages") + 1], r["index"]): r for r in aws.batch_runs
+    }
+    for i, g in enumerate(groups):
+        assert ran[("resize", i)]["prefixes"] == g
+    # the failed child names its group; edges of that group never started (N_TO_N)
+    [oom, dep] = sorted(err.value.failures, key=lambda f: f.stage != "resize")
+    assert (oom.stage, oom.index, oom.exit_code, oom.prefix) == (
+        "resize",
+        1,
+        137,
+        ",".join(groups[1]),
+    )
+    assert (dep.stage, dep.index, dep.prefix) == ("edges", 1, ",".join(groups[1]))
+    unfinished = [p for p in busy if not lake.exists(result_key("g1", "edges", p))]
+    assert unfinished == groups[1]
+    assert all(lake.exists(result_key("g1", "resize", p)) for p in groups[0] + groups[2])
+    aws.oom_prefixes = set()
+    before = len(aws.batch_runs)
+    client().run_image_stages(
+        dg.build_asset_context(),
+        lake.url,
+        "g2",
+        ["resize", "edges"],
+        unfinished,
+        ImageParams(),
+        [unfinished],
+    )
+    rerun = aws.batch_runs[before:]
+    assert [r["prefixes"] for r in rerun] == [unfinished, unfinished]  # one child a stage
+    for p in unfinished:
+        assert json.loads(lake.get(result_key("g2", "edges", p)))["processed"] > 0

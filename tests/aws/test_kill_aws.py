@@ -121,9 +121,9 @@ def _session(harness, env: dict, packs, kill: bool) -> list:
 
 @pytest.fixture(scope="module")
 def aws_packs(tmp_path_factory) -> list:
-    """Two packs of digits, three classes each, smaller than the local kill tests' (the Batch
-    harness starts a process per array child, one per prefix an image lands in: 48 images touch
-    ~40 prefixes where 120 touch ~95)."""
+    """Two packs of digits, three classes each, smaller than the local kill tests' (each command
+    is killed and run again in two accounts; a Batch child, a process in the harness, takes a
+    group of the prefixes: one a workload for packs this small)."""
     from cvgraph.demo_packs import digit_members, zip_bytes
 
     root = tmp_path_factory.mktemp("aws_packs")

@@ -343,15 +343,17 @@ class SageMakerTrainer(Trainer, AwsResource):
 
     def _describe(self, name: str) -> dict | None:
         """The training job ``name``, or None if there is none."""
+        return self._found(lambda sm: sm.describe_training_job(TrainingJobName=name))
+
+    def _found(self, describe, codes: tuple[str, ...] = ("ResourceNotFound",)) -> dict | None:
+        """``describe(sagemaker client)``, or None if SageMaker has no such job (an error
+        saying so, or one of ``codes``)."""
         from botocore.exceptions import ClientError
 
         try:
-            return self._client("sagemaker").describe_training_job(TrainingJobName=name)
+            return describe(self._client("sagemaker"))
         except ClientError as e:
-            if (
-                "Could not find" in str(e)
-                or e.response.get("Error", {}).get("Code") == "ResourceNotFound"
-            ):
+            if "Could not find" in str(e) or e.response.get("Error", {}).get("Code") in codes:
                 return None
             raise
 
@@ -512,20 +514,22 @@ class SageMakerTrainer(Trainer, AwsResource):
         return self.tuning_jobs
 
     def _tuning_request(
-        self, name: str, lake, *, plan: SweepPlan, channels: dict, static: dict, trials: int
+        self, lake, *, plan: SweepPlan, attempt: int, channels: dict, static: dict, trials: int
     ) -> dict:
         """CreateHyperParameterTuningJob for ``trials`` more trials of ``plan`` (kept separate so
         its exact shape is tested): the training job ``train`` would start, the space's fields
         tuned, the instance types in order of preference, early stopping Auto; warm-started from
         the sweep's earlier (stopped) tuning jobs, if any."""
+        name = tuning_job_name(plan, attempt)
+        sweep_job = name.rsplit("-", 1)[0]  # every attempt's: the trials' checkpoints' folder
         base = self._request(
             "",
             lake,
             channels,
             f"{plan.model}/trials/{plan.name}",
-            name.rsplit("-", 1)[0],
+            sweep_job,
             self.instance_types[0],
-            {**static, "tuning_job": name.rsplit("-", 1)[0]},
+            {**static, "tuning_job": sweep_job},
         )
         definition = {
             k: base[k]
@@ -574,7 +578,6 @@ class SageMakerTrainer(Trainer, AwsResource):
                 {"Key": "cvgraph:sweep", "Value": plan.name},
             ],
         }
-        attempt = int(name.rsplit("-", 1)[1])
         if attempt:  # at most 5 parents: the latest
             req["WarmStartConfig"] = {
                 "ParentHyperParameterTuningJobs": [
@@ -586,19 +589,10 @@ class SageMakerTrainer(Trainer, AwsResource):
         return req
 
     def _describe_tuning(self, name: str) -> dict | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self._client("sagemaker").describe_hyper_parameter_tuning_job(
-                HyperParameterTuningJobName=name
-            )
-        except ClientError as e:
-            if "Could not find" in str(e) or e.response.get("Error", {}).get("Code") in (
-                "ResourceNotFound",
-                "ValidationException",
-            ):
-                return None
-            raise
+        return self._found(
+            lambda sm: sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name),
+            ("ResourceNotFound", "ValidationException"),
+        )
 
     def _tuning_jobs_of(self, name: str) -> list[dict]:
         """The training jobs of tuning job ``name``, in the order it started them."""
@@ -663,9 +657,9 @@ class SageMakerTrainer(Trainer, AwsResource):
             ours = d is None
             if ours:
                 req = self._tuning_request(
-                    name,
                     lake,
                     plan=plan,
+                    attempt=attempt,
                     channels=channels,
                     static=static,
                     trials=plan.trials - len(jobs),

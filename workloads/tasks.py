@@ -109,7 +109,7 @@ def selected_prefixes(args: argparse.Namespace) -> list[str]:
     index = os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX")
     if index is None:
         return prefixes
-    if not getattr(args, "group_sizes", ""):
+    if not args.group_sizes:
         return [prefixes[int(index)]]
     sizes = [int(n) for n in args.group_sizes.split(",")]
     start = sum(sizes[: int(index)])

@@ -79,7 +79,7 @@ def test_tuning_job_request_shape_pinned_with_stubber(monkeypatch):
     static = {k: v for k, v in static.items() if k not in p.space}
     name = tuning_job_name(p, 1)
     assert len(name) <= 32 and name.endswith("-1") and name.startswith("cvg-m-")
-    req = t._tuning_request(name, lake, plan=p, channels=channels, static=static, trials=5)
+    req = t._tuning_request(lake, plan=p, attempt=1, channels=channels, static=static, trials=5)
     config = req["HyperParameterTuningJobConfig"]
     assert config["HyperParameterTuningJobObjective"] == {
         "Type": "Maximize",

@@ -9,6 +9,7 @@ in the workload CLIs, and only on the prefixes that have work: the rest keep the
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import dagster as dg
 
@@ -24,17 +25,28 @@ from partitions import hash_prefix_partitions_def
 from resources.compute import ImageCompute, WorkloadFailed, index_command, merge_shards_command
 from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
+from resources.tables import TableWriter
 from workloads.costs import (
     Estimate,
+    chain_estimate,
+    chain_task_s,
     image_task_s,
     images_estimate,
     index_estimate,
+    tables_estimate,
     task_groups,
 )
 from workloads.images import empty_stage_record
 from workloads.index import empty_index_stats
 from workloads.lake import get_many
-from workloads.layout import PENDING_RAW, pending_raw_prefix, result_key, unrecorded_key
+from workloads.layout import (
+    PENDING_RAW,
+    pending_raw_prefix,
+    result_key,
+    results_dir,
+    unrecorded_key,
+)
+from workloads.planning import arriving_rows, images_owed, new_rows, stage_inputs
 from workloads.tasks import parse_task, shard_tasks
 
 single_run = dg.BackfillPolicy.single_run()
@@ -62,6 +74,104 @@ def task_results(
     return found
 
 
+RAW = dg.AssetKey("raw_images")
+RESIZED = dg.AssetKey("resized_images")
+EDGES = dg.AssetKey("edge_maps")
+TABLES = dg.AssetKey("image_tables")
+STAGE_OF = {RESIZED: "resize", EDGES: "edges"}
+
+
+def chained(context: dg.AssetExecutionContext) -> bool:
+    """Whether the run selects the index, both image stages and the tables (every sync does):
+    its index step then starts one chain task per group for all of them (``workloads.chain``)."""
+    selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
+    return {RAW, RESIZED, EDGES, TABLES} <= set(selected)
+
+
+def chain_results(
+    context: dg.AssetExecutionContext, store, stages: list[str], prefixes: list[str]
+) -> dict[str, dict[str, dict]]:
+    """``{stage: {prefix: result}}`` of the ``prefixes`` this run's chain tasks did every one of
+    ``stages`` for: a listing of the run's results per stage, then their records (outside a
+    chained run, nothing and no request)."""
+    if not prefixes or not chained(context):
+        return {s: {} for s in stages}
+    run_id = context.run.run_id
+    listed = [set(store.keys(results_dir(run_id, s))) for s in stages]
+    done = [
+        p
+        for p in prefixes
+        if all(result_key(run_id, s, p) in keys for s, keys in zip(stages, listed))
+    ]
+    return {s: get_many(store, {p: result_key(run_id, s, p) for p in done}) for s in stages}
+
+
+def pending_mean(
+    raw: dict | None,
+    pending: float,
+    arriving: dict[str, int],
+    pack_mean: dict[str, float],
+    spread: tuple[float, float] = (0.0, 0.0),
+) -> float:
+    """The mean bytes of a prefix's ``pending`` originals: those indexed already (``raw``), the
+    ``arriving`` rows of pending packs ({pack: rows}, ``pack_mean`` of each) and a ``spread`` of
+    (images, mean bytes) expected from zips not ingested yet."""
+    rows_in = sum(arriving.values())
+    total = pending + spread[0]
+    known = mean_bytes(raw) * (pending - rows_in) + sum(
+        pack_mean[k] * n for k, n in arriving.items()
+    )
+    return (known + spread[0] * spread[1]) / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """A chained run's index step: the groups of prefixes its chain tasks take, its estimate."""
+
+    groups: list[list[str]]
+    estimate: Estimate
+
+
+def plan_chain(
+    store, pending_keys, work, raw, settings: ImageSettings, rates, *, index_work, tables: bool
+):
+    """The chain over ``work`` (prefixes with pending packs): each prefix's task sized by the
+    images its packs bring and the stages owe (the records the chain decides by), the groups
+    ``task_groups`` makes of them, and the estimate (``chain_estimate``); ``tables``: whether the
+    chain writes the tables too."""
+    params = settings.params()
+    stages = {k: prefix_records(store, k.to_user_string(), work) for k in (RESIZED, EDGES)}
+    prior_tables = prefix_records(store, TABLES.to_user_string(), work)
+    arriving, pack_mean = arriving_rows(store, pending_keys)
+    rows_in = {p: sum(arriving.get(p, {}).values()) for p in work}
+    images, _, sharded, pending = plan_tasks(
+        stages, raw, [RESIZED, EDGES], work, params, settings.shard_images, arriving=rows_in
+    )
+    chain = {p: pending[p] for p in images if p not in sharded}
+    seconds = {p: chain_task_s(chain.get(p), rates) for p in work}
+    parts = [
+        index_work,
+        image_work_estimate(
+            {
+                p: (1, n, pending_mean(raw.get(p), n, arriving.get(p, {}), pack_mean))
+                for p, n in chain.items()
+            },
+            settings.shard_images,
+            params.resize.size,
+            rates,
+            1,
+        ),
+        tables_estimate(
+            [(1, new_rows(prior_tables.get(p), raw.get(p)) + rows_in[p]) for p in chain if tables],
+            rates,
+        ),
+    ]
+    return ChainPlan(
+        groups=task_groups(seconds, rates),
+        estimate=chain_estimate(parts, [(1, s) for s in seconds.values()], len(pack_mean), rates),
+    )
+
+
 @dg.asset(
     partitions_def=hash_prefix_partitions_def,
     deps=[dg.AssetDep(raw_packs, partition_mapping=dg.AllPartitionMapping())],
@@ -75,6 +185,8 @@ def raw_images(
     context: dg.AssetExecutionContext,
     lake: LakeResource,
     image_compute: ImageCompute,
+    image_settings: ImageSettings,
+    table_writer: TableWriter,
     cost_settings: CostSettings,
 ) -> dg.MaterializeResult:
     store = lake.lake()
@@ -88,32 +200,70 @@ def raw_images(
     work = sorted(set(markers) & set(prefixes))
     prior = prefix_records(store, "raw_images", prefixes)
     rates = cost_settings.rates()
-    estimate = cost_settings.log_estimate(
-        context,
-        index_estimate(
-            [(1, markers[p], (prior.get(p) or {}).get("images", 0)) for p in work], rates
-        ),
+    index_work = index_estimate(
+        [(1, markers[p], (prior.get(p) or {}).get("images", 0)) for p in work], rates
     )
-    # The label counts stay in the index's state and the merged packs in the result record: the
-    # version records hold what the steps decide by, a few hundred bytes a prefix.
+    # The version records hold what the steps decide by, a few hundred bytes a prefix: the label
+    # counts stay in the index's state and the merged packs in the result record.
     drop = ("stage", "seconds", "labels", "packs_merged", "packs_dropped")
-    run_tasks(
-        store,
-        run_id,
-        ["index"],
-        work,
-        lambda: image_compute.run_prefix_tasks(
-            context,
-            "index",
-            lambda shard: index_command(lake.url, run_id, shard),
-            work,
-            run_id,
-            task_groups({p: rates.prefix_task_s for p in work}, rates),
-        ),
-        lambda done: write_prefix_records(
+
+    def keep(done: dict) -> None:
+        write_prefix_records(
             store, "raw_images", {p: version_record(r, drop) for p, r in done["index"].items()}
-        ),
-    )
+        )
+
+    if work and chained(context):
+        in_chain = table_writer.writes_in_chain()
+        chain = plan_chain(
+            store,
+            listed,
+            work,
+            prior,
+            image_settings,
+            rates,
+            index_work=index_work,
+            tables=in_chain,
+        )
+        estimate = cost_settings.log_estimate(context, chain.estimate)
+        context.log.info(
+            f"one task start per group for index, images and tables: {len(chain.groups)} "
+            f"chain task(s) over {len(work)} prefixes"
+        )
+        try:
+            image_compute.run_chain(
+                context,
+                lake.url,
+                run_id,
+                work,
+                image_settings.params(),
+                shard_images=image_settings.shard_images,
+                tables=in_chain,
+                groups=chain.groups,
+            )
+        except WorkloadFailed as e:
+            # every prefix indexed: the image and table steps run what the chain did not
+            indexed = get_many(store, {p: result_key(run_id, "index", p) for p in work})
+            if set(indexed) < set(work):
+                keep({"index": indexed})
+                raise
+            context.log.warning(f"chain tasks failed after indexing, left to the next steps: {e}")
+    else:
+        estimate = cost_settings.log_estimate(context, index_work)
+        run_tasks(
+            store,
+            run_id,
+            ["index"],
+            work,
+            lambda: image_compute.run_prefix_tasks(
+                context,
+                "index",
+                lambda shard: index_command(lake.url, run_id, shard),
+                work,
+                run_id,
+                task_groups({p: rates.prefix_task_s for p in work}, rates),
+            ),
+            keep,
+        )
     results = task_results(context, store, run_id, "index", work)
     kept = {p: r for p, r in prior.items() if p not in results}
     stats = {
@@ -157,34 +307,6 @@ def raw_images(
     return result
 
 
-RESIZED = dg.AssetKey("resized_images")
-EDGES = dg.AssetKey("edge_maps")
-STAGE_OF = {RESIZED: "resize", EDGES: "edges"}
-
-
-def stage_work(prior: dict | None, raw: dict | None, params_id: str) -> bool:
-    """Whether a prefix's stage must run: its images or params changed since it last ran, or
-    images failed then."""
-    if prior is None:
-        return bool(raw and raw["images"])
-    return (
-        prior.get("inputs") != {"raw_images": (raw or {}).get("data_version")}
-        or prior["params_id"] != params_id
-        or bool(prior.get("failed"))  # (a record a bench wrote by hand has none)
-    )
-
-
-def pending_count(prior: dict | None, raw: dict | None, params_id: str) -> int:
-    """Images of a prefix a stage has still to make, from its records (the stage's own count
-    leaves out images that failed)."""
-    images = (raw or {}).get("images", 0)
-    return (
-        images
-        if prior is None or prior["params_id"] != params_id
-        else max(0, images - prior["images"])
-    )
-
-
 def plan_tasks(
     prior: dict,
     raw: dict,
@@ -199,22 +321,12 @@ def plan_tasks(
     becomes (prefix, shard) tasks, folded back into the prefix by a merge task. ``arriving``: rows
     an index step has yet to bring in (a plan's look ahead)."""
     arriving = arriving or {}
-    work = [
-        p
+    owes = {
+        p: images_owed({STAGE_OF[k]: prior[k].get(p) for k in selected}, raw.get(p), params)
         for p in prefixes
-        if arriving.get(p)
-        or any(
-            stage_work(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k])) for k in selected
-        )
-    ]
-    pending = {
-        p: arriving.get(p, 0)
-        + max(
-            pending_count(prior[k].get(p), raw.get(p), params.stage_id(STAGE_OF[k]))
-            for k in selected
-        )
-        for p in work
     }
+    work = [p for p in prefixes if arriving.get(p) or owes[p][0]]
+    pending = {p: arriving.get(p, 0) + owes[p][1] for p in work}
     tasks = shard_tasks(pending, shard_images)
     sharded = sorted({parse_task(t)[0] for t in tasks if parse_task(t)[2] > 1})
     return work, tasks, sharded, pending
@@ -239,12 +351,23 @@ def image_work_estimate(
     return images_estimate(tasks, sum(w for w, _, _ in work.values()), merges, size, rates, split)
 
 
-def stage_outputs(context, store, key, params, raw, prior, inputs, work, orchestrator, estimate):
-    """The materialisation of one stage's asset over the run's prefixes, and its check.
-    ``orchestrator()``: the step's own requests so far, and ``estimate`` (each reported once,
-    with the first asset)."""
+def stage_outputs(
+    context,
+    store,
+    key,
+    *,
+    params,
+    raw: dict,
+    prior: dict,
+    inputs: dict,
+    work: list[str],
+    results: dict[str, dict],
+    metadata: dict,
+):
+    """The materialisation of one stage's asset over the run's prefixes, and its check:
+    ``results`` of the ``work`` prefixes' tasks, the others keep their ``prior`` records;
+    ``metadata``: the step's requests and estimate (given with the first asset only)."""
     stage, prefixes = STAGE_OF[key], list(context.partition_keys)
-    results = task_results(context, store, context.run.run_id, stage, work)
     stats = {
         p: version_record(results[p], inputs=inputs[p])
         if p in results
@@ -262,7 +385,7 @@ def stage_outputs(context, store, key, params, raw, prior, inputs, work, orchest
         stats,
         ("images", "processed", "skipped", "bytes_written", "seconds", "params_id"),
         set(work) | {p for p in prefixes if p not in prior},
-        {**request_metadata(orchestrator(), list(results.values())), **estimate},
+        metadata,
     )
     raw_images_of = {p: (raw.get(p) or {}).get("images", 0) for p in prefixes}
     mismatched = {
@@ -342,11 +465,15 @@ def image_stages(
     work, tasks, sharded, pending = plan_tasks(
         prior, raw, selected, prefixes, params, image_settings.shard_images
     )
+    # in a chained run the index step's chain tasks did most prefixes: their results are here
+    chain = chain_results(context, store, stages, work)
+    tasks = [t for t in tasks if parse_task(t)[0] not in chain[stages[0]]]
+    todo = sorted({parse_task(t)[0] for t in tasks})
     rates, split = cost_settings.rates(), image_compute.tasks_per_image_task(stages)
     estimate = cost_settings.log_estimate(
         context,
         image_work_estimate(
-            {p: (1, n, mean_bytes(raw.get(p))) for p, n in pending.items()},
+            {p: (1, pending[p], mean_bytes(raw.get(p))) for p in todo},
             image_settings.shard_images,
             params.resize.size,
             rates,
@@ -361,15 +488,23 @@ def image_stages(
         },
         rates,
     )
-    context.log.info(f"{len(work)} of {len(prefixes)} prefixes have {'/'.join(stages)} work")
+    context.log.info(
+        f"{len(work)} of {len(prefixes)} prefixes have {'/'.join(stages)} work"
+        + (
+            f", {len(work) - len(todo)} of them done by this run's chain tasks"
+            if chain[stages[0]]
+            else ""
+        )
+    )
     if sharded:
         context.log.info(
-            f"{len(sharded)} prefix(es) split into {len(tasks) - len(work) + len(sharded)} shard tasks of <= {image_settings.shard_images} images"
+            f"{len(sharded)} prefix(es) split into {len(tasks) - len(todo) + len(sharded)} shard tasks of <= {image_settings.shard_images} images"
         )
-    inputs = {p: {"raw_images": (raw.get(p) or {}).get("data_version")} for p in prefixes}
+    inputs = {p: stage_inputs(raw.get(p)) for p in prefixes}
 
     def run() -> None:
-        image_compute.run_image_stages(context, lake.url, run_id, stages, tasks, params, groups)
+        if tasks:
+            image_compute.run_image_stages(context, lake.url, run_id, stages, tasks, params, groups)
         image_compute.run_prefix_tasks(
             context,
             "merge",
@@ -381,21 +516,31 @@ def image_stages(
 
     def keep(done: dict) -> None:
         for k in selected:
-            records = {p: version_record(r, inputs=inputs[p]) for p, r in done[STAGE_OF[k]].items()}
+            found = {**chain[STAGE_OF[k]], **done[STAGE_OF[k]]}
+            records = {p: version_record(r, inputs=inputs[p]) for p, r in found.items()}
             write_prefix_records(store, k.to_user_string(), records)
 
-    run_tasks(store, run_id, stages, work, run, keep)
+    run_tasks(store, run_id, stages, todo, run, keep)
+    results = {s: {**chain[s], **task_results(context, store, run_id, s, todo)} for s in stages}
     for key in selected:
+        stage = STAGE_OF[key]
         first = key == selected[0]
         yield from stage_outputs(
             context,
             store,
             key,
-            params,
-            raw,
-            prior[key],
-            inputs,
-            work,
-            lambda first=first: store.counters.since(before) if first else {},
-            estimate if first else {},
+            params=params,
+            raw=raw,
+            prior=prior[key],
+            inputs=inputs,
+            work=work,
+            results=results[stage],
+            # the step's own requests and its estimate, reported once: with the first asset
+            metadata={
+                **request_metadata(
+                    store.counters.since(before) if first else {},
+                    list(results[stage].values()),
+                ),
+                **(estimate if first else {}),
+            },
         )

@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from assets.images import EDGES, RESIZED, STAGE_OF, stage_work
-from assets.tables import INPUTS, tables_work
-from assets.versioning import asset_records
+from assets.images import EDGES, RESIZED, STAGE_OF
 from workloads.lake import get_json
 from workloads.layout import (
     INCOMING,
@@ -37,6 +35,7 @@ from workloads.layout import (
     pending_tables_prefix,
     unreadable_key,
 )
+from workloads.planning import INPUTS, asset_records, stage_work, tables_work
 from workloads.versions import HASH_PREFIXES
 
 RAW_IMAGES = "raw_images"

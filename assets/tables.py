@@ -7,6 +7,7 @@ import dagster as dg
 from assets.images import (
     EDGES,
     RESIZED,
+    chain_results,
     raw_images,
     run_tasks,
     single_run,
@@ -26,9 +27,8 @@ from resources.storage import LakeResource
 from resources.tables import TableWriter
 from workloads.costs import tables_estimate, task_groups
 from workloads.layout import PENDING_TABLES, pending_tables_prefix
+from workloads.planning import INPUTS, new_rows, table_inputs, tables_work
 from workloads.tables import empty_tables_stats
-
-INPUTS = ("raw_images", "resized_images", "edge_maps")
 
 
 def rows_match_images(stats: dict, raw_records: dict) -> dg.AssetCheckResult:
@@ -47,18 +47,6 @@ def rows_match_images(stats: dict, raw_records: dict) -> dg.AssetCheckResult:
             "mismatched": json.dumps(dict(list(bad.items())[:20])),
         },
     )
-
-
-def tables_work(prior: dict | None, raw: dict | None, inputs: dict) -> bool:
-    """A prefix's tables change only when an input's version did, or rows still lack a variant."""
-    if prior is None:
-        return bool((raw or {}).get("images"))
-    return prior.get("inputs") != inputs or bool(prior.get("missing_variants"))
-
-
-def new_rows(prior: dict | None, raw: dict | None) -> int:
-    """Rows a prefix's tables are to gain (its originals not in them yet)."""
-    return max(0, (raw or {}).get("images", 0) - (prior or {}).get("images", 0))
 
 
 @dg.asset(
@@ -90,9 +78,7 @@ def image_tables(
     params = image_settings.params()
     prefixes, run_id = list(context.partition_keys), context.run.run_id
     upstream = {a: prefix_records(store, a, prefixes) for a in INPUTS}
-    inputs = {
-        p: {a: (upstream[a].get(p) or {}).get("data_version") for a in INPUTS} for p in prefixes
-    }
+    inputs = {p: table_inputs({a: upstream[a].get(p) for a in INPUTS}) for p in prefixes}
     prior = prefix_records(store, "image_tables", prefixes)
     # One listing of the index's markers: a prefix whose last commit was killed before its
     # clean-up has markers and nothing else to do; its task finishes that commit.
@@ -102,36 +88,42 @@ def image_tables(
         for p in prefixes
         if p in markers or tables_work(prior.get(p), upstream["raw_images"].get(p), inputs[p])
     ]
+    # in a chained run the index step's chain tasks did most prefixes: their results are here
+    chain = chain_results(context, store, ["tables"], work)["tables"]
+    todo = [p for p in work if p not in chain]
     rates = cost_settings.rates()
     estimate = cost_settings.log_estimate(
         context,
         tables_estimate(
-            [(1, new_rows(prior.get(p), upstream["raw_images"].get(p))) for p in work], rates
+            [(1, new_rows(prior.get(p), upstream["raw_images"].get(p))) for p in todo], rates
         ),
     )
-    context.log.info(f"{len(work)} of {len(prefixes)} prefixes have table rows to update")
+    context.log.info(
+        f"{len(work)} of {len(prefixes)} prefixes have table rows to update"
+        + (f", {len(chain)} of them done by this run's chain tasks" if chain else "")
+    )
     drop = ("stage", "seconds", "prefix")
     run_tasks(
         store,
         run_id,
         ["tables"],
-        work,
+        todo,
         lambda: table_writer.run(
             context,
             store,
             lake.url,
             run_id,
-            work,
+            todo,
             params,
-            task_groups({p: rates.prefix_task_s for p in work}, rates),
+            task_groups({p: rates.prefix_task_s for p in todo}, rates),
         ),
         lambda done: write_prefix_records(
             store,
             "image_tables",
-            {p: version_record(r, drop, inputs[p]) for p, r in done["tables"].items()},
+            {p: version_record(r, drop, inputs[p]) for p, r in {**chain, **done["tables"]}.items()},
         ),
     )
-    results = task_results(context, store, run_id, "tables", work)
+    results = {**chain, **task_results(context, store, run_id, "tables", todo)}
     stats = {
         p: version_record(results[p], drop, inputs[p])
         if p in results

@@ -9,33 +9,16 @@ over the range's prefix versions (for one prefix, its exact version).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 
 import dagster as dg
 
-from workloads.lake import get_many
-from workloads.layout import legacy_versions_dir, versions_key
+from workloads.layout import versions_key
+from workloads.planning import asset_records, tagged_records
 from workloads.versions import HASH_PREFIXES, canonical_json, merkle_root
 
 SWAP_ATTEMPTS = 50
-
-
-def _asset_records(lake, asset: str) -> tuple[dict[str, dict], str | None]:
-    """(``{prefix: record}``, the object's tag). A lake written before the records were one
-    object per asset has ``_versions/<asset>/<pp>.json``: read those until the first update
-    folds them in."""
-    data, tag = lake.get_tagged(versions_key(asset))
-    if data is not None:
-        return json.loads(data)["prefixes"], tag
-    legacy = get_many(lake, {o.key: o.key for o in lake.list(legacy_versions_dir(asset))})
-    return {rec["prefix"]: rec for rec in legacy.values()}, None
-
-
-def asset_records(lake, asset: str) -> dict[str, dict]:
-    """The recorded ``_versions`` of every materialised prefix of ``asset``: one read."""
-    return _asset_records(lake, asset)[0]
 
 
 def prefix_records(lake, asset: str, prefixes: list[str]) -> dict[str, dict]:
@@ -64,7 +47,7 @@ def write_prefix_records(lake, asset: str, stats: dict[str, dict]) -> None:
         return
     updates = {p: {"prefix": p, **rec} for p, rec in stats.items()}
     for attempt in range(SWAP_ATTEMPTS):
-        current, tag = _asset_records(lake, asset)
+        current, tag = tagged_records(lake, asset)
         if lake.put_if_match(
             versions_key(asset), canonical_json({"prefixes": {**current, **updates}}), tag
         ):

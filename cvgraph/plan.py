@@ -13,17 +13,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 
 import dagster as dg
 
-from assets.images import EDGES, RESIZED, image_work_estimate, mean_bytes, plan_tasks
+from assets.images import EDGES, RESIZED, image_work_estimate, pending_mean, plan_tasks
 from assets.owed import Owed, owed
-from assets.tables import INPUTS, new_rows, tables_work
-from assets.versioning import asset_records
-from workloads.costs import index_estimate, ingest_estimate, summary_line, tables_estimate
-from workloads.lake import get_many
-from workloads.layout import PENDING_RAW, marker_pack, pack_keys, pending_raw_prefix
+from workloads.costs import (
+    chain_estimate,
+    chain_task_s,
+    index_estimate,
+    ingest_estimate,
+    summary_line,
+    tables_estimate,
+)
+from workloads.layout import PENDING_RAW, marker_pack, pending_raw_prefix
 from workloads.pack_zip import image_members
+from workloads.planning import (
+    INPUTS,
+    arriving_rows,
+    asset_records,
+    new_rows,
+    table_inputs,
+    tables_work,
+)
 from workloads.versions import HASH_PREFIXES
 
 
@@ -65,15 +78,8 @@ def _pending(lake) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str,
     markers: dict[str, int] = {}
     for k in keys:
         markers[pending_raw_prefix(k)] = markers.get(pending_raw_prefix(k), 0) + 1
-    found = {m for k in keys if (m := marker_pack(k))}
-    forgotten = sorted({p for p, forgetting in found if forgetting})
-    ids = {p for p, forgetting in found if not forgetting} - set(forgotten)
-    records = get_many(lake, {p: pack_keys(p)["record"] for p in ids})
-    arriving: dict[str, dict[str, int]] = {}
-    for pack_id, rec in records.items():
-        for prefix, rows in rec.get("prefixes", {}).items():
-            arriving.setdefault(prefix, {})[pack_id] = rows
-    mean = {p: rec["bytes_stored"] / max(1, rec["accepted"]) for p, rec in records.items()}
+    forgotten = sorted({p for k in keys for p, forgetting in [marker_pack(k)] if forgetting})
+    arriving, mean = arriving_rows(lake, keys)
     return markers, arriving, mean, forgotten
 
 
@@ -103,13 +109,13 @@ def plan(
     )
 
     rows_in = {p: sum(arriving.get(p, {}).values()) for p in chosen}
-    index_rows, work_in = [], {}
+    index_rows, work_in, table_rows = {}, {}, {}
     for p in chosen:
         images = (raw.get(p) or {}).get("images", 0) + rows_in[p] + spread
         if p in markers:
-            index_rows.append((1, markers[p] + len(incoming) - sum(miss), images))
+            index_rows[p] = (1, markers[p] + len(incoming) - sum(miss), images)
         elif incoming:
-            index_rows.append((touched, len(incoming) - sum(miss), images))
+            index_rows[p] = (touched, len(incoming) - sum(miss), images)
     work, _, _, pending = plan_tasks(
         {k: records[k.to_user_string()] for k in (RESIZED, EDGES)},
         raw,
@@ -120,40 +126,60 @@ def plan(
         arriving=rows_in,
     )
     for p in chosen:
-        known_mean = mean_bytes(raw.get(p))
-        arriving_bytes = sum(pack_mean[k] * n for k, n in arriving.get(p, {}).items())
-        total = pending.get(p, 0) + spread
-        mean = (
-            (known_mean * (pending.get(p, 0) - rows_in[p]) + arriving_bytes + spread_bytes * spread)
-            / total
-            if total
-            else 0
+        mean = pending_mean(
+            raw.get(p),
+            pending.get(p, 0),
+            arriving.get(p, {}),
+            pack_mean,
+            (spread, spread_bytes),
         )
         if p in pending:
-            work_in[p] = (1, total, mean)
+            work_in[p] = (1, pending[p] + spread, mean)
         elif spread:
             work_in[p] = (touched, spread / touched, mean)
-    table_rows = []
     for p in chosen:
-        inputs = {a: (records[a].get(p) or {}).get("data_version") for a in INPUTS}
+        inputs = table_inputs({a: records[a].get(p) for a in INPUTS})
         prior = records["image_tables"].get(p)
         rows = new_rows(prior, raw.get(p)) + rows_in[p] + spread
         if p in markers or p in pending or tables_work(prior, raw.get(p), inputs):
-            table_rows.append((1, rows))
+            table_rows[p] = (1, rows)
         elif spread:
-            table_rows.append((touched, rows))
+            table_rows[p] = (touched, rows)
 
+    # A sync's run selects every prefix asset: the prefixes to index run as chain tasks that
+    # make their images and tables too, unless a prefix is sharded (its images, then its tables,
+    # are the steps') or the tables have a writer of their own.
+    in_chain = res["table_writer"].writes_in_chain()
+    chain_images = {
+        p: work_in[p] for p in index_rows if p in work_in and work_in[p][1] <= settings.shard_images
+    }
+    chain_tables = {p: table_rows[p] for p in chain_images if p in table_rows and in_chain}
+    image_estimate = partial(
+        image_work_estimate,
+        shard_images=settings.shard_images,
+        size=params.resize.size,
+        rates=rates,
+    )
     stages = [
         ingest_estimate([(p["images"], p["bytes"], p["image_bytes"]) for p in incoming], rates),
-        index_estimate(index_rows, rates),
-        image_work_estimate(
-            work_in,
-            settings.shard_images,
-            params.resize.size,
+        chain_estimate(
+            [
+                index_estimate(list(index_rows.values()), rates),
+                image_estimate(chain_images, split=1),
+                tables_estimate(list(chain_tables.values()), rates),
+            ],
+            [
+                (w, chain_task_s(chain_images[p][1] if p in chain_images else None, rates))
+                for p, (w, _, _) in index_rows.items()
+            ],
+            len(pack_mean),
             rates,
-            res["image_compute"].tasks_per_image_task(["resize", "edges"]),
         ),
-        tables_estimate(table_rows, rates),
+        image_estimate(
+            {p: v for p, v in work_in.items() if p not in chain_images},
+            split=res["image_compute"].tasks_per_image_task(["resize", "edges"]),
+        ),
+        tables_estimate([v for p, v in table_rows.items() if p not in chain_tables], rates),
     ]
     total = stages[0]
     for s in stages[1:]:

@@ -9,7 +9,13 @@ import time
 from dataclasses import dataclass
 
 from resources.aws import AwsResource, poll, stopped_on_interrupt
-from resources.compute import ImageCompute, WorkloadFailed, images_command, ingest_command
+from resources.compute import (
+    ImageCompute,
+    WorkloadFailed,
+    chain_command,
+    images_command,
+    ingest_command,
+)
 from workloads.tasks import VERDICTS, group_args
 
 # Spot reclaims (the host went away) are retried; a non-zero exit of our code is not.
@@ -346,6 +352,27 @@ class BatchArrayClient(ImageCompute, AwsResource):
             ]
             if failures := self._run_jobs(context, submissions, run_id):
                 raise BatchChildrenFailed(failures)
+
+    def run_chain(
+        self, context, lake_url, run_id, prefixes, params, *, shard_images, tables, groups=None
+    ):
+        """One array job: a child runs its group's whole chain."""
+        self.run_prefix_tasks(
+            context,
+            "chain",
+            lambda tasks: chain_command(
+                lake_url,
+                run_id,
+                tasks,
+                params,
+                threads=self.threads_per_job,
+                shard_images=shard_images,
+                tables=tables,
+            ),
+            prefixes,
+            run_id,
+            groups,
+        )
 
     def run_prefix_tasks(self, context, name, command, prefixes, run_id, groups=None):
         for chunk in self._arrays(groups or [[p] for p in prefixes]):

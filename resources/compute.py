@@ -71,6 +71,34 @@ def images_command(
     )
 
 
+def chain_command(
+    lake_url: str,
+    run_id: str,
+    prefixes: list[str],
+    params: ImageParams,
+    *,
+    threads: int,
+    shard_images: int,
+    tables: bool,
+) -> list[str]:
+    """Index, image stages and tables (unless not ``tables``) of ``prefixes`` in one task
+    (``workloads.chain``)."""
+    return prefix_command(
+        "workloads.chain",
+        lake_url,
+        run_id,
+        prefixes,
+        [
+            "--threads",
+            str(threads),
+            "--shard-images",
+            str(shard_images),
+            *params.cli_args(),
+            *([] if tables else ["--no-tables"]),
+        ],
+    )
+
+
 def merge_shards_command(
     lake_url: str, run_id: str, stages: list[str], prefixes: list[str], params: ImageParams
 ) -> list[str]:
@@ -133,6 +161,22 @@ class ImageCompute(dg.ConfigurableResource, ABC):
         """Run ``stages`` for every prefix; each prefix task leaves its result record in the lake.
         ``groups``: the prefixes cut into the groups a remote task each runs
         (``workloads.costs.task_groups``); None: a prefix a task."""
+
+    @abstractmethod
+    def run_chain(
+        self,
+        context: dg.AssetExecutionContext,
+        lake_url: str,
+        run_id: str,
+        prefixes: list[str],
+        params: ImageParams,
+        *,
+        shard_images: int,
+        tables: bool,
+        groups: list[list[str]] | None = None,
+    ) -> None:
+        """Index, image stages and tables (unless not ``tables``) of every prefix in one task
+        start (``chain_command``), ``groups`` as ``run_image_stages`` takes them."""
 
     @abstractmethod
     def run_prefix_tasks(
@@ -322,6 +366,25 @@ class LocalProcessPool(ImageCompute):
             ),
             prefixes,
             len(stages),
+        )
+
+    def run_chain(
+        self, context, lake_url, run_id, prefixes, params, *, shard_images, tables, groups=None
+    ):
+        self._run_sharded(
+            context,
+            "chain",
+            lambda shard: chain_command(
+                lake_url,
+                run_id,
+                shard,
+                params,
+                threads=self.threads_per_worker,
+                shard_images=shard_images,
+                tables=tables,
+            ),
+            prefixes,
+            4,  # index, resize, edges, tables: a line each
         )
 
     def run_prefix_tasks(self, context, name, command, prefixes, run_id, groups=None):

@@ -15,6 +15,11 @@ from workloads.layout import result_key
 
 
 class TableWriter(dg.ConfigurableResource, ABC):
+    def writes_in_chain(self) -> bool:
+        """Whether a chain task (``workloads.chain``, the image compute's) may write the tables:
+        only when this writer is that workload."""
+        return False
+
     @abstractmethod
     def run(
         self,
@@ -35,6 +40,9 @@ class PyArrowTableWriter(TableWriter):
     (local processes, or Batch array children): the step reads none of the tables' data."""
 
     compute: ImageCompute
+
+    def writes_in_chain(self) -> bool:
+        return True
 
     def run(self, context, lake, lake_url, run_id, prefixes, params, groups=None):
         self.compute.run_prefix_tasks(

@@ -47,6 +47,10 @@ REQUESTS = {
         "step": {"get": 4, "list": 2},  # the records; the catalog, and the index markers
         "prefix": {"get": 6, "head": 3, "list": 3, "put": 2, "delete": 1},
     },
+    # one task start for index, images and tables (``workloads.chain``): besides their work, the
+    # index step reads the image and table records and the pending packs' records to size the
+    # children, and each child reads the image and table records it decides by
+    "chain": {"step": {"get": 3}, "pack": {"get": 1}, "child": {"get": 3}},
 }
 # S3 bills PUT, COPY, POST and LIST at one rate, GET and all other requests at another, DELETE free.
 PUT_TIER, FREE = {"put", "list"}, {"delete"}
@@ -148,6 +152,14 @@ def image_task_s(images: float, rates: Rates, split: int = 1) -> float:
     """Seconds of work of an image-stage task of ``images`` images in one stage's child (of
     ``split`` stages run as arrays of their own, each does its share of the images' work)."""
     return rates.prefix_task_s + images / rates.images_per_vcpu_s / split
+
+
+def chain_task_s(images: float | None, rates: Rates) -> float:
+    """Seconds of work of one prefix's chain task: its index, and when it has image work that
+    the chain does (``images`` pending, None: none or sharded), both stages and its tables."""
+    if images is None:
+        return rates.prefix_task_s
+    return 3 * rates.prefix_task_s + images / rates.images_per_vcpu_s
 
 
 def task_groups(work: dict[str, float], rates: Rates) -> list[list[str]]:
@@ -268,6 +280,31 @@ def tables_estimate(prefixes: list[tuple[float, float]], rates: Rates) -> Estima
     est.tasks, est.vcpu_s, est.wall_s = grouped(
         est.prefixes * rates.prefix_task_s, est.prefixes, rates
     )
+    return est
+
+
+def chain_estimate(
+    parts: list[Estimate], work: list[tuple[float, float]], packs: int, rates: Rates
+) -> Estimate:
+    """Index, images and tables of the same prefixes run as one chain (``workloads.chain``):
+    ``parts`` are their estimates (the images' with ``split`` 1: a chain runs both stages in one
+    task), ``work`` (weight, ``chain_task_s``) of each prefix's chain task, ``packs`` the pending
+    packs whose records size it. Their requests and bytes; its own children."""
+    est = Estimate("chain")
+    if not work:
+        return est
+    units = sum(w for w, _ in work)
+    est.tasks, est.vcpu_s, est.wall_s = grouped(sum(w * s for w, s in work), units, rates)
+    unit = REQUESTS["chain"]
+    est.requests = (
+        _scaled(unit["step"], 1) + _scaled(unit["pack"], packs) + _scaled(unit["child"], est.tasks)
+    )
+    est.prefixes = units
+    for part in parts:
+        est.images = max(est.images, part.images)
+        est.requests += part.requests
+        est.bytes_read += part.bytes_read
+        est.bytes_written += part.bytes_written
     return est
 
 

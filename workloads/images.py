@@ -341,6 +341,13 @@ def empty_stage_record(stage: str, params: ImageParams, prefix: str) -> dict:
     return _stage_record(prefix, stage, params, [], 0, 0, [], 0, 0.0)
 
 
+def report(records: dict[str, dict]) -> None:
+    """One line per stage record of a prefix task, for the local pool's progress."""
+    for rec in records.values():
+        keys = ("stage", "prefix", "images", "processed", "skipped", "seconds")
+        print(json.dumps({k: rec[k] for k in keys}), flush=True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = prefix_parser("resize / edges over hash prefixes")
     ap.add_argument("--stages", default="resize,edges")
@@ -382,16 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 fast=not args.full_decode,
                 shard=(shard, shards),
             )
-        for rec in records.values():
-            print(
-                json.dumps(
-                    {
-                        k: rec[k]
-                        for k in ("stage", "prefix", "images", "processed", "skipped", "seconds")
-                    }
-                ),
-                flush=True,
-            )
+        report(records)
     # 0 even when images failed: they are in the records (the stage's check reports them, the
     # next run retries them); an error exit means a task did not commit its record.
     return 0

@@ -333,18 +333,19 @@ def rebuild_raw_index(
     return out
 
 
+def index_task(lake, prefix: str) -> dict:
+    """The index task of one prefix: ``absorb_pending``, as its result record holds it."""
+    stats = absorb_pending(lake, prefix)
+    return {**stats, "changed": stats.pop("changed", 0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m workloads.index --lake URL --run-id R --prefixes 00,01``: absorb each prefix's
     pending packs; ``_results/<run>/index/<pp>.json`` records the prefix's stats and changes."""
     from workloads.tasks import prefix_parser, run_prefix_tasks
 
     args = prefix_parser("absorb pending packs into the prefixes' raw index").parse_args(argv)
-
-    def task(lake, prefix: str) -> dict:
-        stats = absorb_pending(lake, prefix)
-        return {**stats, "changed": stats.pop("changed", 0)}
-
-    return run_prefix_tasks(args, "index", task)
+    return run_prefix_tasks(args, "index", index_task)
 
 
 if __name__ == "__main__":

@@ -125,17 +125,24 @@ def open_task_lake(args: argparse.Namespace):
 def run_prefix_tasks(
     args: argparse.Namespace, stage: str, task: Callable[[object, str], dict]
 ) -> int:
-    """``task(lake, prefix)`` for each selected prefix; its record (with the task's seconds and
-    lake requests) is written last and printed as one line, for the pool's progress."""
-    lake = open_task_lake(args)
-    for prefix in selected_prefixes(args):
+    """``task(lake, prefix)`` for each selected prefix (``prefix_results``)."""
+    prefix_results(open_task_lake(args), args.run_id, stage, selected_prefixes(args), task)
+    return 0
+
+
+def prefix_results(
+    lake, run_id: str, stage: str, prefixes: list[str], task: Callable[[object, str], dict]
+) -> dict[str, dict]:
+    """``task(lake, prefix)`` for each of ``prefixes``; its record (with the task's seconds and
+    lake requests) is written last and printed as one line, for the pool's progress. Returns
+    the records."""
+    out = {}
+    for prefix in prefixes:
         before, t0 = dict(lake.counters), time.perf_counter()
         record = {"prefix": prefix, "stage": stage, **task(lake, prefix)}
         record["seconds"] = round(time.perf_counter() - t0, 3)
         record["requests"] = lake.counters.since(before)
-        lake.put(
-            result_key(args.run_id, stage, prefix), json.dumps(record, sort_keys=True).encode()
-        )
+        lake.put(result_key(run_id, stage, prefix), json.dumps(record, sort_keys=True).encode())
         print(
             json.dumps(
                 {k: record[k] for k in ("stage", "prefix", "seconds") if k in record}
@@ -143,4 +150,5 @@ def run_prefix_tasks(
             ),
             flush=True,
         )
-    return 0
+        out[prefix] = record
+    return out

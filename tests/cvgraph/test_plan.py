@@ -10,11 +10,9 @@ import pytest
 
 from cvgraph.demo_packs import build_digits_pack
 
-IMAGE_ASSETS = {
-    "index": ["raw_images"],
-    "images": ["resized_images", "edge_maps"],
-    "tables": ["image_tables"],
-}
+# A sync's run selects every prefix asset: its index step starts the chain tasks that index,
+# make the images and write the tables; each asset's step still counts its tasks' requests.
+CHAIN_ASSETS = ["raw_images", "resized_images", "edge_maps", "image_tables"]
 
 
 def _stage(plan: dict, name: str) -> dict:
@@ -83,24 +81,33 @@ def test_a_plan_says_what_the_sync_then_does(home, tmp_path):
     plan = ds.plan()
     assert plan["packs_to_index"] == ["digits"] and plan["packs_to_ingest"] == []
     touched = len(rec["prefixes"])
-    # the touched prefixes' index tasks in Batch children of about a minute of work each (the
-    # default rates: 0.25 s a prefix task)
-    assert _stage(plan, "index")["prefixes"] == touched
-    assert _stage(plan, "index")["tasks"] == -(-touched * 0.25 // 60) < touched
-    assert _stage(plan, "images")["images"] == members
-    assert _stage(plan, "images")["prefixes"] == touched
-    assert _stage(plan, "tables")["prefixes"] == touched
+    # one chain task a prefix (index, both image stages, tables) in Batch children of about a
+    # minute of work each (the default rates: 0.25 s a prefix task, 100 images a second); the
+    # prefixes past the suite's shard threshold are only indexed there: their shards, merges and
+    # tables are the image and table steps' own tasks
+    chain, images, tables = (_stage(plan, s) for s in ("chain", "images", "tables"))
+    sharded = images["prefixes"]
+    assert 0 < sharded < touched and tables["prefixes"] == sharded
+    assert chain["prefixes"] == touched and chain["images"] + images["images"] == members
+    work = touched * 0.25 + (touched - sharded) * 0.5 + chain["images"] / 100
+    assert chain["tasks"] == -(-work // 60) < touched
+    assert [s["stage"] for s in plan["stages"] if s["tasks"]] == ["chain", "images", "tables"]
 
     ds.sync()
     inst = ds.instance
-    for stage, assets in IMAGE_ASSETS.items():
-        assert _close(_stage(plan, stage)["requests_total"], _requests(inst, assets)), stage
-    # The image step's own estimate (first log line, metadata) is the plan's image stage:
-    # the same images and tasks (shards and merges included).
-    (run,) = _runs(inst, ["resized_images"]).values()
-    step = run["resized_images"]["estimate"].value
-    for k in ("images", "tasks", "prefixes", "requests_total"):
-        assert step[k] == _stage(plan, "images")[k], k
+    estimated = sum(s["requests_total"] for s in (chain, images, tables))
+    assert _close(estimated, _requests(inst, CHAIN_ASSETS))
+    # Each step's own estimate (first log line, metadata) is the plan's: the index step's the
+    # chain, the image step's its shard tasks and merges, the table step's the sharded prefixes.
+    (run,) = _runs(inst, CHAIN_ASSETS).values()
+    for asset, stage in (
+        ("raw_images", chain),
+        ("resized_images", images),
+        ("image_tables", tables),
+    ):
+        step = run[asset]["estimate"].value
+        for k in ("stage", "images", "tasks", "prefixes", "requests_total"):
+            assert step[k] == stage[k], (asset, k)
     processed = sum(
         m["range_processed"].value
         for r in _runs(inst, ["resized_images"]).values()
@@ -135,7 +142,7 @@ def test_a_backfill_plan_covers_its_prefixes_only(home, tmp_path, monkeypatch):
     images = _stage(plan, "images")
     assert images["images"] == sum(r["images"] for p, r in raw.items() if p <= "3f")
     assert images["prefixes"] == sum(1 for p, r in raw.items() if p <= "3f" and r["images"])
-    assert _stage(plan, "index")["tasks"] == 0 and _stage(plan, "ingest")["tasks"] == 0
+    assert _stage(plan, "chain")["tasks"] == 0 and _stage(plan, "ingest")["tasks"] == 0
     # a plan runs and writes nothing
     assert len(ds.instance.get_runs()) == runs
     assert json.loads(ds.lake.get("_versions/raw_images.json"))["prefixes"] == raw

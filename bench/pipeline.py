@@ -2,11 +2,12 @@
 
 Both start from clones (hard links) of one lake into which a pack of small distinct JPEGs
 was ingested. Both do the same work, so the ratio is what orchestration costs: the bare
-run calls the three workloads the run's steps call, in order and with nothing around
-them — ``python -m workloads.index``, ``workloads.images`` and ``workloads.tables``, sharded over
-the same worker processes, threads and environment as ``LocalProcessPool`` gives them. The orchestrated run
-materialises raw_images + resized_images + edge_maps + image_tables in one ranged run
-(local profile, its own CVGRAPH_HOME and Dagster instance).
+run calls the workload the run's steps call, with nothing around it — ``python -m
+workloads.chain`` (index, images and tables of each prefix in one task: what a run that selects
+all four assets starts), sharded over the same worker processes, threads and environment as
+``LocalProcessPool`` gives them. The orchestrated run materialises raw_images + resized_images +
+edge_maps + image_tables in one ranged run (local profile, its own CVGRAPH_HOME and Dagster
+instance): its index step starts the chain, the image and table steps find their work done.
 
     python -m bench.pipeline orchestrate --home DIR     # one Dagster run; prints JSON
 """
@@ -108,32 +109,30 @@ def _sharded(module: str, args: list[str], shards: list[list[str]]) -> list[dict
 def bare(
     lake: Path, workers: int, threads: int, size: int, rng: tuple[str, str] = ("00", "ff")
 ) -> dict:
-    """The run's three workloads without Dagster: the index, images and tables CLIs, each sharded
-    over the worker processes as LocalProcessPool shards them (prefixes[i::n])."""
+    """The run's workload without Dagster: the chain CLI, sharded over the worker processes as
+    LocalProcessPool shards it (prefixes[i::n])."""
+    from orchestration.profiles import image_settings
+
     prefixes = prefixes_in(rng)
     shards = [prefixes[i::workers] for i in range(workers)]
-    common = ["--lake", str(lake), "--run-id", "bare"]
     meter = LoadMeter(children=True)
     t0 = time.perf_counter()
-    _sharded("workloads.index", common, shards)
-    t_index = time.perf_counter()
     recs = _sharded(
-        "workloads.images",
-        [*common, "--stages", "resize,edges", "--threads", str(threads), "--size", str(size)],
+        "workloads.chain",
+        [
+            *("--lake", str(lake), "--run-id", "bare", "--threads", str(threads)),
+            *("--size", str(size), "--shard-images", str(image_settings().shard_images)),
+        ],
         shards,
     )
-    t_images = time.perf_counter()
-    tables = _sharded("workloads.tables", [*common, "--size", str(size)], shards)
     wall = time.perf_counter() - t0
-    processed = sum(r["processed"] for r in recs if r["stage"] == "resize")
     return {
         "wall_s": round(wall, 3),
-        "processed": processed,
-        "table_rows": sum(t["images"] for t in tables),
+        "processed": sum(r["processed"] for r in recs if r["stage"] == "resize"),
+        "table_rows": sum(r["images"] for r in recs if r["stage"] == "tables"),
         "parts_s": {
-            "index": round(t_index - t0, 3),
-            "images": round(t_images - t_index, 3),
-            "tables": round(wall - (t_images - t0), 3),
+            stage: round(sum(r["seconds"] for r in recs if r["stage"] == stage), 3)
+            for stage in ("index", "resize", "tables")
         },
         "external_load_cores": meter.external_cores(),
     }

@@ -577,14 +577,17 @@ def test_cli_ingest_query_and_bad_packs(demo, tmp_path):
     out = CliRunner().invoke(cli, ["ingest", str(pack), "--wait", "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["queryable"] is True
-    # the sync's progress, as each stage finishes its prefixes, on stderr (stdout is the JSON)
+    # the sync's progress, as each stage finishes its prefixes, on stderr (stdout is the JSON):
+    # all from the index step's chain tasks (index, images and tables in one task start); the
+    # image and table steps after it found their prefixes done
     done = re.findall(r"^  (\w+): \[(\d+)/(\d+)\] (\w+) [0-9a-f]{2}:", out.stderr, re.M)
     assert {(step, stage) for step, _, _, stage in done} == {
         ("raw_images", "index"),
-        ("image_stages", "resize"),
-        ("image_stages", "edges"),
-        ("image_tables", "tables"),
+        ("raw_images", "resize"),
+        ("raw_images", "edges"),
+        ("raw_images", "tables"),
     }, out.stderr
+    assert "done by this run's chain tasks" in out.stderr
     assert all(n == total for _, n, total, _ in done)  # the one prefix with the new image
     assert ds.sql_query("SELECT count(*) AS n FROM images").to_pylist() == [{"n": 2112}]
     out = CliRunner().invoke(cli, ["sync", "--json"])  # nothing left: the lake owes nothing

@@ -80,11 +80,10 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
             ("00", "ff")
         ]  # one ranged run for all 256 prefixes
         names = parent_jobs()
-        # ingest, then one array job per workload of the run: index, resize, edges (N_TO_N), tables
-        assert [
-            sum(f"-{w}-" in n for n in names)
-            for w in ("ingest", "index", "resize", "edges", "tables")
-        ] == [1, 1, 1, 1, 1] and len(names) == 5
+        # ingest, then one array job for the whole chain: every prefix's index, images and tables
+        # in one task start (the image and table steps find their prefixes done)
+        assert [sum(f"-{w}-" in n for n in names) for w in ("ingest", "chain")] == [1, 1]
+        assert len(names) == 2, names
         # S3 requests per new image, as the steps count them (orchestrator and Batch children)
         requests = 0
         for run_id in [r.run_id for r in inst.get_runs()]:
@@ -101,41 +100,28 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
         print(
             f"S3 requests for a 60-image pack into an empty lake: {requests} ({requests / 60:.1f} per new image)"
         )
-        # The plan told them, stage by stage: the Batch children each array job had (a group of
-        # prefix tasks a child: a 60-image pack is a few seconds of work, one child a stage)
+        # The plan told them: the Batch children the chain's array job had (a group of prefix
+        # tasks a child: a 60-image pack is a few seconds of work, one child)
         jobs = batch_backends["123456789012"]["us-east-1"]._jobs
-        children = {
-            w: sum(
-                max(1, (j.array_properties or {}).get("size", 1))
-                for jid, j in jobs.items()
-                if ":" not in jid and f"-{w}-" in j.job_name
-            )
-            for w in ("index", "resize", "edges", "tables")
-        }
-        assert children == {"index": 1, "resize": 1, "edges": 1, "tables": 1}
-        assert indexing["index"]["tasks"] == children["index"]
-        assert indexing["images"]["tasks"] == children["resize"] + children["edges"]
-        assert indexing["tables"]["tasks"] == children["tables"]
-        assert indexing["images"]["images"] == 60
-        ran = [r for r in aws.batch_runs if "workloads.images" in r["command"]]
-        assert sorted(p for r in ran for p in r["prefixes"]) == sorted(list(pack["prefixes"]) * 2)
-        counted = {
-            stage: sum(
-                m["lake_requests"].value
-                for a in assets
-                for m in {
-                    r.run_id: r.asset_materialization.metadata
-                    for r in inst.fetch_materializations(dg.AssetKey(a), limit=1000).records
-                }.values()
-            )
-            for stage, assets in {
-                "index": ["raw_images"],
-                "images": ["resized_images", "edge_maps"],
-                "tables": ["image_tables"],
-            }.items()
-        }
-        for stage, n in counted.items():
-            assert abs(indexing[stage]["requests_total"] - n) <= 0.05 * n, (stage, n)
+        children = sum(
+            max(1, (j.array_properties or {}).get("size", 1))
+            for jid, j in jobs.items()
+            if ":" not in jid and "-chain-" in j.job_name
+        )
+        assert children == indexing["chain"]["tasks"] == 1
+        assert indexing["chain"]["images"] == 60
+        assert [s for s, e in indexing.items() if e["tasks"]] == ["chain"]
+        ran = [r for r in aws.batch_runs if "workloads.chain" in r["command"]]
+        assert sorted(p for r in ran for p in r["prefixes"]) == sorted(pack["prefixes"])
+        counted = sum(
+            m["lake_requests"].value
+            for a in ("raw_images", "resized_images", "edge_maps", "image_tables")
+            for m in {
+                r.run_id: r.asset_materialization.metadata
+                for r in inst.fetch_materializations(dg.AssetKey(a), limit=1000).records
+            }.values()
+        )
+        assert abs(indexing["chain"]["requests_total"] - counted) <= 0.05 * counted, counted
         assert 60 * 4 < requests < 60 * 150  # at least the per-image puts; the rest is per prefix
         # this process (the orchestrator) read records only: no manifest, index, image or table object
         assert read_here and all(

@@ -383,3 +383,53 @@ def test_a_child_runs_its_group_of_prefixes_and_a_failed_group_is_all_a_rerun_re
     assert [r["prefixes"] for r in rerun] == [unfinished, unfinished]  # one child a stage
     for p in unfinished:
         assert json.loads(lake.get(result_key("g2", "edges", p)))["processed"] > 0
+
+
+def test_a_chain_is_one_array_job_whose_children_index_make_images_and_tables_of_their_group(
+    aws, small_digits_pack
+):
+    """``run_chain``: one array job, a child a group; each child indexes its group, makes the
+    images and writes the tables, every part leaving its result record; a failed child's group
+    is exactly what has no record, and a re-run of that group finishes it."""
+    import json
+
+    from workloads.ingest import ingest_pack
+    from workloads.lake import open_lake
+
+    lake = open_lake("s3://cvgraph-lake/lake")
+    lake.put("incoming/digits.zip", small_digits_pack(40))
+    ingest_pack(lake, "digits", "incoming/digits.zip")
+    touched = sorted(json.loads(lake.get("packs/digits/pack.json"))["prefixes"])
+    groups = [touched[:12], touched[12:25], touched[25:]]
+    aws.oom_prefixes = {groups[1][0]}
+    with pytest.raises(BatchChildrenFailed) as err:
+        client().run_chain(
+            dg.build_asset_context(),
+            lake.url,
+            "c1",
+            touched,
+            ImageParams(),
+            shard_images=10_000,
+            tables=True,
+            groups=groups,
+        )
+    [job] = [j for j in parents() if j.job_name.startswith("cvgraph-c1-chain-")]
+    assert len(job._child_jobs) == 3 and len(parents()) == 1  # one array job, a child a group
+    [failure] = err.value.failures
+    assert (failure.stage, failure.index, failure.prefix) == ("chain", 1, ",".join(groups[1]))
+    for stage in ("index", "resize", "edges", "tables"):
+        done = [p for p in touched if lake.exists(result_key("c1", stage, p))]
+        assert done == groups[0] + groups[2], stage
+    assert json.loads(lake.get(result_key("c1", "resize", groups[0][0])))["processed"] >= 1
+    aws.oom_prefixes = set()
+    client().run_chain(
+        dg.build_asset_context(),
+        lake.url,
+        "c2",
+        groups[1],
+        ImageParams(),
+        shard_images=10_000,
+        tables=True,
+    )
+    assert all(lake.exists(result_key("c2", "tables", p)) for p in groups[1])
+    assert sum(1 for _ in lake.list("resized/")) == sum(1 for _ in lake.list("edges/")) == 40

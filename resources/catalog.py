@@ -8,7 +8,6 @@ from abc import ABC, abstractmethod
 import dagster as dg
 import duckdb
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from resources.aws import AwsResource, PollTimedOut, poll, stopped_on_interrupt
@@ -86,6 +85,8 @@ class DuckDBCatalog(Catalog):
     lake: LakeResource
 
     def _dataset(self, lake, name: str, files: list[str]):
+        import pyarrow.dataset as pads  # here: it imports pandas, which a command without a query need not
+
         fs, base = lake.arrow_filesystem()
         schema = TABLES[name].append(pa.field("prefix", pa.string()))
         if not files:
@@ -101,6 +102,8 @@ class DuckDBCatalog(Catalog):
         )
 
     def _predictions_dataset(self, lake, parts: list[str]):
+        import pyarrow.dataset as pads
+
         if not parts:
             return PREDICTIONS_SCHEMA.empty_table()
         fs, base = lake.arrow_filesystem()

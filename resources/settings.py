@@ -6,8 +6,7 @@ from __future__ import annotations
 import dagster as dg
 
 from workloads.costs import Estimate, Prices, Rates, summary_line
-from workloads.image_params import ImageParams
-from workloads.kernels import EdgeParams, ResizeParams
+from workloads.image_params import EdgeParams, ImageParams, ResizeParams
 
 
 class ImageSettings(dg.ConfigurableResource):

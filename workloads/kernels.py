@@ -5,10 +5,12 @@ OpenCV releases the GIL in decode/resize/encode, so callers overlap I/O with thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
+
+# the parameters live where the orchestrator reads them without OpenCV; the kernels' callers
+# import them from either module
+from workloads.image_params import KERNEL_VERSION, EdgeParams, ResizeParams  # noqa: F401
 
 # IMREAD_REDUCED_COLOR_k decodes a JPEG at 1/k scale straight from the DCT coefficients.
 # 1/8 keeps only each block's DC term, nearly the 8x8 mean an area resize takes, so it only
@@ -18,23 +20,6 @@ import numpy as np
 # margin 1/4 is never the pick (>= 8x the target already allows 1/8), so it is left out.
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8, 1), (2, cv2.IMREAD_REDUCED_COLOR_2, 2))
 _FLAG = {k: flag for k, flag, _ in _REDUCED}
-
-
-@dataclass(frozen=True)
-class ResizeParams:
-    size: int = 64  # short side, then centre-cropped to size x size
-    jpeg_quality: int = 90
-
-
-@dataclass(frozen=True)
-class EdgeParams:
-    low: int = 50
-    high: int = 150
-
-
-# Part of every params id: a change that alters output bytes gets new output directories.
-# 2: the 1/2 decode needs a 2x margin, 1/4 dropped; edge maps as 1-bit PNG.
-KERNEL_VERSION = 2
 
 
 def reduction_factor(width: int, height: int, target: int) -> int:

@@ -205,6 +205,8 @@ def bench(work: Path, small: int, large: int, cache: Path | None) -> dict:
     out["incremental_time_ratio"] = round(big["step_s"] / s["step_s"], 3)
     out["incremental_requests_ratio"] = round(big["lake_requests"] / s["lake_requests"], 3)
     out["requests_per_new_image"] = round(big["lake_requests"] / NEW_PACK, 2)
+    moved = lambda r: r["lake_bytes_read"] + r["lake_bytes_written"]
+    out["incremental_bytes_ratio"] = round(moved(big) / moved(s), 3)
     out["new_pack_latency_s"] = max(
         r[o]["latency_s"] for r in out["lakes"].values() for o in ("after_cursor", "before_cursor")
     )

@@ -11,7 +11,8 @@ the photos scikit-learn and scikit-image ship (nothing is downloaded):
 6. ``freeze_1m_rows_s``       ``Datasets().freeze_dataset`` over a 1,000,000-row ``images`` table
 7. ``dataset_vs_direct``      FrozenSubsetDataset through a DataLoader vs a direct read+decode loop
 8. ``incremental_time_ratio``     summed step time of absorbing one 100-image pack, 30,000-image lake / 1,000-image lake
-9. ``incremental_requests_ratio`` lake requests of the same, large lake / small lake
+9. ``incremental_requests_ratio`` lake requests of the same, large lake / small lake;
+   ``incremental_bytes_ratio`` the lake bytes read and written of the same, large / small
 10. ``new_pack_latency_s``        zip put in incoming/ → its rows queryable, sensor + automation, before and after the cursor
 11. ``cli_help_s``, ``cli_query_s``, ``cli_sync_noop_s``  ``cvgraph --help``, a query and a sync with
     nothing to do on a lake with the demo's digits pack, beside ``python -c pass`` (bench.cli_start)
@@ -57,6 +58,7 @@ NAMES = (
     "dataset_vs_direct",
     "incremental_time_ratio",
     "incremental_requests_ratio",
+    "incremental_bytes_ratio",
     "new_pack_latency_s",
     "cli_help_s",
     "cli_query_s",
@@ -79,6 +81,7 @@ TARGETS = {
     "dataset_vs_direct": (0.9, ">="),
     "incremental_time_ratio": (1.25, "<="),
     "incremental_requests_ratio": (1.1, "<="),
+    "incremental_bytes_ratio": (1.2, "<="),
     "new_pack_latency_s": (20.0, "<="),
     "cli_help_s": (0.3, "<="),
     "cli_query_s": (1.5, "<="),
@@ -449,7 +452,10 @@ def bench_dataset(cfg: dict, home: str) -> dict:
 # -- 8, 9, 10: a new pack into a small and a large lake -----------------------------------------
 
 
-def bench_incremental(cfg: dict, work: Path) -> tuple[dict, dict, dict]:
+BYTES = ("lake_bytes_read", "lake_bytes_written")
+
+
+def bench_incremental(cfg: dict, work: Path) -> tuple[dict, dict, dict, dict]:
     from bench import incremental
 
     small, large = cfg["incremental_lakes"]
@@ -470,6 +476,16 @@ def bench_incremental(cfg: dict, work: Path) -> tuple[dict, dict, dict]:
             r["incremental_requests_ratio"],
             "x (lake requests, large lake / small lake)",
             requests_per_new_image=r["requests_per_new_image"],
+            **common,
+        ),
+        _res(
+            "incremental_bytes_ratio",
+            r["incremental_bytes_ratio"],
+            "x (lake bytes read + written, large lake / small lake)",
+            bytes={
+                size: {k: r["lakes"][size]["after_cursor"][k] for k in BYTES}
+                for size in ("small", "large")
+            },
             **common,
         ),
         _res(
@@ -739,7 +755,12 @@ def main(argv=None) -> int:
             attempt(("freeze_1m_rows_s",), lambda: bench_freeze(cfg, work))
         if want("incremental"):
             attempt(
-                ("incremental_time_ratio", "incremental_requests_ratio", "new_pack_latency_s"),
+                (
+                    "incremental_time_ratio",
+                    "incremental_requests_ratio",
+                    "incremental_bytes_ratio",
+                    "new_pack_latency_s",
+                ),
                 lambda: bench_incremental(cfg, work),
             )
         if want("cli"):

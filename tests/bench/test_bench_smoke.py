@@ -22,6 +22,7 @@ NAMES = (
     "dataset_vs_direct",
     "incremental_time_ratio",
     "incremental_requests_ratio",
+    "incremental_bytes_ratio",
     "new_pack_latency_s",
     "cli_help_s",
     "cli_query_s",

@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# cvgraph worker: runs the prefix workloads `python -m workloads.index|images|tables ...` as one AWS
-# Batch array child per hash prefix, and `python -m workloads.ingest|predictions ...` for a pack.
+# cvgraph worker: runs the prefix workloads `python -m workloads.chain|index|images|tables ...` as
+# AWS Batch array children (a group of hash prefixes each; chain: index, images and tables of the
+# group in one child), and `python -m workloads.ingest|predictions ...` for a pack.
 #
 # Build from the repository root (the context must contain workloads/), for linux/amd64 (the job
 # definition's RuntimePlatform):
@@ -22,8 +23,8 @@ ENV MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456 PYTHONUNBUF
     PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONPATH=/opt/cvgraph
 
-# Only what the worker's modules import (workloads.images/ingest/index/tables/tasks/kernels/
-# lake/s3lake/versions; onnxruntime for workloads.predictions), at the versions of
+# Only what the worker's modules import (workloads.chain/images/ingest/index/tables/tasks/
+# planning/kernels/lake/s3lake/versions; onnxruntime for workloads.predictions), at the versions of
 # requirements.lock: the lock the test suite's venv is installed from, used as constraints (it
 # pins their dependencies too). Not `pip install .`: the project's dependencies are the
 # orchestrator's (dagster, mlflow, torch, ...), ~3 GB the worker never imports.

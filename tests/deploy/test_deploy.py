@@ -830,7 +830,15 @@ def test_worker_image_installs_what_the_batch_workloads_import_from_the_lock(loc
     needed = set().union(
         *(
             third_party_imports(f"workloads.{m}")
-            for m in ("images", "ingest", "index", "tables", "training.shards", "predictions")
+            for m in (
+                "chain",
+                "images",
+                "ingest",
+                "index",
+                "tables",
+                "training.shards",
+                "predictions",
+            )
         )
     )
     assert {DISTRIBUTION.get(m, m) for m in needed} <= set(names), needed

@@ -85,7 +85,11 @@ def chained(context: dg.AssetExecutionContext) -> bool:
     """Whether the run selects the index, both image stages and the tables (every sync does):
     its index step then starts one chain task per group for all of them (``workloads.chain``)."""
     selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
-    return {RAW, RESIZED, EDGES, TABLES} <= set(selected)
+    # a re-execution of some steps keeps its parent's selection: the steps must run too
+    steps = context.run.step_keys_to_execute
+    return {RAW, RESIZED, EDGES, TABLES} <= set(selected) and (
+        steps is None or {"raw_images", "image_stages", "image_tables"} <= set(steps)
+    )
 
 
 def chain_results(

@@ -21,6 +21,8 @@ import sys
 from workloads.image_params import ImageParams, add_params_args, params_from_args
 from workloads.images import process_prefix, report
 from workloads.index import index_task
+from workloads.lake import get_many
+from workloads.layout import result_key, results_dir
 from workloads.planning import (
     STAGE_ASSETS,
     asset_records,
@@ -48,10 +50,26 @@ def run_chain(
     """Index ``prefixes``, then make the images and (unless not ``tables``: another writer's)
     tables the steps after would make; returns the prefixes each part ran on
     (``{"index": …, "images": …, "tables": …}``)."""
-    index = prefix_results(lake, run_id, "index", prefixes, index_task)
-    # the records the image and table steps decide by: as they are now, the index's as the
-    # index step is about to write them (its result's images and version)
+    before = dict(lake.counters)
+    # the records the image and table steps decide by (the index's: its results, as the index
+    # step is about to record them)
     records = {a: asset_records(lake, a) for a in (*STAGE_ASSETS.values(), "image_tables")}
+    # A retried task (Batch's retry of a reclaimed child, the pool's re-run of a killed worker)
+    # goes on from where the last attempt of this run stopped: a part with a result record is
+    # done, and its record (what it merged, made, counted) stays as that attempt wrote it.
+    done = {
+        s: {
+            k[len(results_dir(run_id, s)) : -len(".json")]
+            for k in lake.keys(results_dir(run_id, s))
+        }
+        for s in ("index", *STAGES, "tables")
+    }
+    index = get_many(
+        lake, {p: result_key(run_id, "index", p) for p in prefixes if p in done["index"]}
+    )
+    carry = lake.counters.since(before)  # the chain's own reads: counted with its first task
+    todo = [p for p in prefixes if p not in index]
+    index.update(prefix_results(lake, run_id, "index", todo, index_task, carry))
     images, later = [], set()
     for p in prefixes:
         work, pending = images_owed(
@@ -63,6 +81,9 @@ def run_chain(
             images.append(p)
     made = {}
     for p in images:
+        if all(p in done[s] for s in STAGES):
+            made[p] = get_many(lake, {s: result_key(run_id, s, p) for s in STAGES})
+            continue
         made[p] = process_prefix(lake, p, STAGES, params, run_id, threads=threads)
         report(made[p])
     written = []
@@ -77,7 +98,11 @@ def run_chain(
         if tables_work(records["image_tables"].get(p), index[p], inputs):
             written.append(p)
     prefix_results(
-        lake, run_id, "tables", written, lambda lake, p: write_prefix_tables(lake, p, params)
+        lake,
+        run_id,
+        "tables",
+        [p for p in written if p not in done["tables"]],
+        lambda lake, p: write_prefix_tables(lake, p, params),
     )
     return {"index": prefixes, "images": images, "tables": written}
 

@@ -49,8 +49,9 @@ REQUESTS = {
     },
     # one task start for index, images and tables (``workloads.chain``): besides their work, the
     # index step reads the image and table records and the pending packs' records to size the
-    # children, and each child reads the image and table records it decides by
-    "chain": {"step": {"get": 3}, "pack": {"get": 1}, "child": {"get": 3}},
+    # children; each child reads the image and table records it decides by and lists the run's
+    # results of its four parts (a retried child goes on from there)
+    "chain": {"step": {"get": 3}, "pack": {"get": 1}, "child": {"get": 3, "list": 4}},
 }
 # S3 bills PUT, COPY, POST and LIST at one rate, GET and all other requests at another, DELETE free.
 PUT_TIER, FREE = {"put", "list"}, {"delete"}

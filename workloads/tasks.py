@@ -131,17 +131,25 @@ def run_prefix_tasks(
 
 
 def prefix_results(
-    lake, run_id: str, stage: str, prefixes: list[str], task: Callable[[object, str], dict]
+    lake,
+    run_id: str,
+    stage: str,
+    prefixes: list[str],
+    task: Callable[[object, str], dict],
+    carry: dict[str, int] | None = None,
 ) -> dict[str, dict]:
     """``task(lake, prefix)`` for each of ``prefixes``; its record (with the task's seconds and
     lake requests) is written last and printed as one line, for the pool's progress. Returns
-    the records."""
+    the records. ``carry``: requests the caller made for these tasks, counted with the first."""
     out = {}
     for prefix in prefixes:
         before, t0 = dict(lake.counters), time.perf_counter()
         record = {"prefix": prefix, "stage": stage, **task(lake, prefix)}
         record["seconds"] = round(time.perf_counter() - t0, 3)
         record["requests"] = lake.counters.since(before)
+        for k, v in (carry or {}).items():
+            record["requests"][k] = record["requests"].get(k, 0) + v
+        carry = None
         lake.put(result_key(run_id, stage, prefix), json.dumps(record, sort_keys=True).encode())
         print(
             json.dumps(

@@ -155,3 +155,23 @@ def test_a_killed_chain_run_again_converges(tmp_path, reference, dies_at, monkey
             run_chain(lake, "k", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
     run_chain(lake, "r", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
     assert objects(lake) == objects(ref)
+
+
+@pytest.mark.parametrize("dies_at", ["_results/k/index/", "resized/", "index/tables/"])
+def test_a_retried_chain_goes_on_from_its_last_attempt(tmp_path, reference, dies_at, monkeypatch):
+    """The same run's task again (Batch's retry of a reclaimed child, the pool's re-run of a
+    killed worker): the parts with a result record are kept as the first attempt wrote them (the
+    index's merged packs, which the index step's record and clean-up go by), the rest is done."""
+    all_packs, ref = reference
+    lake = ingested(tmp_path / "lake", all_packs)
+    with monkeypatch.context() as m:
+        m.setattr(lake, "put", killing_put(lake, dies_at))
+        with pytest.raises(Killed):
+            run_chain(lake, "k", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
+    first = results(lake, "k", "index")
+    run_chain(lake, "k", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
+    assert objects(lake) == objects(ref)
+    assert results(lake, "k", "index") == results(ref, "r", "index")
+    assert {p: r for p, r in results(lake, "k", "index").items() if p in first} == first
+    assert results(lake, "k", "tables") == results(ref, "r", "tables")
+    assert set(results(lake, "k", "edges")) == set(results(ref, "r", "edges"))

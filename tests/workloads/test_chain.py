@@ -141,6 +141,15 @@ def test_a_chain_without_tables_leaves_them_to_their_writer(tmp_path, reference)
     assert ran["tables"] == [] and not results(lake, "r", "tables") and ran["images"]
 
 
+def killed_chain(lake, dies_at: str, monkeypatch) -> LocalLake:
+    """``lake`` after a chain of run "k" died at its first write of a key holding ``dies_at``."""
+    with monkeypatch.context() as m:
+        m.setattr(lake, "put", killing_put(lake, dies_at))
+        with pytest.raises(Killed):
+            run_chain(lake, "k", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
+    return lake
+
+
 @pytest.mark.parametrize(
     "dies_at", ["index/raw/", "_results/k/index/", "resized/", "index/edges/", "index/tables/"]
 )
@@ -148,11 +157,7 @@ def test_a_killed_chain_run_again_converges(tmp_path, reference, dies_at, monkey
     """Killed at a write of its index, its images, their hash index or its tables, a chain run
     again (a new run, as a retried Batch child or the next sync) makes the reference's lake."""
     all_packs, ref = reference
-    lake = ingested(tmp_path / "lake", all_packs)
-    with monkeypatch.context() as m:
-        m.setattr(lake, "put", killing_put(lake, dies_at))
-        with pytest.raises(Killed):
-            run_chain(lake, "k", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
+    lake = killed_chain(ingested(tmp_path / "lake", all_packs), dies_at, monkeypatch)
     run_chain(lake, "r", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
     assert objects(lake) == objects(ref)
 
@@ -163,11 +168,7 @@ def test_a_retried_chain_goes_on_from_its_last_attempt(tmp_path, reference, dies
     killed worker): the parts with a result record are kept as the first attempt wrote them (the
     index's merged packs, which the index step's record and clean-up go by), the rest is done."""
     all_packs, ref = reference
-    lake = ingested(tmp_path / "lake", all_packs)
-    with monkeypatch.context() as m:
-        m.setattr(lake, "put", killing_put(lake, dies_at))
-        with pytest.raises(Killed):
-            run_chain(lake, "k", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
+    lake = killed_chain(ingested(tmp_path / "lake", all_packs), dies_at, monkeypatch)
     first = results(lake, "k", "index")
     run_chain(lake, "k", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
     assert objects(lake) == objects(ref)

@@ -264,7 +264,7 @@ def raw_images(
                 lambda shard: index_command(lake.url, run_id, shard),
                 work,
                 run_id,
-                task_groups({p: rates.prefix_task_s for p in work}, rates),
+                task_groups({p: rates.record_task_s for p in work}, rates),
             ),
             keep,
         )

@@ -115,7 +115,7 @@ def image_tables(
             run_id,
             todo,
             params,
-            task_groups({p: rates.prefix_task_s for p in todo}, rates),
+            task_groups({p: rates.record_task_s for p in todo}, rates),
         ),
         lambda done: write_prefix_records(
             store,

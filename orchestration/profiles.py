@@ -56,6 +56,7 @@ def cost_settings() -> CostSettings:
         child_work_s=num("CVGRAPH_PLAN_CHILD_WORK_S", d.child_work_s),
         max_children=int(num("CVGRAPH_PLAN_MAX_CHILDREN", d.max_children)),
         prefix_task_s=num("CVGRAPH_PLAN_PREFIX_TASK_S", d.prefix_task_s),
+        record_speedup=num("CVGRAPH_PLAN_RECORD_SPEEDUP", d.record_speedup),
         vcpu_hour_usd=num("CVGRAPH_PRICE_VCPU_HOUR", d.vcpu_hour_usd),
         gb_hour_usd=num("CVGRAPH_PRICE_GB_HOUR", d.gb_hour_usd),
         s3_put_per_1000_usd=num("CVGRAPH_PRICE_S3_PUT_1000", d.s3_put_per_1000_usd),

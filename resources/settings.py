@@ -35,6 +35,7 @@ class CostSettings(dg.ConfigurableResource):
     child_work_s: float = Rates.child_work_s
     max_children: int = Rates.max_children
     prefix_task_s: float = Rates.prefix_task_s
+    record_speedup: float = Rates.record_speedup
     vcpu_hour_usd: float = Prices.vcpu_hour
     gb_hour_usd: float = Prices.gb_hour
     s3_put_per_1000_usd: float = Prices.s3_put_per_1000
@@ -49,6 +50,7 @@ class CostSettings(dg.ConfigurableResource):
             child_work_s=self.child_work_s,
             max_children=self.max_children,
             prefix_task_s=self.prefix_task_s,
+            record_speedup=self.record_speedup,
         )
 
     def prices(self) -> Prices:

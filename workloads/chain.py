@@ -32,7 +32,13 @@ from workloads.planning import (
     tables_work,
 )
 from workloads.tables import write_prefix_tables
-from workloads.tasks import open_task_lake, prefix_parser, prefix_results, selected_prefixes
+from workloads.tasks import (
+    RECORD_THREADS,
+    open_task_lake,
+    prefix_parser,
+    prefix_results,
+    selected_prefixes,
+)
 
 STAGES = list(STAGE_ASSETS)
 
@@ -46,10 +52,13 @@ def run_chain(
     threads: int,
     shard_images: int,
     tables: bool = True,
+    record_threads: int = RECORD_THREADS,
 ) -> dict[str, list[str]]:
     """Index ``prefixes``, then make the images and (unless not ``tables``: another writer's)
     tables the steps after would make; returns the prefixes each part ran on
-    (``{"index": …, "images": …, "tables": …}``)."""
+    (``{"index": …, "images": …, "tables": …}``). The index and table tasks run
+    ``record_threads`` prefixes at a time (``prefix_results``); the image stages a prefix at a
+    time, ``threads`` images at a time."""
     before = dict(lake.counters)
     # the records the image and table steps decide by (the index's: its results, as the index
     # step is about to record them)
@@ -69,7 +78,9 @@ def run_chain(
     )
     carry = lake.counters.since(before)  # the chain's own reads: counted with its first task
     todo = [p for p in prefixes if p not in index]
-    index.update(prefix_results(lake, run_id, "index", todo, index_task, carry))
+    index.update(
+        prefix_results(lake, run_id, "index", todo, index_task, carry, threads=record_threads)
+    )
     images, later = [], set()
     for p in prefixes:
         work, pending = images_owed(
@@ -103,6 +114,7 @@ def run_chain(
         "tables",
         [p for p in written if p not in done["tables"]],
         lambda lake, p: write_prefix_tables(lake, p, params),
+        threads=record_threads,
     )
     return {"index": prefixes, "images": images, "tables": written}
 
@@ -110,7 +122,13 @@ def run_chain(
 def main(argv: list[str] | None = None) -> int:
     ap = prefix_parser("index, image stages and tables of prefixes, in one task")
     add_params_args(ap)
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=4, help="images a prefix's stages make at once")
+    ap.add_argument(
+        "--record-threads",
+        type=int,
+        default=RECORD_THREADS,
+        help="prefixes the index and table parts run at once",
+    )
     ap.add_argument(
         "--shard-images",
         type=int,
@@ -129,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         shard_images=args.shard_images,
         tables=not args.no_tables,
+        record_threads=args.record_threads,
     )
     return 0
 

@@ -34,6 +34,10 @@ class LocalLake:
         self.url = self._root_str = str(self.root)
         self.counters = Counters()
 
+    def fork(self) -> LocalLake:
+        """The same lake with counters of its own (a thread's tasks count their own requests)."""
+        return LocalLake(self.root)
+
     # -- paths -----------------------------------------------------------------
     def _file(self, key: str) -> str:
         """The file behind ``key``, by the key's text alone (reads are the hot path, and nothing

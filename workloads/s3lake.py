@@ -79,6 +79,11 @@ class S3Lake:
         # Counted where botocore makes the call: transfer-manager parts and paginated listings too.
         self.client.meta.events.register("before-call.s3", self._count)
 
+    def fork(self) -> S3Lake:
+        """The same lake with a client and counters of its own (a thread's tasks count their
+        own requests: the counting hook is the client's)."""
+        return S3Lake(self.url, endpoint_url=self.endpoint_url)
+
     def _count(self, model, **_kwargs) -> None:
         self.counters.add(REQUEST_KIND.get(model.name, model.name))
 

@@ -10,8 +10,10 @@ import argparse
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from workloads.layout import result_key
 
@@ -21,6 +23,9 @@ PACK_UNREADABLE = 3
 # ... for a zip that replaced an ingested pack's bytes under its key: refused, the pack kept.
 PACK_REPLACED = 4
 VERDICTS = (PACK_UNREADABLE, PACK_REPLACED)
+# Prefix tasks a workload runs at once (``prefix_results``): a task's records are a handful of
+# small requests, each mostly S3's time to a first byte, so threads overlap them.
+RECORD_THREADS = 8
 
 
 def task_token(prefix: str, shard: int = 0, shards: int = 1) -> str:
@@ -137,26 +142,54 @@ def prefix_results(
     prefixes: list[str],
     task: Callable[[object, str], dict],
     carry: dict[str, int] | None = None,
+    *,
+    threads: int = RECORD_THREADS,
 ) -> dict[str, dict]:
-    """``task(lake, prefix)`` for each of ``prefixes``; its record (with the task's seconds and
+    """``task(lake, prefix)`` for each of ``prefixes``, ``threads`` prefixes at a time (a prefix
+    task is mostly waiting on its records' requests); its record (with the task's seconds and
     lake requests) is written last and printed as one line, for the pool's progress. Returns
-    the records. ``carry``: requests the caller made for these tasks, counted with the first."""
-    out = {}
-    for prefix in prefixes:
-        before, t0 = dict(lake.counters), time.perf_counter()
-        record = {"prefix": prefix, "stage": stage, **task(lake, prefix)}
-        record["seconds"] = round(time.perf_counter() - t0, 3)
-        record["requests"] = lake.counters.since(before)
-        for k, v in (carry or {}).items():
-            record["requests"][k] = record["requests"].get(k, 0) + v
-        carry = None
-        lake.put(result_key(run_id, stage, prefix), json.dumps(record, sort_keys=True).encode())
-        print(
-            json.dumps(
-                {k: record[k] for k in ("stage", "prefix", "seconds") if k in record}
-                | {k: record[k] for k in ("images", "changed") if k in record}
-            ),
-            flush=True,
-        )
-        out[prefix] = record
-    return out
+    the records. ``carry``: requests the caller made for these tasks, counted with the first.
+
+    Each thread works on its own ``lake.fork()``, so a record counts its own task's requests
+    exactly; what they count is added to ``lake.counters`` at the end."""
+    if threads <= 1 or len(prefixes) <= 1:
+        return {
+            p: _prefix_result(lake, run_id, stage, p, task, carry if i == 0 else None)
+            for i, p in enumerate(prefixes)
+        }
+    local, forks, lock = threading.local(), [], threading.Lock()
+
+    def one(i: int, prefix: str) -> dict:
+        if not hasattr(local, "lake"):
+            local.lake = lake.fork()
+            with lock:
+                forks.append(local.lake)
+        return _prefix_result(local.lake, run_id, stage, prefix, task, carry if i == 0 else None)
+
+    try:
+        with ThreadPoolExecutor(min(threads, len(prefixes))) as pool:
+            done = list(pool.map(one, range(len(prefixes)), prefixes))
+    finally:
+        for f in forks:
+            lake.counters.update(f.counters)
+    return dict(zip(prefixes, done, strict=True))
+
+
+def _prefix_result(lake, run_id: str, stage: str, prefix: str, task, carry) -> dict:
+    before, t0 = dict(lake.counters), time.perf_counter()
+    record = {"prefix": prefix, "stage": stage, **task(lake, prefix)}
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    record["requests"] = lake.counters.since(before)
+    for k, v in (carry or {}).items():
+        record["requests"][k] = record["requests"].get(k, 0) + v
+    lake.put(result_key(run_id, stage, prefix), json.dumps(record, sort_keys=True).encode())
+    line = json.dumps(
+        {k: record[k] for k in ("stage", "prefix", "seconds") if k in record}
+        | {k: record[k] for k in ("images", "changed") if k in record}
+    )
+    with _PRINTING:  # one whole line at a time, whichever thread ends first
+        print(line, flush=True)
+    return record
+
+
+_PRINTING = threading.Lock()

@@ -82,14 +82,15 @@ def test_a_plan_says_what_the_sync_then_does(home, tmp_path):
     assert plan["packs_to_index"] == ["digits"] and plan["packs_to_ingest"] == []
     touched = len(rec["prefixes"])
     # one chain task a prefix (index, both image stages, tables) in Batch children of about a
-    # minute of work each (the default rates: 0.25 s a prefix task, 100 images a second); the
-    # prefixes past the suite's shard threshold are only indexed there: their shards, merges and
-    # tables are the image and table steps' own tasks
+    # minute of work each (the default rates: 0.25 s a prefix's records, the index and table
+    # parts' 2x faster 8 at a time, 100 images a second); the prefixes past the suite's shard
+    # threshold are only indexed there: their shards, merges and tables are the image and table
+    # steps' own tasks
     chain, images, tables = (_stage(plan, s) for s in ("chain", "images", "tables"))
     sharded = images["prefixes"]
     assert 0 < sharded < touched and tables["prefixes"] == sharded
     assert chain["prefixes"] == touched and chain["images"] + images["images"] == members
-    work = touched * 0.25 + (touched - sharded) * 0.5 + chain["images"] / 100
+    work = touched * 0.125 + (touched - sharded) * (0.125 + 0.25) + chain["images"] / 100
     assert chain["tasks"] == -(-work // 60) < touched
     assert [s["stage"] for s in plan["stages"] if s["tasks"]] == ["chain", "images", "tables"]
 

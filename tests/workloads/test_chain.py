@@ -141,10 +141,36 @@ def test_a_chain_without_tables_leaves_them_to_their_writer(tmp_path, reference)
     assert ran["tables"] == [] and not results(lake, "r", "tables") and ran["images"]
 
 
+def test_prefix_tasks_at_once_count_each_prefixs_requests_as_one_at_a_time(tmp_path, reference):
+    """A task runs its prefixes' index and table parts 8 at a time, each thread on a fork of the
+    lake: the lake, every result record (its requests too) and the lake's own request counts are
+    what one prefix at a time gives."""
+    all_packs, _ = reference
+    got = {}
+    for threads in (1, 8):
+        lake = ingested(tmp_path / f"t{threads}", all_packs)
+        before = dict(lake.counters)
+        for stage, task in (
+            ("index", index_task),
+            ("tables", lambda lake, p: write_prefix_tables(lake, p, PARAMS)),
+        ):
+            prefix_results(lake, "r", stage, list(HASH_PREFIXES), task, threads=threads)
+        records = {s: results(lake, "r", s) for s in ("index", "tables")}
+        requests = {
+            s: {p: json.loads(lake.get(result_key("r", s, p)))["requests"] for p in records[s]}
+            for s in records
+        }
+        # (bytes aside: the result records hold their seconds)
+        counted = {k: v for k, v in lake.counters.since(before).items() if "bytes" not in k}
+        got[threads] = (records, requests, counted, objects(lake))
+    assert got[8] == got[1]
+    assert len(got[1][0]["index"]) == len(HASH_PREFIXES)
+
+
 def killed_chain(lake, dies_at: str, monkeypatch) -> LocalLake:
     """``lake`` after a chain of run "k" died at its first write of a key holding ``dies_at``."""
     with monkeypatch.context() as m:
-        m.setattr(lake, "put", killing_put(lake, dies_at))
+        m.setattr(LocalLake, "put", killing_put(dies_at))
         with pytest.raises(Killed):
             run_chain(lake, "k", list(HASH_PREFIXES), PARAMS, threads=2, shard_images=10_000)
     return lake

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import random
+import threading
 
 import cv2
 import numpy as np
@@ -176,14 +177,17 @@ class Killed(Exception):
     pass
 
 
-def killing_put(lake, key_part: str):
-    """``lake.put`` that dies (as a killed task would) when it writes a key containing ``key_part``."""
-    put = lake.put
+def killing_put(key_part: str):
+    """``LocalLake.put`` (every lake instance's: a task's threads work on forks of its lake)
+    that dies, as a killed task would, when it writes a key containing ``key_part``; after that
+    every put dies (the process is gone, whichever of its threads wrote)."""
+    put, dead = LocalLake.put, threading.Event()
 
-    def dying(key, data):
-        if key_part in key:
+    def dying(self, key, data):
+        if dead.is_set() or key_part in key:
+            dead.set()
             raise Killed(key)
-        put(key, data)
+        put(self, key, data)
 
     return dying
 
@@ -196,7 +200,7 @@ def test_a_killed_index_or_table_task_rerun_converges(tmp_path, reference, dies_
         lake.put(f"incoming/{pack_id}.zip", zip_bytes(all_packs[pack_id]))
         ingest_pack(lake, pack_id, f"incoming/{pack_id}.zip")
     with monkeypatch.context() as m:
-        m.setattr(lake, "put", killing_put(lake, dies_at))
+        m.setattr(LocalLake, "put", killing_put(dies_at))
         with pytest.raises(Killed):
             stats = build_raw_index(lake, list(HASH_PREFIXES))
             for p in [p for p, s in stats.items() if s["images"]]:

@@ -55,6 +55,7 @@ def _parts(lake, run_id: str) -> tuple[dict[str, float], dict[str, dict[str, int
 
 
 def measure(latency: float = 0.02, threads: tuple[int, ...] = (1, 0)) -> dict:
+    from bench.training import s3_endpoint
     from cvgraph.demo_packs import build_digits_pack
     from workloads.chain import run_chain
     from workloads.image_params import ImageParams
@@ -62,8 +63,6 @@ def measure(latency: float = 0.02, threads: tuple[int, ...] = (1, 0)) -> dict:
     from workloads.s3lake import S3Lake
     from workloads.tasks import RECORD_THREADS
     from workloads.versions import HASH_PREFIXES
-
-    from bench.training import s3_endpoint
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(k, "testing")
@@ -73,8 +72,8 @@ def measure(latency: float = 0.02, threads: tuple[int, ...] = (1, 0)) -> dict:
     with s3_endpoint() as url, tempfile.TemporaryDirectory(prefix="bench-chain-") as tmp:
         zip_path = Path(tmp) / "digits.zip"
         build_digits_pack(zip_path)
-        for n in threads:
-            n = n or RECORD_THREADS
+        for asked in threads:
+            n = asked or RECORD_THREADS
             lake = S3Lake(f"s3://{BUCKET}/t{n}", endpoint_url=url)
             if not runs:
                 lake.client.create_bucket(Bucket=BUCKET)

@@ -26,6 +26,31 @@ def _session_home():
     shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
+# `make test` runs the suite on two workers, a test file at a time each (pytest-xdist,
+# --dist loadfile), in collection order: the longest files go first, so no long one starts last
+# and leaves the other worker idle.
+LONGEST_FIRST = (
+    "tests/test_end_to_end.py",
+    "tests/orchestration/test_dagster_dev.py",
+    "tests/aws/test_kill_aws.py",
+    "tests/cvgraph/test_kill.py",
+    "tests/bench/test_bench_smoke.py",
+    "tests/aws/test_mlflow_server.py",
+    "tests/aws/test_injected_faults.py",
+    "tests/aws/test_batch.py",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    root = Path(__file__).resolve().parents[1]
+
+    def rank(item) -> int:
+        file = Path(str(item.fspath)).relative_to(root).as_posix()
+        return LONGEST_FIRST.index(file) if file in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
 
 

@@ -7,7 +7,6 @@ in the workload CLIs, and only on the prefixes that have work: the rest keep the
 """
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -31,7 +30,6 @@ from workloads.costs import (
     chain_estimate,
     chain_task_s,
     image_task_s,
-    images_estimate,
     index_estimate,
     tables_estimate,
     task_groups,
@@ -46,8 +44,16 @@ from workloads.layout import (
     results_dir,
     unrecorded_key,
 )
-from workloads.planning import arriving_rows, images_owed, new_rows, stage_inputs
-from workloads.tasks import parse_task, shard_tasks
+from workloads.planning import (
+    arriving_rows,
+    image_work_estimate,
+    mean_bytes,
+    new_rows,
+    pending_mean,
+    plan_tasks,
+    stage_inputs,
+)
+from workloads.tasks import parse_task
 
 single_run = dg.BackfillPolicy.single_run()
 
@@ -110,24 +116,6 @@ def chain_results(
     return {s: get_many(store, {p: result_key(run_id, s, p) for p in done}) for s in stages}
 
 
-def pending_mean(
-    raw: dict | None,
-    pending: float,
-    arriving: dict[str, int],
-    pack_mean: dict[str, float],
-    spread: tuple[float, float] = (0.0, 0.0),
-) -> float:
-    """The mean bytes of a prefix's ``pending`` originals: those indexed already (``raw``), the
-    ``arriving`` rows of pending packs ({pack: rows}, ``pack_mean`` of each) and a ``spread`` of
-    (images, mean bytes) expected from zips not ingested yet."""
-    rows_in = sum(arriving.values())
-    total = pending + spread[0]
-    known = mean_bytes(raw) * (pending - rows_in) + sum(
-        pack_mean[k] * n for k, n in arriving.items()
-    )
-    return (known + spread[0] * spread[1]) / total if total else 0.0
-
-
 @dataclass(frozen=True)
 class ChainPlan:
     """A chained run's index step: the groups of prefixes its chain tasks take, its estimate."""
@@ -148,10 +136,15 @@ def plan_chain(
     prior_tables = prefix_records(store, TABLES.to_user_string(), work)
     arriving, pack_mean = arriving_rows(store, pending_keys)
     rows_in = {p: sum(arriving.get(p, {}).values()) for p in work}
-    images, _, sharded, pending = plan_tasks(
-        stages, raw, [RESIZED, EDGES], work, params, settings.shard_images, arriving=rows_in
+    planned = plan_tasks(
+        {STAGE_OF[k]: records for k, records in stages.items()},
+        raw,
+        work,
+        params,
+        shard_images=settings.shard_images,
+        arriving=rows_in,
     )
-    chain = {p: pending[p] for p in images if p not in sharded}
+    chain = {p: planned.pending[p] for p in planned.work if p not in planned.sharded}
     seconds = {p: chain_task_s(chain.get(p), rates) for p in work}
     parts = [
         index_work,
@@ -311,50 +304,6 @@ def raw_images(
     return result
 
 
-def plan_tasks(
-    prior: dict,
-    raw: dict,
-    selected: list,
-    prefixes: list[str],
-    params,
-    shard_images: int,
-    arriving: dict[str, int] | None = None,
-) -> tuple[list[str], list[str], list[str], dict[str, int]]:
-    """(prefixes with work, their tasks, the prefixes split into shards, pending images of each
-    prefix with work). A prefix with more than ``shard_images`` pending images (from the records)
-    becomes (prefix, shard) tasks, folded back into the prefix by a merge task. ``arriving``: rows
-    an index step has yet to bring in (a plan's look ahead)."""
-    arriving = arriving or {}
-    owes = {
-        p: images_owed({STAGE_OF[k]: prior[k].get(p) for k in selected}, raw.get(p), params)
-        for p in prefixes
-    }
-    work = [p for p in prefixes if arriving.get(p) or owes[p][0]]
-    pending = {p: arriving.get(p, 0) + owes[p][1] for p in work}
-    tasks = shard_tasks(pending, shard_images)
-    sharded = sorted({parse_task(t)[0] for t in tasks if parse_task(t)[2] > 1})
-    return work, tasks, sharded, pending
-
-
-def mean_bytes(record: dict | None) -> float:
-    """The mean size of a prefix's originals, from its raw_images record."""
-    return (record or {}).get("bytes", 0) / max(1, (record or {}).get("images", 0))
-
-
-def image_work_estimate(
-    work: dict[str, tuple[float, float, float]], shard_images: int, size: int, rates, split: int
-) -> Estimate:
-    """The image stages' estimate of ``work``: {prefix: (weight, pending images, mean bytes of
-    one)}, each prefix split into shards as ``plan_tasks`` splits it; ``split``: tasks per
-    prefix task (``ImageCompute.tasks_per_image_task``)."""
-    tasks, merges = [], 0.0
-    for weight, images, mean in work.values():
-        shards = max(1, math.ceil(images / max(1, shard_images)))
-        merges += weight if shards > 1 else 0
-        tasks += [(weight, images / shards, images / shards * mean)] * shards
-    return images_estimate(tasks, sum(w for w, _, _ in work.values()), merges, size, rates, split)
-
-
 def stage_outputs(
     context,
     store,
@@ -466,9 +415,14 @@ def image_stages(
     prefixes, run_id = list(context.partition_keys), context.run.run_id
     raw = prefix_records(store, "raw_images", prefixes)
     prior = {k: prefix_records(store, k.to_user_string(), prefixes) for k in selected}
-    work, tasks, sharded, pending = plan_tasks(
-        prior, raw, selected, prefixes, params, image_settings.shard_images
+    planned = plan_tasks(
+        {STAGE_OF[k]: prior[k] for k in selected},
+        raw,
+        prefixes,
+        params,
+        shard_images=image_settings.shard_images,
     )
+    work, tasks, sharded, pending = planned.work, planned.tasks, planned.sharded, planned.pending
     # in a chained run the index step's chain tasks did most prefixes: their results are here
     chain = chain_results(context, store, stages, work)
     tasks = [t for t in tasks if parse_task(t)[0] not in chain[stages[0]]]

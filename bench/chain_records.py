@@ -80,7 +80,7 @@ def measure(latency: float = 0.02, threads: tuple[int, ...] = (1, 0)) -> dict:
             lake.put_file("incoming/digits.zip", zip_path)
             ingest_pack(lake, "digits", "incoming/digits.zip")
             switch["on"] = True
-            before, t0 = dict(lake.counters), time.perf_counter()
+            before, t0, cpu0 = dict(lake.counters), time.perf_counter(), time.process_time()
             run_chain(
                 lake,
                 f"bench-{n}",
@@ -90,7 +90,7 @@ def measure(latency: float = 0.02, threads: tuple[int, ...] = (1, 0)) -> dict:
                 shard_images=1_000,
                 record_threads=n,
             )
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             requests = sum(
                 v for k, v in lake.counters.since(before).items() if not k.startswith("bytes")
             )
@@ -98,6 +98,8 @@ def measure(latency: float = 0.02, threads: tuple[int, ...] = (1, 0)) -> dict:
             parts, part_requests = _parts(lake, f"bench-{n}")
             runs[n] = {
                 "chain_s": round(seconds, 2),
+                # this process's CPU (its threads'; not the S3 server's, another process here)
+                "chain_cpu_s": round(cpu, 2),
                 "requests": requests,
                 "parts_s": parts,
                 "part_requests": part_requests,

@@ -17,7 +17,6 @@ from functools import partial
 
 import dagster as dg
 
-from assets.images import EDGES, RESIZED, image_work_estimate, pending_mean, plan_tasks
 from assets.owed import Owed, owed
 from workloads.costs import (
     chain_estimate,
@@ -31,9 +30,13 @@ from workloads.layout import PENDING_RAW, marker_pack, pending_raw_prefix
 from workloads.pack_zip import image_members
 from workloads.planning import (
     INPUTS,
+    STAGE_ASSETS,
     arriving_rows,
     asset_records,
+    image_work_estimate,
     new_rows,
+    pending_mean,
+    plan_tasks,
     table_inputs,
     tables_work,
 )
@@ -116,15 +119,14 @@ def plan(
             index_rows[p] = (1, markers[p] + len(incoming) - sum(miss), images)
         elif incoming:
             index_rows[p] = (touched, len(incoming) - sum(miss), images)
-    work, _, _, pending = plan_tasks(
-        {k: records[k.to_user_string()] for k in (RESIZED, EDGES)},
+    pending = plan_tasks(
+        {s: records[a] for s, a in STAGE_ASSETS.items()},
         raw,
-        [RESIZED, EDGES],
         chosen,
         params,
-        settings.shard_images,
+        shard_images=settings.shard_images,
         arriving=rows_in,
-    )
+    ).pending
     for p in chosen:
         mean = pending_mean(
             raw.get(p),
@@ -200,7 +202,7 @@ def plan(
             for z in (owes.zips if owes is not None else ())
             if z.state == "unreadable"
         ],
-        "prefixes_with_image_work": len(work),
+        "prefixes_with_image_work": len(pending),
         "stages": [s.to_json(prices, rates) for s in stages],
         "total": total.to_json(prices, rates),
         # the stages with work, and the total

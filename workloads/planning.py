@@ -8,9 +8,13 @@ task runs exactly the image and table work the steps after it would have run.
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
+from workloads.costs import Estimate, images_estimate
 from workloads.lake import get_many
 from workloads.layout import legacy_versions_dir, marker_pack, pack_keys, versions_key
+from workloads.tasks import parse_task, shard_tasks
 
 # The prefix assets whose records a table row's inputs are.
 INPUTS = ("raw_images", "resized_images", "edge_maps")
@@ -102,3 +106,75 @@ def arriving_rows(lake, pending: list[str]) -> tuple[dict[str, dict[str, int]], 
             arriving.setdefault(prefix, {})[pack_id] = rows
     mean = {p: rec["bytes_stored"] / max(1, rec["accepted"]) for p, rec in records.items()}
     return arriving, mean
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What the image stages owe a set of prefixes (``plan_tasks``)."""
+
+    work: list[str]  # the prefixes with work, in the order asked
+    tasks: list[str]  # their tasks: a prefix, or a shard of one (``workloads.tasks.task_token``)
+    sharded: list[str]  # the prefixes split into shards (each folded back by a merge task)
+    pending: dict[str, int]  # images each prefix with work has still to make
+
+
+def plan_tasks(
+    stages: dict[str, dict[str, dict]],
+    raw: dict[str, dict],
+    prefixes: list[str],
+    params,
+    *,
+    shard_images: int,
+    arriving: dict[str, int] | None = None,
+) -> ImagePlan:
+    """The image work of ``prefixes``: ``stages`` maps each selected stage to its records
+    (``{prefix: record}``), ``raw`` holds the index's. A prefix with more than ``shard_images``
+    pending images (from the records) becomes (prefix, shard) tasks. ``arriving``: rows an index
+    step has yet to bring in (a plan's look ahead)."""
+    arriving = arriving or {}
+    owes = {
+        p: images_owed({s: records.get(p) for s, records in stages.items()}, raw.get(p), params)
+        for p in prefixes
+    }
+    work = [p for p in prefixes if arriving.get(p) or owes[p][0]]
+    pending = {p: arriving.get(p, 0) + owes[p][1] for p in work}
+    tasks = shard_tasks(pending, shard_images)
+    sharded = sorted({parse_task(t)[0] for t in tasks if parse_task(t)[2] > 1})
+    return ImagePlan(work=work, tasks=tasks, sharded=sharded, pending=pending)
+
+
+def mean_bytes(record: dict | None) -> float:
+    """The mean size of a prefix's originals, from its raw_images record."""
+    return (record or {}).get("bytes", 0) / max(1, (record or {}).get("images", 0))
+
+
+def pending_mean(
+    raw: dict | None,
+    pending: float,
+    arriving: dict[str, int],
+    pack_mean: dict[str, float],
+    spread: tuple[float, float] = (0.0, 0.0),
+) -> float:
+    """The mean bytes of a prefix's ``pending`` originals: those indexed already (``raw``), the
+    ``arriving`` rows of pending packs ({pack: rows}, ``pack_mean`` of each) and a ``spread`` of
+    (images, mean bytes) expected from zips not ingested yet."""
+    rows_in = sum(arriving.values())
+    total = pending + spread[0]
+    known = mean_bytes(raw) * (pending - rows_in) + sum(
+        pack_mean[k] * n for k, n in arriving.items()
+    )
+    return (known + spread[0] * spread[1]) / total if total else 0.0
+
+
+def image_work_estimate(
+    work: dict[str, tuple[float, float, float]], shard_images: int, size: int, rates, split: int
+) -> Estimate:
+    """The image stages' estimate of ``work``: {prefix: (weight, pending images, mean bytes of
+    one)}, each prefix split into shards as ``plan_tasks`` splits it; ``split``: tasks per
+    prefix task (``ImageCompute.tasks_per_image_task``)."""
+    tasks, merges = [], 0.0
+    for weight, images, mean in work.values():
+        shards = max(1, math.ceil(images / max(1, shard_images)))
+        merges += weight if shards > 1 else 0
+        tasks += [(weight, images / shards, images / shards * mean)] * shards
+    return images_estimate(tasks, sum(w for w, _, _ in work.values()), merges, size, rates, split)

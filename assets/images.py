@@ -22,6 +22,7 @@ from assets.versioning import (
 )
 from partitions import hash_prefix_partitions_def
 from resources.compute import ImageCompute, WorkloadFailed, index_command, merge_shards_command
+from resources.dagster_internals import selected_asset_keys
 from resources.settings import CostSettings, ImageSettings
 from resources.storage import LakeResource
 from resources.tables import TableWriter
@@ -90,10 +91,10 @@ STAGE_OF = {RESIZED: "resize", EDGES: "edges"}
 def chained(context: dg.AssetExecutionContext) -> bool:
     """Whether the run selects the index, both image stages and the tables (every sync does):
     its index step then starts one chain task per group for all of them (``workloads.chain``)."""
-    selected = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
+    selected = selected_asset_keys(context)
     # a re-execution of some steps keeps its parent's selection: the steps must run too
     steps = context.run.step_keys_to_execute
-    return {RAW, RESIZED, EDGES, TABLES} <= set(selected) and (
+    return {RAW, RESIZED, EDGES, TABLES} <= selected and (
         steps is None or {"raw_images", "image_stages", "image_tables"} <= set(steps)
     )
 

@@ -28,17 +28,20 @@ from contextlib import contextmanager
 
 import sqlalchemy as db
 from dagster import Field, StringSource
-from dagster._core.errors import DagsterInvariantViolationError
-from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, BATCH_WRITABLE_EVENTS
-from dagster._core.events.log import EventLogEntry
-from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+from sqlalchemy.pool import QueuePool
+
+from resources.dagster_internals import (
+    ASSET_CHECK_EVENTS,
+    ASSET_EVENTS,
+    BATCH_WRITABLE_EVENTS,
     INDEX_SHARD_NAME,
+    SQLITE_BUSY_TIMEOUT_SECONDS,
+    DagsterInvariantViolationError,
+    EventLogEntry,
+    SqlEventLogStorageTable,
     SqliteEventLogStorage,
     SqliteEventLogStorageWatchdog,
 )
-from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
-from sqlalchemy.pool import QueuePool
 
 OPEN_RUN_SHARDS = 8  # the newest runs' databases stay open (the index always does)
 

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-# The run launcher interface's result types (public on the RunLauncher base class, exported only
-# from dagster._core.launcher).
-from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
-
 from orchestration.liveness import RUNNER_TAG, run_alive, start_ticks, worker_pid
+from resources.dagster_internals import CheckRunHealthResult, WorkerStatus
 
 
 class LocalRunLauncher(dg.DefaultRunLauncher):

@@ -78,6 +78,20 @@ def test_imports_go_down_the_layers_and_workloads_import_no_dagster():
     assert dagster == []
 
 
+def test_only_the_internals_module_imports_dagsters_internals():
+    """Dagster's internals (``dagster._*``) come through ``resources.dagster_internals`` alone,
+    whose test pins what the project relies on of them."""
+    imports = imports_of(ROOT)
+    internal = sorted(
+        m
+        for m, edges in imports.items()
+        if any(
+            t.startswith("dagster._") or (t == "dagster" and n.startswith("_")) for t, n in edges
+        )
+    )
+    assert internal == ["resources.dagster_internals"]
+
+
 def test_no_import_cycle_and_no_underscore_import():
     imports = imports_of(ROOT)
     assert cycles_of(graph_of(imports)) == []

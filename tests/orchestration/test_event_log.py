@@ -7,11 +7,10 @@ import threading
 
 import dagster as dg
 import pytest
-from dagster._core.events import BATCH_WRITABLE_EVENTS
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 
 from orchestration import event_log
 from orchestration.instance import DAGSTER_ENV, dagster_home
+from resources.dagster_internals import BATCH_WRITABLE_EVENTS, SqliteEventLogStorage
 
 letters = dg.StaticPartitionsDefinition(["a", "b", "c"])
 

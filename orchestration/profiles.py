@@ -6,9 +6,12 @@ README's settings table.
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
+from typing import TypeVar
 
 import dagster as dg
+import pydantic
 
 from orchestration.settings import (
     SettingError,
@@ -33,35 +36,98 @@ from resources.tracking import mlflow_tracking
 from resources.training import LocalTrainer, SageMakerTrainer
 from workloads.layout import check_name
 
+R = TypeVar("R", bound=dg.ConfigurableResource)
+
+
+# The settings of each resource: {field: variable}. A variable the environment sets configures
+# its field (pydantic converts the text: "4", "0.5", "true"; a list field's is comma-separated);
+# unset, the field keeps the resource's own default, written once on the resource (README's
+# settings table shows it: tests/test_settings_documented.py compares them).
+IMAGE_SETTINGS = {
+    "size": "CVGRAPH_IMAGE_SIZE",
+    "jpeg_quality": "CVGRAPH_JPEG_QUALITY",
+    "edge_low": "CVGRAPH_EDGE_LOW",
+    "edge_high": "CVGRAPH_EDGE_HIGH",
+    "shard_images": "CVGRAPH_SHARD_IMAGES",
+}
+COST_SETTINGS = {
+    "images_per_vcpu_s": "CVGRAPH_PLAN_IMAGES_PER_VCPU_S",
+    "task_start_s": "CVGRAPH_PLAN_TASK_START_S",
+    "task_vcpus": "CVGRAPH_PLAN_TASK_VCPUS",
+    "task_memory_gb": "CVGRAPH_PLAN_TASK_MEMORY_GB",
+    "child_work_s": "CVGRAPH_PLAN_CHILD_WORK_S",
+    "max_children": "CVGRAPH_PLAN_MAX_CHILDREN",
+    "prefix_task_s": "CVGRAPH_PLAN_PREFIX_TASK_S",
+    "record_speedup": "CVGRAPH_PLAN_RECORD_SPEEDUP",
+    "vcpu_hour_usd": "CVGRAPH_PRICE_VCPU_HOUR",
+    "gb_hour_usd": "CVGRAPH_PRICE_GB_HOUR",
+    "s3_put_per_1000_usd": "CVGRAPH_PRICE_S3_PUT_1000",
+    "s3_get_per_1000_usd": "CVGRAPH_PRICE_S3_GET_1000",
+}
+LOCAL_POOL = {"max_workers": "CVGRAPH_WORKERS", "threads_per_worker": "CVGRAPH_IMAGE_THREADS"}
+BATCH = {
+    "poll_seconds": "CVGRAPH_BATCH_POLL_SECONDS",
+    "start_timeout_seconds": "CVGRAPH_BATCH_START_TIMEOUT_SECONDS",
+}
+SAGEMAKER = {
+    "instance_types": "CVGRAPH_TRAINING_INSTANCE_TYPES",
+    "use_spot": "CVGRAPH_TRAINING_SPOT",
+    "max_runtime_seconds": "CVGRAPH_TRAINING_MAX_RUNTIME",
+    "poll_seconds": "CVGRAPH_SAGEMAKER_POLL_SECONDS",
+    "start_timeout_seconds": "CVGRAPH_SAGEMAKER_START_TIMEOUT_SECONDS",
+    "pipes_interval": "CVGRAPH_PIPES_INTERVAL",
+    "tracking_secret_arn": "CVGRAPH_MLFLOW_SECRET_ARN",
+    # a run's disk goes with its task: in memory unless a database is given (the lake keeps
+    # every finished trial; a re-run draws the same trials)
+    "sweep_storage": "CVGRAPH_SWEEP_STORAGE",
+    "subnets": "CVGRAPH_TRAINING_SUBNETS",
+    "security_group_ids": "CVGRAPH_TRAINING_SECURITY_GROUPS",
+    # a sweep: one SageMaker tuning job (false: trials Optuna draws, one job each)
+    "tuning_jobs": "CVGRAPH_SAGEMAKER_TUNING_JOBS",
+    "tuning_strategy": "CVGRAPH_SAGEMAKER_TUNING_STRATEGY",
+}
+ATHENA = {
+    "workgroup": "CVGRAPH_ATHENA_WORKGROUP",
+    "output_location": "CVGRAPH_ATHENA_OUTPUT",
+    "poll_seconds": "CVGRAPH_ATHENA_POLL_SECONDS",
+    "timeout_seconds": "CVGRAPH_ATHENA_TIMEOUT_SECONDS",
+}
+# Every resource configured from the environment, with its settings.
+SETTINGS = (
+    (ImageSettings, IMAGE_SETTINGS),
+    (CostSettings, COST_SETTINGS),
+    (LocalProcessPool, LOCAL_POOL),
+    (BatchArrayClient, BATCH),
+    (SageMakerTrainer, SAGEMAKER),
+    (AthenaCatalog, ATHENA),
+)
+
+
+def configured(resource: type[R], settings: dict[str, str], **given) -> R:
+    """``resource`` with ``given`` fields and those of its ``settings`` the environment sets; a
+    value its field cannot take is a SettingError naming the variable."""
+    fields = {}
+    for field, name in settings.items():
+        if value := os.environ.get(name):
+            listed = typing.get_origin(resource.model_fields[field].annotation) is list
+            fields[field] = [v for v in value.split(",") if v] if listed else value
+    try:
+        return resource(**{**given, **fields})
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        raise SettingError(
+            f"{settings.get(field, resource.__name__)}={fields.get(field, '')!s}: {error['msg']}"
+        ) from None
+
 
 def image_settings() -> ImageSettings:
-    return ImageSettings(
-        size=int(env("CVGRAPH_IMAGE_SIZE", "64")),
-        jpeg_quality=int(env("CVGRAPH_JPEG_QUALITY", "90")),
-        edge_low=int(env("CVGRAPH_EDGE_LOW", "50")),
-        edge_high=int(env("CVGRAPH_EDGE_HIGH", "150")),
-        shard_images=int(env("CVGRAPH_SHARD_IMAGES", "20000")),
-    )
+    return configured(ImageSettings, IMAGE_SETTINGS)
 
 
 def cost_settings() -> CostSettings:
     """Rates and prices of estimates; defaults: ``workloads.costs`` (README, Cost before work)."""
-    d = CostSettings()
-    num = lambda name, default: float(env(name, str(default)))
-    return CostSettings(
-        images_per_vcpu_s=num("CVGRAPH_PLAN_IMAGES_PER_VCPU_S", d.images_per_vcpu_s),
-        task_start_s=num("CVGRAPH_PLAN_TASK_START_S", d.task_start_s),
-        task_vcpus=num("CVGRAPH_PLAN_TASK_VCPUS", d.task_vcpus),
-        task_memory_gb=num("CVGRAPH_PLAN_TASK_MEMORY_GB", d.task_memory_gb),
-        child_work_s=num("CVGRAPH_PLAN_CHILD_WORK_S", d.child_work_s),
-        max_children=int(num("CVGRAPH_PLAN_MAX_CHILDREN", d.max_children)),
-        prefix_task_s=num("CVGRAPH_PLAN_PREFIX_TASK_S", d.prefix_task_s),
-        record_speedup=num("CVGRAPH_PLAN_RECORD_SPEEDUP", d.record_speedup),
-        vcpu_hour_usd=num("CVGRAPH_PRICE_VCPU_HOUR", d.vcpu_hour_usd),
-        gb_hour_usd=num("CVGRAPH_PRICE_GB_HOUR", d.gb_hour_usd),
-        s3_put_per_1000_usd=num("CVGRAPH_PRICE_S3_PUT_1000", d.s3_put_per_1000_usd),
-        s3_get_per_1000_usd=num("CVGRAPH_PRICE_S3_GET_1000", d.s3_get_per_1000_usd),
-    )
+    return configured(CostSettings, COST_SETTINGS)
 
 
 def labeller() -> Labeller:
@@ -83,11 +149,6 @@ def _required(*names: str) -> dict[str, str]:
             f"CVGRAPH_PROFILE=aws needs {', '.join(missing)} (see README, Running on AWS)"
         )
     return {n: os.environ[n] for n in names}
-
-
-def _listed(name: str) -> list[str]:
-    """A comma-separated setting as a list (unset: empty)."""
-    return [v for v in os.environ.get(name, "").split(",") if v]
 
 
 def tracking_config(h: Path, profile_name: str) -> dict:
@@ -137,10 +198,7 @@ def local_resources() -> dict:
     """Everything on this machine: a directory lake, worker processes, DuckDB, local training."""
     h = home()
     lake = LakeResource(url=lake_url("local"))
-    compute = LocalProcessPool(
-        max_workers=int(env("CVGRAPH_WORKERS", str(os.cpu_count() or 2))),
-        threads_per_worker=int(env("CVGRAPH_IMAGE_THREADS", "4")),
-    )
+    compute = configured(LocalProcessPool, LOCAL_POOL, max_workers=os.cpu_count() or 2)
     return {
         "lake": lake,
         "image_compute": compute,
@@ -173,44 +231,24 @@ def aws_resources() -> dict:
         "CVGRAPH_GLUE_DATABASE",
     )
     lake = LakeResource(url=lake_url("aws"), endpoint_url=endpoint_url())
-    compute = BatchArrayClient(
+    compute = configured(
+        BatchArrayClient,
+        BATCH,
         job_queue=v["CVGRAPH_BATCH_JOB_QUEUE"],
         job_definition=v["CVGRAPH_BATCH_JOB_DEFINITION"],
-        poll_seconds=float(env("CVGRAPH_BATCH_POLL_SECONDS", "10")),
-        start_timeout_seconds=float(env("CVGRAPH_BATCH_START_TIMEOUT_SECONDS", "3600")),
     )
     return {
         "lake": lake,
         "image_compute": compute,
         "table_writer": table_writer(compute),
-        "trainer": SageMakerTrainer(
+        "trainer": configured(
+            SageMakerTrainer,
+            SAGEMAKER,
             role_arn=v["CVGRAPH_SAGEMAKER_ROLE_ARN"],
             training_image=v["CVGRAPH_TRAINING_IMAGE"],
-            instance_types=env(
-                "CVGRAPH_TRAINING_INSTANCE_TYPES", "ml.m5.large,ml.c5.xlarge,ml.m5.xlarge"
-            ).split(","),
-            use_spot=env("CVGRAPH_TRAINING_SPOT", "true").lower() == "true",
-            max_runtime_seconds=int(env("CVGRAPH_TRAINING_MAX_RUNTIME", "3600")),
-            poll_seconds=float(env("CVGRAPH_SAGEMAKER_POLL_SECONDS", "15")),
-            start_timeout_seconds=float(env("CVGRAPH_SAGEMAKER_START_TIMEOUT_SECONDS", "3600")),
-            pipes_interval=float(env("CVGRAPH_PIPES_INTERVAL", "10")),
-            tracking_secret_arn=os.environ.get("CVGRAPH_MLFLOW_SECRET_ARN") or None,
-            # a run's disk goes with its task: in memory unless a database is given (the lake
-            # keeps every finished trial; a re-run draws the same trials)
-            sweep_storage=os.environ.get("CVGRAPH_SWEEP_STORAGE", ""),
-            subnets=_listed("CVGRAPH_TRAINING_SUBNETS"),
-            security_group_ids=_listed("CVGRAPH_TRAINING_SECURITY_GROUPS"),
-            # a sweep: one SageMaker tuning job (false: trials Optuna draws, one job each)
-            tuning_jobs=env("CVGRAPH_SAGEMAKER_TUNING_JOBS", "true").lower() == "true",
-            tuning_strategy=env("CVGRAPH_SAGEMAKER_TUNING_STRATEGY", "Bayesian"),
         ),
-        "catalog": AthenaCatalog(
-            lake=lake,
-            database=v["CVGRAPH_GLUE_DATABASE"],
-            workgroup=env("CVGRAPH_ATHENA_WORKGROUP", "primary"),
-            output_location=os.environ.get("CVGRAPH_ATHENA_OUTPUT") or None,
-            poll_seconds=float(env("CVGRAPH_ATHENA_POLL_SECONDS", "1")),
-            timeout_seconds=float(env("CVGRAPH_ATHENA_TIMEOUT_SECONDS", "1800")),
+        "catalog": configured(
+            AthenaCatalog, ATHENA, lake=lake, database=v["CVGRAPH_GLUE_DATABASE"]
         ),
         "mlflow": _tracking(home(), "aws"),
         "image_settings": image_settings(),

@@ -8,6 +8,8 @@ import re
 import time
 from dataclasses import dataclass
 
+from pydantic import Field
+
 from resources.aws import AwsResource, poll, stopped_on_interrupt
 from resources.compute import (
     ImageCompute,
@@ -97,10 +99,13 @@ class BatchArrayClient(ImageCompute, AwsResource):
 
     job_queue: str
     job_definition: str
-    poll_seconds: float = 10.0
+    poll_seconds: float = Field(10.0, description="how often a step describes its Batch jobs")
     # How long a job may wait RUNNABLE/STARTING with none of its children starting (no capacity,
     # a misconfigured compute environment); past it the run's jobs are terminated. 0: no bound.
-    start_timeout_seconds: float = 3600.0
+    start_timeout_seconds: float = Field(
+        3600.0,
+        description="a job whose children wait RUNNABLE/STARTING this long with none starting is terminated",
+    )
     threads_per_job: int = 4
     max_array_size: int = 10_000
 

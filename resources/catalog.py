@@ -9,6 +9,7 @@ import dagster as dg
 import duckdb
 import pyarrow as pa
 import pyarrow.fs as pafs
+from pydantic import Field
 
 from resources.aws import AwsResource, PollTimedOut, poll, stopped_on_interrupt
 from resources.storage import LakeResource
@@ -299,10 +300,14 @@ class AthenaCatalog(Catalog, AwsResource):
 
     lake: LakeResource
     database: str
-    workgroup: str = "primary"
-    output_location: str | None = None  # None: the workgroup's enforced output location
-    poll_seconds: float = 1.0
-    timeout_seconds: float = 1800.0  # 0: none; Athena's own limit is 30 min by default
+    workgroup: str = Field("primary", description="the Athena workgroup")
+    output_location: str | None = Field(
+        None, description="Athena's result location; None: the workgroup's enforced one"
+    )
+    poll_seconds: float = Field(1.0, description="how often a query is polled")
+    timeout_seconds: float = Field(
+        1800.0, description="a query queued or running this long is stopped; 0: none"
+    )
 
     def register_tables(self) -> None:
         """Create the Glue database and tables, or update them to the current schema."""

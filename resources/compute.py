@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import dagster as dg
+from pydantic import Field
 from tqdm import tqdm
 
 from workloads.image_params import ImageParams
@@ -264,8 +265,8 @@ class Progress:
 class LocalProcessPool(ImageCompute):
     """Runs the workload CLI in local processes: the same command a Batch child runs."""
 
-    max_workers: int = 2
-    threads_per_worker: int = 4
+    max_workers: int = Field(2, description="worker processes at once")
+    threads_per_worker: int = Field(4, description="threads a worker overlaps its images' I/O with")
 
     def _env(self) -> dict[str, str]:
         # Large decode buffers: keep glibc from trimming and faulting pages back in.

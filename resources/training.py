@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 from tqdm import tqdm
 
 from resources.aws import AwsResource, poll, stopped_on_interrupt
@@ -250,27 +251,45 @@ class SageMakerTrainer(Trainer, AwsResource):
 
     role_arn: str
     training_image: str
-    instance_types: list[str] = ["ml.m5.large", "ml.c5.xlarge", "ml.m5.xlarge"]
-    use_spot: bool = True
-    max_runtime_seconds: int = 3600
+    instance_types: list[str] = Field(
+        ["ml.m5.large", "ml.c5.xlarge", "ml.m5.xlarge"],
+        description="tried in this order on capacity errors",
+    )
+    use_spot: bool = Field(True, description="managed spot training (checkpoints in S3)")
+    max_runtime_seconds: int = Field(3600, description="a training job's MaxRuntimeInSeconds")
     max_wait_seconds: int = 7200
     volume_gb: int = 10
-    poll_seconds: float = 15.0
-    # How long a job may stay Starting (no instance provisioned); past it the job is stopped
-    # and the step fails. 0: no bound.
-    start_timeout_seconds: float = 3600.0
-    pipes_interval: float = 10.0  # how often Pipes messages (the job's log lines) reach Dagster
-    # The tracking server's credentials: a Secrets Manager secret (JSON username, password) the
-    # job reads itself (the SageMaker role may), so they are in no request or job description.
-    tracking_secret_arn: str | None = None
-    # The job in the VPC (VpcConfig), where the internal tracking server is; empty: no VPC.
-    subnets: list[str] = []
-    security_group_ids: list[str] = []
+    poll_seconds: float = Field(
+        15.0, description="how often a step describes its training or tuning job"
+    )
+    start_timeout_seconds: float = Field(
+        3600.0,
+        description="a job still Starting this long (no instance) is stopped and the step fails; 0: no bound",
+    )
+    pipes_interval: float = Field(
+        10.0,
+        description="seconds between a job's Dagster Pipes message chunks (its log lines in the run)",
+    )
+    # (the SageMaker role may read it: the credentials are in no request or job description)
+    tracking_secret_arn: str | None = Field(
+        None,
+        description="a Secrets Manager secret (JSON username, password) of the tracking server the job reads itself",
+    )
+    subnets: list[str] = Field(
+        [],
+        description="the job's VPC subnets (VpcConfig), where the internal tracking server is; empty: no VPC",
+    )
+    security_group_ids: list[str] = Field([], description="the job's security groups, with subnets")
     # A sweep as a SageMaker hyperparameter tuning job (this strategy: Bayesian, Random or
     # Hyperband; early stopping Auto but with Hyperband's own); False: trials drawn by cvgraph's
     # Optuna study, each a training job of its own.
-    tuning_jobs: bool = True
-    tuning_strategy: str = "Bayesian"
+    tuning_jobs: bool = Field(
+        True,
+        description="a sweep is one SageMaker tuning job; False: trials cvgraph's Optuna study draws, a job each",
+    )
+    tuning_strategy: str = Field(
+        "Bayesian", description="the tuning job's strategy: Bayesian, Random or Hyperband"
+    )
 
     def _request(
         self,

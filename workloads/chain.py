@@ -34,6 +34,7 @@ from workloads.planning import (
 from workloads.tables import write_prefix_tables
 from workloads.tasks import (
     RECORD_THREADS,
+    on_forks,
     open_task_lake,
     prefix_parser,
     prefix_results,
@@ -56,9 +57,9 @@ def run_chain(
 ) -> dict[str, list[str]]:
     """Index ``prefixes``, then make the images and (unless not ``tables``: another writer's)
     tables the steps after would make; returns the prefixes each part ran on
-    (``{"index": …, "images": …, "tables": …}``). The index and table tasks run
-    ``record_threads`` prefixes at a time (``prefix_results``); the image stages a prefix at a
-    time, ``threads`` images at a time."""
+    (``{"index": …, "images": …, "tables": …}``). Each part runs ``record_threads``
+    prefixes at a time (``workloads.tasks.on_forks``), a prefix's image stages ``threads``
+    images at a time."""
     before = dict(lake.counters)
     # the records the image and table steps decide by (the index's: its results, as the index
     # step is about to record them)
@@ -90,13 +91,21 @@ def run_chain(
             later.add(p)  # shards and a merge, then its tables: the steps'
         elif work:
             images.append(p)
-    made = {}
-    for p in images:
-        if all(p in done[s] for s in STAGES):
-            made[p] = get_many(lake, {s: result_key(run_id, s, p) for s in STAGES})
-            continue
-        made[p] = process_prefix(lake, p, STAGES, params, run_id, threads=threads)
-        report(made[p])
+    made = {
+        p: get_many(lake, {s: result_key(run_id, s, p) for s in STAGES})
+        for p in images
+        if all(p in done[s] for s in STAGES)
+    }
+    made.update(
+        on_forks(
+            lake,
+            [p for p in images if p not in made],
+            lambda fork, p: report(
+                process_prefix(fork, p, STAGES, params, run_id, threads=threads)
+            ),
+            threads=record_threads,
+        )
+    )
     written = []
     for p in prefixes:
         if p in later or not tables:
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "--record-threads",
         type=int,
         default=RECORD_THREADS,
-        help="prefixes the index and table parts run at once",
+        help="prefixes each part runs at once",
     )
     ap.add_argument(
         "--shard-images",

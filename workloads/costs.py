@@ -76,13 +76,14 @@ class Rates:
     child_work_s: float = 60.0
     max_children: int = 256  # the stack's SpotMaxVcpus over its job's 1 vCPU
     prefix_task_s: float = 0.25  # what a prefix task costs besides its images: its records
-    # An index or table task runs ``RECORD_THREADS`` prefixes at once (``prefix_results``): its
-    # records' requests overlap, so a prefix of it takes this much less (bench.chain_records).
+    # An index or table task, and each part of a chain task, runs ``RECORD_THREADS`` prefixes at
+    # once (``workloads.tasks.on_forks``): their records' requests overlap, so a prefix of it
+    # takes this much less (bench.chain_records).
     record_speedup: float = 2.0
 
     @property
     def record_task_s(self) -> float:
-        """Seconds of an index or table task's prefix, in a task that runs many at once."""
+        """Seconds of a prefix's records in a task that runs many prefixes at once."""
         return self.prefix_task_s / self.record_speedup
 
 
@@ -165,11 +166,11 @@ def image_task_s(images: float, rates: Rates, split: int = 1) -> float:
 
 def chain_task_s(images: float | None, rates: Rates) -> float:
     """Seconds of work of one prefix's chain task: its index, and when it has image work that
-    the chain does (``images`` pending, None: none or sharded), both stages (a prefix at a
-    time) and its tables."""
+    the chain does (``images`` pending, None: none or sharded), both stages and its tables; a
+    chain runs each part many prefixes at a time (``record_task_s``)."""
     if images is None:
         return rates.record_task_s
-    return 2 * rates.record_task_s + rates.prefix_task_s + images / rates.images_per_vcpu_s
+    return 3 * rates.record_task_s + images / rates.images_per_vcpu_s
 
 
 def task_groups(work: dict[str, float], rates: Rates) -> list[list[str]]:

@@ -29,7 +29,14 @@ from workloads.layout import (
     result_key,
     shard_hashes_key,
 )
-from workloads.tasks import open_task_lake, parse_task, prefix_parser, selected_prefixes, task_token
+from workloads.tasks import (
+    open_task_lake,
+    parse_task,
+    prefix_parser,
+    progress,
+    selected_prefixes,
+    task_token,
+)
 from workloads.variant_hashes import (
     read_hash_table,
     read_hashes,
@@ -341,11 +348,12 @@ def empty_stage_record(stage: str, params: ImageParams, prefix: str) -> dict:
     return _stage_record(prefix, stage, params, [], 0, 0, [], 0, 0.0)
 
 
-def report(records: dict[str, dict]) -> None:
-    """One line per stage record of a prefix task, for the local pool's progress."""
+def report(records: dict[str, dict]) -> dict[str, dict]:
+    """One line per stage record of a prefix task, for the local pool's progress; the records."""
     for rec in records.values():
         keys = ("stage", "prefix", "images", "processed", "skipped", "seconds")
-        print(json.dumps({k: rec[k] for k in keys}), flush=True)
+        progress(json.dumps({k: rec[k] for k in keys}))
+    return records
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -149,30 +149,41 @@ def prefix_results(
     task is mostly waiting on its records' requests); its record (with the task's seconds and
     lake requests) is written last and printed as one line, for the pool's progress. Returns
     the records. ``carry``: requests the caller made for these tasks, counted with the first.
+    Each thread works on its own fork of the lake (``on_forks``)."""
+    return on_forks(
+        lake,
+        list(enumerate(prefixes)),
+        lambda fork, item: _prefix_result(
+            fork, run_id, stage, item[1], task, carry if item[0] == 0 else None
+        ),
+        threads=threads,
+        key=lambda item: item[1],
+    )
 
-    Each thread works on its own ``lake.fork()``, so a record counts its own task's requests
-    exactly; what they count is added to ``lake.counters`` at the end."""
-    if threads <= 1 or len(prefixes) <= 1:
-        return {
-            p: _prefix_result(lake, run_id, stage, p, task, carry if i == 0 else None)
-            for i, p in enumerate(prefixes)
-        }
+
+def on_forks(lake, items: list, work: Callable, *, threads: int, key=lambda item: item) -> dict:
+    """``{key(item): work(a lake, item)}`` for each of ``items``, ``threads`` at a time, each
+    thread on its own ``lake.fork()`` (its requests counted apart: a task's record counts its
+    own), their counts added to ``lake.counters`` at the end; one at a time on ``lake`` itself
+    when ``threads`` is 1. The first failure is raised once the others are done."""
+    if threads <= 1 or len(items) <= 1:
+        return {key(item): work(lake, item) for item in items}
     local, forks, lock = threading.local(), [], threading.Lock()
 
-    def one(i: int, prefix: str) -> dict:
+    def one(item):
         if not hasattr(local, "lake"):
             local.lake = lake.fork()
             with lock:
                 forks.append(local.lake)
-        return _prefix_result(local.lake, run_id, stage, prefix, task, carry if i == 0 else None)
+        return work(local.lake, item)
 
     try:
-        with ThreadPoolExecutor(min(threads, len(prefixes))) as pool:
-            done = list(pool.map(one, range(len(prefixes)), prefixes))
+        with ThreadPoolExecutor(min(threads, len(items))) as pool:
+            done = list(pool.map(one, items))
     finally:
         for f in forks:
             lake.counters.update(f.counters)
-    return dict(zip(prefixes, done, strict=True))
+    return {key(item): d for item, d in zip(items, done, strict=True)}
 
 
 def _prefix_result(lake, run_id: str, stage: str, prefix: str, task, carry) -> dict:
@@ -187,9 +198,15 @@ def _prefix_result(lake, run_id: str, stage: str, prefix: str, task, carry) -> d
         {k: record[k] for k in ("stage", "prefix", "seconds") if k in record}
         | {k: record[k] for k in ("images", "changed") if k in record}
     )
-    with _PRINTING:  # one whole line at a time, whichever thread ends first
-        print(line, flush=True)
+    progress(line)
     return record
 
 
 _PRINTING = threading.Lock()
+
+
+def progress(line: str) -> None:
+    """A line of a task's progress (the local pool reads them): one whole line at a time,
+    whichever of its threads prints."""
+    with _PRINTING:
+        print(line, flush=True)

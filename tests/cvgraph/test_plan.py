@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from cvgraph.demo_packs import build_digits_pack
+from workloads.costs import Rates
 
 # A sync's run selects every prefix asset: its index step starts the chain tasks that index,
 # make the images and write the tables; each asset's step still counts its tasks' requests.
@@ -82,16 +83,21 @@ def test_a_plan_says_what_the_sync_then_does(home, tmp_path):
     assert plan["packs_to_index"] == ["digits"] and plan["packs_to_ingest"] == []
     touched = len(rec["prefixes"])
     # one chain task a prefix (index, both image stages, tables) in Batch children of about a
-    # minute of work each (the default rates: 0.25 s a prefix's records, the index and table
-    # parts' 2x faster 8 at a time, 100 images a second); the prefixes past the suite's shard
+    # minute of work each (the default rates: a prefix's records, faster many prefixes at a
+    # time, and its images); the prefixes past the suite's shard
     # threshold are only indexed there: their shards, merges and tables are the image and table
     # steps' own tasks
     chain, images, tables = (_stage(plan, s) for s in ("chain", "images", "tables"))
     sharded = images["prefixes"]
     assert 0 < sharded < touched and tables["prefixes"] == sharded
     assert chain["prefixes"] == touched and chain["images"] + images["images"] == members
-    work = touched * 0.125 + (touched - sharded) * (0.125 + 0.25) + chain["images"] / 100
-    assert chain["tasks"] == -(-work // 60) < touched
+    r = Rates()
+    work = (
+        touched * r.record_task_s
+        + (touched - sharded) * 2 * r.record_task_s
+        + chain["images"] / r.images_per_vcpu_s
+    )
+    assert chain["tasks"] == -(-work // r.child_work_s) < touched
     assert [s["stage"] for s in plan["stages"] if s["tasks"]] == ["chain", "images", "tables"]
 
     ds.sync()

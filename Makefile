@@ -56,7 +56,7 @@ demo: install
 # Two workers, a test file each at a time (module fixtures stay in one process); the slowest
 # tests are listed at the end (--durations).
 test: install
-	$(BIN)/pytest -q -n 2 --dist loadfile --durations=30
+	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # ruff from the lock: the rules of pyproject.toml [tool.ruff] and the formatter's layout. checkov
 # 3.x from a venv of its own (its pins cannot share .venv), built from requirements-lint.lock and

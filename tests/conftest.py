@@ -34,10 +34,20 @@ LONGEST_FIRST = (
     "tests/orchestration/test_dagster_dev.py",
     "tests/aws/test_kill_aws.py",
     "tests/cvgraph/test_kill.py",
+    "tests/cvgraph/test_tune_cli.py",
+    "tests/cvgraph/test_pack_predictions.py",
+    "tests/cvgraph/test_byo_trainer.py",
+    "tests/cvgraph/test_detection_cli.py",
     "tests/bench/test_bench_smoke.py",
     "tests/aws/test_mlflow_server.py",
     "tests/aws/test_injected_faults.py",
+    "tests/aws/test_sagemaker_tuning.py",
+    "tests/aws/test_sagemaker.py",
     "tests/aws/test_batch.py",
+    "tests/workloads/training/test_sweep.py",
+    "tests/workloads/training/test_detection.py",
+    "tests/workloads/training/test_models.py",
+    "tests/cvgraph/test_concurrency.py",
 )
 
 

@@ -49,7 +49,13 @@ def test_cost_of_known_work():
 
 
 def test_children_take_a_minute_of_work_each_and_no_more_than_run_at_once():
-    rates = Rates(images_per_vcpu_s=100, prefix_task_s=0.25, child_work_s=60, max_children=256)
+    rates = Rates(
+        images_per_vcpu_s=100,
+        prefix_task_s=0.25,
+        record_speedup=0.5,  # a table task's prefix: 0.5 s
+        child_work_s=60,
+        max_children=256,
+    )
     # 256 prefixes of 1,000 images, each stage an array (split 2): per stage 256 x (0.25 + 5) s
     tasks = [(1, 1000, 1e9)] * 256
     est = images_estimate(tasks, 256, 0, 64, rates, split=2)
@@ -64,7 +70,7 @@ def test_children_take_a_minute_of_work_each_and_no_more_than_run_at_once():
     # stages one after the other: their wall times add
     tables = tables_estimate([(1, 1000)] * 256, rates)
     assert (est + tables).wall_s == pytest.approx(est.wall_s + tables.wall_s)
-    assert tables.wall_s == pytest.approx(30 + 256 * 0.25 / 2)  # 64 s of work: two children
+    assert tables.wall_s == pytest.approx(30 + 256 * 0.5 / 3)  # 128 s of work: three children
     # a million images: the children are capped at what runs at once
     big = images_estimate([(1, 4000, 1e9)] * 256, 256, 0, 64, Rates(max_children=10), split=1)
     assert big.tasks == 10

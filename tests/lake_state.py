@@ -47,10 +47,12 @@ print(json.dumps({
 """
 
 
-def cvgraph(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def cvgraph(
+    env: dict, *args: str, check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess:
     """``cvgraph ARGS`` as a user runs it in ``env``; a non-zero exit fails unless ``check=False``."""
     out = subprocess.run(
-        [CLI, *args], check=False, env=env, capture_output=True, text=True, timeout=900
+        [CLI, *args], check=False, env=env, capture_output=True, text=True, timeout=timeout
     )
     if check and out.returncode != 0:
         raise AssertionError(

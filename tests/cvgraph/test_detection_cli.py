@@ -30,7 +30,9 @@ def detector(tmp_path_factory, user_env):
     cvgraph(env, "upload", str(pack))
     cvgraph(env, "sync")
     cvgraph(env, "freeze", "shapes", "SELECT * FROM images WHERE pack_id = 'shapes'")
-    out = cvgraph(env, "train", "det", "--subset", "shapes", "--task", "detection", "--json")
+    # the defaults' training: ~4 min alone here, longer beside another worker's training
+    train = ("train", "det", "--subset", "shapes", "--task", "detection", "--json")
+    out = cvgraph(env, *train, timeout=1800)
     return env, json.loads(out.stdout), tmp
 
 

@@ -100,11 +100,11 @@ class BatchArrayClient(ImageCompute, AwsResource):
     job_queue: str
     job_definition: str
     poll_seconds: float = Field(10.0, description="how often a step describes its Batch jobs")
-    # How long a job may wait RUNNABLE/STARTING with none of its children starting (no capacity,
-    # a misconfigured compute environment); past it the run's jobs are terminated. 0: no bound.
+    # (no capacity, a misconfigured compute environment)
     start_timeout_seconds: float = Field(
         3600.0,
-        description="a job whose children wait RUNNABLE/STARTING this long with none starting is terminated",
+        description="a job whose children wait RUNNABLE/STARTING this long with none starting: "
+        "the run's jobs are terminated; 0: no bound",
     )
     threads_per_job: int = 4
     max_array_size: int = 10_000

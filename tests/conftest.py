@@ -56,12 +56,11 @@ LONGEST_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(items: list) -> None:
-    root = Path(__file__).resolve().parents[1]
+def pytest_collection_modifyitems(config, items: list) -> None:
+    rank_of = {config.rootpath / f: n for n, f in enumerate(LONGEST_FIRST)}
 
     def rank(item) -> int:
-        file = Path(str(item.fspath)).relative_to(root).as_posix()
-        return LONGEST_FIRST.index(file) if file in LONGEST_FIRST else len(LONGEST_FIRST)
+        return rank_of.get(item.path, len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: each file's tests keep their order
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -150,40 +151,41 @@ def prefix_results(
     lake requests) is written last and printed as one line, for the pool's progress. Returns
     the records. ``carry``: requests the caller made for these tasks, counted with the first.
     Each thread works on its own fork of the lake (``on_forks``)."""
+    first = prefixes[0] if prefixes else None
     return on_forks(
         lake,
-        list(enumerate(prefixes)),
-        lambda fork, item: _prefix_result(
-            fork, run_id, stage, item[1], task, carry if item[0] == 0 else None
-        ),
+        prefixes,
+        lambda fork, p: _prefix_result(fork, run_id, stage, p, task, carry if p == first else None),
         threads=threads,
-        key=lambda item: item[1],
     )
 
 
-def on_forks(lake, items: list, work: Callable, *, threads: int, key=lambda item: item) -> dict:
-    """``{key(item): work(a lake, item)}`` for each of ``items``, ``threads`` at a time, each
-    thread on its own ``lake.fork()`` (its requests counted apart: a task's record counts its
-    own), their counts added to ``lake.counters`` at the end; one at a time on ``lake`` itself
-    when ``threads`` is 1. The first failure is raised once the others are done."""
+def on_forks(lake, items: list[str], work: Callable, *, threads: int) -> dict:
+    """``{item: work(a lake, item)}`` for each of ``items``, ``threads`` at a time, each thread
+    on its own ``lake.fork()`` (its requests counted apart: a task's record counts its own),
+    their counts added to ``lake.counters`` at the end; one at a time on ``lake`` itself when
+    ``threads`` is 1. The forks are made here, before the threads start (boto3's default session
+    makes clients one thread at a time). The first failure is raised once the others are done."""
     if threads <= 1 or len(items) <= 1:
-        return {key(item): work(lake, item) for item in items}
-    local, forks, lock = threading.local(), [], threading.Lock()
+        return {item: work(lake, item) for item in items}
+    forks = [lake.fork() for _ in range(min(threads, len(items)))]
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for f in forks:
+        free.put(f)
 
     def one(item):
-        if not hasattr(local, "lake"):
-            local.lake = lake.fork()
-            with lock:
-                forks.append(local.lake)
-        return work(local.lake, item)
+        fork = free.get()  # a thread holds one fork at a time: none is shared
+        try:
+            return work(fork, item)
+        finally:
+            free.put(fork)
 
     try:
-        with ThreadPoolExecutor(min(threads, len(items))) as pool:
-            done = list(pool.map(one, items))
+        with ThreadPoolExecutor(len(forks)) as pool:
+            return dict(zip(items, pool.map(one, items), strict=True))
     finally:
         for f in forks:
             lake.counters.update(f.counters)
-    return {key(item): d for item, d in zip(items, done, strict=True)}
 
 
 def _prefix_result(lake, run_id: str, stage: str, prefix: str, task, carry) -> dict:

@@ -1,8 +1,9 @@
 """The import arrows of the project's own modules, read from the source (function-level imports
 included): one way down the layers, no cycle, no underscore name taken from another module."""
 
-import ast
 from pathlib import Path
+
+from tests.source_imports import absolute_imports
 
 ROOT = Path(__file__).resolve().parent.parent
 # cvgraph -> orchestration -> assets (and partitions) -> resources -> workloads
@@ -17,13 +18,7 @@ def imports_of(root: Path) -> dict[str, list[tuple[str, str]]]:
         for path in sorted((root / package).rglob("*.py")):
             parts = path.relative_to(root).with_suffix("").parts
             module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            edges = []
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ImportFrom) and node.module:
-                    edges += [(node.module, a.name) for a in node.names]
-                elif isinstance(node, ast.Import):
-                    edges += [(a.name, "") for a in node.names]
-            found[module] = edges
+            found[module] = absolute_imports(path)
     return found
 
 

@@ -3,7 +3,6 @@ Dockerfiles (never built here: no Docker engine) run the workloads the way the c
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from cfnlint.decode import decode
+
+from tests.source_imports import absolute_imports
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "deploy" / "cloudformation" / "cvgraph.yaml"
@@ -758,23 +759,17 @@ def third_party_imports(entry: str) -> set[str]:
         if mod in seen:
             continue
         seen.add(mod)
-        tree = ast.parse((ROOT / (mod.replace(".", "/") + ".py")).read_text())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            for name in names:
-                top = name.split(".")[0]
-                if top == "workloads":
-                    todo.append(
-                        name
-                        if (ROOT / (name.replace(".", "/") + ".py")).exists()
-                        else "workloads.__init__"
-                    )
-                elif top not in sys.stdlib_module_names:
-                    found.add(top)
+        path = ROOT / (mod.replace(".", "/") + ".py")
+        for name, _ in absolute_imports(path):
+            top = name.split(".")[0]
+            if top == "workloads":
+                todo.append(
+                    name
+                    if (ROOT / (name.replace(".", "/") + ".py")).exists()
+                    else "workloads.__init__"
+                )
+            elif top not in sys.stdlib_module_names:
+                found.add(top)
     return found
 
 

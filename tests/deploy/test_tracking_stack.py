@@ -36,6 +36,7 @@ from tests.deploy.test_deploy import (
     statements,
     text,
 )
+from tests.source_imports import absolute_imports
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "deploy" / "cloudformation" / "tracking.yaml"
@@ -356,15 +357,7 @@ def test_the_image_installs_the_server_from_the_lock_runs_non_root_and_runs_serv
     assert f"http://127.0.0.1:{PORT}/health" in health
     assert [a for i, a in instructions if i == "EXPOSE"] == [str(PORT)]
     # serve.py runs on the standard library alone, before mlflow is exec'd
-    import ast
-
-    tree = ast.parse(SERVE.read_text())
-    imported = {
-        (a.name if isinstance(node, ast.Import) else node.module).split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import | ast.ImportFrom)
-        for a in (node.names if isinstance(node, ast.Import) else [node])
-    }
+    imported = {module.split(".")[0] for module, _ in absolute_imports(SERVE)}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO
 
@@ -119,25 +120,29 @@ class LocalLake:
             else self._root_str
         ]
         while stack:
+            path = stack.pop()
+            rel = path[cut:] + "/" if len(path) > cut else ""
+            inside = rel.startswith(prefix)  # every key in this directory has the prefix
             try:
-                entries = os.scandir(stack.pop())
+                entries = os.scandir(path)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             with entries:
                 for e in entries:
-                    if e.name.startswith(".tmp-"):
+                    name = e.name
+                    if name.startswith(".tmp-"):
                         continue
-                    key = e.path[cut:]
-                    if e.is_dir(follow_symlinks=False):
-                        if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
-                            stack.append(e.path)
-                    elif (
-                        key.startswith(prefix)
-                        and (start_after is None or key > start_after)
-                        and e.is_file()
+                    key = rel + name
+                    if e.is_file():  # a symlink to a file is one; to a directory, neither
+                        if (inside or key.startswith(prefix)) and (
+                            start_after is None or key > start_after
+                        ):
+                            found.append((key, e))
+                    elif e.is_dir(follow_symlinks=False) and (
+                        inside or (key + "/").startswith(prefix) or prefix.startswith(key + "/")
                     ):
-                        found.append((key, e))
-        found.sort(key=lambda item: item[0])
+                        stack.append(e.path)
+        found.sort(key=itemgetter(0))
         return found
 
     def list(self, prefix: str = "", start_after: str | None = None) -> Iterator[ObjectInfo]:
@@ -151,6 +156,18 @@ class LocalLake:
     def keys(self, prefix: str = "") -> list[str]:
         """The keys ``list`` gives, without their sizes (no stat per object)."""
         return [key for key, _ in self._scan(prefix, None)]
+
+    def names(self, directory: str) -> list[str]:
+        """The names of the objects directly in ``directory`` (a key prefix ending in ``/``), in
+        no order: one listing, nothing below it (``keys``: the whole tree, sorted, at about twice
+        the cost a file)."""
+        self.counters.add("list")
+        try:
+            entries = os.scandir(os.path.join(self._root_str, directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        with entries:
+            return [e.name for e in entries if e.is_file() and not e.name.startswith(".tmp-")]
 
     # -- writes ----------------------------------------------------------------
     def _tmp(self, key: str) -> tuple[Path, Path]:

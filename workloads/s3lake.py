@@ -173,6 +173,19 @@ class S3Lake:
     def keys(self, prefix: str = "") -> list[str]:
         return [o.key for o in self.list(prefix)]
 
+    def names(self, directory: str) -> list[str]:
+        """The names of the objects directly in ``directory`` (a key prefix ending in ``/``):
+        ListObjectsV2 with the ``/`` delimiter, so nothing below it is listed."""
+        full = self._key(directory)
+        return [
+            obj["Key"][len(full) :]
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            )
+            for obj in page.get("Contents", [])
+            if not obj["Key"].endswith("/")
+        ]
+
     # -- writes ----------------------------------------------------------------
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)

@@ -1,10 +1,11 @@
-"""The manifest's `objects` column: each image's boxes, in box order, aligned to the manifest."""
+"""The manifest's `objects` column (each image's boxes, in box order, aligned to the manifest),
+and the `manifest_intact` check's listing of the variants a manifest names."""
 
 import random
 
 import pyarrow as pa
 
-from assets.subsets import _boxes_of
+from assets.subsets import _boxes_of, _missing_variants
 from workloads.annotations import BOX_TYPE
 
 
@@ -58,3 +59,22 @@ def test_boxes_follow_the_manifest_rows_repeats_and_gaps_included():
         assert column.type == pa.list_(BOX_TYPE)
         assert column.null_count == 0
         assert column.to_pylist() == expected
+
+
+def test_missing_variants_names_what_is_gone_over_many_directories(lake):
+    """Listed a directory at a time, several at once: a gone file, a file in a directory that is
+    gone, a null key are missing; a file in another directory with the same name is not there."""
+    resized = [f"resized/r1/{p:02x}/{p:02x}{i}.jpg" for p in range(20) for i in range(3)]
+    edges = [k.replace("resized/r1", "edges/e1").replace(".jpg", ".png") for k in resized]
+    for k in resized + edges:
+        lake.put(k, b"x")
+    lake.delete(resized[4])
+    lake.delete(edges[7])
+    for k in [e for e in edges if e.startswith("edges/e1/0a/")]:
+        lake.delete(k)
+    lake.put("resized/r1/05/" + resized[4].rsplit("/", 1)[1], b"elsewhere")
+    manifest = pa.table({"resized_key": resized, "edges_key": [*edges[:-1], None]})
+    count, first = _missing_variants(lake, manifest)
+    gone_dir = [e for e in edges if e.startswith("edges/e1/0a/")]
+    assert count == 1 + 1 + len(gone_dir) + 1
+    assert first == [resized[4], edges[7], *gone_dir, ""][:5]

@@ -18,6 +18,10 @@ def test_s3_lake_reads_writes_lists_and_conditional_puts(aws, tmp_path):
     assert [o.key for o in lake.list("incoming/", start_after="incoming/a.zip")] == [
         "incoming/b.zip"
     ]
+    lake.put("incoming/deeper/c.zip", b"c")
+    assert sorted(lake.names("incoming/")) == ["a.zip", "b.zip"]  # nothing below it
+    assert lake.names("missing/") == []
+    lake.delete("incoming/deeper/c.zip")
     assert (
         lake.get("incoming/a.zip") == b"incoming/a.zip"
         and lake.exists("other/x")

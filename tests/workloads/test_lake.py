@@ -69,3 +69,19 @@ def test_list_is_ordered_filtered_and_skips_temporaries(lake):
     assert listed("missing/") == [] and listed("z.bin/") == []
     assert [o.size for o in lake.list("a/b/")] == [len(b"a/b/c.bin"), len(b"a/b/d.bin")]
     assert lake.keys("a/b") == listed("a/b") and lake.keys("") == listed("")
+    # names: what is directly in one directory (no temporaries, no subdirectory, nothing below)
+    assert sorted(lake.names("a/b/")) == ["c.bin", "d.bin"]
+    assert sorted(lake.names("a/")) == ["bc.bin"]
+    assert lake.names("missing/") == [] and lake.names("z.bin/") == []
+
+
+def test_listing_follows_a_symlinked_file_but_not_a_symlinked_directory(lake, tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_bytes(b"s")
+    (tmp_path / "target.bin").write_bytes(b"t")
+    (lake.root / "d").mkdir(parents=True)
+    (lake.root / "d" / "own.bin").write_bytes(b"o")
+    os.symlink(tmp_path / "target.bin", lake.root / "d" / "linked.bin")
+    os.symlink(tmp_path / "outside", lake.root / "d" / "dir")
+    assert lake.keys("") == ["d/linked.bin", "d/own.bin"]
+    assert sorted(lake.names("d/")) == ["linked.bin", "own.bin"]

@@ -27,7 +27,7 @@ from resources.storage import LakeResource
 from workloads.annotations import BOX_TYPE
 from workloads.lake import parquet_table, write_parquet
 from workloads.layout import pending_packs, subset_keys
-from workloads.tasks import RECORD_THREADS, on_forks
+from workloads.tasks import on_forks
 from workloads.versions import sha256_hex, table_hash
 
 REQUIRED = (
@@ -455,9 +455,10 @@ def frozen_subsets(
 
 def _missing_variants(store, manifest) -> tuple[int, list[str]]:
     """How many listed resized/edges keys have no object (or no key at all), and the first few:
-    one listing per variant directory instead of one request per file (``RECORD_THREADS``
-    directories at a time: on S3 each is a request or more), compared in Arrow. By ``names``
-    (one directory, no sort): about 1 µs a file here, half what ``keys`` costs."""
+    one listing per variant directory instead of one request per file (the lake's
+    ``list_threads`` directories at a time: on S3 each is a request or more), compared in
+    Arrow. By ``names`` (one directory, no sort): about 1 µs a file here, half what ``keys``
+    costs."""
     count, first = 0, []
     for col in ("resized_key", "edges_key"):
         keys = manifest[col]
@@ -468,7 +469,7 @@ def _missing_variants(store, manifest) -> tuple[int, list[str]]:
             ).to_pylist()
             if d
         ]
-        listed = on_forks(store, dirs, lambda lake, d: lake.names(d), threads=RECORD_THREADS)
+        listed = on_forks(store, dirs, lambda lake, d: lake.names(d), threads=store.list_threads)
         present = pa.array([d + name for d in dirs for name in listed[d]], pa.string())
         absent = pc.filter(keys, pc.invert(pc.fill_null(pc.is_in(keys, value_set=present), False)))
         count += len(absent)

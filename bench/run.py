@@ -110,7 +110,6 @@ FULL = {
     "ingest_bytes": 2 * 1024**3,
     "ingest_pool_env": True,
     "freeze_rows": 1_000_000,
-    "freeze_probe_rows": 50_000,
     "dataset_rounds": 5,
     "incremental_lakes": (1_000, 30_000),
     "cli_runs": 5,
@@ -135,7 +134,6 @@ QUICK = {
     "ingest_bytes": 40 * 1024**2,
     "ingest_pool_env": False,
     "freeze_rows": 5_000,
-    "freeze_probe_rows": 2_000,
     "dataset_rounds": 1,
     "incremental_lakes": (500, 1_500),
     "cli_runs": 1,
@@ -402,34 +400,13 @@ def bench_freeze(cfg: dict, work: Path) -> dict:
         drop=drop,
     )
     shutil.rmtree(home, ignore_errors=True)
-    probe_home = work / "freeze_probe_home"
-    probe_home.mkdir(parents=True)
-    probe = run_json(
-        [
-            "bench.freeze",
-            "--home",
-            str(probe_home),
-            "--rows",
-            str(cfg["freeze_probe_rows"]),
-            "--presence-probe",
-        ],
-        extra_env={**env, "CVGRAPH_HOME": str(probe_home)},
-        drop=drop,
-    )
-    shutil.rmtree(probe_home, ignore_errors=True)
-    estimate = r["freeze_s"] + max(0.0, probe["extra_s_per_subset_row"]) * r["subset_rows"]
-    res = _res(
+    return _res(
         "freeze_1m_rows_s",
         r["freeze_s"],
-        f"s (freeze_dataset over a {cfg['freeze_rows']:,}-row images table, variant files absent)",
+        f"s (freeze_dataset over a {cfg['freeze_rows']:,}-row images table, its "
+        f"{r['variant_files']:,} variant files present)",
         **r,
-        variant_files_probe=probe,
-        estimated_with_variant_files_s=round(estimate, 2),
-        note="measured with the 1.9 M resized/edges files absent; estimated_with_variant_files_s adds what their presence "
-        "costs per subset row (measured on the probe's small table); pass requires both under the target",
     )
-    res["pass"] = bool(res["pass"] and estimate < TARGETS["freeze_1m_rows_s"][0])
-    return res
 
 
 # -- 7: dataset vs direct ----------------------------------------------------------------------
@@ -620,11 +597,10 @@ def details(results: dict) -> str:
             f"(polled {k['cli']['polled_hwm_mb']}), imports alone {k['import_only_rss_mb']} MB, with the pool's malloc env {pool.get('peak_rss_mb')} MB"
         )
     if (k := g("freeze_1m_rows_s")) and not k.get("error"):
-        p = k["variant_files_probe"]
         out.append(
-            f"freeze: {k['subset_rows']:,} of {k['table']['rows']:,} rows in {k['freeze_s']} s (variant files absent); "
-            f"selective ({k['selective']['rows']:,} rows) {k['selective']['freeze_s']} s; with the variant files present an estimated "
-            f"{k['estimated_with_variant_files_s']} s (probe: {p['subset_rows']:,} rows {p['freeze_absent_s']} s absent vs {p['freeze_present_s']} s present)"
+            f"freeze: {k['subset_rows']:,} of {k['table']['rows']:,} rows in {k['freeze_s']} s with its "
+            f"{k['variant_files']:,} variant files present ({k['freeze_variant_files_absent_s']} s absent); "
+            f"selective ({k['selective']['rows']:,} rows, files absent) {k['selective']['freeze_s']} s"
         )
         prof = k.get("profile") or {}
         if prof:

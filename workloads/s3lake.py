@@ -67,6 +67,10 @@ def _missing(e: ClientError) -> bool:
 class S3Lake:
     """``s3://bucket/prefix``: keys are relative to the prefix."""
 
+    # Directories listed at once by a check over many (``names``): each listing waits on its
+    # requests, 1,000 keys a page.
+    list_threads = 8
+
     def __init__(self, url: str, endpoint_url: str | None = None):
         if not url.startswith("s3://"):
             raise ValueError(f"not an s3:// url: {url}")

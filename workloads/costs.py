@@ -76,13 +76,13 @@ class Rates:
     child_work_s: float = 60.0
     max_children: int = 256  # the stack's SpotMaxVcpus over its job's 1 vCPU
     # What a prefix task costs besides its images: its records (bench.chain_records: a chain
-    # task one prefix at a time over S3 at 20 ms a request, 1.37 s a prefix for its three parts).
-    prefix_task_s: float = 0.45
+    # task one prefix at a time over S3 at 20 ms a request, 1.28 s a prefix for its three parts).
+    prefix_task_s: float = 0.425
     # An index or table task, and each part of a chain task, runs ``RECORD_THREADS`` prefixes at
     # once (``workloads.tasks.on_forks``): their records' requests overlap, so a prefix of it
-    # takes this much less (bench.chain_records: 2.26 on the index and table parts, with moto's
-    # server on the task's own two cores).
-    record_speedup: float = 2.25
+    # takes this much less (bench.chain_records: the whole chain 8 at a time 3.35x faster, with
+    # moto's server on the task's own two cores).
+    record_speedup: float = 3.35
 
     @property
     def record_task_s(self) -> float:

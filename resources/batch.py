@@ -18,6 +18,7 @@ from resources.compute import (
     images_command,
     ingest_command,
 )
+from workloads.image_params import IMAGE_THREADS
 from workloads.tasks import VERDICTS, group_args
 
 # Spot reclaims (the host went away) are retried; a non-zero exit of our code is not.
@@ -106,7 +107,9 @@ class BatchArrayClient(ImageCompute, AwsResource):
         description="a job whose children wait RUNNABLE/STARTING this long with none starting: "
         "the run's jobs are terminated; 0: no bound",
     )
-    threads_per_job: int = 4
+    threads_per_job: int = Field(
+        IMAGE_THREADS, description="threads a child overlaps its images' reads and writes with"
+    )
     max_array_size: int = 10_000
 
     def _environment(self) -> list[dict]:

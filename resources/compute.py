@@ -14,7 +14,7 @@ import dagster as dg
 from pydantic import Field
 from tqdm import tqdm
 
-from workloads.image_params import ImageParams
+from workloads.image_params import IMAGE_THREADS, ImageParams
 from workloads.tasks import VERDICTS
 
 
@@ -266,7 +266,9 @@ class LocalProcessPool(ImageCompute):
     """Runs the workload CLI in local processes: the same command a Batch child runs."""
 
     max_workers: int = Field(2, description="worker processes at once")
-    threads_per_worker: int = Field(4, description="threads a worker overlaps its images' I/O with")
+    threads_per_worker: int = Field(
+        IMAGE_THREADS, description="threads a worker overlaps its images' I/O with"
+    )
 
     def _env(self) -> dict[str, str]:
         # Large decode buffers: keep glibc from trimming and faulting pages back in.

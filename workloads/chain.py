@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import sys
 
-from workloads.image_params import ImageParams, add_params_args, params_from_args
+from workloads.image_params import (
+    IMAGE_THREADS,
+    ImageParams,
+    add_params_args,
+    params_from_args,
+)
 from workloads.images import process_prefix, report
 from workloads.index import index_task
 from workloads.lake import get_many
@@ -131,7 +136,9 @@ def run_chain(
 def main(argv: list[str] | None = None) -> int:
     ap = prefix_parser("index, image stages and tables of prefixes, in one task")
     add_params_args(ap)
-    ap.add_argument("--threads", type=int, default=4, help="images a prefix's stages make at once")
+    ap.add_argument(
+        "--threads", type=int, default=IMAGE_THREADS, help="images a prefix's stages make at once"
+    )
     ap.add_argument(
         "--record-threads",
         type=int,

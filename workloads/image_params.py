@@ -14,6 +14,9 @@ from workloads.versions import params_id
 # Part of every params id: a change that alters output bytes gets new output directories.
 # 2: the 1/2 decode needs a 2x margin, 1/4 dropped; edge maps as 1-bit PNG.
 KERNEL_VERSION = 2
+# Images a prefix task's stages make at once (threads overlap their reads and writes): the
+# workloads' --threads, the local pool's and the Batch client's default.
+IMAGE_THREADS = 4
 
 
 @dataclass(frozen=True)

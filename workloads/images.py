@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from workloads.image_params import ImageParams, add_params_args, params_from_args
+from workloads.image_params import (
+    IMAGE_THREADS,
+    ImageParams,
+    add_params_args,
+    params_from_args,
+)
 from workloads.kernels import edges_png, resize_bytes
 from workloads.lake import read_parquet
 from workloads.layout import (
@@ -361,7 +365,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stages", default="resize,edges")
     add_params_args(ap)
     ap.add_argument(
-        "--threads", type=int, default=int(os.environ.get("CVGRAPH_IMAGE_THREADS", "4"))
+        "--threads", type=int, default=IMAGE_THREADS, help="images a prefix's stages make at once"
     )
     ap.add_argument(
         "--full-decode", action="store_true", help="baseline path: no DCT-scaled decode"

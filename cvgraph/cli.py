@@ -194,7 +194,14 @@ def plan(prefixes: str | None, as_json: bool) -> None:
 @click.argument("sql")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list of row objects")
 def query(sql: str, as_json: bool) -> None:
-    """Run one read-only SELECT over `images` and `objects`."""
+    """Run one read-only SELECT over `images`, `objects` and `predictions`.
+
+    \b
+    images       a row per image (its hash, pack, label, split, size, lake keys)
+    objects      a row per box (its image's hash, category, x, y, w, h, iscrowd)
+    predictions  a row per image a labeller scored (model, version, class)
+    README (SDK and CLI, "Tables:") lists every column.
+    """
     table = _ds().sql_query(sql)
     rows = table.to_pylist()
     if as_json:

@@ -46,6 +46,9 @@ def test_help_and_upload_import_neither_dagster_nor_torch(tmp_path):
     status, text = _cli(home, "--help")
     assert status == {"code": 0, "heavy": []}
     assert "upload" in text and "freeze" in text
+    status, text = _cli(home, "query", "--help")  # the tables a query sees, the labeller's too
+    assert status == {"code": 0, "heavy": []}
+    assert all(f"\n  {table}  " in text for table in ("images ", "objects", "predictions"))
 
     status, text = _cli(home, "upload", str(pack))
     assert status == {"code": 0, "heavy": []}

@@ -166,8 +166,8 @@ class LocalLake:
         no order: one listing, nothing below it (``keys``: the whole tree, sorted, at about twice
         the cost a file)."""
         self.counters.add("list")
-        try:
-            entries = os.scandir(os.path.join(self._root_str, directory))
+        try:  # the directory is a key (checked): never a path out of the lake
+            entries = os.scandir(self._file(directory.removesuffix("/")))
         except (FileNotFoundError, NotADirectoryError):
             return []
         with entries:

@@ -73,6 +73,9 @@ def test_list_is_ordered_filtered_and_skips_temporaries(lake):
     assert sorted(lake.names("a/b/")) == ["c.bin", "d.bin"]
     assert sorted(lake.names("a/")) == ["bc.bin"]
     assert lake.names("missing/") == [] and lake.names("z.bin/") == []
+    for outside in ("../", "a/../../", "/etc/"):
+        with pytest.raises(ValueError):
+            lake.names(outside)
 
 
 def test_listing_follows_a_symlinked_file_but_not_a_symlinked_directory(lake, tmp_path):

@@ -133,7 +133,7 @@ class Datasets:
             raise
 
     def end_dead_runs(self) -> list[str]:
-        """End every unfinished run whose process is gone (marked failed, its remote jobs
+        """End every unfinished run whose process is gone (marked failed, its remote work
         stopped), each said on one line to ``progress``; returns their ids."""
         return self._runs.end_dead(self.instance, self.definitions, self.progress)
 

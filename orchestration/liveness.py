@@ -139,7 +139,7 @@ def end_dead_runs(
             stop_remote(run.run_id, "its Dagster run's process is gone") if stop_remote else []
         )
         if stopped:
-            message += f", its remote jobs stopped ({', '.join(stopped)})"
+            message += f", its remote work stopped ({', '.join(stopped)})"
         instance.report_run_failed(run, message=message)
         ended.append(run.run_id)
         if on_line:

@@ -30,7 +30,9 @@ from orchestration.liveness import (
     unfinished_runs,
 )
 from orchestration.sensors import incoming_packs_sensor
+from orchestration.settings import mlflow_tracking_uri
 from partitions import pack_partitions_def
+from resources.tracking import end_runs_of
 
 SENSOR_CURSOR = "cvgraph/sensor_cursor"
 # In-process runs log to the instance (the UI shows every event); the terminal gets only what the
@@ -167,11 +169,26 @@ def _kv_set(inst: dg.DagsterInstance, key: str, value: str) -> None:
     inst.run_storage.set_cursor_values({key: value})
 
 
+# the steps of the assets that log to MLflow: a run of them killed leaves its MLflow run RUNNING
+TRACKED = {a.node_def.name for a in ASSETS if "mlflow" in a.required_resource_keys}
+
+
 def end_dead(
     inst: dg.DagsterInstance, definitions: dg.Definitions, on_log: Callable | None = None
 ) -> list[str]:
-    """``end_dead_runs``, stopping each dead run's remote work through the profile's compute."""
-    return end_dead_runs(inst, on_log, definitions.resources["image_compute"].stop_run)
+    """``end_dead_runs``, stopping each dead run's remote work through the profile's compute and
+    ending as KILLED the MLflow runs a dead run of a tracked asset left RUNNING."""
+    compute = definitions.resources["image_compute"]
+
+    def stop(run_id: str, why: str) -> list[str]:
+        stopped = compute.stop_run(run_id, why)
+        run = inst.get_run_by_id(run_id)
+        if run is not None and set(steps(inst, run)) & TRACKED:
+            ended = end_runs_of(mlflow_tracking_uri(), run_id, why)
+            stopped += [f"MLflow run {r[:8]} ended as KILLED" for r in ended]
+        return stopped
+
+    return end_dead_runs(inst, on_log, stop)
 
 
 def lake_owed(definitions: dg.Definitions) -> Owed:

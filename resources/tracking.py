@@ -77,6 +77,31 @@ def mlflow_tracking(init_context) -> MlFlow:
     return MlFlow(init_context)
 
 
+def end_runs_of(tracking_uri: str, dagster_run_id: str, why: str) -> list[str]:
+    """End as KILLED the MLflow runs Dagster run ``dagster_run_id`` left RUNNING (its process was
+    killed: no hook ended them), each tagged with ``why``; returns their ids. A SQLite store that
+    does not exist yet holds none (and is not created)."""
+    if (
+        tracking_uri.startswith("sqlite:///")
+        and not Path(tracking_uri[len("sqlite:///") :]).exists()
+    ):
+        return []
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    left = client.search_runs(
+        experiments,
+        filter_string=f"tags.dagster_run_id = '{dagster_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in left:
+        client.set_tag(run.info.run_id, f"{TAG}ended", why)
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in left]
+
+
 def _end_mlflow_run(context, event_list):
     from dagster_mlflow import end_mlflow_on_run_finished as hook
 

@@ -15,6 +15,8 @@ every sweep: ``CVGRAPH_KILL_SEEDS=25 .venv/bin/pytest -k kill``.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from tests.lake_state import (
     SEEDS,
@@ -160,3 +162,29 @@ def test_kill_train_and_export_then_again_gives_the_uninterrupted_model(
     assert {k: v for k, v in got_exports.items() if k not in runs} == {
         k: v for k, v in want_exports.items() if k not in runs
     }
+    # no MLflow run stays RUNNING: a killed command's were ended as KILLED by the next command
+    statuses = mlflow_statuses(env)
+    assert statuses and all(s in ("FINISHED", "KILLED") for s, _ in statuses), statuses
+    assert all(
+        ended.startswith("its Dagster run's process is gone")
+        for s, ended in statuses
+        if s == "KILLED"
+    )
+
+
+# (status, the cvgraph.ended tag) of every MLflow run of a home's tracking store
+MLFLOW_STATUSES = """
+import json, mlflow
+from orchestration.settings import mlflow_tracking_uri
+client = mlflow.MlflowClient(mlflow_tracking_uri())
+ids = [e.experiment_id for e in client.search_experiments()]
+runs = client.search_runs(ids) if ids else []
+print(json.dumps(sorted([r.info.status, r.data.tags.get("cvgraph.ended", "")] for r in runs)))
+"""
+
+
+def mlflow_statuses(env: dict) -> list[list[str]]:
+    out = subprocess.run(
+        [sys.executable, "-c", MLFLOW_STATUSES], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.splitlines()[-1])

@@ -5,9 +5,11 @@ Immutable: once frozen, a key always returns the same manifest (re-materialising
 it); a different query under the same key is refused.
 """
 
+import contextlib
 import json
 import math
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -407,7 +409,7 @@ def frozen_subsets(
     key = require_key("subset", context.partition_key)
     store = lake.lake()
     keys = subset_keys(key)
-    with ThreadPoolExecutor(1) as pool:  # the check's listing, beside the manifest's write
+    with variants_listed_beside(store) as list_variants:  # the check's, beside the write
         if store.exists(keys["record"]):
             record = json.loads(store.get(keys["record"]))
             if config.sql and normalised_sql(config.sql) != normalised_sql(record["sql"]):
@@ -415,7 +417,7 @@ def frozen_subsets(
                     description=f"subset {key} is frozen with a different query ({record['sql']!r}): freeze under a new key"
                 )
             manifest = _verified_manifest(store, key, record)  # read once: verified, then checked
-            missing = pool.submit(_missing_variants, store, manifest)
+            missing = list_variants(manifest)
             context.log.info(f"subset {key} already frozen ({record['rows']} rows); verified")
         else:
             if not config.sql:
@@ -431,7 +433,7 @@ def frozen_subsets(
                 params=image_settings.params(),
                 allow_pending=config.allow_pending,
             )
-            missing = pool.submit(_missing_variants, store, manifest)
+            missing = list_variants(manifest)
             record = write_subset(
                 context,
                 store,
@@ -453,7 +455,24 @@ def frozen_subsets(
     )
 
 
-def _missing_variants(store, manifest) -> tuple[int, list[str]]:
+@contextlib.contextmanager
+def variants_listed_beside(store):
+    """``list_variants(manifest)`` → a future of ``_missing_variants(store, manifest)``, listed
+    in a thread of its own while the caller goes on (writes the manifest). Left on an exception
+    (a refused claim, a failed write, a run terminated), the listing stops at its next directory
+    instead of being waited for to the end."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            yield lambda manifest: pool.submit(_missing_variants, store, manifest, stop)
+        except BaseException:
+            stop.set()
+            raise
+
+
+def _missing_variants(
+    store, manifest, stop: threading.Event | None = None
+) -> tuple[int, list[str]]:
     """How many listed resized/edges keys have no object (or no key at all), and the first few:
     one listing per variant directory instead of one request per file (the lake's
     ``list_threads`` directories at a time: on S3 each is a request or more), compared in
@@ -469,7 +488,12 @@ def _missing_variants(store, manifest) -> tuple[int, list[str]]:
             ).to_pylist()
             if d
         ]
-        listed = on_forks(store, dirs, lambda lake, d: lake.names(d), threads=store.list_threads)
+        listed = on_forks(
+            store,
+            dirs,
+            lambda lake, d: [] if stop is not None and stop.is_set() else lake.names(d),
+            threads=store.list_threads,
+        )
         present = pa.array([d + name for d in dirs for name in listed[d]], pa.string())
         absent = pc.filter(keys, pc.invert(pc.fill_null(pc.is_in(keys, value_set=present), False)))
         count += len(absent)

@@ -4,7 +4,7 @@ The table is generated straight into a scratch lake (``tables/images/prefix=<pp>
 256 files, ``workloads.tables.IMAGES_SCHEMA``, written by the project's ``write_parquet``), with
 the per-prefix version records the image assets leave (``_versions/<asset>/<pp>.json``) and the
 variant directories. The big subset is frozen first with the variant files absent, then (an
-empty file for each of the ~1.9 M resized/edges keys created, about two minutes) again under a
+empty file for each of the 2 M resized/edges keys created, about two minutes) again under a
 new key with them present, as in a lake the image stages made: the ``manifest_intact`` check
 lists them. That second figure is the measurement.
 

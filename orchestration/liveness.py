@@ -183,4 +183,5 @@ def held_prefixes(taken: dict[str, set[str]], prefix_steps) -> set[str]:
 def steps(inst: dg.DagsterInstance, run: dg.DagsterRun):
     """The steps ``run``'s plan executes (a run of a selection job records no asset selection)."""
     plan = run.execution_plan_snapshot_id
-    return (inst.get_execution_plan_snapshot(plan).step_keys_to_execute or ()) if plan else ()
+    snapshot = inst.get_execution_plan_snapshot(plan) if plan else None
+    return (snapshot.step_keys_to_execute or ()) if snapshot else ()

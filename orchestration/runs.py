@@ -184,8 +184,12 @@ def end_dead(
         stopped = compute.stop_run(run_id, why)
         run = inst.get_run_by_id(run_id)
         if run is not None and set(steps(inst, run)) & TRACKED:
-            ended = end_runs_of(mlflow_tracking_uri(), run_id, why)
-            stopped += [f"MLflow run {r[:8]} ended as KILLED" for r in ended]
+            try:
+                ended = end_runs_of(mlflow_tracking_uri(), run_id, why)
+            except Exception as e:  # best effort: the run is ended all the same, and says this
+                stopped.append(f"its MLflow runs not ended: {type(e).__name__}: {str(e)[:120]}")
+            else:
+                stopped += [f"MLflow run {r[:8]} ended as KILLED" for r in ended]
         return stopped
 
     return end_dead_runs(inst, on_log, stop)

@@ -11,6 +11,7 @@ after the model key, tagged with what it was made from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,18 +89,37 @@ def end_runs_of(tracking_uri: str, dagster_run_id: str, why: str) -> list[str]:
         return []
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    left = client.search_runs(
-        experiments,
-        filter_string=f"tags.dagster_run_id = '{dagster_run_id}' and attributes.status = 'RUNNING'",
-    )
-    for run in left:
-        client.set_tag(run.info.run_id, f"{TAG}ended", why)
-        client.set_terminated(run.info.run_id, status="KILLED")
+    with _fail_fast():
+        client = mlflow.MlflowClient(tracking_uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return []
+        left = client.search_runs(
+            experiments,
+            filter_string=f"tags.dagster_run_id = '{dagster_run_id}' and attributes.status = 'RUNNING'",
+        )
+        for run in left:
+            client.set_tag(run.info.run_id, f"{TAG}ended", why)
+            client.set_terminated(run.info.run_id, status="KILLED")
     return [run.info.run_id for run in left]
+
+
+@contextlib.contextmanager
+def _fail_fast():
+    """A tracking server's requests retried once, 10 s each, while a clean-up asks it (MLflow's
+    own default, 7 retries with backoff and 120 s, would hold a command minutes on a server that
+    is down); MLflow reads both variables at each request."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    before = {n: os.environ.get(n) for n in names}
+    os.environ.update({n: os.environ.get(n) or v for n, v in names.items()})
+    try:
+        yield
+    finally:
+        for n, v in before.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def _end_mlflow_run(context, event_list):

@@ -18,10 +18,16 @@ def absolute_imports(path: Path) -> list[tuple[str, str]]:
     found, todo = [], [compile(path.read_text(), str(path), "exec", dont_inherit=True)]
     while todo:
         code = todo.pop()
-        ops = list(dis.get_instructions(code))
+        # EXTENDED_ARG (a code object past 255 constants or names) prefixes an instruction
+        # whose argval already holds the whole argument: it is not one of the three
+        ops = [op for op in dis.get_instructions(code) if op.opname != "EXTENDED_ARG"]
         for n, op in enumerate(ops):
+            if op.opname != "IMPORT_NAME":
+                continue
             # IMPORT_NAME module, after LOAD_CONST level and LOAD_CONST fromlist
-            if op.opname != "IMPORT_NAME" or ops[n - 2].argval != 0:
+            if [o.opname for o in ops[n - 2 : n]] != ["LOAD_CONST", "LOAD_CONST"]:
+                raise ValueError(f"{path}: an import compiled in a way this reader does not know")
+            if ops[n - 2].argval != 0:
                 continue
             fromlist = ops[n - 1].argval
             found += [(op.argval, name) for name in fromlist] if fromlist else [(op.argval, "")]

@@ -26,12 +26,16 @@ class Counters(Counter):
     """Request and byte counts; increments are safe across threads (stages write from a pool)."""
 
     def __init__(self):
+        self._lock = threading.RLock()  # before Counter's init, which calls update
         super().__init__()
-        self._lock = threading.Lock()
 
     def add(self, kind: str, n: int = 1) -> None:
         with self._lock:
             self[kind] += n
+
+    def update(self, *args, **kwargs) -> None:  # a fork's counts, added while others add theirs
+        with self._lock:
+            super().update(*args, **kwargs)
 
     def since(self, before: dict) -> dict[str, int]:
         """What was counted after the snapshot ``before`` (``dict(counters)``)."""

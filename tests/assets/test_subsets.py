@@ -78,3 +78,31 @@ def test_missing_variants_names_what_is_gone_over_many_directories(lake):
     gone_dir = [e for e in edges if e.startswith("edges/e1/0a/")]
     assert count == 1 + 1 + len(gone_dir) + 1
     assert first == [resized[4], edges[7], *gone_dir, ""][:5]
+
+
+def test_a_stopped_listing_lists_no_more_and_a_failure_does_not_wait_for_it(lake):
+    import threading
+
+    import pytest
+
+    from assets.subsets import variants_listed_beside
+
+    keys = [f"resized/r1/{p:02x}/x{p}.jpg" for p in range(40)]
+    for k in keys:
+        lake.put(k, b"x")
+    manifest = pa.table(
+        {"resized_key": keys, "edges_key": pa.array([None] * len(keys), pa.string())}
+    )
+    stop = threading.Event()
+    stop.set()
+    before = lake.counters["list"]
+    assert _missing_variants(lake, manifest, stop)[0] == 2 * len(keys)  # nothing listed: absent
+    assert lake.counters["list"] == before
+    # a failure inside leaves at once, with the listing stopped (its result is not waited for)
+    with pytest.raises(RuntimeError, match="write failed"):
+        with variants_listed_beside(lake) as list_variants:
+            future = list_variants(manifest)
+            raise RuntimeError("write failed")
+    assert future.done()
+    with variants_listed_beside(lake) as list_variants:
+        assert list_variants(manifest).result() == (len(keys), [""] * 5)  # edges: no keys

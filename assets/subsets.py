@@ -266,21 +266,6 @@ def rows_read_twice(catalog: Catalog, manifest) -> dict[str, int]:
 RECHECK_S = (1.0, 3.0, 6.0)
 
 
-def freeze(
-    context, store, catalog: Catalog, key: str, sql: str, params, allow_pending: bool = False
-) -> tuple[dict, object]:
-    """Run the query, claim the key, write the manifest, then the record (the commit marker):
-    (record, manifest). A query that gives nothing claims nothing: the key stays free. A lake
-    with work owed is refused (``allow_pending``: frozen, with what was owed in the record)."""
-    manifest, pending = query_subset(
-        context, store, catalog, key=key, sql=sql, params=params, allow_pending=allow_pending
-    )
-    record = write_subset(
-        context, store, key=key, sql=sql, params=params, manifest=manifest, pending=pending
-    )
-    return record, manifest
-
-
 def query_subset(
     context, store, catalog: Catalog, *, key: str, sql: str, params, allow_pending: bool
 ) -> tuple[object, dict | None]:

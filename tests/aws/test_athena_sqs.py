@@ -243,7 +243,7 @@ def test_a_freeze_on_athena_never_freezes_a_row_a_table_commit_shows_twice(
     `images` table itself holds twice, asks again, and refuses in one line if it stays; once the
     commit is clean, the same freeze has one row per image."""
     from assets import subsets
-    from assets.subsets import freeze, query_manifest, rows_read_twice
+    from assets.subsets import query_manifest, query_subset, rows_read_twice
     from workloads.image_params import ImageParams
     from workloads.layout import part_key
 
@@ -265,7 +265,15 @@ def test_a_freeze_on_athena_never_freezes_a_row_a_table_commit_shows_twice(
     monkeypatch.setattr(subsets, "RECHECK_S", (0.0,))
     context = dg.build_asset_context()
     with pytest.raises(dg.Failure) as refused:
-        freeze(context, lake, catalog, "all", sql, ImageParams(), allow_pending=True)
+        query_subset(
+            context,
+            lake,
+            catalog,
+            key="all",
+            sql=sql,
+            params=ImageParams(),
+            allow_pending=True,
+        )
     assert f"reads {len(twice)} image(s) twice (prefix(es) {prefix})" in refused.value.description
     assert not lake.keys("subsets/all/claim")  # nothing was frozen, nor claimed
     lake.delete(stray)  # the commit's clean-up

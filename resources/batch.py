@@ -8,6 +8,7 @@ import re
 import time
 from dataclasses import dataclass
 
+import dagster as dg
 from pydantic import Field
 
 from resources.aws import AwsResource, poll, stopped_on_interrupt
@@ -91,33 +92,107 @@ def _finished(d: dict) -> bool:
     )
 
 
-class BatchArrayClient(ImageCompute, AwsResource):
-    """AWS Batch: one array job per stage per ranged run; child index → a group of prefixes.
-
-    Written in the pattern of dagster-aws's Pipes clients (submit, poll, forward
-    termination, report failures); results come back through the lake's result records.
-    """
-
-    job_queue: str
-    job_definition: str
-    poll_seconds: float = Field(10.0, description="how often a step describes its Batch jobs")
-    # (no capacity, a misconfigured compute environment)
-    start_timeout_seconds: float = Field(
-        3600.0,
-        description="a job whose children wait RUNNABLE/STARTING this long with none starting: "
-        "the run's jobs are terminated; 0: no bound",
+def console_url(region: str, job_id: str) -> str:
+    """The AWS console's page of Batch job ``job_id`` (an array child's too)."""
+    return (
+        f"https://{region}.console.aws.amazon.com/batch/home?region={region}#jobs/detail/{job_id}"
     )
-    threads_per_job: int = Field(
-        IMAGE_THREADS, description="threads a child overlaps its images' reads and writes with"
-    )
-    max_array_size: int = 10_000
 
-    def _environment(self) -> list[dict]:
-        return [
-            {"name": k, "value": v}
-            for k, v in sorted(os.environ.items())
-            if k.startswith("CVGRAPH_INGEST_")
-        ]
+
+@dataclass(frozen=True)
+class ArrayJob:
+    """One submit_job of a step: ``command`` (plus the group arguments when a child takes more
+    than one prefix) as an array of a child per group, or a single job for one group."""
+
+    stage: str
+    command: list[str]
+    groups: list[list[str]]
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """What ``BatchArrayRunner.run`` did: each job submitted (id → stage), its console page, and
+    the children that failed."""
+
+    jobs: dict[str, str]
+    urls: dict[str, str]
+    failures: list[ChildFailure]
+
+
+class BatchArrayRunner:
+    """Runs a step's array jobs on AWS Batch, shaped like dagster-aws's ``PipesECSClient``: the
+    boto3 client comes in the constructor, ``run`` submits, polls to the end and reports the
+    failed children, and a cancelled Dagster run terminates the jobs it submitted.
+
+    Built by ``BatchArrayClient.get_runner`` from the resource's configuration."""
+
+    def __init__(
+        self,
+        client,
+        *,
+        job_queue: str,
+        job_definition: str,
+        poll_seconds: float,
+        start_timeout_seconds: float,
+        max_array_size: int,
+        environment: dict[str, str],
+    ):
+        self.client = client
+        self.job_queue, self.job_definition = job_queue, job_definition
+        self.poll_seconds, self.start_timeout_seconds = poll_seconds, start_timeout_seconds
+        self.max_array_size = max_array_size
+        self.environment = [{"name": k, "value": v} for k, v in sorted(environment.items())]
+
+    def run(self, *, context, run_id: str, jobs: list[ArrayJob]) -> BatchRun:
+        """Submit ``jobs`` in order (each N_TO_N on the one before), a child a group, and wait
+        for all; returns what ran and which children failed (not raised: the caller knows what
+        a failure means for its step).
+
+        If the Dagster run is cancelled meanwhile every job submitted so far is terminated, as
+        dagster-aws's Pipes clients stop their remote work; any other error leaves them running."""
+        submitted: dict[str, tuple[str, list[list[str]]]] = {}
+        previous = None
+        with stopped_on_interrupt(lambda: self._terminate(context, run_id, submitted)):
+            for job in jobs:
+                name = re.sub(
+                    r"[^A-Za-z0-9_-]",
+                    "_",
+                    f"{_name_prefix(run_id)}{job.stage}-{job.groups[0][0]}-{job.groups[-1][-1]}",
+                )
+                grouped = any(len(g) > 1 for g in job.groups)
+                previous = self._submit(
+                    name,
+                    [*job.command, *group_args(job.groups)] if grouped else job.command,
+                    len(job.groups),
+                    depends_on=previous,
+                    tags={"dagster/run_id": run_id},
+                )
+                submitted[previous] = (job.stage, job.groups)
+                tasks = sum(map(len, job.groups))
+                context.log.info(
+                    f"submitted {job.stage} as batch job {previous} ({len(job.groups)} children, "
+                    f"{tasks} prefix tasks): {self.url(previous)}"
+                )
+            descs = self._wait(context, submitted, run_id)
+        return BatchRun(
+            jobs={jid: stage for jid, (stage, _) in submitted.items()},
+            urls={jid: self.url(jid) for jid in submitted},
+            failures=self._failures(submitted, descs),
+        )
+
+    def url(self, job_id: str) -> str:
+        return console_url(self.client.meta.region_name, job_id)
+
+    def stop(self, *, run_id: str, why: str) -> list[str]:
+        """Terminate the jobs of run ``run_id`` (found by name: its process is gone) and wait
+        (up to ``start_timeout_seconds``) until they have ended; returns their ids."""
+        stopped = self._terminate_named(run_id, why)
+        deadline = time.monotonic() + (self.start_timeout_seconds or 3600.0)
+        while stopped and time.monotonic() < deadline:
+            if all(_finished(d) for d in self._describe(stopped).values()):
+                break
+            time.sleep(self.poll_seconds)
+        return stopped
 
     def _submit(
         self,
@@ -136,7 +211,7 @@ class BatchArrayClient(ImageCompute, AwsResource):
             "jobName": name[:128],
             "jobQueue": self.job_queue,
             "jobDefinition": self.job_definition,
-            "containerOverrides": {"command": command, "environment": self._environment()},
+            "containerOverrides": {"command": command, "environment": self.environment},
             "retryStrategy": BATCH_RETRY,
             "propagateTags": True,
             "tags": tags or {},
@@ -147,14 +222,13 @@ class BatchArrayClient(ImageCompute, AwsResource):
             kw["dependsOn"] = [
                 {"jobId": depends_on, "type": "N_TO_N"} if size > 1 else {"jobId": depends_on}
             ]
-        return self._client("batch").submit_job(**kw)["jobId"]
+        return self.client.submit_job(**kw)["jobId"]
 
     def _describe(self, ids: list[str]) -> dict[str, dict]:
-        batch = self._client("batch")
         return {
             d["jobId"]: d
             for chunk in _batches(ids)
-            for d in batch.describe_jobs(jobs=chunk)["jobs"]
+            for d in self.client.describe_jobs(jobs=chunk)["jobs"]
         }
 
     def _wait(
@@ -184,10 +258,6 @@ class BatchArrayClient(ImageCompute, AwsResource):
             self.poll_seconds,
             log_changes,
         )
-
-    @staticmethod
-    def _name_prefix(run_id: str) -> str:
-        return f"cvgraph-{run_id[:8]}-"
 
     def _check_started(self, context, run_id, jobs, descs, waiting_since) -> None:
         """Raise ``JobsNeverStarted`` (the run's jobs terminated) once a job has had children
@@ -221,9 +291,8 @@ class BatchArrayClient(ImageCompute, AwsResource):
         """Batch's status reason for a waiting job: its own, or a waiting child's for an array."""
         if d.get("statusReason") or "arrayProperties" not in d:
             return d.get("statusReason") or "no status reason given"
-        batch = self._client("batch")
         for status in ("RUNNABLE", "STARTING"):
-            page = batch.list_jobs(arrayJobId=jid, jobStatus=status, maxResults=1)
+            page = self.client.list_jobs(arrayJobId=jid, jobStatus=status, maxResults=1)
             for j in page.get("jobSummaryList", []):
                 if j.get("statusReason"):
                     return j["statusReason"]
@@ -239,71 +308,22 @@ class BatchArrayClient(ImageCompute, AwsResource):
 
     def _terminate_named(self, run_id: str, why: str, known: set[str] = frozenset()) -> list[str]:
         """Terminate ``known`` and every unfinished job named for run ``run_id``."""
-        batch = self._client("batch")
         found = set(known)
-        for page in batch.get_paginator("list_jobs").paginate(
+        for page in self.client.get_paginator("list_jobs").paginate(
             jobQueue=self.job_queue,
-            filters=[{"name": "JOB_NAME", "values": [self._name_prefix(run_id) + "*"]}],
+            filters=[{"name": "JOB_NAME", "values": [_name_prefix(run_id) + "*"]}],
         ):
             found |= {j["jobId"] for j in page["jobSummaryList"] if j["status"] not in TERMINAL}
         for jid in sorted(found):
-            batch.terminate_job(jobId=jid, reason=why)
+            self.client.terminate_job(jobId=jid, reason=why)
         return sorted(found)
-
-    def stop_run(self, run_id: str, why: str) -> list[str]:
-        """Terminate the Batch jobs of run ``run_id`` whose orchestrating process is gone, and
-        wait (up to ``start_timeout_seconds``) until they have ended: a killed command's jobs would
-        otherwise go on beside the re-run that does their work, two tasks on one prefix."""
-        stopped = self._terminate_named(run_id, why)
-        deadline = time.monotonic() + (self.start_timeout_seconds or 3600.0)
-        while stopped and time.monotonic() < deadline:
-            if all(_finished(d) for d in self._describe(stopped).values()):
-                break
-            time.sleep(self.poll_seconds)
-        return stopped
-
-    def _run_jobs(
-        self, context, submissions: list[tuple[str, list[str], list[list[str]]]], run_id: str
-    ) -> list[ChildFailure]:
-        """Submit ``(stage, command, groups)`` in order (each N_TO_N on the previous), an array
-        child a group, wait for all; returns the failed children.
-
-        If the Dagster run is cancelled meanwhile every job submitted so far is terminated, as
-        dagster-aws's Pipes clients stop their remote work; any other error leaves them running."""
-        jobs: dict[str, tuple[str, list[list[str]]]] = {}
-        previous = None
-        with stopped_on_interrupt(lambda: self._terminate(context, run_id, jobs)):
-            for stage, command, groups in submissions:
-                name = re.sub(
-                    r"[^A-Za-z0-9_-]",
-                    "_",
-                    f"{self._name_prefix(run_id)}{stage}-{groups[0][0]}-{groups[-1][-1]}",
-                )
-                grouped = any(len(g) > 1 for g in groups)
-                previous = self._submit(
-                    name,
-                    [*command, *group_args(groups)] if grouped else command,
-                    len(groups),
-                    depends_on=previous,
-                    tags={"dagster/run_id": run_id},
-                )
-                jobs[previous] = (stage, groups)
-                tasks = sum(map(len, groups))
-                context.log.info(
-                    f"submitted {stage} as batch job {previous} ({len(groups)} children, "
-                    f"{tasks} prefix tasks)"
-                )
-            descs = self._wait(context, jobs, run_id)
-        return self._failures(jobs, descs)
 
     def _failed_children(self, d: dict) -> list[dict]:
         """The descriptions of job ``d``'s failed children (of ``d`` itself if it is no array)."""
         if "arrayProperties" in d and d["arrayProperties"].get("size", 0) > 1:
             ids = []
-            for page in (
-                self._client("batch")
-                .get_paginator("list_jobs")
-                .paginate(arrayJobId=d["jobId"], jobStatus="FAILED")
+            for page in self.client.get_paginator("list_jobs").paginate(
+                arrayJobId=d["jobId"], jobStatus="FAILED"
             ):
                 ids += [j["jobId"] for j in page["jobSummaryList"]]
             return list(self._describe(ids).values())
@@ -335,6 +355,72 @@ class BatchArrayClient(ImageCompute, AwsResource):
                 )
         return out
 
+
+def _add_job_metadata(context, done: BatchRun) -> None:
+    """Each job's console page on what the step materializes (``batch_job_<stage>``, a link in
+    the Dagster UI); a context of no asset (a test's) has nothing to add it to."""
+    try:
+        if not (done.urls and context.has_assets_def):
+            return
+    except dg.DagsterError:  # a context built outside any asset's invocation has no asset
+        return
+    metadata = {f"batch_job_{done.jobs[j]}": dg.MetadataValue.url(u) for j, u in done.urls.items()}
+    for key in context.selected_asset_keys:
+        context.add_asset_metadata(metadata, asset_key=key)
+
+
+def _name_prefix(run_id: str) -> str:
+    """What the names of run ``run_id``'s jobs start with (how a dead run's jobs are found)."""
+    return f"cvgraph-{run_id[:8]}-"
+
+
+class BatchArrayClient(ImageCompute, AwsResource):
+    """AWS Batch: one array job per stage per ranged run; child index → a group of prefixes.
+
+    The resource holds the configuration; ``get_runner`` gives the ``BatchArrayRunner`` that
+    submits and waits (as dagster-aws's ``S3Resource.get_client`` gives a client). Results come
+    back through the lake's result records.
+    """
+
+    job_queue: str
+    job_definition: str
+    poll_seconds: float = Field(10.0, description="how often a step describes its Batch jobs")
+    # (no capacity, a misconfigured compute environment)
+    start_timeout_seconds: float = Field(
+        3600.0,
+        description="a job whose children wait RUNNABLE/STARTING this long with none starting: "
+        "the run's jobs are terminated; 0: no bound",
+    )
+    threads_per_job: int = Field(
+        IMAGE_THREADS, description="threads a child overlaps its images' reads and writes with"
+    )
+    max_array_size: int = Field(10_000, description="Batch's limit of children an array job has")
+
+    def get_runner(self) -> BatchArrayRunner:
+        """A runner on this resource's Batch client and configuration. The children get the
+        orchestrator's ``CVGRAPH_INGEST_*`` settings (an ingest's limits are the deployment's)."""
+        return BatchArrayRunner(
+            self._client("batch"),
+            job_queue=self.job_queue,
+            job_definition=self.job_definition,
+            poll_seconds=self.poll_seconds,
+            start_timeout_seconds=self.start_timeout_seconds,
+            max_array_size=self.max_array_size,
+            environment={k: v for k, v in os.environ.items() if k.startswith("CVGRAPH_INGEST_")},
+        )
+
+    def stop_run(self, run_id: str, why: str) -> list[str]:
+        """Terminate the Batch jobs of run ``run_id`` whose orchestrating process is gone, and
+        wait until they have ended: a killed command's jobs would otherwise go on beside the
+        re-run that does their work, two tasks on one prefix."""
+        return self.get_runner().stop(run_id=run_id, why=why)
+
+    def _run_jobs(self, context, jobs: list[ArrayJob], run_id: str) -> list[ChildFailure]:
+        """``jobs`` on the runner; their console pages on the step's materializations."""
+        done = self.get_runner().run(context=context, run_id=run_id, jobs=jobs)
+        _add_job_metadata(context, done)
+        return done.failures
+
     def _arrays(self, groups: list[list[str]]) -> list[list[list[str]]]:
         """Groups in chunks of at most ``max_array_size``: one array job each."""
         return [
@@ -350,15 +436,15 @@ class BatchArrayClient(ImageCompute, AwsResource):
         N_TO_N on the one before: child i of edges starts when child i of resize is done."""
         for chunk in self._arrays(groups or [[p] for p in prefixes]):
             tasks = [p for g in chunk for p in g]
-            submissions = [
-                (
+            jobs = [
+                ArrayJob(
                     stage,
                     images_command(lake_url, run_id, [stage], tasks, params, self.threads_per_job),
                     chunk,
                 )
                 for stage in stages
             ]
-            if failures := self._run_jobs(context, submissions, run_id):
+            if failures := self._run_jobs(context, jobs, run_id):
                 raise BatchChildrenFailed(failures)
 
     def run_chain(
@@ -385,17 +471,19 @@ class BatchArrayClient(ImageCompute, AwsResource):
     def run_prefix_tasks(self, context, name, command, prefixes, run_id, groups=None):
         for chunk in self._arrays(groups or [[p] for p in prefixes]):
             tasks = [p for g in chunk for p in g]
-            if failures := self._run_jobs(context, [(name, command(tasks), chunk)], run_id):
+            if failures := self._run_jobs(context, [ArrayJob(name, command(tasks), chunk)], run_id):
                 raise BatchChildrenFailed(failures)
 
     def run_job(self, context, name, what, command):
-        if failures := self._run_jobs(context, [(name, command, [[what]])], context.run.run_id):
+        if failures := self._run_jobs(
+            context, [ArrayJob(name, command, [[what]])], context.run.run_id
+        ):
             raise BatchChildrenFailed(failures, f"{name} of {what} failed on Batch")
 
     def run_ingest(self, context, lake_url, pack_id, key):
         run_id = context.run.run_id
         command = ingest_command(lake_url, pack_id, key, run_id)
-        failures = self._run_jobs(context, [("ingest", command, [[pack_id]])], run_id)
+        failures = self._run_jobs(context, [ArrayJob("ingest", command, [[pack_id]])], run_id)
         if not failures:
             return 0
         if len(failures) == 1 and failures[0].exit_code in VERDICTS:  # the pack's, no failure

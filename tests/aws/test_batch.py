@@ -7,9 +7,16 @@ import boto3
 import dagster as dg
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from botocore.stub import ANY, Stubber
+from botocore.stub import Stubber
 
-from resources.batch import BATCH_RETRY, BatchArrayClient, BatchChildrenFailed, ChildFailure
+from resources.batch import (
+    BATCH_RETRY,
+    ArrayJob,
+    BatchArrayClient,
+    BatchArrayRunner,
+    BatchChildrenFailed,
+    ChildFailure,
+)
 from resources.compute import WorkloadFailed
 from workloads.image_params import ImageParams
 from workloads.layout import result_key
@@ -33,64 +40,90 @@ def parents():
 
 
 def test_request_shapes_pinned_with_stubber():
-    """What moto does not validate: array size, N_TO_N, retry on spot reclaim only, the command."""
+    """What moto does not validate: array size, N_TO_N, retry on spot reclaim only, the command,
+    the names a dead run's jobs are found by; and each job's console page."""
     batch = boto3.client(
-        "batch", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+        "batch", region_name="eu-west-1", aws_access_key_id="x", aws_secret_access_key="x"
     )
-    c = BatchArrayClient(job_queue="q", job_definition="jd").with_client(batch)
+    runner = BatchArrayRunner(
+        batch,
+        job_queue="q",
+        job_definition="jd",
+        poll_seconds=0.01,
+        start_timeout_seconds=0,
+        max_array_size=3,
+        environment={"CVGRAPH_INGEST_MAX_MB": "5"},
+    )
     cmd = ["python", "-m", "workloads.images", "--prefixes", "00,01,02"]
+    env = [{"name": "CVGRAPH_INGEST_MAX_MB", "value": "5"}]
+    three = [["00"], ["01"], ["02"]]  # a prefix a child: no group arguments
+    submits = [
+        ("J1", "cvgraph-run1-resize-00-02", {"arrayProperties": {"size": 3}}),
+        (
+            "J2",
+            "cvgraph-run1-edges-00-02",
+            {"arrayProperties": {"size": 3}, "dependsOn": [{"jobId": "J1", "type": "N_TO_N"}]},
+        ),
+        ("J3", "cvgraph-run1-tables-00-00", {"dependsOn": [{"jobId": "J2"}]}),  # one: no array
+    ]
     with Stubber(batch) as stub:
+        for jid, name, extra in submits:
+            stub.add_response(
+                "submit_job",
+                {"jobName": name, "jobId": jid},
+                {
+                    "jobName": name,
+                    "jobQueue": "q",
+                    "jobDefinition": "jd",
+                    "containerOverrides": {"command": cmd, "environment": env},
+                    "retryStrategy": BATCH_RETRY,
+                    "propagateTags": True,
+                    "tags": {"dagster/run_id": "run1"},
+                    **extra,
+                },
+            )
+        done = {"jobQueue": "q", "jobDefinition": "jd", "status": "SUCCEEDED", "startedAt": 1}
         stub.add_response(
-            "submit_job",
-            {"jobName": "a", "jobId": "J1"},
+            "describe_jobs",
             {
-                "jobName": "a",
-                "jobQueue": "q",
-                "jobDefinition": "jd",
-                "arrayProperties": {"size": 3},
-                "containerOverrides": {"command": cmd, "environment": ANY},
-                "retryStrategy": BATCH_RETRY,
-                "propagateTags": True,
-                "tags": {},
+                "jobs": [
+                    {
+                        "jobId": j,
+                        "jobName": n,
+                        **done,
+                        **({"arrayProperties": {"size": 3}} if j != "J3" else {}),
+                    }
+                    for j, n, _ in submits
+                ]
             },
+            {"jobs": ["J1", "J2", "J3"]},
         )
-        stub.add_response(
-            "submit_job",
-            {"jobName": "b", "jobId": "J2"},
-            {
-                "jobName": "b",
-                "jobQueue": "q",
-                "jobDefinition": "jd",
-                "arrayProperties": {"size": 3},
-                "dependsOn": [{"jobId": "J1", "type": "N_TO_N"}],
-                "containerOverrides": {"command": cmd, "environment": ANY},
-                "retryStrategy": BATCH_RETRY,
-                "propagateTags": True,
-                "tags": {},
-            },
+        for jid in ("J1", "J2"):  # an array's failed children are listed: none
+            stub.add_response(
+                "list_jobs", {"jobSummaryList": []}, {"arrayJobId": jid, "jobStatus": "FAILED"}
+            )
+        ran = runner.run(
+            context=dg.build_asset_context(),
+            run_id="run1",
+            jobs=[
+                ArrayJob("resize", cmd, three),
+                ArrayJob("edges", cmd, three),
+                ArrayJob("tables", cmd, [["00"]]),
+            ],
         )
-        stub.add_response(
-            "submit_job",
-            {"jobName": "c", "jobId": "J3"},
-            {
-                "jobName": "c",
-                "jobQueue": "q",
-                "jobDefinition": "jd",
-                "dependsOn": [{"jobId": "J2"}],
-                "containerOverrides": {"command": cmd, "environment": ANY},
-                "retryStrategy": BATCH_RETRY,
-                "propagateTags": True,
-                "tags": {},
-            },
-        )
-        assert c._submit("a", cmd, 3) == "J1"
-        assert c._submit("b", cmd, 3, depends_on="J1") == "J2"
-        assert c._submit("c", cmd, 1, depends_on="J2") == "J3"  # one prefix: no array
         stub.assert_no_pending_responses()
+    assert ran.failures == [] and ran.jobs == {"J1": "resize", "J2": "edges", "J3": "tables"}
+    assert ran.urls["J2"] == (
+        "https://eu-west-1.console.aws.amazon.com/batch/home?region=eu-west-1#jobs/detail/J2"
+    )
     assert BATCH_RETRY["evaluateOnExit"][0] == {"onStatusReason": "Host EC2*", "action": "RETRY"}
     assert BATCH_RETRY["evaluateOnExit"][-1] == {"onReason": "*", "action": "EXIT"}
-    with pytest.raises(WorkloadFailed, match="10000"):
-        c._submit("d", cmd, 10_001)
+    with pytest.raises(WorkloadFailed, match="4 children exceed the Batch array limit of 3"):
+        runner.run(
+            context=dg.build_asset_context(),
+            run_id="run2",
+            jobs=[ArrayJob("resize", cmd, [*three, ["03"]])],
+        )
 
 
 def test_prefixes_with_work_are_one_array_job_per_stage_in_chunks_of_the_array_limit(
@@ -225,9 +258,16 @@ def test_ingest_reads_an_unreadable_pack_from_the_exit_code_and_fails_loudly_oth
         except BatchChildrenFailed as e:
             out["gone"] = e
 
-    assert dg.materialize([ingest_probe], resources={"image_compute": client()}).success
+    result = dg.materialize([ingest_probe], resources={"image_compute": client()})
+    assert result.success
     assert out["junk"] == PACK_UNREADABLE
     [failure] = out["gone"].failures
+    # the step's materialization links the job's console page (the last ingest's)
+    [event] = result.asset_materializations_for_node("ingest_probe")
+    assert event.metadata["batch_job_ingest"] == dg.MetadataValue.url(
+        "https://us-east-1.console.aws.amazon.com/batch/home?region=us-east-1"
+        f"#jobs/detail/{failure.job_id}"
+    )
     assert (failure.stage, failure.prefix, failure.index) == ("ingest", "gone", None)
     assert failure.exit_code not in (0, PACK_UNREADABLE, None)
     assert str(out["gone"]).startswith("ingest of pack gone (incoming/gone.zip) failed on Batch:")

@@ -109,6 +109,16 @@ def test_whole_graph_on_the_aws_profile(aws, small_digits_pack, monkeypatch):
             if ":" not in jid and "-chain-" in j.job_name
         )
         assert children == indexing["chain"]["tasks"] == 1
+        # the step links the chain's job on every partition it materialized, in the UI
+        [chain_job] = [jid for jid, j in jobs.items() if "-chain-" in j.job_name]
+        links = {
+            r.asset_materialization.metadata["batch_job_chain"].value
+            for r in inst.fetch_materializations(dg.AssetKey("raw_images"), limit=1000).records
+        }
+        assert links == {
+            "https://us-east-1.console.aws.amazon.com/batch/home?region=us-east-1"
+            f"#jobs/detail/{chain_job}"
+        }
         assert indexing["chain"]["images"] == 60
         assert [s for s, e in indexing.items() if e["tasks"]] == ["chain"]
         ran = [r for r in aws.batch_runs if "workloads.chain" in r["command"]]

@@ -109,3 +109,17 @@ def stopped_on_interrupt(stop: Callable[[], None]) -> Iterator[None]:
         except (BotoCoreError, ClientError) as e:
             dg.get_dagster_logger().warning(f"run cancelled, but stopping its AWS work failed: {e}")
         raise
+
+
+def link_on_materializations(context, links: dict[str, str]) -> None:
+    """``{name: url}`` (a remote job's console page) on what the step materializes: each of its
+    assets' materializations (every partition of a ranged run) shows the link in the Dagster UI.
+    A context of no asset (one built outside any asset's invocation) has nothing to add it to."""
+    try:
+        if not (links and context.has_assets_def):
+            return
+    except dg.DagsterError:
+        return
+    metadata = {name: dg.MetadataValue.url(url) for name, url in links.items()}
+    for key in context.selected_asset_keys:
+        context.add_asset_metadata(metadata, asset_key=key)

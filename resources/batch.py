@@ -8,10 +8,9 @@ import re
 import time
 from dataclasses import dataclass
 
-import dagster as dg
 from pydantic import Field
 
-from resources.aws import AwsResource, poll, stopped_on_interrupt
+from resources.aws import AwsResource, link_on_materializations, poll, stopped_on_interrupt
 from resources.compute import (
     ImageCompute,
     WorkloadFailed,
@@ -356,19 +355,6 @@ class BatchArrayRunner:
         return out
 
 
-def _add_job_metadata(context, done: BatchRun) -> None:
-    """Each job's console page on what the step materializes (``batch_job_<stage>``, a link in
-    the Dagster UI); a context of no asset (a test's) has nothing to add it to."""
-    try:
-        if not (done.urls and context.has_assets_def):
-            return
-    except dg.DagsterError:  # a context built outside any asset's invocation has no asset
-        return
-    metadata = {f"batch_job_{done.jobs[j]}": dg.MetadataValue.url(u) for j, u in done.urls.items()}
-    for key in context.selected_asset_keys:
-        context.add_asset_metadata(metadata, asset_key=key)
-
-
 def _name_prefix(run_id: str) -> str:
     """What the names of run ``run_id``'s jobs start with (how a dead run's jobs are found)."""
     return f"cvgraph-{run_id[:8]}-"
@@ -418,7 +404,9 @@ class BatchArrayClient(ImageCompute, AwsResource):
     def _run_jobs(self, context, jobs: list[ArrayJob], run_id: str) -> list[ChildFailure]:
         """``jobs`` on the runner; their console pages on the step's materializations."""
         done = self.get_runner().run(context=context, run_id=run_id, jobs=jobs)
-        _add_job_metadata(context, done)
+        link_on_materializations(
+            context, {f"batch_job_{done.jobs[j]}": url for j, url in done.urls.items()}
+        )
         return done.failures
 
     def _arrays(self, groups: list[list[str]]) -> list[list[list[str]]]:

@@ -17,7 +17,7 @@ import dagster as dg
 from pydantic import Field
 from tqdm import tqdm
 
-from resources.aws import AwsResource, poll, stopped_on_interrupt
+from resources.aws import AwsResource, link_on_materializations, poll, stopped_on_interrupt
 from workloads.lake import LocalLake
 from workloads.layout import PIPES, checkpoints_dir, model_keys
 from workloads.training.byo import MODEL_FILE
@@ -242,6 +242,10 @@ CAPACITY_MARKERS = (
 class SageMakerTrainer(Trainer, AwsResource):
     """SageMaker ``CreateTrainingJob``: managed spot with S3 checkpoints, instance-type fallback.
 
+    The resource holds the configuration; ``get_runner`` gives the ``SageMakerTrainingRunner``
+    and ``get_tuning_runner`` the ``SageMakerTuningRunner`` that create and wait for the jobs
+    (as dagster-aws's ``S3Resource.get_client`` gives a client).
+
     The ``shards`` channel is the subset's training shards' prefix in ``FastFile`` mode: the
     job starts without copying its input, and reads each ~150 MB shard as a stream (a few
     ranged GETs per shard, none per image). ``init`` (File) holds the weights a fine-tune
@@ -291,78 +295,257 @@ class SageMakerTrainer(Trainer, AwsResource):
         "Bayesian", description="the tuning job's strategy: Bayesian, Random or Hyperband"
     )
 
-    def _request(
-        self,
-        name: str,
-        lake,
-        channels: dict[str, tuple[dict, str]],  # name: (S3DataSource, InputMode)
-        model_key: str,
-        base_job: str,
-        instance_type: str,
-        hyperparameters: dict,
-    ) -> dict:
-        """The CreateTrainingJob request (kept separate so its exact shape is tested)."""
-        req = {
-            "TrainingJobName": name,
-            "AlgorithmSpecification": {
-                "TrainingImage": hyperparameters.get("training_image") or self.training_image,
-                "TrainingInputMode": "File",
-                "MetricDefinitions": [
-                    {"Name": "train_loss", "Regex": r"train_loss=([0-9.]+)"},
-                    {"Name": "val_accuracy", "Regex": r"val_accuracy=([0-9.]+)"},
-                    {"Name": "test_accuracy", "Regex": r"test_accuracy=([0-9.]+)"},
-                    {"Name": "val_map", "Regex": r"val_map=([0-9.]+)"},
-                    {"Name": "test_map", "Regex": r"test_map=([0-9.]+)"},
-                    {"Name": "test_map50", "Regex": r"test_map50=([0-9.]+)"},
-                ],
-            },
-            "RoleArn": self.role_arn,
-            "HyperParameters": {
-                k: str(v)
-                for k, v in {**hyperparameters, "checkpoint_dir": "/opt/ml/checkpoints"}.items()
-            },
-            "InputDataConfig": [
-                {
-                    "ChannelName": ch,
-                    "DataSource": {
-                        "S3DataSource": {**spec, "S3DataDistributionType": "FullyReplicated"}
-                    },
-                    "InputMode": mode,
-                }
-                for ch, (spec, mode) in channels.items()
-            ],
-            "OutputDataConfig": {
-                "S3OutputPath": lake.uri(model_keys(model_key)["sagemaker_output"])
-            },
-            "ResourceConfig": {
-                "InstanceType": instance_type,
-                "InstanceCount": 1,
-                "VolumeSizeInGB": self.volume_gb,
-            },
-            "StoppingCondition": {"MaxRuntimeInSeconds": self.max_runtime_seconds},
-            "CheckpointConfig": {
-                "S3Uri": lake.uri(checkpoints_dir(model_key, base_job)),
-                "LocalPath": "/opt/ml/checkpoints",
-            },
-            "Tags": [{"Key": "cvgraph:model", "Value": model_key}],
-        }
-        if self.subnets:
-            req["VpcConfig"] = {
-                "Subnets": list(self.subnets),
-                "SecurityGroupIds": list(self.security_group_ids),
-            }
-        if self.tracking_secret_arn and hyperparameters.get("mlflow_run_id"):
-            req["HyperParameters"]["mlflow_secret_arn"] = self.tracking_secret_arn
-        if self.use_spot:
-            req["EnableManagedSpotTraining"] = True
-            req["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(
-                self.max_wait_seconds, self.max_runtime_seconds
-            )
-        return req
+    def get_runner(self) -> SageMakerTrainingRunner:
+        return SageMakerTrainingRunner(self._client("sagemaker"), config=self)
 
-    def _describe(self, name: str) -> dict | None:
-        """The training job ``name``, or None if there is none."""
-        return self._found(lambda sm: sm.describe_training_job(TrainingJobName=name))
+    def get_tuning_runner(self) -> SageMakerTuningRunner:
+        return SageMakerTuningRunner(self._client("sagemaker"), config=self)
+
+    def train(self, context, lake, job_name, shards_key, model_key, hyperparameters):
+        return self.get_runner().run(
+            context=context,
+            lake=lake,
+            job_name=job_name,
+            shards_key=shards_key,
+            model_key=model_key,
+            hyperparameters=hyperparameters,
+        )
+
+    def runs_tuning_jobs(self) -> bool:
+        return self.tuning_jobs
+
+    def tune(self, context, lake, *, plan, shards_key, hyperparameters):
+        return self.get_tuning_runner().run(
+            context=context,
+            lake=lake,
+            plan=plan,
+            shards_key=shards_key,
+            hyperparameters=hyperparameters,
+        )
+
+
+def training_request(
+    config: SageMakerTrainer,
+    *,
+    name: str,
+    lake,
+    channels: dict[str, tuple[dict, str]],  # name: (S3DataSource, InputMode)
+    model_key: str,
+    base_job: str,
+    instance_type: str,
+    hyperparameters: dict,
+) -> dict:
+    """The CreateTrainingJob request of ``config`` (a function of its own, so its exact shape is
+    tested)."""
+    req = {
+        "TrainingJobName": name,
+        "AlgorithmSpecification": {
+            "TrainingImage": hyperparameters.get("training_image") or config.training_image,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": [
+                {"Name": "train_loss", "Regex": r"train_loss=([0-9.]+)"},
+                {"Name": "val_accuracy", "Regex": r"val_accuracy=([0-9.]+)"},
+                {"Name": "test_accuracy", "Regex": r"test_accuracy=([0-9.]+)"},
+                {"Name": "val_map", "Regex": r"val_map=([0-9.]+)"},
+                {"Name": "test_map", "Regex": r"test_map=([0-9.]+)"},
+                {"Name": "test_map50", "Regex": r"test_map50=([0-9.]+)"},
+            ],
+        },
+        "RoleArn": config.role_arn,
+        "HyperParameters": {
+            k: str(v)
+            for k, v in {**hyperparameters, "checkpoint_dir": "/opt/ml/checkpoints"}.items()
+        },
+        "InputDataConfig": [
+            {
+                "ChannelName": ch,
+                "DataSource": {
+                    "S3DataSource": {**spec, "S3DataDistributionType": "FullyReplicated"}
+                },
+                "InputMode": mode,
+            }
+            for ch, (spec, mode) in channels.items()
+        ],
+        "OutputDataConfig": {"S3OutputPath": lake.uri(model_keys(model_key)["sagemaker_output"])},
+        "ResourceConfig": {
+            "InstanceType": instance_type,
+            "InstanceCount": 1,
+            "VolumeSizeInGB": config.volume_gb,
+        },
+        "StoppingCondition": {"MaxRuntimeInSeconds": config.max_runtime_seconds},
+        "CheckpointConfig": {
+            "S3Uri": lake.uri(checkpoints_dir(model_key, base_job)),
+            "LocalPath": "/opt/ml/checkpoints",
+        },
+        "Tags": [{"Key": "cvgraph:model", "Value": model_key}],
+    }
+    if config.subnets:
+        req["VpcConfig"] = {
+            "Subnets": list(config.subnets),
+            "SecurityGroupIds": list(config.security_group_ids),
+        }
+    if config.tracking_secret_arn and hyperparameters.get("mlflow_run_id"):
+        req["HyperParameters"]["mlflow_secret_arn"] = config.tracking_secret_arn
+    if config.use_spot:
+        req["EnableManagedSpotTraining"] = True
+        req["StoppingCondition"]["MaxWaitTimeInSeconds"] = max(
+            config.max_wait_seconds, config.max_runtime_seconds
+        )
+    return req
+
+
+def job_channels(lake, shards_key: str, hyperparameters: dict) -> tuple[dict, dict]:
+    """The job's input channels, and its hyperparameters as the job reads them."""
+    channels = {
+        "shards": (
+            {"S3DataType": "S3Prefix", "S3Uri": lake.uri(shards_key.rstrip("/") + "/")},
+            "FastFile",
+        )
+    }
+    if init := hyperparameters.get("init_weights"):  # one object: the channel's one file
+        channels["init"] = ({"S3DataType": "S3Prefix", "S3Uri": lake.uri(init)}, "File")
+        hyperparameters = {**hyperparameters, "init_weights": init.rsplit("/", 1)[-1]}
+    if manifest := hyperparameters.get("manifest_key"):  # the subset's manifest.parquet
+        channels["manifest"] = ({"S3DataType": "S3Prefix", "S3Uri": lake.uri(manifest)}, "File")
+    if entry := hyperparameters.get("entry_point"):
+        # SageMaker script mode: the image's training toolkit fetches the folder and runs it
+        hyperparameters = {
+            **hyperparameters,
+            "sagemaker_program": Path(entry).name,
+            "sagemaker_submit_directory": lake.uri(hyperparameters["source_key"]),
+        }
+    hyperparameters = {
+        k: v
+        for k, v in hyperparameters.items()
+        if k not in ("manifest_key", "source_key", "entry_point")
+    }
+    return channels, hyperparameters
+
+
+def bring_back(lake, final: dict, model_key: str, entry: str | None) -> dict:
+    """A completed job's ``model.tar.gz``: its weights and ``metrics.json`` into the lake
+    under ``model_key``; the metrics."""
+    import io
+    import tarfile
+
+    artifact = final["ModelArtifacts"]["S3ModelArtifacts"]
+    bucket, _, key = artifact[len("s3://") :].partition("/")
+    blob = lake.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    out = model_keys(model_key)
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        files = {
+            m.name.lstrip("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()
+        }
+    weights = output_key(model_key, {"entry_point": entry})
+    for name in (Path(weights).name, "metrics.json"):
+        if name not in files:
+            raise TrainingFailed(f"training job of {model_key} wrote no {name} in SM_MODEL_DIR")
+    lake.put(weights, files[Path(weights).name])
+    lake.put(out["metrics"], files["metrics.json"])
+    return json.loads(files["metrics.json"])
+
+
+def tuning_request(
+    config: SageMakerTrainer,
+    lake,
+    *,
+    plan: SweepPlan,
+    attempt: int,
+    channels: dict,
+    static: dict,
+    trials: int,
+) -> dict:
+    """CreateHyperParameterTuningJob for ``trials`` more trials of ``plan`` (kept separate so
+    its exact shape is tested): the training job ``train`` would start, the space's fields
+    tuned, the instance types in order of preference, early stopping Auto; warm-started from
+    the sweep's earlier (stopped) tuning jobs, if any."""
+    name = tuning_job_name(plan, attempt)
+    sweep_job = name.rsplit("-", 1)[0]  # every attempt's: the trials' checkpoints' folder
+    base = training_request(
+        config,
+        name="",
+        lake=lake,
+        channels=channels,
+        model_key=f"{plan.model}/trials/{plan.name}",
+        base_job=sweep_job,
+        instance_type=config.instance_types[0],
+        hyperparameters={**static, "tuning_job": sweep_job},
+    )
+    definition = {
+        k: base[k]
+        for k in (
+            "AlgorithmSpecification",
+            "RoleArn",
+            "InputDataConfig",
+            "OutputDataConfig",
+            "StoppingCondition",
+            "CheckpointConfig",
+            "EnableManagedSpotTraining",
+            "VpcConfig",
+        )
+        if k in base
+    }
+    definition["StaticHyperParameters"] = base["HyperParameters"]
+    definition["HyperParameterTuningResourceConfig"] = {
+        "InstanceConfigs": [
+            {"InstanceType": t, "InstanceCount": 1, "VolumeSizeInGB": config.volume_gb}
+            for t in config.instance_types
+        ],
+        "AllocationStrategy": "Prioritized",  # the next type when one has no capacity
+    }
+    req = {
+        "HyperParameterTuningJobName": name,
+        "HyperParameterTuningJobConfig": {
+            "Strategy": config.tuning_strategy,
+            "HyperParameterTuningJobObjective": {
+                "Type": "Maximize",
+                "MetricName": objective_name(plan.base),
+            },
+            "ResourceLimits": {
+                "MaxNumberOfTrainingJobs": trials,
+                "MaxParallelTrainingJobs": plan.parallel,
+            },
+            "ParameterRanges": parameter_ranges(plan.space),
+            # Hyperband stops trials its own way and takes no other early stopping
+            "TrainingJobEarlyStoppingType": (
+                "Off" if config.tuning_strategy == "Hyperband" else "Auto"
+            ),
+            "RandomSeed": plan.seed,
+        },
+        "TrainingJobDefinition": definition,
+        "Tags": [
+            {"Key": "cvgraph:model", "Value": plan.model},
+            {"Key": "cvgraph:sweep", "Value": plan.name},
+        ],
+    }
+    if attempt:  # at most 5 parents: the latest
+        req["WarmStartConfig"] = {
+            "ParentHyperParameterTuningJobs": [
+                {"HyperParameterTuningJobName": tuning_job_name(plan, a)}
+                for a in range(max(0, attempt - 5), attempt)
+            ],
+            "WarmStartType": "IdenticalDataAndAlgorithm",
+        }
+    return req
+
+
+def console_url(region: str, kind: str, name: str) -> str:
+    """The AWS console's page of SageMaker job ``name`` (``kind``: jobs, hyper-tuning-jobs)."""
+    return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/{kind}/{name}"
+
+
+class _SageMakerRunner:
+    """What both runners share: the boto3 SageMaker client (in the constructor, as
+    dagster-aws's Pipes clients take theirs) and the resource's configuration."""
+
+    def __init__(self, client, *, config: SageMakerTrainer):
+        self.client, self.config = client, config
+
+    def _linked(self, context, kind: str, name: str) -> None:
+        """Log job ``name``'s console page and link it on the step's materializations."""
+        url = console_url(self.client.meta.region_name, kind, name)
+        context.log.info(f"SageMaker {kind.replace('-', ' ').removesuffix('s')} {name}: {url}")
+        link_on_materializations(context, {f"sagemaker_{kind.replace('-', '_')}": url})
 
     def _found(self, describe, codes: tuple[str, ...] = ("ResourceNotFound",)) -> dict | None:
         """``describe(sagemaker client)``, or None if SageMaker has no such job (an error
@@ -370,15 +553,47 @@ class SageMakerTrainer(Trainer, AwsResource):
         from botocore.exceptions import ClientError
 
         try:
-            return describe(self._client("sagemaker"))
+            return describe(self.client)
         except ClientError as e:
             if "Could not find" in str(e) or e.response.get("Error", {}).get("Code") in codes:
                 return None
             raise
 
+
+class SageMakerTrainingRunner(_SageMakerRunner):
+    """A training job to its end: created on the first instance type with capacity, waited for
+    (stopped if the Dagster run is cancelled), its model brought into the lake."""
+
+    def run(self, *, context, lake, job_name, shards_key, model_key, hyperparameters) -> dict:
+        """Train as ``Trainer.train`` says; the job's metrics."""
+        from dagster_aws.pipes import PipesS3ContextInjector, PipesS3MessageReader
+
+        if not lake.url.startswith("s3://"):
+            raise TrainingFailed("SageMakerTrainer needs the lake on S3")
+        entry = hyperparameters.get("entry_point")
+        channels, hyperparameters = job_channels(lake, shards_key, hyperparameters)
+        injector = PipesS3ContextInjector(
+            bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/{PIPES}".lstrip("/")
+        )
+        reader = PipesS3MessageReader(
+            bucket=lake.bucket, client=lake.client, interval=self.config.pipes_interval
+        )
+        with dg.open_pipes_session(context, injector, reader) as session:
+            hp = {
+                **hyperparameters,
+                **pipes_hyperparameters(session),
+                "pipes_interval": self.config.pipes_interval,
+            }
+            final = self._run_with_fallback(context, lake, job_name, channels, model_key, hp)
+        return bring_back(lake, final, model_key, entry)
+
+    def _describe(self, name: str) -> dict | None:
+        """The training job ``name``, or None if there is none."""
+        return self._found(lambda sm: sm.describe_training_job(TrainingJobName=name))
+
     def _wait(self, context, name: str) -> dict:
         """Poll the job until it ends; stop it if the run is cancelled meanwhile."""
-        sm = self._client("sagemaker")
+        sm = self.client
         last = {}
 
         def stop() -> None:
@@ -392,13 +607,13 @@ class SageMakerTrainer(Trainer, AwsResource):
                 last["state"], last["since"] = state, time.monotonic()
             if (
                 state == ("InProgress", "Starting")
-                and self.start_timeout_seconds
-                and time.monotonic() - last["since"] >= self.start_timeout_seconds
+                and self.config.start_timeout_seconds
+                and time.monotonic() - last["since"] >= self.config.start_timeout_seconds
             ):
                 stop()
                 said = (d.get("SecondaryStatusTransitions") or [{}])[-1].get("StatusMessage")
                 raise TrainingFailed(
-                    f"training job {name} stayed Starting {self.start_timeout_seconds:g} s "
+                    f"training job {name} stayed Starting {self.config.start_timeout_seconds:g} s "
                     f"(CVGRAPH_SAGEMAKER_START_TIMEOUT_SECONDS): {said or 'no status message'}; "
                     "stopped"
                 )
@@ -407,82 +622,9 @@ class SageMakerTrainer(Trainer, AwsResource):
             return poll(
                 lambda: sm.describe_training_job(TrainingJobName=name),
                 lambda d: d["TrainingJobStatus"] in ("Completed", "Failed", "Stopped"),
-                self.poll_seconds,
+                self.config.poll_seconds,
                 log_change,
             )
-
-    def train(self, context, lake, job_name, shards_key, model_key, hyperparameters):
-        from dagster_aws.pipes import PipesS3ContextInjector, PipesS3MessageReader
-
-        if not lake.url.startswith("s3://"):
-            raise TrainingFailed("SageMakerTrainer needs the lake on S3")
-        entry = hyperparameters.get("entry_point")
-        channels, hyperparameters = self._channels(lake, shards_key, hyperparameters)
-        injector = PipesS3ContextInjector(
-            bucket=lake.bucket, client=lake.client, key_prefix=f"{lake.prefix}/{PIPES}".lstrip("/")
-        )
-        reader = PipesS3MessageReader(
-            bucket=lake.bucket, client=lake.client, interval=self.pipes_interval
-        )
-        with dg.open_pipes_session(context, injector, reader) as session:
-            hp = {
-                **hyperparameters,
-                **pipes_hyperparameters(session),
-                "pipes_interval": self.pipes_interval,
-            }
-            final = self._run_with_fallback(context, lake, job_name, channels, model_key, hp)
-        return self._bring_back(lake, final, model_key, entry)
-
-    def _channels(self, lake, shards_key: str, hyperparameters: dict) -> tuple[dict, dict]:
-        """The job's input channels, and its hyperparameters as the job reads them."""
-        channels = {
-            "shards": (
-                {"S3DataType": "S3Prefix", "S3Uri": lake.uri(shards_key.rstrip("/") + "/")},
-                "FastFile",
-            )
-        }
-        if init := hyperparameters.get("init_weights"):  # one object: the channel's one file
-            channels["init"] = ({"S3DataType": "S3Prefix", "S3Uri": lake.uri(init)}, "File")
-            hyperparameters = {**hyperparameters, "init_weights": init.rsplit("/", 1)[-1]}
-        if manifest := hyperparameters.get("manifest_key"):  # the subset's manifest.parquet
-            channels["manifest"] = ({"S3DataType": "S3Prefix", "S3Uri": lake.uri(manifest)}, "File")
-        if entry := hyperparameters.get("entry_point"):
-            # SageMaker script mode: the image's training toolkit fetches the folder and runs it
-            hyperparameters = {
-                **hyperparameters,
-                "sagemaker_program": Path(entry).name,
-                "sagemaker_submit_directory": lake.uri(hyperparameters["source_key"]),
-            }
-        hyperparameters = {
-            k: v
-            for k, v in hyperparameters.items()
-            if k not in ("manifest_key", "source_key", "entry_point")
-        }
-        return channels, hyperparameters
-
-    def _bring_back(self, lake, final: dict, model_key: str, entry: str | None) -> dict:
-        """A completed job's ``model.tar.gz``: its weights and ``metrics.json`` into the lake
-        under ``model_key``; the metrics."""
-        import io
-        import tarfile
-
-        artifact = final["ModelArtifacts"]["S3ModelArtifacts"]
-        bucket, _, key = artifact[len("s3://") :].partition("/")
-        blob = lake.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        out = model_keys(model_key)
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-            files = {
-                m.name.lstrip("./"): tar.extractfile(m).read()
-                for m in tar.getmembers()
-                if m.isfile()
-            }
-        weights = output_key(model_key, {"entry_point": entry})
-        for name in (Path(weights).name, "metrics.json"):
-            if name not in files:
-                raise TrainingFailed(f"training job of {model_key} wrote no {name} in SM_MODEL_DIR")
-        lake.put(weights, files[Path(weights).name])
-        lake.put(out["metrics"], files["metrics.json"])
-        return json.loads(files["metrics.json"])
 
     def _run_with_fallback(
         self, context, lake, job_name: str, channels: dict, model_key: str, hyperparameters: dict
@@ -491,7 +633,7 @@ class SageMakerTrainer(Trainer, AwsResource):
         from botocore.exceptions import ClientError
 
         base = job_base_name(job_name)
-        for attempt, instance_type in enumerate(self.instance_types):
+        for attempt, instance_type in enumerate(self.config.instance_types):
             name = f"{base}-{attempt}"
             prior = self._describe(name)  # names are never reusable on SageMaker
             if prior and prior["TrainingJobStatus"] == "Completed":
@@ -499,15 +641,23 @@ class SageMakerTrainer(Trainer, AwsResource):
                 return prior
             if prior and prior["TrainingJobStatus"] in ("InProgress", "Stopping"):
                 context.log.info(f"training job {name} is still running; waiting for it")
+                self._linked(context, "jobs", name)
                 prior = self._wait(context, name)
                 if prior["TrainingJobStatus"] == "Completed":
                     return prior
             if prior:  # failed or stopped before: a fresh name, the same checkpoints to resume from
                 name = f"{base}-{attempt}-{context.run.run_id[:8]}"
             try:
-                self._client("sagemaker").create_training_job(
-                    **self._request(
-                        name, lake, channels, model_key, base, instance_type, hyperparameters
+                self.client.create_training_job(
+                    **training_request(
+                        self.config,
+                        name=name,
+                        lake=lake,
+                        channels=channels,
+                        model_key=model_key,
+                        base_job=base,
+                        instance_type=instance_type,
+                        hyperparameters=hyperparameters,
                     )
                 )
             except ClientError as e:
@@ -517,6 +667,7 @@ class SageMakerTrainer(Trainer, AwsResource):
                     )
                     continue
                 raise
+            self._linked(context, "jobs", name)
             d = self._wait(context, name)
             if d["TrainingJobStatus"] == "Completed":
                 return d
@@ -525,87 +676,59 @@ class SageMakerTrainer(Trainer, AwsResource):
                 context.log.warning(f"{instance_type}: {reason}; trying the next instance type")
                 continue
             raise TrainingFailed(f"training job {name} on {instance_type}: {reason}")
-        raise TrainingFailed(f"no capacity for any of {self.instance_types}")
+        raise TrainingFailed(f"no capacity for any of {self.config.instance_types}")
 
-    # -- sweeps: SageMaker hyperparameter tuning jobs --------------------------------------
 
-    def runs_tuning_jobs(self) -> bool:
-        return self.tuning_jobs
+class SageMakerTuningRunner(_SageMakerRunner):
+    """A sweep as SageMaker hyperparameter tuning jobs, to its end: its trials' models brought
+    into the lake."""
 
-    def _tuning_request(
-        self, lake, *, plan: SweepPlan, attempt: int, channels: dict, static: dict, trials: int
-    ) -> dict:
-        """CreateHyperParameterTuningJob for ``trials`` more trials of ``plan`` (kept separate so
-        its exact shape is tested): the training job ``train`` would start, the space's fields
-        tuned, the instance types in order of preference, early stopping Auto; warm-started from
-        the sweep's earlier (stopped) tuning jobs, if any."""
-        name = tuning_job_name(plan, attempt)
-        sweep_job = name.rsplit("-", 1)[0]  # every attempt's: the trials' checkpoints' folder
-        base = self._request(
-            "",
-            lake,
-            channels,
-            f"{plan.model}/trials/{plan.name}",
-            sweep_job,
-            self.instance_types[0],
-            {**static, "tuning_job": sweep_job},
-        )
-        definition = {
-            k: base[k]
-            for k in (
-                "AlgorithmSpecification",
-                "RoleArn",
-                "InputDataConfig",
-                "OutputDataConfig",
-                "StoppingCondition",
-                "CheckpointConfig",
-                "EnableManagedSpotTraining",
-                "VpcConfig",
-            )
-            if k in base
-        }
-        definition["StaticHyperParameters"] = base["HyperParameters"]
-        definition["HyperParameterTuningResourceConfig"] = {
-            "InstanceConfigs": [
-                {"InstanceType": t, "InstanceCount": 1, "VolumeSizeInGB": self.volume_gb}
-                for t in self.instance_types
-            ],
-            "AllocationStrategy": "Prioritized",  # the next type when one has no capacity
-        }
-        req = {
-            "HyperParameterTuningJobName": name,
-            "HyperParameterTuningJobConfig": {
-                "Strategy": self.tuning_strategy,
-                "HyperParameterTuningJobObjective": {
-                    "Type": "Maximize",
-                    "MetricName": objective_name(plan.base),
-                },
-                "ResourceLimits": {
-                    "MaxNumberOfTrainingJobs": trials,
-                    "MaxParallelTrainingJobs": plan.parallel,
-                },
-                "ParameterRanges": parameter_ranges(plan.space),
-                # Hyperband stops trials its own way and takes no other early stopping
-                "TrainingJobEarlyStoppingType": (
-                    "Off" if self.tuning_strategy == "Hyperband" else "Auto"
-                ),
-                "RandomSeed": plan.seed,
-            },
-            "TrainingJobDefinition": definition,
-            "Tags": [
-                {"Key": "cvgraph:model", "Value": plan.model},
-                {"Key": "cvgraph:sweep", "Value": plan.name},
-            ],
-        }
-        if attempt:  # at most 5 parents: the latest
-            req["WarmStartConfig"] = {
-                "ParentHyperParameterTuningJobs": [
-                    {"HyperParameterTuningJobName": tuning_job_name(plan, a)}
-                    for a in range(max(0, attempt - 5), attempt)
-                ],
-                "WarmStartType": "IdenticalDataAndAlgorithm",
-            }
-        return req
+    def run(self, *, context, lake, plan, shards_key, hyperparameters) -> list[Trial]:
+        """The sweep as tuning jobs named after it: an existing one is waited for or read (an
+        orchestrator killed meanwhile finds it again); one stopped before all its trials ran is
+        followed by another, warm-started from it, for the rest. Its trials are its training
+        jobs in the order it started them, after the earlier jobs' (a job the stop cut short is
+        not one)."""
+        if not lake.url.startswith("s3://"):
+            raise TrainingFailed("SageMakerTrainer needs the lake on S3")
+        channels, static = job_channels(lake, shards_key, hyperparameters)
+        static = {k: v for k, v in static.items() if k not in plan.space}
+        jobs: list[dict] = []
+        attempt = 0
+        while len(jobs) < plan.trials:
+            name = tuning_job_name(plan, attempt)
+            d = self._describe_tuning(name)
+            ours = d is None
+            if ours:
+                req = tuning_request(
+                    self.config,
+                    lake,
+                    plan=plan,
+                    attempt=attempt,
+                    channels=channels,
+                    static=static,
+                    trials=plan.trials - len(jobs),
+                )
+                self.client.create_hyper_parameter_tuning_job(**req)
+                context.log.info(
+                    f"sweep {plan.name}: tuning job {name}, {plan.trials - len(jobs)} trials"
+                )
+                self._linked(context, "hyper-tuning-jobs", name)
+            if ours or d["HyperParameterTuningJobStatus"] in ("InProgress", "Stopping"):
+                d = self._wait_tuning(context, name)
+            status = d["HyperParameterTuningJobStatus"]
+            ran = self._tuning_jobs_of(name)
+            if status != "Completed":  # jobs a stop cut short are not trials
+                ran = [j for j in ran if j["TrainingJobStatus"] in ("Completed", "Failed")]
+            jobs += ran[: plan.trials - len(jobs)]
+            if status == "Completed":
+                break
+            if ours:
+                raise TrainingFailed(
+                    f"tuning job {name}: {status}: {d.get('FailureReason') or 'no reason given'}"
+                )
+            attempt += 1
+        return [self._trial(context, lake, plan, n, j) for n, j in enumerate(jobs)]
 
     def _describe_tuning(self, name: str) -> dict | None:
         return self._found(
@@ -615,7 +738,7 @@ class SageMakerTrainer(Trainer, AwsResource):
 
     def _tuning_jobs_of(self, name: str) -> list[dict]:
         """The training jobs of tuning job ``name``, in the order it started them."""
-        sm, out, token = self._client("sagemaker"), [], None
+        sm, out, token = self.client, [], None
         while True:
             page = sm.list_training_jobs_for_hyper_parameter_tuning_job(
                 HyperParameterTuningJobName=name,
@@ -629,7 +752,7 @@ class SageMakerTrainer(Trainer, AwsResource):
     def _wait_tuning(self, context, name: str) -> dict:
         """Poll tuning job ``name`` until it ends, logging its trials as they finish; stop it if
         the run is cancelled meanwhile."""
-        sm = self._client("sagemaker")
+        sm = self.client
         seen: dict[str, str] = {}
 
         def log_change(d: dict) -> None:
@@ -654,54 +777,9 @@ class SageMakerTrainer(Trainer, AwsResource):
             return poll(
                 lambda: sm.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name),
                 lambda d: d["HyperParameterTuningJobStatus"] in ("Completed", "Failed", "Stopped"),
-                self.poll_seconds,
+                self.config.poll_seconds,
                 log_change,
             )
-
-    def tune(self, context, lake, *, plan, shards_key, hyperparameters):
-        """The sweep as tuning jobs named after it: an existing one is waited for or read (an
-        orchestrator killed meanwhile finds it again); one stopped before all its trials ran is
-        followed by another, warm-started from it, for the rest. Its trials are its training
-        jobs in the order it started them, after the earlier jobs' (a job the stop cut short is
-        not one)."""
-        if not lake.url.startswith("s3://"):
-            raise TrainingFailed("SageMakerTrainer needs the lake on S3")
-        channels, static = self._channels(lake, shards_key, hyperparameters)
-        static = {k: v for k, v in static.items() if k not in plan.space}
-        jobs: list[dict] = []
-        attempt = 0
-        while len(jobs) < plan.trials:
-            name = tuning_job_name(plan, attempt)
-            d = self._describe_tuning(name)
-            ours = d is None
-            if ours:
-                req = self._tuning_request(
-                    lake,
-                    plan=plan,
-                    attempt=attempt,
-                    channels=channels,
-                    static=static,
-                    trials=plan.trials - len(jobs),
-                )
-                self._client("sagemaker").create_hyper_parameter_tuning_job(**req)
-                context.log.info(
-                    f"sweep {plan.name}: tuning job {name}, {plan.trials - len(jobs)} trials"
-                )
-            if ours or d["HyperParameterTuningJobStatus"] in ("InProgress", "Stopping"):
-                d = self._wait_tuning(context, name)
-            status = d["HyperParameterTuningJobStatus"]
-            ran = self._tuning_jobs_of(name)
-            if status != "Completed":  # jobs a stop cut short are not trials
-                ran = [j for j in ran if j["TrainingJobStatus"] in ("Completed", "Failed")]
-            jobs += ran[: plan.trials - len(jobs)]
-            if status == "Completed":
-                break
-            if ours:
-                raise TrainingFailed(
-                    f"tuning job {name}: {status}: {d.get('FailureReason') or 'no reason given'}"
-                )
-            attempt += 1
-        return [self._trial(context, lake, plan, n, j) for n, j in enumerate(jobs)]
 
     def _trial(self, context, lake, plan: SweepPlan, number: int, job: dict) -> Trial:
         """Trial ``number``, the tuning job's training ``job``: its weights and metrics brought
@@ -714,13 +792,11 @@ class SageMakerTrainer(Trainer, AwsResource):
         if lake.exists(keys["metrics"]) and lake.exists(keys["model"]):
             metrics = json.loads(lake.get(keys["metrics"]))
         else:
-            d = self._client("sagemaker").describe_training_job(
-                TrainingJobName=job["TrainingJobName"]
-            )
+            d = self.client.describe_training_job(TrainingJobName=job["TrainingJobName"])
             try:
                 if d["TrainingJobStatus"] != "Completed":  # failed, or stopped early: not kept
                     raise TrainingFailed(d.get("FailureReason") or "stopped early")
-                metrics = self._bring_back(lake, d, tkey, None)
+                metrics = bring_back(lake, d, tkey, None)
             except TrainingFailed as e:
                 context.log.warning(
                     f"sweep {plan.name}: trial {number} ({job['TrainingJobName']}, "

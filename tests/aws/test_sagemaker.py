@@ -9,7 +9,7 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from botocore.stub import Stubber
 
-from resources.training import SageMakerTrainer
+from resources.training import SageMakerTrainer, SageMakerTrainingRunner, training_request
 from workloads.s3lake import S3Lake
 
 HP = {"epochs": 4, "lr": 0.003, "batch_size": 16, "input_size": 32, "variant": "resized", "seed": 0}
@@ -72,7 +72,16 @@ def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
         ),
         "init": ({"S3DataType": "S3Prefix", "S3Uri": "s3://bucket/lake/models/m/init.pt"}, "File"),
     }
-    req = t._request("job-0", lake, channels, "m", "job", "ml.m5.large", {"epochs": 3})
+    req = training_request(
+        t,
+        name="job-0",
+        lake=lake,
+        channels=channels,
+        model_key="m",
+        base_job="job",
+        instance_type="ml.m5.large",
+        hyperparameters={"epochs": 3},
+    )
     assert req["EnableManagedSpotTraining"] is True
     assert req["StoppingCondition"] == {
         "MaxRuntimeInSeconds": 3600,
@@ -108,24 +117,52 @@ def test_create_training_job_request_shape_pinned_with_stubber(monkeypatch):
         (EndpointConnectionError(endpoint_url="http://127.0.0.1"), False),  # past its retries
     ],
 )
-def test_only_a_cancel_stops_the_training_job_not_a_failed_poll(monkeypatch, error, stopped):
-    """The first describe_training_job raises ``error``; the Stubber holds exactly the calls the
-    trainer may make after it (a StopTrainingJob on a cancel, nothing otherwise)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+def test_only_a_cancel_stops_the_training_job_not_a_failed_poll(aws, error, stopped):
+    """The runner's public run on a stubbed SageMaker client (the lake on the moto server, for
+    Pipes): no job yet, one created, then the first describe of its wait raises ``error``. The
+    Stubber holds exactly the calls the runner may make after it (a StopTrainingJob on a cancel,
+    nothing otherwise)."""
+    from workloads.lake import open_lake
+
     sm = boto3.client("sagemaker", region_name="us-east-1")
+    describes = []
 
-    def raise_error(**kwargs):
-        raise error
+    def raise_on_the_wait(**kwargs):
+        describes.append(kwargs)
+        if len(describes) > 1:  # the first: is there a job of that name already
+            raise error
 
-    sm.meta.events.register("provide-client-params.sagemaker.DescribeTrainingJob", raise_error)
-    t = SageMakerTrainer(role_arn="arn:aws:iam::1:role/r", training_image="img:1").with_client(sm)
+    sm.meta.events.register(
+        "provide-client-params.sagemaker.DescribeTrainingJob", raise_on_the_wait
+    )
+    runner = SageMakerTrainingRunner(
+        sm, config=SageMakerTrainer(role_arn="arn:aws:iam::1:role/r", training_image="img:1")
+    )
+    caught = {}
+
+    def train(context):
+        try:
+            runner.run(
+                context=context,
+                lake=open_lake("s3://cvgraph-lake/lake"),
+                job_name="job",
+                shards_key="subsets/s/shards/resized",
+                model_key="m",
+                hyperparameters={"epochs": 1},
+            )
+        except BaseException as e:
+            caught["error"] = e
+
     with Stubber(sm) as stub:
+        stub.add_client_error(
+            "describe_training_job", "ValidationException", "Could not find job-0"
+        )
+        stub.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:x"})
         if stopped:
             stub.add_response("stop_training_job", {}, {"TrainingJobName": "job-0"})
-        with pytest.raises(type(error)):
-            t._wait(dg.build_asset_context(), "job-0")
+        in_asset(train)
         stub.assert_no_pending_responses()
+    assert type(caught["error"]) is type(error)
 
 
 def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(shards_on_s3, aws):
@@ -169,6 +206,12 @@ def test_capacity_fallback_and_spot_interruption_resume_from_checkpoint(shards_o
     assert set(range(resumed + 1, 31)) <= logged, sorted(logged)
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 31))
     assert lake.get("models/digits_cnn/model.pt")[:2] == b"PK"  # torch zip format
+    # the step links the job that trained (the fallback's) to its console page
+    [event] = result.asset_materializations_for_node("training_probe")
+    assert event.metadata["sagemaker_jobs"] == dg.MetadataValue.url(
+        "https://us-east-1.console.aws.amazon.com/sagemaker/home?region=us-east-1"
+        "#/jobs/cvgraph-digits-cnn-abc-1"
+    )
     assert json.loads(lake.get("models/digits_cnn/metrics.json"))["classes"] == ["0", "1"]
     # the job's input: the shards (FastFile: streamed, nothing copied first), not an object
     # per image; every image of the subset is in them

@@ -13,7 +13,7 @@ import pytest
 from botocore.stub import Stubber
 from test_sagemaker import in_asset, trainer
 
-from resources.training import SageMakerTrainer
+from resources.training import SageMakerTrainer, job_channels, tuning_request
 from workloads.s3lake import S3Lake
 from workloads.training.spec import check_spec, task_defaults
 from workloads.training.sweep import (
@@ -75,11 +75,11 @@ def test_tuning_job_request_shape_pinned_with_stubber(monkeypatch):
         subnets=["subnet-1"],
         security_group_ids=["sg-1"],
     )
-    channels, static = t._channels(lake, SHARDS, dict(p.base))
+    channels, static = job_channels(lake, SHARDS, dict(p.base))
     static = {k: v for k, v in static.items() if k not in p.space}
     name = tuning_job_name(p, 1)
     assert len(name) <= 32 and name.endswith("-1") and name.startswith("cvg-m-")
-    req = t._tuning_request(lake, plan=p, attempt=1, channels=channels, static=static, trials=5)
+    req = tuning_request(t, lake, plan=p, attempt=1, channels=channels, static=static, trials=5)
     config = req["HyperParameterTuningJobConfig"]
     assert config["HyperParameterTuningJobObjective"] == {
         "Type": "Maximize",

@@ -14,7 +14,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from workloads.image_params import (
     IMAGE_THREADS,
@@ -92,16 +94,16 @@ def process_prefix(
     for stage in stages:
         failed = {f["sha256"] for f in stats[stage]["failed"]}
         present = [im["sha256"] for im in images if im["sha256"] not in failed]
-        records[stage] = _stage_record(
-            prefix,
-            stage,
-            params,
-            present,
-            stats[stage]["processed"],
-            len(images) - len(todo),
-            stats[stage]["failed"],
-            stats[stage]["bytes_written"],
-            seconds,
+        record = StageResult.of(
+            prefix=prefix,
+            stage=stage,
+            params=params,
+            present=present,
+            processed=stats[stage]["processed"],
+            skipped=len(images) - len(todo),
+            failed=stats[stage]["failed"],
+            bytes_written=stats[stage]["bytes_written"],
+            seconds=seconds,
         )
         _save_hashes(
             lake,
@@ -115,8 +117,8 @@ def process_prefix(
             {im["sha256"] for im in images},
         )
         lake.delete(inflight_key(stage, params, prefix, shard))
-        before = _put_record(
-            lake, result_key(run_id, stage, task_token(prefix, s_, n_)), records[stage], before
+        records[stage], before = _put_record(
+            lake, result_key(run_id, stage, task_token(prefix, s_, n_)), record, before
         )
     return records
 
@@ -237,42 +239,82 @@ def _save_hashes(
     )
 
 
-def _stage_record(
-    prefix: str,
-    stage: str,
-    params: ImageParams,
-    present: list[str],
-    processed: int,
-    skipped: int,
-    failed: list[dict],
-    bytes_written: int,
-    seconds: float,
-) -> dict:
-    """A prefix (or shard) task's result record for one stage."""
-    pid = params.stage_id(stage)
-    return {
-        "prefix": prefix,
-        "stage": stage,
-        "params_id": pid,
-        "images": len(present),
-        "processed": processed,
-        "skipped": skipped,
-        "failed": sorted(failed, key=lambda f: f["sha256"]),
-        "bytes_written": bytes_written,
-        "seconds": seconds,
-        "data_version": prefix_version(present, pid),
-    }
+@dataclass(frozen=True, kw_only=True)
+class StageResult:
+    """A prefix (or shard) task's result record for one image stage
+    (``_results/<run>/<stage>/<task>.json``, written last: the task's commit marker)."""
+
+    prefix: str
+    stage: str
+    params_id: str
+    images: int  # the images the stage holds for the prefix (those that did not fail)
+    processed: int
+    skipped: int  # done before: in the stage's hash index
+    failed: list[dict]  # {"sha256", "reason"}, by sha256
+    bytes_written: int
+    seconds: float
+    data_version: str
+    shards: int | None = None  # a merged prefix: its shard tasks
+    requests: dict[str, int] = field(default_factory=dict)  # the lake requests it made
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        prefix: str,
+        stage: str,
+        params: ImageParams,
+        present: list[str],
+        processed: int = 0,
+        skipped: int = 0,
+        failed: Sequence[dict] = (),
+        bytes_written: int = 0,
+        seconds: float = 0.0,
+        shards: int | None = None,
+    ) -> StageResult:
+        """The record of a task that left the stage holding ``present`` (its data version is
+        theirs, under the stage's params id)."""
+        pid = params.stage_id(stage)
+        return cls(
+            prefix=prefix,
+            stage=stage,
+            params_id=pid,
+            images=len(present),
+            processed=processed,
+            skipped=skipped,
+            failed=sorted(failed, key=lambda f: f["sha256"]),
+            bytes_written=bytes_written,
+            seconds=seconds,
+            data_version=prefix_version(present, pid),
+            shards=shards,
+        )
+
+    def to_json(self) -> dict:
+        """As the lake keeps it: an unsharded task's has no ``shards``, one not yet written
+        (an empty prefix's) no ``requests``."""
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if not ((k == "shards" and v is None) or (k == "requests" and not v))
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> StageResult:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
-def _put_record(lake, key: str, record: dict, before: dict, extra: dict | None = None) -> dict:
+def _put_record(
+    lake, key: str, record: StageResult, before: dict, extra: dict | None = None
+) -> tuple[dict, dict]:
     """Write ``record`` last (the task's commit marker) with the requests made since ``before``
-    (plus ``extra``, its own put included); returns the counters to count the next one from."""
+    (plus ``extra``, its own put included); returns it as written, and the counters to count
+    the next one from."""
     requests = lake.counters.since(before)
     for k, v in (extra or {}).items():
         requests[k] = requests.get(k, 0) + v
-    record["requests"] = {**requests, "put": requests.get("put", 0) + 1}
-    lake.put(key, json.dumps(record, sort_keys=True).encode())
-    return dict(lake.counters)
+    written = replace(record, requests={**requests, "put": requests.get("put", 0) + 1}).to_json()
+    lake.put(key, json.dumps(written, sort_keys=True).encode())
+    return written, dict(lake.counters)
 
 
 def merge_shards(
@@ -287,34 +329,34 @@ def merge_shards(
     for stage in stages:
         shards = _shard_records(lake, run_id, stage, prefix)
         deltas = _fold_shard_hashes(lake, stage, params, prefix, set(present))
-        failed = [f for r in shards for f in r["failed"]]
+        failed = [f for r in shards for f in r.failed]
         kept = [sha for sha in present if sha not in {f["sha256"] for f in failed}]
-        processed = sum(r["processed"] for r in shards)
-        records[stage] = _stage_record(
-            prefix,
-            stage,
-            params,
-            kept,
-            processed,
-            len(present) - processed - len(failed),
-            failed,
-            sum(r["bytes_written"] for r in shards),
-            round(max(r["seconds"] for r in shards) + time.perf_counter() - t0, 3),
+        processed = sum(r.processed for r in shards)
+        record = StageResult.of(
+            prefix=prefix,
+            stage=stage,
+            params=params,
+            present=kept,
+            processed=processed,
+            skipped=len(present) - processed - len(failed),
+            failed=failed,
+            bytes_written=sum(r.bytes_written for r in shards),
+            seconds=round(max(r.seconds for r in shards) + time.perf_counter() - t0, 3),
+            shards=len(shards),
         )
-        records[stage]["shards"] = len(shards)
         for k in deltas:
             lake.delete(k)
         shard_requests: dict[str, int] = {}
         for r in shards:  # the shards' requests count as the prefix's
-            for k, v in r.get("requests", {}).items():
+            for k, v in r.requests.items():
                 shard_requests[k] = shard_requests.get(k, 0) + v
-        before = _put_record(
-            lake, result_key(run_id, stage, prefix), records[stage], before, shard_requests
+        records[stage], before = _put_record(
+            lake, result_key(run_id, stage, prefix), record, before, shard_requests
         )
     return records
 
 
-def _shard_records(lake, run_id: str, stage: str, prefix: str) -> list[dict]:
+def _shard_records(lake, run_id: str, stage: str, prefix: str) -> list[StageResult]:
     """The result records of this run's shard tasks of ``prefix``, in shard order; they must be
     one whole set of shards."""
     under = result_key(run_id, stage, prefix)[: -len(".json")] + "."
@@ -328,7 +370,7 @@ def _shard_records(lake, run_id: str, stage: str, prefix: str) -> list[dict]:
         raise FileNotFoundError(
             f"{stage} {prefix}: the shard result records under {under} are not one whole set of shards: {sorted(found)}"
         )
-    return [json.loads(lake.get(found[t])) for t in sorted(found)]
+    return [StageResult.from_json(json.loads(lake.get(found[t]))) for t in sorted(found)]
 
 
 def _fold_shard_hashes(
@@ -349,7 +391,7 @@ def _fold_shard_hashes(
 
 def empty_stage_record(stage: str, params: ImageParams, prefix: str) -> dict:
     """What ``process_prefix`` records for a prefix with no images."""
-    return _stage_record(prefix, stage, params, [], 0, 0, [], 0, 0.0)
+    return StageResult.of(prefix=prefix, stage=stage, params=params, present=[]).to_json()
 
 
 def report(records: dict[str, dict]) -> dict[str, dict]:

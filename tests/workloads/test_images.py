@@ -228,3 +228,45 @@ def test_a_prefix_in_shards_then_merged_equals_the_prefix_in_one_task(tmp_path):
     # the next run finds the merged prefix done
     again = process_prefix(sharded, "ab", ["resize", "edges"], params, "r2")
     assert again["resize"]["processed"] == 0 and again["edges"]["skipped"] == 7
+
+
+def test_a_stage_result_record_reads_back_as_written_and_an_empty_one_has_no_counts():
+    """``StageResult``: the record a task writes last reads back whole (a merged prefix's
+    ``shards`` and its requests too); an empty prefix's is the version of no images."""
+    from workloads.images import StageResult, empty_stage_record
+    from workloads.versions import prefix_version
+
+    params = ImageParams()
+    shas = ["ab" + "0" * 62, "ab" + "1" * 62]
+    rec = StageResult.of(
+        prefix="ab",
+        stage="resize",
+        params=params,
+        present=shas,
+        processed=1,
+        skipped=1,
+        failed=[
+            {"sha256": "ab" + "f" * 62, "reason": "x"},
+            {"sha256": "ab" + "2" * 62, "reason": "y"},
+        ],
+        bytes_written=10,
+        seconds=0.5,
+        shards=2,
+    )
+    written = {**rec.to_json(), "requests": {"get": 3, "put": 2}}
+    back = StageResult.from_json(json.loads(json.dumps(written)))
+    assert back.to_json() == written and back.shards == 2 and back.requests == {"get": 3, "put": 2}
+    assert [f["reason"] for f in back.failed] == ["y", "x"]  # by sha256
+    assert back.data_version == prefix_version(shas, params.stage_id("resize"))
+    assert empty_stage_record("edges", params, "00") == {
+        "prefix": "00",
+        "stage": "edges",
+        "params_id": params.stage_id("edges"),
+        "images": 0,
+        "processed": 0,
+        "skipped": 0,
+        "failed": [],
+        "bytes_written": 0,
+        "seconds": 0.0,
+        "data_version": prefix_version([], params.stage_id("edges")),
+    }

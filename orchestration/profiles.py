@@ -66,6 +66,8 @@ COST_SETTINGS = {
 }
 LOCAL_POOL = {"max_workers": "CVGRAPH_WORKERS", "threads_per_worker": "CVGRAPH_IMAGE_THREADS"}
 BATCH = {
+    # the same setting as the local pool's: I/O-overlap threads of an image task
+    "threads_per_job": "CVGRAPH_IMAGE_THREADS",
     "poll_seconds": "CVGRAPH_BATCH_POLL_SECONDS",
     "start_timeout_seconds": "CVGRAPH_BATCH_START_TIMEOUT_SECONDS",
 }

@@ -106,6 +106,10 @@ def test_profiles_give_the_same_resource_keys(monkeypatch, tmp_path):
     aws_sqs = build_defs("aws")
     assert "incoming_packs_sqs" in {s.name for s in aws_sqs.sensors}
     dg.Definitions.validate_loadable(aws_sqs)
+    # one setting for an image task's threads, whichever runs it
+    monkeypatch.setenv("CVGRAPH_IMAGE_THREADS", "7")
+    assert resources_for("local")["image_compute"].threads_per_worker == 7
+    assert resources_for("aws")["image_compute"].threads_per_job == 7
 
 
 def test_the_aws_profile_refuses_a_tracking_store_on_the_runs_disk_in_one_cli_line(

@@ -111,15 +111,38 @@ def stopped_on_interrupt(stop: Callable[[], None]) -> Iterator[None]:
         raise
 
 
+def batch_console_url(region: str, job_id: str) -> str:
+    """The AWS console's page of Batch job ``job_id`` (an array child's too)."""
+    return (
+        f"https://{region}.console.aws.amazon.com/batch/home?region={region}#jobs/detail/{job_id}"
+    )
+
+
+def sagemaker_console_url(region: str, kind: str, name: str) -> str:
+    """The AWS console's page of SageMaker job ``name`` (``kind``: jobs, hyper-tuning-jobs)."""
+    return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/{kind}/{name}"
+
+
+# A step's metadata is read, extended and put back: a sweep's trials link theirs from threads.
+_LINKING = threading.Lock()
+
+
 def link_on_materializations(context, links: dict[str, str]) -> None:
     """``{name: url}`` (a remote job's console page) on what the step materializes: each of its
     assets' materializations (every partition of a ranged run) shows the link in the Dagster UI.
-    A context of no asset (one built outside any asset's invocation) has nothing to add it to."""
+    Only an asset step's context can take it (not an op's, nor one built outside a run's step);
+    a link that cannot be added is a warning, never the step's failure."""
+    if not (links and isinstance(context, dg.AssetExecutionContext)):
+        return
     try:
-        if not (links and context.has_assets_def):
+        if not context.has_assets_def:
             return
-    except dg.DagsterError:
+    except dg.DagsterError:  # built outside any asset's invocation: no asset to link on
         return
     metadata = {name: dg.MetadataValue.url(url) for name, url in links.items()}
-    for key in context.selected_asset_keys:
-        context.add_asset_metadata(metadata, asset_key=key)
+    try:
+        with _LINKING:
+            for key in context.selected_asset_keys:
+                context.add_asset_metadata(metadata, asset_key=key)
+    except (dg.DagsterError, AttributeError) as e:  # e.g. an asset invoked directly
+        context.log.warning(f"console links not added to the materializations ({e}): {links}")

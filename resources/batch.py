@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from resources.aws import AwsResource, link_on_materializations, poll, stopped_on_interrupt
+from resources.aws import (
+    AwsResource,
+    batch_console_url,
+    link_on_materializations,
+    poll,
+    stopped_on_interrupt,
+)
 from resources.compute import (
     ImageCompute,
     WorkloadFailed,
@@ -88,13 +94,6 @@ def _finished(d: dict) -> bool:
     size = d.get("arrayProperties", {}).get("size", 1)
     return d["status"] in TERMINAL or (
         summary is not None and summary.get("SUCCEEDED", 0) + summary.get("FAILED", 0) >= size
-    )
-
-
-def console_url(region: str, job_id: str) -> str:
-    """The AWS console's page of Batch job ``job_id`` (an array child's too)."""
-    return (
-        f"https://{region}.console.aws.amazon.com/batch/home?region={region}#jobs/detail/{job_id}"
     )
 
 
@@ -180,7 +179,7 @@ class BatchArrayRunner:
         )
 
     def url(self, job_id: str) -> str:
-        return console_url(self.client.meta.region_name, job_id)
+        return batch_console_url(self.client.meta.region_name, job_id)
 
     def stop(self, *, run_id: str, why: str) -> list[str]:
         """Terminate the jobs of run ``run_id`` (found by name: its process is gone) and wait

@@ -17,7 +17,13 @@ import dagster as dg
 from pydantic import Field
 from tqdm import tqdm
 
-from resources.aws import AwsResource, link_on_materializations, poll, stopped_on_interrupt
+from resources.aws import (
+    AwsResource,
+    link_on_materializations,
+    poll,
+    sagemaker_console_url,
+    stopped_on_interrupt,
+)
 from workloads.lake import LocalLake
 from workloads.layout import PIPES, checkpoints_dir, model_keys
 from workloads.training.byo import MODEL_FILE
@@ -302,6 +308,7 @@ class SageMakerTrainer(Trainer, AwsResource):
         return SageMakerTuningRunner(self._client("sagemaker"), config=self)
 
     def train(self, context, lake, job_name, shards_key, model_key, hyperparameters):
+        _on_s3(lake)
         return self.get_runner().run(
             context=context,
             lake=lake,
@@ -315,6 +322,7 @@ class SageMakerTrainer(Trainer, AwsResource):
         return self.tuning_jobs
 
     def tune(self, context, lake, *, plan, shards_key, hyperparameters):
+        _on_s3(lake)
         return self.get_tuning_runner().run(
             context=context,
             lake=lake,
@@ -322,6 +330,13 @@ class SageMakerTrainer(Trainer, AwsResource):
             shards_key=shards_key,
             hyperparameters=hyperparameters,
         )
+
+
+def _on_s3(lake) -> None:
+    """SageMaker reads its channels from S3 and writes its model there: a local lake is refused
+    (before any client is made: no region is needed to say so)."""
+    if not lake.url.startswith("s3://"):
+        raise TrainingFailed("SageMakerTrainer needs the lake on S3")
 
 
 def training_request(
@@ -529,11 +544,6 @@ def tuning_request(
     return req
 
 
-def console_url(region: str, kind: str, name: str) -> str:
-    """The AWS console's page of SageMaker job ``name`` (``kind``: jobs, hyper-tuning-jobs)."""
-    return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/{kind}/{name}"
-
-
 class _SageMakerRunner:
     """What both runners share: the boto3 SageMaker client (in the constructor, as
     dagster-aws's Pipes clients take theirs) and the resource's configuration."""
@@ -542,10 +552,12 @@ class _SageMakerRunner:
         self.client, self.config = client, config
 
     def _linked(self, context, kind: str, name: str) -> None:
-        """Log job ``name``'s console page and link it on the step's materializations."""
-        url = console_url(self.client.meta.region_name, kind, name)
-        context.log.info(f"SageMaker {kind.replace('-', ' ').removesuffix('s')} {name}: {url}")
-        link_on_materializations(context, {f"sagemaker_{kind.replace('-', '_')}": url})
+        """Log job ``name``'s console page and link it on the step's materializations (a link
+        a job: a fallback's or a sweep's jobs each keep theirs)."""
+        url = sagemaker_console_url(self.client.meta.region_name, kind, name)
+        what = kind.replace("-", " ").removesuffix("s")
+        context.log.info(f"SageMaker {what} {name}: {url}")
+        link_on_materializations(context, {f"sagemaker {what} {name}": url})
 
     def _found(self, describe, codes: tuple[str, ...] = ("ResourceNotFound",)) -> dict | None:
         """``describe(sagemaker client)``, or None if SageMaker has no such job (an error
@@ -568,8 +580,6 @@ class SageMakerTrainingRunner(_SageMakerRunner):
         """Train as ``Trainer.train`` says; the job's metrics."""
         from dagster_aws.pipes import PipesS3ContextInjector, PipesS3MessageReader
 
-        if not lake.url.startswith("s3://"):
-            raise TrainingFailed("SageMakerTrainer needs the lake on S3")
         entry = hyperparameters.get("entry_point")
         channels, hyperparameters = job_channels(lake, shards_key, hyperparameters)
         injector = PipesS3ContextInjector(
@@ -689,8 +699,6 @@ class SageMakerTuningRunner(_SageMakerRunner):
         followed by another, warm-started from it, for the rest. Its trials are its training
         jobs in the order it started them, after the earlier jobs' (a job the stop cut short is
         not one)."""
-        if not lake.url.startswith("s3://"):
-            raise TrainingFailed("SageMakerTrainer needs the lake on S3")
         channels, static = job_channels(lake, shards_key, hyperparameters)
         static = {k: v for k, v in static.items() if k not in plan.space}
         jobs: list[dict] = []
@@ -715,6 +723,9 @@ class SageMakerTuningRunner(_SageMakerRunner):
                 )
                 self._linked(context, "hyper-tuning-jobs", name)
             if ours or d["HyperParameterTuningJobStatus"] in ("InProgress", "Stopping"):
+                if not ours:  # an orchestrator killed meanwhile left it running
+                    context.log.info(f"sweep {plan.name}: tuning job {name} is running; waiting")
+                    self._linked(context, "hyper-tuning-jobs", name)
                 d = self._wait_tuning(context, name)
             status = d["HyperParameterTuningJobStatus"]
             ran = self._tuning_jobs_of(name)

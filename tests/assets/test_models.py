@@ -47,9 +47,15 @@ def test_training_spec_is_the_config_over_the_last_spec_else_the_tasks_defaults(
 
 
 def test_a_record_older_than_a_field_reads_with_the_value_its_training_had():
-    """A record written before ``task``/``entry_point`` existed is the same training today."""
-    old = {"subset": "s", "spec": {k: v for k, v in TRAIN_SPEC.items() if k != "task"}}
-    assert training_spec("m", TrainConfig(), old) == ("s", TRAIN_SPEC)
+    """A record written before ``task``/``entry_point`` existed is the same training today: its
+    own values kept (it is read as the classifier it was), the added fields at their values."""
+    added = ("task", "entry_point", "training_image")
+    spec = {k: v for k, v in TRAIN_SPEC.items() if k not in added}
+    old = {"subset": "s", "spec": {**spec, "lr": 0.01, "epochs": 3}}
+    assert training_spec("m", TrainConfig(), old) == (
+        "s",
+        {**TRAIN_SPEC, "lr": 0.01, "epochs": 3},
+    )
 
 
 @pytest.mark.parametrize(

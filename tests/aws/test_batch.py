@@ -116,6 +116,7 @@ def test_request_shapes_pinned_with_stubber():
     assert ran.urls["J2"] == (
         "https://eu-west-1.console.aws.amazon.com/batch/home?region=eu-west-1#jobs/detail/J2"
     )
+    assert BatchArrayClient.model_fields["max_array_size"].default == 10_000  # Batch's limit
     assert BATCH_RETRY["evaluateOnExit"][0] == {"onStatusReason": "Host EC2*", "action": "RETRY"}
     assert BATCH_RETRY["evaluateOnExit"][-1] == {"onReason": "*", "action": "EXIT"}
     with pytest.raises(WorkloadFailed, match="4 children exceed the Batch array limit of 3"):
